@@ -1,0 +1,56 @@
+"""dnmf: distributed non-negative matrix factorization on Dask.
+
+Public API (all importable from ``dnmf``):
+
+* core NMF: :func:`nmf`, :class:`NMFModel`, :class:`NMF` (scikit-learn dialect),
+  :func:`cosine`, :func:`bipartite_match`, :func:`simulate_nmf`
+* data: :mod:`dnmf.io` (``as_blocked``, ``write_zarr``), :mod:`dnmf.datasets`
+* covariates / random effects: :func:`nmfkc`, :func:`nmfkc_inference`, :func:`nmfkc_ecv`,
+  :func:`nmfre`, :func:`nmfre_dfu_scan`, :func:`nmfre_inference`, :func:`nmfre_ecv`,
+  :func:`nmfkc_dot`
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .exceptions import ConfigError, ConvergenceWarning, DnmfError, InputError
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; imported on first access so `import dnmf` stays light.
+_LAZY = {
+    "nmf": "dnmf.core",
+    "NMFModel": "dnmf.models",
+    "cosine": "dnmf.models",
+    "bipartite_match": "dnmf.models",
+    "NMF": "dnmf.estimator",
+    "simulate_nmf": "dnmf.simulate",
+    "nmfkc": "dnmf.covariates",
+    "nmfkc_inference": "dnmf.covariates",
+    "nmfkc_ecv": "dnmf.covariates",
+    "nmfkc_dot": "dnmf.dot",
+    "nmfre": "dnmf.mixed",
+    "NMFREResult": "dnmf.mixed",
+    "nmfre_dfu_scan": "dnmf.mixed",
+    "nmfre_inference": "dnmf.mixed",
+    "nmfre_ecv": "dnmf.mixed",
+    "io": "dnmf.io",
+    "anndata": "dnmf.anndata",
+    "datasets": "dnmf.datasets",
+}
+
+__all__ = ["DnmfError", "InputError", "ConfigError", "ConvergenceWarning", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        value = module if module.__name__ == f"dnmf.{name}" and not hasattr(module, name) else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dnmf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,7 @@
+"""``python -m dnmf``: the ``dnmf`` command (see :mod:`dnmf.cli`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

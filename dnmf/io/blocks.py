@@ -1,0 +1,181 @@
+"""Column-blocked matrices: the one data structure the engine consumes.
+
+A :class:`BlockedMatrix` is an m × n matrix (features × samples) cut into column blocks.
+Each block is either
+
+* a :class:`CSCBlock` — raw CSC triplets (``data``, ``indices``, ``indptr``) of an
+  m × n_j sparse block, handled directly by our numba kernels, or
+* a dense ``numpy.ndarray`` of shape (m, n_j).
+
+Blocks come from :class:`BlockSource` objects. An :class:`InMemorySource` holds its block;
+a lazy source (for example :class:`dnmf.io.zarr_store.ZarrBlockSource`) reads it from disk
+on every :meth:`BlockSource.load` call, which is how a matrix larger than memory streams.
+Sources are small, picklable objects, so the engine can ship them to Dask workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Union, runtime_checkable
+
+import numpy as np
+from dask.sizeof import sizeof
+
+__all__ = [
+    "CSCBlock",
+    "Block",
+    "BlockSource",
+    "InMemorySource",
+    "BlockedMatrix",
+    "block_nnz",
+    "block_shape",
+]
+
+
+@dataclass(frozen=True)
+class CSCBlock:
+    """An m × n_j sparse column block as CSC triplets.
+
+    Attributes
+    ----------
+    data : ndarray of shape (nnz,), float32 or float64
+    indices : ndarray of shape (nnz,), int32 or int64
+        Row index of each stored value; sorted within each column.
+    indptr : ndarray of shape (n_j + 1,), int32 or int64
+        int64 whenever nnz ≥ 2**31.
+    n_rows : int
+        m, the number of features.
+    """
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+    n_rows: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, len(self.indptr) - 1)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    def to_scipy(self):
+        """Return the block as a ``scipy.sparse.csc_array`` (no copy)."""
+        import scipy.sparse as sp
+
+        return sp.csc_array((self.data, self.indices, self.indptr), shape=self.shape)
+
+    def toarray(self) -> np.ndarray:
+        return self.to_scipy().toarray()
+
+
+Block = Union[CSCBlock, np.ndarray]
+
+
+@sizeof.register(CSCBlock)
+def _sizeof_cscblock(block: CSCBlock) -> int:
+    return int(block.data.nbytes + block.indices.nbytes + block.indptr.nbytes + 64)
+
+
+def block_shape(block: Block) -> tuple[int, int]:
+    return block.shape  # both CSCBlock and ndarray have .shape
+
+
+def block_nnz(block: Block) -> int:
+    """Stored entries of a block (all m·n_j entries for a dense block)."""
+    if isinstance(block, CSCBlock):
+        return block.nnz
+    return int(block.size)
+
+
+@runtime_checkable
+class BlockSource(Protocol):
+    """Anything that yields one block: ``load()`` plus its static description."""
+
+    n_cols: int
+    nnz: int
+
+    def load(self) -> Block:  # pragma: no cover - protocol
+        ...
+
+
+@dataclass(frozen=True)
+class InMemorySource:
+    """A block held in memory."""
+
+    block: Block
+
+    @property
+    def n_cols(self) -> int:
+        return block_shape(self.block)[1]
+
+    @property
+    def nnz(self) -> int:
+        return block_nnz(self.block)
+
+    def load(self) -> Block:
+        return self.block
+
+
+@sizeof.register(InMemorySource)
+def _sizeof_inmemory(src: InMemorySource) -> int:
+    return sizeof(src.block) + 64
+
+
+@dataclass(frozen=True)
+class BlockedMatrix:
+    """An m × n matrix split into column blocks.
+
+    Attributes
+    ----------
+    shape : (m, n)
+    dtype : numpy dtype of the values (float32 or float64)
+    sources : tuple of BlockSource
+        Block j covers columns ``col_bounds[j]:col_bounds[j+1]``.
+    sparse : bool
+        True when blocks are :class:`CSCBlock`, False when dense ndarrays.
+    in_memory : bool
+        True when every source holds its block (no disk reads per iteration).
+    row_names, col_names : optional sequences of str
+    """
+
+    shape: tuple[int, int]
+    dtype: np.dtype
+    sources: tuple
+    sparse: bool
+    in_memory: bool = True
+    row_names: tuple | None = field(default=None, compare=False)
+    col_names: tuple | None = field(default=None, compare=False)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.sources)
+
+    @property
+    def col_bounds(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([s.n_cols for s in self.sources])]).astype(np.int64)
+
+    @property
+    def nnz(self) -> int:
+        return int(sum(s.nnz for s in self.sources))
+
+    def load_block(self, j: int) -> Block:
+        return self.sources[j].load()
+
+    def iter_blocks(self):
+        for s in self.sources:
+            yield s.load()
+
+    def to_scipy(self):
+        """Assemble the whole matrix as a CSC array (sparse) or ndarray (dense). Small data only."""
+        import scipy.sparse as sp
+
+        blocks = list(self.iter_blocks())
+        if self.sparse:
+            return sp.hstack([b.to_scipy() for b in blocks], format="csc")
+        return np.hstack(blocks)

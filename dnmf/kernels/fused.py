@@ -1,0 +1,139 @@
+"""The fused block pass of one ALS iteration (DESIGN §3), numba kernels.
+
+For a column block A_j (m × n_j) and the current W (m × k, C-contiguous) the pass computes, in
+one read of the block,
+
+1. ``b = Wᵀ a_c − L1`` for each column c of the block,
+2. ``h_c ← NNLS(G, b)`` with the chosen solver (warm-started from a scaled previous h_c),
+3. the partial statistics ``P += a_c h_cᵀ`` (m × k), ``Q += h_c h_cᵀ`` (k × k) and
+   ``hsum += |h_c|`` (k), all accumulated in float64.
+
+H is stored transposed per block (``ht``, n_j × k, C-contiguous) so that a column's k values are
+contiguous in memory. Sparse blocks are CSC triplets; a column's nonzeros are read once for ``b``
+and once more, from cache, for ``P``.
+
+Extension points the same pass keeps for later capabilities: a per-column Gram correction
+(masked entries), per-entry weights (IRLS) and extra Gram/RHS terms (targets) change only how
+``G`` and ``b`` are formed per column before the solve; the accumulation stays the same.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .nnls import SOLVER_CD, SOLVER_CHOLESKY, active_set_solve, cd_solve, chol_solve
+
+__all__ = ["csc_block_pass", "dense_block_solve", "accumulate_q_hsum", "csc_sq_norm"]
+
+
+def _solve_column(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm):
+    if solver == SOLVER_CD:
+        cd_solve(G, b, x, nonneg, cd_maxit, cd_tol, warm)
+    elif solver == SOLVER_CHOLESKY:
+        chol_solve(L, b, x, nonneg)
+    else:
+        active_set_solve(G, b, x, nonneg, warm)
+
+
+_solve_column_jit = numba.njit(cache=True, nogil=True)(_solve_column)
+
+
+def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, solver, nonneg, cd_maxit, cd_tol,
+                    warm, P, Q, hsum):
+    """Fused H update and partial statistics for one sparse block (see module docstring).
+
+    Parameters
+    ----------
+    data, indices, indptr : CSC triplets of the block (m × n_j)
+    w : (m, k) float64 — current W (unit-norm columns, RcppML's ``Wt``ᵀ)
+    G : (k, k) float64 — penalized Gram ``WᵀW + L2·I``
+    L : (k, k) float64 — lower Cholesky factor of G (used by the cholesky solver only)
+    l1 : float — L1 penalty subtracted from every RHS entry
+    ht : (n_j, k) float64 — in: previous H of the block (raw), out: new H (raw)
+    warm_scale : (k,) float64 — multiplies the previous H to give the warm start
+    P : (m, k) float64, Q : (k, k) float64, hsum : (k,) float64 — accumulated in place
+    """
+    k = w.shape[1]
+    n = indptr.shape[0] - 1
+    b = np.empty(k)
+    x = np.empty(k)
+    for c in range(n):
+        start = indptr[c]
+        end = indptr[c + 1]
+        for r in range(k):
+            b[r] = -l1
+        for p in range(start, end):
+            i = indices[p]
+            a = data[p]
+            for r in range(k):
+                b[r] += a * w[i, r]
+        if warm:
+            for r in range(k):
+                x[r] = ht[c, r] * warm_scale[r]
+        else:
+            for r in range(k):
+                x[r] = 0.0
+        _solve_column_jit(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm)
+        for r in range(k):
+            ht[c, r] = x[r]
+        for p in range(start, end):
+            i = indices[p]
+            a = data[p]
+            for r in range(k):
+                P[i, r] += a * x[r]
+        for r in range(k):
+            hsum[r] += abs(x[r])
+            for s in range(k):
+                Q[r, s] += x[r] * x[s]
+
+
+csc_block_pass = numba.njit(cache=True, nogil=True)(_csc_block_pass)
+
+
+def _dense_block_solve(B, G, L, l1, ht, warm_scale, solver, nonneg, cd_maxit, cd_tol, warm, Q, hsum):
+    """NNLS for the columns of a dense block's RHS ``B = WᵀA_j`` (k × n_j); fills ``ht``, Q, hsum."""
+    k = B.shape[0]
+    n = B.shape[1]
+    b = np.empty(k)
+    x = np.empty(k)
+    for c in range(n):
+        for r in range(k):
+            b[r] = B[r, c] - l1
+        if warm:
+            for r in range(k):
+                x[r] = ht[c, r] * warm_scale[r]
+        else:
+            for r in range(k):
+                x[r] = 0.0
+        _solve_column_jit(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm)
+        for r in range(k):
+            ht[c, r] = x[r]
+            hsum[r] += abs(x[r])
+            for s in range(k):
+                Q[r, s] += x[r] * x[s]
+
+
+dense_block_solve = numba.njit(cache=True, nogil=True)(_dense_block_solve)
+
+
+def _accumulate_q_hsum(ht, Q, hsum):
+    n, k = ht.shape
+    for c in range(n):
+        for r in range(k):
+            hsum[r] += abs(ht[c, r])
+            for s in range(k):
+                Q[r, s] += ht[c, r] * ht[c, s]
+
+
+accumulate_q_hsum = numba.njit(cache=True, nogil=True)(_accumulate_q_hsum)
+
+
+def _csc_sq_norm(data):
+    s = 0.0
+    for v in data:
+        s += float(v) * float(v)
+    return s
+
+
+csc_sq_norm = numba.njit(cache=True, nogil=True)(_csc_sq_norm)

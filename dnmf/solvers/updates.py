@@ -1,0 +1,58 @@
+"""Client-side updates on small statistics: the W step and the diagonal scaling (RcppML §2.6)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels.nnls import SOLVER_CHOLESKY, nnls_batch
+
+__all__ = ["cholesky_or_empty", "update_factor", "scale_rows"]
+
+_EMPTY = np.zeros((0, 0))
+
+
+def cholesky_or_empty(G: np.ndarray, solver: int) -> np.ndarray:
+    """Lower Cholesky factor of G for the cholesky solver, an empty array otherwise.
+
+    A Gram that is numerically singular (e.g. a factor that collapsed to zero) gets a tiny
+    ridge proportional to its trace so the factorization exists.
+    """
+    if solver != SOLVER_CHOLESKY:
+        return _EMPTY
+    try:
+        return np.linalg.cholesky(G)
+    except np.linalg.LinAlgError:
+        k = G.shape[0]
+        ridge = 1e-12 * max(float(np.trace(G)) / k, 1e-300)
+        return np.linalg.cholesky(G + ridge * np.eye(k))
+
+
+def update_factor(G, P, l1, l2, solver, nonneg, cd_maxit, cd_tol, w_prev=None) -> np.ndarray:
+    """Solve ``min ‖A − F Ĥ‖`` for the other factor F (m × k) from ``G = ĤĤᵀ`` and ``P = AĤᵀ``.
+
+    Each row f_i solves NNLS(G + l2·I, p_i − l1); warm start from ``w_prev`` (m × k) when given.
+    """
+    k = G.shape[0]
+    G = G.copy()
+    G[np.diag_indices(k)] += l2
+    L = cholesky_or_empty(G, solver)
+    B = np.ascontiguousarray(P.T)  # k × m
+    if w_prev is not None:
+        X = np.ascontiguousarray(w_prev.T, dtype=np.float64)
+        warm = True
+    else:
+        X = np.zeros_like(B)
+        warm = False
+    nnls_batch(G, L, B, X, solver, nonneg, cd_maxit, cd_tol, warm, l1)
+    return X.T
+
+
+def scale_rows(F: np.ndarray, norm: str):
+    """Extract the scaling of a factor stored as k rows: returns (F / d[:, None], d)."""
+    if norm == "L1":
+        d = np.abs(F).sum(axis=1) + 1e-15
+    elif norm == "L2":
+        d = np.sqrt((F * F).sum(axis=1)) + 1e-15
+    else:
+        return F, np.ones(F.shape[0])
+    return F / d[:, None], d
