@@ -6,7 +6,7 @@ Public API (all importable from ``dnmf``):
   :func:`cosine`, :func:`bipartite_match`, :func:`simulate_nmf`
 * data: :mod:`dnmf.io` (``as_blocked``, ``write_zarr``), :mod:`dnmf.datasets`
 * covariates / random effects: :func:`nmfkc`, :func:`nmfkc_inference`, :func:`nmfkc_ecv`,
-  :func:`nmfre`, :func:`nmfre_dfu_scan`, :func:`nmfre_inference`, :func:`nmfre_ecv`,
+  :func:`nmfre`, :func:`nmfre_dfu_scan`, :func:`nmfre_inference`, :func:`nmfre_ecv`, :func:`nmfre_blocked`, :func:`nmfkc_cv`,
   :func:`nmfkc_dot`
 """
 
@@ -35,6 +35,9 @@ _LAZY = {
     "nmfre_dfu_scan": "dnmf.mixed",
     "nmfre_inference": "dnmf.mixed",
     "nmfre_ecv": "dnmf.mixed",
+    "nmfre_blocked": "dnmf.mixed",
+    "NMFREBlockedResult": "dnmf.mixed",
+    "nmfkc_cv": "dnmf.covariates",
     "io": "dnmf.io",
     "anndata": "dnmf.anndata",
     "datasets": "dnmf.datasets",

@@ -1,0 +1,725 @@
+"""The df-cap NMF-RE engine on a column-blocked Y (spec/nmfre.md §10, DESIGN.md §6).
+
+Y (P × N) is a :class:`~dnmf.io.blocks.BlockedMatrix`; A (K × N) is cut into the same column
+blocks. Each block ``(Y_j, A_j)`` is placed once on a worker (or read from its source every pass
+when the source is lazy); the random effects ``U_j`` (Q × n_j) are computed and kept on the
+worker that holds the block. Per iteration the client sees only small statistics:
+
+pass 1 (``u_chunk``)
+    ``U_j = M⁻¹Xᵀ(Y_j − XΘA_j) − ū`` (ridge/BLUP step; the row mean ū of U is computed on the
+    client as ``M⁻¹Xᵀ(ȳ − XΘā)`` from the constant row means of Y and A, so centring needs no
+    extra pass), returning ``Y_jB⁺_jᵀ`` (P × Q), ``B⁺_jB⁺_jᵀ`` (Q × Q), ``‖U_j‖²``;
+pass 2 (``c_chunk``)
+    ``U_j ← DU_j`` (the normalisation of X), returning ``Xᵀmax(Y_j − XU_j, 0)A_jᵀ`` (Q × K)
+    and ``Y_jU_jᵀ``, ``U_jU_jᵀ``, ``A_jU_jᵀ``, from which the client gets
+    ``‖Y − X(ΘA + U)‖²`` by the Gram identity for any Θ.
+
+Partials are summed by the executor's fixed binary tree (``combine`` = elementwise sum), so
+the result does not depend on the number of workers; X, Θ, σ², τ², λ and dfU are updated on
+the client by the same code as the in-memory fit (:func:`dnmf.mixed.nmfre.fit_cap`).
+Inference adds one pass: the residual sum of squares, the score Gram ``S̃_jS̃_jᵀ`` and the
+bootstrap products ``S̃_jW_j`` per block (multipliers from the key (block, chunk)).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+from dask.sizeof import sizeof
+from threadpoolctl import threadpool_limits
+
+from .._validation import check_float, check_int, check_option, param_error
+from ..exceptions import ConvergenceWarning, InputError
+from ..io.blocks import BlockedMatrix, CSCBlock, InMemorySource
+from .nmfre import (
+    DEFAULT_RATES,
+    EPS,
+    CapOptions,
+    CapState,
+    basis_order,
+    check_matrix_init,
+    clip_var,
+    df_u,
+    fit_cap,
+    gram_eigenvalues,
+    kmeans_start,
+    nmfkc_eu_stats,
+    normalize_columns,
+    ridge_solve,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["nmfre_blocked", "NMFREBlockedResult", "BlockedData", "REBlock", "split_columns"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Block container and per-block tasks (chunk functions; NumPy on one block)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class REBlock:
+    """One column block: the source of ``Y_j`` (P × n_j) and ``A_j`` (K × n_j)."""
+
+    y: Any
+    a: np.ndarray
+
+    def load(self) -> np.ndarray:
+        b = self.y.load() if hasattr(self.y, "load") else self.y
+        if isinstance(b, CSCBlock):
+            b = b.toarray()
+        return np.asarray(b, dtype=np.float64)
+
+
+@sizeof.register(REBlock)
+def _sizeof_reblock(blk: REBlock) -> int:
+    return int(sizeof(blk.y) + blk.a.nbytes + 64)
+
+
+def _add(a, b):
+    """combine: elementwise sum of two tuples of partials."""
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def constants_chunk(blk: REBlock):
+    """Data checks and constant statistics of one block."""
+    Y = blk.load()
+    A = blk.a
+    finite = np.isfinite(Y)
+    n_bad = int(Y.size - finite.sum())
+    has_negative = bool(np.any(Y[finite] < 0))
+    return (
+        Y.sum(axis=1),  # row sums of Y (P)
+        A.sum(axis=1),  # row sums of A (K)
+        float(np.sum(Y * Y)),
+        Y @ A.T,  # P × K
+        A @ A.T,  # K × K
+        np.array([n_bad, float(has_negative)]),  # non-finite values, blocks with negatives
+    )
+
+
+def zeros_chunk(blk: REBlock, q: int) -> np.ndarray:
+    return np.zeros((q, blk.a.shape[1]))
+
+
+def u_chunk(blk: REBlock, X, C, L, ubar):
+    """U step on one block; returns (U_j, (YB⁺ᵀ, B⁺B⁺ᵀ, ‖U_j‖²)).
+
+    ``Xᵀ(Y_j − XΘA_j)`` is formed as ``XᵀY_j − (XᵀX)ΘA_j``: no P × n_j temporary.
+    """
+    Y = blk.load()
+    CA = C @ blk.a
+    U = ridge_solve(L, X.T @ Y - (X.T @ X) @ CA) - ubar[:, None]
+    Bp = np.maximum(CA + U, 0.0)
+    return U, (Y @ Bp.T, Bp @ Bp.T, float(np.sum(U * U)))
+
+
+def c_chunk(blk: REBlock, U, X, d):
+    """Normalise U_j by D; return (DU_j, (Xᵀmax(Y_j − XU_j,0)A_jᵀ, Y_jU_jᵀ, U_jU_jᵀ, A_jU_jᵀ))."""
+    Y = blk.load()
+    U = U * d[:, None]
+    num = X.T @ np.maximum(Y - X @ U, 0.0) @ blk.a.T
+    return U, (num, Y @ U.T, U @ U.T, blk.a @ U.T)
+
+
+def scale_chunk(U, d):
+    return U * d[:, None]
+
+
+def permute_chunk(U, order):
+    return U[order, :]
+
+
+def final_chunk(blk: REBlock, U, X, C, ymean, ymean_rows):
+    """Sums for the R² variants of the BLUP and fixed fits on one block."""
+    Y = blk.load()
+    F = X @ (C @ blk.a)
+    Fb = F + X @ U
+    out = []
+    for f in (Fb, F):
+        r = Y - f
+        out += [float(np.sum(r * r)), float(f.sum()), float(np.sum(f * f)), float(np.sum(Y * f))]
+    dy = Y - ymean
+    dr = Y - ymean_rows[:, None]
+    out += [float(np.sum(dy * dy)), float(np.sum(dr * dr))]
+    return np.array(out)
+
+
+def infer_chunk(blk: REBlock, U, j, X, C, root, bounds, W=None):
+    """Inference partials of one block: (RSS_j, S̃_jS̃_jᵀ, S̃_jW_j)."""
+    from .inference import chunk_seed, multipliers, score_matrix
+
+    Y = blk.load()
+    R = Y - X @ U - X @ (C @ blk.a)
+    S = score_matrix(X, R, blk.a)
+    if W is not None:
+        SW = S @ W
+    elif bounds:
+        SW = np.concatenate([S @ multipliers(chunk_seed(root, j, c), S.shape[1], b1 - b0)
+                             for c, (b0, b1) in enumerate(bounds)], axis=1)
+    else:
+        SW = np.zeros((S.shape[0], 0))
+    return (float(np.sum(R * R)), S @ S.T, SW)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data backend of fit_cap
+# ---------------------------------------------------------------------------------------------
+
+
+def split_columns(A: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
+    """Column blocks ``A[:, bounds[j]:bounds[j+1]]`` (contiguous copies)."""
+    return [np.ascontiguousarray(A[:, bounds[j]:bounds[j + 1]]) for j in range(len(bounds) - 1)]
+
+
+class BlockedData:
+    """Engine-A data backend over an executor: blocks and U_j stay where they were computed."""
+
+    def __init__(self, executor, Y: BlockedMatrix, A: np.ndarray):
+        self.ex = executor
+        self.bounds = Y.col_bounds
+        self.n_features, self.n_samples = Y.shape
+        a_blocks = split_columns(A, self.bounds)
+        self.blocks = executor.put_blocks([REBlock(src, a) for src, a in zip(Y.sources, a_blocks)])
+        parts = executor.map_blocks(constants_chunk, self.blocks)
+        ysum, asum, ysq, YAt, AAt, checks = executor.tree_reduce(_add, parts)
+        if checks[0] > 0:
+            raise param_error("Y", "nmfre_blocked", "finite (no NaN or Inf)", f"{int(checks[0])} non-finite values")
+        if checks[1] > 0:
+            raise param_error("Y", "nmfre_blocked", "non-negative", f"negative values in {int(checks[1])} block(s)")
+        N = self.n_samples
+        self.ymean_rows = ysum / N
+        self.amean = asum / N
+        self.ysum = float(ysum.sum())
+        self.ysq = ysq
+        self.YAt = YAt
+        self.AAt = AAt
+        self.U = None
+        self._gram = None
+
+    def set_u(self, U: Optional[np.ndarray], q: int) -> None:
+        """Place the starting U (Q × N; zeros when None) block by block."""
+        old = self.U
+        if U is None:
+            self.U = self.ex.map_blocks(zeros_chunk, self.blocks, args=(q,))
+        else:
+            self.U = self.ex.put_blocks(split_columns(U, self.bounds))
+        if old is not None:
+            self.ex.release(old)
+
+    def _swap_u(self, outs):
+        old = self.U
+        self.U = [o[0] for o in outs]
+        stats = self.ex.tree_reduce(_add, [o[1] for o in outs])
+        if old is not None:
+            self.ex.release(old)
+        return stats
+
+    def scale_u(self, d: np.ndarray) -> None:
+        """U ← DU (the normalisation before the loop)."""
+        old = self.U
+        self.U = self.ex.map_blocks(scale_chunk, self.U, args=(d,))
+        self.ex.release(old)
+
+    def u_step(self, X, C, L):
+        ubar = ridge_solve(L, X.T @ (self.ymean_rows - X @ (C @ self.amean)))
+        outs = self.ex.map_blocks(u_chunk, self.blocks, args=(X, C, L, ubar), n_out=2)
+        return self._swap_u(outs)
+
+    def c_step(self, X, d):
+        outs = self.ex.map_blocks(c_chunk, self.blocks, self.U, args=(X, d), n_out=2)
+        num, YUt, UUt, AUt = self._swap_u(outs)
+        self._gram = (YUt, UUt, AUt)
+        return num
+
+    def rss(self, X, C):
+        """``‖Y − X(CA+U)‖²`` by the Gram identity, and ``‖U‖²``, from the last c_step."""
+        YUt, UUt, AUt = self._gram
+        YBt = self.YAt @ C.T + YUt
+        CAUt = C @ AUt
+        BBt = C @ self.AAt @ C.T + CAUt + CAUt.T + UUt
+        rss = self.ysq - 2.0 * float(np.sum(X * YBt)) + float(np.sum((X.T @ X) * BBt))
+        return max(rss, 0.0), float(np.trace(UUt))
+
+    def permute_u(self, order: np.ndarray) -> None:
+        old = self.U
+        self.U = self.ex.map_blocks(permute_chunk, self.U, args=(order,))
+        self.ex.release(old)
+
+    def final_sums(self, X, C) -> np.ndarray:
+        mean = self.ysum / (self.n_features * self.n_samples)
+        return self.ex.tree_reduce(_add1, self.ex.map_blocks(final_chunk, self.blocks, self.U,
+                                                             args=(X, C, mean, self.ymean_rows)))
+
+    def gather_u(self) -> np.ndarray:
+        return np.concatenate(self.ex.gather(self.U), axis=1)
+
+
+def _add1(a, b):
+    return a + b
+
+
+# ---------------------------------------------------------------------------------------------
+# The initialiser at scale
+# ---------------------------------------------------------------------------------------------
+
+
+def _subsample_start(data: BlockedData, Y: BlockedMatrix, rank: int, n_cols: int, seed: int):
+    """nmfkc's k-means start (:func:`kmeans_start`) on at most ``n_cols`` evenly spaced columns.
+
+    Only this subsample (P × n_cols) is gathered on the client.
+    """
+
+    N = Y.shape[1]
+    cols = np.unique(np.linspace(0, N - 1, min(n_cols, N)).round().astype(np.int64))
+    parts = []
+    for j in range(Y.n_blocks):
+        lo, hi = data.bounds[j], data.bounds[j + 1]
+        sel = cols[(cols >= lo) & (cols < hi)] - lo
+        if len(sel):
+            parts.append((j, sel))
+    blocks = data.ex.gather(data.ex.map_blocks(_take_cols, [data.blocks[j] for j, _ in parts],
+                                               [s for _, s in parts]))
+    return kmeans_start(np.concatenate(blocks, axis=1), rank, seed)
+
+
+def _take_cols(blk: REBlock, sel):
+    return blk.load()[:, sel]
+
+
+# ---------------------------------------------------------------------------------------------
+# Result and public function
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NMFREBlockedResult:
+    """A df-cap NMF-RE fit on a column-blocked Y (the fields of :class:`NMFREResult` that are
+    not N-sized; U stays on the workers unless ``gather_U=True``).
+
+    Attributes
+    ----------
+    X : ndarray of shape (P, Q)
+    C : ndarray of shape (Q, K)
+    U : ndarray of shape (Q, N) or None
+        Gathered random effects (``gather_U=True``), else None.
+    U_blocks : list
+        Executor handles of the U blocks (Q × n_j each, column order of Y's blocks); valid
+        while the client that made them is open.
+    col_bounds : ndarray of shape (n_blocks + 1,)
+    sigma2, tau2, lambda_, dfU, dfU_cap, dfU_cap_rate, dfU_frac, dfU_cap_frac, lambda_enforced,
+    dfU_hit_cap, dfU_hit_iter, converged, stop_reason, n_iter, maxit, epsilon, objfunc,
+    rel_change_final, objfunc_iter, rss_trace, r_squared, r_squared_fixed, r_squared_cor2,
+    r_squared_fixed_cor2, r_squared_uncentered, r_squared_fixed_uncentered, r_squared_centered,
+    r_squared_fixed_centered, ICC
+        As in :class:`dnmf.mixed.NMFREResult` (engine "cap").
+    sigma2_used, C_vec_cov, C_se, C_se_boot, C_ci_lower, C_ci_upper, C_p_side, wild_B,
+    wild_level, coefficients
+        Inference (None without ``wild_bootstrap``).
+    iter_times : ndarray of shape (n_iter,)
+        Wall time of each iteration (s).
+    timings : dict
+        Wall time (s) of the phases ``place_and_constants``, ``initialiser``, ``fit`` (with the
+        scan when ``df_rate=None``), ``finalise`` and ``inference``.
+    dfU_cap_scan : DfUScanResult or None
+    """
+
+    X: np.ndarray
+    C: np.ndarray
+    U: Optional[np.ndarray]
+    U_blocks: list = field(repr=False)
+    col_bounds: np.ndarray = field(repr=False)
+    sigma2: float = 1.0
+    tau2: float = 1.0
+    lambda_: float = 1.0
+    dfU: float = 0.0
+    dfU_cap: float = 0.0
+    dfU_cap_rate: float = 0.0
+    dfU_frac: float = 0.0
+    dfU_cap_frac: float = 0.0
+    lambda_enforced: float = 0.0
+    dfU_hit_cap: bool = False
+    dfU_hit_iter: tuple = ()
+    converged: bool = False
+    stop_reason: str = "maxit"
+    n_iter: int = 0
+    maxit: int = 0
+    epsilon: float = 0.0
+    objfunc: float = float("nan")
+    rel_change_final: float = float("nan")
+    objfunc_iter: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    rss_trace: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    r_squared: float = float("nan")
+    r_squared_fixed: float = float("nan")
+    r_squared_cor2: float = float("nan")
+    r_squared_fixed_cor2: float = float("nan")
+    r_squared_uncentered: float = float("nan")
+    r_squared_fixed_uncentered: float = float("nan")
+    r_squared_centered: float = float("nan")
+    r_squared_fixed_centered: float = float("nan")
+    ICC: float = float("nan")
+    basis_names: tuple = ()
+    covariate_names: Optional[tuple] = None
+    feature_names: Optional[tuple] = None
+    sample_names: Optional[tuple] = None
+    dims: str = ""
+    runtime: float = 0.0
+    iter_times: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    timings: dict = field(default_factory=dict)
+    dfU_cap_scan: Any = field(default=None, repr=False)
+    sigma2_used: Optional[float] = None
+    C_vec_cov: Optional[np.ndarray] = None
+    C_se: Optional[np.ndarray] = None
+    C_se_boot: Optional[np.ndarray] = None
+    C_ci_lower: Optional[np.ndarray] = None
+    C_ci_upper: Optional[np.ndarray] = None
+    C_p_side: Optional[str] = None
+    wild_B: Optional[int] = None
+    wild_level: Optional[float] = None
+    coefficients: Any = field(default=None, repr=False)
+    engine: str = "cap"
+    C_signed: bool = False
+    outer_iter: Optional[int] = None
+    outer_maxit: Optional[int] = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(P, N, Q, K)."""
+        return (self.X.shape[0], int(self.col_bounds[-1]), self.X.shape[1], self.C.shape[1])
+
+    @property
+    def covariate_labels(self) -> tuple:
+        if self.covariate_names is not None:
+            return self.covariate_names
+        return tuple(f"Cov{k + 1}" for k in range(self.C.shape[1]))
+
+    def summary(self, show_ci: bool = False) -> str:
+        """The R ``summary()`` text of spec §7.1."""
+        from .summary import format_summary
+
+        return format_summary(self, show_ci=show_ci)
+
+    def coef(self):
+        return self.coefficients if self.coefficients is not None else self.C
+
+
+def as_blocked(Y, n_blocks: Optional[int], func: str) -> BlockedMatrix:
+    """A BlockedMatrix as is; a dense array cut into ``n_blocks`` (default 1) column blocks."""
+    if isinstance(Y, BlockedMatrix):
+        return Y
+    from .nmfre import _names, _to_matrix
+
+    Yv = _to_matrix(Y, "Y", func)
+    if Yv.ndim != 2:
+        raise param_error("Y", func, "a BlockedMatrix or a 2-D array", f"shape {Yv.shape}")
+    nb = 1 if n_blocks is None else check_int(n_blocks, "n_blocks", func, low=1, high=max(1, Yv.shape[1]))
+    bounds = np.linspace(0, Yv.shape[1], nb + 1).round().astype(np.int64)
+    sources = tuple(InMemorySource(np.ascontiguousarray(Yv[:, bounds[j]:bounds[j + 1]])) for j in range(nb))
+    rn, cn = _names(Y, 0), _names(Y, 1)
+    return BlockedMatrix(shape=Yv.shape, dtype=np.dtype(np.float64), sources=sources, sparse=False, in_memory=True,
+                         row_names=rn, col_names=cn)
+
+
+def nmfre_blocked(
+    Y,
+    A=None,
+    rank: int = 2,
+    df_rate: Optional[float] = None,
+    wild_bootstrap: bool = True,
+    wild_B: int = 500,
+    wild_level: float = 0.95,
+    prefix: str = "Basis",
+    epsilon: float = 1e-5,
+    maxit: int = 50000,
+    X_init=None,
+    C_init=None,
+    U_init=None,
+    seed: int = 1,
+    r_rng: bool = False,
+    client=None,
+    *,
+    wild_seed=123,
+    n_blocks: Optional[int] = None,
+    covariate_names: Optional[tuple] = None,
+    gather_U: bool = False,
+    C_p_side: str = "one.sided",
+    sigma2: float = 1.0,
+    tau2: float = 1.0,
+    sigma2_update: bool = True,
+    init_sample: int = 20000,
+) -> NMFREBlockedResult:
+    """Engine "cap" of :func:`dnmf.nmfre` on a column-blocked Y, through a Dask cluster.
+
+    Same model, defaults and numbers as ``nmfre(..., engine="cap")`` (to summation order);
+    Y and U are never gathered on the client during the fit.
+
+    Parameters
+    ----------
+    Y : BlockedMatrix or array-like of shape (P, N)
+        Non-negative data; dense or CSC blocks (densified per block), in memory or lazy
+        (e.g. Zarr: read once per pass). An array is cut into ``n_blocks`` column blocks.
+    A : array-like of shape (K, N), optional
+        Covariates (default the intercept row); cut into Y's column blocks.
+    rank, df_rate, wild_bootstrap, wild_B, wild_level, prefix, epsilon, maxit, X_init, C_init,
+    U_init, seed, wild_seed, r_rng
+        As in :func:`dnmf.nmfre`. ``df_rate=None`` scans 0.1..1.0 with blocked fits, one after
+        another. Without ``X_init``/``C_init`` the initialiser is nmfkc's EU iterations on
+        the sufficient statistics ``YAᵀ``, ``AAᵀ``, ``‖Y‖²`` (:func:`nmfkc_eu_stats`), from
+        ``X ∝ rowMeans(Y)`` at rank 1 (nmfkc's exact start) and from k-means centres of
+        ``init_sample`` evenly spaced columns at rank ≥ 2 (:func:`kmeans_start`).
+    client : distributed.Client, optional
+        Default: the active client, else a thread pool.
+    n_blocks : int, optional
+        Column blocks for an array Y (default 1).
+    covariate_names : tuple of str, optional
+        Names of A's rows (taken from a DataFrame A when not given).
+    gather_U : bool, default False
+        Return U (Q × N) on the client at the end.
+    C_p_side : {"one.sided", "two.sided"}
+    sigma2, tau2, sigma2_update
+        Starting variances and the damped σ² update switch.
+    init_sample : int, default 20000
+        Columns used by the rank ≥ 2 initialiser.
+
+    Returns
+    -------
+    NMFREBlockedResult
+
+    Notes
+    -----
+    The bootstrap multipliers of column block j and replicate chunk c come from the key
+    (j, c) under ``wild_seed``: the draws depend on the block layout, not on the number of
+    workers; with one block they equal :func:`dnmf.nmfre_inference`'s.
+    """
+    t0 = time.perf_counter()
+    func = "nmfre_blocked"
+    from .nmfre import _names, _to_matrix, executor_for
+
+    Yb = as_blocked(Y, n_blocks, func)
+    P, N = Yb.shape
+    rank = check_int(rank, "rank", func, low=1)
+    epsilon = check_float(epsilon, "epsilon", func, low=0.0)
+    maxit = check_int(maxit, "maxit", func, low=1)
+    if df_rate is not None:
+        df_rate = check_float(df_rate, "df_rate", func, low=0.0, low_open=True)
+    C_p_side = check_option(C_p_side, "C_p_side", func, ("one.sided", "two.sided"))
+    wild_B = check_int(wild_B, "wild_B", func, low=2)
+    wild_level = check_float(wild_level, "wild_level", func, low=0.0, high=1.0, low_open=True)
+    if A is None:
+        Av = np.ones((1, N))
+    else:
+        Av = _to_matrix(A, "A", func)
+        if Av.ndim == 1:
+            Av = Av[None, :]
+        if Av.ndim != 2 or Av.shape[1] != N:
+            raise param_error("A", func, f"an array with {N} columns (one per column of Y)", f"shape {Av.shape}")
+        if not np.all(np.isfinite(Av)):
+            raise param_error("A", func, "finite (no NaN or Inf)", "non-finite values")
+        if covariate_names is None:
+            covariate_names = _names(A, 0)
+    K = Av.shape[0]
+    X0 = check_matrix_init(X_init, "X_init", (P, rank), func)
+    C0 = check_matrix_init(C_init, "C_init", (rank, K), func)
+    U0 = check_matrix_init(U_init, "U_init", (rank, N), func)
+
+    timings = {}
+    # one BLAS thread per task: the executor's threads (or workers) are the parallelism, and
+    # nested OpenBLAS threads on top of them oversubscribe the cores (2× slower on 2 cores)
+    with threadpool_limits(1, user_api="blas"), executor_for(client) as ex:
+        tp = time.perf_counter()
+        data = BlockedData(ex, Yb, Av)
+        timings["place_and_constants"] = time.perf_counter() - tp
+        tp = time.perf_counter()
+        if X0 is None or C0 is None:
+            if rank == 1:  # R's k-means with one centre: the row means (exact at any N)
+                Xs = data.ymean_rows[:, None] / data.ymean_rows.sum()
+            else:
+                Xs = _subsample_start(data, Yb, rank, init_sample, seed)
+            X0, C0, _ = nmfkc_eu_stats(Xs, np.ones((rank, K)), data.YAt, data.AAt, data.ysq, epsilon)
+            if rank > 1:
+                o = basis_order(X0)
+                X0, C0 = X0[:, o], C0[o, :]
+        timings["initialiser"] = time.perf_counter() - tp
+        tp = time.perf_counter()
+        scan = None
+        rate = df_rate
+        common = dict(data=data, Yb=Yb, X0=X0, C0=C0, U0=U0, rank=rank, epsilon=epsilon, maxit=maxit,
+                      sigma2=sigma2, tau2=tau2, sigma2_update=sigma2_update)
+        if rate is None:
+            scan = _blocked_scan(common)
+            if not np.isfinite(scan.cap_rate):
+                raise InputError("nmfre_blocked: no df_rate of the automatic scan qualifies; pass df_rate. "
+                                 "Scan table:\n" + str(scan))
+            rate = float(scan.cap_rate)
+        res = _fit_blocked(rate=rate, **common)
+        if res["st"].stop_reason == "maxit":
+            warnings.warn(f"nmfre_blocked reached maxit ({maxit}) before converging; increase maxit "
+                          f"(currently {maxit}).", ConvergenceWarning, stacklevel=2)
+        timings["fit"] = time.perf_counter() - tp
+        tp = time.perf_counter()
+        out = _result(res, data, Yb, Av, rate, prefix, covariate_names, maxit, epsilon, scan)
+        timings["finalise"] = time.perf_counter() - tp
+        tp = time.perf_counter()
+        if wild_bootstrap:
+            out = _infer_blocked(out, data, Av, wild_B, wild_level, C_p_side, wild_seed, r_rng)
+        timings["inference"] = time.perf_counter() - tp
+        U = data.gather_u() if gather_U else None
+    from dataclasses import replace
+
+    return replace(out, U=U, timings=timings, runtime=time.perf_counter() - t0)
+
+
+def _fit_blocked(data, Yb, X0, C0, U0, rank, rate, epsilon, maxit, sigma2, tau2, sigma2_update):
+    data.set_u(U0, rank)
+    X = np.maximum(X0, EPS)
+    C = np.maximum(C0, EPS)
+    X, d = normalize_columns(X)
+    C = C * d[:, None]
+    if U0 is not None:
+        data.scale_u(d)
+    opt = CapOptions(rank=rank, rate=rate, epsilon=epsilon, maxit=maxit, sigma2_update=sigma2_update)
+    timer = _Timer(data)
+    st = fit_cap(timer, CapState(X=X, C=C, sigma2=sigma2, tau2=tau2), opt)
+    timer.stamps.append(time.perf_counter())
+    return {"st": st, "opt": opt, "iter_times": np.diff(np.asarray(timer.stamps))}
+
+
+class _Timer:
+    """Wraps a backend to stamp the start of each iteration (its U step)."""
+
+    def __init__(self, data):
+        self._d = data
+        self.stamps = []
+
+    def __getattr__(self, name):
+        return getattr(self._d, name)
+
+    def u_step(self, *a):
+        self.stamps.append(time.perf_counter())
+        return self._d.u_step(*a)
+
+
+def _blocked_scan(common):
+    import pandas as pd
+
+    from .scan import COLUMNS, DfUScanResult, choose_rate, scan_row
+
+    rows, fits = [], []
+    for r in DEFAULT_RATES:
+        res = _fit_blocked(rate=r, **common)
+        st = res["st"]
+        X = st.X
+        lam = st.sigma2 / clip_var(st.tau2)
+        N = common["data"].n_samples
+        cap = max(r * N * common["rank"], 1.0)
+        trX = float(np.sum(X * X))
+        P = X.shape[0]
+        view = _ScanView(df_u(gram_eigenvalues(X.T @ X), N, lam), cap, bool(st.hit_iter), st.converged,
+                         st.tau2, st.sigma2, st.tau2 * trX / (st.tau2 * trX + st.sigma2 * P))
+        rows.append(scan_row(r, view))
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    table["safeguard"] = table["safeguard"].astype(object)
+    return DfUScanResult(table=table, cap_rate=choose_rate(table), fits=())
+
+
+@dataclass(frozen=True)
+class _ScanView:
+    dfU: float
+    dfU_cap: float
+    dfU_hit_cap: bool
+    converged: bool
+    tau2: float
+    sigma2: float
+    ICC: float
+
+
+def _r2(sse, sf, sff, syf, sy, syy, n, sst_grand, sst_row):
+    cov = syf - sy * sf / n
+    vy = syy - sy * sy / n
+    vf = sff - sf * sf / n
+    cor2 = cov * cov / (vy * vf) if vy > 0 and vf > 0 else float("nan")
+    return {"grand": 1 - sse / sst_grand, "cor2": cor2, "uncentered": 1 - sse / syy, "centered": 1 - sse / sst_row}
+
+
+def _result(res, data: BlockedData, Yb, A, rate, prefix, covariate_names, maxit, epsilon, scan) -> NMFREBlockedResult:
+    st = res["st"]
+    X, C = st.X, st.C
+    P, N = Yb.shape
+    Q, K = C.shape
+    if Q > 1:
+        o = basis_order(X)
+        X, C = X[:, o], C[o, :]
+        data.permute_u(o)
+    sums = data.final_sums(X, C)
+    n = P * N
+    sst_grand, sst_row = sums[8], sums[9]
+    r2b = _r2(*sums[0:4], data.ysum, data.ysq, n, sst_grand, sst_row)
+    r2f = _r2(*sums[4:8], data.ysum, data.ysq, n, sst_grand, sst_row)
+    lam = st.sigma2 / clip_var(st.tau2)
+    dfu = df_u(gram_eigenvalues(X.T @ X), N, lam)
+    cap = max(rate * N * Q, 1.0)
+    trX = float(np.sum(X * X))
+    return NMFREBlockedResult(
+        X=X, C=C, U=None, U_blocks=data.U, col_bounds=np.asarray(data.bounds),
+        sigma2=float(st.sigma2), tau2=float(st.tau2), lambda_=float(lam), dfU=dfu, dfU_cap=cap, dfU_cap_rate=rate,
+        dfU_frac=dfu / (N * Q), dfU_cap_frac=cap / (N * Q), lambda_enforced=float(lam),
+        dfU_hit_cap=bool(st.hit_iter), dfU_hit_iter=tuple(st.hit_iter), converged=st.converged,
+        stop_reason=st.stop_reason, n_iter=st.iteration, maxit=maxit, epsilon=epsilon,
+        objfunc=float(st.objfunc_iter[-1]), rel_change_final=float(st.rel), objfunc_iter=np.asarray(st.objfunc_iter),
+        rss_trace=np.asarray(st.rss_trace),
+        r_squared=r2b["grand"], r_squared_fixed=r2f["grand"], r_squared_cor2=r2b["cor2"],
+        r_squared_fixed_cor2=r2f["cor2"], r_squared_uncentered=r2b["uncentered"],
+        r_squared_fixed_uncentered=r2f["uncentered"], r_squared_centered=r2b["centered"],
+        r_squared_fixed_centered=r2f["centered"],
+        ICC=float(st.tau2 * trX / (st.tau2 * trX + st.sigma2 * P)),
+        basis_names=tuple(f"{prefix}{q + 1}" for q in range(Q)),
+        covariate_names=None if covariate_names is None else tuple(covariate_names),
+        feature_names=Yb.row_names, sample_names=Yb.col_names,
+        dims=f"Y({P},{N})~X({P},{Q})C({Q},{K})A({K},{N})", iter_times=res["iter_times"], dfU_cap_scan=scan,
+    )
+
+
+def _infer_blocked(out: NMFREBlockedResult, data: BlockedData, A, wild_B, wild_level, side, seed, r_rng):
+    from dataclasses import replace
+
+    from .inference import (
+        chunk_bounds,
+        coefficient_table,
+        r_exp_multipliers,
+        sandwich,
+        seed_root,
+        summarize_boot,
+    )
+
+    X, C = out.X, out.C
+    P, N, Q, K = out.shape
+    ex = data.ex
+    js = list(range(len(data.blocks)))
+    if r_rng:
+        W = r_exp_multipliers(int(seed), N, wild_B)
+        Wb = split_columns(W.T, data.bounds)
+        handles = ex.map_blocks(_infer_r, data.blocks, data.U, js, [w.T.copy() for w in Wb], args=(X, C))
+    else:
+        root = seed_root(seed)
+        handles = ex.map_blocks(infer_chunk, data.blocks, data.U, js, args=(X, C, root, chunk_bounds(wild_B)))
+    rss, StS, SW = ex.tree_reduce(_add, handles)
+    lam = out.sigma2 / max(out.tau2, 1e-12)
+    st = sandwich(X.T @ X, data.AAt, lam, N, P, rss, StS)
+    cvec = C.ravel(order="F")
+    bs = summarize_boot(cvec, st["Hinv"], SW, st["sigma2_used"], wild_level, project=True)
+    table = coefficient_table(out.basis_names, out.covariate_labels, cvec, st["se"], bs["bse"], bs["lo"], bs["hi"],
+                              side)
+    shape = lambda v: np.asarray(v).reshape(Q, K, order="F")  # noqa: E731
+    return replace(out, sigma2_used=float(st["sigma2_used"]), C_vec_cov=st["V"], C_se=shape(st["se"]),
+                   C_se_boot=shape(bs["bse"]), C_ci_lower=shape(bs["lo"]), C_ci_upper=shape(bs["hi"]),
+                   C_p_side=side, wild_B=wild_B, wild_level=wild_level, coefficients=table)
+
+
+def _infer_r(blk, U, j, W, X, C):
+    return infer_chunk(blk, U, j, X, C, None, (), W)
