@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -42,21 +44,50 @@ def test_one_vs_two_workers_and_threads_identical(a, cluster2):
         assert np.array_equal(other.misc["loss_history"], local.misc["loss_history"])
 
 
+@dataclasses.dataclass(frozen=True)
+class _RandomCSCSource:
+    """A lazy block source generating a sparse column block from its own seed (never in memory
+    as a whole): lets the test write a store larger than the workers' memory limit."""
+
+    m: int
+    n_cols: int
+    per_col: int
+    seed: int
+
+    @property
+    def nnz(self) -> int:
+        return self.n_cols * self.per_col
+
+    def load(self):
+        rng = np.random.default_rng(self.seed)
+        rows = np.sort(rng.random((self.n_cols, self.m)).argpartition(self.per_col, axis=1)[:, :self.per_col], axis=1)
+        vals = rng.gamma(1.0, 1.0, self.nnz).astype(np.float32)
+        indptr = np.arange(0, self.nnz + 1, self.per_col, dtype=np.int64)
+        return dnmf.io.CSCBlock(vals, rows.ravel().astype(np.int32), indptr, self.m)
+
+
 def test_out_of_core_fit_with_small_worker_memory(tmp_path):
-    rng = np.random.default_rng(0)
-    m, n = 300, 4000
-    A = sp.random(m, n, density=0.2, random_state=rng, format="csc", dtype=np.float64)
+    # 600 × 112,000 with 400 stored entries per column: 44.8 M entries × 8 B = 358 MB of A,
+    # more than each worker's 300 MiB (315 MB) limit (a worker's own footprint is ~220 MB, so even half
+    # of A persisted per worker would not fit).
+    m, n_blocks, cols, per_col = 600, 56, 2000, 400
+    sources = tuple(_RandomCSCSource(m, cols, per_col, seed) for seed in range(n_blocks))
+    lazy = dnmf.io.BlockedMatrix(shape=(m, n_blocks * cols), dtype=np.dtype(np.float32), sources=sources,
+                                 sparse=True, in_memory=False)
     path = str(tmp_path / "big.zarr")
-    dnmf.io.write_zarr(A, path, block_nnz=20_000)
-    nbytes = A.data.nbytes + A.indices.nbytes
-    limit = nbytes // 3  # worker memory below the matrix size
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=int(limit) + 60e6,
+    dnmf.io.write_zarr(lazy, path, block_nnz=cols * per_col)
+    a_bytes = lazy.nnz * 8
+    limit = 300 * 2**20
+    assert a_bytes > limit
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=limit,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        model = dnmf.nmf(path, 4, seed=1, maxit=5, tol=0, client=client, out_of_core=True)
-    ref = dnmf.nmf(A, 4, seed=1, maxit=5, tol=0, client=False, block_nnz=20_000)
-    assert model.misc["out_of_core"]
-    # identical block layout and arithmetic: bitwise equal factors
-    assert np.array_equal(model.w, ref.w)
+        model = dnmf.nmf(path, 4, seed=1, maxit=3, tol=0, client=client)  # out_of_core chosen automatically
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2  # no worker was killed
+    assert model.misc["out_of_core"] and model.misc["iter"] == 3
+    # The same store fitted in-process (streaming as well): the block layout and arithmetic are
+    # the same, so the factors are bitwise equal.
+    ref = dnmf.nmf(path, 4, seed=1, maxit=3, tol=0, client=False)
+    assert np.array_equal(model.w, ref.w) and np.array_equal(model.h, ref.h)
 
 
 def test_checkpoint_resume_reproduces_uninterrupted(tmp_path, a):

@@ -146,8 +146,16 @@ class DaskExecutor(Executor):
 
     distributed = True
 
-    def __init__(self, client):
+    def __init__(self, client, wait_timeout: float = 60.0):
+        from ..exceptions import DnmfError
+
         self.client = client
+        try:
+            # A freshly started cluster (or one whose workers are restarting) may have none yet.
+            client.wait_for_workers(1, timeout=wait_timeout)
+        except TimeoutError as exc:
+            raise DnmfError(f"The Dask cluster at {client.scheduler.address} has no workers "
+                            f"(waited {wait_timeout:.0f} s). Start workers or pass client=False.") from exc
         self.n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
 
     def put(self, value):
@@ -158,6 +166,9 @@ class DaskExecutor(Executor):
     def put_blocks(self, values):
         # Spread blocks over workers round-robin in block order (deterministic placement).
         workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        if not workers:
+            self.client.wait_for_workers(1, timeout=60)
+            workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
         futs = []
         for j, v in enumerate(values):
             futs.append(self.client.scatter(v, workers=[workers[j % len(workers)]], hash=False))

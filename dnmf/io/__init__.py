@@ -1,0 +1,16 @@
+"""Readers and writers: everything becomes a column-blocked matrix (features × samples)."""
+
+from .blocks import BlockedMatrix, BlockSource, CSCBlock, InMemorySource
+from .readers import as_blocked
+from .zarr_store import ZarrBlockSource, ZarrDenseSource, write_zarr
+
+__all__ = [
+    "as_blocked",
+    "write_zarr",
+    "BlockedMatrix",
+    "BlockSource",
+    "CSCBlock",
+    "InMemorySource",
+    "ZarrBlockSource",
+    "ZarrDenseSource",
+]
