@@ -1,0 +1,282 @@
+"""The scikit-learn dialect: :class:`NMF`, a thin estimator over :func:`dnmf.nmf`.
+
+scikit-learn's convention is samples × features (X, n_samples × n_features); dnmf's core
+factorizes features × samples, so ``fit`` hands ``X.T`` (a free view; a CSR X becomes a CSC
+Xᵀ without a copy) to :func:`dnmf.nmf`. With the fitted ``A ≈ W·diag(d)·H``:
+
+* ``components_ = Wᵀ`` (k × n_features, rows with unit norm in ``norm``),
+* ``fit_transform(X) = (diag(d)·H)ᵀ`` (n_samples × k), so ``fit_transform(X) @ components_``
+  is the model's reconstruction of X,
+* ``transform(X_new)`` projects new samples onto W by exact NNLS (:meth:`NMFModel.predict`).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, clone
+from sklearn.utils.validation import check_is_fitted
+
+from ._validation import param_error
+from .exceptions import InputError
+from .models import NMFModel
+
+__all__ = ["NMF"]
+
+_ACCEPT_SPARSE = ("csr", "csc")
+_DTYPES = [np.float64, np.float32]
+
+
+def _validate(estimator, X, *, reset: bool):
+    """scikit-learn's input validation (sets / checks ``n_features_in_``, ``feature_names_in_``)."""
+    try:
+        from sklearn.utils.validation import validate_data
+    except ImportError:  # scikit-learn < 1.6
+        return estimator._validate_data(X, reset=reset, accept_sparse=_ACCEPT_SPARSE, dtype=_DTYPES)
+    return validate_data(estimator, X, reset=reset, accept_sparse=_ACCEPT_SPARSE, dtype=_DTYPES)
+
+
+def _check_non_negative(X, func: str) -> None:
+    """Reject negative entries, in scikit-learn's wording ("Negative values in data ...")."""
+    values = X.data if sp.issparse(X) else X
+    if values.size and values.min() < 0:
+        raise InputError(f"Negative values in data passed to {func}: X must be non-negative. "
+                         f"Got a minimum of {values.min()!r} instead.")
+
+
+class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Non-negative matrix factorization ``X ≈ Z · components_`` (scikit-learn interface).
+
+    Fits ``Xᵀ ≈ W·diag(d)·H`` with :func:`dnmf.nmf` (RcppML 1.0 semantics: alternating NNLS with
+    diagonal scaling) and exposes it the way :class:`sklearn.decomposition.NMF` does.
+
+    Parameters
+    ----------
+    n_components : int or None, default None
+        Rank k; None uses ``min(n_samples, n_features)``.
+    tol : float, default 1e-4
+        Relative change of the training loss that, held for ``patience`` iterations, stops the fit.
+    max_iter : int, default 100
+        Maximum alternating iterations (``maxit`` of :func:`dnmf.nmf`).
+    random_state : int, RandomState, Generator or None, default None
+        Seed of the initialization; an int is passed to :func:`dnmf.nmf` as ``seed``.
+    L1, L2 : float or (float, float), default 0
+        Lasso / ridge penalties as (W side, H side); W is ``components_ᵀ``, H the sample side.
+    nonneg : bool or (bool, bool), default True
+        Non-negativity of (W, H).
+    norm : {"L1", "L2", "none"}, default "L1"
+        Norm of W's columns (rows of ``components_``) and H's rows; the scale goes to ``d``.
+    init : None, "random", "svd", "lanczos", "irlba", "randomized" or array, default None
+        Initial W (n_features × k); see :func:`dnmf.nmf`.
+    solver : {"auto", "cholesky", "cd", "exact"}, default "auto"
+        NNLS solver of the fit.
+    patience : int, default 5
+        Consecutive iterations below ``tol`` needed to stop.
+    client : distributed.Client, False or None, default None
+        Where to run: None uses the active Dask client if any, else threads; False forces threads.
+        Cloning the estimator shares the client (it is not copied).
+    block_nnz : int or None, default None
+        Stored entries per column block (blocks are groups of samples).
+    verbose : bool, default False
+        Log progress.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        ``Wᵀ``, the factors in feature space (rows unit-norm in ``norm``).
+    n_components_ : int
+        The rank used.
+    reconstruction_err_ : float
+        Frobenius norm ``‖X − fit_transform(X) @ components_‖_F`` of the fitted model (from the
+        fit's final sum of squared errors), as in scikit-learn.
+    n_iter_ : int
+        Iterations run.
+    model_ : NMFModel
+        The fitted RcppML-style model (``w`` = ``components_ᵀ``, ``d``, ``h``, ``misc``).
+    n_features_in_ : int
+        Number of features seen in ``fit``.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Feature names, when X has string column names.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import dnmf
+    >>> X = dnmf.simulate_nmf(100, 60, 3, noise=0.1, seed=1).A.T   # 60 samples × 100 features
+    >>> est = dnmf.NMF(n_components=3, random_state=1, client=False)
+    >>> Z = est.fit_transform(X)
+    >>> Z.shape, est.components_.shape
+    ((60, 3), (3, 100))
+    """
+
+    def __init__(
+        self,
+        n_components: int | None = None,
+        *,
+        tol: float = 1e-4,
+        max_iter: int = 100,
+        random_state: Any = None,
+        L1: float | tuple = 0.0,
+        L2: float | tuple = 0.0,
+        nonneg: bool | tuple = True,
+        norm: str = "L1",
+        init: Any = None,
+        solver: str = "auto",
+        patience: int = 5,
+        client: Any = None,
+        block_nnz: int | None = None,
+        verbose: bool = False,
+    ):
+        self.n_components = n_components
+        self.tol = tol
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.L1 = L1
+        self.L2 = L2
+        self.nonneg = nonneg
+        self.norm = norm
+        self.init = init
+        self.solver = solver
+        self.patience = patience
+        self.client = client
+        self.block_nnz = block_nnz
+        self.verbose = verbose
+
+    # -- scikit-learn protocol ---------------------------------------------------------------
+
+    def __sklearn_clone__(self):
+        """Clone every parameter except ``client``, which is a handle to shared resources."""
+        params = self.get_params(deep=False)
+        client = params.pop("client")
+        return type(self)(**{k: clone(v, safe=False) for k, v in params.items()}, client=client)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        tags.input_tags.positive_only = True
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    def _more_tags(self):  # scikit-learn < 1.6
+        return {"requires_positive_X": True, "preserves_dtype": [np.float64, np.float32]}
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.components_.shape[0]
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _seed(self):
+        rs = self.random_state
+        if rs is None:
+            return None
+        if isinstance(rs, numbers.Integral) and not isinstance(rs, bool):
+            if rs < 0:
+                raise param_error("random_state", "NMF.fit", "None, a non-negative int, a RandomState or a Generator",
+                                  rs)
+            return int(rs)
+        if isinstance(rs, np.random.RandomState):
+            return int(rs.randint(np.iinfo(np.int32).max))
+        if isinstance(rs, np.random.Generator):
+            return int(rs.integers(np.iinfo(np.int32).max))
+        raise param_error("random_state", "NMF.fit", "None, a non-negative int, a RandomState or a Generator", rs)
+
+    def _rank(self, n_samples: int, n_features: int) -> int:
+        limit = min(n_samples, n_features)
+        k = self.n_components
+        if k is None:
+            return limit
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= limit:
+            raise param_error("n_components", "NMF.fit", f"None or an int in [1, {limit}] (min(n_samples, n_features))",
+                              k)
+        return int(k)
+
+    # -- fitting -----------------------------------------------------------------------------
+
+    def fit(self, X, y=None) -> "NMF":
+        """Learn the factorization of X.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Non-negative data.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self.fit_transform(X)
+        return self
+
+    def fit_transform(self, X, y=None) -> np.ndarray:
+        """Learn the factorization of X and return the sample factors.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Non-negative data.
+        y : ignored
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_components)
+            ``(diag(d)·H)ᵀ``: ``fit_transform(X) @ components_`` reconstructs X.
+        """
+        from .core import nmf
+
+        X = _validate(self, X, reset=True)
+        _check_non_negative(X, "NMF.fit")
+        k = self._rank(*X.shape)
+        model = nmf(
+            X.T, k, tol=self.tol, maxit=self.max_iter, seed=self._seed(), L1=self.L1, L2=self.L2,
+            nonneg=self.nonneg, norm=self.norm, init=self.init, solver=self.solver, patience=self.patience,
+            client=self.client, block_nnz=self.block_nnz, verbose=self.verbose,
+        )
+        self.model_: NMFModel = model
+        self.components_ = np.ascontiguousarray(model.w.T)
+        self.n_components_ = model.k
+        self.n_iter_ = int(model.misc["iter"])
+        self.reconstruction_err_ = float(np.sqrt(max(float(model.misc["loss"]), 0.0)))
+        return np.ascontiguousarray((model.h * model.d[:, None]).T)
+
+    def transform(self, X) -> np.ndarray:
+        """Project samples onto the learned components (exact NNLS with W fixed).
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_components)
+            Z minimizing ``‖X − Z·components_‖_F`` per sample (with the fit's H-side L1/L2 and
+            non-negativity); on the training data it agrees with ``fit_transform`` up to the
+            fit's own NNLS accuracy.
+        """
+        check_is_fitted(self)
+        X = _validate(self, X, reset=False)
+        return np.ascontiguousarray(self.model_.predict(X.T).T)
+
+    def inverse_transform(self, X) -> np.ndarray:
+        """Map sample factors back to feature space: ``X @ components_``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_components)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_features)
+        """
+        from sklearn.utils import check_array
+
+        check_is_fitted(self)
+        X = check_array(X, accept_sparse=_ACCEPT_SPARSE, dtype=_DTYPES)
+        if X.shape[1] != self.n_components_:
+            raise param_error("X", "NMF.inverse_transform", f"an array with {self.n_components_} columns",
+                              f"{X.shape[1]} columns")
+        return np.asarray(X @ self.components_)

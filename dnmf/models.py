@@ -1,0 +1,706 @@
+"""Result objects of the core NMF and the model utilities (RcppML spec §10).
+
+:class:`NMFModel` is what :func:`dnmf.nmf` returns. Besides its factors it carries the
+helpers of RcppML's ``nmf`` class: ``reconstruct`` (RcppML ``prod``), ``evaluate`` (mean loss on
+data, computed blockwise), ``predict`` (project new samples onto W), ``align`` (reorder factors
+to match another model), factor subsetting (``model[idx]``, ``subset``, ``head``, ``sort``),
+``sparsity`` and ``transpose`` (RcppML ``t``).
+
+Module functions: :func:`cosine` (column-wise cosine similarity) and :func:`bipartite_match`
+(Hungarian assignment, RcppML ``bipartiteMatch``).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._validation import check_bool_pair, check_float, check_option, param_error
+from .exceptions import InputError
+
+__all__ = ["NMFModel", "BipartiteMatch", "cosine", "bipartite_match", "LOSSES"]
+
+#: Entries per chunk when fitted values are formed explicitly (bounds temporary memory to
+#: about ``_CHUNK_ENTRIES · k · 8`` bytes for sparse blocks and ``_CHUNK_ENTRIES · 8`` for dense).
+_CHUNK_ENTRIES = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses for ``evaluate`` (spec §6.1), registry by name
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Loss:
+    """A per-entry loss ℓ(y, μ) with a closed form for ``Σ_all ℓ(0, μ)``.
+
+    ``elementwise(y, mu)`` returns ℓ for arrays; ``zero_total(wd, h)`` returns ℓ(0, μ) summed
+    over every entry of ``μ = wd @ h`` without forming μ, which lets sparse data be evaluated
+    from its stored entries only.
+    """
+
+    name: str
+    elementwise: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    zero_total: Callable[[np.ndarray, np.ndarray], float]
+
+
+def _mse_elementwise(y, mu):
+    r = y - mu
+    return r * r
+
+
+def _mse_zero_total(wd, h):
+    # Σ_ij (W d H)_ij² = tr((W d)ᵀ(W d) · H Hᵀ)
+    return float(np.sum((wd.T @ wd) * (h @ h.T)))
+
+
+def _kl_elementwise(y, mu):
+    # y log(y/μ) − y + μ with μ floored at 1e-10 where y > 0 (spec §6.1); for y = 0 the
+    # limit μ itself, which keeps Σ over zeros in closed form (_kl_zero_total).
+    out = np.array(mu, dtype=np.float64)
+    pos = y > 0
+    mu_pos = np.maximum(out[pos], 1e-10)
+    out[pos] = y[pos] * np.log(y[pos] / mu_pos) - y[pos] + mu_pos
+    return out
+
+
+def _kl_zero_total(wd, h):
+    # Σ_ij μ_ij = (1ᵀ W d)(H 1)
+    return float(wd.sum(axis=0) @ h.sum(axis=1))
+
+
+#: Losses ``NMFModel.evaluate`` knows: "mse" (squared error) and "kl" (generalized
+#: Kullback–Leibler / Poisson deviance, RcppML's ``loss="gp", dispersion="none"``).
+LOSSES = {
+    "mse": _Loss("mse", _mse_elementwise, _mse_zero_total),
+    "kl": _Loss("kl", _kl_elementwise, _kl_zero_total),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Module functions
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_2d_columns(x: Any, name: str, func: str) -> tuple[Any, bool]:
+    """Return (matrix with samples as columns, was_vector) for dense or scipy.sparse input."""
+    if sp.issparse(x):
+        x = sp.csc_array(x, dtype=np.float64)
+        if not np.all(np.isfinite(x.data)):
+            raise param_error(name, func, "a finite matrix", "a sparse matrix with NaN or Inf")
+        return x, False
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise param_error(name, func, "a numeric vector or matrix", type(x).__name__) from e
+    if arr.ndim == 1:
+        return arr[:, None], True
+    if arr.ndim != 2:
+        raise param_error(name, func, "a vector or a 2-D matrix", f"an array with {arr.ndim} dimensions")
+    if not np.all(np.isfinite(arr)):
+        raise param_error(name, func, "a finite matrix", "a matrix with NaN or Inf")
+    return arr, False
+
+
+def _column_norms(x) -> np.ndarray:
+    if sp.issparse(x):
+        return np.sqrt(np.asarray(x.multiply(x).sum(axis=0)).ravel())
+    return np.sqrt(np.einsum("ij,ij->j", x, x))
+
+
+def cosine(x: Any, y: Any = None) -> np.ndarray | float:
+    """Column-wise cosine similarity, ``diag(1/‖x_c‖) xᵀ y diag(1/‖y_c‖)`` (RcppML ``cosine``).
+
+    Parameters
+    ----------
+    x : array-like or scipy.sparse matrix of shape (m, p), or vector of shape (m,)
+    y : array-like or scipy.sparse matrix of shape (m, q), or vector of shape (m,), optional
+        Defaults to ``x``.
+
+    Returns
+    -------
+    ndarray of shape (p, q), or float
+        Entry (a, b) is the cosine of column a of x and column b of y. A vector argument
+        counts as one column and its axis is dropped (vector × vector gives a float). A
+        zero column has similarity 0 with everything (not NaN).
+
+    Notes
+    -----
+    RcppML 1.0 mis-normalizes the vector-versus-matrix case (multiplies by ‖x‖² instead of
+    dividing by ‖x‖); here vectors are treated exactly like one-column matrices.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dnmf.models import cosine
+    >>> cosine(np.array([[1.0, 0.0], [0.0, 2.0]]))
+    array([[1., 0.],
+           [0., 1.]])
+    """
+    func = "cosine"
+    xm, x_vec = _as_2d_columns(x, "x", func)
+    if y is None:
+        ym, y_vec = xm, x_vec
+    else:
+        ym, y_vec = _as_2d_columns(y, "y", func)
+        if ym.shape[0] != xm.shape[0]:
+            raise param_error("y", func, f"an array with {xm.shape[0]} rows (as many as x)",
+                              f"{ym.shape[0]} rows")
+    inner = xm.T @ ym
+    inner = inner.toarray() if sp.issparse(inner) else np.asarray(inner, dtype=np.float64)
+    nx, ny = _column_norms(xm), _column_norms(ym)
+    with np.errstate(divide="ignore"):
+        ix = np.where(nx > 0, 1.0 / nx, 0.0)
+        iy = np.where(ny > 0, 1.0 / ny, 0.0)
+    out = inner * ix[:, None] * iy[None, :]
+    if x_vec and y_vec:
+        return float(out[0, 0])
+    if x_vec:
+        return out[0]
+    if y_vec:
+        return out[:, 0]
+    return out
+
+
+@dataclass(frozen=True)
+class BipartiteMatch:
+    """A minimum- (or maximum-) cost assignment of rows to columns.
+
+    Attributes
+    ----------
+    assignment : ndarray of int64, shape (n_rows,)
+        0-based column matched to each row; -1 for rows left unmatched (more rows than columns).
+    rows, cols : ndarray of int64, shape (min(n_rows, n_cols),)
+        The matched pairs, sorted by row.
+    cost : float
+        Total cost of the matched pairs.
+    """
+
+    assignment: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    cost: float
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        """The matched (row, column) pairs as Python ints."""
+        return [(int(r), int(c)) for r, c in zip(self.rows, self.cols)]
+
+
+def bipartite_match(cost: Any, maximize: bool = False) -> BipartiteMatch:
+    """Optimal assignment of rows to columns of a cost matrix (Hungarian algorithm).
+
+    Parameters
+    ----------
+    cost : array-like of shape (n_rows, n_cols)
+        Finite costs; the matrix may be rectangular, in which case ``min(n_rows, n_cols)``
+        pairs are matched.
+    maximize : bool, default False
+        Maximize the total instead of minimizing it (e.g. on a similarity matrix).
+
+    Returns
+    -------
+    BipartiteMatch
+        ``assignment`` (column per row, 0-based), ``rows``/``cols`` (pairs) and total ``cost``.
+
+    Notes
+    -----
+    RcppML's ``bipartiteMatch`` returns ``list(assignment, cost)`` and silently sets negative
+    costs to 0; here costs are used as given (the assignment problem is well defined for any
+    real costs), so pass ``np.maximum(cost, 0)`` to reproduce that quirk.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dnmf.models import bipartite_match
+    >>> bipartite_match(1 - np.eye(3)[[2, 0, 1]]).assignment
+    array([2, 0, 1])
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    func = "bipartite_match"
+    try:
+        c = np.asarray(cost, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise param_error("cost", func, "a numeric 2-D matrix", type(cost).__name__) from e
+    if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] == 0:
+        raise param_error("cost", func, "a non-empty 2-D matrix", f"an array of shape {c.shape}")
+    if not np.all(np.isfinite(c)):
+        raise param_error("cost", func, "a finite matrix", "a matrix with NaN or Inf")
+    if not isinstance(maximize, (bool, np.bool_)):
+        raise param_error("maximize", func, "a bool", maximize)
+    rows, cols = linear_sum_assignment(c, maximize=bool(maximize))
+    assignment = np.full(c.shape[0], -1, dtype=np.int64)
+    assignment[rows] = cols
+    return BipartiteMatch(assignment=assignment, rows=rows.astype(np.int64), cols=cols.astype(np.int64),
+                          cost=float(c[rows, cols].sum()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Block helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _fitted_at(wd: np.ndarray, ht: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``(wd @ htᵀ)[rows, cols]`` for index arrays, in bounded-memory chunks."""
+    out = np.empty(rows.shape[0])
+    k = max(wd.shape[1], 1)
+    step = max(1, _CHUNK_ENTRIES // k)
+    for s in range(0, rows.shape[0], step):
+        e = min(s + step, rows.shape[0])
+        out[s:e] = np.einsum("ij,ij->i", wd[rows[s:e]], ht[cols[s:e]])
+    return out
+
+
+def _csc_positions(indptr: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the stored entries of a CSC pattern."""
+    cols = np.repeat(np.arange(indptr.shape[0] - 1, dtype=np.int64), np.diff(indptr))
+    return indices.astype(np.int64, copy=False), cols
+
+
+def _sparse_values_at(data, indices, indptr, m, rows, cols) -> np.ndarray:
+    """Values of a CSC block (row indices sorted per column) at positions (rows, cols); 0 if absent."""
+    a_rows, a_cols = _csc_positions(indptr, indices)
+    key_a = a_cols * m + a_rows
+    if key_a.shape[0] > 1 and np.any(key_a[1:] < key_a[:-1]):
+        order = np.argsort(key_a, kind="stable")
+        key_a, data = key_a[order], data[order]
+    key = cols * m + rows
+    pos = np.searchsorted(key_a, key)
+    pos_c = np.minimum(pos, max(key_a.shape[0] - 1, 0))
+    found = (pos < key_a.shape[0]) & (key_a[pos_c] == key) if key_a.shape[0] else np.zeros(key.shape, bool)
+    out = np.zeros(key.shape[0])
+    out[found] = data[pos_c[found]]
+    return out
+
+
+def _check_block_values(block, func: str, *, allow_negative: bool) -> None:
+    """Reject NaN/Inf (and negative values unless allowed) in one block of the data."""
+    values = block if isinstance(block, np.ndarray) else block.data
+    if not np.all(np.isfinite(values)):
+        raise param_error("A", func, "finite data", "data with NaN or Inf")
+    if not allow_negative and values.size and values.min() < 0:
+        raise param_error("A", func, "non-negative data for this loss", f"a minimum of {values.min()}")
+
+
+def _mask_pattern(mask: Any, shape: tuple[int, int], func: str) -> sp.csc_array:
+    """A user mask (non-zero = masked) as a CSC pattern with sorted indices and no stored zeros."""
+    try:
+        if sp.issparse(mask):
+            pat = sp.csc_array(mask)
+        else:
+            arr = np.asarray(mask)
+            if arr.ndim != 2:
+                raise param_error("mask", func, f"None, 'zeros' or a matrix of shape {shape}",
+                                  f"an array of shape {arr.shape}")
+            pat = sp.csc_array(arr != 0)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise param_error("mask", func, f"None, 'zeros' or a matrix of shape {shape}", type(mask).__name__) from e
+    if pat.shape != tuple(shape):
+        raise param_error("mask", func, f"None, 'zeros' or a matrix of shape {shape}", f"shape {pat.shape}")
+    pat = sp.csc_array(pat != 0)  # NaN counts as masked (NaN != 0)
+    pat.sum_duplicates()
+    pat.sort_indices()
+    return pat
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+def _factor_index(idx: Any, k: int, func: str) -> np.ndarray:
+    """Normalize an int, slice, sequence of ints or boolean mask to an int64 index array."""
+    if isinstance(idx, slice):
+        return np.arange(k, dtype=np.int64)[idx]
+    if isinstance(idx, numbers.Integral) and not isinstance(idx, (bool, np.bool_)):
+        arr = np.array([int(idx)], dtype=np.int64)
+    else:
+        arr = np.asarray(idx)
+        if arr.ndim != 1:
+            raise param_error("idx", func, "an int, a slice, a 1-D sequence of ints or a boolean mask",
+                              f"an array of shape {arr.shape}")
+        if arr.dtype == bool:
+            if arr.shape[0] != k:
+                raise param_error("idx", func, f"a boolean mask of length {k}", f"length {arr.shape[0]}")
+            return np.flatnonzero(arr).astype(np.int64)
+        if arr.shape[0] == 0:
+            arr = arr.astype(np.int64)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise param_error("idx", func, "an int, a slice, a 1-D sequence of ints or a boolean mask",
+                              f"an array of dtype {arr.dtype}")
+        arr = arr.astype(np.int64)
+    bad = (arr < -k) | (arr >= k)
+    if np.any(bad):
+        raise param_error("idx", func, f"factor indices in [-{k}, {k - 1}]", int(arr[bad][0]))
+    return np.where(arr < 0, arr + k, arr)
+
+
+@dataclass(frozen=True)
+class NMFModel:
+    """A fitted model A ≈ W · diag(d) · H.
+
+    Attributes
+    ----------
+    w : ndarray of shape (m, k)
+        Feature loadings; columns have unit norm in the fit's ``norm``.
+    d : ndarray of shape (k,)
+        Scaling diagonal, decreasing when the fit sorted the model.
+    h : ndarray of shape (k, n)
+        Sample embeddings; rows have unit norm in the fit's ``norm``.
+    misc : dict
+        Fit record: ``iter`` (iterations run), ``runtime`` (s), ``loss`` (final training SSE),
+        ``loss_history`` (SSE per iteration), ``tol_history`` (relative loss change per
+        iteration), ``tol`` (last relative change), ``converged`` (bool), ``seed``,
+        ``solver``, ``norm``, ``L1``, ``L2``, ``nonneg``, ``stopped_by_callback``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dnmf.models import NMFModel
+    >>> model = NMFModel(w=np.eye(3)[:, :2], d=np.array([2.0, 1.0]), h=np.ones((2, 4)) / 4)
+    >>> model.shape, model.reconstruct().shape
+    ((3, 4, 2), (3, 4))
+    >>> model[1].d
+    array([1.])
+    """
+
+    w: np.ndarray
+    d: np.ndarray
+    h: np.ndarray
+    misc: dict = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.d.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(m, n, k), like RcppML's ``dim``."""
+        return (self.w.shape[0], self.h.shape[1], self.k)
+
+    # -- presentation ------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        m, n, k = self.shape
+        parts = [f"m={m}", f"n={n}", f"k={k}"]
+        if "iter" in self.misc:
+            parts.append(f"iter={self.misc['iter']}")
+        if "loss" in self.misc:
+            parts.append(f"loss={float(self.misc['loss']):.6g}")
+        if self.misc.get("projected"):
+            parts.append("projected")
+        shown = np.array2string(np.asarray(self.d[:8], dtype=float), precision=4, separator=", ")
+        more = f" … ({k - 8} more)" if k > 8 else ""
+        return f"NMFModel({', '.join(parts)})\n  d = {shown}{more}"
+
+    def to_dict(self) -> dict:
+        """``{"w", "d", "h", "misc"}`` (arrays not copied; ``misc`` shallow-copied)."""
+        return {"w": self.w, "d": self.d, "h": self.h, "misc": dict(self.misc)}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "NMFModel":
+        """Inverse of :meth:`to_dict`; checks that the factor shapes agree."""
+        func = "NMFModel.from_dict"
+        missing = [key for key in ("w", "d", "h") if key not in record]
+        if missing:
+            raise param_error("record", func, "a mapping with keys 'w', 'd', 'h' (and optionally 'misc')",
+                              f"a mapping without {missing}")
+        w, d, h = (np.asarray(record[key]) for key in ("w", "d", "h"))
+        if w.ndim != 2 or d.ndim != 1 or h.ndim != 2 or w.shape[1] != d.shape[0] or h.shape[0] != d.shape[0]:
+            raise param_error("record", func, "w (m, k), d (k,) and h (k, n) with one k",
+                              f"shapes {w.shape}, {d.shape}, {h.shape}")
+        return cls(w=w, d=d, h=h, misc=dict(record.get("misc") or {}))
+
+    # -- algebra -----------------------------------------------------------------------------
+
+    def reconstruct(self) -> np.ndarray:
+        """The dense m × n product ``W · diag(d) · H`` (RcppML ``prod``). Small models only."""
+        return (self.w * self.d[None, :]) @ self.h
+
+    def transpose(self) -> "NMFModel":
+        """The model of Aᵀ: ``w`` and ``h`` swapped (RcppML ``t``)."""
+        return NMFModel(w=self.h.T.copy(), d=self.d.copy(), h=self.w.T.copy(), misc=dict(self.misc))
+
+    # -- factor selection --------------------------------------------------------------------
+
+    def subset(self, idx: Any) -> "NMFModel":
+        """The model restricted to factors ``idx`` (int, slice, sequence of ints or bool mask).
+
+        Factor ``i`` is ``w[:, i]``, ``d[i]``, ``h[i, :]``; the order of ``idx`` is kept, so
+        ``subset(order)`` also permutes factors. An int keeps a one-factor model (2-D w and h).
+        """
+        sel = _factor_index(idx, self.k, "NMFModel.subset")
+        return NMFModel(w=self.w[:, sel], d=self.d[sel], h=self.h[sel, :], misc=dict(self.misc))
+
+    def __getitem__(self, idx: Any) -> "NMFModel":
+        return self.subset(idx)
+
+    def head(self, n: int = 6) -> "NMFModel":
+        """The first ``min(n, k)`` factors (RcppML ``head``)."""
+        if not isinstance(n, numbers.Integral) or isinstance(n, (bool, np.bool_)) or n < 1:
+            raise param_error("n", "NMFModel.head", "an int in [1, inf)", n)
+        return self.subset(slice(0, int(n)))
+
+    def sort(self) -> "NMFModel":
+        """Factors reordered by decreasing ``d`` (RcppML ``sort``; stable for ties)."""
+        return self.subset(np.argsort(-np.asarray(self.d), kind="stable"))
+
+    def sparsity(self):
+        """Fraction of exactly-zero entries per factor, in W's columns and H's rows.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Long table with 2k rows and columns ``factor`` (0-based), ``model`` ("w" or "h")
+            and ``sparsity`` (in [0, 1]), as RcppML's ``sparsity()``.
+        """
+        import pandas as pd
+
+        k = self.k
+        w_frac = (np.asarray(self.w) == 0).mean(axis=0) if self.w.shape[0] else np.zeros(k)
+        h_frac = (np.asarray(self.h) == 0).mean(axis=1) if self.h.shape[1] else np.zeros(k)
+        return pd.DataFrame({
+            "factor": np.concatenate([np.arange(k), np.arange(k)]),
+            "model": ["w"] * k + ["h"] * k,
+            "sparsity": np.concatenate([w_frac, h_frac]).astype(float),
+        })
+
+    def align(self, other: "NMFModel | np.ndarray") -> "NMFModel":
+        """This model with its factors reordered to best match ``other`` (RcppML ``align``).
+
+        Parameters
+        ----------
+        other : NMFModel or ndarray of shape (m, k_ref)
+            Reference model, or its W.
+
+        Returns
+        -------
+        NMFModel
+            Factors permuted so that factor ``j`` matches ``other``'s factor ``j``; the cost is
+            ``1 − cosine(self.w, other.w)`` minimized by :func:`bipartite_match`. When this
+            model has more factors than the reference, the unmatched ones follow in their
+            original order; with fewer, factors are ordered by the reference factor they match.
+            ``misc["alignment"]`` holds the permutation applied (indices into this model).
+        """
+        func = "NMFModel.align"
+        ref_w = other.w if isinstance(other, NMFModel) else other
+        try:
+            ref_w = np.asarray(ref_w, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise param_error("other", func, "an NMFModel or a matrix", type(other).__name__) from e
+        if ref_w.ndim != 2 or ref_w.shape[0] != self.w.shape[0]:
+            raise param_error("other", func, f"an NMFModel or matrix with {self.w.shape[0]} rows (features)",
+                              f"shape {ref_w.shape}")
+        if not np.all(np.isfinite(ref_w)):
+            raise param_error("other", func, "a finite W", "a W with NaN or Inf")
+        match = bipartite_match(1.0 - cosine(np.asarray(self.w, dtype=np.float64), ref_w))
+        # self factor matched to each reference factor, in reference order; then leftovers.
+        matched_self = match.rows[np.argsort(match.cols, kind="stable")]
+        rest = np.setdiff1d(np.arange(self.k), matched_self)
+        order = np.concatenate([matched_self, rest]).astype(np.int64)
+        out = self.subset(order)
+        out.misc["alignment"] = order
+        return out
+
+    # -- data-facing helpers -----------------------------------------------------------------
+
+    def _blocked(self, A: Any, name: str, func: str, n_rows: int, n_cols: int | None = None):
+        from .io import as_blocked
+
+        blocked = as_blocked(A)
+        m, n = blocked.shape
+        if m != n_rows or (n_cols is not None and n != n_cols):
+            want = f"({n_rows}, {n_cols})" if n_cols is not None else f"({n_rows}, n)"
+            raise param_error(name, func, f"data of shape {want} (features × samples)", f"shape {(m, n)}")
+        return blocked
+
+    def evaluate(self, A: Any, loss: str = "mse", mask: Any = None, missing_only: bool = False) -> float:
+        """Mean loss of the model on data A (RcppML ``evaluate``; spec §10.6).
+
+        Parameters
+        ----------
+        A : array-like of shape (m, n)
+            Data the model was fit to (features × samples); anything :func:`dnmf.io.as_blocked`
+            accepts. Read block by block: a sparse A is never densified.
+        loss : {"mse", "kl"}, default "mse"
+            ``"mse"``: ``(a − μ)²``; ``"kl"``: ``a log(a/μ) − a + μ`` (μ floored at 1e-10 where
+            a > 0; μ where a = 0), the Poisson deviance / RcppML ``loss="gp", dispersion="none"``.
+        mask : None, "zeros" or matrix of shape (m, n), optional
+            Entries to treat as missing: ``"zeros"`` — the zero entries of A; a matrix — its
+            non-zero entries (dense or scipy.sparse).
+        missing_only : bool, default False
+            Evaluate only the masked entries instead of the unmasked ones.
+
+        Returns
+        -------
+        float
+            The loss averaged over the evaluated entries, in float64 — a **mean**, whereas
+            ``misc["loss"]`` of a fit is a sum of squared errors.
+
+        Notes
+        -----
+        For sparse blocks only stored entries are visited: ``Σ_all ℓ(a, μ) = Σ_stored ℓ(a, μ) +
+        (Σ_all ℓ(0, μ) − Σ_stored ℓ(0, μ))`` with ``Σ_all (WdH)²_ij = tr((Wd)ᵀWd · HHᵀ)`` and
+        ``Σ_all μ_ij = 1ᵀWd·H1`` in closed form. The zero-entry part is a sum of non-negative terms
+        and is clamped at 0 against rounding.
+        """
+        func = "NMFModel.evaluate"
+        loss = check_option(loss, "loss", func, LOSSES)
+        spec = LOSSES[loss]
+        if not isinstance(missing_only, (bool, np.bool_)):
+            raise param_error("missing_only", func, "a bool", missing_only)
+        m, n, _ = self.shape
+        if isinstance(mask, str):
+            check_option(mask, "mask", func, ("zeros",))
+        elif missing_only and mask is None:
+            raise param_error("missing_only", func, "False when no mask is given", missing_only)
+        blocked = self._blocked(A, "A", func, m, n)
+        pattern = None if mask is None or isinstance(mask, str) else _mask_pattern(mask, (m, n), func)
+        mask_zeros = isinstance(mask, str)
+
+        wd = np.asarray(self.w, dtype=np.float64) * np.asarray(self.d, dtype=np.float64)[None, :]
+        h = np.asarray(self.h, dtype=np.float64)
+        bounds = blocked.col_bounds
+        total = 0.0  # over all entries
+        part = 0.0  # over the "special" set: non-zeros (mask="zeros") or masked entries (matrix mask)
+        count = 0  # size of the special set
+        for j, block in enumerate(blocked.iter_blocks()):
+            c0, c1 = int(bounds[j]), int(bounds[j + 1])
+            _check_block_values(block, func, allow_negative=loss == "mse")
+            hj = h[:, c0:c1]
+            if pattern is not None:
+                mj = pattern[:, c0:c1]
+                m_rows, m_cols = _csc_positions(mj.indptr, mj.indices)
+            if isinstance(block, np.ndarray):
+                t, p, c = self._dense_block_terms(block, wd, hj, spec, mask_zeros,
+                                                  (m_rows, m_cols) if pattern is not None else None)
+            else:
+                t, p, c = self._sparse_block_terms(block, wd, hj, spec, mask_zeros,
+                                                   (m_rows, m_cols) if pattern is not None else None)
+            total += t
+            part += p
+            count += c
+        n_all = m * n
+        if mask is None:
+            value, denom = total, n_all
+        elif mask_zeros:
+            # the special set is the non-zeros: they are the *unmasked* entries
+            value, denom = (max(total - part, 0.0), n_all - count) if missing_only else (part, count)
+        else:
+            value, denom = (part, count) if missing_only else (max(total - part, 0.0), n_all - count)
+        if denom == 0:
+            raise param_error("mask", func, "a mask that leaves entries to evaluate",
+                              "a mask that selects no entries" if missing_only else "a mask covering every entry")
+        return float(value / denom)
+
+    @staticmethod
+    def _dense_block_terms(block, wd, hj, spec: _Loss, mask_zeros: bool, positions):
+        y_all = np.asarray(block, dtype=np.float64)
+        m, nj = y_all.shape
+        step = max(1, _CHUNK_ENTRIES // max(m, 1))
+        total = part = 0.0
+        count = 0
+        if positions is not None:
+            m_rows, m_cols = positions
+        for s in range(0, nj, step):
+            e = min(s + step, nj)
+            y = y_all[:, s:e]
+            ell = spec.elementwise(y, wd @ hj[:, s:e])
+            total += float(ell.sum())
+            if mask_zeros:
+                nz = y != 0
+                part += float(ell[nz].sum())
+                count += int(nz.sum())
+            elif positions is not None:
+                sel = (m_cols >= s) & (m_cols < e)
+                part += float(ell[m_rows[sel], m_cols[sel] - s].sum())
+                count += int(sel.sum())
+        return total, part, count
+
+    @staticmethod
+    def _sparse_block_terms(block, wd, hj, spec: _Loss, mask_zeros: bool, positions):
+        data = np.asarray(block.data, dtype=np.float64)
+        m = block.n_rows
+        rows, cols = _csc_positions(block.indptr, block.indices)
+        ht = np.ascontiguousarray(hj.T)
+        mu = _fitted_at(wd, ht, rows, cols)
+        stored = spec.elementwise(data, mu)
+        stored_zero = spec.elementwise(np.zeros_like(mu), mu)
+        zeros_part = max(spec.zero_total(wd, hj) - float(stored_zero.sum()), 0.0)
+        total = float(stored.sum()) + zeros_part
+        part = 0.0
+        count = 0
+        if mask_zeros:
+            nz = data != 0
+            part = float(stored[nz].sum())
+            count = int(nz.sum())
+        elif positions is not None:
+            m_rows, m_cols = positions
+            y = _sparse_values_at(data, block.indices, block.indptr, m, m_rows, m_cols)
+            part = float(spec.elementwise(y, _fitted_at(wd, ht, m_rows, m_cols)).sum())
+            count = int(m_rows.shape[0])
+        return total, part, count
+
+    def predict(self, A: Any, L1: float | None = None, L2: float | None = None,
+                nonneg: bool | None = None) -> np.ndarray:
+        """Project new samples onto W: H for data A with W fixed (RcppML ``predict``; §10.1).
+
+        Parameters
+        ----------
+        A : array-like of shape (m, n_new)
+            New samples as columns (features × samples); anything :func:`dnmf.io.as_blocked`
+            accepts, read block by block.
+        L1, L2 : float, optional
+            Lasso / ridge penalties of the projection; default: the model's H-side values
+            (``misc["L1"][1]``, ``misc["L2"][1]``), 0 when unknown.
+        nonneg : bool, optional
+            Non-negativity of H; default: the model's H-side value, True when unknown.
+
+        Returns
+        -------
+        ndarray of shape (k, n_new)
+            Each column solves ``min_{h≥0} ‖a_j − W h‖² + L2‖h‖²`` with RHS ``Wᵀa_j − L1``
+            exactly (active-set NNLS). ``d`` is **not** applied: W has unit-norm columns and h
+            absorbs the scale, so ``A ≈ W @ H`` — on the training data H ≈ ``diag(d) @ model.h``.
+            float32 data gives float32 output, anything else float64.
+        """
+        from .kernels.nnls import SOLVER_EXACT, nnls_batch
+
+        func = "NMFModel.predict"
+        misc_l1 = self.misc.get("L1", (0.0, 0.0))
+        misc_l2 = self.misc.get("L2", (0.0, 0.0))
+        misc_nonneg = self.misc.get("nonneg", (True, True))
+        L1 = check_float(float(misc_l1[1]) if L1 is None else L1, "L1", func, low=0.0)
+        L2 = check_float(float(misc_l2[1]) if L2 is None else L2, "L2", func, low=0.0)
+        nonneg = check_bool_pair(bool(misc_nonneg[1]) if nonneg is None else nonneg, "nonneg", func)[0]
+        m, _, k = self.shape
+        blocked = self._blocked(A, "A", func, m)
+        w = np.ascontiguousarray(self.w, dtype=np.float64)
+        G = w.T @ w
+        G[np.diag_indices(k)] += L2
+        L = np.zeros((0, 0))
+        bounds = blocked.col_bounds
+        out = np.empty((k, blocked.shape[1]))
+        for j, block in enumerate(blocked.iter_blocks()):
+            c0, c1 = int(bounds[j]), int(bounds[j + 1])
+            _check_block_values(block, func, allow_negative=True)
+            if isinstance(block, np.ndarray):
+                a = np.asarray(block, dtype=np.float64)
+                B = np.ascontiguousarray(w.T @ a)
+            else:
+                a = block.to_scipy()
+                B = np.ascontiguousarray((a.T @ w).T, dtype=np.float64)
+            X = np.zeros_like(B)
+            # exact NNLS; maxit/tol are the coordinate-descent knobs and are unused by this solver
+            nnls_batch(G, L, B, X, SOLVER_EXACT, nonneg, 100, 1e-8, False, L1)
+            out[:, c0:c1] = X
+        if np.dtype(blocked.dtype) == np.float32:
+            return out.astype(np.float32)
+        return out
