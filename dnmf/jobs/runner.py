@@ -1,0 +1,328 @@
+"""Run a validated job: store, cluster, performance report, pipeline, completion marker.
+
+:func:`run_job` is what ``dnmf run`` calls. The pipeline receives a :class:`Job`: the run's
+store, the Dask client, checkpoint paths, progress displays, plot helpers and
+:meth:`Job.run_tasks` for sweeps whose finished tasks are checkpointed one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import platform
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..config import JobConfig
+from ..exceptions import ConfigError, DnmfError, InputError
+from . import plots as _plots
+from .progress import Progress
+from .store import RunStore
+
+logger = logging.getLogger("dnmf.jobs")
+
+__all__ = ["Job", "RunResult", "run_job", "package_versions", "RESUME_KEYS_IGNORED"]
+
+#: Top-level config keys that may change between an interrupted run and its resumption.
+RESUME_KEYS_IGNORED = ("cluster", "checkpoint", "progress", "output")
+
+_VERSION_PACKAGES = ("dnmf", "numpy", "scipy", "numba", "dask", "distributed", "zarr", "pandas", "anndata",
+                     "h5py", "dask-jobqueue", "matplotlib", "scikit-learn", "pyyaml")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of Python, the platform and the packages a run depends on (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in _VERSION_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _stderr_echo(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Job:
+    """What a pipeline receives besides its config.
+
+    Attributes
+    ----------
+    config : JobConfig
+    store : RunStore
+        The run's Zarr store.
+    client : distributed.Client
+        Connected to the job's cluster.
+    resume : bool
+        True when continuing an interrupted run: pass it to checkpointed fits.
+    echo : callable
+        Prints a line for the user (stderr).
+    plots : module
+        :mod:`dnmf.jobs.plots` (figure builders).
+    """
+
+    config: JobConfig
+    store: RunStore
+    client: Any
+    resume: bool = False
+    echo: Callable[[str], None] = _stderr_echo
+    stream: Any = None
+    plots: Any = field(default=_plots, repr=False)
+
+    # -- paths ------------------------------------------------------------------------------------
+    @property
+    def checkpoint_every(self) -> int:
+        return self.config.checkpoint.every
+
+    def checkpoint_path(self, name: str) -> str:
+        """A Zarr group inside the store for an engine checkpoint (``checkpoint/<name>``)."""
+        return self.store.checkpoint_path(name)
+
+    def output_path(self, suffix: str) -> Path:
+        """``<output.dir>/<name>-<suffix>``: a file beside the store (recorded in the run)."""
+        p = Path(self.config.output.dir) / f"{self.config.name}-{suffix}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def add_file(self, path) -> None:
+        self.store.add_file(Path(path).name)
+
+    # -- results ----------------------------------------------------------------------------------
+    def write(self, group: str, values: Mapping[str, Any]) -> None:
+        """Write results under ``group`` in the store (arrays, tables, scalars)."""
+        self.store.write_group(group, values)
+
+    def write_table(self, name: str, table) -> None:
+        """Write a DataFrame as ``tables/<name>``."""
+        self.store.write_table(name, table)
+
+    def add_seeds(self, **seeds: Any) -> None:
+        self.store.add_seeds(**seeds)
+
+    def add_text(self, name: str, text: str) -> Path:
+        """Keep ``text`` in the run record and write it beside the store as ``<name>-<name>.txt``."""
+        self.store.add_text(name, text)
+        p = self.output_path(f"{name}.txt")
+        p.write_text(text if text.endswith("\n") else text + "\n")
+        self.add_file(p)
+        return p
+
+    def save_figure(self, fig, name: str) -> Path | None:
+        """Write a matplotlib figure as ``<output.dir>/<run>-<name>.png`` (when plots are on)."""
+        if not self.config.output.plots:
+            return None
+        p = self.output_path(f"{name}.png")
+        self.plots.save_png(fig, p)
+        self.add_file(p)
+        return p
+
+    # -- progress -----------------------------------------------------------------------------------
+    def progress(self, desc: str, total: int, *, unit: str = "it", initial: int = 0) -> Progress:
+        """A progress display (bar on a terminal, log lines otherwise; see ``progress:``)."""
+        return Progress(desc, total, unit=unit, mode=self.config.progress, stream=self.stream, initial=initial)
+
+    def iteration_callback(self, bar: Progress) -> Callable:
+        """An ``on_iteration`` callback for :func:`dnmf.nmf` that moves ``bar``."""
+
+        def on_iteration(record):
+            bar.set(record.iteration, f"loss {record.train_loss:.6g}")
+
+        return on_iteration
+
+    # -- sweeps -----------------------------------------------------------------------------------
+    def run_tasks(self, fn: Callable, items: Sequence, keys: Sequence[str], *, desc: str,
+                  to_payload: Callable[[Any], Mapping[str, Any]],
+                  from_payload: Callable[[Mapping[str, Any]], Any]) -> list:
+        """Run ``fn(item)`` for every item as parallel tasks; checkpoint each as it finishes.
+
+        Finished tasks of an interrupted run (``resume``) are loaded instead of recomputed.
+        Every result goes through ``to_payload`` → store → ``from_payload``, so a fresh and a
+        resumed run return identical values. Results come back in the order of ``keys``.
+        """
+        from distributed import as_completed
+
+        keys = [str(k) for k in keys]
+        if len(set(keys)) != len(keys):
+            raise ValueError("task keys must be unique")
+        done = {k for k in keys if self.resume and self.store.task_done(k)}
+        bar = self.progress(desc, len(keys), unit="task", initial=len(done))
+        todo = [(k, it) for k, it in zip(keys, items) if k not in done]
+        if done:
+            self.echo(f"{desc}: {len(done)} of {len(keys)} tasks already finished; skipping them")
+        tag = uuid.uuid4().hex[:8]
+        futures = {self.client.submit(fn, it, pure=False, key=f"{desc.replace(' ', '_')}-{k}-{tag}"): k
+                   for k, it in todo}
+        try:
+            for fut in as_completed(list(futures)):
+                k = futures[fut]
+                self.store.save_task(k, to_payload(fut.result()))
+                bar.update(1, k)
+        finally:
+            for fut in futures:
+                fut.release()
+            bar.close()
+        return [from_payload(self.store.load_task(k)) for k in keys]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What :func:`run_job` returns.
+
+    Attributes
+    ----------
+    store : Path
+        The run's Zarr store.
+    files : tuple of Path
+        Files written beside it (plots, report, AnnData copy, texts).
+    runtime : float
+        Seconds of this attempt.
+    resumed : bool
+        True when this attempt continued an interrupted run.
+    skipped : bool
+        True when the run was already complete and nothing ran (``resume``).
+    """
+
+    store: Path
+    files: tuple
+    runtime: float
+    resumed: bool = False
+    skipped: bool = False
+
+
+def _config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if not prefix and key in RESUME_KEYS_IGNORED:
+            continue
+        path = f"{prefix}{key}"
+        a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs.extend(_config_diff(a, b, path + "."))
+        elif a != b:
+            diffs.append((path, a, b))
+    return diffs
+
+
+def _prepare_store(config: JobConfig, resume: bool, overwrite: bool, echo) -> tuple[RunStore | None, bool]:
+    """The store to run in (None when a complete run is resumed) and whether this is a resumption."""
+    path = config.store_path
+    meta = {"pipeline": config.pipeline, "name": config.name, "config": config.to_dict(),
+            "config_yaml": config.to_yaml(), "versions": package_versions()}
+    if not path.exists():
+        if resume:
+            echo(f"no interrupted run at {path}; starting a new one")
+        return RunStore.create(path, meta), False
+    if not RunStore.exists(path):
+        raise InputError(f"{str(path)!r} exists and is not a dnmf run store; refusing to replace it. "
+                         "Choose another name or output.dir.")
+    store = RunStore.open(path)
+    if overwrite:
+        echo(f"replacing the run at {path}")
+        return RunStore.create(path, meta), False
+    if resume:
+        if store.is_complete:
+            echo(f"the run at {path} is already complete; nothing to resume")
+            return None, True
+        diffs = _config_diff(store.meta.get("config", {}), config.to_dict())
+        if diffs:
+            shown = "; ".join(f"{k}: run has {a!r}, config has {b!r}" for k, a, b in diffs[:5])
+            raise ConfigError(f"Cannot resume the run at {str(path)!r}: its config differs ({shown}). "
+                              "Resume with the same config, or start over with --overwrite.")
+        store.update_meta(status="running", attempts=int(store.meta.get("attempts", 1)) + 1,
+                          versions=package_versions())
+        echo(f"resuming the interrupted run at {path}")
+        return store, True
+    if store.is_complete:
+        raise DnmfError(f"A complete run already exists at {str(path)!r}. Pass --overwrite to replace it "
+                        "or set another name (--set name=...).")
+    raise DnmfError(f"An interrupted run exists at {str(path)!r} (status {store.status!r}). "
+                    "Pass --resume to continue it from its last checkpoint, or --overwrite to start over.")
+
+
+def run_job(config: JobConfig, *, resume: bool = False, overwrite: bool = False, client: Any = None,
+            echo: Callable[[str], None] | None = None, stream: Any = None) -> RunResult:
+    """Run a validated job config.
+
+    Parameters
+    ----------
+    config : JobConfig
+        From :func:`dnmf.config.load_config`.
+    resume : bool
+        Continue an interrupted run from its checkpoints (finished sweep tasks are skipped);
+        a complete run is left as it is.
+    overwrite : bool
+        Replace an existing run of the same name.
+    client : distributed.Client, optional
+        Use this client instead of starting the config's cluster.
+    echo : callable, optional
+        Receives the lines meant for the user (default: print to stderr).
+    stream : file, optional
+        Where progress bars are drawn (default stderr).
+
+    Returns
+    -------
+    RunResult
+    """
+    from distributed import performance_report
+
+    from pipelines import get_pipeline
+
+    echo = echo or _stderr_echo
+    pipe = get_pipeline(config.pipeline)
+    t0 = time.perf_counter()
+    store, resumed = _prepare_store(config, resume, overwrite, echo)
+    if store is None:
+        files = tuple(config.store_path.parent / f for f in RunStore.open(config.store_path).meta.get("files", []))
+        return RunResult(store=config.store_path, files=files, runtime=0.0, resumed=True, skipped=True)
+    echo(f"run {config.name!r} ({config.pipeline}): store {store.path}")
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            from .cluster import connect
+
+            client = stack.enter_context(connect(config.cluster, echo))
+        else:
+            from .cluster import dashboard_link
+
+            echo(f"cluster: given client; dashboard: {dashboard_link(client) or 'disabled'}")
+        stack.enter_context(client.as_current())
+        from .cluster import dashboard_link
+
+        n_workers = len(client.scheduler_info(**_all_workers(client)).get("workers", {}))
+        store.update_meta(dashboard=dashboard_link(client), n_workers=n_workers)
+        report = None
+        if config.output.performance_report:
+            report = Path(config.output.dir) / f"{config.name}-report.html"
+            stack.enter_context(performance_report(filename=str(report)))
+        job = Job(config=config, store=store, client=client, resume=resumed, echo=echo, stream=stream)
+        pipe.run(config, job)
+    if report is not None and report.exists():
+        store.add_file(report.name)
+    runtime = time.perf_counter() - t0
+    store.update_meta(runtime=runtime)
+    store.mark_complete()
+    files = tuple(store.path.parent / f for f in store.meta.get("files", []))
+    echo(f"done in {runtime:.1f} s: {store.path}" + (f" (+ {len(files)} files beside it)" if files else ""))
+    return RunResult(store=store.path, files=files, runtime=runtime, resumed=resumed)
+
+
+@functools.lru_cache(maxsize=None)
+def _scheduler_info_takes_n_workers() -> bool:
+    import inspect
+
+    from distributed import Client
+
+    return "n_workers" in inspect.signature(Client.scheduler_info).parameters
+
+
+def _all_workers(client) -> dict:
+    return {"n_workers": -1} if _scheduler_info_takes_n_workers() else {}
