@@ -24,6 +24,8 @@ _LAZY = {
     "NMFModel": "dnmf.models",
     "cosine": "dnmf.models",
     "bipartite_match": "dnmf.models",
+    "BipartiteMatch": "dnmf.models",
+    "SimulatedNMF": "dnmf.simulate",
     "NMF": "dnmf.estimator",
     "simulate_nmf": "dnmf.simulate",
     "nmfkc": "dnmf.covariates",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 import os
@@ -10,6 +11,7 @@ import warnings
 from typing import Any, Callable
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ._validation import check_bool_pair, check_float, check_int, check_option, check_pair, param_error
 from .engine.als import ALSOptions, fit_als
@@ -246,9 +248,16 @@ def nmf(
             if state is not None:
                 logger.info("resuming from iteration %d (%s)", state.iteration, checkpoint)
 
+    # Block tasks already run in parallel (threads here, workers on a cluster, whose nannies set
+    # OMP/OPENBLAS/MKL_NUM_THREADS=1): pin BLAS to one thread in-process so dense blocks do not
+    # oversubscribe the cores (DESIGN §3).
+    blas_limit = (threadpool_limits(limits=1, user_api="blas")
+                  if not executor.distributed and getattr(executor, "n_threads", 1) > 1 else contextlib.nullcontext())
     try:
-        state, ht_blocks = fit_als(blocked, w0, opts, executor, sq_norm_a=summary.sq_norm,
-                                   on_iteration=on_iteration, checkpointer=checkpointer, state=state, stream=stream)
+        with blas_limit:
+            state, ht_blocks = fit_als(blocked, w0, opts, executor, sq_norm_a=summary.sq_norm,
+                                       on_iteration=on_iteration, checkpointer=checkpointer, state=state,
+                                       stream=stream)
     finally:
         if not executor.distributed:
             executor.close()

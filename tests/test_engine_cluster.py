@@ -67,18 +67,22 @@ class _RandomCSCSource:
 
 
 def test_out_of_core_fit_with_small_worker_memory(tmp_path):
-    # 600 × 112,000 with 400 stored entries per column: 44.8 M entries × 8 B = 358 MB of A,
-    # more than each worker's 300 MiB (315 MB) limit (a worker's own footprint is ~220 MB, so even half
-    # of A persisted per worker would not fit).
-    m, n_blocks, cols, per_col = 600, 56, 2000, 400
+    # 600 × 152,000 with 400 stored entries per column: 60.8 M entries × 8 B = 486 MB of A,
+    # more than each worker's 450 MiB (472 MB) limit. A worker's own footprint is 220-300 MB
+    # (numba's JIT included), so not even half of A could be held per worker; only streaming
+    # from disk completes (dask pauses a worker at 80 % of its limit).
+    m, n_blocks, cols, per_col = 600, 76, 2000, 400
     sources = tuple(_RandomCSCSource(m, cols, per_col, seed) for seed in range(n_blocks))
     lazy = dnmf.io.BlockedMatrix(shape=(m, n_blocks * cols), dtype=np.dtype(np.float32), sources=sources,
                                  sparse=True, in_memory=False)
     path = str(tmp_path / "big.zarr")
     dnmf.io.write_zarr(lazy, path, block_nnz=cols * per_col)
     a_bytes = lazy.nnz * 8
-    limit = 300 * 2**20
+    limit = 450 * 2**20
     assert a_bytes > limit
+    # Compile the float32 kernels here first: the workers then load them from numba's on-disk
+    # cache instead of each compiling them (JIT compilation alone adds ~150 MB to a process).
+    dnmf.nmf(lazy.sources[0].load().to_scipy(), 4, maxit=1, tol=0, client=False)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=limit,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         model = dnmf.nmf(path, 4, seed=1, maxit=3, tol=0, client=client)  # out_of_core chosen automatically

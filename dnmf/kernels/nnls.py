@@ -114,46 +114,47 @@ def chol_solve(L, b, x, nonneg):
 def _solve_sub(G, b, idx, n_act, out, work):
     """Solve ``G[idx, idx] s = b[idx]`` for the first ``n_act`` entries of ``idx`` into ``out``.
 
-    A Cholesky factorization with a pivot check; a (numerically) singular subsystem falls back
-    to a least-squares solution so rank-deficient Grams never produce NaN.
+    A Cholesky factorization with a pivot check. A (numerically) singular subsystem — e.g. a
+    factor that collapsed to zero — is refactorized with a small ridge on the diagonal,
+    growing ×100 until it succeeds, so rank-deficient Grams never produce NaN (a zero column
+    of the design gets exactly 0). Plain loops, no LAPACK: compiles in a fraction of the time.
     """
-    ok = True
+    dmax = 0.0
     for a in range(n_act):
-        ia = idx[a]
-        for c in range(a + 1):
-            acc = G[ia, idx[c]]
-            for t in range(c):
-                acc -= work[a, t] * work[c, t]
-            if a == c:
-                if acc <= 1e-13 * max(G[ia, ia], 1e-300):
-                    ok = False
-                    break
-                work[a, a] = np.sqrt(acc)
-            else:
-                work[a, c] = acc / work[c, c]
-        if not ok:
-            break
-    if ok:
+        dmax = max(dmax, G[idx[a], idx[a]])
+    ridge = 0.0
+    for _attempt in range(12):
+        ok = True
         for a in range(n_act):
-            acc = b[idx[a]]
-            for t in range(a):
-                acc -= work[a, t] * out[t]
-            out[a] = acc / work[a, a]
-        for a in range(n_act - 1, -1, -1):
-            acc = out[a]
-            for t in range(a + 1, n_act):
-                acc -= work[t, a] * out[t]
-            out[a] = acc / work[a, a]
-        return
-    sub = np.empty((n_act, n_act))
-    rhs = np.empty(n_act)
+            ia = idx[a]
+            for c in range(a + 1):
+                acc = G[ia, idx[c]]
+                if a == c:
+                    acc += ridge
+                for t in range(c):
+                    acc -= work[a, t] * work[c, t]
+                if a == c:
+                    if acc <= 1e-13 * max(G[ia, ia], 1e-300) or acc <= 0.0:
+                        ok = False
+                        break
+                    work[a, a] = np.sqrt(acc)
+                else:
+                    work[a, c] = acc / work[c, c]
+            if not ok:
+                break
+        if ok:
+            break
+        ridge = 1e-12 * max(dmax, 1e-300) if ridge == 0.0 else ridge * 100.0
     for a in range(n_act):
-        rhs[a] = b[idx[a]]
-        for c in range(n_act):
-            sub[a, c] = G[idx[a], idx[c]]
-    sol = np.linalg.lstsq(sub, rhs, rcond=1e-12)[0]
-    for a in range(n_act):
-        out[a] = sol[a]
+        acc = b[idx[a]]
+        for t in range(a):
+            acc -= work[a, t] * out[t]
+        out[a] = acc / work[a, a]
+    for a in range(n_act - 1, -1, -1):
+        acc = out[a]
+        for t in range(a + 1, n_act):
+            acc -= work[t, a] * out[t]
+        out[a] = acc / work[a, a]
 
 
 @_jit

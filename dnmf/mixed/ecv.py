@@ -37,9 +37,9 @@ def ecv_folds(P: int, N: int, nfolds: int, seed, r_rng: bool = False) -> np.ndar
     """
     labels = np.resize(np.arange(1, nfolds + 1), P * N)
     if r_rng:
-        from .inference import RStream
+        from ..rrng import RRandom
 
-        perm = RStream(int(seed)).sample_perm(P * N) - 1
+        perm = RRandom(int(seed)).sample_int(P * N)
     else:
         perm = np.random.default_rng(seed).permutation(P * N)
     return labels[perm].reshape((P, N), order="F")

@@ -23,17 +23,16 @@ not depend on the number of workers. With ``r_rng=True`` the multipliers are R's
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 from dataclasses import replace
 from typing import Optional
 
-import numba
 import numpy as np
 import scipy.linalg
 from scipy import stats
 
 from .._validation import check_float, check_int, check_option, param_error
+from ..rrng import RRandom
 from .nmfre import LAMBDA_FLOOR, NMFREResult, cholesky_spd, executor_for, validate_inputs
 
 logger = logging.getLogger(__name__)
@@ -49,7 +48,6 @@ __all__ = [
     "summarize_boot",
     "coefficient_table",
     "r_exp_multipliers",
-    "RStream",
 ]
 
 #: Replicates per bootstrap task.
@@ -157,132 +155,9 @@ def _boot_task(item, S, root):
     return boot_chunk(S, root, 0, chunk, n_rep)
 
 
-# ------------------------------------------------------------------ R's random stream -------
-# A private emulation of R's default generator (spec Appendix A), written here because the
-# shared ``dnmf.rrng`` was not available to this module; it covers what NMF-RE needs:
-# ``set.seed``, ``unif_rand``, ``exp_rand`` (rexp) and ``sample`` (rejection sampling).
-
-_I2_32M1 = 2.328306437080797e-10  # 1 / (2^32 − 1), R's fixup bound
-_Q_EXP = np.cumsum([math.log(2.0) ** k / math.factorial(k) for k in range(1, 17)])
-_Q_EXP[-1] = 1.0  # R's sexp.c sets the last constant to 1
-
-
-@numba.njit(cache=True, nogil=True)
-def _exp_from_uniforms(u, q, out, start):
-    """Ahrens–Dieter (1972) ``exp_rand`` of R's sexp.c on a stream of uniforms.
-
-    Fills ``out[start:]`` while uniforms last; returns (draws completed, uniforms consumed).
-    A draw that runs out of uniforms is not started, so the caller can refill and resume.
-    """
-    n_u = u.shape[0]
-    pos = 0
-    k = start
-    while k < out.shape[0]:
-        p = pos
-        if p >= n_u:
-            break
-        a = 0.0
-        v = u[p]
-        p += 1
-        while True:
-            v += v
-            if v > 1.0:
-                break
-            a += q[0]
-        v -= 1.0
-        if v <= q[0]:
-            out[k] = a + v
-            k += 1
-            pos = p
-            continue
-        if p + 16 > n_u:
-            break
-        i = 0
-        ustar = u[p]
-        p += 1
-        umin = ustar
-        while True:
-            ustar = u[p]
-            p += 1
-            if umin > ustar:
-                umin = ustar
-            i += 1
-            if v <= q[i]:
-                break
-        out[k] = a + umin * q[0]
-        k += 1
-        pos = p
-    return k, pos
-
-
-class RStream:
-    """R's ``set.seed(seed)`` stream: Mersenne-Twister, inversion, rejection sampling.
-
-    Parameters
-    ----------
-    seed : int
-        R's seed (taken modulo 2³²).
-    """
-
-    def __init__(self, seed: int):
-        s = int(seed) & 0xFFFFFFFF
-        for _ in range(50):  # R's initial scrambling
-            s = (69069 * s + 1) & 0xFFFFFFFF
-        words = np.empty(625, dtype=np.uint32)
-        for i in range(625):
-            s = (69069 * s + 1) & 0xFFFFFFFF
-            words[i] = s
-        self._bg = np.random.MT19937()
-        self._bg.state = {"bit_generator": "MT19937", "state": {"key": words[1:], "pos": 624}}
-
-    def unif(self, n: int) -> np.ndarray:
-        """``runif(n)``: MT outputs × 2.3283064365386963e-10, clamped into (0, 1)."""
-        u = self._bg.random_raw(n).astype(np.float64) * 2.3283064365386963e-10
-        u[u <= 0.0] = 0.5 * _I2_32M1
-        u[1.0 - u <= 0.0] = 1.0 - 0.5 * _I2_32M1
-        return u
-
-    def rexp(self, n: int) -> np.ndarray:
-        """``rexp(n)`` (rate 1)."""
-        out = np.empty(n)
-        done = 0
-        while done < n:
-            state = self._bg.state
-            u = self.unif(int(1.5 * (n - done)) + 64)
-            done, used = _exp_from_uniforms(u, _Q_EXP, out, done)
-            self._bg.state = state  # give back the uniforms drawn ahead
-            self._bg.random_raw(used)
-        return out
-
-    def unif_index(self, dn: int) -> int:
-        """``R_unif_index(dn)``: rejection sampling on ⌈log₂ dn⌉ random bits."""
-        if dn <= 0:
-            return 0
-        bits = int(math.ceil(math.log2(dn)))
-        while True:
-            v = 0
-            for _ in range(0, bits + 1, 16):
-                v = 65536 * v + int(math.floor(self.unif(1)[0] * 65536))
-            v &= (1 << bits) - 1
-            if v < dn:
-                return v
-
-    def sample_perm(self, n: int) -> np.ndarray:
-        """``sample.int(n)``: a random permutation of 1..n (swap-with-last scheme)."""
-        x = np.arange(n)
-        out = np.empty(n, dtype=np.int64)
-        m = n
-        for i in range(n):
-            j = self.unif_index(m)
-            out[i] = x[j] + 1
-            m -= 1
-            x[j] = x[m]
-        return out
-
-
 def r_exp_multipliers(seed: int, n: int, n_rep: int) -> np.ndarray:
     """R's ``set.seed(seed); matrix(rexp(n·n_rep) − 1, n, n_rep)`` (spec Appendix A), shape (n, n_rep)."""
-    return (RStream(seed).rexp(n * n_rep) - 1.0).reshape(n_rep, n).T
+    return (RRandom(seed).rexp(n * n_rep) - 1.0).reshape(n_rep, n).T
 
 
 def summarize_boot(cvec: np.ndarray, Hinv: np.ndarray, SW: np.ndarray, s2u: float, level: float,
