@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from dnmf.datasets import Dataset, load_aml, load_hawaiibirds, load_orthodont, load_pbmc3k
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # the project's shared folder, beside the repo
 LOADERS = {"pbmc3k": load_pbmc3k, "hawaiibirds": load_hawaiibirds, "aml": load_aml}
 
 
@@ -27,7 +27,7 @@ def _values(X) -> np.ndarray:
     return X.data if sp.issparse(X) else np.asarray(X).ravel()
 
 
-#: ``stats`` of /work/shared/data/<name>/meta.json (the R export), copied so the test runs anywhere.
+#: ``stats`` of shared/data/<name>/meta.json (the R export), copied so the test runs anywhere.
 META = {
     "pbmc3k": dict(nrow=13714, ncol=2638, nnz_stored=2238732, nnz_nonzero=2238732, sum=6254880,
                    sum_sq=109789006, min_value=1, max_value=419),

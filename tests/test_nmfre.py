@@ -37,7 +37,9 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b) / np.abs(b)))
 
 
-ORTHODONT_CSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "orthodont" / "orthodont.csv"
+# nlme's Orthodont as exported from R (the copy bundled in the package; byte-identical to
+# shared/data/orthodont/orthodont.csv), parsed here independently of dnmf.datasets.
+ORTHODONT_CSV = pathlib.Path(__file__).resolve().parents[1] / "dnmf" / "datasets" / "data" / "orthodont.csv"
 
 
 def load_orthodont_frames():
