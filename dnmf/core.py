@@ -50,6 +50,10 @@ def _normalize_seed(seed) -> tuple[np.random.SeedSequence, int | None]:
     raise param_error("seed", "nmf", "None, a non-negative int or a numpy SeedSequence", seed)
 
 
+#: Default block size (stored entries per column block); the layout depends on the data only.
+DEFAULT_BLOCK_NNZ = 1_000_000
+
+
 def _available_memory(executor) -> float:
     """Bytes the blocks may use when held in memory: half the workers' (or this machine's) memory."""
     if executor.distributed:
@@ -202,7 +206,7 @@ def nmf(
         block_nnz = check_int(block_nnz, "block_nnz", func, low=1)
     seq, seed_int = _normalize_seed(seed)
 
-    blocked = as_blocked(A, block_nnz=block_nnz or 1_000_000)
+    blocked = as_blocked(A, block_nnz=block_nnz or DEFAULT_BLOCK_NNZ)
     summary = check_data(blocked, func=func)
     m, n = blocked.shape
     k = check_rank(k, (m, n), func)

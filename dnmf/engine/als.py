@@ -26,7 +26,7 @@ import numpy as np
 from ..io.blocks import BlockedMatrix, CSCBlock
 from ..kernels.fused import csc_block_pass, csc_sq_norm, dense_block_solve
 from ..kernels.nnls import SOLVER_CD, SOLVER_CHOLESKY
-from ..solvers.updates import cholesky_or_empty, scale_rows, update_factor
+from ..solvers.updates import cho_solve_lower, cholesky_or_empty, scale_rows, update_factor
 from .executor import Executor
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,15 @@ def h_update_task(block, ht_prev, w, G, L, l1, warm_scale, solver, nonneg, cd_ma
     else:
         a = block if block.dtype == np.float64 else block.astype(np.float64)
         B = w.T @ a
-        dense_block_solve(B, G, L, l1, ht, warm_scale, solver, nonneg, cd_maxit, cd_tol, warm, Q, hsum)
+        if solver == SOLVER_CHOLESKY:
+            # Cholesky-clip ignores warm starts: solve all columns at once with LAPACK/BLAS.
+            ht = cho_solve_lower(L, B - l1 if l1 else B).T
+            if nonneg:
+                np.maximum(ht, 0.0, out=ht)
+            Q = ht.T @ ht
+            hsum = np.abs(ht).sum(axis=0)
+        else:
+            dense_block_solve(B, G, L, l1, ht, warm_scale, solver, nonneg, cd_maxit, cd_tol, warm, Q, hsum)
         P = a @ ht
     return ht, BlockStats(P, Q, hsum)
 
