@@ -164,15 +164,17 @@ class DaskExecutor(Executor):
         return self.client.scatter(value, broadcast=True, hash=False)
 
     def put_blocks(self, values):
-        # Spread blocks over workers round-robin in block order (deterministic placement).
+        # Contiguous runs of blocks per worker (block j on worker ⌊j·W/n⌋): the fixed reduction
+        # tree pairs neighbouring blocks, so all but its top log2(W) levels combine partials
+        # already on the same worker instead of shipping each m × k partial across.
         workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
         if not workers:
             self.client.wait_for_workers(1, timeout=60)
             workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
-        futs = []
-        for j, v in enumerate(values):
-            futs.append(self.client.scatter(v, workers=[workers[j % len(workers)]], hash=False))
-        return futs
+        values = list(values)
+        n = len(values)
+        return [self.client.scatter(v, workers=[workers[j * len(workers) // max(n, 1)]], hash=False)
+                for j, v in enumerate(values)]
 
     def map_blocks(self, fn, *per_block, args=(), n_out=1):
         args = tuple(self.put(a) for a in args)

@@ -64,10 +64,10 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, solver, 
         for r in range(k):
             b[r] = -l1
         for p in range(start, end):
-            i = indices[p]
             a = data[p]
+            wrow = w[indices[p]]  # a row view: lets LLVM keep the addressing out of the r loop
             for r in range(k):
-                b[r] += a * w[i, r]
+                b[r] += a * wrow[r]
         if warm:
             for r in range(k):
                 x[r] = ht[c, r] * warm_scale[r]
@@ -78,10 +78,10 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, solver, 
         for r in range(k):
             ht[c, r] = x[r]
         for p in range(start, end):
-            i = indices[p]
             a = data[p]
+            prow = P[indices[p]]
             for r in range(k):
-                P[i, r] += a * x[r]
+                prow[r] += a * x[r]
         for r in range(k):
             hsum[r] += abs(x[r])
             for s in range(k):
