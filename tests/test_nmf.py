@@ -212,3 +212,17 @@ def test_cd_solver_close_to_exact(sparse_a):
 def test_convergence_warning_names_maxit(sparse_a):
     with pytest.warns(ConvergenceWarning, match="Increase maxit"):
         dnmf.nmf(sparse_a, 3, seed=1, maxit=2, tol=1e-12, client=False)
+
+
+def test_default_block_layout_depends_on_the_data_only():
+    from types import SimpleNamespace
+
+    from dnmf.core import default_block_nnz
+
+    assert default_block_nnz(np.ones((10, 10))) == 1_000_000  # small: the 1 M floor
+    assert default_block_nnz(np.ones((3000, 4000))) == 1_500_000  # 12 M entries / 8
+    assert default_block_nnz(SimpleNamespace(nnz=10**9, shape=(30000, 10**6))) == 8_000_000  # the 8 M cap
+    assert default_block_nnz("store.zarr") == 1_000_000  # on-disk stores keep their own blocking
+    a = sp.random(300, 200, density=0.1, random_state=0, format="csc")
+    m = dnmf.nmf(a, 3, seed=1, maxit=3, tol=0, client=False)
+    assert m.misc["n_blocks"] == 1
