@@ -80,9 +80,9 @@ def test_out_of_core_fit_with_small_worker_memory(tmp_path):
     a_bytes = lazy.nnz * 8
     limit = 450 * 2**20
     assert a_bytes > limit
-    # Compile the float32 kernels here first: the workers then load them from numba's on-disk
-    # cache instead of each compiling them (JIT compilation alone adds ~150 MB to a process).
-    dnmf.nmf(lazy.sources[0].load().to_scipy(), 4, maxit=1, tol=0, client=False)
+    # No manual warm-up: the engine compiles the float32 kernels in this process first, so the
+    # workers load them from numba's on-disk cache (compiling adds ~150 MB to a process, which
+    # would push a worker past dask's pause threshold at 80 % of its limit).
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=limit,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         model = dnmf.nmf(path, 4, seed=1, maxit=3, tol=0, client=client)  # out_of_core chosen automatically
