@@ -206,7 +206,7 @@ def quantile_type7(x: np.ndarray, probs: Sequence[float], axis: int = -1) -> np.
     return np.quantile(x, probs, axis=axis, method="linear")
 
 
-def _names_from(obj, axis: int):
+def axis_names(obj, axis: int):
     try:
         import pandas as pd
     except ImportError:  # pragma: no cover - pandas is a dependency
@@ -231,7 +231,7 @@ def as_data_matrix(Y: Any, func: str, name: str = "Y", *, allow_nan: bool = True
     row_names, col_names : tuple of str or None
         From a pandas DataFrame's index/columns (like R's dimnames), else None.
     """
-    rows, cols = _names_from(Y, 0), _names_from(Y, 1)
+    rows, cols = axis_names(Y, 0), axis_names(Y, 1)
     try:
         arr = np.array(Y, dtype=float)
     except (TypeError, ValueError) as e:
@@ -260,7 +260,7 @@ def as_covariate_matrix(A: Any, N: int, func: str, *, nonneg: bool = True):
     names : tuple of str or None
         ``rownames(A)`` from a DataFrame index.
     """
-    names = _names_from(A, 0)
+    names = axis_names(A, 0)
     try:
         arr = np.array(A, dtype=float)
     except (TypeError, ValueError) as e:
@@ -286,3 +286,18 @@ _DOT_BAD = re.compile(r"[^A-Za-z0-9_.]")
 def dot_id(s: str) -> str:
     """A DOT node id: characters outside ``[A-Za-z0-9_.]`` replaced by ``_``."""
     return _DOT_BAD.sub("_", str(s))
+
+
+def stars(p: float) -> str:
+    """Significance stars (a single space when none)."""
+    if not np.isfinite(p):
+        return " "
+    if p < 0.001:
+        return "***"
+    if p < 0.01:
+        return "**"
+    if p < 0.05:
+        return "*"
+    if p < 0.1:
+        return "."
+    return " "

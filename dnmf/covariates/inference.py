@@ -28,7 +28,7 @@ from scipy import stats
 
 from .._validation import check_float, check_int, check_option, param_error
 from ..exceptions import InputError
-from ._common import as_covariate_matrix, as_data_matrix, quantile_type7, unvec_cm, vec_cm
+from ._common import as_covariate_matrix, as_data_matrix, quantile_type7, stars, unvec_cm, vec_cm
 from .nmfkc import NMFKCResult
 
 logger = logging.getLogger(__name__)
@@ -169,28 +169,11 @@ class NMFKCInference:
             fields = [f"{r['Estimate']:9.3f}", f"{r['SE']:10.3f}"]
             if show_b:
                 fields.append(f"{r['BSE']:6.3f}")
-            fields += [f"{r['z_value']:7.2f}", ps, _stars(p)]
+            fields += [f"{r['z_value']:7.2f}", ps, stars(p)]
             lines.append(lab.rjust(w) + " " + " ".join(fields))
         lines.append("---")
         lines.append("Signif. codes:  0 '***' 0.001 '**' 0.01 '*' 0.05 '.' 0.1 ' ' 1")
         return "\n".join(lines)
-
-
-def _stars(p: float) -> str:
-    if not np.isfinite(p):
-        return " "
-    if p < 0.001:
-        return "***"
-    if p < 0.01:
-        return "**"
-    if p < 0.05:
-        return "*"
-    if p < 0.1:
-        return "."
-    return " "
-
-
-# ---------------------------------------------------------------------- pieces (pure)
 
 
 def score_matrix(X: np.ndarray, R: np.ndarray, A: np.ndarray, sigma2: float) -> np.ndarray:

@@ -30,6 +30,7 @@ import scipy.linalg
 import scipy.optimize
 
 from .._validation import check_float, check_int, check_option, param_error
+from ..covariates._common import axis_names as _names
 from ..exceptions import ConvergenceWarning, DnmfError, InputError
 
 logger = logging.getLogger(__name__)
@@ -182,19 +183,6 @@ class Inputs:
     sample_names: Optional[tuple]
     covariate_names: Optional[tuple]
     A_given: bool
-
-
-def _names(obj, axis: int) -> Optional[tuple]:
-    try:
-        import pandas as pd
-    except ImportError:  # pragma: no cover - pandas is a dependency
-        return None
-    if isinstance(obj, pd.DataFrame):
-        idx = obj.index if axis == 0 else obj.columns
-        if isinstance(idx, pd.RangeIndex):
-            return None
-        return tuple(str(v) for v in idx)
-    return None
 
 
 def _to_matrix(value, name: str, func: str) -> np.ndarray:

@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from ..covariates._common import stars
+
 __all__ = ["format_summary", "format_print", "format_coef_lines", "r_format_digits1", "format_pvalue", "stars"]
 
 SIGNIF_LINE = "Signif. codes:  0 '***' 0.001 '**' 0.01 '*' 0.05 '.' 0.1 ' ' 1"
@@ -40,21 +42,6 @@ def format_pvalue(p: float) -> str:
     if p < 2.2e-16:
         return "  <2e-16"
     return f"{p:.4g}".rjust(8)
-
-
-def stars(p: float) -> str:
-    """Significance stars (a single space when none)."""
-    if not np.isfinite(p):
-        return " "
-    if p < 0.001:
-        return "***"
-    if p < 0.01:
-        return "**"
-    if p < 0.05:
-        return "*"
-    if p < 0.1:
-        return "."
-    return " "
 
 
 def format_coef_lines(table, side: str, rows=None) -> list[str]:
