@@ -194,6 +194,20 @@ def _xnorm(X: np.ndarray, restriction: str) -> np.ndarray:
     return X
 
 
+def _x_penalties(num, den, X, ortho: float, smooth: float):
+    """Add the X-step penalty terms to the multiplicative update's numerator and denominator:
+    orthogonality (``ortho``·X·(XᵀX − diag)) and smoothness between neighbouring rows."""
+    if ortho > 0:
+        G = X.T @ X
+        np.fill_diagonal(G, 0.0)
+        den = den + ortho * (X @ G)
+    if smooth > 0:
+        nb, deg = _neighbour_sum(X)
+        num = num + smooth * nb
+        den = den + smooth * deg[:, None] * X
+    return num, den
+
+
 def _neighbour_sum(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sum of the neighbouring rows, degree) for the X.L2.smooth penalty."""
     nb = np.zeros_like(X)
@@ -281,14 +295,7 @@ def mu_iterate(
             if update_X:
                 num = WY @ B.T
                 den = WXB @ B.T
-                if X_L2_ortho > 0:
-                    G = X.T @ X
-                    np.fill_diagonal(G, 0.0)
-                    den = den + X_L2_ortho * (X @ G)
-                if X_L2_smooth > 0:
-                    nb, deg = _neighbour_sum(X)
-                    num = num + X_L2_smooth * nb
-                    den = den + X_L2_smooth * deg[:, None] * X
+                num, den = _x_penalties(num, den, X, X_L2_ortho, X_L2_smooth)
                 X = _xnorm(X * (num / (den + EPS_MU)), X_restriction)
             # 3. C step: new X, stale XB
             if A is None:
@@ -307,14 +314,7 @@ def mu_iterate(
             if update_X:
                 num = ratio @ B.T
                 den = W @ B.T
-                if X_L2_ortho > 0:
-                    G = X.T @ X
-                    np.fill_diagonal(G, 0.0)
-                    den = den + X_L2_ortho * (X @ G)
-                if X_L2_smooth > 0:
-                    nb, deg = _neighbour_sum(X)
-                    num = num + X_L2_smooth * nb
-                    den = den + X_L2_smooth * deg[:, None] * X
+                num, den = _x_penalties(num, den, X, X_L2_ortho, X_L2_smooth)
                 X = _xnorm(X * (num / (den + EPS_MU)), X_restriction)
             if A is None:
                 num_C = X.T @ ratio
