@@ -133,3 +133,13 @@ def test_killed_worker_recovers(a):
     assert killed
     # Cholesky solves ignore warm starts, so rebuilding lost H blocks cold changes nothing.
     np.testing.assert_array_equal(model.w, ref.w)
+
+
+def test_partials_report_their_size_to_dask():
+    from dask.sizeof import sizeof
+
+    from dnmf.engine.als import BlockStats
+
+    stats = BlockStats(np.zeros((3000, 10)), np.zeros((10, 10)), np.zeros(10))
+    nbytes = 3000 * 10 * 8 + 100 * 8 + 10 * 8
+    assert nbytes <= sizeof(stats) <= nbytes + 1_000  # the arrays plus a small header

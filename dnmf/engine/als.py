@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
+from dask.sizeof import sizeof
 
 from ..io.blocks import BlockedMatrix, CSCBlock
 from ..kernels.fused import csc_block_pass, csc_sq_norm, dense_block_solve
@@ -85,6 +86,12 @@ class BlockStats:
     P: np.ndarray  # (m, k) = A_j H_jᵀ
     Q: np.ndarray  # (k, k) = H_j H_jᵀ
     hsum: np.ndarray  # (k,) = Σ_c |H_j[:, c]|
+
+
+@sizeof.register(BlockStats)
+def _sizeof_block_stats(stats: BlockStats) -> int:
+    # Without this dask would count the m × k partial as a ~50-byte object.
+    return int(stats.P.nbytes + stats.Q.nbytes + stats.hsum.nbytes + 64)
 
 
 def combine_stats(a: BlockStats, b: BlockStats) -> BlockStats:
