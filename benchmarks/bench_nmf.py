@@ -46,8 +46,6 @@ def structured_sparse(m, n, density, k, seed):
 
 
 def _wta_task(block, w):
-    from dnmf.kernels.fused import csc_block_pass  # noqa: F401  (ensures JIT state is shared)
-
     if isinstance(block, CSCBlock):
         return _csc_wta(block.data, block.indices, block.indptr, w)
     return w.T @ block
@@ -153,8 +151,6 @@ def run_large(m, n, density, k, sk_iter):
         t_sk = time.perf_counter() - t
         sk_points.append((it, t_sk, float(sk.reconstruction_err_) ** 2))
         print(f"scikit-learn cd: {sk.n_iter_} iterations in {t_sk:.2f} s, SSE {sk_points[-1][2]:.6g}", flush=True)
-    _, t_sk, sse_sk = sk_points[-1]
-
     results = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -18,7 +18,7 @@ from .engine.als import ALSOptions, fit_als
 from .engine.checkpoint import Checkpointer, fingerprint
 from .engine.executor import get_executor
 from .engine.svd import truncated_svd
-from .exceptions import ConvergenceWarning, InputError
+from .exceptions import ConvergenceWarning
 from .kernels.nnls import SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT
 from .models import NMFModel
 

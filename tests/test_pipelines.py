@@ -3,7 +3,6 @@ checked against direct library calls and published numbers (spec/nmfre.md §11.1
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 import dnmf
-from dnmf.config import JobConfig, apply_overrides, load_config, read_config_dict
+from dnmf.config import JobConfig, load_config
 from dnmf.jobs import RunStore, run_job
 
 distributed = pytest.importorskip("distributed")

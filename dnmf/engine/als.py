@@ -26,7 +26,7 @@ from dask.sizeof import sizeof
 
 from ..io.blocks import BlockedMatrix, CSCBlock
 from ..kernels.fused import csc_block_pass, csc_sq_norm, dense_block_solve
-from ..kernels.nnls import SOLVER_CD, SOLVER_CHOLESKY
+from ..kernels.nnls import SOLVER_CHOLESKY
 from ..solvers.updates import cho_solve_lower, cholesky_or_empty, scale_rows, update_factor
 from .executor import Executor
 

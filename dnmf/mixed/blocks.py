@@ -610,7 +610,7 @@ def _blocked_scan(common):
 
     from .scan import COLUMNS, DfUScanResult, choose_rate, scan_row
 
-    rows, fits = [], []
+    rows = []
     for r in DEFAULT_RATES:
         res = _fit_blocked(rate=r, **common)
         st = res["st"]

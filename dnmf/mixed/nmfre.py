@@ -962,7 +962,6 @@ def nmfre(
     wild_B = check_int(wild_B, "wild_B", func, low=2)
     wild_level = check_float(wild_level, "wild_level", func, low=0.0, high=1.0, low_open=True)
     P, N = inp.Y.shape
-    K = inp.A.shape[0]
     given = {"_A": inp.A_given, "rank": rank}
     if df_rate is not None:
         given["df_rate"] = df_rate
