@@ -13,9 +13,18 @@ import numpy as np
 from .exceptions import InputError
 
 
-def param_error(name: str, func: str, expected: str, got: Any) -> InputError:
-    """Build the standard InputError for parameter ``name`` of ``func``."""
-    return InputError(f"The '{name}' parameter of {func} must be {expected}. Got {got!r} instead.")
+def param_error(name: str, func: str, expected: str, got: Any, *, described: bool = False) -> InputError:
+    """Build the standard InputError for parameter ``name`` of ``func``.
+
+    ``got`` is shown with ``repr`` (the value the user passed) unless ``described``, where it is
+    a description written out as is ("an all-zero 30 × 20 matrix"). The parts are kept on the
+    error (``parameter``, ``expected``, ``got``, ``described``) so that a wrapper with its own
+    parameter names (the scikit-learn estimator) can re-issue it in its dialect.
+    """
+    shown = got if described else repr(got)
+    err = InputError(f"The '{name}' parameter of {func} must be {expected}. Got {shown} instead.")
+    err.parameter, err.expected, err.got, err.described = name, expected, got, described
+    return err
 
 
 def check_int(value: Any, name: str, func: str, *, low: int | None = None, high: int | None = None) -> int:
@@ -38,18 +47,20 @@ def check_float(
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
+    high_open: bool = False,
 ) -> float:
     """Return ``value`` as float if it is a finite real in the interval, else raise InputError."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
     if ok and low is not None and (value < low or (low_open and value == low)):
         ok = False
-    if ok and high is not None and value > high:
+    if ok and high is not None and (value > high or (high_open and value == high)):
         ok = False
     if not ok:
         lo = "-inf" if low is None else repr(float(low))
         hi = "inf" if high is None else repr(float(high))
         bracket = "(" if low_open or low is None else "["
-        raise param_error(name, func, f"a float in {bracket}{lo}, {hi}" + ("]" if high is not None else ")"), value)
+        close = "]" if high is not None and not high_open else ")"
+        raise param_error(name, func, f"a float in {bracket}{lo}, {hi}{close}", value)
     return float(value)
 
 
@@ -61,7 +72,8 @@ def check_option(value: Any, name: str, func: str, options: Iterable[str]) -> st
     return value
 
 
-def check_pair(value: Any, name: str, func: str, *, low: float | None = 0.0) -> tuple[float, float]:
+def check_pair(value: Any, name: str, func: str, *, low: float | None = 0.0, high: float | None = None,
+               high_open: bool = False) -> tuple[float, float]:
     """Normalize an RcppML-style (W-side, H-side) pair; a scalar is recycled to both sides."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         value = (value, value)
@@ -69,7 +81,7 @@ def check_pair(value: Any, name: str, func: str, *, low: float | None = 0.0) -> 
         a, b = value
     except (TypeError, ValueError):
         raise param_error(name, func, "a float or a pair of floats (W side, H side)", value) from None
-    return (check_float(a, name, func, low=low), check_float(b, name, func, low=low))
+    return tuple(check_float(v, name, func, low=low, high=high, high_open=high_open) for v in (a, b))
 
 
 def check_bool_pair(value: Any, name: str, func: str) -> tuple[bool, bool]:

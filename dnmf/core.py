@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import numbers
 import os
+import sys
 import time
 import warnings
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
+from dask.sizeof import sizeof
 from threadpoolctl import threadpool_limits
 
 from ._validation import check_bool_pair, check_float, check_int, check_option, check_pair, param_error
@@ -18,7 +22,8 @@ from .engine.als import ALSOptions, fit_als
 from .engine.checkpoint import Checkpointer, fingerprint
 from .engine.executor import get_executor
 from .engine.svd import truncated_svd
-from .exceptions import ConvergenceWarning
+from .exceptions import ConvergenceWarning, DnmfError, InputError
+from .io.blocks import CSCBlock
 from .kernels.nnls import SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT
 from .models import NMFModel
 
@@ -77,8 +82,205 @@ def default_block_nnz(A) -> int:
     return int(min(MAX_BLOCK_NNZ, max(MIN_BLOCK_NNZ, -(-stored // 8))))
 
 
+#: max|A| outside this range is brought to [0.5, 1) by an exact power-of-two scaling before the
+#: fit. Above 2**300 the squared norm and the loss terms (~max²·m·n) overflow; below 2**-10 the
+#: absolute 1e-15 guards of RcppML's scaling step (d = Σ|h| + 1e-15) are no longer negligible:
+#: at max|A| = 1e-6 they move the factors by ~1 % (1e-15 / max|A| relative).
+SAFE_MAX_RANGE = (2.0 ** -10, 2.0 ** 300)
+
+
+def data_scale(max_abs: float) -> float:
+    """The power of two ``s`` the fit multiplies A by: 1 inside :data:`SAFE_MAX_RANGE`.
+
+    Otherwise ``s = 2**-e`` with ``max_abs = f·2**e``, f in [0.5, 1), so ``s·max_abs`` is in
+    [0.5, 1). Multiplying by a power of two is exact in floating point (no rounding), so the
+    fit of ``s·A`` with ``s·L1`` is the fit of A, with ``d`` scaled by ``s``.
+    """
+    lo, hi = SAFE_MAX_RANGE
+    if not max_abs > 0 or lo <= max_abs <= hi:
+        return 1.0
+    _, e = math.frexp(max_abs)
+    return math.ldexp(1.0, min(-e, 1023))  # 2**-1024 is subnormal but exact; 2**1024 would overflow
+
+
+@dataclass(frozen=True)
+class ScaledSource:
+    """A block source whose blocks are multiplied by ``scale`` (a power of two: exact)."""
+
+    source: Any
+    scale: float
+
+    @property
+    def n_cols(self) -> int:
+        return self.source.n_cols
+
+    @property
+    def nnz(self) -> int:
+        return self.source.nnz
+
+    def _times(self, x: np.ndarray) -> np.ndarray:
+        # in float64, then back to x's dtype: a float32 scale could overflow (2**130 for
+        # subnormal float32 data) although the scaled values are in [0.5, 1)
+        return np.multiply(x, self.scale, dtype=np.float64).astype(x.dtype, copy=False)
+
+    def load(self):
+        block = self.source.load()
+        if isinstance(block, CSCBlock):
+            return CSCBlock(self._times(block.data), block.indices, block.indptr, block.n_rows)
+        return self._times(np.asarray(block))
+
+
+@sizeof.register(ScaledSource)
+def _sizeof_scaled(src: ScaledSource) -> int:
+    return sizeof(src.source) + 64
+
+
+def _scaled(blocked, scale: float):
+    """``blocked`` with every block multiplied by ``scale`` when it is not 1 (lazily, per load)."""
+    if scale == 1.0:
+        return blocked
+    return replace(blocked, sources=tuple(ScaledSource(src, scale) for src in blocked.sources))
+
+
+def _check_init(init, m: int, k: int, nonneg_w: bool, func: str) -> np.ndarray:
+    """A user initial W as an m × k float64 copy (a k × m matrix is transposed)."""
+    try:
+        w0 = np.asarray(init, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise param_error("init", func, "None, one of " + ", ".join(repr(i) for i in INITS) + " or a matrix",
+                          type(init).__name__) from e
+    if w0.shape == (k, m) and (m, k) != (k, m):
+        w0 = w0.T
+    if w0.shape != (m, k):
+        raise param_error("init", func, f"a matrix of shape ({m}, {k}) or ({k}, {m})", f"shape {w0.shape}")
+    if not np.all(np.isfinite(w0)):
+        raise param_error("init", func, "a finite matrix", "a matrix with NaN or Inf")
+    if nonneg_w and np.any(w0 < 0):
+        raise param_error("init", func, "non-negative when W is non-negative (nonneg[0] is True)",
+                          f"a matrix with {int(np.sum(w0 < 0))} negative entries, minimum {float(w0.min())!r}",
+                          described=True)
+    dead = np.flatnonzero(~np.any(w0 != 0, axis=0))
+    if dead.size:
+        # a zero column of W gives a zero row of H, which gives a zero column of W: a dead factor
+        what = "an all-zero matrix" if dead.size == k else f"a matrix whose column(s) {dead.tolist()} are all zero"
+        raise param_error("init", func, "a matrix with a non-zero entry in every column", what, described=True)
+    return np.array(w0, copy=True)
+
+
+def _check_factors(w, d, h, *, iteration: int, L1: tuple, nonneg: tuple, norm: str, solver: str, k: int,
+                   func: str) -> None:
+    """The final check of a fit: no NaN/Inf, no all-zero model; warn about zero factors."""
+    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(d)) and np.all(np.isfinite(h))):
+        causes = []
+        if not all(nonneg):
+            causes.append(f"nonneg = {nonneg} lets the unconstrained side diverge")
+        if norm == "none":
+            causes.append("norm = 'none' lets the factors grow without bound")
+        if solver == "cholesky":
+            causes.append("solver = 'cholesky' on a rank-deficient Gram (try solver='cd' or L2 > 0)")
+        causes.append(f"k = {k} too large for the data (try a smaller k or L2 > 0)")
+        raise DnmfError(
+            f"{func} produced NaN or Inf factors (W, d or H) after {iteration} iteration(s). Likely cause: "
+            + "; ".join(causes) + "."
+        )
+    zero = ~np.any(w != 0, axis=0) | ~np.any(h != 0, axis=1)
+    if not zero.any():
+        return
+    penalized = any(v > 0 for v in L1)
+    if zero.all():
+        if penalized:
+            raise InputError(f"All factors were zeroed by L1 = {tuple(L1)}; lower L1. (L1 is subtracted from "
+                             f"the NNLS right-hand side, which is of the order of the data's values.)")
+        raise DnmfError(f"{func} returned an all-zero model (every column of W or row of H is zero) after "
+                        f"{iteration} iteration(s); check the data and lower k (currently {k}).")
+    knob = f"lower L1 (currently {tuple(L1)}) or k (currently {k})" if penalized else f"lower k (currently {k})"
+    warnings.warn(
+        f"{func}: {int(zero.sum())} of {k} factors are all zero (factor(s) {np.flatnonzero(zero).tolist()} have "
+        f"a zero column of W or row of H); {knob}.",
+        UserWarning,
+        stacklevel=4,  # _check_factors ← _nmf ← nmf ← the caller
+    )
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stdout`` is at emit time (a notebook replaces it)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    def emit(self, record):
+        if self.stream is not sys.stdout:
+            self.setStream(sys.stdout)
+        super().emit(record)
+
+
+def _emits(log: logging.Logger, level: int) -> bool:
+    """Whether a record of ``level`` on ``log`` already reaches a handler that shows it."""
+    current = log
+    while current is not None:
+        if any(h.level <= level for h in current.handlers):
+            return True
+        current = current.parent if current.propagate else None
+    return False
+
+
+@contextlib.contextmanager
+def verbose_logging(verbose: bool):
+    """Show the 'dnmf' loggers' INFO records for the duration of a fit when ``verbose``.
+
+    Lowers the 'dnmf' logger to INFO if it is above (restored on exit) and, unless a configured
+    handler already shows INFO records, attaches a handler writing bare messages to
+    ``sys.stdout`` (removed on exit). Never changes logging for good.
+    """
+    if not verbose:
+        yield
+        return
+    log = logging.getLogger("dnmf")
+    old_level = log.level
+    handler = None
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    if not _emits(log, logging.INFO):
+        handler = _StdoutHandler()
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+def _progress_callback(on_iteration, loss_scale: float, func: str):
+    """Wrap ``on_iteration``: log each iteration at INFO (shown by ``verbose``), then call the user's."""
+    state = {"prev": None}
+
+    def callback(record):
+        prev = state["prev"]  # the relative change is computed in the fit's units (no underflow)
+        state["prev"] = record.train_loss
+        loss = record.train_loss * loss_scale
+        if prev is None:
+            logger.info("%s iter %4d  loss %.6e", func, record.iteration, loss)
+        else:
+            rel = abs(prev - record.train_loss) / (abs(prev) + 1e-15)
+            logger.info("%s iter %4d  loss %.6e  rel %.3e", func, record.iteration, loss, rel)
+        if on_iteration is not None:
+            on_iteration(record._replace(train_loss=loss))
+
+    return callback
+
+
 def _available_memory(executor) -> float:
-    """Bytes the blocks may use when held in memory: half the workers' (or this machine's) memory."""
+    """Bytes the blocks may use when held in memory: half the workers' (or this machine's) memory.
+
+    The blocks are spread over the workers, so the budget is half of the smallest worker's
+    memory times the number of workers (the executor's ``available_memory``/``n_workers``).
+    """
+    if hasattr(executor, "available_memory"):
+        n_workers = max(1, int(getattr(executor, "n_workers", 1) or 1)) if executor.distributed else 1
+        return 0.5 * float(executor.available_memory()) * n_workers
     if executor.distributed:
         workers = executor.client.scheduler_info(n_workers=-1)["workers"].values()
         limits = [w.get("memory_limit") or 0 for w in workers]
@@ -142,7 +344,9 @@ def nmf(
         ``None`` draws fresh entropy, which is recorded in ``misc["seed_entropy"]``.
     L1, L2 : float or (float, float), default 0
         Lasso (subtracted from the NNLS right-hand side) and ridge (added to the Gram diagonal)
-        penalties, as (W side, H side); a scalar applies to both.
+        penalties, as (W side, H side); a scalar applies to both. L1 is in [0, 1) (RcppML's
+        range); it is in the units of the data, so a value near max(A) zeroes every factor,
+        which raises an InputError naming L1.
     nonneg : bool or (bool, bool), default True
         Non-negativity of (W, H). ``False`` on a side gives semi-NMF on that side.
     norm : {"L1", "L2", "none"}, default "L1"
@@ -177,14 +381,28 @@ def nmf(
         Zarr group where W, d, H and the loop state are saved every ``checkpoint_every``
         iterations (and at the end). With ``resume=True`` the fit continues from it.
     verbose : bool
-        Log progress at INFO level.
+        Show one line per iteration (``nmf iter   12  loss 1.234e+05  rel 3.2e-05``) and a
+        summary: the 'dnmf' logger's INFO records are shown on ``sys.stdout`` for the duration
+        of the fit (through the handlers already configured when they show INFO). The logger's
+        level is restored afterwards.
 
     Returns
     -------
     NMFModel
         ``w`` (m × k), ``d`` (k,), ``h`` (k × n) in A's float dtype and ``misc``: ``iter``,
         ``runtime``, ``loss`` (final SSE ‖A − W diag(d) H‖²), ``loss_history``,
-        ``tol_history``, ``tol``, ``converged``, ``seed``, ``solver``, ...
+        ``tol_history``, ``tol``, ``converged``, ``seed``, ``solver``, ``scale`` (the power of
+        two A was multiplied by for the fit, 1.0 unless max|A| is outside
+        :data:`SAFE_MAX_RANGE`), ...
+
+    Raises
+    ------
+    InputError
+        Invalid parameters; A with NaN/Inf, negative entries or no positive entry; an initial W
+        that is negative or has an all-zero column; L1 so large that every factor is zero.
+    DnmfError
+        The fit produced NaN or Inf factors (the message names the likely cause) or an all-zero
+        model.
 
     Notes
     -----
@@ -203,16 +421,27 @@ def nmf(
     >>> model.w.shape, model.h.shape
     ((100, 3), (3, 60))
     """
+    func = "nmf"
+    with verbose_logging(verbose):
+        return _nmf(A, k, tol=tol, maxit=maxit, seed=seed, L1=L1, L2=L2, nonneg=nonneg, norm=norm,
+                    sort_model=sort_model, init=init, solver=solver, cd_maxit=cd_maxit, cd_tol=cd_tol,
+                    patience=patience, on_iteration=on_iteration, client=client, block_nnz=block_nnz,
+                    out_of_core=out_of_core, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                    resume=resume, verbose=verbose, func=func)
+
+
+def _nmf(A, k, *, tol, maxit, seed, L1, L2, nonneg, norm, sort_model, init, solver, cd_maxit, cd_tol, patience,
+         on_iteration, client, block_nnz, out_of_core, checkpoint, checkpoint_every, resume, verbose,
+         func) -> NMFModel:
+    """The body of :func:`nmf` (validated arguments, then the fit and its finishing steps)."""
     from .io import as_blocked
     from .io.validate import check_data, check_rank
 
-    func = "nmf"
     t_start = time.perf_counter()
-    if verbose:
-        logging.getLogger("dnmf").setLevel(logging.INFO)
     tol = check_float(tol, "tol", func, low=0.0)
     maxit = check_int(maxit, "maxit", func, low=1)
-    L1 = check_pair(L1, "L1", func, low=0.0)
+    # RcppML documents L1 in [0, 1): it is subtracted from the RHS of the normalized problem
+    L1 = check_pair(L1, "L1", func, low=0.0, high=1.0, high_open=True)
     L2 = check_pair(L2, "L2", func, low=0.0)
     nonneg = check_bool_pair(nonneg, "nonneg", func)
     norm = check_option(norm, "norm", func, ("L1", "L2", "none"))
@@ -223,6 +452,8 @@ def nmf(
     checkpoint_every = check_int(checkpoint_every, "checkpoint_every", func, low=1)
     if not isinstance(sort_model, (bool, np.bool_)):
         raise param_error("sort_model", func, "a bool", sort_model)
+    if not isinstance(verbose, (bool, np.bool_, numbers.Integral)):
+        raise param_error("verbose", func, "a bool", verbose)
     if on_iteration is not None and not callable(on_iteration):
         raise param_error("on_iteration", func, "a callable or None", on_iteration)
     if resume and checkpoint is None:
@@ -234,16 +465,26 @@ def nmf(
     blocked = as_blocked(A, block_nnz=block_nnz or default_block_nnz(A))
     summary = check_data(blocked, func=func)
     m, n = blocked.shape
+    if not summary.max > 0:
+        raise param_error("A", func, "a matrix with at least one positive entry", f"an all-zero {m} × {n} matrix",
+                          described=True)
     k = check_rank(k, (m, n), func)
     solver_name = _resolve_solver(solver, k, L1)
+    # Out-of-range magnitudes (overflow of ‖A‖², or values swamped by the 1e-15 guards) are fit
+    # as s·A with s a power of two; s·L1 keeps the problem the same, and d is divided by s.
+    scale = data_scale(max(abs(summary.max), abs(summary.min)))
+    if scale != 1.0:
+        logger.info("%s: max|A| = %.3g is outside [%.3g, %.3g]; fitting %.17g·A (exact) and rescaling d", func,
+                    summary.max, *SAFE_MAX_RANGE, scale)
+    fit_blocked = _scaled(blocked, scale)
 
     executor = get_executor(client)
     if out_of_core is None:
         stream = (not blocked.in_memory) and _block_bytes(blocked) > _available_memory(executor)
     else:
         stream = bool(out_of_core) and not blocked.in_memory
-    opts = ALSOptions(k=k, tol=tol, maxit=maxit, L1=L1, L2=L2, nonneg=nonneg, norm=norm,
-                      solver=SOLVERS[solver_name], cd_maxit=cd_maxit, cd_tol=cd_tol, patience=patience,
+    opts = ALSOptions(k=k, tol=tol, maxit=maxit, L1=(L1[0] * scale, L1[1] * scale), L2=L2, nonneg=nonneg,
+                      norm=norm, solver=SOLVERS[solver_name], cd_maxit=cd_maxit, cd_tol=cd_tol, patience=patience,
                       checkpoint_every=checkpoint_every)
 
     # Initial W.
@@ -254,18 +495,11 @@ def nmf(
         if init_name == "random":
             w0 = np.random.default_rng(init_seq).uniform(size=(m, k))
         else:
-            u, sigma = truncated_svd(blocked, k, executor, seed=svd_seq)
+            u, sigma = truncated_svd(fit_blocked, k, executor, seed=svd_seq)
             w0 = np.abs(u) * np.sqrt(sigma)[None, :]
     else:
-        w0 = np.asarray(init, dtype=np.float64)
-        if w0.shape == (k, m) and (m, k) != (k, m):
-            w0 = w0.T
-        if w0.shape != (m, k):
-            raise param_error("init", func, f"a matrix of shape ({m}, {k}) or ({k}, {m})", f"shape {w0.shape}")
-        if not np.all(np.isfinite(w0)):
-            raise param_error("init", func, "a finite matrix", "a matrix with NaN or Inf")
+        w0 = _check_init(init, m, k, nonneg[0], func)
         init_name = "user"
-        w0 = np.array(w0, copy=True)
 
     checkpointer = state = None
     if checkpoint is not None:
@@ -277,6 +511,10 @@ def nmf(
             if state is not None:
                 logger.info("resuming from iteration %d (%s)", state.iteration, checkpoint)
 
+    loss_scale = 1.0 / scale / scale  # the loss of s·A is s² times the loss of A
+    callback = on_iteration
+    if verbose or scale != 1.0:
+        callback = _progress_callback(on_iteration, loss_scale, func)
     # Block tasks already run in parallel (threads here, workers on a cluster, whose nannies set
     # OMP/OPENBLAS/MKL_NUM_THREADS=1): pin BLAS to one thread in-process so dense blocks do not
     # oversubscribe the cores (DESIGN §3).
@@ -284,8 +522,9 @@ def nmf(
                   if not executor.distributed and getattr(executor, "n_threads", 1) > 1 else contextlib.nullcontext())
     try:
         with blas_limit:
-            state, ht_blocks = fit_als(blocked, w0, opts, executor, sq_norm_a=summary.sq_norm,
-                                       on_iteration=on_iteration, checkpointer=checkpointer, state=state,
+            state, ht_blocks = fit_als(fit_blocked, w0, opts, executor,
+                                       sq_norm_a=summary.sq_norm if scale == 1.0 else None,
+                                       on_iteration=callback, checkpointer=checkpointer, state=state,
                                        stream=stream)
     finally:
         if not executor.distributed:
@@ -293,22 +532,26 @@ def nmf(
 
     h = np.concatenate(ht_blocks, axis=0).T * state.h_scale[:, None]  # normalized Ĥ, k × n
     w, d = state.w, state.d
+    _check_factors(w, d, h, iteration=state.iteration, L1=L1, nonneg=nonneg, norm=norm, solver=solver_name, k=k,
+                   func=func)
+    d = d / scale
     if sort_model:
         order = np.argsort(-d, kind="stable")
         w, d, h = w[:, order], d[order], h[order]
     out_dtype = np.float32 if np.dtype(blocked.dtype) == np.float32 else np.float64
     if not state.converged and not state.stopped_by_callback:
         warnings.warn(
-            f"nmf stopped at maxit={maxit} before the relative loss change stayed below tol={tol} for "
+            f"{func} stopped at maxit={maxit} before the relative loss change stayed below tol={tol} for "
             f"{patience} iterations. Increase maxit (currently {maxit}) or tol.",
             ConvergenceWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
+    loss_history = np.asarray(state.loss_history) * loss_scale
     misc = {
         "iter": state.iteration,
         "runtime": time.perf_counter() - t_start,
-        "loss": state.loss_history[-1] if state.loss_history else float("nan"),
-        "loss_history": np.asarray(state.loss_history),
+        "loss": float(loss_history[-1]) if loss_history.size else float("nan"),
+        "loss_history": loss_history,
         "tol_history": np.asarray(state.tol_history),
         "tol": state.tol_history[-1] if state.tol_history else 0.0,
         "converged": bool(state.converged),
@@ -321,10 +564,15 @@ def nmf(
         "L1": L1,
         "L2": L2,
         "nonneg": nonneg,
+        "scale": scale,
         "n_blocks": blocked.n_blocks,
         "out_of_core": stream,
         "executor": "distributed" if executor.distributed else "threads",
         "row_names": blocked.row_names,
         "col_names": blocked.col_names,
     }
+    logger.info("%s: %s after %d iteration(s), loss %.6e, %.2f s", func,
+                "converged" if state.converged else ("stopped by on_iteration" if state.stopped_by_callback
+                                                     else "reached maxit"),
+                state.iteration, misc["loss"], misc["runtime"])
     return NMFModel(w=w.astype(out_dtype), d=d.astype(out_dtype), h=h.astype(out_dtype), misc=misc)

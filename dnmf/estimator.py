@@ -39,12 +39,22 @@ def _validate(estimator, X, *, reset: bool):
     return validate_data(estimator, X, reset=reset, accept_sparse=_ACCEPT_SPARSE, dtype=_DTYPES)
 
 
-def _check_non_negative(X, func: str) -> None:
-    """Reject negative entries, in scikit-learn's wording ("Negative values in data ...")."""
+def _check_non_negative(X, func: str, *, need_positive: bool = False) -> None:
+    """Reject negative entries, in scikit-learn's wording ("Negative values in data ...").
+
+    With ``need_positive`` also reject an X without a positive entry (nothing to factorize).
+    """
     values = X.data if sp.issparse(X) else X
     if values.size and values.min() < 0:
         raise InputError(f"Negative values in data passed to {func}: X must be non-negative. "
                          f"Got a minimum of {values.min()!r} instead.")
+    if need_positive and not (values.size and values.max() > 0):
+        raise param_error("X", func, "a matrix with at least one positive entry",
+                          f"an all-zero {X.shape[0]} × {X.shape[1]} matrix", described=True)
+
+
+#: Names of :func:`dnmf.nmf`'s parameters in the estimator's dialect (the others are shared).
+_NMF_NAMES = {"A": "X", "k": "n_components", "maxit": "max_iter", "seed": "random_state"}
 
 
 class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -81,7 +91,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     block_nnz : int or None, default None
         Stored entries per column block (blocks are groups of samples).
     verbose : bool, default False
-        Log progress.
+        Show one line per iteration of the fit on ``sys.stdout`` (see :func:`dnmf.nmf`).
 
     Attributes
     ----------
@@ -228,14 +238,23 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         from .core import nmf
 
+        func = "NMF.fit"
         X = _validate(self, X, reset=True)
-        _check_non_negative(X, "NMF.fit")
+        _check_non_negative(X, func, need_positive=True)
         k = self._rank(*X.shape)
-        model = nmf(
-            X.T, k, tol=self.tol, maxit=self.max_iter, seed=self._seed(), L1=self.L1, L2=self.L2,
-            nonneg=self.nonneg, norm=self.norm, init=self.init, solver=self.solver, patience=self.patience,
-            client=self.client, block_nnz=self.block_nnz, verbose=self.verbose,
-        )
+        try:
+            model = nmf(
+                X.T, k, tol=self.tol, maxit=self.max_iter, seed=self._seed(), L1=self.L1, L2=self.L2,
+                nonneg=self.nonneg, norm=self.norm, init=self.init, solver=self.solver, patience=self.patience,
+                client=self.client, block_nnz=self.block_nnz, verbose=self.verbose,
+            )
+        except InputError as e:
+            # re-issue a parameter error of nmf with the estimator's names ('max_iter', not 'maxit')
+            name = getattr(e, "parameter", None)
+            if name is None:
+                raise
+            raise param_error(_NMF_NAMES.get(name, name), func, e.expected, e.got,
+                              described=getattr(e, "described", False)) from e
         self.model_: NMFModel = model
         self.components_ = np.ascontiguousarray(model.w.T)
         self.n_components_ = model.k
@@ -259,6 +278,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = _validate(self, X, reset=False)
+        _check_non_negative(X, "NMF.transform")
         return np.ascontiguousarray(self.model_.predict(X.T).T)
 
     def inverse_transform(self, X) -> np.ndarray:

@@ -278,13 +278,22 @@ def _sparse_values_at(data, indices, indptr, m, rows, cols) -> np.ndarray:
     return out
 
 
-def _check_block_values(block, func: str, *, allow_negative: bool) -> None:
-    """Reject NaN/Inf (and negative values unless allowed) in one block of the data."""
+def _check_block_values(block, func: str, *, allow_negative: bool, why: str = "for this loss",
+                        col0: int = 0) -> None:
+    """Reject NaN/Inf (and negative values unless allowed) in one block of the data.
+
+    ``col0`` is the block's first column, so the example position is in whole-matrix coordinates.
+    """
     values = block if isinstance(block, np.ndarray) else block.data
-    if not np.all(np.isfinite(values)):
-        raise param_error("A", func, "finite data", "data with NaN or Inf")
+    finite = np.isfinite(values)
+    if not np.all(finite):
+        n_bad = int(values.size - np.count_nonzero(finite))
+        raise param_error("A", func, "finite data", f"data with {n_bad} NaN or Inf value(s) in columns "
+                          f"{col0}..{col0 + block.shape[1] - 1}", described=True)
     if not allow_negative and values.size and values.min() < 0:
-        raise param_error("A", func, "non-negative data for this loss", f"a minimum of {values.min()}")
+        raise param_error("A", func, f"non-negative data {why}",
+                          f"data with {int(np.count_nonzero(values < 0))} negative value(s) in columns "
+                          f"{col0}..{col0 + block.shape[1] - 1}, minimum {float(values.min())!r}", described=True)
 
 
 def _mask_pattern(mask: Any, shape: tuple[int, int], func: str) -> sp.csc_array:
@@ -573,7 +582,7 @@ class NMFModel:
         count = 0  # size of the special set
         for j, block in enumerate(blocked.iter_blocks()):
             c0, c1 = int(bounds[j]), int(bounds[j + 1])
-            _check_block_values(block, func, allow_negative=loss == "mse")
+            _check_block_values(block, func, allow_negative=loss == "mse", col0=c0)
             hj = h[:, c0:c1]
             if pattern is not None:
                 mj = pattern[:, c0:c1]
@@ -656,7 +665,8 @@ class NMFModel:
         ----------
         A : array-like of shape (m, n_new)
             New samples as columns (features × samples); anything :func:`dnmf.io.as_blocked`
-            accepts, read block by block.
+            accepts, read block by block. Checked like the data of :func:`dnmf.nmf`: finite,
+            non-negative, with as many rows as W (else :class:`~dnmf.exceptions.InputError`).
         L1, L2 : float, optional
             Lasso / ridge penalties of the projection; default: the model's H-side values
             (``misc["L1"][1]``, ``misc["L2"][1]``), 0 when unknown.
@@ -677,7 +687,7 @@ class NMFModel:
         misc_l1 = self.misc.get("L1", (0.0, 0.0))
         misc_l2 = self.misc.get("L2", (0.0, 0.0))
         misc_nonneg = self.misc.get("nonneg", (True, True))
-        L1 = check_float(float(misc_l1[1]) if L1 is None else L1, "L1", func, low=0.0)
+        L1 = check_float(float(misc_l1[1]) if L1 is None else L1, "L1", func, low=0.0, high=1.0, high_open=True)
         L2 = check_float(float(misc_l2[1]) if L2 is None else L2, "L2", func, low=0.0)
         nonneg = check_bool_pair(bool(misc_nonneg[1]) if nonneg is None else nonneg, "nonneg", func)[0]
         m, _, k = self.shape
@@ -690,7 +700,8 @@ class NMFModel:
         out = np.empty((k, blocked.shape[1]))
         for j, block in enumerate(blocked.iter_blocks()):
             c0, c1 = int(bounds[j]), int(bounds[j + 1])
-            _check_block_values(block, func, allow_negative=True)
+            # the same data check as the fit: nmf rejects negative data whatever ``nonneg`` is
+            _check_block_values(block, func, allow_negative=False, why="(as in nmf)", col0=c0)
             if isinstance(block, np.ndarray):
                 a = np.asarray(block, dtype=np.float64)
                 B = np.ascontiguousarray(w.T @ a)

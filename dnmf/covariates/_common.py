@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -278,6 +279,17 @@ def as_covariate_matrix(A: Any, N: int, func: str, *, nonneg: bool = True):
     if nonneg and arr.min() < 0:
         raise param_error("A", func, "non-negative", f"an array with minimum {float(arr.min())!r}")
     return arr, names
+
+
+def check_rank_vs_shape(Q: int, P: int, N: int, func: str, data_name: str = "Y") -> None:
+    """Warn when the rank exceeds min(P, N): accepted (as in R), but the basis is not identifiable."""
+    if Q > min(P, N):
+        warnings.warn(
+            f"{func}: rank = {Q} is above min(P, N) = {min(P, N)} for the {P} × {N} {data_name}; the fit runs (as "
+            f"in R) but some basis vectors are redundant and not identifiable. Lower rank (currently {Q}).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 _DOT_BAD = re.compile(r"[^A-Za-z0-9_.]")

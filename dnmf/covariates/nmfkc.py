@@ -32,6 +32,7 @@ from ._common import (
     as_data_matrix,
     basis_names,
     basis_order,
+    check_rank_vs_shape,
     effective_rank,
     effective_rank_expected,
     effective_rank_index,
@@ -748,6 +749,12 @@ def nmfkc(
     Y, W = _weights(Y, Y_weights, _FUNC)
     if not (W > 0).any():
         raise param_error("Y_weights", _FUNC, "positive on at least one cell", "all-zero weights")
+    if not (Y[W > 0] > 0).any():
+        # every update is 0/0: the fit would return NaN factors
+        what = "an all-zero" if (W > 0).all() else "a (weighted, non-missing part) all-zero"
+        raise param_error("Y", _FUNC, "an array with at least one positive observed cell",
+                          f"{what} {P} × {N} array", described=True)
+    check_rank_vs_shape(Q, P, N, _FUNC, "Y")
 
     if A is None:
         dims = f"Y({P},{N})~X({P},{Q})B({Q},{N})"

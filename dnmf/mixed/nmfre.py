@@ -31,6 +31,7 @@ import scipy.optimize
 
 from .._validation import check_float, check_int, check_option, param_error
 from ..covariates._common import axis_names as _names
+from ..covariates._common import check_rank_vs_shape
 from ..exceptions import ConvergenceWarning, DnmfError, InputError
 
 logger = logging.getLogger(__name__)
@@ -210,6 +211,10 @@ def validate_inputs(Y, A, func: str) -> Inputs:
     if Yv.min() < 0:
         raise param_error("Y", func, "non-negative", f"minimum {Yv.min():g}")
     P, N = Yv.shape
+    if not Yv.max() > 0:
+        # every multiplicative update is 0/0: the fit would return NaN factors
+        raise param_error("Y", func, "an array with at least one positive entry", f"an all-zero {P} × {N} array",
+                          described=True)
     if A is None:
         Av = np.ones((1, N))
         cov = None
@@ -793,7 +798,10 @@ def initialize(inp: Inputs, rank: int, *, epsilon: float, seed: int, X_init, C_i
             extra["nstart"] = nstart
         if r_rng:
             extra["r_rng"] = True
-        kc = nmfkc(inp.Y, inp.A, rank=rank, epsilon=epsilon, seed=seed, **extra)
+        with warnings.catch_warnings():
+            # nmfre warns about its rank itself, in its own name
+            warnings.filterwarnings("ignore", message=r"nmfkc: rank = ", category=UserWarning)
+            kc = nmfkc(inp.Y, inp.A, rank=rank, epsilon=epsilon, seed=seed, **extra)
         return np.array(kc.X, dtype=float), np.array(kc.C, dtype=float)
     Y, A = inp.Y, inp.A
     X, C, _ = nmfkc_eu_stats(kmeans_start(Y, rank, seed, nstart), np.ones((rank, K)), Y @ A.T, A @ A.T,
@@ -962,6 +970,18 @@ def nmfre(
     wild_B = check_int(wild_B, "wild_B", func, low=2)
     wild_level = check_float(wild_level, "wild_level", func, low=0.0, high=1.0, low_open=True)
     P, N = inp.Y.shape
+    check_rank_vs_shape(rank, P, N, func)
+    if np.any(inp.A < 0):
+        # the nmfkc initialiser and the multiplicative Θ updates need A ≥ 0; only the signed ECM
+        # engine started from given X_init and C_init can use a signed A
+        if engine == "cap" or not C_signed:
+            raise param_error("A", func, f"non-negative for engine={engine!r}" + ("" if engine == "cap" else
+                              " with C_signed=False"), f"an array with minimum {float(inp.A.min())!r}",
+                              described=True)
+        if X_init is None or C_init is None:
+            raise param_error("A", func, "non-negative unless X_init and C_init are both given (the nmfkc "
+                              "initialiser needs A ≥ 0)", f"an array with minimum {float(inp.A.min())!r}",
+                              described=True)
     given = {"_A": inp.A_given, "rank": rank}
     if df_rate is not None:
         given["df_rate"] = df_rate
