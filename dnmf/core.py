@@ -413,6 +413,11 @@ def nmf(
     A is read once per iteration. Differences from RcppML 1.0: float64 arithmetic (RcppML
     uses float32), and ``patience`` is honoured (RcppML hard-codes 5).
 
+    When max|A| is outside :data:`SAFE_MAX_RANGE` the fit runs on ``s·A`` with ``s`` a power of
+    two (:func:`data_scale`; exact, no rounding) and ``s·L1``, and ``d``, the losses and the
+    losses given to ``on_iteration`` are divided by ``s`` (``s²``): the model is that of A,
+    without overflow of ‖A‖² near 1e160 or the 1e-15 guards swamping values near 1e-6.
+
     Examples
     --------
     >>> import dnmf

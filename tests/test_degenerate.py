@@ -329,3 +329,16 @@ def test_float32_tiny_values_stay_float32(planted):
     # subnormal float32 keeps ~16 of 24 bits at the max (1.8e-40 / 1.4e-45) and far fewer for the
     # smaller entries, so the data themselves differ by up to ~1e-2: a rough match only
     np.testing.assert_allclose(model.d, ref.d.astype(np.float64) * 1e-38, rtol=0.1)
+
+
+@pytest.mark.parametrize("out_of_core", [False, True], ids=["loaded", "streamed"])
+def test_extreme_magnitudes_from_a_zarr_store(planted, tmp_path, out_of_core):
+    """Lazy blocks are rescaled as they are read (once, or in every iteration when streamed)."""
+    a = sp.csc_array(planted.A * 1e160)
+    path = dnmf.io.write_zarr(a, str(tmp_path / "big.zarr"), block_nnz=300)
+    ref = dnmf.nmf(a, 3, seed=1, maxit=10, tol=0, block_nnz=300, client=False)
+    model = dnmf.nmf(path, 3, seed=1, maxit=10, tol=0, out_of_core=out_of_core, client=False)
+    assert model.misc["out_of_core"] is out_of_core and model.misc["n_blocks"] > 1
+    # same blocks, same arithmetic: equal to rounding of the read path (none here)
+    np.testing.assert_allclose(model.d, ref.d, rtol=1e-13)
+    np.testing.assert_allclose(model.w, ref.w, rtol=1e-13, atol=1e-16)
