@@ -2,7 +2,8 @@
 
 from .blocks import BlockedMatrix, BlockSource, CSCBlock, InMemorySource
 from .readers import as_blocked
-from .zarr_store import ZarrBlockSource, ZarrDenseSource, write_zarr
+from .writers import write_zarr
+from .zarr_store import ZarrBlockSource, ZarrDenseSource
 
 __all__ = [
     "as_blocked",

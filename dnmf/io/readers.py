@@ -3,43 +3,44 @@
 :func:`as_blocked` is the single entry point of the data layer. It accepts in-memory matrices
 (NumPy, ``scipy.sparse``, pydata ``sparse``, Dask arrays), AnnData objects and paths to files
 or stores, and returns an m × n (features × samples) matrix cut into column blocks whose sizes
-are balanced by stored entries (nnz), ready for the engine.
+are balanced by stored entries (nnz), ready for the engine. In-memory inputs and the blocking
+rule are in :mod:`dnmf.io.memory`, Zarr stores in :mod:`dnmf.io.zarr_store`; this module adds
+the file readers.
 
-Conventions applied to every input
-----------------------------------
-* Values are float32 or float64: integer and boolean data become float64, float16 becomes
-  float32, float32 and float64 stay as they are; ``dtype=`` overrides.
-* Sparse blocks are :class:`~dnmf.io.blocks.CSCBlock` triplets in canonical form (row indices
-  sorted within each column, duplicates summed; explicit zeros may remain). Row indices are
-  int32 unless the matrix has 2**31 or more stored entries (then int64, see
-  :func:`index_dtype`); ``indptr`` is always int64.
-* AnnData is cells × genes; it is transposed to genes × cells, with ``row_names`` taken from
-  ``var_names`` and ``col_names`` from ``obs_names``. A CSR ``.X`` *is* a CSC genes × cells
-  matrix, so no data is copied for it.
+Imports go one way: ``blocks`` ← ``validate`` ← ``memory`` ← ``zarr_store`` ← ``readers`` ←
+``writers``.
 
-Block balancing
----------------
-Column c, holding ``nnz_c`` entries, belongs to block ``floor((N_c + nnz_c / 2) / block_nnz)``
-where ``N_c`` is the number of entries stored before column c: every column goes to the block
-in which its "centre of mass" falls. Blocks are therefore consecutive column ranges of about
-``block_nnz`` entries each (off by at most one column's entries), every block holds at least
-one column, and the rule depends only on prefix sums, so a stream of blocks can be re-balanced
-on the fly (:func:`rebalance_blocks`) with exactly the result of balancing the whole matrix.
-Dense matrices use a fixed width of ``max(1, round(block_nnz / m))`` columns per block, which
-keeps Zarr chunks of dense stores regular.
+File readers
+------------
+Each reader parses its file inside one ``try``: a truncated or corrupt file (and a file whose
+content does not match its suffix) raises :class:`~dnmf.exceptions.InputError` naming the file
+and the expected format, chained to the parser's error. ``.npz``/``.npy`` files are read with
+``allow_pickle=False``, always. Reading ``.h5ad`` files needs ``anndata``.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from typing import Any, Iterable, Iterator
+import zipfile
+import zlib
+from typing import Any
 
 import numpy as np
 
 from .._validation import check_int, param_error
 from ..exceptions import InputError
-from .blocks import Block, BlockedMatrix, CSCBlock, InMemorySource
+from .blocks import BlockedMatrix
+from .memory import (
+    _check_dtype_param,
+    _is_anndata,
+    column_block_bounds,
+    dense_block_width,
+    from_anndata,
+    from_memory,
+    index_dtype,
+    rebalance_blocks,
+)
+from .zarr_store import read_zarr
 
 __all__ = [
     "as_blocked",
@@ -51,377 +52,6 @@ __all__ = [
 ]
 
 _FUNC = "as_blocked"
-_INT32_LIMIT = 2**31
-
-
-# ---------------------------------------------------------------------------------------------
-# Small policies
-# ---------------------------------------------------------------------------------------------
-
-
-def index_dtype(nnz: int, n_rows: int = 0) -> np.dtype:
-    """The dtype of row indices for a matrix with ``nnz`` stored entries and ``n_rows`` rows.
-
-    int32 halves the memory traffic of the sparse kernels; int64 is used once the entry count
-    (or the row count) no longer fits in a signed 32-bit integer.
-    """
-    if int(nnz) >= _INT32_LIMIT or int(n_rows) >= _INT32_LIMIT:
-        return np.dtype(np.int64)
-    return np.dtype(np.int32)
-
-
-def dense_block_width(n_rows: int, block_nnz: int) -> int:
-    """Columns per dense block: the width whose m·n_j is nearest to ``block_nnz`` (at least 1)."""
-    return max(1, int(round(block_nnz / max(int(n_rows), 1))))
-
-
-def _block_labels(col_nnz: np.ndarray, offset: int, block_nnz: int) -> np.ndarray:
-    """Block label of each column: ``floor((N_c + nnz_c / 2) / block_nnz)`` in exact integers.
-
-    ``offset`` is the number of entries stored before the first column of ``col_nnz``.
-    """
-    col_nnz = np.asarray(col_nnz, dtype=np.int64)
-    before = offset + np.cumsum(col_nnz) - col_nnz
-    return (2 * before + col_nnz) // (2 * int(block_nnz))
-
-
-def column_block_bounds(col_nnz: np.ndarray, block_nnz: int) -> np.ndarray:
-    """Column boundaries of nnz-balanced blocks.
-
-    Parameters
-    ----------
-    col_nnz : array of shape (n,)
-        Stored entries per column.
-    block_nnz : int
-        Target entries per block.
-
-    Returns
-    -------
-    ndarray of shape (n_blocks + 1,), int64
-        Block j covers columns ``bounds[j]:bounds[j + 1]``; ``bounds[0] = 0``, ``bounds[-1] = n``.
-    """
-    col_nnz = np.asarray(col_nnz, dtype=np.int64)
-    n = len(col_nnz)
-    if n == 0:
-        return np.zeros(1, dtype=np.int64)
-    labels = _block_labels(col_nnz, 0, block_nnz)
-    starts = np.flatnonzero(np.diff(labels)) + 1
-    return np.concatenate([[0], starts, [n]]).astype(np.int64)
-
-
-def _dense_bounds(n_rows: int, n_cols: int, block_nnz: int) -> np.ndarray:
-    width = dense_block_width(n_rows, block_nnz)
-    return np.append(np.arange(0, n_cols, width, dtype=np.int64), np.int64(n_cols))
-
-
-def _value_dtype(dt: np.dtype, dtype: Any) -> np.dtype:
-    """The float dtype the values of an input of dtype ``dt`` are stored in."""
-    dt = np.dtype(dt)
-    if dt.kind not in "iubf":
-        raise InputError(
-            f"The data A passed to {_FUNC} must hold real numbers (int, uint, bool or float); "
-            f"got dtype {dt} instead."
-        )
-    if dtype is not None:
-        return _check_dtype_param(dtype)
-    if dt == np.float32 or dt == np.float64:
-        return dt
-    if dt == np.float16:
-        return np.dtype(np.float32)
-    return np.dtype(np.float64)  # integers, bool, long double
-
-
-def _check_dtype_param(dtype: Any) -> np.dtype:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt is None or dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise param_error("dtype", _FUNC, "None, float32 or float64", dtype)
-    return dt
-
-
-def _check_shape(shape: tuple, what: str = "A") -> tuple[int, int]:
-    if len(shape) != 2:
-        raise InputError(
-            f"The data {what} passed to {_FUNC} must be a 2-D matrix (features × samples); "
-            f"got a {len(shape)}-D array of shape {tuple(shape)} instead."
-        )
-    m, n = (int(s) for s in shape)
-    if m == 0 or n == 0:
-        raise InputError(
-            f"The data {what} passed to {_FUNC} must have at least one row and one column; "
-            f"got shape ({m}, {n}) instead."
-        )
-    return m, n
-
-
-# ---------------------------------------------------------------------------------------------
-# Building blocks
-# ---------------------------------------------------------------------------------------------
-
-
-def _csc_block(data, indices, indptr, n_rows: int, dtype: np.dtype, idx_dtype: np.dtype) -> CSCBlock:
-    """A CSCBlock with the requested dtypes (views when no conversion is needed)."""
-    indptr = np.asarray(indptr, dtype=np.int64)
-    if indptr[0] != 0:
-        indptr = indptr - indptr[0]
-    return CSCBlock(
-        data=np.asarray(data, dtype=dtype),
-        indices=np.asarray(indices, dtype=idx_dtype),
-        indptr=indptr,
-        n_rows=int(n_rows),
-    )
-
-
-def _slice_csc(block: CSCBlock, c0: int, c1: int) -> CSCBlock:
-    """Columns ``c0:c1`` of a CSC block (views of its arrays)."""
-    lo, hi = int(block.indptr[c0]), int(block.indptr[c1])
-    return CSCBlock(block.data[lo:hi], block.indices[lo:hi], block.indptr[c0 : c1 + 1] - lo, block.n_rows)
-
-
-def _hstack_csc(pieces: list[CSCBlock]) -> CSCBlock:
-    """Concatenate CSC blocks side by side (the pieces are returned as is when there is one)."""
-    if len(pieces) == 1:
-        return pieces[0]
-    offsets = np.cumsum([0] + [p.nnz for p in pieces[:-1]])
-    indptr = np.concatenate([pieces[0].indptr[:1]] + [p.indptr[1:] + off for p, off in zip(pieces, offsets)])
-    return CSCBlock(
-        data=np.concatenate([p.data for p in pieces]),
-        indices=np.concatenate([p.indices for p in pieces]),
-        indptr=indptr.astype(np.int64),
-        n_rows=pieces[0].n_rows,
-    )
-
-
-def _dense_block(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """A dense block as a contiguous float array; a contiguous slice of the right dtype is kept."""
-    if a.dtype == dtype and (a.flags.c_contiguous or a.flags.f_contiguous):
-        return a
-    return np.ascontiguousarray(a, dtype=dtype)
-
-
-def rebalance_blocks(blocks: Iterable[Block], n_rows: int, block_nnz: int, *, sparse: bool) -> Iterator[Block]:
-    """Re-cut a stream of column blocks into nnz-balanced blocks, holding one output block at a time.
-
-    The output is the same as balancing the whole matrix at once (see the module notes), so a
-    matrix that is already balanced for ``block_nnz`` passes through unchanged.
-
-    Parameters
-    ----------
-    blocks : iterable of CSCBlock or ndarray
-        Consecutive column blocks of an m × n matrix (all sparse or all dense).
-    n_rows : int
-        m.
-    block_nnz : int
-        Target stored entries per output block.
-    sparse : bool
-        Whether the blocks are CSCBlocks.
-
-    Yields
-    ------
-    CSCBlock or ndarray
-        Consecutive output blocks covering the same columns.
-    """
-    pending: list = []
-    pending_label = None
-    offset = 0  # entries (sparse) or columns (dense) before the current input block
-    width = dense_block_width(n_rows, block_nnz)
-    for block in blocks:
-        n_j = block.shape[1]
-        if n_j == 0:
-            continue
-        if sparse:
-            labels = _block_labels(np.diff(block.indptr), offset, block_nnz)
-            offset += block.nnz
-        else:
-            labels = (offset + np.arange(n_j, dtype=np.int64)) // width
-            offset += n_j
-        cuts = np.concatenate([[0], np.flatnonzero(np.diff(labels)) + 1, [n_j]])
-        for c0, c1 in zip(cuts[:-1], cuts[1:]):
-            label = labels[c0]
-            piece = _slice_csc(block, c0, c1) if sparse else block[:, c0:c1]
-            if label != pending_label and pending:
-                yield _hstack_csc(pending) if sparse else np.hstack(pending)
-                pending = []
-            pending.append(piece)
-            pending_label = label
-    if pending:
-        yield _hstack_csc(pending) if sparse else np.hstack(pending)
-
-
-def _canonical_csc(x, dtype: np.dtype):
-    """``x`` (any scipy.sparse matrix or array) as a canonical ``csc_array`` of ``dtype``.
-
-    The caller's matrix is never modified: sorting and summing duplicates work on a copy.
-    """
-    import scipy.sparse as sp
-
-    csc = sp.csc_array(x)  # shares arrays with x when x is already CSC
-    if csc.dtype != dtype:
-        csc = csc.astype(dtype)
-    if not csc.has_canonical_format:
-        csc = csc.copy()  # its arrays may be (views of) the caller's
-        csc.sum_duplicates()  # sorts indices too
-    return csc
-
-
-def _blocked_from_csc(csc, block_nnz: int, names=(None, None)) -> BlockedMatrix:
-    m, n = _check_shape(csc.shape)
-    idx = index_dtype(csc.nnz, m)
-    bounds = column_block_bounds(np.diff(csc.indptr), block_nnz)
-    whole = _csc_block(csc.data, csc.indices, csc.indptr, m, csc.dtype, idx)
-    sources = tuple(InMemorySource(_slice_csc(whole, c0, c1)) for c0, c1 in zip(bounds[:-1], bounds[1:]))
-    return BlockedMatrix(
-        shape=(m, n), dtype=np.dtype(csc.dtype), sources=sources, sparse=True, in_memory=True,
-        row_names=names[0], col_names=names[1],
-    )
-
-
-def _blocked_from_dense(a: np.ndarray, block_nnz: int, dtype: Any, names=(None, None)) -> BlockedMatrix:
-    m, n = _check_shape(a.shape)
-    dt = _value_dtype(a.dtype, dtype)
-    bounds = _dense_bounds(m, n, block_nnz)
-    sources = tuple(InMemorySource(_dense_block(a[:, c0:c1], dt)) for c0, c1 in zip(bounds[:-1], bounds[1:]))
-    return BlockedMatrix(
-        shape=(m, n), dtype=dt, sources=sources, sparse=False, in_memory=True,
-        row_names=names[0], col_names=names[1],
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# In-memory inputs
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_scipy_sparse(x) -> bool:
-    sp = sys.modules.get("scipy.sparse")
-    return sp is not None and sp.issparse(x)
-
-
-def _is_pydata_sparse(x) -> bool:
-    pkg = sys.modules.get("sparse")
-    return pkg is not None and isinstance(x, getattr(pkg, "SparseArray", ()))
-
-
-def _is_dask_array(x) -> bool:
-    da = sys.modules.get("dask.array")
-    return da is not None and isinstance(x, da.Array)
-
-
-def _is_anndata(x) -> bool:
-    ad = sys.modules.get("anndata")
-    return ad is not None and isinstance(x, ad.AnnData)
-
-
-def _pydata_to_scipy(x):
-    if x.ndim != 2:
-        _check_shape(x.shape)
-    if not x.fill_value == 0:
-        raise InputError(
-            f"The data A passed to {_FUNC} must be a pydata sparse array with fill value 0; "
-            f"got fill value {x.fill_value!r} instead."
-        )
-    return x.to_scipy_sparse()
-
-
-def _from_scipy(x, block_nnz: int, dtype: Any, names=(None, None)) -> BlockedMatrix:
-    _check_shape(x.shape)
-    dt = _value_dtype(x.dtype, dtype)
-    return _blocked_from_csc(_canonical_csc(x, dt), block_nnz, names)
-
-
-def _part_to_block(part, dtype: np.dtype, sparse: bool, idx: np.dtype) -> Block:
-    """One computed column range of a Dask array as a block."""
-    if _is_pydata_sparse(part):
-        part = _pydata_to_scipy(part)
-    if sparse:
-        if not _is_scipy_sparse(part):
-            import scipy.sparse as sp
-
-            part = sp.csc_array(np.asarray(part))
-        csc = _canonical_csc(part, dtype)
-        return _csc_block(csc.data, csc.indices, csc.indptr, csc.shape[0], dtype, idx)
-    if _is_scipy_sparse(part):
-        part = part.toarray()
-    return _dense_block(np.asarray(part), dtype)
-
-
-def _from_dask(x, block_nnz: int, dtype: Any, names=(None, None)) -> BlockedMatrix:
-    """A Dask array, computed one column chunk at a time (or whole when it fits one block)."""
-    m, n = _check_shape(x.shape)
-    dt = _value_dtype(x.dtype, dtype)
-    meta = getattr(x, "_meta", None)
-    sparse = _is_scipy_sparse(meta) or _is_pydata_sparse(meta)
-    if m * n <= block_nnz:
-        whole = x.compute()
-        if _is_pydata_sparse(whole):
-            whole = _pydata_to_scipy(whole)
-        if _is_scipy_sparse(whole):
-            return _from_scipy(whole, block_nnz, dtype, names)
-        return _blocked_from_dense(np.asarray(whole), block_nnz, dtype, names)
-    # The exact nnz is unknown before computing; int32 row indices are safe unless the dense
-    # size itself could exceed 2**31 entries.
-    idx = index_dtype(m * n if sparse else 0, m)
-    col_chunks = np.cumsum((0,) + tuple(x.chunks[1]))
-
-    def parts():
-        for c0, c1 in zip(col_chunks[:-1], col_chunks[1:]):
-            yield _part_to_block(x[:, int(c0) : int(c1)].compute(), dt, sparse, idx)
-
-    blocks = list(rebalance_blocks(parts(), m, block_nnz, sparse=sparse))
-    return BlockedMatrix(
-        shape=(m, n), dtype=dt, sources=tuple(InMemorySource(b) for b in blocks), sparse=sparse,
-        in_memory=True, row_names=names[0], col_names=names[1],
-    )
-
-
-def _from_anndata(adata, block_nnz: int, layer: str | None, dtype: Any) -> BlockedMatrix:
-    """AnnData (cells × genes) as genes × cells, named by var_names × obs_names."""
-    if layer is None:
-        x = adata.X
-        if x is None:
-            raise InputError(f"The AnnData passed to {_FUNC} has no .X; pass layer= to use one of its layers.")
-    else:
-        layers = list(adata.layers.keys())
-        if not isinstance(layer, str) or layer not in layers:
-            options = ", ".join(repr(k) for k in layers) or "(it has no layers)"
-            raise param_error("layer", _FUNC, f"None or a layer of the AnnData: {options}", layer)
-        x = adata.layers[layer]
-    if hasattr(x, "to_memory"):  # backed sparse datasets
-        x = x.to_memory()
-    elif type(x).__module__.startswith("h5py"):
-        x = x[()]
-    names = (tuple(str(v) for v in adata.var_names), tuple(str(o) for o in adata.obs_names))
-    return _dispatch(x.T, block_nnz, dtype, names)
-
-
-def _dispatch(A, block_nnz: int, dtype: Any, names=(None, None)) -> BlockedMatrix:
-    """In-memory (non-path, non-AnnData) inputs."""
-    if _is_scipy_sparse(A):
-        return _from_scipy(A, block_nnz, dtype, names)
-    if _is_pydata_sparse(A):
-        _check_shape(A.shape)
-        return _from_scipy(_pydata_to_scipy(A), block_nnz, dtype, names)
-    if _is_dask_array(A):
-        return _from_dask(A, block_nnz, dtype, names)
-    if isinstance(A, np.ndarray) or hasattr(A, "__array__") or isinstance(A, (list, tuple)):
-        try:
-            a = np.asarray(A)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"The data A passed to {_FUNC} could not be read as a numeric array: {e}") from e
-        if a.dtype == object:
-            raise InputError(
-                f"The data A passed to {_FUNC} must hold real numbers; got an array of dtype object "
-                f"(mixed or non-numeric values) instead."
-            )
-        _check_shape(a.shape)
-        return _blocked_from_dense(a, block_nnz, dtype, names)
-    raise InputError(
-        f"The data A passed to {_FUNC} must be a numpy array, a scipy.sparse matrix or array, a pydata "
-        f"sparse array, a dask array, an AnnData, a BlockedMatrix or a path (.zarr, .h5ad, .mtx, .mtx.gz, "
-        f".npz, .npy); got {type(A).__module__}.{type(A).__qualname__} instead."
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,45 +59,100 @@ def _dispatch(A, block_nnz: int, dtype: Any, names=(None, None)) -> BlockedMatri
 # ---------------------------------------------------------------------------------------------
 
 
+#: What a parser raises on a truncated, corrupt or mistyped file (InputError, also a ValueError,
+#: is never raised inside a parse step).
+_PARSE_ERRORS = (ValueError, EOFError, OSError, KeyError, IndexError, zipfile.BadZipFile, zlib.error)
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _parse_error(path: str, kind: str, cause) -> InputError:
+    """The InputError for a file that could not be parsed as ``kind``."""
+    if isinstance(cause, BaseException):
+        text = " ".join(str(cause).split()).rstrip(".") or type(cause).__name__
+        if len(text) > 200:
+            text = text[:197] + "..."
+        cause = f"{type(cause).__name__}: {text}"
+    return InputError(f"Could not read {path!r} as {kind}: {cause}. Check the file is complete, or re-export it.")
+
+
+def _from_file(path: str, convert, *args) -> BlockedMatrix:
+    """``convert(*args)`` on the matrix read from ``path``; its data errors also name the file."""
+    try:
+        return convert(*args)
+    except InputError as e:
+        if hasattr(e, "parameter"):  # a parameter error (layer=...) is not about the file's content
+            raise
+        raise InputError(f"{e} A was read from {path!r}.") from e
+
+
+def _starts_with(path: str, magics) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return any(head.startswith(m) for m in magics)
+
+
 def _read_mtx(path: str, block_nnz: int, layer, dtype) -> BlockedMatrix:
     import scipy.io
 
-    return _dispatch(scipy.io.mmread(path), block_nnz, dtype)
+    kind = "a MatrixMarket file" + (" (gzip-compressed)" if path.lower().endswith(".gz") else "")
+    try:
+        matrix = scipy.io.mmread(path)
+    except _PARSE_ERRORS as e:
+        raise _parse_error(path, kind, e) from e
+    return _from_file(path, from_memory, matrix, block_nnz, dtype)
 
 
 def _read_npz(path: str, block_nnz: int, layer, dtype) -> BlockedMatrix:
     import scipy.sparse as sp
 
-    with np.load(path, allow_pickle=False) as f:
-        keys = list(f.keys())
-        if "format" in keys and {"data", "shape"} <= set(keys):
-            matrix = None
-        elif len(keys) == 1:
-            matrix = f[keys[0]]
-        else:
-            raise InputError(
-                f"The .npz file {path!r} passed to {_FUNC} must hold a scipy.sparse matrix (save_npz) or a "
-                f"single array; it holds the arrays {', '.join(map(repr, keys))}."
-            )
+    kind = "a .npz sparse matrix (scipy.sparse.save_npz format) or single array (numpy.savez)"
+    if not _starts_with(path, _ZIP_MAGIC):
+        raise _parse_error(path, kind, "it is not a zip archive, which every .npz file is")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.keys())
+            if "format" in keys and {"data", "shape"} <= set(keys):
+                matrix = sp.load_npz(path)
+            elif len(keys) == 1:
+                matrix = f[keys[0]]
+            else:
+                matrix = None
+    except _PARSE_ERRORS as e:
+        raise _parse_error(path, kind, e) from e
     if matrix is None:
-        matrix = sp.load_npz(path)
-    return _dispatch(matrix, block_nnz, dtype)
+        raise InputError(
+            f"The .npz file {path!r} passed to {_FUNC} must hold a scipy.sparse matrix (save_npz) or a "
+            f"single array; it holds the arrays {', '.join(map(repr, keys))}."
+        )
+    return _from_file(path, from_memory, matrix, block_nnz, dtype)
 
 
 def _read_npy(path: str, block_nnz: int, layer, dtype) -> BlockedMatrix:
-    return _dispatch(np.load(path, allow_pickle=False), block_nnz, dtype)
+    kind = "a .npy array (numpy.save format)"
+    if not _starts_with(path, (_NPY_MAGIC,)):
+        raise _parse_error(path, kind, "it does not start with the .npy header")
+    try:
+        matrix = np.load(path, allow_pickle=False)
+    except _PARSE_ERRORS as e:
+        raise _parse_error(path, kind, e) from e
+    return _from_file(path, from_memory, matrix, block_nnz, dtype)
 
 
 def _read_h5ad(path: str, block_nnz: int, layer, dtype) -> BlockedMatrix:
-    import anndata
-
-    return _from_anndata(anndata.read_h5ad(path), block_nnz, layer, dtype)
+    try:
+        import anndata
+    except ImportError as e:
+        raise InputError("Reading .h5ad files needs the 'anndata' package: pip install anndata") from e
+    try:
+        adata = anndata.read_h5ad(path)
+    except _PARSE_ERRORS + (TypeError,) as e:
+        raise _parse_error(path, "an AnnData .h5ad file", e) from e
+    return _from_file(path, from_anndata, adata, block_nnz, layer, dtype)
 
 
 def _read_zarr(path: str, block_nnz: int, layer, dtype) -> BlockedMatrix:
-    from . import zarr_store
-
-    return zarr_store.read_zarr(path, block_nnz=block_nnz, layer=layer, dtype=dtype)
+    return read_zarr(path, block_nnz=block_nnz, layer=layer, dtype=dtype)
 
 
 #: File readers by suffix (lower case). A directory is read as a Zarr store whatever its name.
@@ -549,7 +234,10 @@ def as_blocked(A: Any, *, block_nnz: int = 1_000_000, layer: str | None = None, 
     ------
     InputError
         For arrays that are not 2-D, have no rows or columns, hold non-numeric values, for
-        unsupported types, missing paths, unknown layers and bad parameters.
+        unsupported types, missing paths, unknown layers and bad parameters; for sparse
+        matrices whose index arrays are out of range or inconsistent (checked before any
+        conversion); for truncated, corrupt or mistyped files and unreadable or incomplete
+        Zarr stores (a missing chunk), naming the file or store.
 
     Examples
     --------
@@ -567,7 +255,7 @@ def as_blocked(A: Any, *, block_nnz: int = 1_000_000, layer: str | None = None, 
     if isinstance(A, (str, bytes, os.PathLike)):
         return _from_path(A, block_nnz, layer, dtype)
     if _is_anndata(A):
-        return _from_anndata(A, block_nnz, layer, dtype)
+        return from_anndata(A, block_nnz, layer, dtype)
     if layer is not None:
         raise param_error("layer", _FUNC, "None for a non-AnnData input", layer)
-    return _dispatch(A, block_nnz, dtype)
+    return from_memory(A, block_nnz, dtype)

@@ -1,9 +1,10 @@
 """Column-blocked Zarr v3 stores: the out-of-core format of dnmf.
 
-:func:`write_zarr` writes any input of :func:`dnmf.io.as_blocked` one nnz-balanced column block
-at a time (a lazy :class:`~dnmf.io.blocks.BlockedMatrix` is never materialized), and
-:func:`read_zarr` opens such a store as a lazy matrix whose blocks are read from disk on every
-``load()``.
+:func:`dnmf.io.write_zarr` (through :func:`write_blocked`) writes any input of
+:func:`dnmf.io.as_blocked` one nnz-balanced column block at a time (a lazy
+:class:`~dnmf.io.blocks.BlockedMatrix` is never materialized), and :func:`read_zarr` opens such
+a store, or a Zarr matrix written by others, as a lazy matrix whose blocks are read from disk on
+every ``load()``.
 
 Sparse layout (``dnmf_format = "csc-blocked"``)
 ------------------------------------------------
@@ -21,14 +22,14 @@ A Zarr v3 group holding
     ``data[block_offsets[j] : block_offsets[j] + nnz_j]`` (columns in order, rows sorted).
 
 Every block's segment starts on a chunk boundary: the gap after a block, up to the next
-multiple of ``chunk_length``, is padding (zeros, never referenced). So different blocks never
+multiple of ``chunk_length``, is padding (fill values, never referenced). So different blocks never
 share a chunk, and writers of different blocks — threads, processes or Dask tasks — never
 read-modify-write the same chunk (partial-chunk writes from two writers corrupt Zarr data).
 We chose padding with plain chunks over sharding: Zarr's chunk grid is regular, so one shard per
 block is impossible for blocks of unequal size, and padding to a whole shard would waste more
 space than padding to a chunk. The chunk length is about an eighth of ``block_nnz`` (a power of
 two between 256 and 2**22), which bounds the padding to ~1/8 of a block (~6 % on average)
-before compression; compressed, the zero padding costs almost nothing.
+before compression; compressed, the constant padding costs almost nothing.
 
 Root attributes: ``{"dnmf_format": "csc-blocked", "version": 1, "shape": [m, n], "nnz": ...,
 "chunk_length": ...}``.
@@ -39,6 +40,34 @@ A 2-D Zarr v3 array of shape (m, n) with chunks (m, w), ``w = max(1, round(block
 one chunk per column block. Attributes: ``{"dnmf_format": "dense-blocked", "version": 1,
 "shape": [m, n], "block_cols": w}``.
 
+Missing chunks
+--------------
+Zarr reads a chunk whose file is missing as the array's fill value, so a store that lost a file
+(an interrupted copy or sync) would give a plausible, wrong matrix. Stores written by dnmf are
+protected twice, at no cost to a streaming read:
+
+* Every chunk is written (``write_empty_chunks=True``), so a complete store has all of them.
+  :func:`read_zarr` checks, when it opens a store, that every chunk of every data array
+  (``data``, ``indices``, ``indptr``, ``block_bounds``, ``block_offsets``, or the dense array)
+  exists (one ``stat`` per chunk file, no data read) and raises InputError naming the store,
+  the array and a missing chunk, asking to re-run ``dnmf convert``.
+* Fill values that valid data never holds: NaN for values, -1 for ``indices``, ``indptr``,
+  ``block_bounds`` and ``block_offsets``. A chunk lost after the store was opened reads as
+  NaN (rejected by :func:`dnmf.io.validate.check_data`) or -1 (rejected by the structure
+  checks of every block load).
+
+Checksums were not chosen: they would need a second read of every chunk, and a corrupted
+(rather than missing) chunk already fails to decompress.
+
+Stores written by others: for a sparse group (``data``/``indices``/``indptr``, also the
+``X`` or layer of an AnnData store) every chunk must exist too; a writer that skips chunks equal
+to the fill value (Zarr 3's default ``write_empty_chunks=False``) can leave out an all-zero
+chunk legitimately, which is rare in these arrays, and the error says how to re-write the
+store. A dense array is checked only when its fill value is NaN: with fill value 0, a missing
+chunk cannot be told from an all-zero one, and reads as zeros. The sparse structure
+(``indptr`` when the store is opened, the indices of each block when it is loaded) is checked
+for every store, ours or not.
+
 Atomicity
 ---------
 A store is written under a hidden temporary name beside ``path`` and renamed to ``path`` only
@@ -47,6 +76,7 @@ when complete, so an interrupted write never leaves a complete-looking store at 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -60,28 +90,32 @@ from dask.sizeof import sizeof
 from .._validation import check_int, param_error
 from ..exceptions import InputError
 from .blocks import BlockedMatrix, CSCBlock
-from .readers import (
+from .memory import (
     _canonical_csc,
     _check_dtype_param,
     _check_shape,
     _dense_block,
-    _from_anndata,
     _from_scipy,
     _value_dtype,
-    as_blocked,
     column_block_bounds,
     dense_block_width,
+    from_anndata,
     index_dtype,
     rebalance_blocks,
 )
+from .validate import check_compressed, check_indptr
 
-__all__ = ["write_zarr", "read_zarr", "ZarrBlockSource", "ZarrDenseSource", "SPARSE_FORMAT", "DENSE_FORMAT"]
+__all__ = ["read_zarr", "write_blocked", "chunk_length", "ZarrBlockSource", "ZarrDenseSource", "SPARSE_FORMAT",
+           "DENSE_FORMAT"]
 
 SPARSE_FORMAT = "csc-blocked"
 DENSE_FORMAT = "dense-blocked"
 FORMAT_VERSION = 1
 _MIN_CHUNK = 256
 _MAX_CHUNK = 2**22
+#: Zarr 3 skips chunks equal to the fill value by default; ours are all written, so that a
+#: missing chunk always means a lost file.
+_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +173,13 @@ class ZarrBlockSource:
         return self.entry_stop - self.entry_start
 
     def load(self) -> CSCBlock:
-        """Read the block: a :class:`CSCBlock` of shape (n_rows, n_cols) with indptr from 0."""
+        """Read the block: a :class:`CSCBlock` of shape (n_rows, n_cols) with indptr from 0.
+
+        The block's structure is checked before it is returned (before canonicalization, for
+        foreign stores): its ``indptr`` against the entries recorded when the store was opened,
+        and its row indices against ``n_rows`` (a min/max over the indices, a few per cent of
+        the read itself), so no kernel ever sees an index outside the block.
+        """
         import zarr
 
         g = zarr.open_group(self.path, mode="r", path=self.group or None)
@@ -152,6 +192,9 @@ class ZarrBlockSource:
             )
         data = g["data"][self.entry_start : self.entry_stop]
         indices = g["indices"][self.entry_start : self.entry_stop]
+        check_compressed(indptr, indices, data, (self.n_rows, self.n_cols), fmt="csc",
+                         what=f"The Zarr store {self.path!r} (block of columns {self.col_start}:{self.col_stop})",
+                         col0=self.col_start)
         if self.dtype is not None:
             data = data.astype(self.dtype, copy=False)
         indices = indices.astype(self.index_dtype, copy=False)
@@ -230,6 +273,62 @@ def _sparse_attrs(attrs: dict) -> tuple[str, tuple[int, int]] | None:
     return None
 
 
+def _missing_chunks(arr) -> tuple[int, int, str | None]:
+    """(missing, expected, first missing key) of the stored objects (chunks or shards) of ``arr``.
+
+    On a local store each expected object is looked up with one ``stat`` (zarr's own
+    ``nchunks_initialized`` compares key lists in quadratic time); on other stores zarr's count
+    is used and no key is named.
+    """
+    if arr.size == 0:
+        return 0, 0, None
+    per_object = arr.shards or arr.chunks
+    grid = [-(-int(size) // int(c)) for size, c in zip(arr.shape, per_object)]
+    expected = math.prod(grid)
+    root = getattr(arr.store_path.store, "root", None)
+    if root is None:
+        per_shard = math.prod(-(-int(s) // int(c)) for s, c in zip(per_object, arr.chunks)) if arr.shards else 1
+        return expected - int(arr.nchunks_initialized) // per_shard, expected, None
+    base = os.path.join(os.fspath(root), arr.store_path.path)
+    missing, first = 0, None
+    for coords in itertools.product(*(range(g) for g in grid)):
+        key = arr.metadata.encode_chunk_key(coords)
+        if not os.path.exists(os.path.join(base, key)):
+            missing += 1
+            first = first or key
+    return missing, expected, first
+
+
+def _check_chunks(path: str, arr, name: str | None, *, own: bool) -> None:
+    """Raise InputError if a stored chunk of the data array ``name`` of the store is missing.
+
+    ``name`` is the array's path in the store (None for a store that is one array). Zarr reads
+    a missing chunk as the array's fill value, so a store that lost a file would otherwise give
+    a plausible, wrong matrix.
+    """
+    missing, expected, first = _missing_chunks(arr)
+    if not missing:
+        return
+    fill = arr.fill_value
+    fill = float(fill) if np.dtype(arr.dtype).kind == "f" else int(fill)
+    array = "its array" if name is None else f"its '{name}' array"
+    where = f"e.g. {first if name is None else name + '/' + first}" if first else "counted by zarr"
+    head = (f"The Zarr store {path!r} is incomplete: {array} is missing {missing} of its {expected} "
+            f"stored chunks ({where}), which Zarr would read as the fill value {fill}.")
+    if own:
+        raise InputError(f"{head} Files of the store were lost after it was written; re-run `dnmf convert` (or "
+                         f"dnmf.io.write_zarr) from the original data to rewrite it.")
+    raise InputError(f"{head} Re-write the store from its source, with every chunk (Zarr 3 omits chunks equal to "
+                     f"the fill value unless written with write_empty_chunks=True), or convert the original file "
+                     f"with `dnmf convert`.")
+
+
+def _nan_fill(arr) -> bool:
+    """Whether ``arr``'s fill value is NaN: then no valid chunk is all fill, and none may be missing."""
+    fill = arr.fill_value
+    return np.dtype(arr.dtype).kind == "f" and fill is not None and bool(np.isnan(fill))
+
+
 def _read_own_sparse(path: str, g, dtype: Any) -> BlockedMatrix:
     attrs = dict(g.attrs)
     if attrs.get("version") != FORMAT_VERSION:
@@ -237,10 +336,21 @@ def _read_own_sparse(path: str, g, dtype: Any) -> BlockedMatrix:
             f"The Zarr store {path!r} has dnmf_format version {attrs.get('version')!r}; "
             f"this dnmf reads version {FORMAT_VERSION}."
         )
+    for name in ("block_bounds", "block_offsets", "indptr", "data", "indices"):
+        _check_chunks(path, g[name], name, own=True)
     m, n = (int(s) for s in attrs["shape"])
     bounds = np.asarray(g["block_bounds"][:], dtype=np.int64)
     offsets = np.asarray(g["block_offsets"][:], dtype=np.int64)
-    counts = np.diff(np.asarray(g["indptr"].vindex[bounds], dtype=np.int64))
+    n_entries = min(g["data"].shape[0], g["indices"].shape[0])
+    ok = (len(bounds) >= 1 and bounds[0] == 0 and bounds[-1] == n and np.all(np.diff(bounds) > 0)
+          and len(offsets) == len(bounds) - 1 and int(g["indptr"].shape[0]) == n + 1)
+    counts = np.diff(np.asarray(g["indptr"].vindex[bounds], dtype=np.int64)) if ok else None
+    if not ok or np.any(counts < 0) or np.any(offsets < 0) or np.any(offsets + counts > n_entries):
+        raise InputError(
+            f"The Zarr store {path!r} is corrupt: its block_bounds, block_offsets and indptr arrays do not describe "
+            f"blocks of a ({m}, {n}) matrix inside its {n_entries} stored entries. Re-run `dnmf convert` (or "
+            f"dnmf.io.write_zarr) from the original data to rewrite it."
+        )
     stored = np.dtype(g["data"].dtype)
     dt = _check_dtype_param(dtype) if dtype is not None else stored
     idx = str(np.dtype(g["indices"].dtype))
@@ -259,12 +369,18 @@ def _read_foreign_sparse(path: str, g, fmt: str, shape: tuple[int, int], block_n
     import scipy.sparse as sp
 
     m, n = _check_shape(shape)
+    for name in ("indptr", "data", "indices"):
+        _check_chunks(path, g[name], name, own=False)
     stored = np.dtype(g["data"].dtype)
     dt = _value_dtype(stored, dtype)
+    what = f"The Zarr store {path!r}"
     if fmt == "csr":  # rows are features: no column access without a transpose, read it whole
-        csr = sp.csr_array((g["data"][:], g["indices"][:], g["indptr"][:]), shape=(m, n))
-        return _from_scipy(csr, block_nnz, dtype)
-    indptr = np.asarray(g["indptr"][:], dtype=np.int64)
+        data, indices, indptr = g["data"][:], g["indices"][:], g["indptr"][:]
+        check_compressed(indptr, indices, data, (m, n), fmt="csr", what=what)
+        return _from_scipy(sp.csr_array((data, indices, indptr), shape=(m, n)), block_nnz, dtype)
+    indptr = np.asarray(g["indptr"][:])
+    check_indptr(indptr, g["indices"].shape[0], g["data"].shape[0], (m, n), fmt="csc", what=what)
+    indptr = indptr.astype(np.int64, copy=False)
     bounds = column_block_bounds(np.diff(indptr), block_nnz)
     idx = str(index_dtype(int(indptr[-1] - indptr[0]), m))
     sources = tuple(
@@ -282,8 +398,11 @@ def _read_dense(path: str, arr, block_nnz: int, dtype: Any) -> BlockedMatrix:
     m, n = _check_shape(arr.shape)
     stored = np.dtype(arr.dtype)
     dt = _value_dtype(stored, dtype)
+    own = arr.attrs.get("dnmf_format") == DENSE_FORMAT
+    if _nan_fill(arr):  # with fill value 0, a missing chunk cannot be told from an all-zero one
+        _check_chunks(path, arr, arr.name.strip("/") or None, own=own)
     chunk_cols = int(arr.chunks[1])
-    if arr.attrs.get("dnmf_format") == DENSE_FORMAT:
+    if own:
         width = chunk_cols  # our stores: one chunk per block
     else:
         width = dense_block_width(m, block_nnz)
@@ -296,6 +415,51 @@ def _read_dense(path: str, arr, block_nnz: int, dtype: Any) -> BlockedMatrix:
         for c0 in starts
     )
     return BlockedMatrix(shape=(m, n), dtype=dt, sources=sources, sparse=False, in_memory=False)
+
+
+def _check_anndata_chunks(path: str, g, layer: str | None) -> None:
+    """Check the chunks of the AnnData matrix that will be read (``X`` or ``layers/<layer>``)."""
+    import zarr
+
+    key = "X" if layer is None else f"layers/{layer}"
+    try:
+        node = g[key]
+    except KeyError:
+        return  # no such matrix: from_anndata names the valid layers
+    if isinstance(node, zarr.Array):
+        if _nan_fill(node):
+            _check_chunks(path, node, key, own=False)
+    elif {"data", "indices", "indptr"} <= set(node.keys()):
+        for name in ("indptr", "data", "indices"):
+            _check_chunks(path, node[name], f"{key}/{name}", own=False)
+
+
+def _open_matrix(path: str, node, block_nnz: int, layer, dtype) -> BlockedMatrix:
+    import zarr
+
+    attrs = dict(node.attrs)
+    is_anndata = isinstance(node, zarr.Group) and attrs.get("encoding-type") == "anndata"
+    if layer is not None and not is_anndata:
+        raise param_error("layer", "as_blocked", "None for a store that is not an AnnData store", layer)
+    if isinstance(node, zarr.Array):
+        return _read_dense(path, node, block_nnz, dtype)
+    if attrs.get("dnmf_format") == SPARSE_FORMAT:
+        return _read_own_sparse(path, node, dtype)
+    if is_anndata:
+        _check_anndata_chunks(path, node, layer)
+        try:
+            import anndata
+        except ImportError as e:
+            raise InputError("Reading AnnData Zarr stores needs the 'anndata' package: pip install anndata") from e
+        return from_anndata(anndata.read_zarr(path), block_nnz, layer, dtype)
+    sparse = _sparse_attrs(attrs)
+    if sparse is not None and {"data", "indices", "indptr"} <= set(node.keys()):
+        return _read_foreign_sparse(path, node, sparse[0], sparse[1], block_nnz, dtype)
+    raise InputError(
+        f"The Zarr store {path!r} passed to as_blocked is not a matrix: expected a 2-D array, a store written "
+        f"by dnmf.io.write_zarr, a csr/csc group (data, indices, indptr and a 'shape' attribute) or an AnnData "
+        f"store; found a group with members {sorted(node.keys())} and attributes {sorted(attrs)}."
+    )
 
 
 def read_zarr(path: str, *, block_nnz: int = 1_000_000, layer: str | None = None, dtype: Any = None) -> BlockedMatrix:
@@ -320,6 +484,13 @@ def read_zarr(path: str, *, block_nnz: int = 1_000_000, layer: str | None = None
     Returns
     -------
     BlockedMatrix
+
+    Raises
+    ------
+    InputError
+        The store cannot be opened or its metadata read (naming the store), it is not a matrix,
+        a chunk of a data array is missing (see the module notes), or its sparse structure is
+        broken.
     """
     import zarr
     import zarr.errors
@@ -328,28 +499,13 @@ def read_zarr(path: str, *, block_nnz: int = 1_000_000, layer: str | None = None
     block_nnz = check_int(block_nnz, "block_nnz", "as_blocked", low=1)
     try:
         node = zarr.open(path, mode="r")
-    except (FileNotFoundError, ValueError, KeyError, zarr.errors.BaseZarrError) as e:
-        raise InputError(f"The path A passed to as_blocked is not a readable Zarr store: {path!r} ({e}).") from e
-    attrs = dict(node.attrs)
-    is_anndata = isinstance(node, zarr.Group) and attrs.get("encoding-type") == "anndata"
-    if layer is not None and not is_anndata:
-        raise param_error("layer", "as_blocked", "None for a store that is not an AnnData store", layer)
-    if isinstance(node, zarr.Array):
-        return _read_dense(path, node, block_nnz, dtype)
-    if attrs.get("dnmf_format") == SPARSE_FORMAT:
-        return _read_own_sparse(path, node, dtype)
-    if is_anndata:
-        import anndata
-
-        return _from_anndata(anndata.read_zarr(path), block_nnz, layer, dtype)
-    sparse = _sparse_attrs(attrs)
-    if sparse is not None and {"data", "indices", "indptr"} <= set(node.keys()):
-        return _read_foreign_sparse(path, node, sparse[0], sparse[1], block_nnz, dtype)
-    raise InputError(
-        f"The Zarr store {path!r} passed to as_blocked is not a matrix: expected a 2-D array, a store written "
-        f"by dnmf.io.write_zarr, a csr/csc group (data, indices, indptr and a 'shape' attribute) or an AnnData "
-        f"store; found a group with members {sorted(node.keys())} and attributes {sorted(attrs)}."
-    )
+        return _open_matrix(path, node, block_nnz, layer, dtype)
+    except InputError:
+        raise
+    except (FileNotFoundError, ValueError, KeyError, OSError, zarr.errors.BaseZarrError) as e:
+        cause = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(f"The path A passed to as_blocked is not a readable Zarr store: {path!r} "
+                         f"({type(e).__name__}: {cause}). Check the store is complete, or re-write it.") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,9 +534,9 @@ def _write_sparse(blocked: BlockedMatrix, tmp: str, block_nnz: int, compressors)
     root = zarr.open_group(tmp, mode="w", zarr_format=3)
     capacity = declared + (declared // block_nnz + 1) * clen  # each block pads < clen entries
     data = root.create_array("data", shape=(capacity,), chunks=(clen,), dtype=dt, compressors=compressors,
-                             fill_value=0)
+                             fill_value=np.nan, config=_EVERY_CHUNK)
     indices = root.create_array("indices", shape=(capacity,), chunks=(clen,), dtype=idx,
-                                compressors=compressors, fill_value=0)
+                                compressors=compressors, fill_value=-1, config=_EVERY_CHUNK)
     indptr_parts = [np.zeros(1, dtype=np.int64)]
     bounds, offsets = [0], []
     nnz = 0  # entries written
@@ -411,9 +567,12 @@ def _write_sparse(blocked: BlockedMatrix, tmp: str, block_nnz: int, compressors)
     data.resize((end,))
     indices.resize((end,))
     indptr = np.concatenate(indptr_parts)
-    root.create_array("indptr", data=indptr, chunks=(min(len(indptr), 2**20),), compressors=compressors)
-    root.create_array("block_bounds", data=np.asarray(bounds, dtype=np.int64), chunks=(len(bounds),))
-    root.create_array("block_offsets", data=np.asarray(offsets, dtype=np.int64), chunks=(max(len(offsets), 1),))
+    root.create_array("indptr", data=indptr, chunks=(min(len(indptr), 2**20),), compressors=compressors,
+                      fill_value=-1, config=_EVERY_CHUNK)
+    root.create_array("block_bounds", data=np.asarray(bounds, dtype=np.int64), chunks=(len(bounds),),
+                      fill_value=-1, config=_EVERY_CHUNK)
+    root.create_array("block_offsets", data=np.asarray(offsets, dtype=np.int64), chunks=(max(len(offsets), 1),),
+                      fill_value=-1, config=_EVERY_CHUNK)
     root.attrs.update({"dnmf_format": SPARSE_FORMAT, "version": FORMAT_VERSION, "shape": [m, n], "nnz": nnz,
                        "chunk_length": clen})
 
@@ -425,7 +584,7 @@ def _write_dense(blocked: BlockedMatrix, tmp: str, block_nnz: int, compressors) 
     dt = np.dtype(blocked.dtype)
     width = dense_block_width(m, block_nnz)
     arr = zarr.create_array(tmp, shape=(m, n), chunks=(m, width), dtype=dt, compressors=compressors,
-                            zarr_format=3, fill_value=0)
+                            zarr_format=3, fill_value=np.nan, config=_EVERY_CHUNK)
     col = 0
     for block in rebalance_blocks(blocked.iter_blocks(), m, block_nnz, sparse=False):
         block = np.asarray(block)
@@ -448,64 +607,13 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def write_zarr(
-    A: Any,
-    path: str | os.PathLike,
-    *,
-    block_nnz: int = 1_000_000,
-    overwrite: bool = False,
-    compressors: Any = "auto",
-    layer: str | None = None,
-) -> str:
-    """Write ``A`` as a column-blocked Zarr v3 store for out-of-core fitting.
+def write_blocked(blocked: BlockedMatrix, path: str, *, block_nnz: int, compressors: Any = "auto") -> str:
+    """Write ``blocked`` as a store at ``path`` (absolute), atomically, replacing what is there.
 
-    Parameters
-    ----------
-    A : anything :func:`dnmf.io.as_blocked` accepts, shape (m, n)
-        A lazy :class:`BlockedMatrix` is written one block at a time, never materialized.
-    path : str or os.PathLike
-        Target directory.
-    block_nnz : int, default 1_000_000
-        Target stored entries per column block (the blocks the engine will use).
-    overwrite : bool, default False
-        Replace an existing ``path`` (only once the new store is complete).
-    compressors : default "auto"
-        Passed to ``zarr.create_array`` for the data arrays ("auto": Zarr's default, Zstandard).
-    layer : str, optional
-        AnnData layer, when ``A`` is AnnData or an AnnData file.
-
-    Returns
-    -------
-    str
-        The absolute path of the store.
-
-    Notes
-    -----
-    See the module docstring for the layout. The store is written under a temporary name
-    beside ``path`` and renamed when complete; on any error the temporary store is removed
-    and nothing appears at ``path``.
-
-    Examples
-    --------
-    >>> import os, tempfile
-    >>> import scipy.sparse as sp
-    >>> from dnmf.io import as_blocked, write_zarr
-    >>> A = sp.random(50, 40, density=0.1, random_state=0, format="csc")
-    >>> out = write_zarr(A, os.path.join(tempfile.mkdtemp(), "a.zarr"), block_nnz=60)
-    >>> B = as_blocked(out)
-    >>> B.in_memory, B.shape, (B.to_scipy() != A).nnz
-    (False, (50, 40), 0)
+    The store is written under a hidden temporary name beside ``path`` and renamed when complete;
+    on any error the temporary store is removed and ``path`` is left as it was. The public
+    entry point is :func:`dnmf.io.write_zarr`, which checks its arguments and accepts any input.
     """
-    func = "write_zarr"
-    block_nnz = check_int(block_nnz, "block_nnz", func, low=1)
-    if not isinstance(overwrite, (bool, np.bool_)):
-        raise param_error("overwrite", func, "a bool", overwrite)
-    if not isinstance(path, (str, os.PathLike)):
-        raise param_error("path", func, "a str or os.PathLike", path)
-    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    if os.path.lexists(path) and not overwrite:
-        raise InputError(f"The path {path!r} passed to {func} exists; pass overwrite=True to replace it.")
-    blocked = A if isinstance(A, BlockedMatrix) else as_blocked(A, block_nnz=block_nnz, layer=layer)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.partial")
