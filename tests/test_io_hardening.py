@@ -65,15 +65,16 @@ def _set(arr, k, value):
                                                  r"e.g. row index 6 in column 1.$"),
         (lambda x: _set(x.indices, 0, -2), _CSC + r"its indices must be row indices in \[0, 6\); found 1 out of "
                                                   r"range, e.g. row index -2 in column 0.$"),
-        (lambda x: _set(x.indptr, 2, 9), _CSC + r"its indptr must be non-decreasing \(column c holds the entries "
-                                                r"indptr\[c\]:indptr\[c \+ 1\]\); got indptr\[3\] = 6 < indptr\[2\] = 9"),
-        (lambda x: setattr(x, "indptr", x.indptr[:-1]), _CSC + r"its indptr must have 5 \+ 1 = 6 entries \(one per "
-                                                              r"column, plus one\); got 5 instead.$"),
+        (lambda x: _set(x.indptr, 2, 9),
+         _CSC + r"its indptr must be non-decreasing \(column c holds the entries indptr\[c\]:indptr\[c \+ 1\]\); "
+                r"got indptr\[3\] = 6 < indptr\[2\] = 9"),
+        (lambda x: setattr(x, "indptr", x.indptr[:-1]),
+         _CSC + r"its indptr must have 5 \+ 1 = 6 entries \(one per column, plus one\); got 5 instead.$"),
         (lambda x: _set(x.indptr, 5, 12), _CSC + r"its indptr ends at 12, the number of stored entries, so it needs "
                                                  r"at least 12 indices and values; got 10 indices and 10 values"),
         (lambda x: _set(x.indptr, 0, 1), _CSC + r"its indptr must start at 0; got indptr\[0\] = 1 instead.$"),
-        (lambda x: setattr(x, "indices", x.indices.astype(np.float64)), _CSC + r"its indices must be a 1-D integer "
-                                                                             r"array; got a 1-D array of dtype float64"),
+        (lambda x: setattr(x, "indices", x.indices.astype(np.float64)),
+         _CSC + r"its indices must be a 1-D integer array; got a 1-D array of dtype float64"),
     ],
     ids=["row-too-large", "row-negative", "indptr-decreasing", "indptr-short", "indptr-past-nnz", "indptr-start",
          "float-indices"],
