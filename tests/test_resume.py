@@ -206,6 +206,7 @@ def test_sigkill_of_dnmf_run_then_resume(tmp_path, reference_fit):
     assert kill_when(proc, lambda: (checkpoint_iteration(store) or 0) >= 6), "the fit ended before the kill"
     at_kill = checkpoint_iteration(store)
     assert 6 <= at_kill < 60 and store_status(store) == "running"
+    assert RunStore.open(store).is_stale() and not RunStore.open(store).is_complete  # its process is gone
     assert not (store / "model").exists()  # no results yet: nothing looks finished
     resumed = run_cli(["run", str(cfg_path), "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr

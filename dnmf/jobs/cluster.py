@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 from typing import Callable, Iterator
 
@@ -17,7 +19,7 @@ from ..config import AddressClusterConfig, JobqueueClusterConfig, LocalClusterCo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["jobqueue_cluster", "local_cluster", "connect", "dashboard_link"]
+__all__ = ["jobqueue_cluster", "local_cluster", "connect", "dashboard_link", "scheduler_info"]
 
 
 def local_cluster(cfg: LocalClusterConfig):
@@ -62,10 +64,21 @@ def jobqueue_cluster(cfg: JobqueueClusterConfig):
     return cls(**kwargs)
 
 
+def scheduler_info(client, *, workers: bool = True) -> dict:
+    """``client.scheduler_info()`` with every worker listed (``workers``) or none.
+
+    Recent ``distributed`` lists only the first few workers unless asked for ``n_workers=-1``;
+    older versions take no ``n_workers`` and always list all of them.
+    """
+    if _takes_n_workers(type(client)):
+        return client.scheduler_info(n_workers=-1 if workers else 0)
+    return client.scheduler_info()
+
+
 def dashboard_link(client) -> str | None:
     """The dashboard URL of ``client``'s scheduler, or None when it has no dashboard."""
     try:
-        info = client.scheduler_info(n_workers=0) if _takes_n_workers(client) else client.scheduler_info()
+        info = scheduler_info(client, workers=False)
         if not info.get("services", {}).get("dashboard"):
             return None
         return client.dashboard_link
@@ -73,10 +86,9 @@ def dashboard_link(client) -> str | None:
         return None
 
 
-def _takes_n_workers(client) -> bool:
-    import inspect
-
-    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+@functools.lru_cache(maxsize=None)
+def _takes_n_workers(client_type) -> bool:
+    return "n_workers" in inspect.signature(client_type.scheduler_info).parameters
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ store, the Dask client, checkpoint paths, progress displays, plot helpers and
 from __future__ import annotations
 
 import contextlib
-import functools
+import html
+import inspect
 import logging
 import platform
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..config import JobConfig
+from ..engine.checkpoint import CheckpointError
 from ..exceptions import ConfigError, DnmfError, InputError
 from . import plots as _plots
 from .progress import Progress
@@ -28,8 +30,9 @@ logger = logging.getLogger("dnmf.jobs")
 
 __all__ = ["Job", "RunResult", "run_job", "package_versions", "RESUME_KEYS_IGNORED"]
 
-#: Top-level config keys that may change between an interrupted run and its resumption.
-RESUME_KEYS_IGNORED = ("cluster", "checkpoint", "progress", "output")
+#: Config keys (dotted paths; a section covers all its keys) that may change between a run and
+#: its resumption: where and how it executes, how it reports, and how far it iterates.
+RESUME_KEYS_IGNORED = ("cluster", "checkpoint", "progress", "output", "model.maxit")
 
 _VERSION_PACKAGES = ("dnmf", "numpy", "scipy", "numba", "dask", "distributed", "zarr", "pandas", "anndata",
                      "h5py", "dask-jobqueue", "matplotlib", "scikit-learn", "pyyaml")
@@ -202,15 +205,37 @@ class RunResult:
 def _config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[tuple[str, Any, Any]]:
     diffs = []
     for key in sorted(set(old) | set(new)):
-        if not prefix and key in RESUME_KEYS_IGNORED:
-            continue
         path = f"{prefix}{key}"
+        if path in RESUME_KEYS_IGNORED:
+            continue
         a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             diffs.extend(_config_diff(a, b, path + "."))
         elif a != b:
             diffs.append((path, a, b))
     return diffs
+
+
+def _maxit(config_dict: Mapping):
+    model = config_dict.get("model")
+    return model.get("maxit") if isinstance(model, Mapping) else None
+
+
+def _check_resumable(store: RunStore, config: JobConfig) -> None:
+    """ConfigError when ``config`` cannot continue ``store`` (changed model, or maxit below a checkpoint)."""
+    path = config.store_path
+    diffs = _config_diff(store.meta.get("config", {}), config.to_dict())
+    if diffs:
+        shown = "; ".join(f"{k}: run has {a!r}, config has {b!r}" for k, a, b in diffs[:5])
+        raise ConfigError(f"Cannot resume the run at {str(path)!r}: its config differs ({shown}). "
+                          "Resume with the same config, or start over with --overwrite.")
+    maxit = _maxit(config.to_dict())
+    if isinstance(maxit, int):
+        for name, it in store.checkpoint_iterations().items():
+            if it > maxit:
+                raise ConfigError(f"Cannot resume the run at {str(path)!r} with model.maxit={maxit}: its checkpoint "
+                                  f"{name!r} is at iteration {it} already. model.maxit can only grow on resume; "
+                                  "raise it, or start over with --overwrite.")
 
 
 def _prepare_store(config: JobConfig, resume: bool, overwrite: bool, echo) -> tuple[RunStore | None, bool]:
@@ -223,30 +248,105 @@ def _prepare_store(config: JobConfig, resume: bool, overwrite: bool, echo) -> tu
             echo(f"no interrupted run at {path}; starting a new one")
         return RunStore.create(path, meta), False
     if not RunStore.exists(path):
-        raise InputError(f"{str(path)!r} exists and is not a dnmf run store; refusing to replace it. "
-                         "Choose another name or output.dir.")
+        damage = RunStore.damage(path)
+        if damage is None:
+            raise InputError(f"{str(path)!r} exists and is not a dnmf run store; refusing to replace it. "
+                             "Choose another name or output.dir.")
+        if overwrite:
+            echo(f"replacing the damaged run store at {path}")
+            return RunStore.create(path, meta), False
+        raise CheckpointError(f"The run store at {str(path)!r} is damaged: {damage}. It cannot be resumed; "
+                              "pass --overwrite to start over.", path=str(path), problems={"zarr.json": damage})
     store = RunStore.open(path)
     if overwrite:
         echo(f"replacing the run at {path}")
         return RunStore.create(path, meta), False
+    complete = store.is_complete
+    if not complete and not store.has_progress() and (store.status in ("failed", "interrupted")
+                                                      or store.is_stale()):
+        echo(f"the run at {path} stopped before its first checkpoint (status {store.status!r}); starting it again")
+        return RunStore.create(path, meta), False
     if resume:
-        if store.is_complete:
-            echo(f"the run at {path} is already complete; nothing to resume")
-            return None, True
-        diffs = _config_diff(store.meta.get("config", {}), config.to_dict())
-        if diffs:
-            shown = "; ".join(f"{k}: run has {a!r}, config has {b!r}" for k, a, b in diffs[:5])
-            raise ConfigError(f"Cannot resume the run at {str(path)!r}: its config differs ({shown}). "
-                              "Resume with the same config, or start over with --overwrite.")
-        store.update_meta(status="running", attempts=int(store.meta.get("attempts", 1)) + 1,
-                          versions=package_versions())
-        echo(f"resuming the interrupted run at {path}")
+        _check_resumable(store, config)
+        if complete:
+            old, new = _maxit(store.meta.get("config", {})), _maxit(config.to_dict())
+            if old == new or not store.extendable_checkpoints():
+                echo(f"the run at {path} is already complete; nothing to resume")
+                return None, True
+            store.reopen()
+            echo(f"the run at {path} stopped at model.maxit={old} without converging; "
+                 f"continuing it to model.maxit={new}")
+        else:
+            store.reopen()
+            echo(f"resuming the interrupted run at {path}")
+        store.update_meta(versions=package_versions(), config=config.to_dict(), config_yaml=config.to_yaml())
         return store, True
-    if store.is_complete:
+    if complete:
         raise DnmfError(f"A complete run already exists at {str(path)!r}. Pass --overwrite to replace it "
                         "or set another name (--set name=...).")
-    raise DnmfError(f"An interrupted run exists at {str(path)!r} (status {store.status!r}). "
+    status = store.status if store.status != "complete" else "complete, without its completion marker"
+    raise DnmfError(f"An interrupted run exists at {str(path)!r} (status {status!r}). "
                     "Pass --resume to continue it from its last checkpoint, or --overwrite to start over.")
+
+
+class _JobReport:
+    """``distributed.performance_report`` written self-contained (bokeh's JavaScript inline, so
+    it opens without internet), with the job's config and pipeline source as its calling code."""
+
+    def __init__(self, filename: Path, code: str):
+        from distributed import performance_report
+
+        self._report = performance_report(filename=str(filename), mode="inline")
+        self._code = code
+
+    def __enter__(self):
+        self._report.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        from distributed import get_client
+
+        # performance_report.__exit__ would show the frame that closes it (this runner);
+        # pass the job's own code instead (escaped: the report puts it inside <pre>).
+        get_client().sync(self._report.__aexit__, exc_type, exc, tb, code=html.escape(self._code))
+        return False
+
+
+def _job_code(config: JobConfig, pipe) -> str:
+    """What the report shows as calling code: the job's config and its pipeline's source."""
+    try:
+        source = inspect.getsource(pipe)
+    except (OSError, TypeError):
+        source = f"# source of {pipe.__name__} not available"
+    config_lines = "\n".join("#   " + ln for ln in config.to_yaml().splitlines())
+    return (f"# dnmf run: job {config.name!r}, pipeline {config.pipeline!r} ({pipe.__name__})\n"
+            f"# config:\n{config_lines}\n\n{source}")
+
+
+def _report_path(config: JobConfig, store: RunStore) -> Path:
+    """``<name>-report.html`` for the first attempt, ``<name>-report-<attempt>.html`` after."""
+    attempt = int(store.meta.get("attempts", 1))
+    suffix = "report.html" if attempt == 1 else f"report-{attempt}.html"
+    return Path(config.output.dir) / f"{config.name}-{suffix}"
+
+
+def _mark_stopped(store: RunStore, status: str, error: str) -> None:
+    try:
+        store.mark_stopped(status, error)
+    except Exception as e:  # noqa: BLE001 - the original error is the one to report
+        logger.warning("could not record status %r in %s: %s", status, store.path, e)
+
+
+def _damaged_checkpoint_error(store: RunStore, e: CheckpointError) -> CheckpointError:
+    where = Path(e.path)
+    try:
+        where = where.relative_to(store.path)
+    except ValueError:
+        return e
+    detail = "; ".join(f"{k}: {v}" for k, v in e.problems.items()) or str(e)
+    return CheckpointError(f"Cannot resume the run at {str(store.path)!r}: its checkpoint '{where}' is damaged and "
+                           f"no slot holds a valid state to resume from ({detail}). Pass --overwrite to start over.",
+                           path=str(store.path), problems=e.problems)
 
 
 def run_job(config: JobConfig, *, resume: bool = False, overwrite: bool = False, client: Any = None,
@@ -258,12 +358,17 @@ def run_job(config: JobConfig, *, resume: bool = False, overwrite: bool = False,
     config : JobConfig
         From :func:`dnmf.config.load_config`.
     resume : bool
-        Continue an interrupted run from its checkpoints (finished sweep tasks are skipped);
-        a complete run is left as it is.
+        Continue an interrupted run from its checkpoints (finished sweep tasks are skipped).
+        A complete run is left as it is, unless its fit stopped at ``model.maxit`` without
+        converging and the config raises ``model.maxit``: then the fit continues from its
+        final state. The config may differ from the run's only in
+        :data:`RESUME_KEYS_IGNORED`.
     overwrite : bool
         Replace an existing run of the same name.
-    client : distributed.Client, optional
-        Use this client instead of starting the config's cluster.
+    client : distributed.Client or False, optional
+        Use this client instead of starting the config's cluster; ``False`` runs the fits
+        in-process on threads (no cluster and no performance report; pipelines with
+        parallel sweeps need a client).
     echo : callable, optional
         Receives the lines meant for the user (default: print to stderr).
     stream : file, optional
@@ -272,9 +377,21 @@ def run_job(config: JobConfig, *, resume: bool = False, overwrite: bool = False,
     Returns
     -------
     RunResult
-    """
-    from distributed import performance_report
 
+    Raises
+    ------
+    CheckpointError
+        The run's store or checkpoint is damaged and no valid state remains (the message
+        names the store; ``overwrite=True`` starts over). A damaged checkpoint slot whose
+        other slot is valid is not an error: the fit resumes from that slot with a warning.
+
+    Notes
+    -----
+    Every attempt ends with the store marked "complete" (with its completion marker),
+    "failed" (an exception) or "interrupted" (Ctrl-C); a failed or interrupted run with no
+    checkpoint yet, or one left "running" by a process that is gone, is simply started
+    again by the next run.
+    """
     from pipelines import get_pipeline
 
     echo = echo or _stderr_echo
@@ -285,44 +402,54 @@ def run_job(config: JobConfig, *, resume: bool = False, overwrite: bool = False,
         files = tuple(config.store_path.parent / f for f in RunStore.open(config.store_path).meta.get("files", []))
         return RunResult(store=config.store_path, files=files, runtime=0.0, resumed=True, skipped=True)
     echo(f"run {config.name!r} ({config.pipeline}): store {store.path}")
-    with contextlib.ExitStack() as stack:
-        if client is None:
-            from .cluster import connect
-
-            client = stack.enter_context(connect(config.cluster, echo))
-        else:
-            from .cluster import dashboard_link
-
-            echo(f"cluster: given client; dashboard: {dashboard_link(client) or 'disabled'}")
-        stack.enter_context(client.as_current())
-        from .cluster import dashboard_link
-
-        n_workers = len(client.scheduler_info(**_all_workers(client)).get("workers", {}))
-        store.update_meta(dashboard=dashboard_link(client), n_workers=n_workers)
-        report = None
-        if config.output.performance_report:
-            report = Path(config.output.dir) / f"{config.name}-report.html"
-            stack.enter_context(performance_report(filename=str(report)))
-        job = Job(config=config, store=store, client=client, resume=resumed, echo=echo, stream=stream)
-        pipe.run(config, job)
-    if report is not None and report.exists():
-        store.add_file(report.name)
-    runtime = time.perf_counter() - t0
-    store.update_meta(runtime=runtime)
-    store.mark_complete()
+    try:
+        _run_attempt(pipe, config, store, client, resumed, echo, stream)
+        runtime = time.perf_counter() - t0
+        store.update_meta(runtime=runtime)
+        store.mark_complete()
+    except CheckpointError as e:
+        _mark_stopped(store, "failed", str(e))
+        raise _damaged_checkpoint_error(store, e) from e
+    except Exception as e:
+        _mark_stopped(store, "failed", f"{type(e).__name__}: {e}")
+        raise
+    except BaseException as e:  # KeyboardInterrupt, SystemExit: resumable, never complete
+        _mark_stopped(store, "interrupted", type(e).__name__)
+        raise
     files = tuple(store.path.parent / f for f in store.meta.get("files", []))
     echo(f"done in {runtime:.1f} s: {store.path}" + (f" (+ {len(files)} files beside it)" if files else ""))
     return RunResult(store=store.path, files=files, runtime=runtime, resumed=resumed)
 
 
-@functools.lru_cache(maxsize=None)
-def _scheduler_info_takes_n_workers() -> bool:
-    import inspect
+def _run_attempt(pipe, config: JobConfig, store: RunStore, client: Any, resumed: bool, echo, stream) -> None:
+    """Connect (or use ``client``; ``False``: in-process threads, no cluster), then run the pipeline."""
+    reports: list[Path] = []
+    try:
+        _run_pipeline(pipe, config, store, client, resumed, echo, stream, reports)
+    finally:
+        for report in reports:  # a failed attempt's report is kept and listed too
+            if report.exists():
+                store.add_report(report)
 
-    from distributed import Client
 
-    return "n_workers" in inspect.signature(Client.scheduler_info).parameters
+def _run_pipeline(pipe, config, store, client, resumed, echo, stream, reports: list) -> None:
+    from .cluster import connect, dashboard_link, scheduler_info
 
-
-def _all_workers(client) -> dict:
-    return {"n_workers": -1} if _scheduler_info_takes_n_workers() else {}
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(connect(config.cluster, echo))
+        elif client is not False:
+            echo(f"cluster: given client; dashboard: {dashboard_link(client) or 'disabled'}")
+        if client is False:
+            echo("cluster: none (in-process threads)")
+            store.update_meta(dashboard=None, n_workers=0)
+        else:
+            stack.enter_context(client.as_current())
+            store.update_meta(dashboard=dashboard_link(client), n_workers=len(scheduler_info(client).get("workers", {})))
+            if config.output.performance_report:
+                report = _report_path(config, store)
+                report.parent.mkdir(parents=True, exist_ok=True)
+                reports.append(report)
+                stack.enter_context(_JobReport(report, _job_code(config, pipe)))
+        job = Job(config=config, store=store, client=client, resume=resumed, echo=echo, stream=stream)
+        pipe.run(config, job)
