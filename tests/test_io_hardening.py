@@ -147,6 +147,22 @@ def test_malformed_bsr_and_anndata():
         as_blocked(adata)
 
 
+@pytest.mark.parametrize("block_nnz", [10**6, 4])  # computed whole / one column chunk at a time
+def test_malformed_dask_chunk_is_rejected_before_dask_stacks_chunks(block_nnz):
+    import dask.array as da
+
+    def chunk(values, block_info=None):
+        x = sp.csr_matrix(values)
+        if block_info[None]["chunk-location"] == (1, 0):
+            x.indptr[1] = 7  # past this 3 × 3 chunk's entries
+        return x
+
+    A = da.from_array(np.arange(1.0, 37.0).reshape(6, 6), chunks=(3, 3)).map_blocks(chunk, meta=sp.csr_matrix((0, 0)))
+    with pytest.raises(InputError, match=r"^A chunk of the dask array A passed to as_blocked is not a valid CSR "
+                                         r"matrix of shape \(3, 3\): its indptr must be non-decreasing"):
+        as_blocked(A, block_nnz=block_nnz)
+
+
 def test_unsorted_and_duplicate_indices_are_summed_not_rejected():
     # Valid (non-canonical) input: sorted and summed on a copy, as scipy's sum_duplicates does.
     x = sp.csc_matrix(([1.0, 2.0, 4.0, 8.0], [3, 1, 3, 0], [0, 3, 4]), shape=(4, 2))

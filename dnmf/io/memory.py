@@ -18,7 +18,8 @@ Conventions applied to every input
 * Sparse structure is checked on the caller's arrays before SciPy converts them (SciPy's C++
   conversions, like our kernels, trust the indices): an index out of range, a decreasing or
   mis-sized ``indptr`` or COO coordinates outside the shape raise InputError
-  (:func:`dnmf.io.validate.check_compressed`, :func:`~dnmf.io.validate.check_coo`).
+  (:func:`dnmf.io.validate.check_compressed`, :func:`~dnmf.io.validate.check_coo`). Sparse
+  chunks of a Dask array are checked chunk by chunk, before Dask stacks them.
   Unsorted and duplicate indices are valid input: they are sorted and summed, on a copy.
 * AnnData is cells × genes; it is transposed to genes × cells, with ``row_names`` taken from
   ``var_names`` and ``col_names`` from ``obs_names``. A CSR ``.X`` *is* a CSC genes × cells
@@ -349,18 +350,32 @@ def _check_scipy_structure(x, what: str = _SPARSE_WHAT) -> None:
                          what=f"{what} (its grid of {r} × {c} blocks)")
 
 
-def _check_pydata_structure(x) -> None:
+def _check_pydata_structure(x, what: str = _SPARSE_WHAT) -> None:
     """Check the coordinates (COO) or index arrays (2-D GCXS) of a pydata sparse array."""
     coords = getattr(x, "coords", None)
     if coords is not None:
         coords = np.asarray(coords)
         if coords.ndim != 2 or coords.shape[0] != 2:
-            raise InputError(f"{_SPARSE_WHAT} is not a valid COO array of shape {tuple(x.shape)}: its coords must "
+            raise InputError(f"{what} is not a valid COO array of shape {tuple(x.shape)}: its coords must "
                              f"be a 2 × nnz array; got shape {coords.shape} instead.")
-        check_coo(coords[0], coords[1], x.data, x.shape)
+        check_coo(coords[0], coords[1], x.data, x.shape, what=what)
     elif hasattr(x, "indptr") and hasattr(x, "compressed_axes"):
         fmt = "csr" if tuple(x.compressed_axes) == (0,) else "csc"
-        check_compressed(x.indptr, x.indices, x.data, x.shape, fmt=fmt)
+        check_compressed(x.indptr, x.indices, x.data, x.shape, fmt=fmt, what=what)
+
+
+def _checked_chunk(chunk):
+    """A chunk of a Dask array, returned after its sparse structure is checked.
+
+    Mapped over the chunks before anything is computed, so a malformed chunk is rejected before
+    Dask stacks chunks together (SciPy's stacking trusts the index arrays too).
+    """
+    what = f"A chunk of the dask array A passed to {_FUNC}"
+    if _is_scipy_sparse(chunk):
+        _check_scipy_structure(chunk, what=what)
+    elif _is_pydata_sparse(chunk) and chunk.ndim == 2:
+        _check_pydata_structure(chunk, what=what)
+    return chunk
 
 
 def _pydata_to_scipy(x):
@@ -417,6 +432,7 @@ def _from_dask(x, block_nnz: int, dtype: Any, names=(None, None)) -> BlockedMatr
     dt = _value_dtype(x.dtype, dtype)
     meta = getattr(x, "_meta", None)
     sparse = _is_scipy_sparse(meta) or _is_pydata_sparse(meta)
+    x = x.map_blocks(_checked_chunk, dtype=x.dtype, meta=meta)
     if m * n <= block_nnz:
         whole = x.compute()
         if _is_pydata_sparse(whole):
