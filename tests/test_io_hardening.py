@@ -192,6 +192,9 @@ def test_hand_built_blocks_are_checked_by_check_data():
         _fit(blocked(out_of_range))
     with pytest.raises(InputError, match=r"has a block \(columns 0:3\) of shape \(4, 2\); expected \(4, 3\)"):
         check_data(BlockedMatrix((4, 3), np.dtype(np.float64), (_Wide(unsorted),), sparse=True))
+    with pytest.raises(InputError, match=r"must be read as CSCBlock or ndarray blocks; got a block of type "
+                                         r"builtins.list for columns 0:3 instead.$"):
+        check_data(BlockedMatrix((4, 3), np.dtype(np.float64), (_Wide([[1.0]]),), sparse=False))
     # a new column may restart at a low row, also after empty columns
     ok = CSCBlock(np.ones(4), np.array([1, 3, 0, 2], np.int32), np.array([0, 0, 2, 2, 4]), 4)
     check_block(ok, 4, 4)

@@ -256,7 +256,7 @@ def check_block(block, n_rows: int, n_cols: int, *, col0: int = 0, func: str = "
         shape = block.shape
     else:
         raise InputError(f"{what} must be read as CSCBlock or ndarray blocks; got a block of type "
-                         f"{type(block).__module__}.{type(block).__qualname__} for columns {col0}: instead.")
+                         f"{type(block).__module__}.{type(block).__qualname__} for columns {col0}:{col0 + n_cols} instead.")
     if tuple(shape) != (n_rows, n_cols):
         raise InputError(f"{what} has a block (columns {col0}:{col0 + n_cols}) of shape {tuple(shape)}; "
                          f"expected ({n_rows}, {n_cols}).")
