@@ -1,8 +1,10 @@
-"""Helpers shared by ``nmfkc`` and ``nmfre`` (spec ``nmfre.md`` §1).
+"""Helpers shared by ``nmfkc`` (:mod:`dnmf.covariates`) and NMF-RE (:mod:`dnmf.mixed`).
 
-Everything here is small dense NumPy on factor-sized arrays (P × Q, Q × K, Q × N) and is
-part of the contract between :mod:`dnmf.covariates` and :mod:`dnmf.mixed`; signatures are
-kept stable.
+The one module both packages import for their common numerics (spec ``nmfre.md`` §1):
+constants, the variance clip, the guarded division, the column normalisation, the basis
+order, the ridge Cholesky solve, the ICC, the executor context, labels, significance stars
+and input checks. Everything is small dense NumPy on factor-sized arrays (P × Q, Q × K,
+Q × N). It imports nothing from either package, so both import it downwards.
 
 Conventions (R's): ``vec`` is column-major, so element (q, k) of a Q × K matrix sits at
 position ``q + Q·k`` of ``vec_cm``; the Hessian of ‖Y − XCA‖² in vec(C) is
@@ -11,80 +13,76 @@ position ``q + Q·k`` of ``vec_cm``; the Hessian of ‖Y − XCA‖² in vec(C) 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
 from typing import Any, Sequence
 
 import numpy as np
+import scipy.linalg
 
 from .._validation import param_error
+from ..exceptions import DnmfError
 
 __all__ = [
-    "EPS_MU",
+    "EPS",
     "CLIP_LO",
     "CLIP_HI",
-    "clip_variance",
+    "LAMBDA_FLOOR",
+    "clip_var",
     "safe_div",
-    "normalize_X",
+    "normalize_columns",
     "basis_order",
-    "reorder_basis",
     "basis_names",
-    "dfU_from_lambda",
-    "icc_trace",
-    "r_squared_all",
-    "r_squared_grand_mean",
     "colnorm",
+    "cholesky_spd",
+    "ridge_solve",
+    "icc",
+    "executor_for",
+    "r_squared_all",
     "effective_rank",
     "effective_rank_expected",
     "effective_rank_index",
     "vec_cm",
     "unvec_cm",
     "quantile_type7",
+    "axis_names",
     "as_data_matrix",
     "as_covariate_matrix",
+    "check_rank_vs_shape",
     "dot_id",
+    "stars",
 ]
 
-EPS_MU = 1e-10
-"""Multiplicative-update guard ``eps`` of the R code (``.eps``)."""
-CLIP_LO = 1e-12
-CLIP_HI = 1e12
+EPS = 1e-10
+"""Multiplicative-update guard ``eps`` of the R code (``.eps``; spec §1)."""
+CLIP_LO, CLIP_HI = 1e-12, 1e12
+"""Bounds of σ² and τ² (spec §1)."""
+LAMBDA_FLOOR = 1e-12
+"""Smallest ridge λ = σ²/τ² used by the NMF-RE solves."""
 
 
-def clip_variance(v: float) -> float:
-    """``min(max(v, 1e-12), 1e12)``: the clip applied to σ² and τ²."""
-    return float(min(max(float(v), CLIP_LO), CLIP_HI))
+def clip_var(v: float) -> float:
+    """``min(max(v, 1e-12), 1e12)``, applied to σ² and τ² (spec §1)."""
+    return float(min(max(v, CLIP_LO), CLIP_HI))
 
 
 def safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """``num / max(den, 1e-10)`` elementwise with NaN/±Inf results set to 0 (``.nmfre.safe.div``)."""
+    """``num / max(den, 1e-10)`` elementwise with NaN/±Inf set to 0 (R ``.nmfre.safe.div``)."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        out = np.asarray(num, dtype=float) / np.maximum(den, 1e-10)
+        out = num / np.maximum(den, 1e-10)
     out[~np.isfinite(out)] = 0.0
     return out
 
 
-def normalize_X(X: np.ndarray, C: np.ndarray, U: np.ndarray | None = None):
-    """Rescale columns of X to sum 1, moving the scale into C (and U): X(CA + U) unchanged.
+def normalize_columns(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column sums ``d`` (floored at 1e-12) and ``X D⁻¹`` (spec §1 normalisation).
 
-    Parameters
-    ----------
-    X : ndarray of shape (P, Q)
-    C : ndarray of shape (Q, K)
-    U : ndarray of shape (Q, N) or None
-
-    Returns
-    -------
-    X, C, U
-        New arrays; ``d_q = max(colSum_q(X), 1e-12)``, X ← X D⁻¹, C ← D C, U ← D U.
+    The caller applies ``C ← D C`` and ``U ← D U`` so that ``X(CA + U)`` is unchanged.
     """
     d = np.maximum(X.sum(axis=0), 1e-12)
-    X = X / d[None, :]
-    C = C * d[:, None]
-    if U is not None:
-        U = U * d[:, None]
-    return X, C, U
+    return X / d, d
 
 
 def basis_order(X: np.ndarray) -> np.ndarray:
@@ -95,32 +93,52 @@ def basis_order(X: np.ndarray) -> np.ndarray:
     return np.argsort(score, kind="stable")
 
 
-def reorder_basis(order: np.ndarray, X: np.ndarray, *row_mats: np.ndarray | None):
-    """Apply a basis permutation: columns of ``X``, rows of each of ``row_mats`` (None passes)."""
-    out = [X[:, order]]
-    for M in row_mats:
-        out.append(None if M is None else M[order, ...])
-    return tuple(out)
-
-
 def basis_names(prefix: str, Q: int) -> tuple[str, ...]:
     """``paste0(prefix, 1:Q)``."""
     return tuple(f"{prefix}{q + 1}" for q in range(Q))
 
 
-def dfU_from_lambda(d: np.ndarray, N: int, lam: float) -> float:
-    """``df_U(λ) = N·Σ_q d_q/(d_q + λ)`` with ``d`` the eigenvalues of XᵀX (clipped at 0)."""
-    d = np.maximum(np.asarray(d, dtype=float), 0.0)
-    lam = max(float(lam), 1e-12)
-    return float(N * np.sum(d / (d + lam)))
+def colnorm(B: np.ndarray) -> np.ndarray:
+    """Each column divided by ``max(colSum, 1e-12)`` (spec §3.5 ``B.prob``)."""
+    return B / np.maximum(B.sum(axis=0), 1e-12)[None, :]
 
 
-def icc_trace(X: np.ndarray, sigma2: float, tau2: float) -> float:
-    """Trace ICC: ``τ²·tr(XᵀX) / (τ²·tr(XᵀX) + σ²·P)``."""
+def cholesky_spd(M: np.ndarray, what: str = "X'X + lambda*I", func: str = "nmfre") -> np.ndarray:
+    """Lower Cholesky factor of the ridge matrix M; a clear error when M is not SPD."""
+    try:
+        return np.linalg.cholesky(M)
+    except np.linalg.LinAlgError as e:
+        raise DnmfError(f"{func}: {what} is not symmetric positive definite (Cholesky failed).") from e
+
+
+def ridge_solve(L: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``M⁻¹ rhs`` from the lower Cholesky factor ``L`` of M."""
+    return scipy.linalg.cho_solve((L, True), rhs, check_finite=False)
+
+
+def icc(X: np.ndarray, sigma2: float, tau2: float) -> float:
+    """Trace ICC ``τ²·tr(XᵀX) / (τ²·tr(XᵀX) + σ²·P)`` (NaN when the denominator is not positive)."""
     tr = float(np.sum(X * X))
-    P = X.shape[0]
-    den = tau2 * tr + sigma2 * P
+    den = tau2 * tr + sigma2 * X.shape[0]
     return float(tau2 * tr / den) if den > 0 else float("nan")
+
+
+@contextlib.contextmanager
+def executor_for(client):
+    """The executor of ``client`` (see :func:`dnmf.engine.executor.get_executor`), closed after use.
+
+    ``client=None`` gives a local thread pool: leaving the context closes it, so no call leaks
+    threads.
+    """
+    from ..engine.executor import get_executor
+
+    ex = get_executor(client)
+    try:
+        yield ex
+    finally:
+        close = getattr(ex, "close", None)
+        if close is not None:
+            close()
 
 
 def r_squared_all(Y: np.ndarray, fit: np.ndarray, weights: np.ndarray | None = None) -> dict:
@@ -150,18 +168,6 @@ def r_squared_all(Y: np.ndarray, fit: np.ndarray, weights: np.ndarray | None = N
     ss_c = float(np.sum(np.where(valid, (Y - rmean[:, None]) ** 2, 0.0)))
     r2c = 1.0 - sse / ss_c if np.isfinite(ss_c) and ss_c > 0 else nan
     return {"r_squared": r2, "r_squared_uncentered": r2u, "r_squared_centered": r2c}
-
-
-def r_squared_grand_mean(Y: np.ndarray, fit: np.ndarray) -> float:
-    """``1 − ‖Y − fit‖² / Σ(Y − mean(Y))²`` (the legacy R² of nmfre at 56d65eb)."""
-    Y = np.asarray(Y, dtype=float)
-    sst = float(np.sum((Y - Y.mean()) ** 2))
-    return 1.0 - float(np.sum((Y - fit) ** 2)) / sst if sst > 0 else float("nan")
-
-
-def colnorm(B: np.ndarray) -> np.ndarray:
-    """Divide each column by ``max(colSum, 1e-12)``."""
-    return B / np.maximum(B.sum(axis=0), 1e-12)[None, :]
 
 
 def effective_rank(B: np.ndarray) -> float:
@@ -281,14 +287,14 @@ def as_covariate_matrix(A: Any, N: int, func: str, *, nonneg: bool = True):
     return arr, names
 
 
-def check_rank_vs_shape(Q: int, P: int, N: int, func: str, data_name: str = "Y") -> None:
+def check_rank_vs_shape(Q: int, P: int, N: int, func: str, data_name: str = "Y", stacklevel: int = 3) -> None:
     """Warn when the rank exceeds min(P, N): accepted (as in R), but the basis is not identifiable."""
     if Q > min(P, N):
         warnings.warn(
             f"{func}: rank = {Q} is above min(P, N) = {min(P, N)} for the {P} × {N} {data_name}; the fit runs (as "
             f"in R) but some basis vectors are redundant and not identifiable. Lower rank (currently {Q}).",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .._validation import check_int, check_option, param_error
 from ..exceptions import ConvergenceWarning
-from ._common import EPS_MU, as_covariate_matrix, as_data_matrix
+from ._common import EPS, as_covariate_matrix, as_data_matrix, executor_for
 from .nmfkc import nmfkc
 
 __all__ = ["ECVResult", "CVResult", "nmfkc_ecv", "nmfkc_cv", "element_folds", "column_blocks"]
@@ -121,7 +121,7 @@ def column_blocks(N: int, nfolds: int, seed: Optional[int], shuffle: bool, r_rng
 
 def _heldout_loss(y: np.ndarray, pred: np.ndarray, method: str) -> float:
     if method == "KL":
-        return float(np.mean(-y * np.log(pred + EPS_MU) + pred))
+        return float(np.mean(-y * np.log(pred + EPS) + pred))
     return float(np.mean((y - pred) ** 2))
 
 
@@ -228,10 +228,9 @@ def nmfkc_ecv(
     kwargs = dict(nmfkc_kwargs)
     kwargs.setdefault("seed", seed)
     kwargs.setdefault("r_rng", r_rng)
-    from ..engine.executor import get_executor
-
     items = [(q, folds[k]) for q in ranks for k in range(nfolds)]
-    losses = get_executor(client).map(_ecv_task, items, args=(Y0, A, nan_mask, method, kwargs))
+    with executor_for(client) as ex:
+        losses = ex.map(_ecv_task, items, args=(Y0, A, nan_mask, method, kwargs))
     fold = np.array(losses, dtype=float).reshape(len(ranks), nfolds)
     obj = fold.mean(axis=1)
     sigma = np.sqrt(obj) if method == "EU" else np.full(len(ranks), np.nan)
@@ -258,11 +257,11 @@ def _refit_B(X, Y_test, W_test, method, epsilon, maxit, B_L1=0.0):
             if B_L1:
                 den = den + B_L1 / 2.0
         else:
-            num = X.T @ (W_test * (Y_test / (XB + EPS_MU)))
+            num = X.T @ (W_test * (Y_test / (XB + EPS)))
             den = X.T @ W_test
             if B_L1:
                 den = den + B_L1
-        C = C * (num / (den + EPS_MU))
+        C = C * (num / (den + EPS))
         new = float(C.sum())
         if it >= 10 and abs(new - old) / max(abs(new), 1.0) <= abs(epsilon):
             break
@@ -290,7 +289,7 @@ def _cv_task(j, Y, W, A, block, rank, method, A_kernel, kwargs):
         r = W_te * (Y_te - XB)
         loss = float(np.sum(r * r))
     else:
-        loss = float(np.sum(-(W_te * Y_te) * np.log(XB + EPS_MU) + W_te * XB))
+        loss = float(np.sum(-(W_te * Y_te) * np.log(XB + EPS) + W_te * XB))
     return loss, int((W_te > 0).sum())
 
 
@@ -375,10 +374,8 @@ def nmfkc_cv(
             raise param_error(bad, func, "not given in nmfkc_kwargs (set by nmfkc_cv)", nmfkc_kwargs[bad])
     kwargs = dict(nmfkc_kwargs)
     kwargs.setdefault("r_rng", r_rng)
-    from ..engine.executor import get_executor
-
-    out = get_executor(client).map(_cv_task, list(range(1, nfolds + 1)),
-                                   args=(Y0, W, A, block, rank, method, A_kernel, kwargs))
+    with executor_for(client) as ex:
+        out = ex.map(_cv_task, list(range(1, nfolds + 1)), args=(Y0, W, A, block, rank, method, A_kernel, kwargs))
     per = np.array([o[0] for o in out])
     n_valid = sum(o[1] for o in out)
     obj = float(per.sum() / max(n_valid, 1))

@@ -28,7 +28,7 @@ from scipy import stats
 
 from .._validation import check_float, check_int, check_option, param_error
 from ..exceptions import InputError
-from ._common import as_covariate_matrix, as_data_matrix, quantile_type7, stars, unvec_cm, vec_cm
+from ._common import as_covariate_matrix, as_data_matrix, executor_for, quantile_type7, stars, unvec_cm, vec_cm
 from .nmfkc import NMFKCResult
 
 logger = logging.getLogger(__name__)
@@ -448,8 +448,6 @@ def nmfkc_inference(
 
     bse_vec = lo = hi = draws = None
     if wild_bootstrap:
-        from ..engine.executor import get_executor
-
         sizes = _chunks(wild_B)
         if r_rng:
             from ..rrng import RRandom
@@ -477,11 +475,12 @@ def nmfkc_inference(
         else:
             children = np.random.SeedSequence(int(seed)).spawn(len(sizes))
             items = [("seed", ch, s) for ch, s in zip(children, sizes)]
-        ex = get_executor(client)
-        if method == "onestep":
-            parts = ex.map(_onestep_task, items, args=(c_hat, Hinv @ S, wild_dist))
-        else:
-            parts = ex.map(_refit_task, items, args=(Yhat, R, X, A, C, wild_dist, wild_unit, refit_epsilon, refit_maxit))
+        with executor_for(client) as ex:
+            if method == "onestep":
+                parts = ex.map(_onestep_task, items, args=(c_hat, Hinv @ S, wild_dist))
+            else:
+                parts = ex.map(_refit_task, items,
+                               args=(Yhat, R, X, A, C, wild_dist, wild_unit, refit_epsilon, refit_maxit))
         draws = np.concatenate(parts, axis=1)
         bse_vec = np.std(draws, axis=1, ddof=1)
         alpha = 1.0 - wild_level

@@ -27,7 +27,7 @@ import numpy as np
 from .._validation import check_float, check_int, check_option, param_error
 from ..exceptions import ConvergenceWarning, DnmfError, InputError
 from ._common import (
-    EPS_MU,
+    EPS,
     as_covariate_matrix,
     as_data_matrix,
     basis_names,
@@ -238,7 +238,7 @@ def _loss(Y, XB, W, method) -> float:
     if method == "EU":
         R = Y - XB
         return float(np.sum(W * R * R))
-    return float(np.sum(-(W * Y) * np.log(XB + EPS_MU) + W * XB))
+    return float(np.sum(-(W * Y) * np.log(XB + EPS) + W * XB))
 
 
 def mu_iterate(
@@ -297,7 +297,7 @@ def mu_iterate(
                 num = WY @ B.T
                 den = WXB @ B.T
                 num, den = _x_penalties(num, den, X, X_L2_ortho, X_L2_smooth)
-                X = _xnorm(X * (num / (den + EPS_MU)), X_restriction)
+                X = _xnorm(X * (num / (den + EPS)), X_restriction)
             # 3. C step: new X, stale XB
             if A is None:
                 num_C = X.T @ WY
@@ -307,16 +307,16 @@ def mu_iterate(
                 den_C = X.T @ WXB @ At
             if C_L1 != 0:
                 den_C = den_C + C_L1 / 2.0
-            C = C * (num_C / (den_C + EPS_MU))
+            C = C * (num_C / (den_C + EPS))
             R = Y - XB
             obj = float(np.sum(W * R * R))
         else:  # KL
-            ratio = W * (Y / (XB + EPS_MU))
+            ratio = W * (Y / (XB + EPS))
             if update_X:
                 num = ratio @ B.T
                 den = W @ B.T
                 num, den = _x_penalties(num, den, X, X_L2_ortho, X_L2_smooth)
-                X = _xnorm(X * (num / (den + EPS_MU)), X_restriction)
+                X = _xnorm(X * (num / (den + EPS)), X_restriction)
             if A is None:
                 num_C = X.T @ ratio
                 den_C = X.T @ W
@@ -325,8 +325,8 @@ def mu_iterate(
                 den_C = X.T @ WAt
             if C_L1 != 0:
                 den_C = den_C + C_L1
-            C = C * (num_C / (den_C + EPS_MU))
-            obj = float(np.sum(-WY * np.log(XB + EPS_MU) + W * XB))
+            C = C * (num_C / (den_C + EPS))
+            obj = float(np.sum(-WY * np.log(XB + EPS) + W * XB))
         # 4. objective with penalties at the updated factors
         obj += _penalty(X, C, C_L1, X_L2_ortho, X_L2_smooth)
         objs[i - 1] = obj
@@ -428,8 +428,8 @@ def initial_X(
             Xs = runif_matrix()
             Bs = runif(Q * N).reshape((Q, N), order="F")
             for _it in range(10):
-                Bs = Bs * (Xs.T @ Y_init) / (Xs.T @ Xs @ Bs + EPS_MU)
-                Xs = Xs * (Y_init @ Bs.T) / (Xs @ Bs @ Bs.T + EPS_MU)
+                Bs = Bs * (Xs.T @ Y_init) / (Xs.T @ Xs @ Bs + EPS)
+                Xs = Xs * (Y_init @ Bs.T) / (Xs @ Bs @ Bs.T + EPS)
             obj = float(np.sum((Y_init - Xs @ Bs) ** 2))
             if obj < best:
                 best, X = obj, Xs
@@ -579,17 +579,17 @@ def criteria(
     res = (Y - XB)[valid]
     out["sigma"] = float(np.std(res, ddof=1)) if res.size > 1 else nan
     out["mae"] = float(np.mean(np.abs(res))) if res.size else nan
-    B_prob = B / (B.sum(axis=0) + EPS_MU)[None, :]
+    B_prob = B / (B.sum(axis=0) + EPS)[None, :]
     if Q > 1:
         crit["B_prob_sd_min"] = float(np.min(np.std(B_prob, axis=1, ddof=1))) if N > 1 else nan
         crit["B_prob_max_mean"] = float(np.mean(B_prob.max(axis=0)))
-        pe = B_prob + EPS_MU
+        pe = B_prob + EPS
         crit["B_prob_entropy_mean"] = float(-np.mean((pe * np.log(pe)).sum(axis=0)) / np.log(Q))
     else:
         crit.update(B_prob_sd_min=0.0, B_prob_entropy_mean=0.0, B_prob_max_mean=1.0)
     B_cluster = np.argmax(B_prob, axis=0).astype(np.int64)
     B_cluster[B_prob.sum(axis=0) == 0] = -1
-    X_prob = X / (X.sum(axis=1) + EPS_MU)[:, None]
+    X_prob = X / (X.sum(axis=1) + EPS)[:, None]
     X_cluster = np.argmax(X_prob, axis=1).astype(np.int64)
     er = effective_rank(B)
     crit["effective_rank"] = er
@@ -785,7 +785,7 @@ def nmfkc(
     else:
         Y_init = Y.copy()
         if (W == 0).any():
-            row_means = Y.sum(axis=1) / (W.sum(axis=1) + EPS_MU)
+            row_means = Y.sum(axis=1) / (W.sum(axis=1) + EPS)
             miss = W == 0
             Y_init[miss] = np.broadcast_to(row_means[:, None], Y.shape)[miss]
         X, init_used = initial_X(Y_init, Q, X_init, seed=seed, nstart=nstart, maxit=maxit, r_rng=r_rng)

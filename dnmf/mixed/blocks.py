@@ -34,24 +34,34 @@ from dask.sizeof import sizeof
 from threadpoolctl import threadpool_limits
 
 from .._validation import check_float, check_int, check_option, param_error
-from ..exceptions import ConvergenceWarning, InputError
+from ..exceptions import ConvergenceWarning, DnmfError, InputError
 from ..io.blocks import BlockedMatrix, CSCBlock, InMemorySource
-from .nmfre import (
-    DEFAULT_RATES,
+from ..covariates._common import (
     EPS,
-    CapOptions,
-    CapState,
+    axis_names,
+    basis_names,
     basis_order,
-    check_matrix_init,
     clip_var,
-    df_u,
-    fit_cap,
-    gram_eigenvalues,
-    kmeans_start,
-    nmfkc_eu_stats,
+    executor_for,
+    icc,
     normalize_columns,
     ridge_solve,
 )
+from ._core import DEFAULT_RATES, check_matrix_init, df_u, gram_eigenvalues, to_matrix
+from .fit import CapOptions, CapState, fit_cap, kmeans_start, nmfkc_eu_stats
+from .inference import (
+    chunk_bounds,
+    chunk_seed,
+    coefficient_table,
+    multipliers,
+    r_exp_multipliers,
+    sandwich,
+    score_matrix,
+    seed_root,
+    summarize_boot,
+)
+from .result import NMFREResult
+from .scan import COLUMNS, DfUScanResult, choose_rate, scan_row
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +163,6 @@ def final_chunk(blk: REBlock, U, X, C, ymean, ymean_rows):
 
 def infer_chunk(blk: REBlock, U, j, X, C, root, bounds, W=None):
     """Inference partials of one block: (RSS_j, S̃_jS̃_jᵀ, S̃_jW_j)."""
-    from .inference import chunk_seed, multipliers, score_matrix
 
     Y = blk.load()
     R = Y - X @ U - X @ (C @ blk.a)
@@ -298,130 +307,78 @@ def _take_cols(blk: REBlock, sel):
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NMFREBlockedResult:
-    """A df-cap NMF-RE fit on a column-blocked Y (the fields of :class:`NMFREResult` that are
-    not N-sized; U stays on the workers unless ``gather_U=True``).
+@dataclass(frozen=True, kw_only=True)
+class NMFREBlockedResult(NMFREResult):
+    """A df-cap NMF-RE fit on a column-blocked Y: an :class:`NMFREResult` without its N-sized
+    fields (U stays on the workers unless ``gather_U=True``).
+
+    Every field of :class:`dnmf.mixed.NMFREResult` (engine "cap") is set as there, except:
 
     Attributes
     ----------
-    X : ndarray of shape (P, Q)
-    C : ndarray of shape (Q, K)
     U : ndarray of shape (Q, N) or None
         Gathered random effects (``gather_U=True``), else None.
+    B, B_prob, B_blup, B_blup_pos, B_blup_prob, XB, XB_blup, X_prob, X_cluster : None
+        Not computed (N-sized, or not part of the blocked finish).
+    call : str
+        Empty.
+
+    and adds:
+
     U_blocks : list
         Executor handles of the U blocks (Q × n_j each, column order of Y's blocks); valid
         while the client that made them is open.
     col_bounds : ndarray of shape (n_blocks + 1,)
-    sigma2, tau2, lambda_, dfU, dfU_cap, dfU_cap_rate, dfU_frac, dfU_cap_frac, lambda_enforced,
-    dfU_hit_cap, dfU_hit_iter, converged, stop_reason, n_iter, maxit, epsilon, objfunc,
-    rel_change_final, objfunc_iter, rss_trace, r_squared, r_squared_fixed, r_squared_cor2,
-    r_squared_fixed_cor2, r_squared_uncentered, r_squared_fixed_uncentered, r_squared_centered,
-    r_squared_fixed_centered, ICC
-        As in :class:`dnmf.mixed.NMFREResult` (engine "cap").
-    sigma2_used, C_vec_cov, C_se, C_se_boot, C_ci_lower, C_ci_upper, C_p_side, wild_B,
-    wild_level, coefficients
-        Inference (None without ``wild_bootstrap``).
     iter_times : ndarray of shape (n_iter,)
         Wall time of each iteration (s).
     timings : dict
         Wall time (s) of the phases ``place_and_constants``, ``initialiser``, ``fit`` (with the
         scan when ``df_rate=None``), ``finalise`` and ``inference``.
-    dfU_cap_scan : DfUScanResult or None
     """
 
-    X: np.ndarray
-    C: np.ndarray
-    U: Optional[np.ndarray]
     U_blocks: list = field(repr=False)
     col_bounds: np.ndarray = field(repr=False)
-    sigma2: float = 1.0
-    tau2: float = 1.0
-    lambda_: float = 1.0
-    dfU: float = 0.0
-    dfU_cap: float = 0.0
-    dfU_cap_rate: float = 0.0
-    dfU_frac: float = 0.0
-    dfU_cap_frac: float = 0.0
-    lambda_enforced: float = 0.0
-    dfU_hit_cap: bool = False
-    dfU_hit_iter: tuple = ()
-    converged: bool = False
-    stop_reason: str = "maxit"
-    n_iter: int = 0
-    maxit: int = 0
-    epsilon: float = 0.0
-    objfunc: float = float("nan")
-    rel_change_final: float = float("nan")
-    objfunc_iter: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
-    rss_trace: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
-    r_squared: float = float("nan")
-    r_squared_fixed: float = float("nan")
-    r_squared_cor2: float = float("nan")
-    r_squared_fixed_cor2: float = float("nan")
-    r_squared_uncentered: float = float("nan")
-    r_squared_fixed_uncentered: float = float("nan")
-    r_squared_centered: float = float("nan")
-    r_squared_fixed_centered: float = float("nan")
-    ICC: float = float("nan")
-    basis_names: tuple = ()
-    covariate_names: Optional[tuple] = None
-    feature_names: Optional[tuple] = None
-    sample_names: Optional[tuple] = None
-    dims: str = ""
-    runtime: float = 0.0
     iter_times: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     timings: dict = field(default_factory=dict)
+    B: Optional[np.ndarray] = None
+    B_prob: Optional[np.ndarray] = None
+    B_blup: Optional[np.ndarray] = None
+    B_blup_pos: Optional[np.ndarray] = None
+    B_blup_prob: Optional[np.ndarray] = None
+    XB: Optional[np.ndarray] = None
+    XB_blup: Optional[np.ndarray] = None
+    X_prob: Optional[np.ndarray] = None
+    X_cluster: Optional[np.ndarray] = None
     dfU_cap_scan: Any = field(default=None, repr=False)
-    sigma2_used: Optional[float] = None
-    C_vec_cov: Optional[np.ndarray] = None
-    C_se: Optional[np.ndarray] = None
-    C_se_boot: Optional[np.ndarray] = None
-    C_ci_lower: Optional[np.ndarray] = None
-    C_ci_upper: Optional[np.ndarray] = None
-    C_p_side: Optional[str] = None
-    wild_B: Optional[int] = None
-    wild_level: Optional[float] = None
-    coefficients: Any = field(default=None, repr=False)
-    engine: str = "cap"
-    C_signed: bool = False
-    outer_iter: Optional[int] = None
-    outer_maxit: Optional[int] = None
+
+    __str__ = object.__str__  # the dataclass repr: the R print needs the in-memory fit
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(P, N, Q, K)."""
         return (self.X.shape[0], int(self.col_bounds[-1]), self.X.shape[1], self.C.shape[1])
 
-    @property
-    def covariate_labels(self) -> tuple:
-        if self.covariate_names is not None:
-            return self.covariate_names
-        return tuple(f"Cov{k + 1}" for k in range(self.C.shape[1]))
+    def fitted(self, type: str = "blup") -> np.ndarray:  # noqa: A002 - R's argument name
+        raise DnmfError("nmfre_blocked keeps no P × N fit; use predict(new_A) or gather U (gather_U=True).")
 
-    def summary(self, show_ci: bool = False) -> str:
-        """The R ``summary()`` text of spec §7.1."""
-        from .summary import format_summary
-
-        return format_summary(self, show_ci=show_ci)
-
-    def coef(self):
-        return self.coefficients if self.coefficients is not None else self.C
+    def residuals(self, Y, type: str = "blup") -> np.ndarray:  # noqa: A002
+        raise DnmfError("nmfre_blocked keeps no P × N fit; use predict(new_A) or gather U (gather_U=True).")
 
 
-def as_blocked(Y, n_blocks: Optional[int], func: str) -> BlockedMatrix:
-    """A BlockedMatrix as is; a dense array cut into ``n_blocks`` (default 1) column blocks."""
+def _as_blocked_y(Y, n_blocks: Optional[int], func: str) -> BlockedMatrix:
+    """A BlockedMatrix as is; a dense array cut into ``n_blocks`` (default 1) column blocks.
+
+    Private to :func:`nmfre_blocked` (its ``n_blocks`` rule); not :func:`dnmf.io.as_blocked`.
+    """
     if isinstance(Y, BlockedMatrix):
         return Y
-    from .nmfre import _names, _to_matrix
-
-    Yv = _to_matrix(Y, "Y", func)
+    Yv = to_matrix(Y, "Y", func)
     if Yv.ndim != 2:
         raise param_error("Y", func, "a BlockedMatrix or a 2-D array", f"shape {Yv.shape}")
     nb = 1 if n_blocks is None else check_int(n_blocks, "n_blocks", func, low=1, high=max(1, Yv.shape[1]))
     bounds = np.linspace(0, Yv.shape[1], nb + 1).round().astype(np.int64)
     sources = tuple(InMemorySource(np.ascontiguousarray(Yv[:, bounds[j]:bounds[j + 1]])) for j in range(nb))
-    rn, cn = _names(Y, 0), _names(Y, 1)
+    rn, cn = axis_names(Y, 0), axis_names(Y, 1)
     return BlockedMatrix(shape=Yv.shape, dtype=np.dtype(np.float64), sources=sources, sparse=False, in_memory=True,
                          row_names=rn, col_names=cn)
 
@@ -499,9 +456,7 @@ def nmfre_blocked(
     """
     t0 = time.perf_counter()
     func = "nmfre_blocked"
-    from .nmfre import _names, _to_matrix, executor_for
-
-    Yb = as_blocked(Y, n_blocks, func)
+    Yb = _as_blocked_y(Y, n_blocks, func)
     P, N = Yb.shape
     rank = check_int(rank, "rank", func, low=1)
     epsilon = check_float(epsilon, "epsilon", func, low=0.0)
@@ -514,7 +469,7 @@ def nmfre_blocked(
     if A is None:
         Av = np.ones((1, N))
     else:
-        Av = _to_matrix(A, "A", func)
+        Av = to_matrix(A, "A", func)
         if Av.ndim == 1:
             Av = Av[None, :]
         if Av.ndim != 2 or Av.shape[1] != N:
@@ -522,7 +477,7 @@ def nmfre_blocked(
         if not np.all(np.isfinite(Av)):
             raise param_error("A", func, "finite (no NaN or Inf)", "non-finite values")
         if covariate_names is None:
-            covariate_names = _names(A, 0)
+            covariate_names = axis_names(A, 0)
     K = Av.shape[0]
     X0 = check_matrix_init(X_init, "X_init", (P, rank), func)
     C0 = check_matrix_init(C_init, "C_init", (rank, K), func)
@@ -608,8 +563,6 @@ class _Timer:
 def _blocked_scan(common):
     import pandas as pd
 
-    from .scan import COLUMNS, DfUScanResult, choose_rate, scan_row
-
     rows = []
     for r in DEFAULT_RATES:
         res = _fit_blocked(rate=r, **common)
@@ -618,10 +571,8 @@ def _blocked_scan(common):
         lam = st.sigma2 / clip_var(st.tau2)
         N = common["data"].n_samples
         cap = max(r * N * common["rank"], 1.0)
-        trX = float(np.sum(X * X))
-        P = X.shape[0]
         view = _ScanView(df_u(gram_eigenvalues(X.T @ X), N, lam), cap, bool(st.hit_iter), st.converged,
-                         st.tau2, st.sigma2, st.tau2 * trX / (st.tau2 * trX + st.sigma2 * P))
+                         st.tau2, st.sigma2, icc(X, st.sigma2, st.tau2))
         rows.append(scan_row(r, view))
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     table["safeguard"] = table["safeguard"].astype(object)
@@ -664,7 +615,6 @@ def _result(res, data: BlockedData, Yb, A, rate, prefix, covariate_names, maxit,
     lam = st.sigma2 / clip_var(st.tau2)
     dfu = df_u(gram_eigenvalues(X.T @ X), N, lam)
     cap = max(rate * N * Q, 1.0)
-    trX = float(np.sum(X * X))
     return NMFREBlockedResult(
         X=X, C=C, U=None, U_blocks=data.U, col_bounds=np.asarray(data.bounds),
         sigma2=float(st.sigma2), tau2=float(st.tau2), lambda_=float(lam), dfU=dfu, dfU_cap=cap, dfU_cap_rate=rate,
@@ -677,8 +627,8 @@ def _result(res, data: BlockedData, Yb, A, rate, prefix, covariate_names, maxit,
         r_squared_fixed_cor2=r2f["cor2"], r_squared_uncentered=r2b["uncentered"],
         r_squared_fixed_uncentered=r2f["uncentered"], r_squared_centered=r2b["centered"],
         r_squared_fixed_centered=r2f["centered"],
-        ICC=float(st.tau2 * trX / (st.tau2 * trX + st.sigma2 * P)),
-        basis_names=tuple(f"{prefix}{q + 1}" for q in range(Q)),
+        ICC=icc(X, st.sigma2, st.tau2), engine="cap", C_signed=False, call="", runtime=0.0,
+        basis_names=basis_names(prefix, Q),
         covariate_names=None if covariate_names is None else tuple(covariate_names),
         feature_names=Yb.row_names, sample_names=Yb.col_names,
         dims=f"Y({P},{N})~X({P},{Q})C({Q},{K})A({K},{N})", iter_times=res["iter_times"], dfU_cap_scan=scan,
@@ -687,15 +637,6 @@ def _result(res, data: BlockedData, Yb, A, rate, prefix, covariate_names, maxit,
 
 def _infer_blocked(out: NMFREBlockedResult, data: BlockedData, A, wild_B, wild_level, side, seed, r_rng):
     from dataclasses import replace
-
-    from .inference import (
-        chunk_bounds,
-        coefficient_table,
-        r_exp_multipliers,
-        sandwich,
-        seed_root,
-        summarize_boot,
-    )
 
     X, C = out.X, out.C
     P, N, Q, K = out.shape

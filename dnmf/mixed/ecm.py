@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .nmfre import EPS, LAMBDA_FLOOR, cholesky_spd, clip_var, normalize_columns, ridge_solve, safe_div
+from ..covariates._common import EPS, LAMBDA_FLOOR, cholesky_spd, clip_var, normalize_columns, ridge_solve, safe_div
 
 logger = logging.getLogger(__name__)
 

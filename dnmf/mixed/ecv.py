@@ -22,7 +22,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .._validation import check_int, check_option, param_error
+from ..covariates._common import executor_for
 from ..exceptions import ConvergenceWarning, DnmfError
+from ._core import Inputs, validate_inputs
+from .nmfre import nmfre
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +111,6 @@ class NMFREECVResult:
 
 def _fold_task(item, Y, A, folds, covariate_names, rounds, kw):
     """SSE and count on the held-out cells of one (rank, fold) pair; (nan, 0) if a fit fails."""
-    from .nmfre import Inputs, nmfre
-
     rank, k = item
     mask = folds == k
     # upstream fills with the row means of the full Y (held-out cells included)
@@ -183,8 +184,6 @@ def nmfre_ecv(
     -------
     NMFREECVResult
     """
-    from .nmfre import executor_for, validate_inputs
-
     func = "nmfre_ecv"
     inp = validate_inputs(Y, A, func)
     try:

@@ -33,7 +33,9 @@ from scipy import stats
 
 from .._validation import check_float, check_int, check_option, param_error
 from ..rrng import RRandom
-from .nmfre import LAMBDA_FLOOR, NMFREResult, cholesky_spd, executor_for, validate_inputs
+from ..covariates._common import LAMBDA_FLOOR, cholesky_spd, executor_for
+from ._core import validate_inputs
+from .result import NMFREResult
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .._validation import check_float, param_error
+from ..covariates._common import executor_for
+from ._core import DEFAULT_RATES, validate_inputs
+from .fit import fit_nmfre
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +129,7 @@ class DfUScanResult:
 
 
 def _fit_rate(rate, Y, A, kw):
-    from .nmfre import nmfre
-
-    return nmfre(Y, A, df_rate=rate, **kw)
+    return fit_nmfre(Y, A, df_rate=rate, **kw)
 
 
 def nmfre_dfu_scan(
@@ -175,8 +176,6 @@ def nmfre_dfu_scan(
     0.3
     """
     import pandas as pd
-
-    from .nmfre import DEFAULT_RATES, executor_for, validate_inputs
 
     func = "nmfre_dfu_scan"
     if rates is None:
