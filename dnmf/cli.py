@@ -8,16 +8,20 @@
     dnmf info STORE [--config | --json]
 
 ``python -m dnmf`` is the same command. Exit status: 0 success, 1 a run or input error,
-2 a usage or configuration error, 130 interrupted.
+2 a usage or configuration error, 130 interrupted (Ctrl-C). Every error ends in one or two
+lines on stderr; ``--debug`` (before or after the command) prints the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import signal
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -95,11 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="dnmf: distributed non-negative matrix factorization jobs on Dask.",
         epilog="Run `dnmf COMMAND --help` for the options of a command.")
     parser.add_argument("--version", action="version", version=f"dnmf {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    # `--debug` is accepted after the command too (`dnmf run CONFIG --debug`); SUPPRESS keeps a
+    # subcommand from resetting a `dnmf --debug run ...` to False.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
 
-    run = sub.add_parser("run", help="run a job from a YAML config", description=RUN_HELP, formatter_class=fmt)
+    run = sub.add_parser("run", help="run a job from a YAML config", description=RUN_HELP, formatter_class=fmt,
+                         parents=[common])
     run.add_argument("config", metavar="CONFIG.yaml", help="job config")
     _add_overrides(run)
     mode = run.add_mutually_exclusive_group()
@@ -111,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
     val = sub.add_parser("validate", help="check a config without running it", description=VALIDATE_HELP,
-                         formatter_class=fmt)
+                         formatter_class=fmt, parents=[common])
     val.add_argument("config", metavar="CONFIG.yaml", nargs="?", help="job config")
     _add_overrides(val)
     val.add_argument("--show", action="store_true", help="print the resolved config (defaults filled in)")
@@ -119,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--explain", metavar="PIPELINE", help="list every config key of PIPELINE with its default")
 
     conv = sub.add_parser("convert", help="convert a matrix to a blocked Zarr store", description=CONVERT_HELP,
-                          formatter_class=fmt)
+                          formatter_class=fmt, parents=[common])
     conv.add_argument("input", metavar="INPUT", help=".mtx, .npz, .npy, .h5ad or .zarr")
     conv.add_argument("output", metavar="OUTPUT.zarr", help="Zarr store to write")
     conv.add_argument("--block-nnz", type=int, default=1_000_000, metavar="N",
@@ -127,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--layer", help="AnnData layer to convert (default X)")
     conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
-    info = sub.add_parser("info", help="show what a run wrote", description=INFO_HELP, formatter_class=fmt)
+    info = sub.add_parser("info", help="show what a run wrote", description=INFO_HELP, formatter_class=fmt,
+                          parents=[common])
     info.add_argument("store", metavar="STORE", help="a run's .zarr store (or any Zarr store)")
     show = info.add_mutually_exclusive_group()
     show.add_argument("--config", action="store_true", help="print the run's resolved config as YAML")
@@ -140,28 +151,103 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
-def _setup_logging(quiet: bool = False) -> None:
+#: Loggers of the cluster machinery, silenced while an interrupted run shuts its cluster down.
+SHUTDOWN_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh", "dask_jobqueue")
+
+
+def _setup_logging(quiet: bool = False):
+    """dnmf's log records on stderr, through the progress bar's handler; returns an undo function.
+
+    distributed's own stderr handler is swapped for one that cooperates with the bar too.
+    """
+    from .jobs.progress import ProgressHandler
+
     level = logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = ProgressHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    for name in ("dnmf",):
-        log = logging.getLogger(name)
-        log.handlers[:] = [handler]
-        log.setLevel(level)
-        log.propagate = False
+    log = logging.getLogger("dnmf")
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    dist = logging.getLogger("distributed")
+    saved_handlers = list(dist.handlers)
+    saved_levels = {name: logging.getLogger(name).level for name in SHUTDOWN_LOGGERS}
+    for i, h in enumerate(dist.handlers):
+        if type(h) is logging.StreamHandler and getattr(h, "stream", None) is sys.stderr:
+            bar_aware = ProgressHandler(sys.stderr)
+            bar_aware.setFormatter(h.formatter)
+            bar_aware.setLevel(h.level)
+            dist.handlers[i] = bar_aware
+
+    def undo() -> None:
+        dist.handlers[:] = saved_handlers
+        for name, lvl in saved_levels.items():  # an interrupt silenced them
+            logging.getLogger(name).setLevel(lvl)
+
+    return undo
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` of ``dnmf run``: one line, through the progress bar."""
+    from .jobs.progress import write
+
+    write(f"{PROG}: warning: {' '.join(str(message).split())} ({category.__name__})")
+
+
+def _quiet_shutdown_logs() -> None:
+    """Silence the cluster's loggers: an interrupted run's shutdown is not the user's business."""
+    for name in SHUTDOWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C: silence the cluster's shutdown chatter, here and on the workers, then stop the run."""
+    _quiet_shutdown_logs()
+    try:
+        from distributed import default_client
+
+        client = default_client()
+        client.sync(client._run, _quiet_shutdown_logs, on_error="ignore", callback_timeout=2)
+    except Exception:  # noqa: BLE001 - no client yet, or it is gone: nothing to quiet
+        pass
+    raise KeyboardInterrupt
+
+
+def dask_setup(worker) -> None:
+    """Worker preload of ``dnmf run``'s own worker processes: leave Ctrl-C to the ``dnmf`` process.
+
+    A terminal sends Ctrl-C to the whole process group, worker processes included; each would
+    print its own traceback. ``dnmf`` stops the run and closes the cluster, which stops them.
+    """
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # a worker process, not a thread of ours
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def cmd_run(args) -> int:
+    import dask
+
     from .config import load_config
-    from .jobs import run_job
+    from .jobs import progress, run_job
 
     overrides = list(args.overrides)
     if args.progress:
         overrides.append(f"progress={args.progress}")
     config = load_config(args.config, overrides)
-    _setup_logging(args.quiet)
-    echo = (lambda msg: None) if args.quiet else None
-    run_job(config, resume=args.resume, overwrite=args.overwrite, echo=echo)
+    undo_logging = _setup_logging(args.quiet)
+    echo = (lambda msg: None) if args.quiet else progress.write
+    preload = [*dask.config.get("distributed.worker.preload", []), __name__]
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    show_warning, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        with dask.config.set({"distributed.worker.preload": preload}):
+            run_job(config, resume=args.resume, overwrite=args.overwrite, echo=echo)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        warnings.showwarning = show_warning
+        progress.close_all()
+        undo_logging()
     return 0
 
 
@@ -314,25 +400,79 @@ def _info_plain_zarr(path: Path, args) -> int:
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "convert": cmd_convert, "info": cmd_info}
 
 
+INTERRUPTED = {"run": "Interrupted; `dnmf run CONFIG --resume` continues from the last checkpoint."}
+DEBUG_HINT = f"{PROG}: run `{PROG} --debug COMMAND ...` for the full traceback."
+
+
+def describe_error(e: BaseException) -> tuple[str, bool]:
+    """One line for an error that is not dnmf's own, and whether to add the ``--debug`` hint.
+
+    File-system errors name the file and what to check; other errors give their type and first
+    line (the traceback is one ``--debug`` away).
+    """
+    if isinstance(e, OSError) and (e.strerror or e.filename):
+        what = e.strerror or str(e)
+        where = f": {e.filename!r}" if e.filename else ""
+        hint = {
+            errno.ENOENT: "check the path",
+            errno.EACCES: "check the file's permissions",
+            errno.EPERM: "check the file's permissions",
+            errno.ENOSPC: "free some space or choose another output.dir",
+            errno.EDQUOT: "free some space or choose another output.dir",
+            errno.EROFS: "choose a writable output.dir",
+            errno.EISDIR: "give a file, not a directory",
+            errno.ENOTDIR: "a parent of the path is a file",
+        }.get(e.errno, "")
+        return f"{what}{where}" + (f" ({hint})." if hint else "."), False
+    if isinstance(e, MemoryError):
+        return ("out of memory: lower model.block_nnz, use more workers or raise cluster.memory_limit "
+                "(model.out_of_core: true streams blocks from disk)."), False
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({e.reason} at byte {e.start}); is it a binary file?", True
+    if type(e).__name__ == "KilledWorker":
+        return ("a worker died while running a task, more than once (out of memory?): raise "
+                "cluster.memory_limit or lower model.block_nnz."), True
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    first = textwrap.shorten(first, 300, placeholder=" ...")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__, True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dnmf`` console script; returns the exit status."""
+    """Entry point of the ``dnmf`` console script; returns the exit status.
+
+    0 success; 1 a run, input or file-system error; 2 a usage or config error; 130 Ctrl-C.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:  # `dnmf run` silenced its cluster's shutdown (see _on_sigint)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{PROG}: {INTERRUPTED.get(args.command, 'Interrupted.')}", file=sys.stderr)
+        return 130
     except ConfigError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"{PROG}: config error: {e}", file=sys.stderr)
         return 2
     except DnmfError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except Exception as e:  # noqa: BLE001 - anything else a user can cause: one line, not a traceback
+        if debug:
+            raise
+        line, hint = describe_error(e)
+        print(f"{PROG}: error: {line}", file=sys.stderr)
+        if hint:
+            print(DEBUG_HINT, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

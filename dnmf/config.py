@@ -34,8 +34,8 @@ Sections are declared as frozen dataclasses; the field's type annotation is the 
 ``pair``
     a (W side, H side) pair; a scalar is recycled to both sides.
 
-A section may define ``validate(self)`` yielding ``(key, expected, got)`` for checks that
-involve several keys. ``from_dict(to_dict(c)) == c`` for every valid config.
+A section may define ``validate(self)`` yielding ``(key, expected, got)`` (or ``(key,
+expected, got, note)``) for checks that involve several keys. ``from_dict(to_dict(c)) == c`` for every valid config.
 
 This module belongs to the job layer (with :mod:`dnmf.cli` and :mod:`dnmf.jobs`): it looks
 pipelines up in the ``pipelines`` package; the numerical library never imports it.
@@ -71,6 +71,7 @@ __all__ = [
     "describe_section",
     "config_error",
     "parse_nbytes",
+    "parse_yaml",
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -404,8 +405,8 @@ def _build(cls, data: Any, path: str, ctx: _Context, *, skip: Iterable[str] = ()
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if callable(check):
-        for sub, expected, got in check() or ():
-            raise config_error(_join(path, sub), expected, got)
+        for sub, expected, got, *note in check() or ():
+            raise config_error(_join(path, sub), expected, got, *note)
     return obj
 
 
@@ -574,6 +575,28 @@ class OutputConfig:
     anndata: Literal["h5ad", "zarr", "none"] = _f("h5ad", "AnnData copy of the results for AnnData inputs")
     performance_report: bool = _f(True, "save a Dask performance report (HTML) beside the store")
 
+    def validate(self) -> Iterator[tuple[str, str, Any, str]]:
+        problem = _unwritable_dir(Path(os.path.expanduser(self.dir)))
+        if problem:
+            yield ("dir", "a directory that exists or can be created", self.dir, f"({problem})")
+
+
+def _unwritable_dir(path: Path) -> str:
+    """Why ``path`` cannot be used or created as a writable directory ("" when it can)."""
+    path = path if path.is_absolute() else Path.cwd() / path
+    if path.exists():
+        if not path.is_dir():
+            return f"{str(path)!r} is a file"
+        return "" if os.access(path, os.W_OK | os.X_OK) else f"{str(path)!r} is not writable"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create it: {str(parent)!r} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create it: {str(parent)!r} is not writable"
+    return ""
+
 
 #: Keys every job config has, in the order ``to_dict`` writes them.
 GENERIC_KEYS = ("pipeline", "name", "cluster", "checkpoint", "output", "progress")
@@ -685,8 +708,8 @@ class JobConfig:
                   output=output, progress=progress)
         check = getattr(pipe, "check_config", None)
         if callable(check):
-            for key, expected, got in check(cfg) or ():
-                raise config_error(key, expected, got)
+            for key, expected, got, *note in check(cfg) or ():
+                raise config_error(key, expected, got, *note)
         _check_worker_memory(cfg)
         return cfg
 
@@ -733,21 +756,82 @@ def _check_worker_memory(cfg: JobConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_config_dict(path: str | os.PathLike) -> dict:
-    """Parse a YAML config file into a mapping (ConfigError for a missing file or bad YAML)."""
+def _yaml_loader():
+    """A SafeLoader that rejects duplicate keys (PyYAML keeps the last one silently)."""
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"The config file {str(p)!r} does not exist (working directory: {os.getcwd()!r}).")
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:  # the keys as written (merged `<<` keys may be overridden)
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.setdefault(key, key_node)
+                    except TypeError:  # an unhashable key: the base class reports it
+                        continue
+                    if first is not key_node:
+                        raise _DuplicateKey(key, first.start_mark.line + 1, key_node.start_mark.line + 1)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, second: int):
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML text with duplicate keys rejected; ``where`` names the text in errors.
+
+    Raises
+    ------
+    dnmf.ConfigError
+        Invalid YAML, or a key given twice in one mapping (both line numbers named).
+    """
+    import yaml
+
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise ConfigError(f"{where} gives the key {e.key!r} twice in one mapping (lines {e.first} and {e.second}); "
+                          "keep one.") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"The config file {str(p)!r} is not valid YAML: {e}") from e
+        raise ConfigError(f"{where} is not valid YAML: {e}") from e
+
+
+def read_config_dict(path: str | os.PathLike) -> dict:
+    """Parse a YAML config file into a mapping.
+
+    ConfigError for a missing or unreadable file, a binary (non-UTF-8) file, invalid YAML,
+    duplicate keys, or a document that is not a mapping.
+    """
+    p = Path(path)
+    where = f"The config file {str(p)!r}"
+    if p.is_dir():
+        raise ConfigError(f"{where} is a directory; give a YAML file.")
+    if not p.is_file():
+        raise ConfigError(f"{where} does not exist (working directory: {os.getcwd()!r}).")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read: {e.strerror or e}.") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} must be a UTF-8 text (YAML) file; byte {e.start} is {raw[e.start:e.start + 1]!r} "
+                          "(is it a binary file?).") from None
+    if "\x00" in text:
+        raise ConfigError(f"{where} must be a UTF-8 text (YAML) file; it holds NUL bytes (is it a binary file?).")
+    data = parse_yaml(text, where)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"The config file {str(p)!r} must hold a mapping of keys to values. "
+        raise ConfigError(f"{where} must hold a mapping of keys to values. "
                           f"Got {_show(data)} instead.")
     return data
 
@@ -760,8 +844,6 @@ def apply_overrides(data: Mapping, overrides: Iterable[str]) -> dict:
     """
     import copy
 
-    import yaml
-
     out = copy.deepcopy(dict(data))
     for item in overrides:
         if not isinstance(item, str) or "=" not in item:
@@ -773,10 +855,7 @@ def apply_overrides(data: Mapping, overrides: Iterable[str]) -> dict:
         if not key or any(not p for p in parts):
             raise ConfigError(f"An override must be KEY=VALUE with a dotted key, e.g. 'model.maxit=3'. "
                               f"Got {item!r} instead.")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"The value of the override {item!r} is not valid YAML: {e}") from e
+        value = parse_yaml(raw, f"The value of the override {item!r}") if raw.strip() else ""
         node = out
         for i, p in enumerate(parts[:-1]):
             nxt = node.get(p)

@@ -8,7 +8,19 @@ Config sections::
       layer: counts            #   AnnData layer (default X)
       synthetic: {m: 20000, n: 100000, density: 0.01, k: 10, seed: 0}
                                #   or a planted sparse matrix, generated into `path` if missing
-    model: {k: 10, tol: 1e-4, maxit: 100, seed: 1, L1: [0, 0], L2: [0, 0], norm: L1, ...}
+      normalize: none          # none (default): factorize the values as stored (raw counts);
+                               # log1p: log(1 + x); cp10k_log1p: scale each sample (column) to
+                               # 10,000 in total, then log(1 + x) (scanpy's normalize_total
+                               # with target_sum=1e4 followed by log1p)
+    model: {k: 10, tol: 1e-4, maxit: 100, seed: null, L1: [0, 0], L2: [0, 0], norm: L1, ...}
+
+``model`` defaults are :func:`dnmf.nmf`'s own (read from its signature, so they cannot drift):
+``seed: null`` draws fresh entropy (recorded in the run), ``block_nnz: null`` lets the library
+choose the blocking from the data (:func:`dnmf.core.default_block_nnz`).
+
+``input.normalize`` runs block by block on the column blocks, as each block is loaded: sparse
+blocks stay sparse (log1p(0) = 0, so the stored pattern is kept), nothing is densified and the
+matrix is never held whole. A sample whose values sum to 0 stays all zero.
 
 Outputs: ``model/`` (w, d, h, loss_history, tol_history, row_names, col_names and the fit
 record), ``<run>-convergence.png``, ``<run>-factors.png`` and, for AnnData inputs, an AnnData
@@ -18,6 +30,7 @@ the input).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import warnings
@@ -30,11 +43,22 @@ import numpy as np
 import dnmf
 import dnmf.datasets
 import dnmf.io
+from dnmf.core import default_block_nnz
 
 #: Bytes per stored entry of a block at the very least (float32 values).
 MIN_BYTES_PER_ENTRY = 4
 
 MATRIX_SUFFIXES = (".mtx", ".mtx.gz", ".npz", ".npy", ".h5ad", ".zarr")
+
+#: ``input.normalize`` choices (see the module docstring).
+NORMALIZATIONS = ("none", "log1p", "cp10k_log1p")
+
+#: Total per sample after ``cp10k_log1p``'s library-size scaling (counts per 10,000).
+CP10K_TARGET_SUM = 1e4
+
+#: Defaults of :func:`dnmf.nmf`: the model section's defaults are read from here, never copied.
+NMF_DEFAULTS = {p.name: p.default for p in inspect.signature(dnmf.nmf).parameters.values()
+                if p.default is not inspect.Parameter.empty}
 
 
 def _meta(doc: str, **kw) -> dict:
@@ -75,6 +99,9 @@ class FactorizeInput:
     layer: str | None = field(default=None, metadata=_meta("AnnData layer to factorize (default X)"))
     synthetic: SyntheticInput | None = field(default=None, metadata=_meta(
         "generate a planted sparse matrix into `path` when it does not exist"))
+    normalize: Literal["none", "log1p", "cp10k_log1p"] = field(default="none", metadata=_meta(
+        "transform before the fit: none (values as stored, e.g. raw counts), log1p, or cp10k_log1p "
+        "(each sample scaled to 10,000 in total, then log1p)"))
 
     def validate(self) -> Iterator[tuple[str, str, Any]]:
         sources = {s: getattr(self, s) for s in ("dataset", "path", "synthetic") if getattr(self, s) is not None}
@@ -102,35 +129,67 @@ class FactorizeInput:
 
 @dataclass(frozen=True)
 class FactorizeModel:
-    """``model:`` of the factorize pipeline (the arguments of :func:`dnmf.nmf`)."""
+    """``model:`` of the factorize pipeline (the arguments of :func:`dnmf.nmf`, with its defaults)."""
 
     k: int = field(metadata=_meta("rank", min=1))
-    tol: float = field(default=1e-4, metadata=_meta("relative loss change that stops the fit", min=0.0))
-    maxit: int = field(default=100, metadata=_meta("maximum iterations", min=1))
-    seed: int = field(default=1, metadata=_meta("seed of the initialization", min=0))
-    L1: tuple[float, float] = field(default=(0.0, 0.0), metadata=_meta("lasso penalty (W side, H side)",
-                                                                        min=0.0, pair=True))
-    L2: tuple[float, float] = field(default=(0.0, 0.0), metadata=_meta("ridge penalty (W side, H side)",
-                                                                        min=0.0, pair=True))
-    nonneg: tuple[bool, bool] = field(default=(True, True), metadata=_meta("non-negativity of (W, H)", pair=True))
-    norm: Literal["L1", "L2", "none"] = field(default="L1", metadata=_meta("norm of W's columns and H's rows"))
-    sort_model: bool = field(default=True, metadata=_meta("sort factors by decreasing d"))
+    tol: float = field(default=NMF_DEFAULTS["tol"], metadata=_meta("relative loss change that stops the fit",
+                                                                    min=0.0))
+    maxit: int = field(default=NMF_DEFAULTS["maxit"], metadata=_meta("maximum iterations", min=1))
+    seed: int | None = field(default=NMF_DEFAULTS["seed"], metadata=_meta(
+        "seed of the initialization (null: fresh entropy, recorded in the run)", min=0))
+    L1: tuple[float, float] = field(default=NMF_DEFAULTS["L1"], metadata=_meta("lasso penalty (W side, H side)",
+                                                                                min=0.0, pair=True))
+    L2: tuple[float, float] = field(default=NMF_DEFAULTS["L2"], metadata=_meta("ridge penalty (W side, H side)",
+                                                                                min=0.0, pair=True))
+    nonneg: tuple[bool, bool] = field(default=NMF_DEFAULTS["nonneg"], metadata=_meta("non-negativity of (W, H)",
+                                                                                      pair=True))
+    norm: Literal["L1", "L2", "none"] = field(default=NMF_DEFAULTS["norm"], metadata=_meta(
+        "norm of W's columns and H's rows"))
+    sort_model: bool = field(default=NMF_DEFAULTS["sort_model"], metadata=_meta("sort factors by decreasing d"))
     init: Literal["random", "svd", "lanczos", "irlba", "randomized"] = field(
-        default="random", metadata=_meta("initial W"))
-    solver: Literal["auto", "cholesky", "cd", "exact"] = field(default="auto", metadata=_meta("NNLS solver"))
-    patience: int = field(default=5, metadata=_meta("iterations below tol needed to stop", min=1))
-    block_nnz: int = field(default=1_000_000, metadata=_meta("target stored entries per column block", min=1))
+        default="random", metadata=_meta("initial W"))  # nmf's None means "random"
+    solver: Literal["auto", "cholesky", "cd", "exact"] = field(default=NMF_DEFAULTS["solver"],
+                                                               metadata=_meta("NNLS solver"))
+    patience: int = field(default=NMF_DEFAULTS["patience"], metadata=_meta("iterations below tol needed to stop",
+                                                                           min=1))
+    block_nnz: int | None = field(default=NMF_DEFAULTS["block_nnz"], metadata=_meta(
+        "target stored entries per column block (null: the library's default, about nnz / 8 "
+        "within [1 M, 8 M])", min=1))
     out_of_core: Literal["auto"] | bool = field(default="auto", metadata=_meta(
         "stream blocks from disk every iteration (auto: when the matrix does not fit the workers)"))
 
     def min_worker_memory(self) -> tuple[int, str]:
         """Memory one block needs at the very least (the config rejects smaller worker limits)."""
+        if self.block_nnz is None:
+            # the library's default for a matrix of unknown size is its lower bound
+            least = default_block_nnz(None)
+            return (least * MIN_BYTES_PER_ENTRY,
+                    f"model.block_nnz = null: the library's default is at least {least} stored entries "
+                    f"× {MIN_BYTES_PER_ENTRY} bytes; set a smaller model.block_nnz or raise the limit")
         return (self.block_nnz * MIN_BYTES_PER_ENTRY,
                 f"model.block_nnz = {self.block_nnz} stored entries × {MIN_BYTES_PER_ENTRY} bytes at least; "
                 "lower model.block_nnz or raise the limit")
 
 
 SECTIONS = {"input": FactorizeInput, "model": FactorizeModel}
+
+
+def check_config(config) -> Iterator[tuple[str, str, Any]]:
+    """Checks across sections: the rank must not exceed the input's smaller dimension."""
+    try:
+        shape = input_shape(config.input)
+    except (OSError, ValueError, KeyError) as e:
+        yield ("input.path", "a readable matrix file or store", config.input.path,
+               f"({type(e).__name__}: {_first_line(e)})")
+        return
+    if shape is not None and config.model.k > min(shape):
+        m, n = shape
+        yield ("model.k", f"an int in [1, {min(shape)}] (at most min(m, n) of the {m} × {n} input)", config.model.k)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,12 +208,10 @@ class _Loaded:
 
 def _anndata_annotations(path: str):
     """obs and var of an .h5ad file or an AnnData Zarr store, without reading X (None otherwise)."""
-    import anndata
-
-    read_elem = getattr(getattr(anndata, "io", anndata), "read_elem", None) or anndata.experimental.read_elem
     if path.lower().endswith(".h5ad"):
         import h5py
 
+        read_elem = _read_elem()
         with h5py.File(path, "r") as f:
             return read_elem(f["obs"]), read_elem(f["var"])
     import zarr
@@ -165,7 +222,189 @@ def _anndata_annotations(path: str):
         return None
     if g.attrs.get("encoding-type") != "anndata":
         return None
+    read_elem = _read_elem()
     return read_elem(g["obs"]), read_elem(g["var"])
+
+
+def _read_elem():
+    import anndata  # only for AnnData inputs
+
+    return getattr(getattr(anndata, "io", anndata), "read_elem", None) or anndata.experimental.read_elem
+
+
+# ---------------------------------------------------------------------------------------------
+# The input's shape, read cheaply (headers and metadata only) for `dnmf validate`
+# ---------------------------------------------------------------------------------------------
+
+
+def input_shape(inp: FactorizeInput) -> tuple[int, int] | None:
+    """(m, n) = (features, samples) of the input without reading its values (None: unknown).
+
+    Bundled data sets: their ``shape`` entry; synthetic inputs: (m, n); ``.zarr``: array or
+    group metadata; ``.h5ad``: h5py attributes (cells × genes, transposed); ``.mtx``: the
+    header; ``.npz``: the ``shape`` entry (or the array header); ``.npy``: the header. Raises
+    OSError / ValueError / KeyError when the file cannot be read at all.
+    """
+    if inp.dataset is not None:
+        return _dataset_shape(inp.dataset)
+    if inp.synthetic is not None:
+        return (inp.synthetic.m, inp.synthetic.n)
+    if inp.path is None:
+        return None
+    path = os.path.expanduser(inp.path)
+    if not os.path.exists(path):
+        return None
+    lower = path.lower()
+    if os.path.isdir(path) or lower.endswith(".zarr"):
+        return _zarr_shape(path, inp.layer)
+    if lower.endswith(".h5ad"):
+        return _h5ad_shape(path, inp.layer)
+    if lower.endswith((".mtx", ".mtx.gz")):
+        import scipy.io
+
+        rows, cols = scipy.io.mminfo(path)[:2]
+        return (int(rows), int(cols))
+    if lower.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+            if "shape" in f.files and "format" in f.files:
+                return _matrix_shape(f["shape"])
+            if len(f.files) == 1:
+                with f.zip.open(f"{f.files[0]}.npy") as member:
+                    return _matrix_shape(_npy_header_shape(member))
+        return None
+    if lower.endswith(".npy"):
+        with open(path, "rb") as fh:
+            return _matrix_shape(_npy_header_shape(fh))
+    return None
+
+
+def _matrix_shape(shape) -> tuple[int, int] | None:
+    shape = tuple(int(s) for s in shape)
+    return shape if len(shape) == 2 else None
+
+
+def _npy_header_shape(fh) -> tuple:
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(fh)[0]
+
+
+def _dataset_shape(name: str) -> tuple[int, int] | None:
+    import importlib.resources
+
+    try:  # the bundled .npz holds a `shape` entry: read it alone
+        with importlib.resources.files("dnmf.datasets").joinpath(f"data/{name}.npz").open("rb") as fh:
+            with np.load(fh, allow_pickle=False) as f:
+                return _matrix_shape(f["shape"])
+    except (OSError, KeyError, ValueError):
+        return tuple(getattr(dnmf.datasets, f"load_{name}")().shape)
+
+
+def _h5ad_shape(path: str, layer: str | None) -> tuple[int, int] | None:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        node = f.get("X") if layer is None else f.get("layers", {}).get(layer)
+        if node is None:
+            return None
+        shape = node.shape if isinstance(node, h5py.Dataset) else node.attrs.get("shape")
+        if shape is None:
+            return None
+        cells, genes = (int(s) for s in shape)
+        return (genes, cells)  # AnnData is cells × genes; dnmf factorizes genes × cells
+
+
+def _zarr_shape(path: str, layer: str | None) -> tuple[int, int] | None:
+    import zarr
+
+    node = zarr.open(path, mode="r")
+    if isinstance(node, zarr.Array):
+        return _matrix_shape(node.shape)
+    attrs = dict(node.attrs)
+    if attrs.get("encoding-type") == "anndata":
+        try:
+            x = node["X"] if layer is None else node["layers"][layer]
+        except KeyError:
+            return None
+        shape = x.shape if isinstance(x, zarr.Array) else x.attrs.get("shape")
+        if shape is None:
+            return None
+        cells, genes = (int(s) for s in shape)
+        return (genes, cells)
+    shape = attrs.get("shape") or attrs.get("h5sparse_shape")
+    return _matrix_shape(shape) if shape is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# input.normalize: per-sample transforms applied block by block
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize_block(block, method: str):
+    """``block`` (a :class:`dnmf.io.CSCBlock` or an m × n_j ndarray) transformed by ``method``.
+
+    "log1p": log(1 + x) of every value; "cp10k_log1p": each column (sample) scaled to sum to
+    10,000, then log1p. Sparse stays sparse (same pattern), the dtype is kept, columns that sum
+    to 0 stay 0.
+    """
+    if method == "none":
+        return block
+    if isinstance(block, dnmf.io.CSCBlock):
+        values = block.data.astype(np.float64)
+        if method == "cp10k_log1p":
+            counts = np.diff(block.indptr)
+            totals = np.zeros(len(counts))
+            nonempty = counts > 0
+            if values.size:  # reduceat gives an empty column the next value: take non-empty ones only
+                totals[nonempty] = np.add.reduceat(values, block.indptr[:-1][nonempty])
+            scale = np.divide(CP10K_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+            values = values * np.repeat(scale, counts)
+        data = np.log1p(values).astype(block.data.dtype)
+        return dnmf.io.CSCBlock(data, block.indices, block.indptr, block.n_rows)
+    values = np.asarray(block, dtype=np.float64)
+    if method == "cp10k_log1p":
+        totals = values.sum(axis=0)
+        scale = np.divide(CP10K_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+        values = values * scale[None, :]
+    return np.log1p(values).astype(np.asarray(block).dtype)
+
+
+@dataclass(frozen=True)
+class NormalizedSource:
+    """A lazy block source: ``source.load()`` transformed by :func:`normalize_block` (small, picklable)."""
+
+    source: Any
+    method: str
+
+    @property
+    def n_cols(self) -> int:
+        return self.source.n_cols
+
+    @property
+    def nnz(self) -> int:
+        return self.source.nnz
+
+    def load(self):
+        return normalize_block(self.source.load(), self.method)
+
+
+def normalize_matrix(data, method: str, block_nnz: int | None):
+    """``data`` as a :class:`dnmf.io.BlockedMatrix` whose blocks are normalized by ``method``.
+
+    Blocked as :func:`dnmf.nmf` would block it (``block_nnz`` or the library's default), so the
+    block layout does not depend on the normalization. In-memory blocks are transformed once;
+    lazy (on-disk) blocks are transformed each time they are loaded.
+    """
+    blocked = dnmf.io.as_blocked(data, block_nnz=block_nnz or default_block_nnz(data))
+    if method == "none":
+        return blocked
+    if blocked.in_memory:
+        sources = tuple(dnmf.io.InMemorySource(normalize_block(s.load(), method)) for s in blocked.sources)
+    else:
+        sources = tuple(NormalizedSource(s, method) for s in blocked.sources)
+    return dnmf.io.BlockedMatrix(shape=blocked.shape, dtype=blocked.dtype, sources=sources, sparse=blocked.sparse,
+                                 in_memory=blocked.in_memory, row_names=blocked.row_names,
+                                 col_names=blocked.col_names)
 
 
 @dataclass(frozen=True)
@@ -245,8 +484,16 @@ def _ensure_synthetic(spec: SyntheticInput, path: str, job) -> None:
     os.replace(tmp, path)  # the store appears complete or not at all
 
 
-def load_input(inp: FactorizeInput, job) -> _Loaded:
-    """The matrix named by ``input:`` (plus obs/var for AnnData inputs)."""
+def load_input(inp: FactorizeInput, job, block_nnz: int | None = None) -> _Loaded:
+    """The matrix named by ``input:`` (plus obs/var for AnnData inputs), normalized as ``input.normalize`` says."""
+    loaded = _load_raw(inp, job)
+    if inp.normalize == "none":
+        return loaded
+    job.echo(f"input: {inp.normalize} normalization, block by block")
+    return _Loaded(normalize_matrix(loaded.data, inp.normalize, block_nnz), loaded.obs, loaded.var)
+
+
+def _load_raw(inp: FactorizeInput, job) -> _Loaded:
     if inp.dataset is not None:
         data = getattr(dnmf.datasets, f"load_{inp.dataset}")()
         if isinstance(data, dnmf.datasets.Dataset):
@@ -277,13 +524,30 @@ def load_input(inp: FactorizeInput, job) -> _Loaded:
 # ---------------------------------------------------------------------------------------------
 
 
+def _seed(cfg: FactorizeModel, job):
+    """``model.seed``, or for ``seed: null`` fresh entropy drawn once per run and kept in the store.
+
+    A resumed run reuses the recorded entropy, so its start matches the checkpoint's.
+    """
+    if cfg.seed is not None:
+        return cfg.seed
+    if job.resume:
+        entropy = (job.store.meta.get("seeds") or {}).get("nmf_entropy")
+        if entropy is not None:
+            return np.random.SeedSequence(int(entropy))
+    seq = np.random.SeedSequence()
+    job.add_seeds(nmf=None, nmf_entropy=str(seq.entropy))
+    return seq
+
+
 def _fit(A, cfg: FactorizeModel, job):
+    seed = _seed(cfg, job)
     start = job.store.checkpoint_iteration("nmf") if job.resume else None
     bar = job.progress("fit", cfg.maxit, initial=start or 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", dnmf.ConvergenceWarning)
         model = dnmf.nmf(
-            A, cfg.k, tol=cfg.tol, maxit=cfg.maxit, seed=cfg.seed, L1=cfg.L1, L2=cfg.L2, nonneg=cfg.nonneg,
+            A, cfg.k, tol=cfg.tol, maxit=cfg.maxit, seed=seed, L1=cfg.L1, L2=cfg.L2, nonneg=cfg.nonneg,
             norm=cfg.norm, sort_model=cfg.sort_model, init=cfg.init, solver=cfg.solver, patience=cfg.patience,
             client=job.client, block_nnz=cfg.block_nnz,
             out_of_core=None if cfg.out_of_core == "auto" else cfg.out_of_core,
@@ -300,14 +564,14 @@ def _fit(A, cfg: FactorizeModel, job):
     return model
 
 
-def _model_record(model, cfg: FactorizeModel) -> dict:
+def _model_record(model, cfg: FactorizeModel, normalize: str = "none") -> dict:
     misc = model.misc
     m, n, k = model.shape
     return {
         "w": model.w, "d": model.d, "h": model.h,
         "loss_history": np.asarray(misc["loss_history"], dtype=float),
         "tol_history": np.asarray(misc["tol_history"], dtype=float),
-        "shape": [m, n], "k": k, "iter": int(misc["iter"]), "loss": float(misc["loss"]),
+        "shape": [m, n], "k": k, "normalize": normalize, "iter": int(misc["iter"]), "loss": float(misc["loss"]),
         "converged": bool(misc["converged"]), "runtime": float(misc["runtime"]), "seed": misc["seed"],
         "solver": misc["solver"], "norm": misc["norm"], "init": str(misc["init"]), "n_blocks": int(misc["n_blocks"]),
         "out_of_core": bool(misc["out_of_core"]), "executor": misc["executor"],
@@ -316,17 +580,18 @@ def _model_record(model, cfg: FactorizeModel) -> dict:
 
 
 def _write_anndata(loaded: _Loaded, model, job) -> None:
-    import anndata
-
     fmt = job.config.output.anndata
     if fmt == "none" or loaded.obs is None:
         return
+    import anndata  # only when an AnnData copy is written
+
     misc = model.misc
     adata = anndata.AnnData(obs=loaded.obs.copy(), var=loaded.var.copy())
     adata.obsm["X_nmf"] = np.ascontiguousarray((model.h * model.d[:, None]).T)
     adata.varm["NMF_W"] = np.ascontiguousarray(model.w)
     adata.uns["nmf"] = {
         "d": np.asarray(model.d), "k": int(model.k), "layer": job.config.input.layer or "X",
+        "normalize": job.config.input.normalize,
         "iter": int(misc["iter"]), "loss": float(misc["loss"]), "loss_history": np.asarray(misc["loss_history"]),
         "converged": bool(misc["converged"]), "solver": misc["solver"], "norm": misc["norm"],
         "seed": -1 if misc["seed"] is None else int(misc["seed"]),
@@ -344,10 +609,10 @@ def _write_anndata(loaded: _Loaded, model, job) -> None:
 def run(config, job) -> None:
     """Fit ``dnmf.nmf`` on the input and write the model, plots and AnnData copy."""
     cfg: FactorizeModel = config.model
-    loaded = load_input(config.input, job)
+    loaded = load_input(config.input, job, cfg.block_nnz)
     model = _fit(loaded.data, cfg, job)
     job.add_seeds(nmf=cfg.seed, nmf_entropy=str(model.misc["seed_entropy"]))
-    record = _model_record(model, cfg)
+    record = _model_record(model, cfg, config.input.normalize)
     rows, cols = model.misc.get("row_names"), model.misc.get("col_names")
     if rows is not None:
         record["row_names"] = np.asarray([str(r) for r in rows])

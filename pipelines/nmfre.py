@@ -30,8 +30,11 @@ import numpy as np
 
 import dnmf
 import dnmf.datasets
+from dnmf.mixed.nmfre import DEFAULT_RATES as _LIBRARY_RATES
+from dnmf.mixed.scan import choose_rate
 
-DEFAULT_RATES = tuple(round(0.1 * i, 1) for i in range(1, 11))
+#: The df rates the library scans by default (0.1, ..., 1.0), as plain floats for the config.
+DEFAULT_RATES = tuple(float(r) for r in _LIBRARY_RATES)
 DATASETS = ("orthodont",)
 
 
@@ -135,23 +138,6 @@ def scan_rate(rate: float, *, Y, A, rank: int, epsilon: float, maxit: int, seed:
                                r_rng=r_rng, client=False)
     row = scan.table.iloc[0].to_dict()
     return {k: (None if v is None else v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-
-
-def choose_rate(table) -> float:
-    """The automatic df rate of a scan table (spec/nmfre.md §4.1, as the reference code does).
-
-    The largest rate with ``safeguard & hit & converged``; else the smallest with
-    ``safeguard & ~hit & converged``; else NaN.
-    """
-    sg = np.array([v is True for v in table["safeguard"]])
-    hit = np.asarray(table["hit"], dtype=bool)
-    conv = np.asarray(table["converged"], dtype=bool)
-    rates = np.asarray(table["rate"], dtype=float)
-    first = rates[sg & hit & conv]
-    if first.size:
-        return float(first.max())
-    second = rates[sg & ~hit & conv]
-    return float(second.min()) if second.size else float("nan")
 
 
 def result_payload(res) -> dict:

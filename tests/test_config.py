@@ -160,7 +160,7 @@ def test_wrong_types(workdir, override, message):
     ("model.k=0", "The config key 'model.k' must be an int in [1, inf). Got 0 instead."),
     ("model.tol=-1", "The config key 'model.tol' must be a float in [0.0, inf). Got -1 instead."),
     ("model.maxit=0", "The config key 'model.maxit' must be an int in [1, inf). Got 0 instead."),
-    ("model.seed=-1", "The config key 'model.seed' must be an int in [0, inf). Got -1 instead."),
+    ("model.seed=-1", "The config key 'model.seed' must be an int in [0, inf) or null. Got -1 instead."),
     ("model.L2=[0, -2]", "The config key 'model.L2' must be a float in [0.0, inf). Got -2 instead."),
     ("model.norm=L3", "The config key 'model.norm' must be one of 'L1', 'L2', 'none'. Got 'L3' instead."),
     ("model.init=nndsvd", "The config key 'model.init' must be one of 'random', 'svd', 'lanczos', 'irlba', "
@@ -233,17 +233,54 @@ def test_missing_input_files(workdir):
 
 
 def test_memory_limit_that_cannot_hold_one_block(workdir):
-    # 1,000,000 entries per block × 4 bytes (float32) = 4,000,000 B = 3.81 MiB at the very least
+    # block_nnz: null is the library's default, at least 1,000,000 entries per block × 4 bytes
+    # (float32) = 4,000,000 B = 3.81 MiB at the very least
     assert error_of(BASE, ["cluster.memory_limit=1MB"]) == (
+        "The config key 'cluster.memory_limit' must be at least 3.81 MiB to hold one block (model.block_nnz = "
+        "null: the library's default is at least 1000000 stored entries × 4 bytes; set a smaller model.block_nnz "
+        "or raise the limit). Got '1MB' instead.")
+    assert error_of(BASE, ["cluster.memory_limit=1MB", "model.block_nnz=1000000"]) == (
         "The config key 'cluster.memory_limit' must be at least 3.81 MiB to hold one block (model.block_nnz = "
         "1000000 stored entries × 4 bytes at least; lower model.block_nnz or raise the limit). Got '1MB' instead.")
     # the same limit is fine for smaller blocks: 100,000 × 4 B = 400 kB < 1 MB
     JobConfig.from_dict(apply_overrides(BASE, ["cluster.memory_limit=1MB", "model.block_nnz=100000"]))
     # SLURM: memory per job / processes per job is each worker's share (6 MB / 2 = 3 MB = 2.86 MiB)
-    assert error_of(BASE, ["cluster={kind: slurm, cores: 2, processes: 2, memory: 6MB}"]) == (
+    assert error_of(BASE, ["cluster={kind: slurm, cores: 2, processes: 2, memory: 6MB}",
+                           "model.block_nnz=1000000"]) == (
         "The config key 'cluster.memory' must be at least 3.81 MiB per worker (memory / processes = 2.86 MiB) to "
         "hold one block (model.block_nnz = 1000000 stored entries × 4 bytes at least; lower model.block_nnz or "
         "raise the limit). Got '6MB' instead.")
+
+
+def test_duplicate_keys_and_binary_files(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("pipeline: factorize\nmodel:\n  k: 3\n  tol: 1.0e-4\n  k: 5\n")
+    with pytest.raises(dnmf.ConfigError) as info:
+        load_config(dup)
+    assert str(info.value) == f"The config file '{dup}' gives the key 'k' twice in one mapping (lines 3 and 5); keep one."
+    binary = tmp_path / "job.yaml"
+    binary.write_bytes(b"pipeline: factorize\n\xff\xfe")
+    with pytest.raises(dnmf.ConfigError) as info:
+        load_config(binary)
+    assert str(info.value) == (f"The config file '{binary}' must be a UTF-8 text (YAML) file; byte 20 is b'\\xff' "
+                               "(is it a binary file?).")
+
+
+def test_output_dir_must_be_usable(workdir):
+    (workdir / "f").write_text("x")
+    assert error_of(BASE, ["output.dir=f"]) == (
+        "The config key 'output.dir' must be a directory that exists or can be created. Got 'f' instead. "
+        f"('{workdir / 'f'}' is a file)")
+    assert error_of(BASE, ["output.dir=f/sub"]) == (
+        "The config key 'output.dir' must be a directory that exists or can be created. Got 'f/sub' instead. "
+        f"(cannot create it: '{workdir / 'f'}' is a file)")
+
+
+def test_k_must_not_exceed_the_input(workdir):
+    # a.npy is 5 × 4: its header is read, not its values
+    assert error_of(BASE, ["model.k=5"]) == (
+        "The config key 'model.k' must be an int in [1, 4] (at most min(m, n) of the 5 × 4 input). Got 5 instead.")
+    JobConfig.from_dict(apply_overrides(BASE, ["model.k=4"]))
 
 
 def test_config_file_errors(tmp_path):
@@ -320,7 +357,7 @@ _pos_float = st.floats(min_value=0.0, max_value=1e3, allow_nan=False)
 )
 def test_round_trip_property(k, tol, maxit, seed, l1, norm, ooc, cluster):
     data = {"pipeline": "factorize", "name": "prop",
-            "input": {"synthetic": {"m": 10, "n": 10, "density": 0.5}, "path": "prop.zarr"},
+            "input": {"synthetic": {"m": 300, "n": 200, "density": 0.5}, "path": "prop.zarr"},
             "model": {"k": k, "tol": tol, "maxit": maxit, "seed": seed, "L1": list(l1) if isinstance(l1, tuple) else l1,
                       "norm": norm, "out_of_core": ooc},
             "cluster": cluster}

@@ -62,10 +62,15 @@ def test_registry_is_discovered_from_the_package():
 
 
 def test_pipelines_import_only_the_public_api():
-    """pipelines/ imports `dnmf`, `dnmf.io`, `dnmf.datasets` (and third-party packages), nothing internal."""
+    """pipelines/ imports the public dnmf API (and third-party packages), nothing internal.
+
+    Besides `dnmf`, `dnmf.io` and `dnmf.datasets`: `dnmf.core` (``default_block_nnz``) and the
+    NMF-RE scan's ``choose_rate`` / ``DEFAULT_RATES``, imported rather than copied.
+    """
     import ast
 
-    allowed = {"dnmf", "dnmf.io", "dnmf.datasets", "dnmf.datasets.orthodont"}
+    allowed = {"dnmf", "dnmf.io", "dnmf.datasets", "dnmf.datasets.orthodont", "dnmf.core", "dnmf.mixed.scan",
+               "dnmf.mixed.nmfre"}
     for path in (ROOT / "pipelines").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -140,6 +145,18 @@ def test_orthodont_scan_table_matches_the_library_and_the_spec(orthodont_run, or
     np.testing.assert_array_equal(table["dfU"], [2.70, 5.40] + [5.42] * 8)
     assert list(table["safeguard"]) == [False, False] + [True] * 8
     assert choose_rate(table) == ref.cap_rate == 0.3
+
+
+def test_nmfre_pipeline_uses_the_library_scan_choice_and_rates():
+    import importlib
+
+    import pipelines.nmfre
+
+    scan = importlib.import_module("dnmf.mixed.scan")
+    library = importlib.import_module("dnmf.mixed.nmfre")  # the module (dnmf.mixed.nmfre is also a function)
+    assert pipelines.nmfre.choose_rate is scan.choose_rate  # imported, not copied
+    assert pipelines.nmfre.DEFAULT_RATES == tuple(float(r) for r in library.DEFAULT_RATES)
+    assert all(type(r) is float for r in pipelines.nmfre.DEFAULT_RATES)  # plain YAML floats in a resolved config
 
 
 def test_choose_rate_rules():
@@ -396,3 +413,102 @@ def test_slurm_example_runs_on_a_local_cluster_reduced(tmp_path, client):
     res = run_job(cfg, client=client, echo=quiet)
     assert RunStore.open(res.store).is_complete
     assert RunStore.open(res.store).read_group("model")["w"].shape[1] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# factorize: the library's defaults, input.normalize
+# ---------------------------------------------------------------------------------------------
+
+
+def test_factorize_model_defaults_are_the_library_defaults():
+    import dataclasses
+    import inspect
+
+    from pipelines.factorize import FactorizeModel
+
+    sig = {p.name: p.default for p in inspect.signature(dnmf.nmf).parameters.values()}
+    fields = {f.name: f.default for f in dataclasses.fields(FactorizeModel) if f.name != "k"}
+    for name, default in fields.items():
+        if name == "init":
+            assert (default, sig[name]) == ("random", None)  # nmf's None is "random"
+        elif name == "out_of_core":
+            assert (default, sig[name]) == ("auto", None)  # nmf's None decides from memory, as "auto"
+        else:
+            assert default == sig[name], name
+    assert fields["seed"] is None and fields["block_nnz"] is None
+
+
+def test_factorize_seed_null_draws_entropy_once_and_records_it(tmp_path, client):
+    cfg = factorize_config(tmp_path, name="noseed", seed=None, maxit=3)
+    res = run_job(cfg, client=client, echo=quiet)
+    seeds = RunStore.open(res.store).meta["seeds"]
+    assert seeds["nmf"] is None
+    model = RunStore.open(res.store).read_group("model")
+    # the recorded entropy reproduces the fit
+    ref = dnmf.nmf(cfg.input.path, 4, seed=np.random.SeedSequence(int(seeds["nmf_entropy"])), maxit=3, tol=0,
+                   block_nnz=1000, client=False)
+    np.testing.assert_array_equal(model["w"], ref.w)
+
+
+def _plain_cp10k_log1p(A):
+    """scanpy's normalize_total(target_sum=1e4) + log1p, written out on a dense genes × cells array."""
+    totals = A.sum(axis=0)
+    scaled = np.where(totals > 0, A * (1e4 / np.where(totals > 0, totals, 1.0)), 0.0)
+    return np.log1p(scaled)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_normalize_blocks_match_a_plain_numpy_reference(sparse, dtype):
+    from pipelines.factorize import normalize_matrix
+
+    rng = np.random.default_rng(3)
+    keep = np.ones(30, dtype=dtype)
+    keep[4] = 0  # an empty sample stays empty
+    A = sp.csc_matrix(sp.random(40, 30, density=0.2, random_state=rng, format="csc", dtype=dtype) @ sp.diags(keep))
+    A.eliminate_zeros()
+    data = A if sparse else A.toarray()
+    for method, ref in (("log1p", np.log1p(A.toarray().astype(np.float64))),
+                        ("cp10k_log1p", _plain_cp10k_log1p(A.toarray().astype(np.float64)))):
+        blocked = normalize_matrix(data, method, block_nnz=40)  # several blocks
+        assert blocked.n_blocks > 1 and blocked.sparse == sparse and blocked.dtype == dtype
+        got = blocked.to_scipy()
+        if sparse:
+            assert sp.issparse(got) and got.nnz == A.nnz  # the stored pattern is kept: nothing densified
+            got = got.toarray()
+        # float32 storage rounds the transformed values: relative 1e-6; float64 is exact to rounding
+        np.testing.assert_allclose(got, ref, rtol=1e-6 if dtype == np.float32 else 1e-12)
+        assert np.all(got[:, 4] == 0)
+    if sparse:
+        totals = np.expm1(normalize_matrix(data, "cp10k_log1p", 40).to_scipy().toarray().astype(np.float64)).sum(0)
+        np.testing.assert_allclose(totals[totals > 0], 1e4, rtol=1e-5)  # float32 values: 1e-5 relative
+
+
+def test_normalize_lazy_store_blocks_are_normalized_on_load(tmp_path):
+    from pipelines.factorize import NormalizedSource, normalize_matrix
+
+    A = sp.random(50, 60, density=0.1, random_state=np.random.default_rng(5), format="csc")
+    dnmf.io.write_zarr(A, str(tmp_path / "a.zarr"), block_nnz=60)
+    blocked = normalize_matrix(str(tmp_path / "a.zarr"), "cp10k_log1p", None)
+    assert not blocked.in_memory and all(isinstance(s, NormalizedSource) for s in blocked.sources)
+    np.testing.assert_allclose(blocked.to_scipy().toarray(), _plain_cp10k_log1p(A.toarray()), rtol=1e-12)
+
+
+def test_factorize_normalize_option_fits_the_normalized_matrix(tmp_path, client):
+    from pipelines.factorize import normalize_matrix
+
+    data = {"pipeline": "factorize", "name": "lognorm", "input": {"dataset": "hawaiibirds", "normalize": "cp10k_log1p"},
+            "model": {"k": 3, "maxit": 5, "tol": 0, "seed": 2},
+            "output": {"dir": str(tmp_path), "anndata": "none", "performance_report": False, "plots": False},
+            "progress": "none"}
+    lines = []
+    res = run_job(JobConfig.from_dict(data), client=client, echo=lines.append)
+    assert "input: cp10k_log1p normalization, block by block" in lines
+    model = RunStore.open(res.store).read_group("model")
+    assert model["normalize"] == "cp10k_log1p"
+    X = dnmf.datasets.load_hawaiibirds().X
+    ref = dnmf.nmf(normalize_matrix(X, "cp10k_log1p", None), 3, seed=2, maxit=5, tol=0, client=False)
+    np.testing.assert_array_equal(model["w"], ref.w)
+    with pytest.raises(dnmf.ConfigError, match=r"^The config key 'input.normalize' must be one of 'none', 'log1p', "
+                                               r"'cp10k_log1p'. Got 'zscore' instead.$"):
+        JobConfig.from_dict({**data, "input": {"dataset": "hawaiibirds", "normalize": "zscore"}})
