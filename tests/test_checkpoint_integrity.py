@@ -320,6 +320,23 @@ def test_missing_result_chunk_of_a_complete_run_is_detected(made, tmp_path):
         copy.read_group("model")
 
 
+def test_damaged_sweep_task_is_redone_or_refused_with_one_message(tmp_path, caplog):
+    store = RunStore.create(tmp_path / "r.zarr", {"pipeline": "x", "name": "r"})
+    for key in ("a", "b"):
+        store.save_task(key, {"x": np.zeros(5), "names": np.array(["", ""]), "v": 1.0})  # all-fill chunks too
+    assert store.task_done("a") and store.task_done("b")
+    (tmp_path / "r.zarr" / "checkpoint" / "tasks" / "a" / "x" / "c" / "0").unlink()
+    with caplog.at_level(logging.WARNING, logger="dnmf.jobs.store"):
+        assert not store.task_done("a")  # run again on resume, never read back as zeros
+    assert caplog.records[-1].getMessage() == (f"sweep task 'a' in {tmp_path / 'r.zarr'} is damaged (chunks missing "
+                                               "in x); running it again")
+    (tmp_path / "r.zarr" / "checkpoint" / "tasks" / "b" / "x" / "c" / "0").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=rf"^The run store at '{tmp_path / 'r.zarr'}' is damaged: "
+                                              r"'checkpoint/tasks/b/x' cannot be read \(.*\)\. Run it again "
+                                              r"with --overwrite\.$"):
+        store.load_task("b")
+
+
 # ---------------------------------------------------------------------------------------------
 # Extending a finished fit with a larger maxit
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +366,27 @@ def test_maxit_extension_on_resume_equals_one_longer_run(made, tmp_path, monkeyp
     data["model"]["maxit"] = 6
     with pytest.raises(dnmf.ConfigError, match=r"with model.maxit=6: its checkpoint 'nmf' is at iteration 8 already"):
         run_job(JobConfig.from_dict(data), resume=True, client=False, echo=quiet)
+
+
+def test_maxit_cannot_change_under_finished_sweep_tasks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = {"pipeline": "nmfre", "name": "sweep", "input": {"dataset": "orthodont"},
+            "model": {"rank": 1, "df_rate": 0.2}, "output": {"dir": str(tmp_path), "plots": False,
+                                                             "performance_report": False}, "progress": "none"}
+    cfg = JobConfig.from_dict(data)
+    store = RunStore.create(cfg.store_path, {"pipeline": "nmfre", "name": "sweep", "config": cfg.to_dict()})
+    store.save_task("scan-0.2", {"dfU": np.ones(1)})  # computed with the old maxit
+    store.mark_stopped("interrupted")
+    data["model"]["maxit"] = 100
+    message = (f"Cannot resume the run at '{cfg.store_path}': its config differs (model.maxit: run has 50000, "
+               "config has 100). Resume with the same config, or start over with --overwrite.")
+    with pytest.raises(dnmf.ConfigError) as info:
+        run_job(JobConfig.from_dict(data), resume=True, client=False, echo=quiet)
+    assert str(info.value) == message
+    store.mark_complete()  # complete without an engine-checkpointed fit: nothing a larger maxit extends
+    with pytest.raises(dnmf.ConfigError) as info:
+        run_job(JobConfig.from_dict(data), resume=True, client=False, echo=quiet)
+    assert str(info.value) == message
 
 
 def test_checkpoint_fingerprint_ignores_what_only_extends_a_fit():

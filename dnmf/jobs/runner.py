@@ -28,11 +28,15 @@ from .store import RunStore
 
 logger = logging.getLogger("dnmf.jobs")
 
-__all__ = ["Job", "RunResult", "run_job", "package_versions", "RESUME_KEYS_IGNORED"]
+__all__ = ["Job", "RunResult", "run_job", "package_versions", "RESUME_KEYS_IGNORED", "RESUME_KEYS_EXTEND"]
 
 #: Config keys (dotted paths; a section covers all its keys) that may change between a run and
-#: its resumption: where and how it executes, how it reports, and how far it iterates.
-RESUME_KEYS_IGNORED = ("cluster", "checkpoint", "progress", "output", "model.maxit")
+#: its resumption: where and how it executes and how it reports.
+RESUME_KEYS_IGNORED = ("cluster", "checkpoint", "progress", "output")
+
+#: Keys that only extend a checkpointed fit (its checkpoint's fingerprint leaves them out): they
+#: may change on resume unless finished sweep tasks were computed with the old value.
+RESUME_KEYS_EXTEND = ("model.maxit",)
 
 _VERSION_PACKAGES = ("dnmf", "numpy", "scipy", "numba", "dask", "distributed", "zarr", "pandas", "anndata",
                      "h5py", "dask-jobqueue", "matplotlib", "scikit-learn", "pyyaml")
@@ -202,15 +206,17 @@ class RunResult:
     skipped: bool = False
 
 
-def _config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[tuple[str, Any, Any]]:
+def _config_diff(old: Mapping, new: Mapping, prefix: str = "",
+                 ignore: Sequence[str] = RESUME_KEYS_IGNORED) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` of every difference outside ``ignore``."""
     diffs = []
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
-        if path in RESUME_KEYS_IGNORED:
+        if path in ignore:
             continue
         a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            diffs.extend(_config_diff(a, b, path + "."))
+            diffs.extend(_config_diff(a, b, path + ".", ignore))
         elif a != b:
             diffs.append((path, a, b))
     return diffs
@@ -221,21 +227,35 @@ def _maxit(config_dict: Mapping):
     return model.get("maxit") if isinstance(model, Mapping) else None
 
 
-def _check_resumable(store: RunStore, config: JobConfig) -> None:
-    """ConfigError when ``config`` cannot continue ``store`` (changed model, or maxit below a checkpoint)."""
+def _resume_plan(store: RunStore, config: JobConfig) -> str:
+    """How ``config`` continues ``store``: "resume" (interrupted run), "extend" (a complete fit
+    stopped by maxit, maxit raised) or "skip" (complete; nothing to do). ConfigError when the
+    config changed what the stored results depend on."""
     path = config.store_path
-    diffs = _config_diff(store.meta.get("config", {}), config.to_dict())
+    old_cfg, new_cfg = store.meta.get("config", {}), config.to_dict()
+    diffs = _config_diff(old_cfg, new_cfg, ignore=RESUME_KEYS_IGNORED + RESUME_KEYS_EXTEND)
+    extend = _config_diff(old_cfg, new_cfg)
+    complete = store.is_complete
+    fits = store.completed_fits() if complete else {}
+    if extend and not diffs:
+        # maxit only extends an engine-checkpointed fit; sweep tasks and fits without such a
+        # checkpoint were computed with the old value.
+        if (store.tasks_done() if not complete else not fits):
+            diffs = extend
     if diffs:
         shown = "; ".join(f"{k}: run has {a!r}, config has {b!r}" for k, a, b in diffs[:5])
         raise ConfigError(f"Cannot resume the run at {str(path)!r}: its config differs ({shown}). "
                           "Resume with the same config, or start over with --overwrite.")
-    maxit = _maxit(config.to_dict())
+    maxit = _maxit(new_cfg)
     if isinstance(maxit, int):
         for name, it in store.checkpoint_iterations().items():
             if it > maxit:
                 raise ConfigError(f"Cannot resume the run at {str(path)!r} with model.maxit={maxit}: its checkpoint "
                                   f"{name!r} is at iteration {it} already. model.maxit can only grow on resume; "
                                   "raise it, or start over with --overwrite.")
+    if not complete:
+        return "resume"
+    return "extend" if extend and store.extendable_checkpoints() else "skip"
 
 
 def _prepare_store(config: JobConfig, resume: bool, overwrite: bool, echo) -> tuple[RunStore | None, bool]:
@@ -267,18 +287,17 @@ def _prepare_store(config: JobConfig, resume: bool, overwrite: bool, echo) -> tu
         echo(f"the run at {path} stopped before its first checkpoint (status {store.status!r}); starting it again")
         return RunStore.create(path, meta), False
     if resume:
-        _check_resumable(store, config)
-        if complete:
+        plan = _resume_plan(store, config)
+        if plan == "skip":
+            echo(f"the run at {path} is already complete; nothing to resume")
+            return None, True
+        if plan == "extend":
             old, new = _maxit(store.meta.get("config", {})), _maxit(config.to_dict())
-            if old == new or not store.extendable_checkpoints():
-                echo(f"the run at {path} is already complete; nothing to resume")
-                return None, True
-            store.reopen()
             echo(f"the run at {path} stopped at model.maxit={old} without converging; "
                  f"continuing it to model.maxit={new}")
         else:
-            store.reopen()
             echo(f"resuming the interrupted run at {path}")
+        store.reopen()
         store.update_meta(versions=package_versions(), config=config.to_dict(), config_yaml=config.to_yaml())
         return store, True
     if complete:
@@ -338,10 +357,11 @@ def _mark_stopped(store: RunStore, status: str, error: str) -> None:
 
 
 def _damaged_checkpoint_error(store: RunStore, e: CheckpointError) -> CheckpointError:
-    where = Path(e.path)
     try:
-        where = where.relative_to(store.path)
+        where = Path(e.path).relative_to(store.path)
     except ValueError:
+        return e
+    if where == Path("."):  # the store's own results: the message names it already
         return e
     detail = "; ".join(f"{k}: {v}" for k, v in e.problems.items()) or str(e)
     return CheckpointError(f"Cannot resume the run at {str(store.path)!r}: its checkpoint '{where}' is damaged and "
@@ -362,7 +382,8 @@ def run_job(config: JobConfig, *, resume: bool = False, overwrite: bool = False,
         A complete run is left as it is, unless its fit stopped at ``model.maxit`` without
         converging and the config raises ``model.maxit``: then the fit continues from its
         final state. The config may differ from the run's only in
-        :data:`RESUME_KEYS_IGNORED`.
+        :data:`RESUME_KEYS_IGNORED`, and in :data:`RESUME_KEYS_EXTEND` when the fit those
+        keys extend is engine-checkpointed (no finished sweep task depends on them).
     overwrite : bool
         Replace an existing run of the same name.
     client : distributed.Client or False, optional

@@ -127,8 +127,25 @@ def _read_array(node, store_path) -> np.ndarray:
             f"The run store at {str(store_path)!r} is damaged: {missing} of {node.nchunks} chunk(s) of "
             f"{node.path!r} are missing. Run it again with --overwrite.", path=str(store_path),
             problems={node.path: f"{missing} chunk(s) missing"})
-    arr = node[...]
+    try:
+        arr = node[...]
+    except Exception as e:  # noqa: BLE001 - a chunk that does not decode: damaged, said once
+        raise CheckpointError(
+            f"The run store at {str(store_path)!r} is damaged: {node.path!r} cannot be read ({type(e).__name__}: "
+            f"{e}). Run it again with --overwrite.", path=str(store_path),
+            problems={node.path: f"unreadable ({type(e).__name__})"}) from e
     return np.asarray(arr.astype(object) if arr.dtype.kind == "T" else arr)
+
+
+def _missing_chunks(group) -> list[str]:
+    """Arrays under ``group`` (recursively) with chunks missing on disk."""
+    import zarr
+
+    out = []
+    for key, node in group.members(max_depth=None):
+        if isinstance(node, zarr.Array) and node.nchunks_initialized != node.nchunks:
+            out.append(key)
+    return out
 
 
 def _pid_alive(pid: int) -> bool:
@@ -292,13 +309,16 @@ class RunStore:
     def mark_complete(self) -> None:
         """Remove the checkpoints (keeping those a larger maxit can extend), then write status
         "complete" and the completion marker together: the last write of a run."""
+        fits = {name: {"iteration": int(info["iteration"]), "converged": bool(info.get("converged")),
+                       "stopped_by_callback": bool(info.get("stopped_by_callback"))}
+                for name, info in self._engine_checkpoints().items() if info}
         self._clear_checkpoints(keep_extendable=True)
         root = self._root()
         record = dict(root.attrs[META])
         finished = now_iso()
         record.update(status="complete", finished=finished)
         marker = {"run_id": record.get("run_id"), "attempt": record.get("attempts", 1), "finished": finished,
-                  "arrays": self._chunk_counts()}
+                  "fits": fits, "arrays": self._chunk_counts()}
         root.attrs.update({META: record, COMPLETE: marker})
 
     # -- results ----------------------------------------------------------------------------------
@@ -378,14 +398,23 @@ class RunStore:
         return f"checkpoint/tasks/{key}"
 
     def task_done(self, key: str) -> bool:
-        """True when sweep task ``key`` finished and was saved."""
+        """True when sweep task ``key`` finished and was saved whole (a damaged one is redone)."""
         import zarr
 
         try:
             g = zarr.open_group(str(self.path / "checkpoint" / "tasks" / key), mode="r")
+            if not g.attrs.get("done", False):
+                return False
+            missing = _missing_chunks(g)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             return False
-        return bool(g.attrs.get("done", False))
+        except Exception as e:  # noqa: BLE001 - unreadable metadata: the task is redone
+            missing = [f"unreadable ({type(e).__name__}: {e})"]
+        if missing:
+            logger.warning("sweep task %r in %s is damaged (chunks missing in %s); running it again", key, self.path,
+                           ", ".join(missing))
+            return False
+        return True
 
     def save_task(self, key: str, payload: Mapping[str, Any]) -> None:
         """Save a finished sweep task's result; its ``done`` flag is written last."""
@@ -428,6 +457,19 @@ class RunStore:
             if info is not None and not info.get("converged") and not info.get("stopped_by_callback"):
                 out[name] = int(info["iteration"])
         return out
+
+    def completed_fits(self) -> dict[str, dict]:
+        """``{name: {iteration, converged, stopped_by_callback}}`` of the engine-checkpointed fits
+        of a complete run (from its completion marker)."""
+        marker = self._root("r").attrs.get(COMPLETE) or {}
+        return dict(marker.get("fits") or {})
+
+    def tasks_done(self) -> int:
+        """How many sweep tasks are saved as finished."""
+        p = self.path / "checkpoint" / "tasks"
+        if not p.is_dir():
+            return 0
+        return sum(self.task_done(t.name) for t in p.iterdir() if t.is_dir())
 
     def checkpoint_iterations(self) -> dict[str, int]:
         """``{name: iteration}`` of every engine checkpoint with a valid slot."""
