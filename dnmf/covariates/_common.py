@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import re
 import warnings
 from typing import Any, Sequence
@@ -40,6 +41,11 @@ __all__ = [
     "ridge_solve",
     "icc",
     "executor_for",
+    "theta_scores",
+    "theta_information",
+    "seed_root",
+    "chunk_seed",
+    "chunk_bounds",
     "r_squared_all",
     "effective_rank",
     "effective_rank_expected",
@@ -139,6 +145,64 @@ def executor_for(client):
         close = getattr(ex, "close", None)
         if close is not None:
             close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference on Θ: one set of formulas and one bootstrap seeding scheme for nmfkc and NMF-RE
+# ---------------------------------------------------------------------------------------------
+
+
+def theta_scores(X: np.ndarray, R: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """Unscaled scores ``S̃[:, n] = a_n ⊗ Xᵀr_n`` of vec(Θ) (column-major), shape (QK, N).
+
+    The score of column n is ``−S̃[:, n]/σ²``; both inference modules scale it themselves.
+    """
+    XtR = X.T @ R  # Q × N
+    K, N = A.shape
+    return (A[:, None, :] * XtR[None, :, :]).reshape(K * XtR.shape[0], N)
+
+
+def theta_information(XtX: np.ndarray, AAt: np.ndarray, sigma2: float, Minv: np.ndarray | None = None,
+                      ridge: float = 1e-8) -> np.ndarray:
+    """Information of vec(Θ): ``AAᵀ ⊗ (XᵀX − XᵀX M⁻¹ XᵀX) / σ² + ridge·I`` (QK × QK).
+
+    NMF-RE profiles the random effects out with ``M = XᵀX + λI``; nmfkc has none, which is
+    ``M⁻¹ = 0`` (``Minv=None``: the Gram is used as is, with no subtraction).
+    """
+    G = XtX if Minv is None else XtX - XtX @ Minv @ XtX
+    return np.kron(AAt, G) / sigma2 + ridge * np.eye(G.shape[0] * AAt.shape[0])
+
+
+def seed_root(seed, func: str = "nmfre_inference") -> np.random.SeedSequence:
+    """The root SeedSequence of a ``seed`` argument (int, SeedSequence, Generator or None)."""
+    if isinstance(seed, np.random.SeedSequence):
+        return seed
+    if isinstance(seed, np.random.Generator):
+        return np.random.SeedSequence(int(seed.integers(0, 2**63)))
+    if seed is None:
+        return np.random.SeedSequence()
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0:
+        return np.random.SeedSequence(int(seed))
+    raise param_error("seed", func, "None, a non-negative int, a SeedSequence or a Generator", seed)
+
+
+def chunk_seed(root: np.random.SeedSequence, *key: int) -> np.random.SeedSequence:
+    """Seed of the bootstrap task addressed by ``key`` under ``root``.
+
+    Equal to a ``root.spawn`` child addressed by key instead of by spawn order (``key=(i,)``
+    is the i-th child), so any task can rebuild its own seed: nmfkc keys its chunks by
+    ``(chunk,)``, NMF-RE by ``(column block, chunk)``.
+    """
+    return np.random.SeedSequence(root.entropy, spawn_key=tuple(root.spawn_key) + tuple(int(k) for k in key),
+                                  pool_size=root.pool_size)
+
+
+def chunk_bounds(n_rep: int, chunk: int) -> list[tuple[int, int]]:
+    """Replicate ranges ``[b0, b1)`` of the bootstrap tasks, fixed by ``n_rep`` and ``chunk`` alone.
+
+    So the draws never depend on the number of workers.
+    """
+    return [(b0, min(b0 + chunk, n_rep)) for b0 in range(0, n_rep, chunk)]
 
 
 def r_squared_all(Y: np.ndarray, fit: np.ndarray, weights: np.ndarray | None = None) -> dict:

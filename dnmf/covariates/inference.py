@@ -9,9 +9,11 @@ Everything is conditional on the fitted basis X̂. With R = Y − X̂ĈA:
 * one-step wild bootstrap c_b = max(vec(Ĉ) − H⁻¹ S w_b, 0), w_b i.i.d. Exp(1) − 1;
 * or, with ``method="refit"``, Y*_b = max(Ŷ + W_b∘R, 0) and Θ re-estimated with X̂ fixed.
 
-Replicates run in fixed-size chunks as independent tasks on the executor
-(:func:`dnmf.engine.executor.get_executor`), each seeded by a child of
-``SeedSequence(seed)``, so the draws do not depend on the number of workers. With
+Replicates run in chunks of :data:`BOOT_CHUNK` as independent tasks on the executor
+(:func:`dnmf.engine.executor.get_executor`), chunk c seeded by the key ``(c,)`` under
+``SeedSequence(seed)`` (the scheme NMF-RE shares, :func:`dnmf.covariates._common.chunk_seed`),
+so the draws do not depend on the number of workers. The information matrix is NMF-RE's with
+no random effect (:func:`dnmf.covariates._common.theta_information`). With
 ``r_rng=True`` the multipliers come serially from one emulated R stream
 (:mod:`dnmf.rrng`), reproducing R's ``set.seed(wild.seed)`` draws exactly.
 """
@@ -28,7 +30,20 @@ from scipy import stats
 
 from .._validation import check_float, check_int, check_option, param_error
 from ..exceptions import InputError
-from ._common import as_covariate_matrix, as_data_matrix, executor_for, quantile_type7, stars, unvec_cm, vec_cm
+from ._common import (
+    as_covariate_matrix,
+    as_data_matrix,
+    chunk_bounds,
+    chunk_seed,
+    executor_for,
+    quantile_type7,
+    seed_root,
+    stars,
+    theta_information,
+    theta_scores,
+    unvec_cm,
+    vec_cm,
+)
 from .nmfkc import NMFKCResult
 
 logger = logging.getLogger(__name__)
@@ -43,7 +58,11 @@ __all__ = [
 ]
 
 _FUNC = "nmfkc_inference"
-_CHUNK = 128  # replicates per task: fixed, so results never depend on the worker count
+#: Replicates per bootstrap task: fixed, so results never depend on the worker count. NMF-RE's
+#: tasks hold 100 (:data:`dnmf.mixed.inference.BOOT_CHUNK`); the seeding scheme is shared
+#: (:func:`dnmf.covariates._common.chunk_seed`, task c keyed ``(c,)``), but each task draws its
+#: own multipliers, so a common size would change every default-stream result for a seed.
+BOOT_CHUNK = 128
 COV_RIDGE = 1e-8
 
 
@@ -178,11 +197,7 @@ class NMFKCInference:
 
 def score_matrix(X: np.ndarray, R: np.ndarray, A: np.ndarray, sigma2: float) -> np.ndarray:
     """Per-column scores S (QK × N): ``s_n = −vec(Xᵀ r_n a_nᵀ)/σ²`` (column-major vec)."""
-    XtR = X.T @ R  # Q × N
-    K, N = A.shape
-    Q = X.shape[1]
-    S = -(A[:, None, :] * XtR[None, :, :]).reshape(K * Q, N)
-    return S / sigma2
+    return -theta_scores(X, R, A) / sigma2
 
 
 def wild_multipliers(rng: np.random.Generator, shape: tuple, dist: str) -> np.ndarray:
@@ -294,13 +309,6 @@ def _refit_task(item, Yhat, R, X, A, C_hat, dist, unit, epsilon, maxit):
                                 epsilon=epsilon, maxit=maxit)
         out[:, b] = vec_cm(C)
     return out
-
-
-def _chunks(B: int) -> list[int]:
-    sizes = [_CHUNK] * (B // _CHUNK)
-    if B % _CHUNK:
-        sizes.append(B % _CHUNK)
-    return sizes
 
 
 # -------------------------------------------------------------------------- main
@@ -429,7 +437,7 @@ def nmfkc_inference(
     if not sigma2 > 0:
         raise InputError(f"The 'Y' parameter of {_FUNC} must leave a positive residual sum of squares. Got RSS = {rss!r} instead.")
     # 2. information and its inverse
-    Info = np.kron(A @ A.T, X.T @ X) / sigma2 + COV_RIDGE * np.eye(Q * K)
+    Info = theta_information(X.T @ X, A @ A.T, sigma2, ridge=COV_RIDGE)
     try:
         Hinv = np.linalg.solve(Info, np.eye(Q * K))
     except np.linalg.LinAlgError:
@@ -448,7 +456,7 @@ def nmfkc_inference(
 
     bse_vec = lo = hi = draws = None
     if wild_bootstrap:
-        sizes = _chunks(wild_B)
+        sizes = [b1 - b0 for b0, b1 in chunk_bounds(wild_B, BOOT_CHUNK)]
         if r_rng:
             from ..rrng import RRandom
 
@@ -473,7 +481,8 @@ def nmfkc_inference(
                             mats.append(_r_multipliers(rr, P * N, wild_dist).reshape((P, N), order="F"))
                     items.append(("given", mats, s))
         else:
-            children = np.random.SeedSequence(int(seed)).spawn(len(sizes))
+            root = seed_root(int(seed), _FUNC)
+            children = [chunk_seed(root, c) for c in range(len(sizes))]
             items = [("seed", ch, s) for ch, s in zip(children, sizes)]
         with executor_for(client) as ex:
             if method == "onestep":

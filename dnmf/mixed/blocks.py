@@ -50,6 +50,7 @@ from ..covariates._common import (
 from ._core import DEFAULT_RATES, check_matrix_init, df_u, gram_eigenvalues, to_matrix
 from .fit import CapOptions, CapState, fit_cap, kmeans_start, nmfkc_eu_stats
 from .inference import (
+    BOOT_CHUNK,
     chunk_bounds,
     chunk_seed,
     coefficient_table,
@@ -648,7 +649,7 @@ def _infer_blocked(out: NMFREBlockedResult, data: BlockedData, A, wild_B, wild_l
         handles = ex.map_blocks(_infer_r, data.blocks, data.U, js, [w.T.copy() for w in Wb], args=(X, C))
     else:
         root = seed_root(seed)
-        handles = ex.map_blocks(infer_chunk, data.blocks, data.U, js, args=(X, C, root, chunk_bounds(wild_B)))
+        handles = ex.map_blocks(infer_chunk, data.blocks, data.U, js, args=(X, C, root, chunk_bounds(wild_B, BOOT_CHUNK)))
     rss, StS, SW = ex.tree_reduce(_add, handles)
     lam = out.sigma2 / max(out.tau2, 1e-12)
     st = sandwich(X.T @ X, data.AAt, lam, N, P, rss, StS)

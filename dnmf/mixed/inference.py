@@ -32,8 +32,17 @@ import scipy.linalg
 from scipy import stats
 
 from .._validation import check_float, check_int, check_option, param_error
+from ..covariates._common import (
+    LAMBDA_FLOOR,
+    chunk_bounds,
+    chunk_seed,
+    cholesky_spd,
+    executor_for,
+    seed_root,
+    theta_information,
+)
+from ..covariates._common import theta_scores as score_matrix
 from ..rrng import RRandom
-from ..covariates._common import LAMBDA_FLOOR, cholesky_spd, executor_for
 from ._core import validate_inputs
 from .result import NMFREResult
 
@@ -52,19 +61,12 @@ __all__ = [
     "r_exp_multipliers",
 ]
 
-#: Replicates per bootstrap task.
+#: Replicates per bootstrap task. nmfkc's tasks hold 128 (:mod:`dnmf.covariates.inference`):
+#: the seeding scheme is shared (:func:`dnmf.covariates._common.chunk_seed`), but each task
+#: draws its own multipliers, so changing either size would change every default-stream
+#: bootstrap SE and CI for a given seed.
 BOOT_CHUNK = 100
 SIDES = ("one.sided", "two.sided")
-
-
-def score_matrix(X: np.ndarray, R: np.ndarray, A: np.ndarray) -> np.ndarray:
-    """Unscaled scores ``S̃[:, n] = a_n ⊗ Xᵀr_n`` (column-major vec(Θ) order), shape (QK, N).
-
-    The scores of §6.1 are ``−S̃/σ²_used``.
-    """
-    XtR = X.T @ R  # Q × N
-    K, N = A.shape
-    return (A[:, None, :] * XtR[None, :, :]).reshape(K * XtR.shape[0], N)
 
 
 def sandwich(XtX: np.ndarray, AAt: np.ndarray, lam: float, n: int, p: int, rss: float, StS: np.ndarray,
@@ -96,8 +98,7 @@ def sandwich(XtX: np.ndarray, AAt: np.ndarray, lam: float, n: int, p: int, rss: 
     trH = float(np.trace(Minv @ XtX))
     dfu = n * trH
     s2u = rss / max(p * n - dfu - Q * K, 1.0)
-    schur = XtX - XtX @ Minv @ XtX
-    info = np.kron(AAt, schur) / s2u + cov_ridge * np.eye(Q * K)
+    info = theta_information(XtX, AAt, s2u, Minv, cov_ridge)
     try:
         Hinv = np.linalg.inv(info)
     except np.linalg.LinAlgError:
@@ -111,34 +112,6 @@ def sandwich(XtX: np.ndarray, AAt: np.ndarray, lam: float, n: int, p: int, rss: 
 
 
 # --------------------------------------------------------------------------------- seeds ------
-
-
-def seed_root(seed) -> np.random.SeedSequence:
-    """The root SeedSequence of a ``seed`` argument (int, SeedSequence, Generator or None)."""
-    if isinstance(seed, np.random.SeedSequence):
-        return seed
-    if isinstance(seed, np.random.Generator):
-        return np.random.SeedSequence(int(seed.integers(0, 2**63)))
-    if seed is None:
-        return np.random.SeedSequence()
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0:
-        return np.random.SeedSequence(int(seed))
-    raise param_error("seed", "nmfre_inference", "None, a non-negative int, a SeedSequence or a Generator", seed)
-
-
-def chunk_seed(root: np.random.SeedSequence, block: int, chunk: int) -> np.random.SeedSequence:
-    """Seed of the multipliers of column block ``block`` and replicate chunk ``chunk``.
-
-    Equal to ``root.spawn`` children addressed by key instead of by spawn order, so any task
-    can rebuild its own seed.
-    """
-    return np.random.SeedSequence(root.entropy, spawn_key=tuple(root.spawn_key) + (int(block), int(chunk)),
-                                  pool_size=root.pool_size)
-
-
-def chunk_bounds(n_rep: int, chunk: int = BOOT_CHUNK) -> list[tuple[int, int]]:
-    """Replicate ranges ``[b0, b1)`` of the bootstrap chunks (fixed by ``n_rep`` alone)."""
-    return [(b0, min(b0 + chunk, n_rep)) for b0 in range(0, n_rep, chunk)]
 
 
 def multipliers(ss: np.random.SeedSequence, n: int, n_rep: int) -> np.ndarray:
@@ -294,7 +267,7 @@ def nmfre_inference(
             SW = S @ r_exp_multipliers(int(seed), N, wild_B)
         else:
             root = seed_root(seed)
-            items = [(c, b1 - b0) for c, (b0, b1) in enumerate(chunk_bounds(wild_B))]
+            items = [(c, b1 - b0) for c, (b0, b1) in enumerate(chunk_bounds(wild_B, BOOT_CHUNK))]
             with executor_for(client) as ex:
                 parts = ex.map(_boot_task, items, args=(S, root))
             SW = np.concatenate(parts, axis=1)
