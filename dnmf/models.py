@@ -4,7 +4,9 @@
 helpers of RcppML's ``nmf`` class: ``reconstruct`` (RcppML ``prod``), ``evaluate`` (mean loss on
 data, computed blockwise), ``predict`` (project new samples onto W), ``align`` (reorder factors
 to match another model), factor subsetting (``model[idx]``, ``subset``, ``head``, ``sort``),
-``sparsity`` and ``transpose`` (RcppML ``t``).
+``sparsity`` and ``transpose`` (RcppML ``t``), and for single-cell work the names of features and
+samples (``feature_names``, ``sample_names``, used by ``predict`` and ``align`` to match features
+by name) and ``top_features`` (a tidy table of each factor's top-loading features).
 
 Module functions: :func:`cosine` (column-wise cosine similarity) and :func:`bipartite_match`
 (Hungarian assignment, RcppML ``bipartiteMatch``).
@@ -12,7 +14,9 @@ Module functions: :func:`cosine` (column-wise cosine similarity) and :func:`bipa
 
 from __future__ import annotations
 
+import logging
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,6 +27,8 @@ from ._validation import check_bool_pair, check_float, check_option, param_error
 from .exceptions import InputError
 
 __all__ = ["NMFModel", "BipartiteMatch", "cosine", "bipartite_match", "LOSSES"]
+
+logger = logging.getLogger(__name__)
 
 #: Entries per chunk when fitted values are formed explicitly (bounds temporary memory to
 #: about ``_CHUNK_ENTRIES · k · 8`` bytes for sparse blocks and ``_CHUNK_ENTRIES · 8`` for dense).
@@ -324,6 +330,26 @@ def _mask_pattern(mask: Any, shape: tuple[int, int], func: str) -> sp.csc_array:
 # ---------------------------------------------------------------------------------------------
 
 
+def _names(names: Any, length: int) -> tuple[str, ...] | None:
+    """``names`` as a tuple of str when it has ``length`` entries, else None."""
+    if names is None:
+        return None
+    names = tuple(str(x) for x in names)
+    return names if len(names) == length else None
+
+
+def _name_positions(names: tuple, targets: tuple, what: str, func: str) -> np.ndarray:
+    """Position of each of ``targets`` in ``names`` (-1 where absent); ``names`` must be unique."""
+    import pandas as pd
+
+    index = pd.Index(names)
+    if not index.is_unique:
+        dup = index[index.duplicated()][0]
+        raise InputError(f"The feature names of {what} passed to {func} must be unique to match them by name; "
+                         f"{dup!r} appears more than once. Make them unique first (AnnData.var_names_make_unique()).")
+    return index.get_indexer(pd.Index(targets)).astype(np.int64)
+
+
 def _factor_index(idx: Any, k: int, func: str) -> np.ndarray:
     """Normalize an int, slice, sequence of ints or boolean mask to an int64 index array."""
     if isinstance(idx, slice):
@@ -367,7 +393,9 @@ class NMFModel:
         Fit record: ``iter`` (iterations run), ``runtime`` (s), ``loss`` (final training SSE),
         ``loss_history`` (SSE per iteration), ``tol_history`` (relative loss change per
         iteration), ``tol`` (last relative change), ``converged`` (bool), ``seed``,
-        ``solver``, ``norm``, ``L1``, ``L2``, ``nonneg``, ``stopped_by_callback``.
+        ``solver``, ``norm``, ``L1``, ``L2``, ``nonneg``, ``stopped_by_callback``, and
+        ``row_names`` / ``col_names`` (the names of A's rows and columns, or None), which
+        :attr:`feature_names` and :attr:`sample_names` expose.
 
     Examples
     --------
@@ -393,6 +421,24 @@ class NMFModel:
     def shape(self) -> tuple[int, int, int]:
         """(m, n, k), like RcppML's ``dim``."""
         return (self.w.shape[0], self.h.shape[1], self.k)
+
+    @property
+    def feature_names(self) -> tuple[str, ...] | None:
+        """Names of the m features (rows of W, e.g. genes), or None when A had none.
+
+        Taken from ``misc["row_names"]``, which :func:`dnmf.nmf` fills from its input (an AnnData's
+        ``var_names``, a DataFrame's index, the features of a 10x file).
+        """
+        return _names(self.misc.get("row_names"), self.w.shape[0])
+
+    @property
+    def sample_names(self) -> tuple[str, ...] | None:
+        """Names of the n samples (columns of H, e.g. cell barcodes), or None.
+
+        Taken from ``misc["col_names"]`` (an AnnData's ``obs_names``, a DataFrame's columns, the
+        barcodes of a 10x file).
+        """
+        return _names(self.misc.get("col_names"), self.h.shape[1])
 
     # -- presentation ------------------------------------------------------------------------
 
@@ -435,7 +481,9 @@ class NMFModel:
 
     def transpose(self) -> "NMFModel":
         """The model of Aᵀ: ``w`` and ``h`` swapped (RcppML ``t``)."""
-        return NMFModel(w=self.h.T.copy(), d=self.d.copy(), h=self.w.T.copy(), misc=dict(self.misc))
+        misc = dict(self.misc)
+        misc["row_names"], misc["col_names"] = self.misc.get("col_names"), self.misc.get("row_names")
+        return NMFModel(w=self.h.T.copy(), d=self.d.copy(), h=self.w.T.copy(), misc=misc)
 
     # -- factor selection --------------------------------------------------------------------
 
@@ -497,6 +545,13 @@ class NMFModel:
             model has more factors than the reference, the unmatched ones follow in their
             original order; with fewer, factors are ordered by the reference factor they match.
             ``misc["alignment"]`` holds the permutation applied (indices into this model).
+
+        Notes
+        -----
+        When both models have :attr:`feature_names` (models fitted on different gene sets or
+        gene orders), W's rows are matched by name and the cosines are computed over the
+        features the two models share; they may then have different numbers of features. With a
+        bare matrix, or without names, rows are matched by position.
         """
         func = "NMFModel.align"
         ref_w = other.w if isinstance(other, NMFModel) else other
@@ -504,12 +559,22 @@ class NMFModel:
             ref_w = np.asarray(ref_w, dtype=np.float64)
         except (TypeError, ValueError) as e:
             raise param_error("other", func, "an NMFModel or a matrix", type(other).__name__) from e
-        if ref_w.ndim != 2 or ref_w.shape[0] != self.w.shape[0]:
+        self_w = np.asarray(self.w, dtype=np.float64)
+        mine = self.feature_names
+        theirs = other.feature_names if isinstance(other, NMFModel) and ref_w.ndim == 2 else None
+        if mine is not None and theirs is not None and mine != theirs:
+            pos = _name_positions(theirs, mine, "the reference model", func)
+            shared = np.flatnonzero(pos >= 0)
+            if shared.size == 0:
+                raise InputError(f"The models passed to {func} share no feature names (e.g. {mine[0]!r} here, "
+                                 f"{theirs[0]!r} in the reference); they cannot be aligned by name.")
+            self_w, ref_w = self_w[shared], ref_w[pos[shared]]
+        if ref_w.ndim != 2 or ref_w.shape[0] != self_w.shape[0]:
             raise param_error("other", func, f"an NMFModel or matrix with {self.w.shape[0]} rows (features)",
                               f"shape {ref_w.shape}")
         if not np.all(np.isfinite(ref_w)):
             raise param_error("other", func, "a finite W", "a W with NaN or Inf")
-        match = bipartite_match(1.0 - cosine(np.asarray(self.w, dtype=np.float64), ref_w))
+        match = bipartite_match(1.0 - cosine(self_w, ref_w))
         # self factor matched to each reference factor, in reference order; then leftovers.
         matched_self = match.rows[np.argsort(match.cols, kind="stable")]
         rest = np.setdiff1d(np.arange(self.k), matched_self)
@@ -517,6 +582,82 @@ class NMFModel:
         out = self.subset(order)
         out.misc["alignment"] = order
         return out
+
+    def top_features(self, n: int = 10, by: str = "weight"):
+        """The ``n`` top features of every factor, as a tidy table.
+
+        Parameters
+        ----------
+        n : int, default 10
+            Features per factor (all m when ``n > m``).
+        by : {"weight", "specificity"}, default "weight"
+            Rank features by their weight in the factor, or by their specificity to it.
+
+        Returns
+        -------
+        pandas.DataFrame
+            ``k · min(n, m)`` rows, factor by factor, with columns
+
+            * ``factor`` — 0-based factor index;
+            * ``rank`` — 1 for the top feature of the factor;
+            * ``feature`` — the feature's name (:attr:`feature_names`), or its row index when
+              the model has no names;
+            * ``weight`` — the feature's share of the factor: ``W · diag(d)`` with every
+              column scaled to sum to 1 (as RcppML's L1-normalized W);
+            * ``specificity`` — the feature's weight in this factor as a z-score across the k
+              factors (cNMF's gene-spectra score): ``(x_if − mean_f' x_if') / sd_f' x_if'``
+              for the weights x of feature i, with the population sd; 0 for a feature whose
+              weights are equal in all factors (e.g. all zero, or k = 1).
+
+        Notes
+        -----
+        Ties are broken by row order (stable sort). Weight ranks what a factor is made of;
+        specificity ranks what sets it apart from the others (a housekeeping gene can top every
+        factor by weight but none by specificity).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from dnmf.models import NMFModel
+        >>> w = np.array([[0.7, 0.1], [0.2, 0.1], [0.1, 0.8]])
+        >>> model = NMFModel(w=w, d=np.array([2.0, 1.0]), h=np.ones((2, 3)) / 3,
+        ...                  misc={"row_names": ("CD3E", "ACTB", "MS4A1")})
+        >>> model.top_features(n=2)
+           factor  rank feature  weight  specificity
+        0       0     1    CD3E     0.7          1.0
+        1       0     2    ACTB     0.2          1.0
+        2       1     1   MS4A1     0.8          1.0
+        3       1     2    CD3E     0.1         -1.0
+        >>> model.top_features(n=1, by="specificity").feature.tolist()
+        ['CD3E', 'MS4A1']
+        """
+        import pandas as pd
+
+        func = "NMFModel.top_features"
+        if not isinstance(n, numbers.Integral) or isinstance(n, (bool, np.bool_)) or n < 1:
+            raise param_error("n", func, "an int in [1, inf)", n)
+        by = check_option(by, "by", func, ("weight", "specificity"))
+        m, _, k = self.shape
+        weight = np.asarray(self.w, dtype=np.float64) * np.asarray(self.d, dtype=np.float64)[None, :]
+        totals = weight.sum(axis=0)
+        weight = weight / np.where(totals > 0, totals, 1.0)[None, :]
+        mean = weight.mean(axis=1, keepdims=True)
+        sd = weight.std(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            specificity = np.where(sd > 0, (weight - mean) / np.where(sd > 0, sd, 1.0), 0.0)
+        score = weight if by == "weight" else specificity
+        n_top = min(int(n), m)
+        top = np.argsort(-score, axis=0, kind="stable")[:n_top].T  # k × n_top row indices
+        names = self.feature_names
+        rows = top.ravel()
+        factors = np.repeat(np.arange(k), n_top)
+        return pd.DataFrame({
+            "factor": factors,
+            "rank": np.tile(np.arange(1, n_top + 1), k),
+            "feature": [names[i] for i in rows] if names is not None else rows,
+            "weight": weight[rows, factors],
+            "specificity": specificity[rows, factors],
+        })
 
     # -- data-facing helpers -----------------------------------------------------------------
 
@@ -529,6 +670,45 @@ class NMFModel:
             want = f"({n_rows}, {n_cols})" if n_cols is not None else f"({n_rows}, n)"
             raise param_error(name, func, f"data of shape {want} (features × samples)", f"shape {(m, n)}")
         return blocked
+
+    def _blocked_by_name(self, A: Any, func: str, w: np.ndarray):
+        """(blocked A, W's rows laid out on A's features): matched by name when both have names.
+
+        Without names, A must have W's m rows and W is returned as is. With names, row r of the
+        returned matrix is W's row for A's feature r (zeros for features W does not know), so
+        ``Wᵀa`` over the model's features, with the model's missing features as zeros, is
+        ``returnedᵀ a``.
+        """
+        from .io import as_blocked
+
+        names = self.feature_names
+        if names is None:
+            return self._blocked(A, "A", func, w.shape[0]), w
+        blocked = as_blocked(A)
+        data_names = _names(blocked.row_names, blocked.shape[0])
+        if data_names is None or data_names == names:
+            if blocked.shape[0] != w.shape[0]:
+                raise param_error("A", func, f"data of shape ({w.shape[0]}, n) (features × samples)",
+                                  f"shape {blocked.shape}")
+            return blocked, w
+        pos = _name_positions(data_names, names, "A", func)
+        found = pos >= 0
+        n_found = int(np.count_nonzero(found))
+        if n_found == 0:
+            raise InputError(f"None of the {blocked.shape[0]} feature names of the data A passed to {func} is a "
+                             f"feature of the model (e.g. {data_names[0]!r} in A, {names[0]!r} in the model); "
+                             f"A must be features × samples with the model's feature names.")
+        if n_found < len(names):
+            missing = [names[i] for i in np.flatnonzero(~found)[:3]]
+            warnings.warn(f"{len(names) - n_found} of the model's {len(names)} features are missing from the data A "
+                          f"passed to {func} (e.g. {', '.join(map(repr, missing))}) and are treated as zero.",
+                          UserWarning, stacklevel=3)
+        extra = blocked.shape[0] - n_found
+        if extra:
+            logger.info("%s: ignoring %d feature(s) of A the model does not have", func, extra)
+        w_data = np.zeros((blocked.shape[0], w.shape[1]))
+        w_data[pos[found]] = w[found]
+        return blocked, w_data
 
     def evaluate(self, A: Any, loss: str = "mse", mask: Any = None, missing_only: bool = False) -> float:
         """Mean loss of the model on data A (RcppML ``evaluate``; spec §10.6).
@@ -680,6 +860,14 @@ class NMFModel:
             exactly (active-set NNLS). ``d`` is **not** applied: W has unit-norm columns and h
             absorbs the scale, so ``A ≈ W @ H`` — on the training data H ≈ ``diag(d) @ model.h``.
             float32 data gives float32 output, anything else float64.
+
+        Notes
+        -----
+        When the model has :attr:`feature_names` and A has feature names too (an AnnData's
+        ``var_names``, a DataFrame's index, a 10x file's features), A's features are matched to
+        W's by name: features of A the model does not know are ignored, and the model's features
+        missing from A are treated as zero (with a warning giving their number). No shared name
+        at all is an error. Otherwise A must have W's features, in W's order.
         """
         from .kernels.nnls import SOLVER_EXACT, nnls_batch
 
@@ -691,8 +879,8 @@ class NMFModel:
         L2 = check_float(float(misc_l2[1]) if L2 is None else L2, "L2", func, low=0.0)
         nonneg = check_bool_pair(bool(misc_nonneg[1]) if nonneg is None else nonneg, "nonneg", func)[0]
         m, _, k = self.shape
-        blocked = self._blocked(A, "A", func, m)
         w = np.ascontiguousarray(self.w, dtype=np.float64)
+        blocked, w_data = self._blocked_by_name(A, func, w)
         G = w.T @ w
         G[np.diag_indices(k)] += L2
         L = np.zeros((0, 0))
@@ -704,10 +892,10 @@ class NMFModel:
             _check_block_values(block, func, allow_negative=False, why="(as in nmf)", col0=c0)
             if isinstance(block, np.ndarray):
                 a = np.asarray(block, dtype=np.float64)
-                B = np.ascontiguousarray(w.T @ a)
+                B = np.ascontiguousarray(w_data.T @ a)
             else:
                 a = block.to_scipy()
-                B = np.ascontiguousarray((a.T @ w).T, dtype=np.float64)
+                B = np.ascontiguousarray((a.T @ w_data).T, dtype=np.float64)
             X = np.zeros_like(B)
             # exact NNLS; maxit/tol are the coordinate-descent knobs and are unused by this solver
             nnls_batch(G, L, B, X, SOLVER_EXACT, nonneg, 100, 1e-8, False, L1)

@@ -21,6 +21,8 @@ Conventions applied to every input
   (:func:`dnmf.io.validate.check_compressed`, :func:`~dnmf.io.validate.check_coo`). Sparse
   chunks of a Dask array are checked chunk by chunk, before Dask stacks them.
   Unsorted and duplicate indices are valid input: they are sorted and summed, on a copy.
+* A pandas DataFrame is features × samples, like any array; its index and columns become
+  ``row_names`` and ``col_names`` (unless they are a default ``RangeIndex``).
 * AnnData is cells × genes; it is transposed to genes × cells, with ``row_names`` taken from
   ``var_names`` and ``col_names`` from ``obs_names``. A CSR ``.X`` *is* a CSC genes × cells
   matrix, so no data is copied for it.
@@ -317,6 +319,22 @@ def _is_dask_array(x) -> bool:
     return da is not None and isinstance(x, da.Array)
 
 
+def _is_data_frame(x) -> bool:
+    pd = sys.modules.get("pandas")
+    return pd is not None and isinstance(x, pd.DataFrame)
+
+
+def _frame_names(frame) -> tuple:
+    """(row_names, col_names) of a features × samples DataFrame: its index and columns as str,
+    each None when it is a default RangeIndex (no names)."""
+    import pandas as pd
+
+    def names(index):
+        return None if isinstance(index, pd.RangeIndex) else tuple(str(x) for x in index)
+
+    return names(frame.index), names(frame.columns)
+
+
 def _is_anndata(x) -> bool:
     ad = sys.modules.get("anndata")
     return ad is not None and isinstance(x, ad.AnnData)
@@ -506,6 +524,8 @@ def from_memory(A, block_nnz: int, dtype: Any, names=(None, None)) -> BlockedMat
     if _is_dask_array(A):
         return _from_dask(A, block_nnz, dtype, names)
     if isinstance(A, np.ndarray) or hasattr(A, "__array__") or isinstance(A, (list, tuple)):
+        if names == (None, None) and _is_data_frame(A):
+            names = _frame_names(A)
         try:
             a = np.asarray(A)
         except (TypeError, ValueError) as e:
