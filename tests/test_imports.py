@@ -176,3 +176,28 @@ def _imports_pipelines() -> list[str]:
 def test_library_does_not_import_pipelines():
     """dnmf is the library; pipelines/ sits on top of it and is never imported by it."""
     assert _imports_pipelines() == []
+
+
+def test_public_names_of_the_nmfre_layers():
+    """Names other code imports stay where they were; the new ones are exported."""
+    import dataclasses
+
+    import dnmf.io
+    import dnmf.mixed
+    import dnmf.mixed.blocks
+    import dnmf.mixed.scan
+    from dnmf.mixed.nmfre import DEFAULT_RATES, NMFREResult, df_u, kmeans_start, lambda_for_cap, nmfkc_eu_stats  # noqa: F401
+
+    assert {"choose_rate", "DEFAULT_RATES"} <= set(dnmf.mixed.__all__)
+    assert dnmf.mixed.choose_rate is dnmf.mixed.scan.choose_rate
+    assert dnmf.mixed.DEFAULT_RATES == DEFAULT_RATES
+    for name in dnmf.mixed.__all__:
+        assert getattr(dnmf.mixed, name) is not None
+    # the blocked result is an NMFREResult that adds only its block fields
+    Blocked = dnmf.mixed.NMFREBlockedResult
+    assert issubclass(Blocked, NMFREResult)
+    own = {f.name for f in dataclasses.fields(Blocked)} - {f.name for f in dataclasses.fields(NMFREResult)}
+    assert own == {"U_blocks", "col_bounds", "iter_times", "timings"}
+    # the blocked fit's private Y conversion no longer shadows the public reader
+    assert not hasattr(dnmf.mixed.blocks, "as_blocked")
+    assert callable(dnmf.io.as_blocked)
