@@ -466,7 +466,8 @@ def _run_pipeline(pipe, config, store, client, resumed, echo, stream, reports: l
             store.update_meta(dashboard=None, n_workers=0)
         else:
             stack.enter_context(client.as_current())
-            store.update_meta(dashboard=dashboard_link(client), n_workers=len(scheduler_info(client).get("workers", {})))
+            n_workers = len(scheduler_info(client).get("workers", {}))
+            store.update_meta(dashboard=dashboard_link(client), n_workers=n_workers)
             if config.output.performance_report:
                 report = _report_path(config, store)
                 report.parent.mkdir(parents=True, exist_ok=True)
