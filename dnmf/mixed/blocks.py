@@ -164,7 +164,6 @@ def final_chunk(blk: REBlock, U, X, C, ymean, ymean_rows):
 
 def infer_chunk(blk: REBlock, U, j, X, C, root, bounds, W=None):
     """Inference partials of one block: (RSS_j, S̃_jS̃_jᵀ, S̃_jW_j)."""
-
     Y = blk.load()
     R = Y - X @ U - X @ (C @ blk.a)
     S = score_matrix(X, R, blk.a)
@@ -649,7 +648,8 @@ def _infer_blocked(out: NMFREBlockedResult, data: BlockedData, A, wild_B, wild_l
         handles = ex.map_blocks(_infer_r, data.blocks, data.U, js, [w.T.copy() for w in Wb], args=(X, C))
     else:
         root = seed_root(seed)
-        handles = ex.map_blocks(infer_chunk, data.blocks, data.U, js, args=(X, C, root, chunk_bounds(wild_B, BOOT_CHUNK)))
+        bounds = chunk_bounds(wild_B, BOOT_CHUNK)
+        handles = ex.map_blocks(infer_chunk, data.blocks, data.U, js, args=(X, C, root, bounds))
     rss, StS, SW = ex.tree_reduce(_add, handles)
     lam = out.sigma2 / max(out.tau2, 1e-12)
     st = sandwich(X.T @ X, data.AAt, lam, N, P, rss, StS)
