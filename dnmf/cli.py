@@ -179,7 +179,10 @@ def _setup_logging(quiet: bool = False):
             bar_aware.setLevel(h.level)
             dist.handlers[i] = bar_aware
 
+    logging.getLogger("distributed.worker").addFilter(_DROP_COMPUTE_FAILED)  # threads of this process
+
     def undo() -> None:
+        logging.getLogger("distributed.worker").removeFilter(_DROP_COMPUTE_FAILED)
         dist.handlers[:] = saved_handlers
         for name, lvl in saved_levels.items():  # an interrupt silenced them
             logging.getLogger(name).setLevel(lvl)
@@ -213,14 +216,28 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
-def dask_setup(worker) -> None:
-    """Worker preload of ``dnmf run``'s own worker processes: leave Ctrl-C to the ``dnmf`` process.
+class _DropComputeFailed(logging.Filter):
+    """Drop distributed's multi-line "Compute Failed" record: the task's error reaches ``dnmf``,
+    which reports it in one line (``--debug``: with the traceback)."""
 
-    A terminal sends Ctrl-C to the whole process group, worker processes included; each would
-    print its own traceback. ``dnmf`` stops the run and closes the cluster, which stops them.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+_DROP_COMPUTE_FAILED = _DropComputeFailed()
+
+
+def dask_setup(worker) -> None:
+    """Worker preload of ``dnmf run``'s own worker processes.
+
+    Ctrl-C is left to the ``dnmf`` process: a terminal sends it to the whole process group,
+    worker processes included, and each would print its own traceback; ``dnmf`` stops the run
+    and closes the cluster, which stops them. A failed task's error is reported by ``dnmf``
+    only (see :class:`_DropComputeFailed`).
     """
     import threading
 
+    logging.getLogger("distributed.worker").addFilter(_DROP_COMPUTE_FAILED)
     if threading.current_thread() is threading.main_thread():  # a worker process, not a thread of ours
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -386,3 +386,16 @@ def test_close_all_ends_a_bar_left_open_by_an_error():
     assert term.getvalue().endswith("\n")
     progress.write("dnmf: error: ...", term)
     assert term.getvalue().endswith("\ndnmf: error: ...\n")  # not redrawn after it
+
+
+def test_worker_preload_ignores_ctrl_c_and_drops_compute_failed_records():
+    """`dnmf run` preloads dnmf.cli into its workers: Ctrl-C is the dnmf process's, and a failed
+    task's multi-line "Compute Failed" record is dropped (dnmf reports the error in one line)."""
+    code = ("import logging, signal; from dnmf import cli; cli.dask_setup(None); "
+            "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN); "
+            "log = logging.getLogger('distributed.worker'); "
+            "rec = lambda msg: log.makeRecord(log.name, logging.ERROR, 'f', 1, msg, (), None); "
+            "print(log.filter(rec('Compute Failed\\nKey: x')), log.filter(rec('Worker memory')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "False", "True"]
