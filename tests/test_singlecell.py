@@ -176,3 +176,170 @@ def test_top_features_on_a_fitted_planted_model():
         model.top_features(0)
     with pytest.raises(InputError, match="'by' parameter of NMFModel.top_features"):
         model.top_features(by="loading")
+
+
+# ---------------------------------------------------------------------------------------------
+# 10x Genomics inputs
+# ---------------------------------------------------------------------------------------------
+
+_SYMBOLS = ["CD3E", "MS4A1", "CD3E", "ACTB", "CD3E-1", "LYZ", "NKG7", "ACTB", "GNLY", "CD3E"]
+
+
+@pytest.fixture(scope="module")
+def counts10x():
+    """12 features (10 genes, then 2 antibodies) × 30 cells of integer counts, genes × cells."""
+    x = sp.random(12, 30, density=0.3, random_state=7, format="csc", data_rvs=lambda s: np.arange(1, s + 1) % 9 + 1)
+    x = sp.csc_array(x.astype(np.int32))
+    ids = [f"ENSG{i:05d}" for i in range(10)] + ["CD3_TotalSeqB", "CD19_TotalSeqB"]
+    symbols = _SYMBOLS + ["CD3", "CD19"]
+    types = ["Gene Expression"] * 10 + ["Antibody Capture"] * 2
+    barcodes = [f"AAAC{j:04d}-1" for j in range(30)]
+    return x, ids, symbols, types, barcodes
+
+
+def _write_10x_folder(folder, counts10x, *, v2=False, gz=True):
+    import gzip
+    import scipy.io
+
+    x, ids, symbols, types, barcodes = counts10x
+    folder.mkdir()
+    ext = ".gz" if gz else ""
+    opener = gzip.open if gz else open
+    with opener(folder / f"matrix.mtx{ext}", "wb") as f:
+        scipy.io.mmwrite(f, sp.coo_matrix(x), field="integer")
+    rows = zip(ids, symbols) if v2 else zip(ids, symbols, types)
+    with opener(folder / (f"genes.tsv{ext}" if v2 else f"features.tsv{ext}"), "wt") as f:
+        f.writelines("\t".join(r) + "\n" for r in rows)
+    with opener(folder / f"barcodes.tsv{ext}", "wt") as f:
+        f.writelines(b + "\n" for b in barcodes)
+    return folder
+
+
+def _write_10x_h5(path, counts10x, *, v2_genomes=None):
+    import h5py
+
+    x, ids, symbols, types, barcodes = counts10x
+    with h5py.File(path, "w") as f:
+        groups = v2_genomes or ["matrix"]
+        for name in groups:
+            g = f.create_group(name)
+            g["data"], g["indices"], g["indptr"] = x.data, x.indices.astype(np.int64), x.indptr.astype(np.int64)
+            g["shape"] = np.array(x.shape, dtype=np.int32)
+            g["barcodes"] = np.array(barcodes, dtype="S")
+            if v2_genomes:
+                g["genes"], g["gene_names"] = np.array(ids, dtype="S"), np.array(symbols, dtype="S")
+            else:
+                feats = g.create_group("features")
+                feats["id"], feats["name"] = np.array(ids, dtype="S"), np.array(symbols, dtype="S")
+                feats["feature_type"] = np.array(types, dtype="S")
+                feats["genome"] = np.array(["GRCh38"] * 10 + [""] * 2, dtype="S")
+    return path
+
+
+def _dense(blocked):
+    m = blocked.to_scipy()
+    return m.toarray() if sp.issparse(m) else np.asarray(m)
+
+
+def test_make_unique_matches_anndata():
+    from anndata.utils import make_index_unique
+
+    from dnmf.io.tenx import make_unique
+
+    names = _SYMBOLS + ["ACTB-1", "ACTB", "A", "A-1", "A", "A-1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata warns about the colliding "-1" suffixes
+        expected = tuple(make_index_unique(pd.Index(names)))
+    assert make_unique(names) == expected
+    assert make_unique(["a", "b"]) == ("a", "b")
+
+
+@pytest.mark.parametrize("v2, gz", [(False, True), (True, False)])
+def test_10x_folder(tmp_path, counts10x, v2, gz):
+    x, ids, symbols, types, barcodes = counts10x
+    folder = _write_10x_folder(tmp_path / "filtered_feature_bc_matrix", counts10x, v2=v2, gz=gz)
+    blocked = dnmf.io.as_blocked(folder, block_nnz=20)
+    n_genes = 12 if v2 else 10  # v2 genes.tsv has no feature type: every row is kept
+    np.testing.assert_array_equal(_dense(blocked), x.toarray()[:n_genes])
+    assert blocked.dtype == np.float64 and blocked.n_blocks > 1 and blocked.in_memory
+    assert blocked.row_names[:10] == ("CD3E", "MS4A1", "CD3E-2", "ACTB", "CD3E-1", "LYZ", "NKG7", "ACTB-1", "GNLY",
+                                      "CD3E-3")
+    assert blocked.col_names == tuple(barcodes)
+    by_id = dnmf.io.read_10x(str(folder), var_names="gene_ids", gex_only=False, dtype=np.float32)
+    assert by_id.row_names == tuple(ids) and by_id.dtype == np.float32
+    np.testing.assert_array_equal(_dense(by_id), x.toarray())
+
+
+def test_10x_h5_is_lazy_and_matches_the_folder(tmp_path, counts10x):
+    import pickle
+
+    x, ids, symbols, types, barcodes = counts10x
+    folder = dnmf.io.as_blocked(_write_10x_folder(tmp_path / "mtx", counts10x), block_nnz=20)
+    path = _write_10x_h5(tmp_path / "filtered_feature_bc_matrix.h5", counts10x)
+    blocked = dnmf.io.as_blocked(path, block_nnz=20)
+    assert not blocked.in_memory and all(isinstance(s, dnmf.io.H5SparseSource) for s in blocked.sources)
+    assert blocked.shape == (10, 30) and blocked.row_names == folder.row_names and blocked.col_names == tuple(barcodes)
+    # blocks are balanced on the stored entries (antibody rows included: only indptr is read to
+    # cut them), and the antibody rows are dropped from every block as it is loaded
+    bounds = blocked.col_bounds
+    assert np.array_equal(bounds, dnmf.io.readers.column_block_bounds(np.diff(x.indptr), 20))
+    genes = sp.csc_array(x[:10].astype(np.float64))
+    for j, got in enumerate(blocked.iter_blocks()):
+        ref = genes[:, bounds[j]:bounds[j + 1]]
+        for name in ("data", "indices", "indptr"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(ref, name))
+        assert got.indices.dtype == np.int32 and got.indptr.dtype == np.int64
+    source = pickle.loads(pickle.dumps(blocked.sources[1]))
+    np.testing.assert_array_equal(source.load().toarray(), x.toarray()[:10, blocked.col_bounds[1]:blocked.col_bounds[2]])
+    every = dnmf.io.read_10x(path, gex_only=False, var_names="gene_ids")
+    assert every.row_names == tuple(ids) and every.sources[0].row_map is None
+    np.testing.assert_array_equal(_dense(every), x.toarray())
+    # the whole path through nmf, names kept
+    model = dnmf.nmf(str(path), 3, seed=1, maxit=5, tol=0)
+    assert model.feature_names == folder.row_names and model.sample_names == tuple(barcodes)
+    assert model.misc["out_of_core"] is False  # small: loaded once, not streamed
+
+
+def test_10x_h5_v2_genomes(tmp_path, counts10x):
+    x = counts10x[0]
+    path = _write_10x_h5(tmp_path / "v2.h5", counts10x, v2_genomes=["hg19", "mm10"])
+    with pytest.raises(InputError, match=r"The 'genome' parameter of read_10x must be one of the file's genomes "
+                                         r"\['hg19', 'mm10'\]. Got None instead."):
+        dnmf.io.as_blocked(path)
+    blocked = dnmf.io.read_10x(path, genome="mm10")
+    np.testing.assert_array_equal(_dense(blocked), x.toarray())  # Cell Ranger 2: genes only, all kept
+    assert blocked.sources[0].group == "mm10" and blocked.row_names[2] == "CD3E-2"
+    one = _write_10x_h5(tmp_path / "one.h5", counts10x, v2_genomes=["hg19"])
+    np.testing.assert_array_equal(_dense(dnmf.io.as_blocked(one)), x.toarray())
+
+
+def test_10x_errors(tmp_path, counts10x):
+    import gzip
+    import h5py
+
+    folder = _write_10x_folder(tmp_path / "f", counts10x)
+    with gzip.open(folder / "barcodes.tsv.gz", "wt") as f:
+        f.write("AAAC-1\n")
+    with pytest.raises(InputError, match=r"is inconsistent: its matrix is 12 × 30 \(features × barcodes\) but it "
+                                         r"lists 12 features and 1 barcodes"):
+        dnmf.io.as_blocked(folder)
+    (folder / "barcodes.tsv.gz").unlink()
+    with pytest.raises(InputError, match=r"has a matrix but no barcodes.tsv\[.gz\]"):
+        dnmf.io.as_blocked(folder)
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.ones(3)
+    with pytest.raises(InputError, match=r"is not a 10x Genomics .h5 matrix: .* found \['x'\]"):
+        dnmf.io.as_blocked(tmp_path / "other.h5")
+    (tmp_path / "bad.h5").write_bytes(b"not hdf5" * 20)
+    with pytest.raises(InputError, match=r"Could not read .*bad.h5' as an HDF5 file"):
+        dnmf.io.as_blocked(tmp_path / "bad.h5")
+    path = _write_10x_h5(tmp_path / "x.h5", counts10x)
+    with pytest.raises(InputError, match=r"The 'var_names' parameter of read_10x must be"):
+        dnmf.io.read_10x(path, var_names="symbols")
+    with pytest.raises(InputError, match=r"The 'layer' parameter of as_blocked must be None"):
+        dnmf.io.as_blocked(path, layer="counts")
+    # a corrupt row index in one block is caught when the block is loaded, naming the file
+    with h5py.File(path, "r+") as f:
+        f["matrix/indices"][5] = 99
+    with pytest.raises(InputError, match=r"The HDF5 file .*x.h5' \(block of columns .*\) is not a valid CSC matrix"):
+        dnmf.nmf(path, 2)

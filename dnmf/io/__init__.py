@@ -1,12 +1,15 @@
 """Readers and writers: everything becomes a column-blocked matrix (features × samples)."""
 
 from .blocks import BlockedMatrix, BlockSource, CSCBlock, InMemorySource
+from .hdf5 import H5DenseSource, H5SparseSource
 from .readers import as_blocked
+from .tenx import read_10x
 from .writers import write_zarr
 from .zarr_store import ZarrBlockSource, ZarrDenseSource
 
 __all__ = [
     "as_blocked",
+    "read_10x",
     "write_zarr",
     "BlockedMatrix",
     "BlockSource",
@@ -14,4 +17,6 @@ __all__ = [
     "InMemorySource",
     "ZarrBlockSource",
     "ZarrDenseSource",
+    "H5SparseSource",
+    "H5DenseSource",
 ]

@@ -7,8 +7,8 @@ are balanced by stored entries (nnz), ready for the engine. In-memory inputs and
 rule are in :mod:`dnmf.io.memory`, Zarr stores in :mod:`dnmf.io.zarr_store`; this module adds
 the file readers.
 
-Imports go one way: ``blocks`` ← ``validate`` ← ``memory`` ← ``zarr_store`` ← ``readers`` ←
-``writers``.
+Imports go one way: ``blocks`` ← ``validate`` ← ``memory`` ← ``zarr_store`` ← ``hdf5`` ←
+``tenx`` ← ``readers`` ← ``writers``.
 
 File readers
 ------------
@@ -16,6 +16,11 @@ Each reader parses its file inside one ``try``: a truncated or corrupt file (and
 content does not match its suffix) raises :class:`~dnmf.exceptions.InputError` naming the file
 and the expected format, chained to the parser's error. ``.npz``/``.npy`` files are read with
 ``allow_pickle=False``, always. Reading ``.h5ad`` files needs ``anndata``.
+
+``.h5ad`` files whose matrix is CSR or dense, and 10x Genomics ``.h5`` files, are opened lazily
+with h5py (:mod:`dnmf.io.hdf5`, :mod:`dnmf.io.tenx`): their blocks are read on every ``load()``,
+so they stream like Zarr stores when they do not fit in memory. Other ``.h5ad`` layouts are read
+with ``anndata.read_h5ad``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ from .memory import (
     index_dtype,
     rebalance_blocks,
 )
+from .hdf5 import H5_ERRORS, read_h5ad
+from .tenx import is_10x_folder, read_10x
+from .validate import parse_error as _parse_error
 from .zarr_store import read_zarr
 
 __all__ = [
@@ -64,16 +72,6 @@ _FUNC = "as_blocked"
 _PARSE_ERRORS = (ValueError, EOFError, OSError, KeyError, IndexError, zipfile.BadZipFile, zlib.error)
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _NPY_MAGIC = b"\x93NUMPY"
-
-
-def _parse_error(path: str, kind: str, cause) -> InputError:
-    """The InputError for a file that could not be parsed as ``kind``."""
-    if isinstance(cause, BaseException):
-        text = " ".join(str(cause).split()).rstrip(".") or type(cause).__name__
-        if len(text) > 200:
-            text = text[:197] + "..."
-        cause = f"{type(cause).__name__}: {text}"
-    return InputError(f"Could not read {path!r} as {kind}: {cause}. Check the file is complete, or re-export it.")
 
 
 def _from_file(path: str, convert, *args) -> BlockedMatrix:
@@ -144,31 +142,57 @@ def _read_h5ad(path: str, block_nnz: int, layer, dtype) -> BlockedMatrix:
         import anndata
     except ImportError as e:
         raise InputError("Reading .h5ad files needs the 'anndata' package: pip install anndata") from e
+
+    def in_memory() -> BlockedMatrix:
+        try:
+            adata = anndata.read_h5ad(path)
+        except _PARSE_ERRORS + (TypeError,) as e:
+            raise _parse_error(path, "an AnnData .h5ad file", e) from e
+        return _from_file(path, from_anndata, adata, block_nnz, layer, dtype)
+
+    return read_h5ad(path, block_nnz=block_nnz, layer=layer, dtype=dtype, fallback=in_memory)
+
+
+def _read_h5(path: str, block_nnz: int, layer, dtype) -> BlockedMatrix:
+    """A 10x Genomics .h5 file, or an AnnData file named .h5."""
+    import h5py
+
     try:
-        adata = anndata.read_h5ad(path)
-    except _PARSE_ERRORS + (TypeError,) as e:
-        raise _parse_error(path, "an AnnData .h5ad file", e) from e
-    return _from_file(path, from_anndata, adata, block_nnz, layer, dtype)
+        with h5py.File(path, "r") as f:
+            encoding = f.attrs.get("encoding-type")
+    except H5_ERRORS as e:
+        raise _parse_error(path, "an HDF5 file (10x Genomics .h5 or AnnData)", e) from e
+    if encoding in ("anndata", b"anndata"):
+        return _read_h5ad(path, block_nnz, layer, dtype)
+    if layer is not None:
+        raise param_error("layer", _FUNC, "None for a non-AnnData input", layer)
+    return read_10x(path, block_nnz=block_nnz, dtype=dtype)
+
+
+def _read_10x_folder(path: str, block_nnz: int, layer, dtype) -> BlockedMatrix:
+    return read_10x(path, block_nnz=block_nnz, dtype=dtype)
 
 
 def _read_zarr(path: str, block_nnz: int, layer, dtype) -> BlockedMatrix:
     return read_zarr(path, block_nnz=block_nnz, layer=layer, dtype=dtype)
 
 
-#: File readers by suffix (lower case). A directory is read as a Zarr store whatever its name.
+#: File readers by suffix (lower case). A directory is a 10x Genomics matrix folder when it holds
+#: matrix.mtx[.gz], else a Zarr store whatever its name.
 READERS = {
     ".mtx": _read_mtx,
     ".mtx.gz": _read_mtx,
     ".npz": _read_npz,
     ".npy": _read_npy,
     ".h5ad": _read_h5ad,
+    ".h5": _read_h5,
     ".zarr": _read_zarr,
 }
 
 
 def _reader_for(path: str):
     if os.path.isdir(path):
-        return _read_zarr
+        return _read_10x_folder if is_10x_folder(path) else _read_zarr
     lower = path.lower()
     for suffix in sorted(READERS, key=len, reverse=True):
         if lower.endswith(suffix):
@@ -187,7 +211,7 @@ def _from_path(path, block_nnz: int, layer, dtype) -> BlockedMatrix:
     if not os.path.exists(path):
         raise InputError(f"The path A passed to {_FUNC} does not exist: {path!r}.")
     reader = _reader_for(path)
-    if layer is not None and reader not in (_read_h5ad, _read_zarr):
+    if layer is not None and reader not in (_read_h5ad, _read_h5, _read_zarr):
         raise param_error("layer", _FUNC, "None for a non-AnnData input", layer)
     return reader(path, block_nnz, layer, dtype)
 
@@ -212,8 +236,11 @@ def as_blocked(A: Any, *, block_nnz: int = 1_000_000, layer: str | None = None, 
         * a :class:`BlockedMatrix`, returned unchanged;
         * a path (``str`` or ``os.PathLike``) to a Zarr store (our own stores from
           :func:`dnmf.io.write_zarr`, a dense array, an AnnData-style ``csr``/``csc`` group or an
-          AnnData store), a ``.h5ad`` file, a MatrixMarket ``.mtx``/``.mtx.gz`` file, a ``.npz``
-          file (``scipy.sparse.save_npz`` or a single array) or a ``.npy`` file.
+          AnnData store), a ``.h5ad`` file (lazy when its matrix is CSR or dense), a 10x Genomics
+          matrix folder or ``.h5`` file (gene symbols as row names, "Gene Expression" features
+          only: see :func:`dnmf.io.read_10x` for the options; the ``.h5`` is lazy), a
+          MatrixMarket ``.mtx``/``.mtx.gz`` file, a ``.npz`` file (``scipy.sparse.save_npz`` or
+          a single array) or a ``.npy`` file.
     block_nnz : int, default 1_000_000
         Target stored entries per column block (dense blocks count all m·n_j entries). Stores
         written by :func:`dnmf.io.write_zarr` keep their stored blocking and ignore it.
@@ -227,8 +254,8 @@ def as_blocked(A: Any, *, block_nnz: int = 1_000_000, layer: str | None = None, 
     Returns
     -------
     BlockedMatrix
-        ``in_memory`` is False for lazy Zarr-backed matrices, whose blocks are read from disk on
-        every ``load()``.
+        ``in_memory`` is False for lazy matrices (Zarr stores, ``.h5ad`` and 10x ``.h5`` files),
+        whose blocks are read from disk on every ``load()``.
 
     Raises
     ------

@@ -35,7 +35,8 @@ import numpy as np
 from ..exceptions import InputError
 from .blocks import BlockedMatrix, CSCBlock
 
-__all__ = ["DataSummary", "check_data", "check_rank", "check_block", "check_compressed", "check_indptr", "check_coo"]
+__all__ = ["DataSummary", "check_data", "check_rank", "check_block", "check_compressed", "check_indptr", "check_coo",
+           "parse_error"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,16 @@ def _first_position(mask: np.ndarray, block, col0: int):
     cols, rows = np.nonzero(mask.T)  # transposed: ordered by column, then row
     r, c = int(rows[0]), int(cols[0])
     return r, col0 + c, block[r, c]
+
+
+def parse_error(path: str, kind: str, cause) -> InputError:
+    """The InputError for a file that could not be parsed as ``kind`` (``cause``: an exception or a reason)."""
+    if isinstance(cause, BaseException):
+        text = " ".join(str(cause).split()).rstrip(".") or type(cause).__name__
+        if len(text) > 200:
+            text = text[:197] + "..."
+        cause = f"{type(cause).__name__}: {text}"
+    return InputError(f"Could not read {path!r} as {kind}: {cause}. Check the file is complete, or re-export it.")
 
 
 def _structure_error(what: str, fmt: str, shape, detail: str) -> InputError:
