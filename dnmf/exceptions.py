@@ -6,7 +6,7 @@ user input also derive from :class:`ValueError` so generic handlers keep working
 
 from __future__ import annotations
 
-__all__ = ["DnmfError", "InputError", "ConfigError", "ConvergenceWarning"]
+__all__ = ["DnmfError", "InputError", "ConfigError", "WorkerLostError", "ConvergenceWarning"]
 
 
 class DnmfError(Exception):
@@ -19,6 +19,19 @@ class InputError(DnmfError, ValueError):
 
 class ConfigError(DnmfError, ValueError):
     """A job configuration (YAML) is invalid; the message names the key path."""
+
+
+class WorkerLostError(DnmfError):
+    """A Dask worker was lost (or stopped answering) and the computation could not recover.
+
+    Raised by the distributed executor's verbs in place of the many ways ``distributed`` reports
+    a lost worker (closed comms, cancelled or lost futures, ``KilledWorker``, timeouts), so
+    algorithms catch this one type. ``worker`` is the lost worker's address when known.
+    """
+
+    def __init__(self, message: str, worker: str | None = None):
+        super().__init__(message)
+        self.worker = worker
 
 
 class ConvergenceWarning(UserWarning):

@@ -2,7 +2,7 @@
 
 Per iteration, with W (unit-norm columns) and d on the client:
 
-1. client: ``G = WᵀW + L2_H·I`` (+ its Cholesky factor), broadcast W, G;
+1. client: ``G = WᵀW + L2_H·I`` (+ its Cholesky factor); W is put on the cluster;
 2. one task per column block j: ``H_j ← NNLS(G, WᵀA_j − L1_H)`` (fused kernel), returning the
    partials ``P_j = A_j H_jᵀ``, ``Q_j = H_j H_jᵀ`` and ``hsum_j = Σ|H_j|`` (chunk);
    H_j stays where it was computed as the next warm start;
@@ -17,6 +17,7 @@ Only m·k + k² + k numbers per block travel per iteration; A is read once.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
@@ -24,6 +25,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 from dask.sizeof import sizeof
 
+from ..exceptions import WorkerLostError
 from ..io.blocks import BlockedMatrix, CSCBlock
 from ..kernels.fused import csc_block_pass, csc_sq_norm, dense_block_solve
 from ..kernels.nnls import SOLVER_CHOLESKY
@@ -33,8 +35,6 @@ from .executor import Executor
 logger = logging.getLogger(__name__)
 
 __all__ = ["ALSOptions", "ALSState", "IterationRecord", "BlockStats", "fit_als", "check_convergence"]
-
-NORM_CODES = {"L1": 1, "L2": 2, "none": 0}
 
 
 class IterationRecord(NamedTuple):
@@ -184,6 +184,59 @@ def _norms(hsum: np.ndarray, Q: np.ndarray, norm: str) -> np.ndarray:
     return np.ones_like(hsum)
 
 
+def _place_blocks(blocked: BlockedMatrix, executor: Executor, stream: bool) -> list:
+    """Block handles on the executor's live workers (or in memory locally).
+
+    In-memory blocks are placed as they are; lazy sources are either loaded once on the
+    workers (they fit in memory) or, with ``stream``, passed as-is so every task reads its block
+    from disk (out-of-core).
+    """
+    sources = list(blocked.sources)
+    if stream:
+        return executor.put_blocks(sources)
+    if blocked.in_memory:
+        return executor.put_blocks([src.load() for src in sources])
+    return executor.map_blocks(load_block, executor.put_blocks(sources))
+
+
+def _h_task_args(state: ALSState, opts: ALSOptions) -> tuple:
+    """Step 1: the block tasks' arguments for the current W — its Gram ``G = WᵀW + L2_H·I`` and
+    G's Cholesky factor (H-side penalties, warm-start scale and solver settings)."""
+    w = state.w
+    G = w.T @ w
+    G[np.diag_indices(opts.k)] += 1e-15 + opts.L2[1]
+    L = cholesky_or_empty(G, opts.solver)
+    return (w, G, L, opts.L1[1], state.h_scale, opts.solver, opts.nonneg[1], opts.cd_maxit, opts.cd_tol)
+
+
+def _solve_h(executor: Executor, blocks: list, ht: list, h_args: tuple) -> tuple[list, list]:
+    """Step 2 on every block (warm-started from ``ht``): handles of the new H_jᵀ and of the partials."""
+    outs = executor.map_blocks(h_update_task, blocks, ht, args=h_args, n_out=2)
+    return [o[0] for o in outs], [o[1] for o in outs]
+
+
+def _update_w(state: ALSState, stats: BlockStats, opts: ALSOptions, sq_norm_a: float, it: int) -> float:
+    """Step 4 (aggregate): normalize H into ``s``, update W, scale it into d; returns the loss.
+
+    Sets ``state.w``, ``state.d`` and ``state.h_scale``. The loss is the Gram identity
+    ``‖A − W diag(d) Ĥ‖² = ‖A‖² − 2 Σ_r d_r ⟨w_r, (AĤᵀ)_r⟩ + Σ_rs d_r d_s (WᵀW)_rs (ĤĤᵀ)_rs``.
+    """
+    s = _norms(stats.hsum, stats.Q, opts.norm)
+    inv_s = 1.0 / s
+    Qn = stats.Q * np.outer(inv_s, inv_s)  # Ĥ Ĥᵀ
+    Pn = stats.P * inv_s[None, :]  # A Ĥᵀ
+    Gw = Qn.copy()
+    Gw[np.diag_indices(opts.k)] += 1e-15
+    w_new = update_factor(Gw, Pn, opts.L1[0], opts.L2[0], opts.solver, opts.nonneg[0], opts.cd_maxit, opts.cd_tol,
+                          w_prev=state.w if it > 1 else None)
+    w_new, d = scale_rows(w_new.T, opts.norm)
+    w_new = np.ascontiguousarray(w_new.T)
+    state.w, state.d, state.h_scale = w_new, d, inv_s
+    cross = float(np.sum(d * np.einsum("ir,ir->r", w_new, Pn)))
+    quad = float(np.sum(np.outer(d, d) * (w_new.T @ w_new) * Gw))
+    return sq_norm_a - 2.0 * cross + quad
+
+
 def fit_als(
     blocked: BlockedMatrix,
     w0: np.ndarray,
@@ -201,128 +254,92 @@ def fit_als(
     ``state`` resumes a checkpointed fit (its ``ht`` entries are arrays then). ``stream=True``
     reads each block from its source in every task (out-of-core); otherwise blocks are
     loaded once onto the workers (or kept in memory locally).
+
+    A worker lost at any moment — placing blocks, broadcasting W, block tasks, the reduction,
+    a checkpoint, the final gather — makes an executor verb raise
+    :class:`~dnmf.exceptions.WorkerLostError`. The fit then re-places the blocks on the live
+    workers and redoes the interrupted step from the current W with H solved cold (H of the last
+    iteration is re-solved from the W that produced it when a checkpoint or the result needs it);
+    the Cholesky solver ignores warm starts, so the result is bitwise that of an undisturbed fit.
+    After ``executor.max_recoveries`` recoveries the WorkerLostError is raised, pointing to
+    ``--resume``.
     """
-    m, n = blocked.shape
-    k = opts.k
-    solver_code = opts.solver
-    nonneg_w, nonneg_h = opts.nonneg
-    l1_w, l1_h = opts.L1
-    l2_w, l2_h = opts.L2
-
-    # Place the blocks: in-memory blocks once; lazy sources are either loaded once on the
-    # workers (fits in memory) or passed as-is so every task reads its block from disk.
-    sources = list(blocked.sources)
-
-    def place_blocks():
-        if stream:
-            return executor.put_blocks(sources)
-        if blocked.in_memory:
-            return executor.put_blocks([src.load() for src in sources])
-        return executor.map_blocks(load_block, executor.put_blocks(sources))
-
-    if executor.distributed and state is None:
-        warm_up_kernels(sources[0], k, opts)
-    block_handles = place_blocks()
-
-    if sq_norm_a is None:
-        sq_parts = executor.gather(executor.map_blocks(block_sq_norm, block_handles))
-        sq_norm_a = float(_tree_sum(sq_parts))
-
+    n_blocks = len(blocked.sources)
     if state is None:
-        state = ALSState(w=np.ascontiguousarray(w0, dtype=np.float64), d=np.ones(k), ht=[None] * len(sources),
-                         h_scale=np.ones(k))
-    else:
-        state.ht = [None if h is None else h for h in state.ht]
-        if executor.distributed and state.ht[0] is not None:
-            state.ht = executor.put_blocks(state.ht)
-
-    t0 = time.perf_counter()
-    it = opts.maxit + 1 if (state.converged or state.stopped_by_callback) else state.iteration + 1
+        if executor.distributed:
+            warm_up_kernels(blocked.sources[0], opts.k, opts)
+        state = ALSState(w=np.ascontiguousarray(w0, dtype=np.float64), d=np.ones(opts.k), ht=[None] * n_blocks,
+                         h_scale=np.ones(opts.k))
+    # Where H comes from when the blocks are (re-)placed: a resumed fit's arrays until its first
+    # iteration; after that the task arguments that produced state.ht (to re-solve them cold).
+    resumed_ht = state.ht if state.ht[0] is not None else None
     h_args = None
+    blocks = None  # block handles; None until (re-)placed
+    in_flight: list = []  # handles of the step under way, dropped when a worker is lost
+    done = state.converged or state.stopped_by_callback or state.iteration >= opts.maxit
+    pending_save = False
     recoveries = 0
-    while it <= opts.maxit:
-        # 1. Gram of the current (normalized) W, with H-side penalties.
-        w = state.w
-        G = w.T @ w
-        G[np.diag_indices(k)] += 1e-15 + l2_h
-        L = cholesky_or_empty(G, solver_code)
-        h_args = (w, G, L, l1_h, state.h_scale, solver_code, nonneg_h, opts.cd_maxit, opts.cd_tol)
-        # 2. fused block pass (chunk), warm-started from the normalized previous H.
-        outs = executor.map_blocks(h_update_task, block_handles, state.ht, args=h_args, n_out=2)
-        new_ht = [o[0] for o in outs]
-        # 3. deterministic tree reduction of the partials (combine).
+    t0 = time.perf_counter()
+    while True:
         try:
-            stats = executor.tree_reduce(combine_stats, [o[1] for o in outs])
-        except Exception as exc:  # a lost worker: rebuild its blocks, redo the iteration cold
-            if not executor.is_data_loss(exc) or recoveries >= 3:
-                raise
-            recoveries += 1
-            logger.warning("iteration %d lost data on a worker (%s); re-placing blocks and solving H cold",
-                           it, type(exc).__name__)
-            executor.release([o for pair in outs for o in pair])
+            if blocks is None:
+                blocks = _place_blocks(blocked, executor, stream)
+                if resumed_ht is not None:
+                    state.ht = executor.put_blocks(resumed_ht)
+                elif h_args is not None and (pending_save or done):
+                    # A checkpoint or the result needs the lost H of the last iteration.
+                    state.ht, in_flight = _solve_h(executor, blocks, [None] * n_blocks, h_args)
+                    executor.release(in_flight)
+                else:
+                    state.ht = [None] * n_blocks  # the next iteration starts cold
+            if sq_norm_a is None:
+                sq_norm_a = float(executor.tree_reduce(operator.add, executor.map_blocks(block_sq_norm, blocks)))
+            if pending_save:
+                checkpointer.save(state, executor)
+                pending_save = False
+            if done:
+                ht_blocks = executor.gather(state.ht)
+                break
+            it = state.iteration + 1
+            # 1.-2. Gram of the current (normalized) W; fused block pass (chunk), warm-started
+            # from the normalized previous H.
+            args = _h_task_args(state, opts)
+            new_ht, parts = _solve_h(executor, blocks, state.ht, args)
+            in_flight = new_ht + parts
+            # 3. deterministic tree reduction of the partials (combine).
+            stats = executor.tree_reduce(combine_stats, parts)
+            executor.release(parts)
             executor.release(state.ht)
-            executor.release(block_handles)
-            block_handles = place_blocks()
-            state.ht = [None] * len(sources)
-            continue
-        executor.release([o[1] for o in outs])
-        executor.release(state.ht)
-        state.ht = new_ht
-        # 4. aggregate on the client: normalize H, update W, scale, loss, convergence.
-        s = _norms(stats.hsum, stats.Q, opts.norm)
-        inv_s = 1.0 / s
-        Qn = stats.Q * np.outer(inv_s, inv_s)  # Ĥ Ĥᵀ
-        Pn = stats.P * inv_s[None, :]  # A Ĥᵀ
-        Gw = Qn.copy()
-        Gw[np.diag_indices(k)] += 1e-15
-        w_new = update_factor(Gw, Pn, l1_w, l2_w, solver_code, nonneg_w, opts.cd_maxit, opts.cd_tol,
-                              w_prev=state.w if it > 1 else None)
-        w_new, d = scale_rows(w_new.T, opts.norm)
-        w_new = np.ascontiguousarray(w_new.T)
-        state.w, state.d, state.h_scale = w_new, d, inv_s
-        # ‖A − W diag(d) Ĥ‖² = ‖A‖² − 2 Σ_r d_r ⟨w_r, (AĤᵀ)_r⟩ + Σ_rs d_r d_s (WᵀW)_rs (ĤĤᵀ)_rs
-        cross = float(np.sum(d * np.einsum("ir,ir->r", w_new, Pn)))
-        quad = float(np.sum(np.outer(d, d) * (w_new.T @ w_new) * Gw))
-        loss = sq_norm_a - 2.0 * cross + quad
-        state.loss_history.append(loss)
-        state.iteration = it
-        stop = check_convergence(state, opts)
-        logger.debug("iteration %d loss %.6g rel %.3g", it, loss, state.tol_history[-1])
-        if on_iteration is not None:
-            try:
-                on_iteration(IterationRecord(it, loss, float("nan")))
-            except StopIteration:
-                state.stopped_by_callback = True
-                stop = True
-        if stop:
-            state.converged = not state.stopped_by_callback
-        if checkpointer is not None and (stop or it % opts.checkpoint_every == 0 or it == opts.maxit):
-            checkpointer.save(state, executor)
-        if stop:
-            break
-        it += 1
+            state.ht, h_args, resumed_ht, in_flight = new_ht, args, None, []
+            # 4. aggregate on the client: normalize H, update W, scale, loss, convergence.
+            loss = _update_w(state, stats, opts, sq_norm_a, it)
+            state.loss_history.append(loss)
+            state.iteration = it
+            stop = check_convergence(state, opts)
+            logger.debug("iteration %d loss %.6g rel %.3g", it, loss, state.tol_history[-1])
+            if on_iteration is not None:
+                try:
+                    on_iteration(IterationRecord(it, loss, float("nan")))
+                except StopIteration:
+                    state.stopped_by_callback = True
+                    stop = True
+            if stop:
+                state.converged = not state.stopped_by_callback
+            done = stop or it >= opts.maxit
+            pending_save = checkpointer is not None and (done or it % opts.checkpoint_every == 0)
+        except WorkerLostError as exc:
+            executor.release([*in_flight, *(blocks or ()), *state.ht])
+            in_flight, blocks = [], None
+            recoveries += 1
+            if recoveries > executor.max_recoveries:
+                raise WorkerLostError(
+                    f"{str(exc).rstrip('.')}. The fit gave up after {recoveries - 1} recoveries (max_recoveries="
+                    f"{executor.max_recoveries}) with {state.iteration} iterations done; `dnmf run CONFIG --resume` "
+                    "continues from the last checkpoint (in Python: nmf(..., checkpoint=PATH, resume=True)).",
+                    worker=exc.worker) from exc
+            logger.warning("%s; re-placing the blocks on the live workers (recovery %d of at most %d)",
+                           exc, recoveries, executor.max_recoveries)
     state.runtime = time.perf_counter() - t0
-    try:
-        ht_blocks = executor.gather(state.ht)
-    except Exception as exc:
-        if h_args is None or not executor.is_data_loss(exc):
-            raise
-        # H blocks of the last iteration were lost with a worker: re-solve them (cold) from
-        # the W that produced them.
-        logger.warning("final H blocks lost with a worker (%s); re-solving them", type(exc).__name__)
-        block_handles = place_blocks()
-        outs = executor.map_blocks(h_update_task, block_handles, [None] * len(sources), args=h_args, n_out=2)
-        ht_blocks = executor.gather([o[0] for o in outs])
     executor.release(state.ht)
-    executor.release(block_handles)
+    executor.release(blocks)
     return state, ht_blocks
-
-
-def _tree_sum(values):
-    level = list(values)
-    while len(level) > 1:
-        nxt = [level[i] + level[i + 1] for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    return level[0]

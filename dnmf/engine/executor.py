@@ -4,13 +4,15 @@ The engine (and every algorithm built on it) talks to an :class:`Executor` only 
 these verbs, so the same code runs on a cluster and in a notebook without one:
 
 ``put(value)``
-    make a value available to tasks (scatter + broadcast on a cluster, identity locally).
+    make a value available to tasks (scattered to one worker on a cluster, from which the
+    workers fetch it; identity locally).
 ``put_blocks(sources)``
-    place one object per column block (persist on workers, or keep locally).
+    place one object per column block (block j on one live worker, or kept locally).
 ``map_blocks(fn, *per_block, args=(), n_out=1)``
     run ``fn(*per_block_j, *args)`` for every block j; returns one handle per block (or a tuple
     of ``n_out`` handles per block when ``fn`` returns a tuple). Handles of the distributed
-    executor are futures that stay on the worker that computed them.
+    executor are futures that stay on the worker that computed them; a task preferably runs
+    on the worker holding its first per-block argument.
 ``tree_reduce(combine, handles)``
     combine per-block results with a fixed binary tree in block order, so the result does not
     depend on which task finished first nor on the number of workers.
@@ -18,6 +20,16 @@ these verbs, so the same code runs on a cluster and in a notebook without one:
     fetch results; run independent tasks (sweeps, bootstrap chunks) and return them in order.
 
 Handles are opaque: only pass them back into the executor that made them.
+
+Faults
+------
+A lost worker is the executor's business (CONVENTIONS §10): every verb of
+:class:`DaskExecutor` that talks to the cluster waits at most ``timeout`` seconds and reports a
+lost worker — a closed comm, a cancelled or ``KilledWorker`` future, scattered data gone with
+its worker, a wait that timed out — as :class:`~dnmf.exceptions.WorkerLostError`, recognized
+by exception type. An error raised by a task itself is re-raised unchanged. Callers catch
+``WorkerLostError`` only, re-place their blocks (``put_blocks`` uses the live workers) and
+redo the lost work, at most ``max_recoveries`` times.
 """
 
 from __future__ import annotations
@@ -26,34 +38,34 @@ import abc
 import logging
 import operator
 import os
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
+
+from ..exceptions import DnmfError, WorkerLostError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Executor", "LocalExecutor", "DaskExecutor", "get_executor", "tree_order"]
+__all__ = ["Executor", "LocalExecutor", "DaskExecutor", "get_executor", "scheduler_workers",
+           "DEFAULT_TIMEOUT", "DEFAULT_MAX_RECOVERIES"]
 
-
-def tree_order(n: int) -> list[tuple[int, int]]:
-    """Pairs combined level by level by a fixed binary tree over ``n`` leaves (for tests/docs)."""
-    pairs = []
-    level = list(range(n))
-    while len(level) > 1:
-        nxt = []
-        for i in range(0, len(level) - 1, 2):
-            pairs.append((level[i], level[i + 1]))
-            nxt.append(level[i])
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    return pairs
+#: Longest wait (seconds) for one call to the cluster: a scatter, or the results of one round
+#: of block tasks (an ALS iteration). Past it the worker is considered lost.
+DEFAULT_TIMEOUT = 600.0
+#: How many lost-worker recoveries a fit attempts before it raises WorkerLostError.
+DEFAULT_MAX_RECOVERIES = 3
 
 
 class Executor(abc.ABC):
-    """Interface shared by :class:`LocalExecutor` and :class:`DaskExecutor`."""
+    """Interface shared by :class:`LocalExecutor` and :class:`DaskExecutor`.
+
+    Usable as a context manager: ``with get_executor(client) as ex: ...`` closes it.
+    """
 
     n_workers: int = 1
     distributed: bool = False
+    #: Lost-worker recoveries a fit may attempt (none are needed in-process).
+    max_recoveries: int = 0
 
     @abc.abstractmethod
     def put(self, value: Any) -> Any:
@@ -82,9 +94,20 @@ class Executor(abc.ABC):
     def release(self, handles: Sequence) -> None:
         """Drop handles so a cluster can free their memory (no-op locally)."""
 
-    def is_data_loss(self, exc: BaseException) -> bool:
-        """True when ``exc`` means results were lost with a worker (recoverable by recomputing)."""
-        return False
+    def available_memory(self) -> float:
+        """Bytes of memory of one worker: here, this machine's available memory."""
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+
+    def close(self) -> None:
+        """Free what the executor holds (its thread pool; a Dask client stays open)."""
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def _tree_reduce_local(combine: Callable, values: list) -> Any:
@@ -142,94 +165,218 @@ class LocalExecutor(Executor):
 
 
 class DaskExecutor(Executor):
-    """Executor over a ``distributed.Client``: futures stay on workers between iterations."""
+    """Executor over a ``distributed.Client``: futures stay on workers between iterations.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    timeout : float, default DEFAULT_TIMEOUT
+        Longest wait in seconds for one call to the cluster (a scatter; the results of one
+        round of block tasks, i.e. one ALS iteration); past it the call raises WorkerLostError.
+        ``map`` waits for its tasks without a limit (sweep tasks may run for long).
+    max_recoveries : int, default DEFAULT_MAX_RECOVERIES
+        Lost-worker recoveries a fit on this executor attempts before it gives up.
+    wait_timeout : float, default 60
+        How long to wait for a first worker (a fresh or restarting cluster may have none).
+    """
 
     distributed = True
 
-    def __init__(self, client, wait_timeout: float = 60.0):
-        from ..exceptions import DnmfError
-
+    def __init__(self, client, *, timeout: float = DEFAULT_TIMEOUT, max_recoveries: int = DEFAULT_MAX_RECOVERIES,
+                 wait_timeout: float = 60.0):
         self.client = client
+        self.timeout = float(timeout)
+        self.max_recoveries = int(max_recoveries)
+        self.wait_timeout = float(wait_timeout)
         try:
-            # A freshly started cluster (or one whose workers are restarting) may have none yet.
-            client.wait_for_workers(1, timeout=wait_timeout)
-        except TimeoutError as exc:
-            raise DnmfError(f"The Dask cluster at {client.scheduler.address} has no workers "
-                            f"(waited {wait_timeout:.0f} s). Start workers or pass client=False.") from exc
-        self.n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+            self._workers = self._live_workers()
+        except WorkerLostError as exc:
+            raise DnmfError(f"The Dask cluster at {client.scheduler.address} has no workers (waited "
+                            f"{wait_timeout:.0f} s). Start workers or pass client=False.") from exc
+        self.n_workers = len(self._workers)
+        self._home: dict = {}  # future key -> address of the worker its block task is pinned to
+
+    # -- talking to the cluster, with bounded waits and typed worker losses --------------------
+
+    def _bounded(self, call: Callable, timeout: float | None, what: str, futures: Sequence = (), *,
+                 scatter: bool = False):
+        """``call()`` — a client method called with ``asynchronous=True`` — run on the client's
+        event loop for at most ``timeout`` seconds; worker losses raise WorkerLostError."""
+
+        async def run():
+            return await call()
+
+        try:
+            return self.client.sync(run, callback_timeout=timeout)
+        except Exception as exc:
+            if not _is_worker_loss(exc, futures, scatter=scatter):
+                raise
+            self._drain(futures)
+            raise self._lost(what, exc) from exc
+
+    def _drain(self, futures: Sequence) -> None:
+        """Wait (at most ``timeout``) until none of ``futures`` is still running, so that a retry
+        of the failed call cannot race its left-over tasks (e.g. two checkpoint writers)."""
+        from distributed import wait
+
+        try:
+            wait([f for f in futures if hasattr(f, "key")], timeout=self.timeout)
+        except (CancelledError, OSError):  # some were cancelled (lost) or the wait timed out
+            pass
+
+    def _lost(self, what: str, exc: BaseException) -> WorkerLostError:
+        """The WorkerLostError for ``exc``, naming the workers gone since the blocks were placed."""
+        try:
+            live = set(scheduler_workers(self.client))
+        except (OSError, KeyError):  # the scheduler itself is unreachable
+            live = set()
+        gone = sorted(set(self._workers) - live)
+        worker = gone[0] if gone else getattr(getattr(exc, "last_worker", None), "address", None)
+        who = ", ".join(gone) if gone else (worker or "address unknown")
+        return WorkerLostError(f"A Dask worker was lost ({who}) during {what}: {type(exc).__name__}: {exc}",
+                               worker=worker)
+
+    def _live_workers(self) -> list[str]:
+        """Addresses of the workers alive now, waiting up to ``wait_timeout`` for a first one."""
+        try:
+            workers = sorted(scheduler_workers(self.client))
+            if not workers:
+                self.client.wait_for_workers(1, timeout=self.wait_timeout)
+                workers = sorted(scheduler_workers(self.client))
+        except OSError as exc:  # TimeoutError is an OSError
+            raise WorkerLostError(f"No Dask worker is left (waited {self.wait_timeout:.0f} s for one): "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        return workers
+
+    def _scatter(self, values: list, workers: list | None = None) -> list:
+        # Never broadcast=True: the scheduler's replicate loop never ends when a target worker
+        # dies during it (and holds its replica lock while looping).
+        def call():
+            return self.client.scatter(values, workers=workers, hash=False, asynchronous=True)
+
+        return self._bounded(call, self.timeout, "a scatter", scatter=True)
+
+    def _results(self, futures: list, timeout: float | None, what: str) -> list:
+        def call():
+            return self.client.gather(futures, asynchronous=True)
+
+        return self._bounded(call, timeout, what, futures)
+
+    # -- the verbs -----------------------------------------------------------------------------
 
     def put(self, value):
         if _is_small(value):
             return value
-        return self.client.scatter(value, broadcast=True, hash=False)
+        (handle,) = self._scatter([value])
+        return handle
 
     def put_blocks(self, values):
-        # Contiguous runs of blocks per worker (block j on worker ⌊j·W/n⌋): the fixed reduction
-        # tree pairs neighbouring blocks, so all but its top log2(W) levels combine partials
-        # already on the same worker instead of shipping each m × k partial across.
-        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
-        if not workers:
-            self.client.wait_for_workers(1, timeout=60)
-            workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        # Contiguous runs of blocks per live worker (block j on worker ⌊j·W/n⌋): the fixed
+        # reduction tree pairs neighbouring blocks, so all but its top log2(W) levels combine
+        # partials already on the same worker instead of shipping each m × k partial across.
         values = list(values)
+        self._workers = workers = self._live_workers()
+        self.n_workers = len(workers)
         n = len(values)
-        return [self.client.scatter(v, workers=[workers[j * len(workers) // max(n, 1)]], hash=False)
-                for j, v in enumerate(values)]
+        runs: dict[str, list[int]] = {}
+        for j in range(n):
+            runs.setdefault(workers[j * len(workers) // n], []).append(j)
+        handles: list = [None] * n
+        for addr, js in runs.items():
+            for j, fut in zip(js, self._scatter([values[j] for j in js], workers=[addr])):
+                handles[j] = fut
+                self._home[fut.key] = addr
+        return handles
 
     def map_blocks(self, fn, *per_block, args=(), n_out=1):
         args = tuple(self.put(a) for a in args)
-        n = len(per_block[0])
-        futs = [
-            self.client.submit(fn, *(p[j] for p in per_block), *args, pure=False, key=_key(fn, j))
-            for j in range(n)
-        ]
-        if n_out == 1:
-            return futs
-        return [
-            tuple(self.client.submit(operator.getitem, f, i, pure=False) for i in range(n_out)) for f in futs
-        ]
+        out = []
+        for j in range(len(per_block[0])):
+            # Run where the block is (a loose restriction: elsewhere if that worker is gone),
+            # rather than where a large shared argument happens to be.
+            home = self._home.get(getattr(per_block[0][j], "key", None))
+            fut = self.client.submit(fn, *(p[j] for p in per_block), *args, pure=False, key=_key(fn, j),
+                                     workers=None if home is None else [home], allow_other_workers=True)
+            parts = (tuple(self.client.submit(operator.getitem, fut, i, pure=False) for i in range(n_out))
+                     if n_out > 1 else (fut,))
+            if home is not None:
+                self._home.update((f.key, home) for f in parts)
+            out.append(parts if n_out > 1 else fut)
+        return out
 
     def tree_reduce(self, combine, handles):
         level = list(handles)
         while len(level) > 1:
-            nxt = [
-                self.client.submit(combine, level[i], level[i + 1], pure=False)
-                for i in range(0, len(level) - 1, 2)
-            ]
+            nxt = [self.client.submit(combine, level[i], level[i + 1], pure=False)
+                   for i in range(0, len(level) - 1, 2)]
             if len(level) % 2:
                 nxt.append(level[-1])
             level = nxt
-        (res,) = self.client.gather([level[0]]) if hasattr(level[0], "key") else [level[0]]
+        if not hasattr(level[0], "key"):
+            return level[0]
+        (res,) = self._results([level[0]], self.timeout, "a reduction of block results")
         return res
 
     def gather(self, handles):
-        return self.client.gather(list(handles))
+        return self._results(list(handles), self.timeout, "a gather of block results")
 
     def map(self, fn, items, *, args=()):
         args = tuple(self.put(a) for a in args)
         futs = [self.client.submit(fn, it, *args, pure=False) for it in items]
-        return self.client.gather(futs)
-
-    def is_data_loss(self, exc):
-        from distributed.client import FutureCancelledError
-        from distributed.scheduler import KilledWorker
-
-        if isinstance(exc, (FutureCancelledError, KilledWorker)):
-            return True
-        text = str(exc).lower()
-        return "lost" in text or "worker" in text and ("died" in text or "closed" in text)
+        return self._results(futs, None, "independent tasks")
 
     def release(self, handles):
         for h in handles:
             if isinstance(h, tuple):
                 self.release(h)
             elif hasattr(h, "release"):
+                self._home.pop(h.key, None)
                 h.release()
 
+    def available_memory(self):
+        """Bytes of memory of the smallest worker (its ``memory_limit``); this machine's
+        available memory when a worker has no limit."""
+        limits = [w.get("memory_limit") or 0 for w in scheduler_workers(self.client).values()]
+        if limits and all(limits):
+            return float(min(limits))
+        return super().available_memory()
 
-def _key(fn, j):
-    import uuid
+    def close(self):
+        self._home.clear()
 
+
+def scheduler_workers(client) -> dict:
+    """Address → info of every worker of ``client``'s cluster.
+
+    ``Client.scheduler_info`` lists only five workers by default since distributed 2025.1
+    (``n_workers=-1`` lists all); older versions list all and take no ``n_workers``.
+    """
+    try:
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:
+        info = client.scheduler_info()
+    return dict(info.get("workers", {}))
+
+
+def _is_worker_loss(exc: BaseException, futures: Sequence = (), *, scatter: bool = False) -> bool:
+    """Whether ``exc``, raised while waiting for ``futures`` (or by a scatter), means a lost worker.
+
+    By type only: a task killed with its worker (``KilledWorker``), futures cancelled because
+    their data went with a worker, comm failures and timeouts (``OSError``s:
+    ``CommClosedError``, ``TimeoutError``, ...) unless a task raised that ``OSError`` itself (its
+    future is then in state "error"), and — from a scatter — the scheduler's ``KeyError`` for a
+    target worker it has just removed.
+    """
+    from distributed import KilledWorker
+
+    if isinstance(exc, (KilledWorker, CancelledError)):
+        return True
+    if scatter:
+        return isinstance(exc, (OSError, KeyError))
+    return isinstance(exc, OSError) and not any(getattr(f, "status", None) == "error" for f in futures)
+
+
+def _key(fn, j) -> str:
     return f"{getattr(fn, '__name__', 'task')}-{j}-{uuid.uuid4().hex[:12]}"
 
 
@@ -241,20 +388,29 @@ def _is_small(value) -> bool:
     return not hasattr(value, "nbytes")
 
 
-def get_executor(client=None, n_threads: int | None = None) -> Executor:
+def get_executor(client=None, n_threads: int | None = None, *, func: str = "nmf", timeout: float = DEFAULT_TIMEOUT,
+                 max_recoveries: int = DEFAULT_MAX_RECOVERIES) -> Executor:
     """The executor for ``client``; the active default client if None; else a thread pool.
 
     ``client=False`` forces the in-process thread pool even when a default client exists.
+    Anything else that is not a ``distributed.Client`` raises InputError (naming ``func``).
+    ``timeout`` and ``max_recoveries`` configure a :class:`DaskExecutor`.
     """
+    from .._validation import param_error
+
     if client is False:
         return LocalExecutor(n_threads)
-    if client is None:
+    try:
+        from distributed import Client, default_client
+    except ImportError:
+        Client = default_client = None
+    if client is not None and (Client is None or not isinstance(client, Client)):
+        raise param_error("client", func, "a distributed.Client, False or None", client)
+    if client is None and default_client is not None:
         try:
-            from distributed import default_client
-
             client = default_client()
-        except (ImportError, ValueError):
+        except ValueError:
             client = None
     if client is None:
         return LocalExecutor(n_threads)
-    return DaskExecutor(client)
+    return DaskExecutor(client, timeout=timeout, max_recoveries=max_recoveries)

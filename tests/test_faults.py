@@ -1,0 +1,232 @@
+"""A Dask worker lost at any moment of a fit (issue 11): the fit recovers, or fails typed.
+
+Real worker processes are SIGKILLed (the nanny restarts them) between iterations, while W is
+put on the cluster, while block tasks run, during a checkpoint save and the final gather, and
+at seeded random moments. Every fit must end within a bounded time with the factors of the
+undisturbed fit — bitwise, since the default Cholesky solver ignores the warm starts that a
+recovery loses — or, when recoveries are exhausted, raise WorkerLostError naming the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import dask
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import dnmf
+from dnmf.engine.als import ALSOptions, fit_als
+from dnmf.engine.executor import DaskExecutor, LocalExecutor, get_executor
+from dnmf.exceptions import WorkerLostError
+
+distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.filterwarnings("ignore::dnmf.exceptions.ConvergenceWarning")
+
+#: Longest a disturbed fit may take (an undisturbed one takes ~1 s here; a recovery adds a
+#: re-placement and one cold iteration). A hang — the bug of issue 11 — fails the test.
+FIT_TIMEOUT = 60.0
+KW = dict(seed=5, tol=0, maxit=8, block_nnz=1000)  # 300 × 400 at 5 %: 6 blocks of ~1000 nonzeros
+
+
+@pytest.fixture(scope="module")
+def a():
+    return sp.random(300, 400, density=0.05, random_state=3, format="csc")
+
+
+@pytest.fixture(scope="module")
+def a_tall():
+    # W is 4000 × 4 float64 = 128 kB, above the 100 kB under which put() passes values inline:
+    # W really is scattered to a worker every iteration.
+    return sp.random(4000, 400, density=0.01, random_state=4, format="csc")
+
+
+@pytest.fixture(scope="module")
+def client():
+    # A LocalCluster closes the nanny of a worker that has not come back after
+    # lost-worker-timeout (15 s); on a loaded 2-core machine a restart can take longer.
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "300s"}), distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="2GiB",
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture
+def workers(client):
+    """Two live workers before the test (the nanny restarts a killed one in a few seconds)."""
+    client.wait_for_workers(2, timeout=60)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            pids = client.run(os.getpid)
+        except OSError:  # a worker still starting or closing
+            pids = {}
+        if len(pids) == 2:
+            return pids
+        assert time.monotonic() < deadline, "the cluster did not get back to two workers"
+        time.sleep(0.1)
+
+
+def kill(pids, index=0):
+    """SIGKILL worker ``index`` (by address) from ``pids`` (address → pid); returns its address."""
+    addr, pid = sorted(pids.items())[index]
+    os.kill(pid, signal.SIGKILL)
+    return addr
+
+
+def within(fn, timeout=FIT_TIMEOUT):
+    """``fn()`` run in a thread; fails if it has not returned after ``timeout`` seconds."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # handed to the test thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"the fit hung (still running after {timeout:.0f} s)"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def assert_same_fit(model, ref):
+    # Bitwise: the block layout fixes the reduction tree, and a recovery's cold H solves are
+    # what the Cholesky solver computes anyway.
+    np.testing.assert_array_equal(model.w, ref.w)
+    np.testing.assert_array_equal(model.d, ref.d)
+    np.testing.assert_array_equal(model.h, ref.h)
+    np.testing.assert_array_equal(model.misc["loss_history"], ref.misc["loss_history"])
+
+
+@pytest.fixture(scope="module")
+def ref(a):
+    return dnmf.nmf(a, 4, client=False, **KW)
+
+
+def test_killed_between_iterations(a, ref, client, workers):
+    killed = []
+
+    def on_iteration(rec):
+        if rec.iteration == 2:
+            killed.append(kill(workers))
+
+    model = within(lambda: dnmf.nmf(a, 4, client=client, on_iteration=on_iteration, **KW))
+    assert killed and model.misc["iter"] == KW["maxit"]
+    assert_same_fit(model, ref)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.005], ids=["before-put", "during-put"])
+def test_killed_while_w_is_put(a_tall, client, workers, delay):
+    ref = dnmf.nmf(a_tall, 4, client=False, **{**KW, "block_nnz": 3000})
+    timer = []
+
+    def on_iteration(rec):
+        # the next cluster call after the callback is put(W) of the next iteration
+        if rec.iteration == 2:
+            timer.append(threading.Timer(delay, kill, (workers,)))
+            timer[0].start()
+
+    model = within(lambda: dnmf.nmf(a_tall, 4, client=client, on_iteration=on_iteration,
+                                    **{**KW, "block_nnz": 3000}))
+    timer[0].join()
+    assert_same_fit(model, ref)
+
+
+def test_killed_while_block_tasks_run(a, ref, client, workers):
+    # 30 ms into the next iteration: its block tasks or the reduction are under way
+    timer = []
+
+    def on_iteration(rec):
+        if rec.iteration == 3:
+            timer.append(threading.Timer(0.03, kill, (workers, 1)))
+            timer[0].start()
+
+    model = within(lambda: dnmf.nmf(a, 4, client=client, on_iteration=on_iteration, **KW))
+    timer[0].join()
+    assert_same_fit(model, ref)
+
+
+@pytest.mark.parametrize("kill_at", [3, KW["maxit"]], ids=["checkpoint", "last-checkpoint-and-gather"])
+def test_killed_before_checkpoint_and_final_gather(a, ref, client, workers, tmp_path, kill_at):
+    # After the callback of iteration 3 (and of the last) come the checkpoint save — which
+    # gathers the H blocks from the workers — and, at the end, the final gather of H.
+    ck = str(tmp_path / "ck.zarr")
+
+    def on_iteration(rec):
+        if rec.iteration == kill_at:
+            kill(workers)
+
+    model = within(lambda: dnmf.nmf(a, 4, client=client, on_iteration=on_iteration, checkpoint=ck,
+                                    checkpoint_every=3, **KW))
+    assert_same_fit(model, ref)
+    # the checkpoint written after the recovery holds the right H: resuming the finished fit
+    # returns it unchanged
+    resumed = within(lambda: dnmf.nmf(a, 4, client=client, checkpoint=ck, checkpoint_every=3, resume=True, **KW))
+    assert_same_fit(resumed, ref)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_killed_at_a_random_moment(a, ref, client, workers, seed):
+    rnd = random.Random(seed)
+    delay = rnd.uniform(0.0, 1.0)  # an undisturbed fit of a takes about 0.5-1 s here
+    timer = threading.Timer(delay, kill, (workers, rnd.randrange(2)))
+    timer.start()
+    model = within(lambda: dnmf.nmf(a, 4, client=client, **KW))
+    timer.join()
+    assert_same_fit(model, ref)
+
+
+def test_recoveries_exhausted_raise_worker_lost(a, client, workers):
+    blocked = dnmf.io.as_blocked(a, block_nnz=KW["block_nnz"])
+    w0 = np.random.default_rng(0).uniform(size=(a.shape[0], 4))
+    killed = []
+
+    def on_iteration(rec):
+        if rec.iteration == 2:
+            killed.append(kill(workers))
+
+    ex = DaskExecutor(client, max_recoveries=0)
+    with pytest.raises(WorkerLostError) as info:
+        within(lambda: fit_als(blocked, w0, ALSOptions(k=4, tol=0, maxit=6), ex, on_iteration=on_iteration))
+    assert info.value.worker == killed[0]
+    msg = str(info.value)
+    assert msg.startswith(f"A Dask worker was lost ({killed[0]}) during ")
+    assert "gave up after 0 recoveries (max_recoveries=0) with 2 iterations done" in msg
+    assert "`dnmf run CONFIG --resume` continues from the last checkpoint" in msg
+    assert isinstance(info.value, dnmf.DnmfError)
+
+
+def test_task_errors_are_not_worker_losses(client, workers):
+    # An OSError raised by a task is the task's own error, not a lost worker.
+    def read_missing(path):
+        return open(path)
+
+    with pytest.raises(FileNotFoundError):
+        DaskExecutor(client).map(read_missing, ["/nonexistent/dnmf-test"])
+
+
+def test_client_must_be_a_client_false_or_none(a):
+    msg = "The 'client' parameter of nmf must be a distributed.Client, False or None. Got 'foo' instead."
+    with pytest.raises(dnmf.InputError) as info:
+        get_executor("foo")
+    assert str(info.value) == msg
+    with pytest.raises(dnmf.InputError) as info:
+        dnmf.nmf(a, 4, client="foo", **KW)
+    assert str(info.value) == msg
+
+
+def test_executor_memory_and_context_manager(client, workers):
+    with get_executor(False, n_threads=2) as ex:
+        assert isinstance(ex, LocalExecutor) and ex.available_memory() > 0
+    with pytest.raises(RuntimeError):  # closed on exit
+        ex._pool.submit(print)
+    with DaskExecutor(client) as ex:
+        assert ex.available_memory() == 2 * 2**30  # the workers' memory_limit
