@@ -62,7 +62,7 @@ from .inference import (
     summarize_boot,
 )
 from .result import NMFREResult
-from .scan import COLUMNS, DfUScanResult, choose_rate, scan_row
+from .scan_table import COLUMNS, DfUScanResult, choose_rate, scan_row
 
 logger = logging.getLogger(__name__)
 

@@ -1,17 +1,10 @@
-"""Engine A of NMF-RE (the df-cap design) and the fit shared by both engines (spec §2–§5).
+"""Engine A of NMF-RE (the df-cap design), the finishing steps and the initialiser (spec §2–§5).
 
 Engine A is written once on sufficient statistics: the loop asks a *data backend* for the
 block sums it needs (``YB⁺ᵀ``, ``B⁺B⁺ᵀ``, ``Xᵀmax(Y − XU, 0)Aᵀ``, ``‖R‖²``), so the in-memory fit
 (:class:`DenseData`) and the column-blocked fit on a Dask cluster
 (:class:`dnmf.mixed.blocks.BlockedData`) run the same arithmetic on the client.
-
-:func:`fit_nmfre` is the whole fit of :func:`dnmf.nmfre` at a given df rate: validation, the
-nmfkc initialiser, engine "cap" or "ecm" (:mod:`.ecm`), the finishing steps and the inline
-inference (:mod:`.inference`). The automatic df scan sits above it (:mod:`.scan` refits
-through :func:`fit_nmfre`), so :func:`dnmf.nmfre` hands the scan in as ``auto_scan``.
-
-Imports go downwards: ``nmfre`` → ``scan`` → ``fit`` → ``ecm``, ``inference`` → ``result`` →
-``_core`` → :mod:`dnmf.covariates._common`.
+:func:`finalize` and :func:`initialize` are shared by both engines of :func:`dnmf.nmfre`.
 """
 
 from __future__ import annotations
@@ -19,18 +12,15 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field, replace
-from typing import Optional
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._validation import check_float, check_int, check_option, param_error
 from ..covariates._common import (
     EPS,
     LAMBDA_FLOOR,
     basis_names,
     basis_order,
-    check_rank_vs_shape,
     cholesky_spd,
     clip_var,
     colnorm,
@@ -39,19 +29,7 @@ from ..covariates._common import (
     ridge_solve,
     safe_div,
 )
-from ..exceptions import ConvergenceWarning, InputError
-from ._core import (
-    ENGINES,
-    Inputs,
-    check_matrix_init,
-    check_seed_int,
-    df_u,
-    gram_eigenvalues,
-    lambda_for_cap,
-    validate_inputs,
-)
-from .ecm import ECMOptions, fit_ecm
-from .inference import nmfre_inference
+from ._core import Inputs, check_matrix_init, df_u, gram_eigenvalues, lambda_for_cap
 from .result import NMFREResult
 
 logger = logging.getLogger("dnmf.mixed.nmfre")  # the logger print_trace documents
@@ -67,7 +45,6 @@ __all__ = [
     "nmfkc_eu_stats",
     "kmeans_start",
     "initialize",
-    "fit_nmfre",
     "cap_extra",
 ]
 
@@ -282,7 +259,7 @@ def finalize(inp: Inputs, X, C, U, sigma2, tau2, *, engine, prefix, C_signed, ra
 
 
 # ---------------------------------------------------------------------------------------------
-# Initialisation (nmfkc) and the fit at one df rate
+# Initialisation (nmfkc)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -369,171 +346,6 @@ def initialize(inp: Inputs, rank: int, *, epsilon: float, seed: int, X_init, C_i
         o = basis_order(X)
         X, C = X[:, o], C[o, :]
     return X, C
-
-
-def _call_string(name: str, given: dict) -> str:
-    parts = ["Y"] + (["A"] if given.pop("_A", False) else [])
-    parts += [f"{k}={v!r}" for k, v in given.items()]
-    return f"{name}({', '.join(parts)})"
-
-
-def fit_nmfre(
-    Y,
-    A=None,
-    rank: int = 2,
-    df_rate: Optional[float] = None,
-    engine: str = "cap",
-    wild_bootstrap: bool = True,
-    wild_B: int = 500,
-    wild_level: float = 0.95,
-    prefix: str = "Basis",
-    epsilon: float = 1e-5,
-    maxit: Optional[int] = None,
-    X_init=None,
-    C_init=None,
-    U_init=None,
-    seed: int = 1,
-    r_rng: bool = False,
-    client=None,
-    *,
-    wild_seed=123,
-    C_signed: bool = True,
-    C_p_side: Optional[str] = None,
-    sigma2: float = 1.0,
-    tau2: float = 1.0,
-    sigma2_update: bool = True,
-    tau2_update: bool = True,
-    dfu_control: str = "cap",
-    nstart: int = 1,
-    inner_maxit: int = 10000,
-    outer_maxit: int = 500,
-    epsilon_outer: float = 1e-6,
-    x_postvar: bool = True,
-    X_L2_ortho: float = 0.0,
-    X_L2_smooth: float = 0.0,
-    C_L2: float = 0.0,
-    print_trace: bool = False,
-    auto_scan=None,
-    stacklevel: int = 2,
-) -> NMFREResult:
-    """The fit of :func:`dnmf.nmfre` (same parameters), below the automatic df scan.
-
-    ``auto_scan(inp, X, C, U, *, rank, maxit, epsilon, seed, client, sigma2, tau2,
-    sigma2_update)`` returns the :class:`~dnmf.mixed.scan.DfUScanResult` used when engine
-    "cap" runs with ``df_rate=None`` and ``dfu_control="cap"``; :func:`dnmf.nmfre` passes
-    :func:`dnmf.mixed.scan.nmfre_dfu_scan` there, the scan's own refits give a ``df_rate``.
-    ``stacklevel`` is that of the warnings, counted from this function.
-    """
-    t0 = time.perf_counter()
-    func = "nmfre"
-    engine = check_option(engine, "engine", func, ENGINES)
-    # an Inputs object is the private path of nmfre_ecv (imputed cells may be negative)
-    inp = Y if isinstance(Y, Inputs) else validate_inputs(Y, A, func)
-    rank = check_int(rank, "rank", func, low=1)
-    epsilon = check_float(epsilon, "epsilon", func, low=0.0)
-    maxit = check_int(50000 if maxit is None and engine == "cap" else (5000 if maxit is None else maxit),
-                      "maxit", func, low=1)
-    prefix = str(prefix)
-    seed = check_seed_int(1 if seed is None else seed, "seed", func)
-    if df_rate is not None:
-        df_rate = check_float(df_rate, "df_rate", func, low=0.0, low_open=True)
-    dfu_control = check_option(dfu_control, "dfu_control", func, ("cap", "off"))
-    sigma2 = check_float(sigma2, "sigma2", func, low=0.0, low_open=True)
-    tau2 = check_float(tau2, "tau2", func, low=0.0, low_open=True)
-    if not isinstance(C_signed, (bool, np.bool_)):
-        raise param_error("C_signed", func, "a bool", C_signed)
-    if C_p_side is not None:
-        C_p_side = check_option(C_p_side, "C_p_side", func, ("one.sided", "two.sided"))
-    wild_B = check_int(wild_B, "wild_B", func, low=2)
-    wild_level = check_float(wild_level, "wild_level", func, low=0.0, high=1.0, low_open=True)
-    P, N = inp.Y.shape
-    check_rank_vs_shape(rank, P, N, func, stacklevel=stacklevel + 1)
-    if np.any(inp.A < 0):
-        # the nmfkc initialiser and the multiplicative Θ updates need A ≥ 0; only the signed ECM
-        # engine started from given X_init and C_init can use a signed A
-        if engine == "cap" or not C_signed:
-            raise param_error("A", func, f"non-negative for engine={engine!r}" + ("" if engine == "cap" else
-                              " with C_signed=False"), f"an array with minimum {float(inp.A.min())!r}",
-                              described=True)
-        if X_init is None or C_init is None:
-            raise param_error("A", func, "non-negative unless X_init and C_init are both given (the nmfkc "
-                              "initialiser needs A ≥ 0)", f"an array with minimum {float(inp.A.min())!r}",
-                              described=True)
-    given = {"_A": inp.A_given, "rank": rank}
-    if df_rate is not None:
-        given["df_rate"] = df_rate
-    if engine != "cap":
-        given["engine"] = engine
-    if prefix != "Basis":
-        given["prefix"] = prefix
-    if not wild_bootstrap:
-        given["wild_bootstrap"] = False
-    call = _call_string(func, given)
-
-    X, C = initialize(inp, rank, epsilon=epsilon, seed=seed, X_init=X_init, C_init=C_init, nstart=nstart,
-                      r_rng=r_rng)
-    U0 = check_matrix_init(U_init, "U_init", (rank, N), func)
-    U = np.zeros((rank, N)) if U0 is None else U0
-
-    if engine == "ecm":
-        opt = ECMOptions(
-            rank=rank, C_signed=bool(C_signed), epsilon=epsilon, maxit=maxit, inner_maxit=inner_maxit,
-            outer_maxit=outer_maxit, epsilon_outer=epsilon_outer, x_postvar=x_postvar,
-            X_L2_ortho=X_L2_ortho, X_L2_smooth=X_L2_smooth, C_L2=C_L2, sigma2_update=sigma2_update,
-            tau2_update=tau2_update, print_trace=print_trace,
-        )
-        st = fit_ecm(inp.Y, inp.A, X, C, U, sigma2, tau2, opt)
-        extra = dict(
-            converged=st.converged, stop_reason=st.stop_reason, n_iter=st.total_iter, maxit=maxit,
-            epsilon=epsilon, objfunc=float(st.objfunc_iter[-1]) if st.objfunc_iter else float("nan"),
-            rel_change_final=float(st.rel), objfunc_iter=np.asarray(st.objfunc_iter),
-            rss_trace=np.asarray(st.rss_trace), dfU_cap_scan=None, dfU_hit_cap=False, dfU_hit_iter=(),
-            call=call, runtime=time.perf_counter() - t0, outer_iter=st.outer, outer_maxit=outer_maxit,
-            nll_trace=np.asarray(st.nll_trace),
-        )
-        if st.stop_reason in ("maxit", "outer_maxit"):
-            warnings.warn(f"nmfre (engine='ecm') stopped at {st.stop_reason} ({st.total_iter} iterations) "
-                          f"before converging; increase maxit (currently {maxit}) or outer_maxit "
-                          f"(currently {outer_maxit}).", ConvergenceWarning, stacklevel=stacklevel)
-        res = finalize(inp, st.X, st.C, st.U, st.sigma2, st.tau2, engine="ecm", prefix=prefix,
-                       C_signed=C_signed, rate=None, cap=float("nan"), extra=extra)
-        res = replace(res, runtime=time.perf_counter() - t0)
-        return res
-
-    # ----- engine "cap" -----
-    scan = None
-    rate = df_rate
-    if rate is None and dfu_control == "cap":
-        if auto_scan is None:
-            raise param_error("df_rate", func, "a positive float (no automatic scan at this level)", None)
-        scan = auto_scan(inp, X, C, U, rank=rank, maxit=maxit, epsilon=epsilon, seed=seed, client=client,
-                         sigma2=sigma2, tau2=tau2, sigma2_update=sigma2_update)
-        if not np.isfinite(scan.cap_rate):
-            raise InputError("nmfre: no df_rate of the automatic scan qualifies (safeguard, hit and converged); "
-                             "pass df_rate explicitly. Scan table:\n" + str(scan))
-        rate = float(scan.cap_rate)
-    if rate is None:
-        rate = 0.10
-    X = np.maximum(X, EPS)
-    C = np.maximum(C, EPS)
-    X, dsc = normalize_columns(X)
-    C = C * dsc[:, None]
-    U = U * dsc[:, None]
-    opt = CapOptions(rank=rank, rate=rate, epsilon=epsilon, maxit=maxit, dfu_control=dfu_control,
-                     sigma2_update=sigma2_update, tau2_update=tau2_update, print_trace=print_trace)
-    data = DenseData(inp.Y, inp.A, U)
-    st = fit_cap(data, CapState(X=X, C=C, sigma2=sigma2, tau2=tau2), opt)
-    if st.stop_reason == "maxit":
-        warnings.warn(f"nmfre reached maxit ({maxit}) before the relative objective change fell below "
-                      f"epsilon ({epsilon}); increase maxit (currently {maxit}).", ConvergenceWarning,
-                      stacklevel=stacklevel)
-    extra = cap_extra(st, opt, scan, call, maxit, epsilon, t0)
-    res = finalize(inp, st.X, st.C, data.U, st.sigma2, st.tau2, engine="cap", prefix=prefix, C_signed=False,
-                   rate=rate, cap=max(rate * N * rank, 1.0), extra=extra)
-    if wild_bootstrap:
-        res = nmfre_inference(res, inp.Y, inp.A, wild_B=wild_B, wild_level=wild_level, side=C_p_side,
-                              seed=wild_seed, r_rng=r_rng, client=client)
-    return replace(res, runtime=time.perf_counter() - t0)
 
 
 def cap_extra(st: CapState, opt: CapOptions, scan, call: str, maxit: int, epsilon: float, t0: float) -> dict:

@@ -11,9 +11,11 @@ result type:
 
 Layout of :mod:`dnmf.mixed` (imports go downwards only)::
 
-    nmfre, blocks, ecv          public fits
-    scan                        df scan (refits through fit.fit_nmfre)
-    fit                         Engine A, finalisation, initialiser, the fit at one rate
+    blocks, ecv                 the blocked fit, cross-validation
+    scan                        nmfre_dfu_scan (refits through nmfre.fit_at_rate)
+    nmfre                       the fit: validation, initialiser, engines, auto scan, inference
+    scan_table                  scan rows, the automatic rule, the loop over rates
+    fit                         Engine A, finalisation, initialiser
     ecm, inference, summary     engine B, sandwich/bootstrap, R text
     result                      NMFREResult
     _core                       inputs, df algebra, DEFAULT_RATES
@@ -25,8 +27,14 @@ This module keeps the names it has always exported (``DEFAULT_RATES``, ``df_u``,
 
 from __future__ import annotations
 
+import time
+import warnings
+from dataclasses import replace
 from typing import Optional
 
+import numpy as np
+
+from .._validation import check_float, check_int, check_option, param_error
 # Names importable from here since before the split (pipelines and tests use several of them).
 from ..covariates._common import (  # noqa: F401
     CLIP_HI,
@@ -36,6 +44,7 @@ from ..covariates._common import (  # noqa: F401
     basis_order,
     cholesky_spd,
     clip_var,
+    check_rank_vs_shape,
     colnorm,
     executor_for,
     normalize_columns,
@@ -53,6 +62,8 @@ from ._core import (  # noqa: F401
     lambda_for_cap,
     validate_inputs,
 )
+from ..exceptions import ConvergenceWarning, InputError
+from .ecm import ECMOptions, fit_ecm
 from .fit import (  # noqa: F401
     CapOptions,
     CapState,
@@ -61,14 +72,14 @@ from .fit import (  # noqa: F401
     check_convergence,
     finalize,
     fit_cap,
-    fit_nmfre,
     initialize,
     kmeans_start,
     nmfkc_eu_stats,
     r_squared_all,
 )
+from .inference import nmfre_inference
 from .result import NMFREResult
-from .scan import nmfre_dfu_scan
+from .scan_table import run_dfu_scan
 
 __all__ = [
     "nmfre",
@@ -80,12 +91,14 @@ __all__ = [
     "lambda_for_cap",
     "ENGINES",
     "DEFAULT_RATES",
+    "fit_at_rate",
 ]
 
 
-def _auto_scan(inp, X, C, U, **kw):
-    """The automatic df scan of :func:`nmfre` (spec §4.1): the default rates from the start (X, C, U)."""
-    return nmfre_dfu_scan(DEFAULT_RATES, inp.Y, inp.A, X_init=X, C_init=C, U_init=U, **kw)
+def _call_string(name: str, given: dict) -> str:
+    parts = ["Y"] + (["A"] if given.pop("_A", False) else [])
+    parts += [f"{k}={v!r}" for k, v in given.items()]
+    return f"{name}({', '.join(parts)})"
 
 
 def nmfre(
@@ -217,41 +230,117 @@ def nmfre(
     >>> fit = dnmf.nmfre(Y, A, rank=1, df_rate=0.2, prefix="Trend")  # doctest: +SKIP
     >>> print(fit.summary())                                         # doctest: +SKIP
     """
-    return fit_nmfre(
-        Y=Y,
-        A=A,
-        rank=rank,
-        df_rate=df_rate,
-        engine=engine,
-        wild_bootstrap=wild_bootstrap,
-        wild_B=wild_B,
-        wild_level=wild_level,
-        prefix=prefix,
-        epsilon=epsilon,
-        maxit=maxit,
-        X_init=X_init,
-        C_init=C_init,
-        U_init=U_init,
-        seed=seed,
-        r_rng=r_rng,
-        client=client,
-        wild_seed=wild_seed,
-        C_signed=C_signed,
-        C_p_side=C_p_side,
-        sigma2=sigma2,
-        tau2=tau2,
-        sigma2_update=sigma2_update,
-        tau2_update=tau2_update,
-        dfu_control=dfu_control,
-        nstart=nstart,
-        inner_maxit=inner_maxit,
-        outer_maxit=outer_maxit,
-        epsilon_outer=epsilon_outer,
-        x_postvar=x_postvar,
-        X_L2_ortho=X_L2_ortho,
-        X_L2_smooth=X_L2_smooth,
-        C_L2=C_L2,
-        print_trace=print_trace,
-        auto_scan=_auto_scan,
-        stacklevel=3,
-    )
+    t0 = time.perf_counter()
+    func = "nmfre"
+    engine = check_option(engine, "engine", func, ENGINES)
+    # an Inputs object is the private path of nmfre_ecv (imputed cells may be negative)
+    inp = Y if isinstance(Y, Inputs) else validate_inputs(Y, A, func)
+    rank = check_int(rank, "rank", func, low=1)
+    epsilon = check_float(epsilon, "epsilon", func, low=0.0)
+    maxit = check_int(50000 if maxit is None and engine == "cap" else (5000 if maxit is None else maxit),
+                      "maxit", func, low=1)
+    prefix = str(prefix)
+    seed = check_seed_int(1 if seed is None else seed, "seed", func)
+    if df_rate is not None:
+        df_rate = check_float(df_rate, "df_rate", func, low=0.0, low_open=True)
+    dfu_control = check_option(dfu_control, "dfu_control", func, ("cap", "off"))
+    sigma2 = check_float(sigma2, "sigma2", func, low=0.0, low_open=True)
+    tau2 = check_float(tau2, "tau2", func, low=0.0, low_open=True)
+    if not isinstance(C_signed, (bool, np.bool_)):
+        raise param_error("C_signed", func, "a bool", C_signed)
+    if C_p_side is not None:
+        C_p_side = check_option(C_p_side, "C_p_side", func, ("one.sided", "two.sided"))
+    wild_B = check_int(wild_B, "wild_B", func, low=2)
+    wild_level = check_float(wild_level, "wild_level", func, low=0.0, high=1.0, low_open=True)
+    P, N = inp.Y.shape
+    check_rank_vs_shape(rank, P, N, func)
+    if np.any(inp.A < 0):
+        # the nmfkc initialiser and the multiplicative Θ updates need A ≥ 0; only the signed ECM
+        # engine started from given X_init and C_init can use a signed A
+        if engine == "cap" or not C_signed:
+            raise param_error("A", func, f"non-negative for engine={engine!r}" + ("" if engine == "cap" else
+                              " with C_signed=False"), f"an array with minimum {float(inp.A.min())!r}",
+                              described=True)
+        if X_init is None or C_init is None:
+            raise param_error("A", func, "non-negative unless X_init and C_init are both given (the nmfkc "
+                              "initialiser needs A ≥ 0)", f"an array with minimum {float(inp.A.min())!r}",
+                              described=True)
+    given = {"_A": inp.A_given, "rank": rank}
+    if df_rate is not None:
+        given["df_rate"] = df_rate
+    if engine != "cap":
+        given["engine"] = engine
+    if prefix != "Basis":
+        given["prefix"] = prefix
+    if not wild_bootstrap:
+        given["wild_bootstrap"] = False
+    call = _call_string(func, given)
+
+    X, C = initialize(inp, rank, epsilon=epsilon, seed=seed, X_init=X_init, C_init=C_init, nstart=nstart,
+                      r_rng=r_rng)
+    U0 = check_matrix_init(U_init, "U_init", (rank, N), func)
+    U = np.zeros((rank, N)) if U0 is None else U0
+
+    if engine == "ecm":
+        opt = ECMOptions(
+            rank=rank, C_signed=bool(C_signed), epsilon=epsilon, maxit=maxit, inner_maxit=inner_maxit,
+            outer_maxit=outer_maxit, epsilon_outer=epsilon_outer, x_postvar=x_postvar,
+            X_L2_ortho=X_L2_ortho, X_L2_smooth=X_L2_smooth, C_L2=C_L2, sigma2_update=sigma2_update,
+            tau2_update=tau2_update, print_trace=print_trace,
+        )
+        st = fit_ecm(inp.Y, inp.A, X, C, U, sigma2, tau2, opt)
+        extra = dict(
+            converged=st.converged, stop_reason=st.stop_reason, n_iter=st.total_iter, maxit=maxit,
+            epsilon=epsilon, objfunc=float(st.objfunc_iter[-1]) if st.objfunc_iter else float("nan"),
+            rel_change_final=float(st.rel), objfunc_iter=np.asarray(st.objfunc_iter),
+            rss_trace=np.asarray(st.rss_trace), dfU_cap_scan=None, dfU_hit_cap=False, dfU_hit_iter=(),
+            call=call, runtime=time.perf_counter() - t0, outer_iter=st.outer, outer_maxit=outer_maxit,
+            nll_trace=np.asarray(st.nll_trace),
+        )
+        if st.stop_reason in ("maxit", "outer_maxit"):
+            warnings.warn(f"nmfre (engine='ecm') stopped at {st.stop_reason} ({st.total_iter} iterations) "
+                          f"before converging; increase maxit (currently {maxit}) or outer_maxit "
+                          f"(currently {outer_maxit}).", ConvergenceWarning, stacklevel=2)
+        res = finalize(inp, st.X, st.C, st.U, st.sigma2, st.tau2, engine="ecm", prefix=prefix,
+                       C_signed=C_signed, rate=None, cap=float("nan"), extra=extra)
+        res = replace(res, runtime=time.perf_counter() - t0)
+        return res
+
+    # ----- engine "cap" -----
+    scan = None
+    rate = df_rate
+    if rate is None and dfu_control == "cap":
+        scan = run_dfu_scan(fit_at_rate, DEFAULT_RATES, inp.Y, inp.A, rank=rank, X_init=X, C_init=C, U_init=U,
+                            maxit=maxit, epsilon=epsilon, seed=seed, client=client,
+                            sigma2=sigma2, tau2=tau2, sigma2_update=sigma2_update)
+        if not np.isfinite(scan.cap_rate):
+            raise InputError("nmfre: no df_rate of the automatic scan qualifies (safeguard, hit and converged); "
+                             "pass df_rate explicitly. Scan table:\n" + str(scan))
+        rate = float(scan.cap_rate)
+    if rate is None:
+        rate = 0.10
+    X = np.maximum(X, EPS)
+    C = np.maximum(C, EPS)
+    X, dsc = normalize_columns(X)
+    C = C * dsc[:, None]
+    U = U * dsc[:, None]
+    opt = CapOptions(rank=rank, rate=rate, epsilon=epsilon, maxit=maxit, dfu_control=dfu_control,
+                     sigma2_update=sigma2_update, tau2_update=tau2_update, print_trace=print_trace)
+    data = DenseData(inp.Y, inp.A, U)
+    st = fit_cap(data, CapState(X=X, C=C, sigma2=sigma2, tau2=tau2), opt)
+    if st.stop_reason == "maxit":
+        warnings.warn(f"nmfre reached maxit ({maxit}) before the relative objective change fell below "
+                      f"epsilon ({epsilon}); increase maxit (currently {maxit}).", ConvergenceWarning,
+                      stacklevel=2)
+    extra = cap_extra(st, opt, scan, call, maxit, epsilon, t0)
+    res = finalize(inp, st.X, st.C, data.U, st.sigma2, st.tau2, engine="cap", prefix=prefix, C_signed=False,
+                   rate=rate, cap=max(rate * N * rank, 1.0), extra=extra)
+    if wild_bootstrap:
+        res = nmfre_inference(res, inp.Y, inp.A, wild_B=wild_B, wild_level=wild_level, side=C_p_side,
+                              seed=wild_seed, r_rng=r_rng, client=client)
+    return replace(res, runtime=time.perf_counter() - t0)
+
+
+def fit_at_rate(rate, Y, A, kw) -> NMFREResult:
+    """One fit of the df scan: :func:`nmfre` at ``df_rate=rate`` (module level, so it pickles)."""
+    return nmfre(Y, A, df_rate=rate, **kw)
