@@ -294,6 +294,9 @@ def test_10x_h5_is_lazy_and_matches_the_folder(tmp_path, counts10x):
     every = dnmf.io.read_10x(path, gex_only=False, var_names="gene_ids")
     assert every.row_names == tuple(ids) and every.sources[0].row_map is None
     np.testing.assert_array_equal(_dense(every), x.toarray())
+    # `dnmf convert` (write_zarr) streams it too: a source's declared nnz counts the dropped rows
+    store = dnmf.io.write_zarr(path, str(tmp_path / "c.zarr"), block_nnz=20)
+    np.testing.assert_array_equal(_dense(dnmf.io.as_blocked(store)), x.toarray()[:10])
     # the whole path through nmf, names kept
     model = dnmf.nmf(str(path), 3, seed=1, maxit=5, tol=0)
     assert model.feature_names == folder.row_names and model.sample_names == tuple(barcodes)
@@ -343,3 +346,101 @@ def test_10x_errors(tmp_path, counts10x):
         f["matrix/indices"][5] = 99
     with pytest.raises(InputError, match=r"The HDF5 file .*x.h5' \(block of columns .*\) is not a valid CSC matrix"):
         dnmf.nmf(path, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lazy .h5ad
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adata_sc():
+    """45 cells × 60 genes: CSR float32 X, an int CSR layer, a dense layer, a CSC layer."""
+    import anndata
+
+    x = sp.random(45, 60, density=0.2, random_state=4, format="csr", dtype=np.float32)
+    obs = pd.DataFrame({"kind": pd.Categorical(["a", "b", "c"] * 15)}, index=[f"cell{i}" for i in range(45)])
+    var = pd.DataFrame(index=[f"gene{i}" for i in range(60)])
+    ad = anndata.AnnData(X=x, obs=obs, var=var)
+    ad.layers["counts"] = sp.csr_matrix(np.round(x.toarray() * 10).astype(np.int64))
+    ad.layers["dense"] = x.toarray().astype(np.float64) * 2.0
+    ad.layers["csc"] = sp.csc_matrix(x)
+    return ad
+
+
+@pytest.mark.parametrize("layer, lazy", [(None, True), ("counts", True), ("dense", True), ("csc", False)])
+def test_h5ad_is_read_lazily_like_anndata(tmp_path, adata_sc, layer, lazy):
+    import pickle
+
+    path = tmp_path / "a.h5ad"
+    adata_sc.write_h5ad(path)
+    got = dnmf.io.as_blocked(path, layer=layer, block_nnz=60)
+    ref = dnmf.io.as_blocked(adata_sc, layer=layer, block_nnz=60)
+    assert got.in_memory == (not lazy)
+    assert (got.shape, got.dtype, got.sparse) == (ref.shape, ref.dtype, ref.sparse)
+    assert got.row_names == ref.row_names and got.col_names == ref.col_names
+    assert np.array_equal(got.col_bounds, ref.col_bounds) and got.n_blocks > 1
+    for source, ref_block in zip(got.sources, ref.iter_blocks()):  # block by block, bitwise
+        block = pickle.loads(pickle.dumps(source)).load()
+        if got.sparse:
+            for name in ("data", "indices", "indptr"):
+                a, b = getattr(block, name), getattr(ref_block, name)
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(a, b)
+        else:
+            assert block.dtype == ref_block.dtype
+            np.testing.assert_array_equal(block, ref_block)
+
+
+def test_h5ad_errors_are_found_per_block(tmp_path, adata_sc):
+    import h5py
+
+    path = tmp_path / "a.h5ad"
+    adata_sc.write_h5ad(path)
+    blocked = dnmf.io.as_blocked(path, block_nnz=60)
+    with h5py.File(path, "r+") as f:
+        f["X/indices"][blocked.sources[2].entry_start] = 60  # a gene index out of range in block 2
+    c0, c1 = blocked.col_bounds[2:4]
+    with pytest.raises(InputError, match=rf"The HDF5 file .*a.h5ad' \(block of columns {c0}:{c1}\) is not a valid "
+                                         rf"CSC matrix of shape \(60, {c1 - c0}\): its indices must be row indices "
+                                         rf"in \[0, 60\)"):
+        dnmf.nmf(path, 3, block_nnz=60)
+    blocked.sources[1].load()  # the other blocks still read
+    with h5py.File(path, "r+") as f:  # the file is rewritten with another matrix after it was opened
+        f["X/indptr"][5] += 1
+    with pytest.raises(InputError, match=r"changed after it was opened"):
+        blocked.sources[0].load()
+    with pytest.raises(InputError, match=r"The 'layer' parameter of as_blocked must be None or a layer of the "
+                                         r"AnnData: 'counts', 'csc', 'dense'. Got 'spliced' instead."):
+        dnmf.io.as_blocked(path, layer="spliced")
+
+
+def test_h5ad_streams_on_a_cluster_like_the_in_memory_fit(tmp_path):
+    """A CSR .h5ad fitted out-of-core on 2 worker processes, every block read from the file by the
+    worker on every iteration, gives the in-memory fit of the same AnnData bit for bit.
+
+    Streaming is forced with ``out_of_core=True`` (the engine streams by itself once A is larger
+    than half the workers' memory, as tests/test_engine_cluster.py checks with a 486 MB Zarr
+    store; writing and fitting a file that large here would take minutes): the path is the same.
+    """
+    import anndata
+
+    distributed = pytest.importorskip("distributed")
+    rng = np.random.default_rng(0)
+    sim = dnmf.simulate_nmf(300, 4000, 5, noise=0.3, dropout=0.8, seed=rng)
+    x = sp.csr_matrix(sim.A.T.astype(np.float32))  # cells × genes, ~20 % stored
+    adata = anndata.AnnData(X=x, obs=pd.DataFrame(index=[f"c{j}" for j in range(4000)]),
+                            var=pd.DataFrame(index=[f"g{i}" for i in range(300)]))
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    kw = dict(seed=3, maxit=4, tol=0, block_nnz=20_000)
+    ref = dnmf.nmf(adata, 5, client=False, **kw)
+    assert ref.misc["n_blocks"] > 4
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="1GiB",
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
+        streamed = dnmf.nmf(str(path), 5, client=client, out_of_core=True, **kw)
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+    assert streamed.misc["out_of_core"] and streamed.misc["executor"] == "distributed"
+    assert np.array_equal(streamed.w, ref.w) and np.array_equal(streamed.h, ref.h)
+    assert np.array_equal(streamed.misc["loss_history"], ref.misc["loss_history"])
+    assert streamed.feature_names == ref.feature_names and streamed.sample_names == ref.sample_names
