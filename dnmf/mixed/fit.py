@@ -40,7 +40,7 @@ __all__ = [
     "DenseData",
     "check_convergence",
     "fit_cap",
-    "r_squared_all",
+    "r_squared_variants",
     "finalize",
     "nmfkc_eu_stats",
     "kmeans_start",
@@ -201,8 +201,12 @@ def fit_cap(data, state: CapState, opt: CapOptions) -> CapState:
 # ---------------------------------------------------------------------------------------------
 
 
-def r_squared_all(Y: np.ndarray, fit: np.ndarray) -> dict:
-    """R² variants of one fit: grand-mean (56d65eb), cor², uncentered and row-centered."""
+def r_squared_variants(Y: np.ndarray, fit: np.ndarray) -> dict:
+    """R² variants of one NMF-RE fit: grand-mean (56d65eb), cor², uncentered and row-centered.
+
+    Not nmfkc's :func:`dnmf.covariates._common.r_squared_all` (weighted, no grand-mean R²): the
+    two differ in definitions and in summation order, and each is pinned to its R reference.
+    """
     R = Y - fit
     sse = float(np.sum(R * R))
     sst = float(np.sum((Y - Y.mean()) ** 2))
@@ -234,8 +238,8 @@ def finalize(inp: Inputs, X, C, U, sigma2, tau2, *, engine, prefix, C_signed, ra
     XB_blup = X @ B_blup
     lam = sigma2 / clip_var(tau2)
     dfu = df_u(gram_eigenvalues(X.T @ X), N, lam)
-    r2b = r_squared_all(Y, XB_blup)
-    r2f = r_squared_all(Y, XB)
+    r2b = r_squared_variants(Y, XB_blup)
+    r2f = r_squared_variants(Y, XB)
     main = "grand" if engine == "cap" else "cor2"
     B_blup_pos = np.maximum(B_blup, 0.0)
     X_prob = X / (X.sum(axis=1, keepdims=True) + EPS)

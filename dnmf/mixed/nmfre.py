@@ -75,7 +75,7 @@ from .fit import (  # noqa: F401
     initialize,
     kmeans_start,
     nmfkc_eu_stats,
-    r_squared_all,
+    r_squared_variants as r_squared_all,
 )
 from .inference import nmfre_inference
 from .result import NMFREResult
