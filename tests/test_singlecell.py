@@ -444,3 +444,15 @@ def test_h5ad_streams_on_a_cluster_like_the_in_memory_fit(tmp_path):
     assert np.array_equal(streamed.w, ref.w) and np.array_equal(streamed.h, ref.h)
     assert np.array_equal(streamed.misc["loss_history"], ref.misc["loss_history"])
     assert streamed.feature_names == ref.feature_names and streamed.sample_names == ref.sample_names
+
+
+def test_h5ad_layouts_not_read_lazily_fall_back_to_anndata(tmp_path, adata_sc, monkeypatch):
+    import dnmf.io.hdf5
+
+    path = tmp_path / "a.h5ad"
+    adata_sc.write_h5ad(path)
+    monkeypatch.setattr(dnmf.io.hdf5, "_dataframe_index", lambda f, key: None)  # e.g. a legacy obs table
+    got = dnmf.io.as_blocked(path, block_nnz=60)
+    ref = dnmf.io.as_blocked(adata_sc, block_nnz=60)
+    assert got.in_memory and got.row_names == ref.row_names and got.col_names == ref.col_names
+    np.testing.assert_array_equal(_dense(got), _dense(ref))

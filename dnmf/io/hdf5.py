@@ -278,8 +278,20 @@ class _Fallback(Exception):
 
 
 def _encoding(node) -> str | None:
+    """AnnData's ``encoding-type``, or the ``h5sparse_format`` of files written by anndata < 0.7."""
     enc = node.attrs.get("encoding-type")
+    if enc is None:
+        legacy = node.attrs.get("h5sparse_format")
+        legacy = legacy.decode() if isinstance(legacy, bytes) else legacy
+        enc = {"csr": "csr_matrix", "csc": "csc_matrix"}.get(legacy)
     return enc.decode() if isinstance(enc, bytes) else enc
+
+
+def _sparse_shape(node) -> tuple[int, ...]:
+    shape = node.attrs.get("shape")
+    if shape is None:
+        shape = node.attrs.get("h5sparse_shape", ())
+    return tuple(int(s) for s in shape)
 
 
 def _open_h5ad(path: str, f, block_nnz: int, layer, dtype) -> BlockedMatrix:
@@ -303,7 +315,7 @@ def _open_h5ad(path: str, f, block_nnz: int, layer, dtype) -> BlockedMatrix:
     enc = _encoding(node)
     if isinstance(node, h5py.Group) and enc in ("csr_matrix", "csc_matrix") and \
             {"data", "indices", "indptr"} <= set(node.keys()):
-        shape = tuple(int(s) for s in node.attrs["shape"])
+        shape = _sparse_shape(node)
         if len(shape) != 2 or shape != (len(obs), len(var)):
             raise _Fallback
         n_cells, n_genes = shape
