@@ -269,9 +269,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from pipelines import get_pipeline, pipeline_names
-
-    from .config import CheckpointConfig, OutputConfig, describe_section, load_config
+    from .config import CheckpointConfig, OutputConfig, describe_section, get_pipeline, load_config, pipeline_names
 
     if args.list:
         for name in pipeline_names():

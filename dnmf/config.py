@@ -2,7 +2,7 @@
 
 A job config is a YAML mapping::
 
-    pipeline: factorize          # a module of the ``pipelines`` package
+    pipeline: factorize          # a registered pipeline (entry point group "dnmf.pipelines")
     name: quickstart             # the run's name (default: the file's stem)
     input: {...}                 # the pipeline's sections (its ``SECTIONS``)
     model: {...}
@@ -37,8 +37,9 @@ Sections are declared as frozen dataclasses; the field's type annotation is the 
 A section may define ``validate(self)`` yielding ``(key, expected, got)`` (or ``(key,
 expected, got, note)``) for checks that involve several keys. ``from_dict(to_dict(c)) == c`` for every valid config.
 
-This module belongs to the job layer (with :mod:`dnmf.cli` and :mod:`dnmf.jobs`): it looks
-pipelines up in the ``pipelines`` package; the numerical library never imports it.
+This module belongs to the job layer (with :mod:`dnmf.cli` and :mod:`dnmf.jobs`). Pipelines
+register under the ``dnmf.pipelines`` entry-point group (:func:`get_pipeline`); no module of
+dnmf imports the ``pipelines`` package.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ __all__ = [
     "config_error",
     "parse_nbytes",
     "parse_yaml",
+    "pipeline_names",
+    "get_pipeline",
+    "PIPELINE_GROUP",
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -608,10 +612,45 @@ PROGRESS_MODES = ("auto", "bar", "log", "none")
 # ---------------------------------------------------------------------------------------------
 
 
-def _registry():
-    from pipelines import get_pipeline, pipeline_names
+#: Entry-point group under which job pipelines register (``pyproject.toml``)::
+#:
+#:     [project.entry-points."dnmf.pipelines"]
+#:     factorize = "pipelines.factorize"
+#:
+#: The job layer finds pipelines by name through it; dnmf never imports ``pipelines`` itself.
+PIPELINE_GROUP = "dnmf.pipelines"
 
-    return get_pipeline, pipeline_names
+_PIPELINES: dict[str, types.ModuleType] = {}
+
+
+def _pipeline_entry_points() -> dict:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in sorted(entry_points(group=PIPELINE_GROUP), key=lambda ep: ep.name)}
+
+
+def pipeline_names() -> list[str]:
+    """Names a config's ``pipeline:`` key accepts: the ``dnmf.pipelines`` entry points, sorted."""
+    return list(_pipeline_entry_points())
+
+
+def get_pipeline(name: str) -> types.ModuleType:
+    """The module registered as pipeline ``name`` (KeyError listing the valid names otherwise).
+
+    A pipeline module defines ``SECTIONS`` (``{"input": dataclass, ...}``) and ``run(config,
+    job)``, and optionally ``check_config(config)``; see ``pipelines/__init__.py``.
+    """
+    if name in _PIPELINES:
+        return _PIPELINES[name]
+    eps = _pipeline_entry_points()
+    if name not in eps:
+        raise KeyError(f"unknown pipeline {name!r}; available: {', '.join(eps)}")
+    module = eps[name].load()
+    missing = [a for a in ("SECTIONS", "run") if not hasattr(module, a)]
+    if missing:
+        raise TypeError(f"pipeline module {module.__name__} must define {', '.join(missing)}")
+    _PIPELINES[name] = module
+    return module
 
 
 @dataclass(frozen=True)
@@ -621,7 +660,7 @@ class JobConfig:
     Attributes
     ----------
     pipeline : str
-        Name of a module of the ``pipelines`` package.
+        Name of a registered pipeline (:func:`pipeline_names`).
     name : str
         Run name; the store is ``<output.dir>/<name>.zarr``.
     sections : tuple of (str, dataclass)
@@ -679,7 +718,6 @@ class JobConfig:
         ctx = _Context(Path.cwd())
         if not isinstance(data, Mapping):
             raise ConfigError(f"A job config must be a mapping of keys to values. Got {_show(data)} instead.")
-        get_pipeline, pipeline_names = _registry()
         names = pipeline_names()
         if "pipeline" not in data:
             raise ConfigError("The config key 'pipeline' is missing: it must be one of "

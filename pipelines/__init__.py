@@ -1,7 +1,10 @@
 """Job pipelines: one module per pipeline, found by name.
 
-A config's ``pipeline: NAME`` names a module ``pipelines/NAME.py``. Adding a pipeline is
-adding one module that defines
+A config's ``pipeline: NAME`` names a module ``pipelines/NAME.py``, registered in
+``pyproject.toml`` under the ``dnmf.pipelines`` entry-point group (``NAME =
+"pipelines.NAME"``), through which the ``dnmf`` CLI and job runner find it
+(:func:`dnmf.config.get_pipeline`). Adding a pipeline is adding that entry point (then
+``pip install -e .`` again) and one module that defines
 
 ``SECTIONS``
     ``{"input": InputDataclass, "model": ModelDataclass, ...}``: the config sections it reads,
@@ -15,7 +18,8 @@ and optionally ``check_config(config)`` yielding ``(key, expected, got)`` for ch
 sections. Its docstring's first line says what it does (``dnmf validate --list``). Modules whose
 name starts with ``_`` are not pipelines. Pipelines import only the public dnmf API
 (``import dnmf`` names, :mod:`dnmf.io`, :mod:`dnmf.datasets`); the library never imports
-this package.
+this package. :func:`registry` lists the modules of this package (a test checks that the
+entry points name exactly these).
 """
 
 from __future__ import annotations

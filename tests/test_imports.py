@@ -171,8 +171,6 @@ def _imports_pipelines() -> list[str]:
     return sorted(set(out))
 
 
-@pytest.mark.xfail(strict=False, reason="dnmf.config / dnmf.cli / dnmf.jobs still import the top-level "
-                   "pipelines package (being moved by another engineer; remove this mark when it passes)")
 def test_library_does_not_import_pipelines():
     """dnmf is the library; pipelines/ sits on top of it and is never imported by it."""
     assert _imports_pipelines() == []

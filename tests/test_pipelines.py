@@ -61,6 +61,18 @@ def test_registry_is_discovered_from_the_package():
         pipelines.get_pipeline("rank_cv")
 
 
+def test_entry_points_register_every_pipeline_module():
+    """The job layer finds pipelines through the "dnmf.pipelines" entry points: exactly this package's modules."""
+    import pipelines
+    from dnmf.config import get_pipeline, pipeline_names
+
+    assert pipeline_names() == pipelines.pipeline_names()
+    for name in pipeline_names():
+        assert get_pipeline(name) is pipelines.get_pipeline(name)
+    with pytest.raises(KeyError, match="unknown pipeline 'rank_cv'; available: factorize, nmfre"):
+        get_pipeline("rank_cv")
+
+
 def test_pipelines_import_only_the_public_api():
     """pipelines/ imports the public dnmf API (and third-party packages), nothing internal.
 

@@ -5,8 +5,9 @@
 * :class:`RunStore` reads and writes a run's Zarr store;
 * :func:`jobqueue_cluster` builds the SLURM/PBS cluster of a config (``job_script()``).
 
-This package belongs to the job layer: it imports the ``pipelines`` package, which the
-numerical library never does.
+This package belongs to the job layer: it runs the pipelines registered under the
+``dnmf.pipelines`` entry-point group (:func:`dnmf.config.get_pipeline`) and never imports the
+``pipelines`` package by name.
 """
 
 from .cluster import connect, jobqueue_cluster, local_cluster

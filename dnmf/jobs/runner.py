@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..config import JobConfig
+from ..config import JobConfig, get_pipeline
 from ..engine.checkpoint import CheckpointError
 from ..exceptions import ConfigError, DnmfError, InputError
 from . import plots as _plots
@@ -413,8 +413,6 @@ def run_job(config: JobConfig, *, resume: bool = False, overwrite: bool = False,
     checkpoint yet, or one left "running" by a process that is gone, is simply started
     again by the next run.
     """
-    from pipelines import get_pipeline
-
     echo = echo or _stderr_echo
     pipe = get_pipeline(config.pipeline)
     t0 = time.perf_counter()
