@@ -173,13 +173,17 @@ def test_killed_before_checkpoint_and_final_gather(a, ref, client, workers, tmp_
     assert_same_fit(resumed, ref)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_killed_at_a_random_moment(a, ref, client, workers, seed):
+@pytest.mark.parametrize("seed", range(6))
+def test_killed_at_a_random_moment(a, ref, client, workers, seed, tmp_path):
     rnd = random.Random(seed)
-    delay = rnd.uniform(0.0, 1.0)  # an undisturbed fit of a takes about 0.5-1 s here
+    t0 = time.perf_counter()
+    within(lambda: dnmf.nmf(a, 4, client=client, **KW))  # undisturbed: how long a fit takes now
+    delay = rnd.uniform(0.0, 0.9 * (time.perf_counter() - t0))
+    # odd seeds save a checkpoint every 2 iterations, so the kill may also hit a save
+    ck = dict(checkpoint=str(tmp_path / "ck.zarr"), checkpoint_every=2) if seed % 2 else {}
     timer = threading.Timer(delay, kill, (workers, rnd.randrange(2)))
     timer.start()
-    model = within(lambda: dnmf.nmf(a, 4, client=client, **KW))
+    model = within(lambda: dnmf.nmf(a, 4, client=client, **ck, **KW))
     timer.join()
     assert_same_fit(model, ref)
 

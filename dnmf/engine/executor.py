@@ -228,7 +228,7 @@ class DaskExecutor(Executor):
         """The WorkerLostError for ``exc``, naming the workers gone since the blocks were placed."""
         try:
             live = set(scheduler_workers(self.client))
-        except (OSError, KeyError):  # the scheduler itself is unreachable
+        except OSError:  # the scheduler itself is unreachable
             live = set()
         gone = sorted(set(self._workers) - live)
         worker = gone[0] if gone else getattr(getattr(exc, "last_worker", None), "address", None)
