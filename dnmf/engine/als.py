@@ -288,8 +288,8 @@ def fit_als(
                     state.ht = executor.put_blocks(resumed_ht)
                 elif h_args is not None and (pending_save or done):
                     # A checkpoint or the result needs the lost H of the last iteration.
-                    state.ht, in_flight = _solve_h(executor, blocks, [None] * n_blocks, h_args)
-                    executor.release(in_flight)
+                    state.ht, parts = _solve_h(executor, blocks, [None] * n_blocks, h_args)
+                    executor.release(parts)
                 else:
                     state.ht = [None] * n_blocks  # the next iteration starts cold
             if sq_norm_a is None:
