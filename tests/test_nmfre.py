@@ -544,3 +544,13 @@ if __name__ == "__main__" and "--regenerate-golden" in sys.argv:
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(_golden_values(fc, fe, data), indent=1) + "\n")
     print(f"wrote {GOLDEN}")
+
+
+def test_ecv_rank2_3_match_r(orthodont):
+    """nmfre.ecv(Y, A, rank=1:3) at ranks 2 and 3 (spec §11.2): the round-1 refits start from
+    R's k-means, so r_rng must reach the initialiser as well as the fold draw."""
+    Y, A = orthodont
+    cv = dnmf.nmfre_ecv(Y, A, rank=[2, 3], r_rng=True)
+    # the spec prints 7 significant digits; the fits agree with R to ~1e-9
+    assert rel_err(cv.sigma, [1.723154, 1.721385]) < 5e-7
+    assert cv.best == 3

@@ -169,7 +169,8 @@ def nmfre_ecv(
     seed : int, default 1
         Seed of the fold assignment.
     r_rng : bool, default False
-        Draw the folds from R's stream (``set.seed(seed); sample(...)``) to reproduce R.
+        Reproduce R: draw the folds from R's stream (``set.seed(seed); sample(...)``) and start
+        each round-1 refit from R's k-means (``set.seed(init_seed); kmeans(...)``, rank ≥ 2).
     client : distributed.Client, optional
         The (rank, fold) fits run as parallel tasks.
     epsilon, epsilon_outer, inner_maxit, outer_maxit, maxit
@@ -197,7 +198,8 @@ def nmfre_ecv(
     if nfolds > P * N:
         raise param_error("nfolds", func, f"at most the number of cells ({P * N})", nfolds)
     folds = ecv_folds(P, N, nfolds, seed, r_rng)
-    kw = dict(epsilon=epsilon, maxit=maxit, engine=engine, seed=kwargs.pop("init_seed", 1))
+    # r_rng reaches the refits too: their nmfkc initialiser runs R's k-means at rank >= 2
+    kw = dict(epsilon=epsilon, maxit=maxit, engine=engine, seed=kwargs.pop("init_seed", 1), r_rng=bool(r_rng))
     if engine == "ecm":
         kw.update(C_signed=bool(C_signed), epsilon_outer=epsilon_outer, inner_maxit=inner_maxit,
                   outer_maxit=outer_maxit)
