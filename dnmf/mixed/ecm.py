@@ -11,6 +11,22 @@ fixed λ = σ²/τ² that alternates
 
 The marginal negative log-likelihood (§5.5) decreases monotonically and is recorded per
 inner iteration in ``nll_trace``.
+
+The loop is written once on sufficient statistics (as Engine A in :mod:`.fit`): a *data
+backend* runs the per-block passes over Y and returns block sums; X, Θ, σ², τ², the objective
+and the marginal NLL are computed on the client from Q × Q, P × Q and Q × K matrices and the
+constants ``‖Y‖²``, ``YAᵀ``, ``AAᵀ``, ``YYᵀ``. Per inner iteration:
+
+pass 1 (:func:`u_chunk`, every iteration)
+    ``U_j = M⁻¹(XᵀY_j − XᵀXΘA_j)``; returns ``Y_jB_jᵀ`` and ``B_jB_jᵀ`` (``B = ΘA + U``; their
+    positive-part versions for the non-negative engine) and ``Y_jU_jᵀ``, ``U_jU_jᵀ``, ``A_jU_jᵀ``.
+pass 2 (:func:`c_chunk`, non-negative Θ only)
+    ``U_j ← DU_j`` (the normalisation of X); returns ``Xᵀmax(Y_j − XU_j, 0)A_jᵀ``.
+
+The signed Θ step ``rhs = XᵀYAᵀ − XᵀX·DUAᵀ``, the residual ``‖Y − X(ΘA + DU)‖²`` (Gram
+identity), ``‖DU‖²`` and the NLL need no further pass. :class:`DenseECMData` is the in-memory
+backend (one block, the same chunk functions); :mod:`dnmf.mixed.ecm_blocked` runs them on a
+column-blocked Y through the executor, so a one-block blocked fit is bitwise the in-memory fit.
 """
 
 from __future__ import annotations
@@ -24,7 +40,8 @@ from ..covariates._common import EPS, LAMBDA_FLOOR, cholesky_spd, clip_var, norm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ECMOptions", "ECMState", "fit_ecm", "marginal_nll", "x_penalty"]
+__all__ = ["ECMOptions", "ECMState", "DenseECMData", "fit_ecm", "run_ecm", "marginal_nll", "marginal_nll_stats",
+           "x_penalty", "constants_chunk", "u_chunk", "c_chunk"]
 
 
 @dataclass(frozen=True)
@@ -116,11 +133,9 @@ def x_penalty(X: np.ndarray, ortho: float, smooth: float) -> float:
     return val
 
 
-def _c_step_signed(X: np.ndarray, Y: np.ndarray, U: np.ndarray, A: np.ndarray, AAt: np.ndarray,
-                   c_l2: float) -> np.ndarray:
-    Q, K = X.shape[1], A.shape[0]
-    XtX = X.T @ X
-    rhs = X.T @ (Y - X @ U) @ A.T
+def _c_step_signed_rhs(XtX: np.ndarray, rhs: np.ndarray, AAt: np.ndarray, c_l2: float) -> np.ndarray:
+    """Signed Θ step from ``rhs = Xᵀ(Y − XU)Aᵀ``: exact LS, or the Sylvester ridge (spec §5.3)."""
+    Q, K = XtX.shape[0], AAt.shape[0]
     if c_l2 <= 0:
         left = np.linalg.solve(XtX + 1e-10 * np.eye(Q), rhs)
         return np.linalg.solve((AAt + 1e-10 * np.eye(K)).T, left.T).T
@@ -130,37 +145,137 @@ def _c_step_signed(X: np.ndarray, Y: np.ndarray, U: np.ndarray, A: np.ndarray, A
     return Vx @ Z @ Va.T
 
 
-def fit_ecm(Y: np.ndarray, A: np.ndarray, X: np.ndarray, C: np.ndarray, U: np.ndarray, sigma2: float,
-            tau2: float, opt: ECMOptions) -> ECMState:
-    """Run the ECM loops of spec §5.2–5.3 from the nmfkc start (X, C) and U.
+def _c_step_signed(X: np.ndarray, Y: np.ndarray, U: np.ndarray, A: np.ndarray, AAt: np.ndarray,
+                   c_l2: float) -> np.ndarray:
+    """Signed Θ step on the data (reference form of :func:`_c_step_signed_rhs`)."""
+    return _c_step_signed_rhs(X.T @ X, X.T @ (Y - X @ U) @ A.T, AAt, c_l2)
 
-    Parameters
-    ----------
-    Y : ndarray of shape (P, N)
-    A : ndarray of shape (K, N)
-    X : ndarray of shape (P, Q)
-    C : ndarray of shape (Q, K)
-    U : ndarray of shape (Q, N)
-    sigma2, tau2 : float
-        Starting variances.
-    opt : ECMOptions
 
-    Returns
-    -------
-    ECMState
-        Final X, C, U (before basis reordering), variances and traces.
+def marginal_nll_stats(ysq: float, YAt: np.ndarray, AAt: np.ndarray, YYt: np.ndarray, X: np.ndarray,
+                       C: np.ndarray, n: int, sigma2: float, tau2: float) -> float:
+    """:func:`marginal_nll` from the constants ``‖Y‖²``, ``YAᵀ``, ``AAᵀ``, ``YYᵀ`` (no pass over Y).
+
+    With ``R = Y − XΘA``: ``‖R‖² = ‖Y‖² − 2⟨X, YAᵀΘᵀ⟩ + ⟨XᵀX, ΘAAᵀΘᵀ⟩`` and
+    ``XᵀRRᵀX = XᵀYYᵀX − T − Tᵀ + XᵀXΘAAᵀΘᵀXᵀX`` with ``T = XᵀYAᵀΘᵀXᵀX``.
     """
-    P, N = Y.shape
+    P, Q = X.shape
+    lam = sigma2 / tau2
+    XtX = X.T @ X
+    CAAtCt = C @ AAt @ C.T
+    T = (X.T @ YAt) @ C.T @ XtX
+    G = X.T @ YYt @ X - T - T.T + XtX @ CAAtCt @ XtX
+    rss0 = ysq - 2.0 * float(np.sum(X * (YAt @ C.T))) + float(np.sum(XtX * CAAtCt))
+    logdet = np.linalg.slogdet(np.eye(Q) + (tau2 / sigma2) * XtX)[1]
+    quad = rss0 - float(np.trace(np.linalg.solve(XtX + lam * np.eye(Q), G)))
+    return 0.5 * (n * (P * np.log(2 * np.pi) + P * np.log(sigma2) + logdet) + quad / sigma2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-block chunk functions (NumPy on one column block: Y_j (P × n_j), A_j (K × n_j))
+# ---------------------------------------------------------------------------------------------
+
+
+def constants_chunk(Y: np.ndarray, A: np.ndarray) -> tuple:
+    """``(‖Y_j‖², Y_jA_jᵀ, A_jA_jᵀ, Y_jY_jᵀ)``: the constants of the ECM loop."""
+    return float(np.sum(Y * Y)), Y @ A.T, A @ A.T, Y @ Y.T
+
+
+def u_chunk(Y: np.ndarray, A: np.ndarray, X: np.ndarray, C: np.ndarray, L: np.ndarray, signed: bool):
+    """U step on one block; returns ``(U_j, (YBᵀ, BBᵀ, YUᵀ, UUᵀ, AUᵀ))``.
+
+    ``Xᵀ(Y_j − XΘA_j)`` is formed as ``XᵀY_j − (XᵀX)ΘA_j`` (no P × n_j temporary). For the
+    non-negative engine the first two are ``max(Y,0)B⁺ᵀ`` and ``B⁺B⁺ᵀ`` with ``B⁺ = max(B, 0)``.
+    """
+    CA = C @ A
+    U = ridge_solve(L, X.T @ Y - (X.T @ X) @ CA)
+    B = CA + U
+    if signed:
+        YBt, BBt = Y @ B.T, B @ B.T
+    else:
+        Bp = np.maximum(B, 0.0)
+        YBt, BBt = np.maximum(Y, 0.0) @ Bp.T, Bp @ Bp.T
+    return U, (YBt, BBt, Y @ U.T, U @ U.T, A @ U.T)
+
+
+def c_chunk(Y: np.ndarray, A: np.ndarray, U: np.ndarray, X: np.ndarray, d: np.ndarray):
+    """``U_j ← DU_j``; returns ``(DU_j, Xᵀmax(max(Y_j,0) − XDU_j, 0)A_jᵀ)`` (non-negative Θ step)."""
+    U = U * d[:, None]
+    return U, X.T @ np.maximum(np.maximum(Y, 0.0) - X @ U, 0.0) @ A.T
+
+
+def scale_chunk(U: np.ndarray, d: np.ndarray) -> np.ndarray:
+    return U * d[:, None]
+
+
+class DenseECMData:
+    """In-memory data backend of :func:`run_ecm`: Y and A as one column block.
+
+    Runs the same chunk functions as the blocked backend, so a one-block blocked fit equals
+    this one bit for bit.
+    """
+
+    def __init__(self, Y: np.ndarray, A: np.ndarray):
+        self.Y = np.ascontiguousarray(Y, dtype=np.float64)
+        self.A = np.ascontiguousarray(A, dtype=np.float64)
+        self.n_features, self.n_samples = self.Y.shape
+        self.ysq, self.YAt, self.AAt, self.YYt = constants_chunk(self.Y, self.A)
+        self.U = None
+        self._d = None
+
+    def u_pass(self, X, C, L, signed: bool) -> tuple:
+        self.U, stats = u_chunk(self.Y, self.A, X, C, L, signed)
+        self._d = None
+        return stats
+
+    def scale_u(self, d: np.ndarray) -> None:
+        """U ← DU, deferred until the U blocks are needed (the next U step replaces them)."""
+        self._d = d if self._d is None else self._d * d
+
+    def c_pass(self, X, d) -> np.ndarray:
+        self.U, num = c_chunk(self.Y, self.A, self.U, X, d)
+        return num
+
+    def final_u(self) -> np.ndarray:
+        if self._d is not None:
+            self.U, self._d = scale_chunk(self.U, self._d), None
+        return self.U
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop on sufficient statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def _fit_terms(ysq, YAt, AAt, XtX, X, C, YUt, UUt, AUt, d):
+    """``(‖Y − X(ΘA + DU)‖², ‖DU‖²)`` by the Gram identity from the pass-1 sums of U."""
+    YUt_d = YUt * d[None, :]
+    AUt_d = AUt * d[None, :]
+    UUt_d = UUt * np.outer(d, d)
+    CAUt = C @ AUt_d
+    YBt = YAt @ C.T + YUt_d
+    BBt = C @ AAt @ C.T + CAUt + CAUt.T + UUt_d
+    rss = ysq - 2.0 * float(np.sum(X * YBt)) + float(np.sum(XtX * BBt))
+    return max(rss, 0.0) if np.isfinite(rss) else rss, float(np.trace(UUt_d))
+
+
+def run_ecm(data, X: np.ndarray, C: np.ndarray, sigma2: float, tau2: float, opt: ECMOptions,
+            callback=None) -> ECMState:
+    """The ECM loops of spec §5.2–5.3 on a data backend (:class:`DenseECMData` or the blocked one).
+
+    ``callback()``, when given, is called at the start of each inner iteration (timing).
+    Returns the state with X and Θ; U stays in the backend (before basis reordering).
+    """
+    P, N = data.n_features, data.n_samples
+    ysq, YAt, AAt, YYt = data.ysq, data.YAt, data.AAt, data.YYt
     Q = opt.rank
     eye = np.eye(Q)
-    AAt = A @ A.T
-    Ypos = np.maximum(Y, 0.0)
-    C0 = C.copy() if opt.C_signed else np.maximum(C, EPS)
+    signed = opt.C_signed
+    C0 = C.copy() if signed else np.maximum(C, EPS)
     X, dsc = normalize_columns(np.maximum(X, EPS))
     C = C0 * dsc[:, None]
-    U = U * dsc[:, None]
-    st = ECMState(X=X, C=C, U=U, sigma2=sigma2, tau2=tau2)
+    st = ECMState(X=X, C=C, U=None, sigma2=sigma2, tau2=tau2)
     stop_all = False
+    rss = usq = np.nan
     for outer in range(1, opt.outer_maxit + 1):
         st.outer = outer
         st.sigma2, st.tau2 = clip_var(st.sigma2), clip_var(st.tau2)
@@ -168,46 +283,43 @@ def fit_ecm(Y: np.ndarray, A: np.ndarray, X: np.ndarray, C: np.ndarray, U: np.nd
         prev = np.inf
         for _inner in range(opt.inner_maxit):
             st.total_iter += 1
-            # 1. U step (no centring)
-            CA = C @ A
+            if callback is not None:
+                callback()
+            # 1. U step (no centring), on the blocks: returns the sums the X and Θ steps need
             L = cholesky_spd(X.T @ X + max(lam, LAMBDA_FLOOR) * eye)
-            U = ridge_solve(L, X.T @ (Y - X @ CA))
+            YBt, BBt, YUt, UUt, AUt = data.u_pass(X, C, L, signed)
             # 2. X step
-            B = CA + U
             pnum, pden = x_penalty_terms(X, opt.X_L2_ortho, opt.X_L2_smooth)
-            if opt.C_signed:
-                G = B @ B.T
+            if signed:
+                G = BBt
                 if opt.x_postvar:
                     G = G + N * clip_var(st.sigma2) * ridge_solve(L, eye)
-                YBt = Y @ B.T
                 num = np.maximum(YBt, 0) + X @ np.maximum(-G, 0) + pnum
                 den = np.maximum(-YBt, 0) + X @ np.maximum(G, 0) + pden
                 X = X * np.sqrt(safe_div(num, den))
             else:
-                Bp = np.maximum(B, 0.0)
-                X = X * safe_div(Ypos @ Bp.T + pnum, X @ (Bp @ Bp.T) + pden)
+                X = X * safe_div(YBt + pnum, X @ BBt + pden)
             X = np.maximum(X, EPS)
             X, dsc = normalize_columns(X)
             C = C * dsc[:, None]
-            U = U * dsc[:, None]
             X = np.maximum(X, EPS)
-            if not opt.C_signed:
-                C = np.maximum(C, EPS)
-            # 3. Θ step
-            if opt.C_signed:
-                C = _c_step_signed(X, Y, U, A, AAt, opt.C_L2)
+            XtX = X.T @ X
+            # 3. Θ step (U ← DU on the blocks)
+            if signed:
+                data.scale_u(dsc)
+                rhs = X.T @ YAt - XtX @ (AUt * dsc[None, :]).T
+                C = _c_step_signed_rhs(XtX, rhs, AAt, opt.C_L2)
             else:
-                num = X.T @ np.maximum(Ypos - X @ U, 0.0) @ A.T
-                C = np.maximum(C * safe_div(num, (X.T @ X) @ C @ AAt + opt.C_L2 * C), EPS)
+                C = np.maximum(C, EPS)
+                num = data.c_pass(X, dsc)
+                C = np.maximum(C * safe_div(num, XtX @ C @ AAt + opt.C_L2 * C), EPS)
             # 4. objective at fixed λ
-            R = Y - X @ (C @ A + U)
-            rss = float(np.sum(R * R))
-            obj = rss + lam * float(np.sum(U * U)) + x_penalty(X, opt.X_L2_ortho, opt.X_L2_smooth) \
-                + opt.C_L2 * float(np.sum(C * C))
+            rss, usq = _fit_terms(ysq, YAt, AAt, XtX, X, C, YUt, UUt, AUt, dsc)
+            obj = rss + lam * usq + x_penalty(X, opt.X_L2_ortho, opt.X_L2_smooth) + opt.C_L2 * float(np.sum(C * C))
             if st.total_iter <= opt.maxit:
                 st.objfunc_iter.append(obj)
                 st.rss_trace.append(rss)
-                st.nll_trace.append(marginal_nll(Y, X, C, A, st.sigma2, st.tau2))
+                st.nll_trace.append(marginal_nll_stats(ysq, YAt, AAt, YYt, X, C, N, st.sigma2, st.tau2))
             if not np.isfinite(obj):
                 st.stop_reason, st.converged, stop_all = "nonfinite_obj", False, True
                 break
@@ -215,16 +327,15 @@ def fit_ecm(Y: np.ndarray, A: np.ndarray, X: np.ndarray, C: np.ndarray, U: np.nd
             if st.rel < opt.epsilon or st.total_iter >= opt.maxit:
                 break
             prev = obj
-        st.X, st.C, st.U = X, C, U
+        st.X, st.C = X, C
         if stop_all:
             break
-        # EM M-steps with the current X (both use the old σ²)
-        R = Y - X @ (C @ A + U)
+        # EM M-steps with the current X (both use the old σ²); ‖R‖², ‖U‖² of the last iteration
         Minv = ridge_solve(cholesky_spd(X.T @ X + max(lam, LAMBDA_FLOOR) * eye), eye)
         trH = Q - lam * float(np.trace(Minv))
         s_old = st.sigma2
-        s_new = clip_var(float(np.mean(R * R)) + s_old * N * trH / (P * N))
-        t_new = clip_var(float(np.sum(U * U)) / (N * Q) + s_old * float(np.trace(Minv)) / Q)
+        s_new = clip_var(rss / (P * N) + s_old * N * trH / (P * N))
+        t_new = clip_var(usq / (N * Q) + s_old * float(np.trace(Minv)) / Q)
         if opt.sigma2_update:
             st.sigma2 = s_new
         if opt.tau2_update:
@@ -244,4 +355,31 @@ def fit_ecm(Y: np.ndarray, A: np.ndarray, X: np.ndarray, C: np.ndarray, U: np.nd
             break
     if st.stop_reason == "maxit" and not st.converged and st.outer >= opt.outer_maxit and st.total_iter < opt.maxit:
         st.stop_reason = "outer_maxit"
+    return st
+
+
+def fit_ecm(Y: np.ndarray, A: np.ndarray, X: np.ndarray, C: np.ndarray, U: np.ndarray, sigma2: float,
+            tau2: float, opt: ECMOptions) -> ECMState:
+    """Run the ECM loops of spec §5.2–5.3 in memory from the nmfkc start (X, C).
+
+    Parameters
+    ----------
+    Y : ndarray of shape (P, N)
+    A : ndarray of shape (K, N)
+    X : ndarray of shape (P, Q)
+    C : ndarray of shape (Q, K)
+    U : ndarray of shape (Q, N)
+        Accepted for symmetry with engine "cap"; the first U step replaces it (as upstream).
+    sigma2, tau2 : float
+        Starting variances.
+    opt : ECMOptions
+
+    Returns
+    -------
+    ECMState
+        Final X, C, U (before basis reordering), variances and traces.
+    """
+    data = DenseECMData(Y, A)
+    st = run_ecm(data, X, C, sigma2, tau2, opt)
+    st.U = data.final_u() if data.U is not None else np.asarray(U, dtype=float)
     return st
