@@ -22,8 +22,8 @@ Sections are declared as frozen dataclasses; the field's type annotation is the 
 
 ``doc``
     one line for ``dnmf validate --explain``;
-``min``, ``max``, ``min_open``
-    bounds of an int or float;
+``min``, ``max``, ``min_open``, ``max_open``
+    bounds of an int or float (closed unless ``*_open``);
 ``choices``
     allowed strings;
 ``exists``
@@ -157,7 +157,7 @@ def _bounds_text(kind: str, meta: Mapping) -> str:
         lo_s = "-inf" if lo is None else repr(float(lo))
         hi_s = "inf" if hi is None else repr(float(hi))
     left = "(" if lo is None or meta.get("min_open") else "["
-    right = ")" if hi is None else "]"
+    right = ")" if hi is None or meta.get("max_open") else "]"
     return f"{left}{lo_s}, {hi_s}{right}"
 
 
@@ -354,7 +354,7 @@ def _check_bounds(v, meta, key, expected, raw=None):
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (v < lo or (meta.get("min_open") and v == lo)):
         raise config_error(key, expected, v if raw is None else raw)
-    if hi is not None and v > hi:
+    if hi is not None and (v > hi or (meta.get("max_open") and v == hi)):
         raise config_error(key, expected, v if raw is None else raw)
 
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import numbers
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 import numpy as np
 from dask.sizeof import sizeof
 from threadpoolctl import threadpool_limits
 
-from ._validation import check_bool_pair, check_float, check_int, check_option, check_pair, param_error
+from ._validation import param_error
 from .engine.als import ALSOptions, fit_als
 from .engine.checkpoint import Checkpointer, fingerprint
 from .engine.executor import get_executor
@@ -26,15 +26,15 @@ from .exceptions import ConvergenceWarning, DnmfError, InputError
 from .io.blocks import CSCBlock
 from .kernels.nnls import SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT
 from .models import NMFModel
+from .params import INITS, NMF_PARAMS, SOLVER_NAMES
+from .params import validate as validate_params
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["nmf", "SOLVERS", "INITS", "default_block_nnz"]
+__all__ = ["nmf", "NMFFitRecord", "FitRecordView", "SOLVERS", "INITS", "default_block_nnz"]
 
-#: NNLS solver registry: name -> kernel code.
-SOLVERS = {"cd": SOLVER_CD, "cholesky": SOLVER_CHOLESKY, "exact": SOLVER_EXACT}
-#: Named initializations (a user matrix is accepted too).
-INITS = ("random", "svd", "lanczos", "irlba", "randomized")
+#: NNLS solver registry: name -> kernel code (the names are declared in :mod:`dnmf.params`).
+SOLVERS = dict(zip(SOLVER_NAMES, (SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT)))
 
 
 def _resolve_solver(solver: str, k: int, l1: tuple) -> str:
@@ -44,15 +44,13 @@ def _resolve_solver(solver: str, k: int, l1: tuple) -> str:
     return "cholesky" if k < 32 and l1 == (0.0, 0.0) else "cd"
 
 
-def _normalize_seed(seed) -> tuple[np.random.SeedSequence, int | None]:
+def _seed_sequence(seed) -> tuple[np.random.SeedSequence, int | None]:
+    """The fit's SeedSequence (fresh entropy for None) and the int seed given, if any (validated seed)."""
     if isinstance(seed, np.random.SeedSequence):
         return seed, None
     if seed is None:
-        ss = np.random.SeedSequence()
-        return ss, None
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0:
-        return np.random.SeedSequence(int(seed)), int(seed)
-    raise param_error("seed", "nmf", "None, a non-negative int or a numpy SeedSequence", seed)
+        return np.random.SeedSequence(), None
+    return np.random.SeedSequence(int(seed)), int(seed)
 
 
 #: Bounds of the default block size (stored entries per column block).
@@ -198,7 +196,7 @@ def _check_factors(w, d, h, *, iteration: int, L1: tuple, nonneg: tuple, norm: s
         f"{func}: {int(zero.sum())} of {k} factors are all zero (factor(s) {np.flatnonzero(zero).tolist()} have "
         f"a zero column of W or row of H); {knob}.",
         UserWarning,
-        stacklevel=4,  # _check_factors ← _nmf ← nmf ← the caller
+        stacklevel=5,  # _check_factors ← _build_model ← _nmf ← nmf ← the caller
     )
 
 
@@ -326,6 +324,9 @@ def nmf(
 ) -> NMFModel:
     """Non-negative matrix factorization ``A ≈ W · diag(d) · H`` by alternating NNLS.
 
+    The parameters after ``A`` are declared once, in :data:`dnmf.params.NMF_PARAMS` (types,
+    ranges, defaults; shared with :class:`dnmf.NMF` and the YAML ``model:`` section).
+
     Parameters
     ----------
     A : array-like of shape (m, n)
@@ -361,6 +362,10 @@ def nmf(
         (RcppML's default for k < 32 without L1; fast, not an exact NNLS); "cd" is coordinate
         descent with warm starts (``cd_maxit`` sweeps, tolerance ``cd_tol``); "exact" is an
         active-set solver. "auto" picks "cholesky" when k < 32 and L1 == 0, else "cd".
+    cd_maxit : int, default 100
+        Coordinate-descent sweeps per NNLS solve (``solver="cd"``).
+    cd_tol : float, default 1e-8
+        Coordinate-descent tolerance.
     patience : int, default 5
         Consecutive iterations below ``tol`` needed to stop.
     on_iteration : callable, optional
@@ -379,7 +384,10 @@ def nmf(
         matrix size and the workers' memory (lazy Zarr/h5ad inputs that do not fit stream).
     checkpoint : path, optional
         Zarr group where W, d, H and the loop state are saved every ``checkpoint_every``
-        iterations (and at the end). With ``resume=True`` the fit continues from it.
+        iterations (default 10, and at the end).
+    resume : bool, default False
+        Continue from ``checkpoint`` (requires it); a fit that stopped at ``maxit`` continues
+        when ``maxit`` is larger.
     verbose : bool
         Show one line per iteration (``nmf iter   12  loss 1.234e+05  rel 3.2e-05``) and a
         summary: the 'dnmf' logger's INFO records are shown on ``sys.stdout`` for the duration
@@ -389,7 +397,8 @@ def nmf(
     Returns
     -------
     NMFModel
-        ``w`` (m × k), ``d`` (k,), ``h`` (k × n) in A's float dtype and ``misc``: ``iter``,
+        ``w`` (m × k), ``d`` (k,), ``h`` (k × n) in A's float dtype and ``misc``, a read-only
+        mapping over the frozen :class:`NMFFitRecord` (``misc.record``): ``iter``,
         ``runtime``, ``loss`` (final SSE ‖A − W diag(d) H‖²), ``loss_history``,
         ``tol_history``, ``tol``, ``converged``, ``seed``, ``solver``, ``scale`` (the power of
         two A was multiplied by for the fit, 1.0 unless max|A| is outside
@@ -426,100 +435,210 @@ def nmf(
     >>> model.w.shape, model.h.shape
     ((100, 3), (3, 60))
     """
-    func = "nmf"
+    args = dict(locals())  # the arguments (no other local exists yet)
     with verbose_logging(verbose):
-        return _nmf(A, k, tol=tol, maxit=maxit, seed=seed, L1=L1, L2=L2, nonneg=nonneg, norm=norm,
-                    sort_model=sort_model, init=init, solver=solver, cd_maxit=cd_maxit, cd_tol=cd_tol,
-                    patience=patience, on_iteration=on_iteration, client=client, block_nnz=block_nnz,
-                    out_of_core=out_of_core, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                    resume=resume, verbose=verbose, func=func)
+        return _nmf(args.pop("A"), args, "nmf")
 
 
-def _nmf(A, k, *, tol, maxit, seed, L1, L2, nonneg, norm, sort_model, init, solver, cd_maxit, cd_tol, patience,
-         on_iteration, client, block_nnz, out_of_core, checkpoint, checkpoint_every, resume, verbose,
-         func) -> NMFModel:
-    """The body of :func:`nmf` (validated arguments, then the fit and its finishing steps)."""
+# ---------------------------------------------------------------------------------------------
+# The steps of a fit: validate → plan blocks → initialize → fit → build the model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NMFFitRecord:
+    """What a fit of :func:`nmf` recorded besides the factors (``model.misc`` is a view of it).
+
+    Attributes
+    ----------
+    iter : int
+        Iterations completed.
+    runtime : float
+        Seconds from the call to the model.
+    loss : float
+        Final sum of squared errors ‖A − W diag(d) H‖² (NaN before the first iteration).
+    loss_history, tol_history : ndarray of shape (iter,)
+        Training loss and relative loss change of every iteration.
+    tol : float
+        The last relative loss change.
+    converged, stopped_by_callback : bool
+        Whether the fit stopped by ``tol``/``patience`` or because ``on_iteration`` raised
+        ``StopIteration``.
+    seed : int or None
+        The integer seed given (None for fresh entropy or a SeedSequence).
+    seed_entropy : int
+        The entropy of the SeedSequence the initialization was drawn from.
+    init, solver, norm : str
+        The initialization ("user" for a matrix), the NNLS solver "auto" chose, the norm.
+    L1, L2 : (float, float)
+        The penalties, as (W side, H side).
+    nonneg : (bool, bool)
+        Non-negativity of (W, H).
+    scale : float
+        The power of two A was multiplied by for the fit (:func:`data_scale`).
+    n_blocks : int
+        Column blocks of the fit.
+    out_of_core : bool
+        Whether blocks were streamed from disk in every iteration.
+    executor : {"distributed", "threads"}
+        Where the block tasks ran.
+    row_names, col_names : sequence of str or None
+        Names of A's rows and columns, when the input had them.
+    """
+
+    iter: int
+    runtime: float
+    loss: float
+    loss_history: np.ndarray
+    tol_history: np.ndarray
+    tol: float
+    converged: bool
+    stopped_by_callback: bool
+    seed: int | None
+    seed_entropy: Any
+    init: str
+    solver: str
+    norm: str
+    L1: tuple
+    L2: tuple
+    nonneg: tuple
+    scale: float
+    n_blocks: int
+    out_of_core: bool
+    executor: str
+    row_names: Any
+    col_names: Any
+
+
+class FitRecordView(Mapping):
+    """A read-only mapping over an :class:`NMFFitRecord`: ``model.misc["iter"]`` and friends.
+
+    ``record`` is the frozen record itself. ``dict(view)`` is a plain, mutable copy.
+    """
+
+    def __init__(self, record: NMFFitRecord):
+        self.record = record
+
+    def __getitem__(self, key: str):
+        if key in _RECORD_KEYS:
+            return getattr(self.record, key)
+        raise KeyError(key)
+
+    def __iter__(self):
+        return iter(_RECORD_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_RECORD_FIELDS)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self)!r})"
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(NMFFitRecord))
+_RECORD_KEYS = frozenset(_RECORD_FIELDS)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The data side of a fit, fixed before the loop: blocks, rank, solver, scale, executor."""
+
+    blocked: Any  # the BlockedMatrix of A
+    fit_blocked: Any  # the blocks the loop reads: A, or s·A (see data_scale)
+    summary: Any  # check_data's one pass over A (max, min, squared norm)
+    k: int
+    solver: str  # the resolved solver name
+    scale: float
+    executor: Any
+    stream: bool  # blocks read from disk in every iteration
+
+
+def _validate(values: dict, func: str) -> dict:
+    """Check every argument against :data:`dnmf.params.NMF_PARAMS` (plus the rules across them).
+
+    The rank and a user initial W are checked later, against the data.
+    """
+    opts = validate_params(NMF_PARAMS, values, func)
+    if opts["resume"] and opts["checkpoint"] is None:
+        raise param_error("resume", func, "False unless 'checkpoint' is given", opts["resume"])
+    return opts
+
+
+def _plan_blocks(A, opts: dict, func: str) -> _Plan:
+    """Read A into column blocks, check it once (NaN/Inf, negatives, rank), choose scale and streaming."""
     from .io import as_blocked
     from .io.validate import check_data, check_rank
 
-    t_start = time.perf_counter()
-    tol = check_float(tol, "tol", func, low=0.0)
-    maxit = check_int(maxit, "maxit", func, low=1)
-    # RcppML documents L1 in [0, 1): it is subtracted from the RHS of the normalized problem
-    L1 = check_pair(L1, "L1", func, low=0.0, high=1.0, high_open=True)
-    L2 = check_pair(L2, "L2", func, low=0.0)
-    nonneg = check_bool_pair(nonneg, "nonneg", func)
-    norm = check_option(norm, "norm", func, ("L1", "L2", "none"))
-    solver = check_option(solver, "solver", func, ("auto", *SOLVERS))
-    cd_maxit = check_int(cd_maxit, "cd_maxit", func, low=1)
-    cd_tol = check_float(cd_tol, "cd_tol", func, low=0.0)
-    patience = check_int(patience, "patience", func, low=1)
-    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", func, low=1)
-    if not isinstance(sort_model, (bool, np.bool_)):
-        raise param_error("sort_model", func, "a bool", sort_model)
-    if not isinstance(verbose, (bool, np.bool_, numbers.Integral)):
-        raise param_error("verbose", func, "a bool", verbose)
-    if on_iteration is not None and not callable(on_iteration):
-        raise param_error("on_iteration", func, "a callable or None", on_iteration)
-    if resume and checkpoint is None:
-        raise param_error("resume", func, "False unless 'checkpoint' is given", resume)
-    if block_nnz is not None:
-        block_nnz = check_int(block_nnz, "block_nnz", func, low=1)
-    seq, seed_int = _normalize_seed(seed)
-
-    blocked = as_blocked(A, block_nnz=block_nnz or default_block_nnz(A))
+    blocked = as_blocked(A, block_nnz=opts["block_nnz"] or default_block_nnz(A))
     summary = check_data(blocked, func=func)
     m, n = blocked.shape
     if not summary.max > 0:
         raise param_error("A", func, "a matrix with at least one positive entry", f"an all-zero {m} × {n} matrix",
                           described=True)
-    k = check_rank(k, (m, n), func)
-    solver_name = _resolve_solver(solver, k, L1)
+    k = check_rank(opts["k"], (m, n), func)
     # Out-of-range magnitudes (overflow of ‖A‖², or values swamped by the 1e-15 guards) are fit
     # as s·A with s a power of two; s·L1 keeps the problem the same, and d is divided by s.
     scale = data_scale(max(abs(summary.max), abs(summary.min)))
     if scale != 1.0:
         logger.info("%s: max|A| = %.3g is outside [%.3g, %.3g]; fitting %.17g·A (exact) and rescaling d", func,
                     summary.max, *SAFE_MAX_RANGE, scale)
-    fit_blocked = _scaled(blocked, scale)
-
-    executor = get_executor(client)
-    if out_of_core is None:
+    executor = get_executor(opts["client"])
+    if opts["out_of_core"] is None:
         stream = (not blocked.in_memory) and _block_bytes(blocked) > _available_memory(executor)
     else:
-        stream = bool(out_of_core) and not blocked.in_memory
-    opts = ALSOptions(k=k, tol=tol, maxit=maxit, L1=(L1[0] * scale, L1[1] * scale), L2=L2, nonneg=nonneg,
-                      norm=norm, solver=SOLVERS[solver_name], cd_maxit=cd_maxit, cd_tol=cd_tol, patience=patience,
-                      checkpoint_every=checkpoint_every)
+        stream = bool(opts["out_of_core"]) and not blocked.in_memory
+    return _Plan(blocked=blocked, fit_blocked=_scaled(blocked, scale), summary=summary, k=k,
+                 solver=_resolve_solver(opts["solver"], k, opts["L1"]), scale=scale, executor=executor,
+                 stream=stream)
 
-    # Initial W.
+
+def _initialize(plan: _Plan, opts: dict, seq: np.random.SeedSequence, func: str) -> tuple[np.ndarray, str]:
+    """The initial W (m × k) and the name of the initialization ("user" for a matrix).
+
+    "random" draws uniform [0, 1) entries; the SVD inits take ``|U|·√σ`` of a randomized
+    truncated SVD computed on the blocks (RcppML's convention).
+    """
+    m, k = plan.blocked.shape[0], plan.k
     init_seq, svd_seq = seq.spawn(2)
-    init_name = "random" if init is None else init
-    if isinstance(init_name, str):
-        init_name = check_option(init_name, "init", func, INITS)
-        if init_name == "random":
-            w0 = np.random.default_rng(init_seq).uniform(size=(m, k))
-        else:
-            u, sigma = truncated_svd(fit_blocked, k, executor, seed=svd_seq)
-            w0 = np.abs(u) * np.sqrt(sigma)[None, :]
-    else:
-        w0 = _check_init(init, m, k, nonneg[0], func)
-        init_name = "user"
+    init = opts["init"]
+    if init is None or isinstance(init, str):
+        name = init or "random"
+        if name == "random":
+            return np.random.default_rng(init_seq).uniform(size=(m, k)), name
+        u, sigma = truncated_svd(plan.fit_blocked, k, plan.executor, seed=svd_seq)
+        return np.abs(u) * np.sqrt(sigma)[None, :], name
+    return _check_init(init, m, k, opts["nonneg"][0], func), "user"
 
+
+def _als_options(plan: _Plan, opts: dict) -> ALSOptions:
+    """The engine's constants; L1 is scaled with A (see :func:`data_scale`)."""
+    L1 = opts["L1"]
+    return ALSOptions(k=plan.k, tol=opts["tol"], maxit=opts["maxit"], L1=(L1[0] * plan.scale, L1[1] * plan.scale),
+                      L2=opts["L2"], nonneg=opts["nonneg"], norm=opts["norm"], solver=SOLVERS[plan.solver],
+                      cd_maxit=opts["cd_maxit"], cd_tol=opts["cd_tol"], patience=opts["patience"],
+                      checkpoint_every=opts["checkpoint_every"])
+
+
+def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int | None, func: str):
+    """Run the ALS loop (resuming from the checkpoint when asked): ``(ALSState, H blocks)``.
+
+    The in-process executor is closed afterwards; a cluster is left as it was.
+    """
+    als = _als_options(plan, opts)
+    blocked = plan.blocked
     checkpointer = state = None
-    if checkpoint is not None:
-        fp = fingerprint((m, n), blocked.col_bounds,
-                         {**opts.__dict__, "init": init_name, "seed": seed_int, "w0": float(np.sum(w0))})
-        checkpointer = Checkpointer(os.fspath(checkpoint), fp, blocked.n_blocks)
-        if resume:
+    if opts["checkpoint"] is not None:
+        fp = fingerprint(blocked.shape, blocked.col_bounds,
+                         {**als.__dict__, "init": init_name, "seed": seed_int, "w0": float(np.sum(w0))})
+        checkpointer = Checkpointer(os.fspath(opts["checkpoint"]), fp, blocked.n_blocks)
+        if opts["resume"]:
             state = checkpointer.load()
             if state is not None:
-                logger.info("resuming from iteration %d (%s)", state.iteration, checkpoint)
+                logger.info("resuming from iteration %d (%s)", state.iteration, opts["checkpoint"])
 
-    loss_scale = 1.0 / scale / scale  # the loss of s·A is s² times the loss of A
-    callback = on_iteration
-    if verbose or scale != 1.0:
-        callback = _progress_callback(on_iteration, loss_scale, func)
+    callback = opts["on_iteration"]
+    if opts["verbose"] or plan.scale != 1.0:
+        callback = _progress_callback(callback, 1.0 / plan.scale / plan.scale, func)
+    executor = plan.executor
     # Block tasks already run in parallel (threads here, workers on a cluster, whose nannies set
     # OMP/OPENBLAS/MKL_NUM_THREADS=1): pin BLAS to one thread in-process so dense blocks do not
     # oversubscribe the cores (DESIGN §3).
@@ -527,57 +646,73 @@ def _nmf(A, k, *, tol, maxit, seed, L1, L2, nonneg, norm, sort_model, init, solv
                   if not executor.distributed and getattr(executor, "n_threads", 1) > 1 else contextlib.nullcontext())
     try:
         with blas_limit:
-            state, ht_blocks = fit_als(fit_blocked, w0, opts, executor,
-                                       sq_norm_a=summary.sq_norm if scale == 1.0 else None,
-                                       on_iteration=callback, checkpointer=checkpointer, state=state,
-                                       stream=stream)
+            return fit_als(plan.fit_blocked, w0, als, executor,
+                           sq_norm_a=plan.summary.sq_norm if plan.scale == 1.0 else None,
+                           on_iteration=callback, checkpointer=checkpointer, state=state, stream=plan.stream)
     finally:
         if not executor.distributed:
             executor.close()
 
+
+def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, seq: np.random.SeedSequence,
+                 seed_int: int | None, t_start: float, func: str) -> NMFModel:
+    """Check the factors, undo the scaling, sort, warn when not converged, and record the fit."""
     h = np.concatenate(ht_blocks, axis=0).T * state.h_scale[:, None]  # normalized Ĥ, k × n
     w, d = state.w, state.d
-    _check_factors(w, d, h, iteration=state.iteration, L1=L1, nonneg=nonneg, norm=norm, solver=solver_name, k=k,
-                   func=func)
-    d = d / scale
-    if sort_model:
+    _check_factors(w, d, h, iteration=state.iteration, L1=opts["L1"], nonneg=opts["nonneg"], norm=opts["norm"],
+                   solver=plan.solver, k=plan.k, func=func)
+    d = d / plan.scale
+    if opts["sort_model"]:
         order = np.argsort(-d, kind="stable")
         w, d, h = w[:, order], d[order], h[order]
-    out_dtype = np.float32 if np.dtype(blocked.dtype) == np.float32 else np.float64
     if not state.converged and not state.stopped_by_callback:
         warnings.warn(
-            f"{func} stopped at maxit={maxit} before the relative loss change stayed below tol={tol} for "
-            f"{patience} iterations. Increase maxit (currently {maxit}) or tol.",
+            f"{func} stopped at maxit={opts['maxit']} before the relative loss change stayed below "
+            f"tol={opts['tol']} for {opts['patience']} iterations. Increase maxit (currently {opts['maxit']}) or tol.",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=4,  # _build_model ← _nmf ← nmf ← the caller
         )
-    loss_history = np.asarray(state.loss_history) * loss_scale
-    misc = {
-        "iter": state.iteration,
-        "runtime": time.perf_counter() - t_start,
-        "loss": float(loss_history[-1]) if loss_history.size else float("nan"),
-        "loss_history": loss_history,
-        "tol_history": np.asarray(state.tol_history),
-        "tol": state.tol_history[-1] if state.tol_history else 0.0,
-        "converged": bool(state.converged),
-        "stopped_by_callback": bool(state.stopped_by_callback),
-        "seed": seed_int,
-        "seed_entropy": seq.entropy,
-        "init": init_name,
-        "solver": solver_name,
-        "norm": norm,
-        "L1": L1,
-        "L2": L2,
-        "nonneg": nonneg,
-        "scale": scale,
-        "n_blocks": blocked.n_blocks,
-        "out_of_core": stream,
-        "executor": "distributed" if executor.distributed else "threads",
-        "row_names": blocked.row_names,
-        "col_names": blocked.col_names,
-    }
+    loss_history = np.asarray(state.loss_history) * (1.0 / plan.scale / plan.scale)
+    blocked = plan.blocked
+    record = NMFFitRecord(
+        iter=state.iteration,
+        runtime=time.perf_counter() - t_start,
+        loss=float(loss_history[-1]) if loss_history.size else float("nan"),
+        loss_history=loss_history,
+        tol_history=np.asarray(state.tol_history),
+        tol=state.tol_history[-1] if state.tol_history else 0.0,
+        converged=bool(state.converged),
+        stopped_by_callback=bool(state.stopped_by_callback),
+        seed=seed_int,
+        seed_entropy=seq.entropy,
+        init=init_name,
+        solver=plan.solver,
+        norm=opts["norm"],
+        L1=opts["L1"],
+        L2=opts["L2"],
+        nonneg=opts["nonneg"],
+        scale=plan.scale,
+        n_blocks=blocked.n_blocks,
+        out_of_core=plan.stream,
+        executor="distributed" if plan.executor.distributed else "threads",
+        row_names=blocked.row_names,
+        col_names=blocked.col_names,
+    )
     logger.info("%s: %s after %d iteration(s), loss %.6e, %.2f s", func,
                 "converged" if state.converged else ("stopped by on_iteration" if state.stopped_by_callback
                                                      else "reached maxit"),
-                state.iteration, misc["loss"], misc["runtime"])
-    return NMFModel(w=w.astype(out_dtype), d=d.astype(out_dtype), h=h.astype(out_dtype), misc=misc)
+                record.iter, record.loss, record.runtime)
+    out_dtype = np.float32 if np.dtype(blocked.dtype) == np.float32 else np.float64
+    return NMFModel(w=w.astype(out_dtype), d=d.astype(out_dtype), h=h.astype(out_dtype), misc=FitRecordView(record))
+
+
+def _nmf(A, values: dict, func: str) -> NMFModel:
+    """The body of :func:`nmf`: its named steps, in order."""
+    t_start = time.perf_counter()
+    opts = _validate(values, func)
+    seq, seed_int = _seed_sequence(opts["seed"])
+    plan = _plan_blocks(A, opts, func)
+    w0, init_name = _initialize(plan, opts, seq, func)
+    state, ht_blocks = _fit(plan, opts, w0, init_name, seed_int, func)
+    return _build_model(plan, opts, state, ht_blocks, init_name=init_name, seq=seq, seed_int=seed_int,
+                        t_start=t_start, func=func)

@@ -13,7 +13,6 @@ Xᵀ without a copy) to :func:`dnmf.nmf`. With the fitted ``A ≈ W·diag(d)·H`
 from __future__ import annotations
 
 import numbers
-from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,6 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._validation import param_error
 from .exceptions import InputError
 from .models import NMFModel
+from .params import NMF_PARAMS, estimator_init, estimator_kwargs, estimator_names
 
 __all__ = ["NMF"]
 
@@ -54,7 +54,7 @@ def _check_non_negative(X, func: str, *, need_positive: bool = False) -> None:
 
 
 #: Names of :func:`dnmf.nmf`'s parameters in the estimator's dialect (the others are shared).
-_NMF_NAMES = {"A": "X", "k": "n_components", "maxit": "max_iter", "seed": "random_state"}
+_NMF_NAMES = {"A": "X", **estimator_names(NMF_PARAMS)}
 
 
 class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -62,6 +62,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     Fits ``Xᵀ ≈ W·diag(d)·H`` with :func:`dnmf.nmf` (RcppML 1.0 semantics: alternating NNLS with
     diagonal scaling) and exposes it the way :class:`sklearn.decomposition.NMF` does.
+
+    The parameters are :func:`dnmf.nmf`'s (declared once in :data:`dnmf.params.NMF_PARAMS`),
+    with scikit-learn's names where it has one: ``n_components`` (k), ``max_iter`` (maxit),
+    ``random_state`` (seed).
 
     Parameters
     ----------
@@ -73,9 +77,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Maximum alternating iterations (``maxit`` of :func:`dnmf.nmf`).
     random_state : int, RandomState, Generator or None, default None
         Seed of the initialization; an int is passed to :func:`dnmf.nmf` as ``seed``.
-    L1, L2 : float or (float, float), default 0
+    L1, L2 : float or (float, float), default (0.0, 0.0)
         Lasso / ridge penalties as (W side, H side); W is ``components_ᵀ``, H the sample side.
-    nonneg : bool or (bool, bool), default True
+        L1 is in [0, 1).
+    nonneg : bool or (bool, bool), default (True, True)
         Non-negativity of (W, H).
     norm : {"L1", "L2", "none"}, default "L1"
         Norm of W's columns (rows of ``components_``) and H's rows; the scale goes to ``d``.
@@ -122,38 +127,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     ((60, 3), (3, 100))
     """
 
-    def __init__(
-        self,
-        n_components: int | None = None,
-        *,
-        tol: float = 1e-4,
-        max_iter: int = 100,
-        random_state: Any = None,
-        L1: float | tuple = 0.0,
-        L2: float | tuple = 0.0,
-        nonneg: bool | tuple = True,
-        norm: str = "L1",
-        init: Any = None,
-        solver: str = "auto",
-        patience: int = 5,
-        client: Any = None,
-        block_nnz: int | None = None,
-        verbose: bool = False,
-    ):
-        self.n_components = n_components
-        self.tol = tol
-        self.max_iter = max_iter
-        self.random_state = random_state
-        self.L1 = L1
-        self.L2 = L2
-        self.nonneg = nonneg
-        self.norm = norm
-        self.init = init
-        self.solver = solver
-        self.patience = patience
-        self.client = client
-        self.block_nnz = block_nnz
-        self.verbose = verbose
+    #: ``__init__(self, n_components=None, *, tol=1e-4, max_iter=100, ...)``, built from
+    #: :data:`dnmf.params.NMF_PARAMS`: it stores every parameter unchanged (``fit`` validates).
+    __init__ = estimator_init(NMF_PARAMS)
 
     # -- scikit-learn protocol ---------------------------------------------------------------
 
@@ -242,12 +218,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         X = _validate(self, X, reset=True)
         _check_non_negative(X, func, need_positive=True)
         k = self._rank(*X.shape)
+        kwargs = {**estimator_kwargs(NMF_PARAMS, self), "seed": self._seed()}
         try:
-            model = nmf(
-                X.T, k, tol=self.tol, maxit=self.max_iter, seed=self._seed(), L1=self.L1, L2=self.L2,
-                nonneg=self.nonneg, norm=self.norm, init=self.init, solver=self.solver, patience=self.patience,
-                client=self.client, block_nnz=self.block_nnz, verbose=self.verbose,
-            )
+            model = nmf(X.T, k, **kwargs)
         except InputError as e:
             # re-issue a parameter error of nmf with the estimator's names ('max_iter', not 'maxit')
             name = getattr(e, "parameter", None)

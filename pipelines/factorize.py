@@ -14,7 +14,8 @@ Config sections::
                                # with target_sum=1e4 followed by log1p)
     model: {k: 10, tol: 1e-4, maxit: 100, seed: null, L1: [0, 0], L2: [0, 0], norm: L1, ...}
 
-``model`` defaults are :func:`dnmf.nmf`'s own (read from its signature, so they cannot drift):
+``model`` is declared once, in :data:`dnmf.params.NMF_PARAMS` (with :func:`dnmf.nmf`'s
+defaults, ranges and doc lines; ``init: random`` is nmf's None, ``out_of_core: auto`` its None):
 ``seed: null`` draws fresh entropy (recorded in the run), ``block_nnz: null`` lets the library
 choose the blocking from the data (:func:`dnmf.core.default_block_nnz`).
 
@@ -30,7 +31,6 @@ the input).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import warnings
@@ -43,6 +43,7 @@ import numpy as np
 import dnmf
 import dnmf.datasets
 import dnmf.io
+import dnmf.params
 from dnmf.core import default_block_nnz
 
 #: Bytes per stored entry of a block at the very least (float32 values).
@@ -55,11 +56,6 @@ NORMALIZATIONS = ("none", "log1p", "cp10k_log1p")
 
 #: Total per sample after ``cp10k_log1p``'s library-size scaling (counts per 10,000).
 CP10K_TARGET_SUM = 1e4
-
-#: Defaults of :func:`dnmf.nmf`: the model section's defaults are read from here, never copied.
-NMF_DEFAULTS = {p.name: p.default for p in inspect.signature(dnmf.nmf).parameters.values()
-                if p.default is not inspect.Parameter.empty}
-
 
 def _meta(doc: str, **kw) -> dict:
     return {"doc": doc, **kw}
@@ -127,48 +123,25 @@ class FactorizeInput:
             yield ("", "a mapping with exactly one of 'dataset', 'path' or 'synthetic' (with 'path')", {})
 
 
-@dataclass(frozen=True)
-class FactorizeModel:
-    """``model:`` of the factorize pipeline (the arguments of :func:`dnmf.nmf`, with its defaults)."""
+def _min_worker_memory(self) -> tuple[int, str]:
+    """Memory one block needs at the very least (the config rejects smaller worker limits)."""
+    if self.block_nnz is None:
+        # the library's default for a matrix of unknown size is its lower bound
+        least = default_block_nnz(None)
+        return (least * MIN_BYTES_PER_ENTRY,
+                f"model.block_nnz = null: the library's default is at least {least} stored entries "
+                f"× {MIN_BYTES_PER_ENTRY} bytes; set a smaller model.block_nnz or raise the limit")
+    return (self.block_nnz * MIN_BYTES_PER_ENTRY,
+            f"model.block_nnz = {self.block_nnz} stored entries × {MIN_BYTES_PER_ENTRY} bytes at least; "
+            "lower model.block_nnz or raise the limit")
 
-    k: int = field(metadata=_meta("rank", min=1))
-    tol: float = field(default=NMF_DEFAULTS["tol"], metadata=_meta("relative loss change that stops the fit",
-                                                                    min=0.0))
-    maxit: int = field(default=NMF_DEFAULTS["maxit"], metadata=_meta("maximum iterations", min=1))
-    seed: int | None = field(default=NMF_DEFAULTS["seed"], metadata=_meta(
-        "seed of the initialization (null: fresh entropy, recorded in the run)", min=0))
-    L1: tuple[float, float] = field(default=NMF_DEFAULTS["L1"], metadata=_meta("lasso penalty (W side, H side)",
-                                                                                min=0.0, pair=True))
-    L2: tuple[float, float] = field(default=NMF_DEFAULTS["L2"], metadata=_meta("ridge penalty (W side, H side)",
-                                                                                min=0.0, pair=True))
-    nonneg: tuple[bool, bool] = field(default=NMF_DEFAULTS["nonneg"], metadata=_meta("non-negativity of (W, H)",
-                                                                                      pair=True))
-    norm: Literal["L1", "L2", "none"] = field(default=NMF_DEFAULTS["norm"], metadata=_meta(
-        "norm of W's columns and H's rows"))
-    sort_model: bool = field(default=NMF_DEFAULTS["sort_model"], metadata=_meta("sort factors by decreasing d"))
-    init: Literal["random", "svd", "lanczos", "irlba", "randomized"] = field(
-        default="random", metadata=_meta("initial W"))  # nmf's None means "random"
-    solver: Literal["auto", "cholesky", "cd", "exact"] = field(default=NMF_DEFAULTS["solver"],
-                                                               metadata=_meta("NNLS solver"))
-    patience: int = field(default=NMF_DEFAULTS["patience"], metadata=_meta("iterations below tol needed to stop",
-                                                                           min=1))
-    block_nnz: int | None = field(default=NMF_DEFAULTS["block_nnz"], metadata=_meta(
-        "target stored entries per column block (null: the library's default, about nnz / 8 "
-        "within [1 M, 8 M])", min=1))
-    out_of_core: Literal["auto"] | bool = field(default="auto", metadata=_meta(
-        "stream blocks from disk every iteration (auto: when the matrix does not fit the workers)"))
 
-    def min_worker_memory(self) -> tuple[int, str]:
-        """Memory one block needs at the very least (the config rejects smaller worker limits)."""
-        if self.block_nnz is None:
-            # the library's default for a matrix of unknown size is its lower bound
-            least = default_block_nnz(None)
-            return (least * MIN_BYTES_PER_ENTRY,
-                    f"model.block_nnz = null: the library's default is at least {least} stored entries "
-                    f"× {MIN_BYTES_PER_ENTRY} bytes; set a smaller model.block_nnz or raise the limit")
-        return (self.block_nnz * MIN_BYTES_PER_ENTRY,
-                f"model.block_nnz = {self.block_nnz} stored entries × {MIN_BYTES_PER_ENTRY} bytes at least; "
-                "lower model.block_nnz or raise the limit")
+#: ``model:`` of the factorize pipeline: the YAML parameters of :data:`dnmf.params.NMF_PARAMS`
+#: (names, types, ranges, defaults and doc lines declared once there, shared with ``nmf``).
+FactorizeModel = dnmf.params.config_section(
+    dnmf.params.NMF_PARAMS, "FactorizeModel", module=__name__,
+    doc="``model:`` of the factorize pipeline (the arguments of :func:`dnmf.nmf`, with its defaults).",
+    namespace={"min_worker_memory": _min_worker_memory})
 
 
 SECTIONS = {"input": FactorizeInput, "model": FactorizeModel}
@@ -547,12 +520,9 @@ def _fit(A, cfg: FactorizeModel, job):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", dnmf.ConvergenceWarning)
         model = dnmf.nmf(
-            A, cfg.k, tol=cfg.tol, maxit=cfg.maxit, seed=seed, L1=cfg.L1, L2=cfg.L2, nonneg=cfg.nonneg,
-            norm=cfg.norm, sort_model=cfg.sort_model, init=cfg.init, solver=cfg.solver, patience=cfg.patience,
-            client=job.client, block_nnz=cfg.block_nnz,
-            out_of_core=None if cfg.out_of_core == "auto" else cfg.out_of_core,
-            checkpoint=job.checkpoint_path("nmf"), checkpoint_every=job.checkpoint_every, resume=job.resume,
-            on_iteration=job.iteration_callback(bar),
+            A, **{**dnmf.params.config_kwargs(dnmf.params.NMF_PARAMS, cfg), "seed": seed},
+            client=job.client, checkpoint=job.checkpoint_path("nmf"), checkpoint_every=job.checkpoint_every,
+            resume=job.resume, on_iteration=job.iteration_callback(bar),
         )
     misc = model.misc
     bar.close(f"loss {misc['loss']:.6g}, {'converged' if misc['converged'] else 'not converged'}")

@@ -145,7 +145,7 @@ def test_unknown_key_carries_its_parts(workdir):
     ("model=3", "The config key 'model' must be a mapping with keys 'k', 'tol', 'maxit', 'seed', 'L1', 'L2', "
                 "'nonneg', 'norm', 'sort_model', 'init', 'solver', 'patience', 'block_nnz', 'out_of_core'. "
                 "Got 3 instead."),
-    ("model.L1=[0.1]", "The config key 'model.L1' must be a float in [0.0, inf) or a list of two such values "
+    ("model.L1=[0.1]", "The config key 'model.L1' must be a float in [0.0, 1.0) or a list of two such values "
                        "[W side, H side]. Got [0.1] instead."),
     ("cluster.memory_limit=lots", "The config key 'cluster.memory_limit' must be a memory size (an int number of "
                                   "bytes or a string such as '4 GiB') or 'auto'. Got 'lots' instead."),
@@ -339,12 +339,13 @@ def test_explain_lists_every_key_with_its_default():
 # ---------------------------------------------------------------------------------------------
 
 _pos_float = st.floats(min_value=0.0, max_value=1e3, allow_nan=False)
+_l1 = st.floats(min_value=0.0, max_value=1.0, exclude_max=True, allow_nan=False)  # nmf's (RcppML's) [0, 1)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     k=st.integers(1, 200), tol=_pos_float, maxit=st.integers(1, 10_000), seed=st.integers(0, 2**32),
-    l1=st.one_of(_pos_float, st.tuples(_pos_float, _pos_float)), norm=st.sampled_from(["L1", "L2", "none"]),
+    l1=st.one_of(_l1, st.tuples(_l1, _l1)), norm=st.sampled_from(["L1", "L2", "none"]),
     ooc=st.sampled_from(["auto", True, False]),
     cluster=st.one_of(
         st.builds(dict, kind=st.just("local"), n_workers=st.one_of(st.none(), st.integers(1, 64)),

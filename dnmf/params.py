@@ -1,0 +1,432 @@
+"""Each parameter of :func:`dnmf.nmf` declared once (CONVENTIONS §9).
+
+:data:`NMF_PARAMS` is the table: name, constraint, default, one doc line, the name in the
+scikit-learn dialect and whether the YAML ``model:`` section has it. Everything else is derived
+from it, so the copies cannot drift:
+
+* :func:`dnmf.nmf` validates its arguments with :func:`validate` (one message template, "The
+  'tol' parameter of nmf must be a float in [0.0, inf). Got -1 instead."); a test checks that
+  its signature is :func:`signature` of the table;
+* :class:`dnmf.NMF`'s ``__init__`` is :func:`estimator_init` of the table (sklearn names such as
+  ``max_iter`` and ``random_state``), and it forwards every parameter with
+  :func:`estimator_kwargs`;
+* the factorize pipeline's ``model:`` section is :func:`config_section` of the table (a frozen
+  dataclass whose field metadata :mod:`dnmf.config` reads: ``dnmf validate --explain`` shows
+  the same doc lines), and it calls ``nmf`` with :func:`config_kwargs`.
+
+Adding an option to ``nmf`` is adding one :class:`Param` here, the argument to ``nmf``'s
+signature (a test fails until it is there) and its use in the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import numbers
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import numpy as np
+
+from ._validation import check_bool_pair, check_float, check_int, check_option, check_pair, param_error
+
+__all__ = [
+    "Param",
+    "Interval",
+    "Pair",
+    "BoolPair",
+    "Options",
+    "Flag",
+    "Check",
+    "NMF_PARAMS",
+    "INITS",
+    "SOLVER_NAMES",
+    "REQUIRED",
+    "validate",
+    "signature",
+    "estimator_init",
+    "estimator_kwargs",
+    "config_section",
+    "config_kwargs",
+]
+
+
+class _Required:
+    """The default of a parameter that has none (``k``)."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+#: Default of a required parameter.
+REQUIRED = _Required()
+#: "Same as the parameter's own" for the per-dialect overrides of :class:`Param`.
+_SAME = object()
+
+#: Named initializations of W (a user matrix is accepted too).
+INITS = ("random", "svd", "lanczos", "irlba", "randomized")
+#: NNLS solvers (``"auto"`` picks one of them; see :func:`dnmf.core.nmf`).
+SOLVER_NAMES = ("cd", "cholesky", "exact")
+
+
+# ---------------------------------------------------------------------------------------------
+# Constraints: a check (the library's message template) and the YAML schema of the same rule
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An int or a finite float in an interval (``None`` bound: unbounded).
+
+    ``optional`` also accepts None (YAML ``null``).
+    """
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+
+    def check(self, value, name: str, func: str):
+        if value is None and self.optional:
+            return None
+        if self.kind is int:
+            return check_int(value, name, func, low=self.low, high=self.high)
+        return check_float(value, name, func, low=self.low, high=self.high, low_open=self.low_open,
+                           high_open=self.high_open)
+
+    def annotation(self):
+        return self.kind | None if self.optional else self.kind
+
+    def meta(self) -> dict:
+        out = {}
+        if self.low is not None:
+            out.update(min=self.low, min_open=self.low_open)
+        if self.high is not None:
+            out.update(max=self.high, max_open=self.high_open)
+        return out
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A (W side, H side) pair of floats in [low, high) or [low, high]; a scalar is recycled."""
+
+    low: float = 0.0
+    high: float | None = None
+    high_open: bool = False
+
+    def check(self, value, name: str, func: str):
+        return check_pair(value, name, func, low=self.low, high=self.high, high_open=self.high_open)
+
+    def annotation(self):
+        return tuple[float, float]
+
+    def meta(self) -> dict:
+        out = {"pair": True, "min": self.low}
+        if self.high is not None:
+            out.update(max=self.high, max_open=self.high_open)
+        return out
+
+
+@dataclass(frozen=True)
+class BoolPair:
+    """A (W side, H side) pair of bools; a scalar is recycled."""
+
+    def check(self, value, name: str, func: str):
+        return check_bool_pair(value, name, func)
+
+    def annotation(self):
+        return tuple[bool, bool]
+
+    def meta(self) -> dict:
+        return {"pair": True}
+
+
+@dataclass(frozen=True)
+class Options:
+    """One of a fixed set of strings (the error lists them)."""
+
+    options: tuple[str, ...]
+
+    def check(self, value, name: str, func: str):
+        return check_option(value, name, func, self.options)
+
+    def annotation(self):
+        return Literal[self.options]
+
+    def meta(self) -> dict:
+        return {}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A bool (numpy bools too); ``integers`` also accepts an int (``verbose=1``)."""
+
+    integers: bool = False
+
+    def check(self, value, name: str, func: str):
+        allowed = (bool, np.bool_, numbers.Integral) if self.integers else (bool, np.bool_)
+        if not isinstance(value, allowed):
+            raise param_error(name, func, "a bool", value)
+        return value
+
+    def annotation(self):
+        return bool
+
+    def meta(self) -> dict:
+        return {}
+
+
+@dataclass(frozen=True)
+class Check:
+    """A rule written as a function ``check(value, name, func) -> value`` (raising InputError).
+
+    ``yaml`` is the annotation of the YAML field (with ``yaml_meta``) when the parameter is in
+    the config section; ``check=None`` means the function checks it itself, where the data is
+    known (the rank ``k``, a user initial W).
+    """
+
+    check_fn: Callable | None = None
+    yaml: Any = None
+    yaml_meta: Mapping = field(default_factory=dict)
+
+    def check(self, value, name: str, func: str):
+        return value if self.check_fn is None else self.check_fn(value, name, func)
+
+    def annotation(self):
+        return self.yaml
+
+    def meta(self) -> dict:
+        return dict(self.yaml_meta)
+
+
+def _check_seed(value, name: str, func: str):
+    if value is None or isinstance(value, np.random.SeedSequence):
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    raise param_error(name, func, "None, a non-negative int or a numpy SeedSequence", value)
+
+
+def _check_init(value, name: str, func: str):
+    if isinstance(value, str):
+        return check_option(value, name, func, INITS)
+    return value  # None, or a matrix checked against A's shape by nmf
+
+
+def _check_callback(value, name: str, func: str):
+    if value is not None and not callable(value):
+        raise param_error(name, func, "a callable or None", value)
+    return value
+
+
+def _check_path(value, name: str, func: str):
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise param_error(name, func, "None or a path (str or os.PathLike)", value)
+    return value
+
+
+def _check_out_of_core(value, name: str, func: str):
+    if value is not None and not isinstance(value, (bool, np.bool_)):
+        raise param_error(name, func, "None or a bool", value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The declaration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a public function, as every dialect sees it.
+
+    Attributes
+    ----------
+    name : str
+        The name in :func:`dnmf.nmf` (RcppML dialect) and in the YAML ``model:`` section.
+    constraint : Interval, Pair, BoolPair, Options, Flag or Check
+        What values are valid (and the YAML type of the same rule).
+    default : object
+        Default value; :data:`REQUIRED` for none.
+    doc : str
+        One line, shown by ``dnmf validate --explain``.
+    alias : str or None
+        The name in the scikit-learn dialect (:class:`dnmf.NMF`) when it differs.
+    estimator : bool
+        Whether :class:`dnmf.NMF` has the parameter.
+    estimator_default : object
+        The estimator's default when it differs (``n_components=None``).
+    config : bool
+        Whether the YAML ``model:`` section has the parameter.
+    config_default : object
+        The YAML default when it differs (``init: random`` for nmf's None).
+    from_config : callable or None
+        Maps the YAML value to nmf's argument (``out_of_core: auto`` → None).
+    """
+
+    name: str
+    constraint: Any
+    default: Any = REQUIRED
+    doc: str = ""
+    alias: str | None = None
+    estimator: bool = True
+    estimator_default: Any = _SAME
+    config: bool = True
+    config_default: Any = _SAME
+    from_config: Callable | None = None
+
+    @property
+    def estimator_name(self) -> str:
+        return self.alias or self.name
+
+    def check(self, value, func: str):
+        """``value`` normalized (pairs become tuples), or the InputError of the template."""
+        return self.constraint.check(value, self.name, func)
+
+
+#: The parameters of :func:`dnmf.nmf` after ``A``, in signature order.
+NMF_PARAMS: tuple[Param, ...] = (
+    Param("k", Check(None, int, {"min": 1}), doc="rank", alias="n_components", estimator_default=None),
+    Param("tol", Interval(float, low=0.0), 1e-4, "relative loss change that stops the fit"),
+    Param("maxit", Interval(int, low=1), 100, "maximum iterations", alias="max_iter"),
+    Param("seed", Check(_check_seed, int | None, {"min": 0}), None,
+          "seed of the initialization (null: fresh entropy, recorded in the run)", alias="random_state"),
+    # RcppML documents L1 in [0, 1): it is subtracted from the RHS of the normalized problem
+    Param("L1", Pair(0.0, 1.0, high_open=True), (0.0, 0.0), "lasso penalty (W side, H side)"),
+    Param("L2", Pair(0.0), (0.0, 0.0), "ridge penalty (W side, H side)"),
+    Param("nonneg", BoolPair(), (True, True), "non-negativity of (W, H)"),
+    Param("norm", Options(("L1", "L2", "none")), "L1", "norm of W's columns and H's rows"),
+    Param("sort_model", Flag(), True, "sort factors by decreasing d", estimator=False),
+    Param("init", Check(_check_init, Literal[INITS]), None, "initial W", config_default="random"),
+    Param("solver", Options(("auto", *SOLVER_NAMES)), "auto", "NNLS solver"),
+    Param("cd_maxit", Interval(int, low=1), 100, "coordinate-descent sweeps per NNLS solve", estimator=False,
+          config=False),
+    Param("cd_tol", Interval(float, low=0.0), 1e-8, "coordinate-descent tolerance", estimator=False,
+          config=False),
+    Param("patience", Interval(int, low=1), 5, "iterations below tol needed to stop"),
+    Param("on_iteration", Check(_check_callback), None, "called with each iteration's record", estimator=False,
+          config=False),
+    Param("client", Check(), None, "Dask client (None: the active one, else threads; False: threads)",
+          config=False),
+    Param("block_nnz", Interval(int, low=1, optional=True), None,
+          "target stored entries per column block (null: the library's default, about nnz / 8 "
+          "within [1 M, 8 M])"),
+    Param("out_of_core", Check(_check_out_of_core, Literal["auto"] | bool), None,
+          "stream blocks from disk every iteration (auto: when the matrix does not fit the workers)",
+          estimator=False, config_default="auto", from_config=lambda v: None if v == "auto" else v),
+    Param("checkpoint", Check(_check_path), None, "Zarr group of the checkpoints", estimator=False, config=False),
+    Param("checkpoint_every", Interval(int, low=1), 10, "iterations between checkpoints", estimator=False,
+          config=False),
+    Param("resume", Flag(integers=True), False, "continue from the checkpoint", estimator=False, config=False),
+    Param("verbose", Flag(integers=True), False, "one line per iteration on stdout", config=False),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# What is derived from a table
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(spec: Sequence[Param], values: Mapping[str, Any], func: str) -> dict:
+    """Check ``values`` (name → value, every parameter of ``spec``) and return them normalized.
+
+    Parameters are checked in table order with the library's message template; a parameter
+    whose constraint is ``Check(None, ...)`` is passed through (its function checks it against
+    the data).
+    """
+    return {p.name: p.check(values[p.name], func) for p in spec}
+
+
+def signature(spec: Sequence[Param], *, first: Sequence[str] = ("A",)) -> inspect.Signature:
+    """The signature of the function over ``spec``: ``first`` and required parameters positional,
+    the others keyword-only with their defaults (annotations are not compared)."""
+    pos = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(name, pos) for name in first]
+    for p in spec:
+        if p.default is REQUIRED:
+            params.append(inspect.Parameter(p.name, pos))
+        else:
+            params.append(inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default))
+    return inspect.Signature(params)
+
+
+def _estimator_default(p: Param):
+    return p.default if p.estimator_default is _SAME else p.estimator_default
+
+
+def estimator_signature(spec: Sequence[Param]) -> inspect.Signature:
+    """``__init__(self, n_components=None, *, tol=..., ...)`` in the scikit-learn dialect."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for i, p in enumerate(q for q in spec if q.estimator):
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if i == 0 else inspect.Parameter.KEYWORD_ONLY
+        params.append(inspect.Parameter(p.estimator_name, kind, default=_estimator_default(p)))
+    return inspect.Signature(params)
+
+
+def estimator_init(spec: Sequence[Param]) -> Callable:
+    """An ``__init__`` storing every estimator parameter of ``spec`` unchanged (scikit-learn's rule).
+
+    Its ``__signature__`` is :func:`estimator_signature`, which ``get_params`` reads.
+    """
+    sig = estimator_signature(spec)
+
+    def __init__(self, *args, **kwargs):
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        for name, value in list(bound.arguments.items())[1:]:
+            setattr(self, name, value)
+
+    __init__.__signature__ = sig
+    __init__.__doc__ = "Store the parameters unchanged (they are validated by ``fit``)."
+    return __init__
+
+
+def estimator_kwargs(spec: Sequence[Param], estimator) -> dict:
+    """``nmf``'s keyword arguments (RcppML names) from an estimator's parameters."""
+    return {p.name: getattr(estimator, p.estimator_name) for p in spec if p.estimator and p.default is not REQUIRED}
+
+
+def estimator_names(spec: Sequence[Param]) -> dict:
+    """``{nmf name: estimator name}`` for the parameters whose names differ."""
+    return {p.name: p.alias for p in spec if p.alias}
+
+
+def _freeze(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def config_section(spec: Sequence[Param], cls_name: str, *, doc: str = "", namespace: Mapping | None = None,
+                   module: str | None = None) -> type:
+    """A frozen dataclass with one field per YAML parameter of ``spec`` (the config's schema).
+
+    Field annotations and ``metadata`` (``doc``, ``min``, ``max``, ``min_open``, ``max_open``,
+    ``pair``) are those :mod:`dnmf.config` reads; ``namespace`` adds methods.
+    """
+    fields = []
+    for p in spec:
+        if not p.config:
+            continue
+        meta = {"doc": p.doc, **p.constraint.meta()}
+        default = p.default if p.config_default is _SAME else p.config_default
+        if default is REQUIRED:
+            fields.append((p.name, p.constraint.annotation(), field(metadata=meta)))
+        else:
+            fields.append((p.name, p.constraint.annotation(), field(default=_freeze(default), metadata=meta)))
+    cls = dataclasses.make_dataclass(cls_name, fields, frozen=True, namespace=dict(namespace or {}))
+    cls.__doc__ = doc or cls.__doc__
+    if module is not None:
+        cls.__module__ = module
+    return cls
+
+
+def config_kwargs(spec: Sequence[Param], section) -> dict:
+    """``nmf``'s arguments from a config section built by :func:`config_section` (YAML → RcppML)."""
+    out = {}
+    for p in spec:
+        if p.config:
+            value = getattr(section, p.name)
+            out[p.name] = p.from_config(value) if p.from_config else value
+    return out
