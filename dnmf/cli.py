@@ -78,8 +78,9 @@ example:
 """
 
 INFO_HELP = """\
-Show what a run wrote: status (running / complete), pipeline, times, seeds, package
-versions, every array and table in the store, and the files beside it.
+Show what a run wrote: status (running, failed, interrupted or complete; the error of a
+failed or interrupted run), pipeline, times, seeds, package versions, every array and table
+in the store, a kept checkpoint, and the files beside it.
 """
 
 
@@ -345,12 +346,19 @@ def cmd_info(args) -> int:
         print(meta.get("config_yaml", ""), end="")
         return 0
     status = meta.get("status")
-    state = "complete" if status == "complete" else f"{status} — not complete (interrupted or still running; " \
-                                                   "`dnmf run CONFIG --resume` continues it)"
+    complete = store.is_complete
+    if complete:
+        state = "complete"
+    elif status in ("failed", "interrupted"):
+        state = (f"{status} — not complete (`dnmf run CONFIG --resume` continues it from its checkpoint, "
+                 "or starts it again when it has none)")
+    else:
+        state = f"{status} — not complete (interrupted or still running; `dnmf run CONFIG --resume` continues it)"
     lines = [
         f"run:       {meta.get('name')} ({meta.get('pipeline')} pipeline)",
         f"store:     {path}",
         f"status:    {state}",
+        *([f"error:     {meta['error']}"] if not complete and meta.get("error") else []),
         f"started:   {meta.get('started')}" + (f"   finished: {meta['finished']}" if meta.get("finished") else ""),
     ]
     if meta.get("runtime") is not None:
@@ -369,9 +377,14 @@ def cmd_info(args) -> int:
         if key.startswith("checkpoint/"):
             continue
         lines.append(f"  {key:28s} {desc}")
-    ckpt = store.checkpoint_iteration("nmf")
-    if ckpt is not None:
-        lines.append(f"checkpoint: nmf at iteration {ckpt}")
+    if complete:
+        for name, iteration in store.extendable_checkpoints().items():
+            lines.append(f"checkpoint: {name} at iteration {iteration} (kept: --resume with a larger model.maxit "
+                         "continues the fit)")
+    else:
+        ckpt = store.checkpoint_iteration("nmf")
+        if ckpt is not None:
+            lines.append(f"checkpoint: nmf at iteration {ckpt}")
     files = meta.get("files") or []
     if files:
         lines.append("files beside the store:")

@@ -27,6 +27,10 @@ def local_cluster(cfg: LocalClusterConfig):
     from distributed import LocalCluster
 
     kwargs = dict(processes=cfg.processes, dashboard_address=cfg.dashboard_address, memory_limit=cfg.memory_limit)
+    if cfg.dashboard_address is None:
+        # no dashboard; the scheduler still serves its HTTP routes (health, metrics), which would
+        # try port 8787 (and warn "Port 8787 is already in use"): give them any free port instead
+        kwargs["scheduler_kwargs"] = {"dashboard": False, "dashboard_address": ":0"}
     if cfg.n_workers is not None:
         kwargs["n_workers"] = cfg.n_workers
     if cfg.threads_per_worker is not None:

@@ -12,7 +12,6 @@ import html
 import inspect
 import logging
 import platform
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from ..config import JobConfig, get_pipeline
 from ..engine.checkpoint import CheckpointError
 from ..exceptions import ConfigError, DnmfError, InputError
 from . import plots as _plots
-from .progress import Progress
+from .progress import Progress, write
 from .store import RunStore
 
 logger = logging.getLogger("dnmf.jobs")
@@ -56,7 +55,8 @@ def package_versions() -> dict[str, str | None]:
 
 
 def _stderr_echo(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """Write ``msg`` on stderr above any progress bar drawn there (the bar is redrawn below it)."""
+    write(msg)
 
 
 @dataclass
