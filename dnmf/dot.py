@@ -32,7 +32,11 @@ from ._validation import check_option, param_error
 from .covariates._common import dot_id
 from .exceptions import DnmfError
 
-__all__ = ["DotGraph", "nmfkc_dot"]
+__all__ = ["DotGraph", "nmfkc_dot", "PRINT_HINT"]
+
+#: Printed after the DOT text (upstream: "# Use plot() to render (requires DiagrammeR), or write
+#: this text to a .dot file."; here the Python ways to render or save it).
+PRINT_HINT = "# Use .render(path) to render (requires Graphviz), or .save(path) to write this text to a .dot file."
 
 _FUNC = "nmfkc_dot"
 _FORMATS = ("svg", "png", "pdf")
@@ -52,6 +56,10 @@ class DotGraph:
 
     def __str__(self) -> str:
         return self.source
+
+    def __repr__(self) -> str:
+        """The DOT text followed by the hint line (R's ``print.nmfkc.DOT``, spec §7.3)."""
+        return self.source + PRINT_HINT + "\n"
 
     def save(self, path) -> Path:
         """Write the DOT text to ``path`` (e.g. ``model.dot``)."""

@@ -156,11 +156,28 @@ class NMFKCInference:
     def C_signed(self) -> bool:
         return False
 
+    @property
+    def call(self) -> str:
+        """The fit's call (R keeps ``object$call`` through ``nmfkc.inference``)."""
+        return self.fit.call
+
+    def coef(self):
+        """The coefficient table (R ``coef.nmf`` on an inference result)."""
+        return self.coefficients
+
+    def __str__(self) -> str:
+        """R's ``print.nmf`` of the fit: call, model, convergence, R², and the hint line."""
+        from ._text import format_print
+
+        return format_print(self.fit)
+
+    __repr__ = __str__
+
     def summary(self) -> str:
-        """A text summary: model, convergence, and the coefficient table with stars."""
+        """A text summary: call, model, convergence, and the coefficient table with stars."""
         f = self.fit
         status = "converged" if f.converged else "NOT converged"
-        lines = [
+        lines = (["", "Call:", f.call, ""] if f.call else []) + [
             f"Model:       {f.dims}",
             f"Convergence: {f.n_iter} / {f.maxit} ({status})  epsilon = {f.epsilon:g}",
             f"R-squared:   {f.r_squared:.4g}",

@@ -26,6 +26,8 @@ import numpy as np
 
 from .._validation import check_float, check_int, check_option, param_error
 from ..exceptions import ConvergenceWarning, DnmfError, InputError
+from ..formula import is_formula, normalize_formula, resolve_formula
+from ._text import RawArg, format_call
 from ._common import (
     EPS,
     as_covariate_matrix,
@@ -125,6 +127,13 @@ class NMFKCResult:
         Always False (C ≥ 0); read by :func:`dnmf.nmfkc_dot`.
     coefficients : None
         No inference table on a plain fit (see :func:`dnmf.nmfkc_inference`).
+    call : str
+        The call as given, R style (``nmfkc(Y = Y, A = A, rank = 2)``; arrays are shown by
+        parameter name, scalars by value); printed by ``str(fit)`` and :meth:`summary`.
+    formula_meta : dict or None
+        Formula mode only: ``{"formula", "Y_cols", "A_cols"}`` (R's ``formula.meta``).
+
+    Printing a result gives R's ``print.nmf`` text; :meth:`summary` gives ``summary.nmfkc``.
     """
 
     X: np.ndarray
@@ -163,13 +172,63 @@ class NMFKCResult:
     init: str = "kmeans"
     C_signed: bool = False
     coefficients: Any = field(default=None, repr=False)
+    call: str = ""
+    formula_meta: Optional[dict] = None
+
+    # -- R-style accessors and text ------------------------------------------------------------
+    def coef(self):
+        """Θ (Q × K), or the coefficient table when one is attached (R ``coef.nmf``)."""
+        return self.coefficients if self.coefficients is not None else self.C
+
+    def summary(self) -> str:
+        """R's ``summary(fit)`` text (``print.summary.nmfkc``): call, dimensions, fit statistics,
+        structure diagnostics."""
+        from ._text import format_summary
+
+        return format_summary(self)
+
+    def __str__(self) -> str:
+        from ._text import format_print
+
+        return format_print(self)
+
+    __repr__ = __str__
+
+    def plot(self, ax=None):
+        """Objective per iteration (``objfunc_iter``), titled ``r.squared=<R²>`` (R ``plot.nmfkc``).
+
+        Returns the matplotlib Figure.
+        """
+        from matplotlib.figure import Figure
+
+        if ax is None:
+            fig = Figure(figsize=(5, 4))
+            ax = fig.add_subplot(1, 1, 1)
+        else:
+            fig = ax.figure
+        y = np.asarray(self.objfunc_iter)
+        ax.plot(np.arange(1, len(y) + 1), y, "o", markerfacecolor="none", color="black")
+        ax.set_xlabel("iter")
+        ax.set_ylabel("objfunc")
+        ax.set_title(f"r.squared={round(float(self.r_squared), 3)}")
+        return fig
 
     def fitted(self) -> np.ndarray:
         """Fitted values X·B (P × N), recomputed when ``detail="minimal"`` dropped them."""
         return self.XB if self.XB is not None else self.X @ self.B
 
-    def predict(self, new_A=None) -> np.ndarray:
-        """X·C·new_A (P × M) for new covariates (K × M); the fitted values when None."""
+    def predict(self, new_A=None, newdata=None) -> np.ndarray:
+        """X·C·new_A (P × M) for new covariates (K × M); the fitted values when None.
+
+        A formula-mode fit also takes ``newdata``, a frame with the right-hand-side columns
+        (one row per new unit).
+        """
+        if newdata is not None:
+            if self.formula_meta is None:
+                raise InputError("The 'newdata' parameter of predict can only be used for a fit in formula mode.")
+            from ..formula import new_covariates
+
+            new_A = new_covariates(self.formula_meta, newdata)
         if new_A is None:
             return self.fitted()
         if not self.has_A:
@@ -626,7 +685,8 @@ def criteria(
 def nmfkc(
     Y,
     A=None,
-    rank: int = 2,
+    rank: Optional[int] = None,
+    data=None,
     *,
     epsilon: float = 1e-4,
     maxit: int = 5000,
@@ -641,22 +701,28 @@ def nmfkc(
     X_L2_smooth: float = 0.0,
     Y_weights=None,
     prefix: str = "Basis",
-    detail: str = "full",
+    detail: str = "fast",
     r_rng: bool = False,
     verbose: bool = False,
+    Q: Optional[int] = None,
 ) -> NMFKCResult:
     """Fit NMF with covariates, Y ≈ X C A with X ≥ 0 and C ≥ 0 (R ``nmfkc``).
 
     Parameters
     ----------
-    Y : array-like of shape (P, N)
+    Y : array-like of shape (P, N), or str
         Non-negative data; columns are units (subjects, samples). NaN marks a missing cell
         (weight 0). A 1-D vector is one row. A pandas DataFrame gives the row/column names.
+        Formula mode: a string ``"y1 + y2 ~ x1 + x2"`` with ``data`` (see :mod:`dnmf.formula`):
+        Y's rows are the left-hand columns of ``data`` and A's rows the right-hand ones, each
+        transposed so that the rows of ``data`` are the units. No intercept is added (as in R).
     A : array-like of shape (K, N) or None
         Non-negative covariates, one column per column of Y. None fits plain NMF Y ≈ X B
         (C is then Q × N). A DataFrame's index names the covariates.
-    rank : int, default 2
-        Q, the number of basis vectors.
+    rank : int, optional
+        Q, the number of basis vectors; default ``Q`` if given, else 2 (R's ``rank=NULL``).
+    data : pandas.DataFrame, optional
+        Formula mode only: one row per unit.
     epsilon : float, default 1e-4
         Tolerance on the relative objective change ``|f_i − f_{i−1}| / max(|f_i|, 1)``,
         checked from iteration 10.
@@ -673,7 +739,8 @@ def nmfkc(
     nstart : int, default 1
         k-means restarts (and multi-starts for ``"runif"``).
     seed : int or None, default 123
-        Seed of the initialisation (R's ``set.seed(seed)`` when ``r_rng``).
+        Seed of the initialisation (R's ``set.seed(seed)`` when ``r_rng``). None means the
+        default 123, as in R (where ``seed=NULL`` in ``...`` falls back to the default).
     C_init : array-like of shape (Q, K) (or (Q, N) without A), optional
         Initial C; default all ones.
     C_L1 : float, default 0
@@ -686,13 +753,15 @@ def nmfkc(
         Non-negative cell weights (a length-N vector is recycled over rows); 0 excludes a cell.
     prefix : str, default "Basis"
         Basis labels ``prefix1..prefixQ``.
-    detail : {"full", "fast", "minimal"}
+    detail : {"fast", "full", "minimal"}, default "fast"
         ``"full"`` adds the distance-based criteria (silhouette, CPCC, dist_cor);
-        ``"minimal"`` skips fit statistics and drops ``XB``.
+        ``"minimal"`` skips fit statistics and drops ``XB`` (upstream HEAD default "fast").
     r_rng : bool, default False
         Use the emulated R random stream (:mod:`dnmf.rrng`) for random initialisations.
     verbose : bool, default False
         Log the dimensions and runtime at INFO level.
+    Q : int, optional
+        Alias of ``rank`` (R's backward-compatible ``Q``); ``rank`` wins when both are given.
 
     Returns
     -------
@@ -718,7 +787,21 @@ def nmfkc(
     >>> fit.n_iter, round(float(fit.C[0, 0]), 4)
     (76, 90.1422)
     """
+    given = _given_args(dict(locals()))
     t0 = time.perf_counter()
+    formula_meta = None
+    if is_formula(Y):
+        if A is not None:
+            raise param_error("A", _FUNC, "None when Y is a formula (A comes from the right-hand side)",
+                              "an array", described=True)
+        Y, A, formula_meta = resolve_formula(Y, data, _FUNC)
+    elif data is not None:
+        raise param_error("data", _FUNC, "None unless Y is a formula string such as 'y1 + y2 ~ x1'",
+                          "a data frame", described=True)
+    if rank is None:
+        rank = 2 if Q is None else Q
+    if seed is None:
+        seed = 123  # R: seed=NULL in ... means the default
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise param_error("rank", _FUNC, "an int in [1, inf)", rank)
     Q = int(rank)
@@ -859,6 +942,30 @@ def nmfkc(
         sample_names=samp_names,
         dims=dims,
         runtime=runtime,
-        seed=None if seed is None else int(seed),
+        seed=int(seed),
         init=init_used,
+        call=format_call(_FUNC, given),
+        formula_meta=formula_meta,
     )
+
+
+def _given_args(args: dict) -> list[tuple[str, Any]]:
+    """The arguments of an ``nmfkc`` call that differ from the defaults, in signature order
+    (R's ``match.call()`` keeps the arguments given; unchanged defaults are left out)."""
+    import inspect
+
+    out = []
+    for name, par in inspect.signature(nmfkc).parameters.items():
+        v = args.get(name, par.default)
+        if name == "Y":
+            out.append(("Y", v if not is_formula(v) else RawArg(normalize_formula(v))))
+            continue
+        d = par.default
+        if v is None or (v is d):
+            continue
+        if isinstance(v, (str, numbers.Number)) and isinstance(d, (str, numbers.Number)) and v == d \
+                and type(v) is not bool:
+            continue
+        out.append((name, v))
+    return out
+

@@ -63,6 +63,7 @@ from ._core import (  # noqa: F401
     validate_inputs,
 )
 from ..exceptions import ConvergenceWarning, InputError
+from ..formula import is_formula, resolve_formula
 from .ecm import ECMOptions, fit_ecm
 from .fit import (  # noqa: F401
     CapOptions,
@@ -137,6 +138,8 @@ def nmfre(
     X_L2_smooth: float = 0.0,
     C_L2: float = 0.0,
     print_trace: bool = False,
+    data=None,
+    Q: Optional[int] = None,
 ) -> NMFREResult:
     """Fit NMF with random effects, ``Y = X(ΘA + U) + E`` (spec/nmfre.md §3, §5).
 
@@ -199,6 +202,13 @@ def nmfre(
         Engine "ecm" penalties (spec §5.3).
     print_trace : bool, default False
         Log progress every 100 iterations (logger ``dnmf.mixed.nmfre``, level INFO).
+    data : pandas.DataFrame, optional
+        Formula mode: ``Y`` is a string ``"y1 + y2 ~ x1 + x2"`` and ``data`` has one row per
+        unit; Y's rows are the left-hand columns and A's rows the right-hand ones (no intercept
+        is added; name a column of ones). The same parser as :func:`dnmf.nmfkc`
+        (:mod:`dnmf.formula`); upstream's ``nmfre`` has no formula mode.
+    Q : int, optional
+        Alias of ``rank`` (R's backward-compatible ``Q``, which wins over ``rank`` as upstream).
 
     Returns
     -------
@@ -232,6 +242,17 @@ def nmfre(
     """
     t0 = time.perf_counter()
     func = "nmfre"
+    formula_meta = None
+    if is_formula(Y):
+        if A is not None:
+            raise param_error("A", func, "None when Y is a formula (A comes from the right-hand side)",
+                              "an array", described=True)
+        Y, A, formula_meta = resolve_formula(Y, data, func)
+    elif data is not None:
+        raise param_error("data", func, "None unless Y is a formula string such as 'y1 + y2 ~ x1'",
+                          "a data frame", described=True)
+    if Q is not None:
+        rank = Q  # upstream: `if (!is.null(extra_args$Q)) rank <- extra_args$Q`
     engine = check_option(engine, "engine", func, ENGINES)
     # an Inputs object is the private path of nmfre_ecv (imputed cells may be negative)
     inp = Y if isinstance(Y, Inputs) else validate_inputs(Y, A, func)
@@ -275,6 +296,9 @@ def nmfre(
     if not wild_bootstrap:
         given["wild_bootstrap"] = False
     call = _call_string(func, given)
+    if formula_meta is not None:
+        call = call.replace("nmfre(Y, A", "nmfre(Y", 1).replace(
+            "nmfre(Y", f"nmfre({formula_meta['formula']!r}, data=data", 1)
 
     X, C = initialize(inp, rank, epsilon=epsilon, seed=seed, X_init=X_init, C_init=C_init, nstart=nstart,
                       r_rng=r_rng)
@@ -303,7 +327,7 @@ def nmfre(
                           f"(currently {outer_maxit}).", ConvergenceWarning, stacklevel=2)
         res = finalize(inp, st.X, st.C, st.U, st.sigma2, st.tau2, engine="ecm", prefix=prefix,
                        C_signed=C_signed, rate=None, cap=float("nan"), extra=extra)
-        res = replace(res, runtime=time.perf_counter() - t0)
+        res = replace(res, runtime=time.perf_counter() - t0, formula_meta=formula_meta)
         return res
 
     # ----- engine "cap" -----
@@ -338,7 +362,7 @@ def nmfre(
     if wild_bootstrap:
         res = nmfre_inference(res, inp.Y, inp.A, wild_B=wild_B, wild_level=wild_level, side=C_p_side,
                               seed=wild_seed, r_rng=r_rng, client=client)
-    return replace(res, runtime=time.perf_counter() - t0)
+    return replace(res, runtime=time.perf_counter() - t0, formula_meta=formula_meta)
 
 
 def fit_at_rate(rate, Y, A, kw) -> NMFREResult:

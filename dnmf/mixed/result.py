@@ -117,6 +117,8 @@ class NMFREResult:
     call : str
     runtime : float
         Seconds.
+    formula_meta : dict or None
+        Formula mode only: ``{"formula", "Y_cols", "A_cols"}`` (as :func:`dnmf.nmfkc`).
     """
 
     X: np.ndarray
@@ -183,6 +185,7 @@ class NMFREResult:
     wild_B: Optional[int] = None
     wild_level: Optional[float] = None
     coefficients: Any = field(default=None, repr=False)
+    formula_meta: Optional[dict] = None
 
     # -- shapes -----------------------------------------------------------------------------
     @property
