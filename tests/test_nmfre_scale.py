@@ -18,7 +18,7 @@ from orthodont_data import load_orthodont_frames
 from dnmf.exceptions import InputError
 from dnmf.io.blocks import BlockedMatrix, CSCBlock, InMemorySource
 from dnmf.mixed import nmfre_blocked
-from dnmf.mixed.nmfre import kmeans_start, nmfkc_eu_stats
+from dnmf.mixed.fit import kmeans_start, nmfkc_eu_stats
 
 # in-memory vs blocked: the same arithmetic with other summation orders and the Gram identity
 # for ‖R‖² (cancellation ~‖Y‖²/‖R‖² · 1e-16 ≈ 1e-14 on Orthodont); 1e-8 is the brief's bound.

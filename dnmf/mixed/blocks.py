@@ -1,4 +1,8 @@
-"""The df-cap NMF-RE engine on a column-blocked Y (spec/nmfre.md §10, DESIGN.md §6).
+"""NMF-RE on a column-blocked Y (spec/nmfre.md §10, DESIGN.md §6): :func:`nmfre_blocked`.
+
+This module holds the block container, the df-cap engine's backend and the shared finish and
+inference passes; ``engine="ecm"`` runs :func:`dnmf.mixed.ecm.run_ecm` on the backend of
+:mod:`dnmf.mixed.ecm_blocked` (a subclass of :class:`BlockedData`).
 
 Y (P × N) is a :class:`~dnmf.io.blocks.BlockedMatrix`; A (K × N) is cut into the same column
 blocks. Each block ``(Y_j, A_j)`` is placed once on a worker (or read from its source every pass
@@ -47,7 +51,8 @@ from ..covariates._common import (
     normalize_columns,
     ridge_solve,
 )
-from ._core import DEFAULT_RATES, check_matrix_init, df_u, gram_eigenvalues, to_matrix
+from ._core import DEFAULT_RATES, ENGINES, check_matrix_init, df_u, gram_eigenvalues, to_matrix
+from .ecm import ECMOptions, resolve_c_signed
 from .fit import CapOptions, CapState, fit_cap, kmeans_start, nmfkc_eu_stats
 from .inference import (
     BOOT_CHUNK,
@@ -98,14 +103,14 @@ def _add(a, b):
     return tuple(x + y for x, y in zip(a, b))
 
 
-def constants_chunk(blk: REBlock):
-    """Data checks and constant statistics of one block."""
+def constants_chunk(blk: REBlock, with_yyt: bool = False):
+    """Data checks and constant statistics of one block (and ``Y_jY_jᵀ`` for the ECM engine)."""
     Y = blk.load()
     A = blk.a
     finite = np.isfinite(Y)
     n_bad = int(Y.size - finite.sum())
     has_negative = bool(np.any(Y[finite] < 0))
-    return (
+    out = (
         Y.sum(axis=1),  # row sums of Y (P)
         A.sum(axis=1),  # row sums of A (K)
         float(np.sum(Y * Y)),
@@ -113,6 +118,7 @@ def constants_chunk(blk: REBlock):
         A @ A.T,  # K × K
         np.array([n_bad, float(has_negative)]),  # non-finite values, blocks with negatives
     )
+    return out + (Y @ Y.T,) if with_yyt else out  # P × P (the ECM engine's marginal NLL)
 
 
 def zeros_chunk(blk: REBlock, q: int) -> np.ndarray:
@@ -190,14 +196,15 @@ def split_columns(A: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
 class BlockedData:
     """Engine-A data backend over an executor: blocks and U_j stay where they were computed."""
 
-    def __init__(self, executor, Y: BlockedMatrix, A: np.ndarray):
+    def __init__(self, executor, Y: BlockedMatrix, A: np.ndarray, with_yyt: bool = False):
         self.ex = executor
         self.bounds = Y.col_bounds
         self.n_features, self.n_samples = Y.shape
         a_blocks = split_columns(A, self.bounds)
         self.blocks = executor.put_blocks([REBlock(src, a) for src, a in zip(Y.sources, a_blocks)])
-        parts = executor.map_blocks(constants_chunk, self.blocks)
-        ysum, asum, ysq, YAt, AAt, checks = executor.tree_reduce(_add, parts)
+        parts = executor.map_blocks(constants_chunk, self.blocks, args=(with_yyt,))
+        ysum, asum, ysq, YAt, AAt, checks, *yyt = executor.tree_reduce(_add, parts)
+        self.YYt = yyt[0] if yyt else None
         if checks[0] > 0:
             raise param_error("Y", "nmfre_blocked", "finite (no NaN or Inf)", f"{int(checks[0])} non-finite values")
         if checks[1] > 0:
@@ -393,7 +400,7 @@ def nmfre_blocked(
     wild_level: float = 0.95,
     prefix: str = "Basis",
     epsilon: float = 1e-5,
-    maxit: int = 50000,
+    maxit: Optional[int] = None,
     X_init=None,
     C_init=None,
     U_init=None,
@@ -401,20 +408,30 @@ def nmfre_blocked(
     r_rng: bool = False,
     client=None,
     *,
+    engine: str = "cap",
     wild_seed=123,
     n_blocks: Optional[int] = None,
     covariate_names: Optional[tuple] = None,
     gather_U: bool = False,
-    C_p_side: str = "one.sided",
+    C_p_side: Optional[str] = None,
     sigma2: float = 1.0,
     tau2: float = 1.0,
     sigma2_update: bool = True,
+    tau2_update: bool = True,
     init_sample: int = 20000,
+    C_signed: bool = True,
+    inner_maxit: int = 10000,
+    outer_maxit: int = 500,
+    epsilon_outer: float = 1e-6,
+    x_postvar: bool = True,
+    X_L2_ortho: float = 0.0,
+    X_L2_smooth: float = 0.0,
+    C_L2: float = 0.0,
 ) -> NMFREBlockedResult:
-    """Engine "cap" of :func:`dnmf.nmfre` on a column-blocked Y, through a Dask cluster.
+    """:func:`dnmf.nmfre` (engine "cap" or "ecm") on a column-blocked Y, through a Dask cluster.
 
-    Same model, defaults and numbers as ``nmfre(..., engine="cap")`` (to summation order);
-    Y and U are never gathered on the client during the fit.
+    Same model, defaults and numbers as ``nmfre(..., engine=engine)`` (to summation order; for
+    "ecm" with one block, bit for bit); Y and U are never gathered on the client during the fit.
 
     Parameters
     ----------
@@ -425,8 +442,12 @@ def nmfre_blocked(
         Covariates (default the intercept row); cut into Y's column blocks.
     rank, df_rate, wild_bootstrap, wild_B, wild_level, prefix, epsilon, maxit, X_init, C_init,
     U_init, seed, wild_seed, r_rng
-        As in :func:`dnmf.nmfre`. ``df_rate=None`` scans 0.1..1.0 with blocked fits, one after
-        another. Without ``X_init``/``C_init`` the initialiser is nmfkc's EU iterations on
+        As in :func:`dnmf.nmfre` (``maxit`` default 50000 for "cap", 5000 for "ecm"; ``df_rate``
+        is ignored by "ecm", and so is ``U_init``: its first U step replaces U). For "cap",
+        ``df_rate=None`` scans 0.1..1.0 with blocked fits, one after another. Unlike
+        :func:`dnmf.nmfre`, ``wild_bootstrap=True`` runs the blocked inference for "ecm" too
+        (``nmfre_inference`` needs Y and U in memory). Without ``X_init``/``C_init`` the
+        initialiser is nmfkc's EU iterations on
         the sufficient statistics ``YAᵀ``, ``AAᵀ``, ``‖Y‖²`` (:func:`nmfkc_eu_stats`), from
         ``X ∝ rowMeans(Y)`` at rank 1 (nmfkc's exact start) and from k-means centres of
         ``init_sample`` evenly spaced columns at rank ≥ 2 (:func:`kmeans_start`).
@@ -438,11 +459,16 @@ def nmfre_blocked(
         Names of A's rows (taken from a DataFrame A when not given).
     gather_U : bool, default False
         Return U (Q × N) on the client at the end.
-    C_p_side : {"one.sided", "two.sided"}
-    sigma2, tau2, sigma2_update
-        Starting variances and the damped σ² update switch.
+    engine : {"cap", "ecm"}, default "cap"
+        df-cap engine (spec §3) or the ECM engine (spec §5, :mod:`dnmf.mixed.ecm_blocked`).
+    C_p_side : {"one.sided", "two.sided"}, optional
+        Default one-sided for "cap" and ``C_signed=False``, two-sided for signed "ecm".
+    sigma2, tau2, sigma2_update, tau2_update
+        Starting variances and the variance update switches (``tau2_update``: "ecm" only).
     init_sample : int, default 20000
         Columns used by the rank ≥ 2 initialiser.
+    C_signed, inner_maxit, outer_maxit, epsilon_outer, x_postvar, X_L2_ortho, X_L2_smooth, C_L2
+        Engine "ecm" options, as in :func:`dnmf.nmfre`.
 
     Returns
     -------
@@ -454,15 +480,31 @@ def nmfre_blocked(
     (j, c) under ``wild_seed``: the draws depend on the block layout, not on the number of
     workers; with one block they equal :func:`dnmf.nmfre_inference`'s.
     """
+    from .ecm_blocked import ECMBlockedData, ecm_blocked_result, fit_ecm_blocked  # imports this module
+
     t0 = time.perf_counter()
     func = "nmfre_blocked"
+    engine = check_option(engine, "engine", func, ENGINES)
     Yb = _as_blocked_y(Y, n_blocks, func)
     P, N = Yb.shape
     rank = check_int(rank, "rank", func, low=1)
     epsilon = check_float(epsilon, "epsilon", func, low=0.0)
-    maxit = check_int(maxit, "maxit", func, low=1)
+    maxit = check_int((50000 if engine == "cap" else 5000) if maxit is None else maxit, "maxit", func, low=1)
     if df_rate is not None:
         df_rate = check_float(df_rate, "df_rate", func, low=0.0, low_open=True)
+    if engine == "ecm":
+        C_signed = resolve_c_signed(C_signed, func)
+        ecm_opt = ECMOptions(
+            rank=rank, C_signed=C_signed, epsilon=epsilon, maxit=maxit,
+            inner_maxit=check_int(inner_maxit, "inner_maxit", func, low=1),
+            outer_maxit=check_int(outer_maxit, "outer_maxit", func, low=1),
+            epsilon_outer=check_float(epsilon_outer, "epsilon_outer", func, low=0.0), x_postvar=bool(x_postvar),
+            X_L2_ortho=check_float(X_L2_ortho, "X_L2_ortho", func, low=0.0),
+            X_L2_smooth=check_float(X_L2_smooth, "X_L2_smooth", func, low=0.0),
+            C_L2=check_float(C_L2, "C_L2", func, low=0.0), sigma2_update=bool(sigma2_update),
+            tau2_update=bool(tau2_update))
+    if C_p_side is None:
+        C_p_side = "two.sided" if engine == "ecm" and C_signed else "one.sided"
     C_p_side = check_option(C_p_side, "C_p_side", func, ("one.sided", "two.sided"))
     wild_B = check_int(wild_B, "wild_B", func, low=2)
     wild_level = check_float(wild_level, "wild_level", func, low=0.0, high=1.0, low_open=True)
@@ -488,7 +530,7 @@ def nmfre_blocked(
     # nested OpenBLAS threads on top of them oversubscribe the cores (2× slower on 2 cores)
     with threadpool_limits(1, user_api="blas"), executor_for(client) as ex:
         tp = time.perf_counter()
-        data = BlockedData(ex, Yb, Av)
+        data = BlockedData(ex, Yb, Av) if engine == "cap" else ECMBlockedData(ex, Yb, Av)
         timings["place_and_constants"] = time.perf_counter() - tp
         tp = time.perf_counter()
         if X0 is None or C0 is None:
@@ -502,23 +544,18 @@ def nmfre_blocked(
                 X0, C0 = X0[:, o], C0[o, :]
         timings["initialiser"] = time.perf_counter() - tp
         tp = time.perf_counter()
-        scan = None
-        rate = df_rate
-        common = dict(data=data, Yb=Yb, X0=X0, C0=C0, U0=U0, rank=rank, epsilon=epsilon, maxit=maxit,
-                      sigma2=sigma2, tau2=tau2, sigma2_update=sigma2_update)
-        if rate is None:
-            scan = _blocked_scan(common)
-            if not np.isfinite(scan.cap_rate):
-                raise InputError("nmfre_blocked: no df_rate of the automatic scan qualifies; pass df_rate. "
-                                 "Scan table:\n" + str(scan))
-            rate = float(scan.cap_rate)
-        res = _fit_blocked(rate=rate, **common)
-        if res["st"].stop_reason == "maxit":
-            warnings.warn(f"nmfre_blocked reached maxit ({maxit}) before converging; increase maxit "
-                          f"(currently {maxit}).", ConvergenceWarning, stacklevel=2)
-        timings["fit"] = time.perf_counter() - tp
-        tp = time.perf_counter()
-        out = _result(res, data, Yb, Av, rate, prefix, covariate_names, maxit, epsilon, scan)
+        if engine == "ecm":
+            st, iter_times = fit_ecm_blocked(data, X0, C0, sigma2, tau2, ecm_opt)
+            if st.stop_reason in ("maxit", "outer_maxit"):
+                warnings.warn(f"nmfre_blocked (engine='ecm') stopped at {st.stop_reason} ({st.total_iter} "
+                              f"iterations) before converging; increase maxit (currently {maxit}) or outer_maxit "
+                              f"(currently {outer_maxit}).", ConvergenceWarning, stacklevel=2)
+            timings["fit"] = time.perf_counter() - tp
+            tp = time.perf_counter()
+            out = ecm_blocked_result(st, ecm_opt, data, Yb, prefix, covariate_names, iter_times)
+        else:
+            out = _cap_blocked(data, Yb, Av, X0, C0, U0, rank, df_rate, epsilon, maxit, sigma2, tau2, sigma2_update,
+                               prefix, covariate_names, timings, tp)
         timings["finalise"] = time.perf_counter() - tp
         tp = time.perf_counter()
         if wild_bootstrap:
@@ -528,6 +565,27 @@ def nmfre_blocked(
     from dataclasses import replace
 
     return replace(out, U=U, timings=timings, runtime=time.perf_counter() - t0)
+
+
+def _cap_blocked(data, Yb, Av, X0, C0, U0, rank, df_rate, epsilon, maxit, sigma2, tau2, sigma2_update, prefix,
+                 covariate_names, timings, tp):
+    """Engine "cap": the df scan (``df_rate=None``), the fit and its result."""
+    scan = None
+    rate = df_rate
+    common = dict(data=data, Yb=Yb, X0=X0, C0=C0, U0=U0, rank=rank, epsilon=epsilon, maxit=maxit,
+                  sigma2=sigma2, tau2=tau2, sigma2_update=sigma2_update)
+    if rate is None:
+        scan = _blocked_scan(common)
+        if not np.isfinite(scan.cap_rate):
+            raise InputError("nmfre_blocked: no df_rate of the automatic scan qualifies; pass df_rate. "
+                             "Scan table:\n" + str(scan))
+        rate = float(scan.cap_rate)
+    res = _fit_blocked(rate=rate, **common)
+    if res["st"].stop_reason == "maxit":
+        warnings.warn(f"nmfre_blocked reached maxit ({maxit}) before converging; increase maxit "
+                      f"(currently {maxit}).", ConvergenceWarning, stacklevel=3)
+    timings["fit"] = time.perf_counter() - tp
+    return _result(res, data, Yb, Av, rate, prefix, covariate_names, maxit, epsilon, scan)
 
 
 def _fit_blocked(data, Yb, X0, C0, U0, rank, rate, epsilon, maxit, sigma2, tau2, sigma2_update):
@@ -654,7 +712,9 @@ def _infer_blocked(out: NMFREBlockedResult, data: BlockedData, A, wild_B, wild_l
     lam = out.sigma2 / max(out.tau2, 1e-12)
     st = sandwich(X.T @ X, data.AAt, lam, N, P, rss, StS)
     cvec = C.ravel(order="F")
-    bs = summarize_boot(cvec, st["Hinv"], SW, st["sigma2_used"], wild_level, project=True)
+    # Θ ≥ 0 (engine "cap", or "ecm" with C_signed=False): replicates projected on θ ≥ 0 (§6.1 item 7)
+    project = out.engine == "cap" or not out.C_signed
+    bs = summarize_boot(cvec, st["Hinv"], SW, st["sigma2_used"], wild_level, project=project)
     table = coefficient_table(out.basis_names, out.covariate_labels, cvec, st["se"], bs["bse"], bs["lo"], bs["hi"],
                               side)
     shape = lambda v: np.asarray(v).reshape(Q, K, order="F")  # noqa: E731

@@ -36,12 +36,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..covariates._common import EPS, LAMBDA_FLOOR, cholesky_spd, clip_var, normalize_columns, ridge_solve, safe_div
+from .._validation import param_error
+from ..covariates._common import (EPS, LAMBDA_FLOOR, cholesky_spd, clip_var, normalize_columns, ridge_solve,
+                                  safe_div)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ECMOptions", "ECMState", "DenseECMData", "fit_ecm", "run_ecm", "marginal_nll", "marginal_nll_stats",
-           "x_penalty", "constants_chunk", "u_chunk", "c_chunk"]
+__all__ = ["ECMOptions", "ECMState", "DenseECMData", "fit_ecm", "run_ecm", "resolve_c_signed", "marginal_nll",
+           "marginal_nll_stats", "x_penalty", "constants_chunk", "u_chunk", "c_chunk"]
+
+
+#: The string forms of ``C_signed`` upstream accepts (spec §5.1), and the bool each means.
+C_SIGNED_NAMES = {"signed": True, "nonneg": False}
+
+
+def resolve_c_signed(value, func: str = "nmfre") -> bool:
+    """``C_signed`` as a bool: True/False, or upstream's ``"signed"``/``"nonneg"`` (spec §5.1)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value in C_SIGNED_NAMES:
+        return C_SIGNED_NAMES[value]
+    raise param_error("C_signed", func, "a bool or one of 'signed', 'nonneg'", value)
 
 
 @dataclass(frozen=True)
