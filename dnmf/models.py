@@ -869,7 +869,8 @@ class NMFModel:
         missing from A are treated as zero (with a warning giving their number). No shared name
         at all is an error. Otherwise A must have W's features, in W's order.
         """
-        from .kernels.nnls import SOLVER_EXACT, nnls_batch
+        from .kernels.nnls import SOLVER_EXACT
+        from .solvers.hstep import h_step, solve_dense_columns
 
         func = "NMFModel.predict"
         misc_l1 = self.misc.get("L1", (0.0, 0.0))
@@ -881,9 +882,9 @@ class NMFModel:
         m, _, k = self.shape
         w = np.ascontiguousarray(self.w, dtype=np.float64)
         blocked, w_data = self._blocked_by_name(A, func, w)
-        G = w.T @ w
-        G[np.diag_indices(k)] += L2
-        L = np.zeros((0, 0))
+        # the H step of the fit with W fixed: exact NNLS (maxit/tol are the coordinate-descent
+        # knobs and are unused by this solver), cold start, the fit's column step
+        hs = h_step(w, l1=L1, l2=L2, solver=SOLVER_EXACT, nonneg=nonneg)
         bounds = blocked.col_bounds
         out = np.empty((k, blocked.shape[1]))
         for j, block in enumerate(blocked.iter_blocks()):
@@ -896,10 +897,8 @@ class NMFModel:
             else:
                 a = block.to_scipy()
                 B = np.ascontiguousarray((a.T @ w_data).T, dtype=np.float64)
-            X = np.zeros_like(B)
-            # exact NNLS; maxit/tol are the coordinate-descent knobs and are unused by this solver
-            nnls_batch(G, L, B, X, SOLVER_EXACT, nonneg, 100, 1e-8, False, L1)
-            out[:, c0:c1] = X
+            ht, _, _ = solve_dense_columns(B, hs, np.zeros((B.shape[1], k)), False)
+            out[:, c0:c1] = ht.T
         if np.dtype(blocked.dtype) == np.float32:
             return out.astype(np.float32)
         return out

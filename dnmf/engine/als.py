@@ -27,9 +27,11 @@ from dask.sizeof import sizeof
 
 from ..exceptions import WorkerLostError
 from ..io.blocks import BlockedMatrix, CSCBlock
-from ..kernels.fused import csc_block_pass, csc_sq_norm, dense_block_solve
+from ..kernels.column import ColumnTerms, column_terms
+from ..kernels.fused import csc_block_pass, csc_sq_norm
 from ..kernels.nnls import SOLVER_CHOLESKY
-from ..solvers.updates import cho_solve_lower, cholesky_or_empty, scale_rows, update_factor
+from ..solvers.hstep import HStep, h_step, solve_dense_columns
+from ..solvers.updates import cholesky_or_empty, scale_rows, update_factor
 from .executor import Executor
 
 logger = logging.getLogger(__name__)
@@ -117,10 +119,10 @@ def warm_up_kernels(source, k: int, opts: "ALSOptions") -> None:
                         np.array([0, 1], dtype=block.indptr.dtype), 1)
     else:
         tiny = np.ones((1, 1), dtype=block.dtype)
-    w = np.ones((1, k))
     G = np.eye(k)
-    L = cholesky_or_empty(G, opts.solver)
-    h_update_task(tiny, None, w, G, L, 0.0, np.ones(k), opts.solver, True, opts.cd_maxit, opts.cd_tol)
+    hs = HStep(np.ones((1, k)), G, cholesky_or_empty(G, opts.solver), 0.0, np.ones(k), int(opts.solver), True,
+               int(opts.cd_maxit), float(opts.cd_tol))
+    h_update_task(tiny, None, hs)
 
 
 def block_sq_norm(block) -> float:
@@ -131,34 +133,29 @@ def block_sq_norm(block) -> float:
     return float(np.einsum("ij,ij->", block, block, dtype=np.float64))
 
 
-def h_update_task(block, ht_prev, w, G, L, l1, warm_scale, solver, nonneg, cd_maxit, cd_tol):
+def h_update_task(block, ht_prev, hs: HStep, terms: ColumnTerms | None = None):
     """Step 2 for one block: H_j update and its partial statistics (the chunk function).
 
-    Returns ``(ht, BlockStats)``: the new raw H_jᵀ (n_j × k) and the partials.
+    ``hs`` holds the arguments every block shares (:func:`~dnmf.solvers.hstep.h_step`);
+    ``terms`` the block's per-column corrections (none in a plain fit). Returns
+    ``(ht, BlockStats)``: the new raw H_jᵀ (n_j × k) and the partials.
     """
     block = load_block(block)
+    w = hs.w
     m, k = w.shape
     n_j = block.shape[1]
     warm = ht_prev is not None
     ht = np.array(ht_prev, dtype=np.float64, copy=True) if warm else np.zeros((n_j, k))
-    P = np.zeros((m, k))
-    Q = np.zeros((k, k))
-    hsum = np.zeros(k)
     if isinstance(block, CSCBlock):
-        csc_block_pass(block.data, block.indices, block.indptr, w, G, L, l1, ht, warm_scale, solver, nonneg,
-                       cd_maxit, cd_tol, warm, P, Q, hsum)
+        P = np.zeros((m, k))
+        Q = np.zeros((k, k))
+        hsum = np.zeros(k)
+        csc_block_pass(block.data, block.indices, block.indptr, w, hs.G, hs.L, hs.l1, ht, hs.warm_scale,
+                       column_terms(k) if terms is None else terms, hs.solver, hs.nonneg, hs.cd_maxit, hs.cd_tol,
+                       warm, P, Q, hsum)
     else:
         a = block if block.dtype == np.float64 else block.astype(np.float64)
-        B = w.T @ a
-        if solver == SOLVER_CHOLESKY:
-            # Cholesky-clip ignores warm starts: solve all columns at once with LAPACK/BLAS.
-            ht = cho_solve_lower(L, B - l1 if l1 else B).T
-            if nonneg:
-                np.maximum(ht, 0.0, out=ht)
-            Q = ht.T @ ht
-            hsum = np.abs(ht).sum(axis=0)
-        else:
-            dense_block_solve(B, G, L, l1, ht, warm_scale, solver, nonneg, cd_maxit, cd_tol, warm, Q, hsum)
+        ht, Q, hsum = solve_dense_columns(w.T @ a, hs, ht, warm, terms)
         P = a @ ht
     return ht, BlockStats(P, Q, hsum)
 
@@ -200,13 +197,11 @@ def _place_blocks(blocked: BlockedMatrix, executor: Executor, stream: bool) -> l
 
 
 def _h_task_args(state: ALSState, opts: ALSOptions) -> tuple:
-    """Step 1: the block tasks' arguments for the current W — its Gram ``G = WᵀW + L2_H·I`` and
-    G's Cholesky factor (H-side penalties, warm-start scale and solver settings)."""
-    w = state.w
-    G = w.T @ w
-    G[np.diag_indices(opts.k)] += 1e-15 + opts.L2[1]
-    L = cholesky_or_empty(G, opts.solver)
-    return (w, G, L, opts.L1[1], state.h_scale, opts.solver, opts.nonneg[1], opts.cd_maxit, opts.cd_tol)
+    """Step 1: the block tasks' shared arguments for the current W — its Gram
+    ``G = WᵀW + L2_H·I`` and G's Cholesky factor (H-side penalties, warm-start scale and solver
+    settings) as one :class:`~dnmf.solvers.hstep.HStep`, in a 1-tuple for ``map_blocks``."""
+    return (h_step(state.w, l1=opts.L1[1], l2=opts.L2[1], solver=opts.solver, nonneg=opts.nonneg[1],
+                   cd_maxit=opts.cd_maxit, cd_tol=opts.cd_tol, warm_scale=state.h_scale, ridge=1e-15),)
 
 
 def _solve_h(executor: Executor, blocks: list, ht: list, h_args: tuple) -> tuple[list, list]:

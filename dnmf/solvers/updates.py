@@ -7,7 +7,7 @@ from scipy.linalg import lapack
 
 from ..kernels.nnls import SOLVER_CHOLESKY, nnls_batch
 
-__all__ = ["cholesky_or_empty", "cho_solve_lower", "update_factor", "scale_rows"]
+__all__ = ["cholesky_or_empty", "cho_solve_lower", "cholesky_clip_columns", "update_factor", "scale_rows"]
 
 _EMPTY = np.zeros((0, 0))
 
@@ -40,6 +40,21 @@ def cho_solve_lower(L: np.ndarray, B: np.ndarray) -> np.ndarray:
     return X
 
 
+def cholesky_clip_columns(L: np.ndarray, B: np.ndarray, l1: float, nonneg: bool) -> np.ndarray:
+    """Cholesky-clip NNLS of every column of ``B − l1`` (k × n) at once: ``max((LLᵀ)⁻¹(B − l1), 0)``.
+
+    The all-columns LAPACK fast path of the Cholesky-clip solver, used whenever the columns share
+    one Gram (no per-column corrections): by the W update (rows of W) and by the dense H step
+    (``solvers/hstep.py::solve_dense_columns``). It computes what the column step
+    (``kernels/column.py``) computes column by column with the same factor ``L``, in one
+    triangular solve. Returns X (k × n).
+    """
+    X = cho_solve_lower(L, B - l1 if l1 else B)
+    if nonneg:
+        np.maximum(X, 0.0, out=X)
+    return X
+
+
 def update_factor(G, P, l1, l2, solver, nonneg, cd_maxit, cd_tol, w_prev=None) -> np.ndarray:
     """Solve ``min ‖A − F Ĥ‖`` for the other factor F (m × k) from ``G = ĤĤᵀ`` and ``P = AĤᵀ``.
 
@@ -51,10 +66,7 @@ def update_factor(G, P, l1, l2, solver, nonneg, cd_maxit, cd_tol, w_prev=None) -
     L = cholesky_or_empty(G, solver)
     if solver == SOLVER_CHOLESKY:
         # Cholesky-clip ignores warm starts: all rows in one LAPACK triangular solve.
-        X = cho_solve_lower(L, P.T - l1 if l1 else P.T)
-        if nonneg:
-            np.maximum(X, 0.0, out=X)
-        return X.T
+        return cholesky_clip_columns(L, P.T, l1, nonneg).T
     B = np.ascontiguousarray(P.T)  # k × m
     if w_prev is not None:
         X = np.ascontiguousarray(w_prev.T, dtype=np.float64)
