@@ -215,3 +215,173 @@ def test_dot_repr_has_print_hint(fit1):
     g = dnmf.nmfkc_dot(fit1)
     assert repr(g) == str(g) + "# Use .render(path) to render (requires Graphviz), or .save(path) to write this text to a .dot file.\n"
     assert str(g).endswith("}\n")
+
+
+# ------------------------------------------------------------------- kernels (spec §9)
+
+
+def _kernel_loop(U, V, f):
+    """Plain-loop reference: f(d²) for every column pair."""
+    out = np.empty((U.shape[1], V.shape[1]))
+    for i in range(U.shape[1]):
+        for j in range(V.shape[1]):
+            out[i, j] = f(float(np.sum((U[:, i] - V[:, j]) ** 2)), U[:, i], V[:, j])
+    return out
+
+
+def test_kernels_match_loops():
+    from dnmf.covariates import nmfkc_kernel
+
+    rng = np.random.default_rng(3)
+    U, V = rng.random((3, 7)), rng.random((3, 5))
+    tol = 1e-12  # closed forms; only the ‖u‖²+‖v‖²−2uᵀv cancellation differs from the loop
+    np.testing.assert_allclose(nmfkc_kernel(U, V, beta=2.0), _kernel_loop(U, V, lambda d2, u, v: np.exp(-2.0 * d2)),
+                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(nmfkc_kernel(U, V, "Exponential", beta=0.7),
+                               _kernel_loop(U, V, lambda d2, u, v: np.exp(-0.7 * np.sqrt(d2))), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(nmfkc_kernel(U, V, "Periodic", beta=(1.5, 2.0)),
+                               _kernel_loop(U, V, lambda d2, u, v: np.exp(-1.5 * np.sin(2.0 * np.sqrt(d2)) ** 2)),
+                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(nmfkc_kernel(U, V, "Linear"), U.T @ V, rtol=tol)
+    np.testing.assert_allclose(nmfkc_kernel(U, V, "NormalizedLinear"),
+                               _kernel_loop(U, V, lambda d2, u, v: u @ v / np.linalg.norm(u) / np.linalg.norm(v)), rtol=tol)
+    np.testing.assert_allclose(nmfkc_kernel(U, V, "Polynomial", beta=1.0, degree=3), (U.T @ V + 1.0) ** 3, rtol=tol)
+    K = nmfkc_kernel(U)  # V defaults to U; beta 0.5
+    np.testing.assert_allclose(K, K.T, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(np.diag(K), 1.0)
+    assert K.kernel == "Gaussian" and K.params == 0.5 and K.function_name == "nmfkc.kernel"
+    # negative entries are zeroed (Linear with signed coordinates)
+    assert nmfkc_kernel(U - 0.5, V - 0.5, "Linear").min() >= 0.0
+
+
+def test_gaussian_kernel_from_distance_and_pds():
+    from dnmf.covariates import nmfkc_kernel
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(4)
+    U, V = rng.random((2, 6)), rng.random((2, 4))
+    D = cdist(U.T, V.T)
+    np.testing.assert_allclose(nmfkc_kernel(dist=D, beta=3.0), nmfkc_kernel(U, V, beta=3.0), rtol=1e-12, atol=1e-12)
+    # pds: a missing coordinate drops that row and rescales by K / K_obs
+    Un = rng.random((3, 4))
+    Un[1, 2] = np.nan
+    ref = np.empty((4, 4))
+    for i in range(4):
+        for j in range(4):
+            ok = ~np.isnan(Un[:, i]) & ~np.isnan(Un[:, j])
+            ref[i, j] = np.exp(-0.5 * np.sum((Un[ok, i] - Un[ok, j]) ** 2) * 3 / ok.sum())
+    np.testing.assert_allclose(nmfkc_kernel(Un), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(InputError, match="NaN"):
+        nmfkc_kernel(Un, kernel="Linear")
+
+
+def test_beta_nearest_median_against_brute_force():
+    from dnmf.covariates import nmfkc_kernel_beta_nearest_med
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(5)
+    U = rng.random((2, 40))
+    D = cdist(U.T, U.T)
+    np.fill_diagonal(D, np.inf)
+    sigma0 = np.median(D.min(axis=1))
+    res = nmfkc_kernel_beta_nearest_med(U, block_size=7)  # blocks must not change the answer
+    assert res.dist_median == pytest.approx(sigma0, rel=1e-12)
+    assert res.beta == pytest.approx(1 / (2 * sigma0 ** 2), rel=1e-12)
+    t = np.array([-1, -2 / 3, -1 / 3, 0, 1 / 3, 2 / 3, 1])
+    np.testing.assert_allclose(res.beta_candidates, res.beta * 10.0 ** (-2 * t), rtol=1e-14)
+    # landmarks: nearest-landmark distances; Uk identical to U excludes self-distances
+    Uk = rng.random((2, 6))
+    lm = nmfkc_kernel_beta_nearest_med(U, Uk)
+    assert lm.dist_median == pytest.approx(np.median(cdist(U.T, Uk.T).min(axis=1)), rel=1e-12)
+    assert lm.uk_is_u is False
+    same = nmfkc_kernel_beta_nearest_med(U, U.copy())
+    assert same.uk_is_u and same.beta == pytest.approx(res.beta, rel=1e-12)
+    assert len(nmfkc_kernel_beta_nearest_med(U, candidates="4points").beta_candidates) == 4
+
+
+def test_kernel_covariates_fit():
+    """cars-style use: a Gaussian kernel of a 1-D covariate as A."""
+    from dnmf.covariates import nmfkc_kernel
+
+    x = np.linspace(0, 1, 25)
+    Y = (2 + np.sin(3 * x))[None, :]
+    A = nmfkc_kernel(x[None, :], beta=20.0)
+    f = nmfkc(Y, A, rank=1)
+    assert f.dims == "Y(1,25)~X(1,1)C(1,25)A(25,25)=XB(1,25)"
+    assert f.r_squared > 0.95  # a smooth fit of a smooth curve (0.976 at the default epsilon)
+
+
+# ------------------------------------------------------------------ rank / consensus (§9)
+
+
+def test_rank_table_orthodont_matches_ecv_and_r(frames):
+    from dnmf.covariates import nmfkc_rank
+    from dnmf.covariates._common import effective_rank_expected
+
+    Y, A = frames
+    r = nmfkc_rank(Y, A, rank=[1, 2, 3], r_rng=True)
+    c = r.criteria
+    assert list(c.columns) == ["rank", "r_squared", "effective_rank", "effective_rank_ratio",
+                               "effective_rank_expected", "effective_rank_index", "sigma_ecv"]
+    # spec §9: nmfkc.ecv Orthodont Q=1 sigma 2.345796 (R RNG); §2: cor² 0.4165 at Q=1
+    assert c["sigma_ecv"].iloc[0] == pytest.approx(2.345796, rel=1e-6)
+    assert c["r_squared"].iloc[0] == pytest.approx(0.4165, abs=5e-5)
+    assert np.isnan(c["effective_rank"].iloc[0]) and np.isnan(c["effective_rank_index"].iloc[0])
+    np.testing.assert_allclose(c["effective_rank_expected"], [effective_rank_expected(q) for q in (1, 2, 3)])
+    assert np.all((c["effective_rank_index"].iloc[1:] >= 0) & (c["effective_rank_index"].iloc[1:] <= 1))
+    assert r.best_ecv == int(c["rank"].iloc[int(np.argmin(c["sigma_ecv"]))]) == r.rank_best
+    assert str(r).splitlines()[-1].startswith(f"Best rank: {r.rank_best}")
+    fig = r.plot()
+    assert fig.axes[0].get_xlabel() == "Rank (Q)" and len(fig.axes) == 2  # sigma.ecv on a right axis
+
+
+def test_rank_r2_knee_reference():
+    from dnmf.covariates.rank import r2_knee
+
+    # plain reference: max perpendicular distance from the chord of the normalised curve
+    ranks = [1, 2, 3, 4, 5]
+    r2 = np.array([0.2, 0.8, 0.9, 0.93, 0.95])
+    x = (np.arange(5)) / 4.0
+    y = (r2 - r2.min()) / (r2.max() - r2.min())
+    d = np.abs(x - y) / np.sqrt(2.0)  # the chord runs from (0, 0) to (1, 1)
+    assert r2_knee(ranks, r2) == ranks[int(np.argmax(d))] == 2
+    assert r2_knee([1, 2], [0.1, 0.2]) is None
+
+
+def test_rank_fast_uses_r2_elbow():
+    from dnmf.covariates import nmfkc_rank
+
+    rng = np.random.default_rng(6)
+    W, H = rng.random((12, 2)), rng.random((2, 30))
+    r = nmfkc_rank(W @ H + 0.01 * rng.random((12, 30)), rank=[1, 2, 3, 4], detail="fast")
+    assert r.best_ecv is None and np.isnan(r.criteria["sigma_ecv"]).all()
+    assert r.rank_best == r.best_r2 == 2
+
+
+def test_consensus_three_blocks():
+    """Upstream test-nmfkc.consensus.R: on a 3-block design, dispersion at rank 3 > 0.95 and PAC
+    is smallest at rank 3; statistics checked against plain-NumPy formulas on C̄."""
+    from dnmf.covariates import nmfkc_consensus
+    from scipy.cluster.hierarchy import cophenet, linkage
+    from scipy.spatial.distance import squareform
+
+    rng = np.random.default_rng(7)
+    Y = rng.random((30, 30))
+    for b in range(3):
+        Y[b * 10:(b + 1) * 10, b * 10:(b + 1) * 10] += 5.0
+    res = nmfkc_consensus(Y, rank=[2, 3, 4], nrun=8, keep_consensus=True)
+    assert res.dispersion[1] > 0.95
+    assert int(np.argmin(res.PAC)) == 1
+    for q, disp, pac, coph in zip(res.rank, res.dispersion, res.PAC, res.cophenetic):
+        Cb = res.consensus[q]
+        N = Cb.shape[0]
+        assert disp == pytest.approx(np.sum(4 * (Cb - 0.5) ** 2) / N ** 2, rel=1e-12)
+        low = Cb[np.tril_indices(N, -1)]
+        assert pac == pytest.approx(np.mean((low > 0.1) & (low < 0.9)), rel=1e-12)
+        d = squareform(1 - Cb, checks=False)
+        if np.ptp(d) > 0:
+            assert coph == pytest.approx(cophenet(linkage(d, "average"), d)[0], rel=1e-12)
+    # runs are seeded seed + 1000·i + r: the same call gives the same answer
+    again = nmfkc_consensus(Y, rank=[2, 3, 4], nrun=8)
+    np.testing.assert_array_equal(again.dispersion, res.dispersion)
+    assert "Consensus clustering (8 runs per rank)" in str(res)
