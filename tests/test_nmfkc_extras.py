@@ -183,6 +183,8 @@ def test_formula_nmfre_equals_matrix_call(frames, wide):
     np.testing.assert_array_equal(a.U, b.U)
     assert b.formula_meta["A_cols"] == ("intercept", "male")
     assert b.call.startswith(f"nmfre('{FORMULA}', data=data, rank=1")
+    assert f"Formula:     {FORMULA}" in str(b).split("\n")
+    assert "Formula:" not in str(a)
 
 
 def test_formula_dot_and_omitted_A(wide, fit1):

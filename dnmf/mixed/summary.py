@@ -186,11 +186,13 @@ def format_summary(fit, show_ci: bool = False, max_coef: int = 20, by: str = "co
 
 def format_print(fit) -> str:
     """``print(fit)`` (upstream ``print.nmf``): call, model, convergence, R², hint."""
+    meta = getattr(fit, "formula_meta", None)
     return "\n".join([
         "",
         "Call:",
         fit.call,
         "",
+        *([f"Formula:     {meta['formula']}"] if meta is not None else []),
         f"Model:       {fit.dims}",
         f"Convergence: {convergence_text(fit)}",
         f"R-squared:   {fit.r_squared:.4g}",
