@@ -3,7 +3,6 @@ mode, and the DOT print hint (spec nmfre.md §2, §7.2–7.3, §8)."""
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pandas as pd

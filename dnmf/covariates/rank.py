@@ -70,7 +70,7 @@ class RankResult:
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             table = self.criteria.to_string(index=False)
         return "\n".join([table, f"Best rank: {self.rank_best}"
-                          + (f" (ECV minimum)" if self.best_ecv is not None else " (R-squared elbow)")])
+                          + (" (ECV minimum)" if self.best_ecv is not None else " (R-squared elbow)")])
 
     def plot(self, ax=None, main: str = "Rank Selection Diagnostics"):
         """R², the effective-rank index (left axis, 0–1) and sigma_ecv (right axis), with the
