@@ -371,3 +371,73 @@ def test_c_signed_names(orthodont, start):
     assert_bitwise(nmfre_blocked(Y, A, C_signed="nonneg", **kw), nmfre_blocked(Y, A, C_signed=False, **kw))
     with pytest.raises(InputError, match="'C_signed'.*'signed', 'nonneg'"):
         nmfre_blocked(Y, A, C_signed="positive", **kw)
+
+
+# ------------------------------------------------------------------------------------------
+# Spec §5.1: X_init forms
+# ------------------------------------------------------------------------------------------
+
+
+def test_x_init_matrix_without_c_init_holds_x_fixed_in_nmfkc(orthodont):
+    """nmfkc(X.init=X, X.restriction="fixed") gives Θ; the start is used, not dropped."""
+    from dnmf.mixed.ecm import ecm_initialize, nmfkc_c_stats
+
+    Y, A = (np.asarray(v, float) for v in orthodont)
+    Xg = np.array([[0.3], [0.2], [0.25], [0.25]])
+    X, C = ecm_initialize(Y, A, 1, X_init=Xg)
+    assert np.array_equal(X, Xg)
+    C_stats, _ = nmfkc_c_stats(Xg, np.ones((1, 2)), Y @ A.T, A @ A.T, float(np.sum(Y * Y)), 1e-5)
+    assert rel(C, C_stats) < 1e-10  # nmfkc on the data vs its iterations on the statistics
+    opt = ECMOptions(rank=1)
+    from_x = fit_ecm(Y, A, X, C, None, 1.0, 1.0, opt)
+    default = fit_ecm(Y, A, *ecm_initialize(Y, A, 1), None, 1.0, 1.0, opt)
+    assert from_x.total_iter != default.total_iter  # a different start, a different path
+    b = nmfre_blocked(Y, A, rank=1, engine="ecm", X_init=Xg, n_blocks=3, client=False, wild_bootstrap=False)
+    assert b.n_iter == from_x.total_iter
+    assert rel(b.C, from_x.C) < TOL and rel(b.X, from_x.X) < TOL
+
+
+@pytest.mark.parametrize("method", ["kmeans", "runif", "nndsvd", "kmeans++"])
+def test_x_init_method_names(method):
+    """A method name is nmfkc's start; blocked (all columns in the subsample) = in memory."""
+    from dnmf.mixed.ecm import ecm_initialize
+
+    rng = np.random.default_rng(8)
+    P, N = 6, 120
+    A = np.vstack([np.ones(N), rng.integers(0, 2, N)])
+    Y = np.maximum(rng.dirichlet(np.ones(P), 2).T @ (np.array([[20.0, 4.0], [6.0, 9.0]]) @ A
+                                                     + rng.normal(0, 2, (2, N))), 0)
+    X0, C0 = ecm_initialize(Y, A, 2, X_init=method, seed=3)
+    opt = ECMOptions(rank=2, maxit=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dnmf.ConvergenceWarning)  # 30 iterations: the start is the point
+        f = fit_ecm(Y, A, X0, C0, None, 1.0, 1.0, opt)
+        b = nmfre_blocked(Y, A, rank=2, engine="ecm", X_init=method, seed=3, init_sample=N, n_blocks=3, maxit=30,
+                          client=False, wild_bootstrap=False)
+    o = np.argsort((np.arange(1, P + 1) / P) @ f.X, kind="stable")  # the result's basis order
+    # nmfkc on the data vs its EU iterations on the block statistics (1e-12), then 30 iterations
+    assert rel(b.X, f.X[:, o]) < 1e-8 and rel(b.C, f.C[o]) < 1e-8
+
+
+def test_x_init_rejects_unknown_names(orthodont):
+    from dnmf.mixed.ecm import ecm_initialize
+
+    Y, A = (np.asarray(v, float) for v in orthodont)
+    with pytest.raises(InputError, match="'X_init'.*'nndsvd'"):
+        ecm_initialize(Y, A, 1, X_init="svd")
+    with pytest.raises(InputError, match="'X_init'.*'kmeans'"):
+        nmfre_blocked(Y, A, rank=1, engine="ecm", X_init="svd", client=False)
+    with pytest.raises(InputError, match="'X_init'"):
+        ecm_initialize(Y, A, 1, X_init=-np.ones((4, 1)))
+
+
+@pytest.mark.xfail(reason="dnmf.nmfre (nmfre.py, another owner) does not call ecm_initialize / resolve_c_signed yet",
+                   strict=False)
+def test_nmfre_ecm_accepts_spec_x_init_and_c_signed_forms(orthodont):
+    Y, A = orthodont
+    Xg = np.array([[0.3], [0.2], [0.25], [0.25]])
+    f = dnmf.nmfre(Y, A, rank=1, engine="ecm", X_init=Xg)
+    b = nmfre_blocked(Y, A, rank=1, engine="ecm", X_init=Xg, client=False, wild_bootstrap=False)
+    assert f.n_iter == b.n_iter
+    assert dnmf.nmfre(Y, A, rank=1, engine="ecm", X_init="nndsvd").converged
+    assert not dnmf.nmfre(Y, A, rank=1, engine="ecm", C_signed="nonneg").C_signed

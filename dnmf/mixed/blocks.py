@@ -52,7 +52,7 @@ from ..covariates._common import (
     ridge_solve,
 )
 from ._core import DEFAULT_RATES, ENGINES, check_matrix_init, df_u, gram_eigenvalues, to_matrix
-from .ecm import ECMOptions, resolve_c_signed
+from .ecm import ECMOptions, check_x_init, nmfkc_c_stats, resolve_c_signed
 from .fit import CapOptions, CapState, fit_cap, kmeans_start, nmfkc_eu_stats
 from .inference import (
     BOOT_CHUNK,
@@ -291,7 +291,21 @@ def _subsample_start(data: BlockedData, Y: BlockedMatrix, rank: int, n_cols: int
 
     Only this subsample (P × n_cols) is gathered on the client.
     """
+    return kmeans_start(_subsample(data, Y, n_cols), rank, seed)
 
+
+def _subsample_named_start(data: BlockedData, Y: BlockedMatrix, rank: int, n_cols: int, method: str, seed: int,
+                           r_rng: bool):
+    """nmfkc's start ``X.init=method`` (:func:`dnmf.covariates.nmfkc.initial_X`) on the column
+    subsample of :func:`_subsample_start`, columns scaled to sum 1."""
+    from ..covariates.nmfkc import initial_X
+
+    X, _ = initial_X(_subsample(data, Y, n_cols), rank, method, seed=seed, nstart=1, maxit=5000, r_rng=r_rng)
+    return X / np.maximum(X.sum(axis=0), 1e-300)
+
+
+def _subsample(data: BlockedData, Y: BlockedMatrix, n_cols: int) -> np.ndarray:
+    """At most ``n_cols`` evenly spaced columns of Y (P × n_cols), gathered on the client."""
     N = Y.shape[1]
     cols = np.unique(np.linspace(0, N - 1, min(n_cols, N)).round().astype(np.int64))
     parts = []
@@ -302,7 +316,7 @@ def _subsample_start(data: BlockedData, Y: BlockedMatrix, rank: int, n_cols: int
             parts.append((j, sel))
     blocks = data.ex.gather(data.ex.map_blocks(_take_cols, [data.blocks[j] for j, _ in parts],
                                                [s for _, s in parts]))
-    return kmeans_start(np.concatenate(blocks, axis=1), rank, seed)
+    return np.concatenate(blocks, axis=1)
 
 
 def _take_cols(blk: REBlock, sel):
@@ -521,7 +535,11 @@ def nmfre_blocked(
         if covariate_names is None:
             covariate_names = axis_names(A, 0)
     K = Av.shape[0]
-    X0 = check_matrix_init(X_init, "X_init", (P, rank), func)
+    x_method = None
+    if engine == "ecm":  # a matrix or nmfkc's method name (spec §5.1)
+        X0, x_method = check_x_init(X_init, (P, rank), func)
+    else:
+        X0 = check_matrix_init(X_init, "X_init", (P, rank), func)
     C0 = check_matrix_init(C_init, "C_init", (rank, K), func)
     U0 = check_matrix_init(U_init, "U_init", (rank, N), func)
 
@@ -533,9 +551,14 @@ def nmfre_blocked(
         data = BlockedData(ex, Yb, Av) if engine == "cap" else ECMBlockedData(ex, Yb, Av)
         timings["place_and_constants"] = time.perf_counter() - tp
         tp = time.perf_counter()
-        if X0 is None or C0 is None:
-            if rank == 1:  # R's k-means with one centre: the row means (exact at any N)
+        if engine == "ecm" and X0 is not None and C0 is None:
+            # nmfkc with X.restriction="fixed": X as given, Θ from nmfkc's iterations (spec §5.1)
+            C0, _ = nmfkc_c_stats(X0, np.ones((rank, K)), data.YAt, data.AAt, data.ysq, epsilon)
+        elif X0 is None or C0 is None:
+            if rank == 1 and x_method in (None, "kmeans"):  # R's k-means with one centre: the row means
                 Xs = data.ymean_rows[:, None] / data.ymean_rows.sum()
+            elif x_method is not None:  # nmfkc's named start on the column subsample
+                Xs = _subsample_named_start(data, Yb, rank, init_sample, x_method, seed, r_rng)
             else:
                 Xs = _subsample_start(data, Yb, rank, init_sample, seed)
             X0, C0, _ = nmfkc_eu_stats(Xs, np.ones((rank, K)), data.YAt, data.AAt, data.ysq, epsilon)

@@ -37,12 +37,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._validation import param_error
+from ._core import check_matrix_init
 from ..covariates._common import (EPS, LAMBDA_FLOOR, cholesky_spd, clip_var, normalize_columns, ridge_solve,
                                   safe_div)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ECMOptions", "ECMState", "DenseECMData", "fit_ecm", "run_ecm", "resolve_c_signed", "marginal_nll",
+__all__ = ["ECMOptions", "ECMState", "DenseECMData", "fit_ecm", "run_ecm", "resolve_c_signed", "ecm_initialize",
+           "nmfkc_c_stats", "check_x_init", "marginal_nll",
            "marginal_nll_stats", "x_penalty", "constants_chunk", "u_chunk", "c_chunk"]
 
 
@@ -183,6 +185,88 @@ def marginal_nll_stats(ysq: float, YAt: np.ndarray, AAt: np.ndarray, YYt: np.nda
     logdet = np.linalg.slogdet(np.eye(Q) + (tau2 / sigma2) * XtX)[1]
     quad = rss0 - float(np.trace(np.linalg.solve(XtX + lam * np.eye(Q), G)))
     return 0.5 * (n * (P * np.log(2 * np.pi) + P * np.log(sigma2) + logdet) + quad / sigma2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The start (spec §5.1-5.2)
+# ---------------------------------------------------------------------------------------------
+
+
+def nmfkc_c_stats(X: np.ndarray, C: np.ndarray, YAt: np.ndarray, AAt: np.ndarray, ysq: float, epsilon: float,
+                  maxit: int = 5000) -> tuple[np.ndarray, int]:
+    """nmfkc's EU iterations with X held fixed (``X.restriction="fixed"``), on sufficient statistics.
+
+    ``Θ ← Θ∘[XᵀYAᵀ]/[XᵀXΘAAᵀ + eps]`` (with X fixed the stale ``XB`` of nmfkc is the current
+    one); objective ``‖Y − XΘ_oldA‖²`` by the Gram identity; stop from iteration 10 when
+    ``|Δobj|/max(|obj|, 1) ≤ ε`` (spec §2). Returns Θ and the iteration count.
+    """
+    XtYAt = X.T @ YAt
+    XtX = X.T @ X
+    obj_prev = None
+    it = 0
+    for it in range(1, maxit + 1):
+        Co = C
+        CAAt = Co @ AAt
+        C = Co * XtYAt / (XtX @ CAAt + EPS)
+        obj = ysq - 2.0 * float(np.sum(XtYAt * Co)) + float(np.sum(XtX * (CAAt @ Co.T)))
+        if it >= 10 and obj_prev is not None and abs(obj - obj_prev) / max(abs(obj), 1.0) <= epsilon:
+            break
+        obj_prev = obj
+    return C, it
+
+
+def check_x_init(X_init, shape: tuple, func: str):
+    """``X_init`` as (matrix or None, method name or None): a non-negative (P, Q) array or a name
+    of :data:`dnmf.covariates.nmfkc.X_INIT_METHODS` (spec §5.1)."""
+    from ..covariates.nmfkc import X_INIT_METHODS
+
+    if X_init is None:
+        return None, None
+    if isinstance(X_init, str):
+        if X_init not in X_INIT_METHODS:
+            raise param_error("X_init", func, "an array of shape (P, Q) or one of "
+                              + ", ".join(repr(m) for m in X_INIT_METHODS), X_init)
+        return None, X_init
+    X0 = check_matrix_init(X_init, "X_init", shape, func)
+    if np.any(X0 < 0):
+        raise param_error("X_init", func, f"a finite non-negative array of shape {shape}",
+                          f"an array with minimum {float(X0.min())!r}", described=True)
+    return X0, None
+
+
+def ecm_initialize(Y: np.ndarray, A: np.ndarray, rank: int, *, X_init=None, C_init=None, epsilon: float = 1e-5,
+                   seed: int = 1, nstart: int = 1, r_rng: bool = False, func: str = "nmfre"):
+    """Engine B's start (X, Θ) (spec §5.1-5.2).
+
+    * ``X_init`` and ``C_init`` both matrices: used as given (nmfkc is skipped);
+    * ``X_init`` a matrix, no ``C_init``: ``nmfkc(Y, A, rank, X.init=X_init, X.restriction="fixed")``
+      — X stays the given matrix, Θ comes from nmfkc's iterations with X fixed;
+    * ``X_init`` a method name (``"kmeans"``, ``"kmeansar"``, ``"kmeans++"``, ``"kmeanspp"``,
+      ``"runif"``, ``"nndsvd"``) or None (``"kmeans"``): forwarded to nmfkc with ``nstart``.
+
+    ``C_init`` without a matrix ``X_init`` is not used (nmfkc starts Θ at ones, as upstream's
+    nmfre, which forwards only ``X.init`` and ``nstart`` to nmfkc).
+    """
+    import warnings
+
+    from ..covariates import nmfkc
+
+    P, N = Y.shape
+    K = A.shape[0]
+    X0, method = check_x_init(X_init, (P, rank), func)
+    C0 = check_matrix_init(C_init, "C_init", (rank, K), func)
+    if X0 is not None and C0 is not None:
+        return X0, C0
+    kw = dict(rank=rank, epsilon=epsilon, seed=seed, nstart=nstart, r_rng=r_rng)
+    if X0 is not None:
+        kw.update(X_init=X0, X_restriction="fixed")
+    elif method is not None:
+        kw["X_init"] = method
+    with warnings.catch_warnings():
+        # nmfre warns about its rank itself, in its own name
+        warnings.filterwarnings("ignore", message=r"nmfkc: rank = ", category=UserWarning)
+        kc = nmfkc(Y, A, **kw)
+    return np.array(kc.X, dtype=float), np.array(kc.C, dtype=float)
 
 
 # ---------------------------------------------------------------------------------------------
