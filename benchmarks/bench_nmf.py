@@ -1,6 +1,6 @@
 """Benchmarks of the NMF engine against scikit-learn and the RcppML 1.0 reference numbers.
 
-Run: ``python benchmarks/bench_nmf.py [--large] [--small] [--m 20000 --n 50000 --density 0.02]``
+Run: ``python benchmarks/bench_nmf.py [--large] [--small] [--w-side] [--m 20000 --n 50000 --density 0.02]``
 
 * ``--small``: in-process fits on the bundled hawaiibirds (k=8, tol=1e-5) and aml (k=8,
   100 iterations) data after JIT warm-up, against RcppML 1.0 with one thread on this kind of
@@ -10,6 +10,13 @@ Run: ``python benchmarks/bench_nmf.py [--large] [--small] [--m 20000 --n 50000 -
   the same loss (in-process threads and a 2-worker LocalCluster), dnmf's seconds per
   iteration, and a bare pass that only reads the blocks and computes WᵀA (the floor).
   RcppML 1.0 with 2 threads takes 0.22 s per iteration on this shape.
+* ``--w-side``: the W side of a masked (or weighted) fit, where every row of W has its own Gram
+  ``Q − Σ_{j masked in row i} h_j h_jᵀ`` (docs/architecture.md, "Per-row problems on the W
+  side"). Times prototype kernels for the two realistic layouts at m × n (2 % density), a speckled
+  mask of ``--test-fraction`` over all entries, k = 10 and 50, on a slice of the matrix, and
+  extrapolates to the whole: (a) per-row Gram corrections accumulated as block partials
+  (m × k × k per column block) in the column pass; (b) a mirrored pass over row blocks of A (a
+  CSR copy) that forms each row's Gram and solves its NNLS on the spot.
 Timings print as one table; nothing here is asserted.
 """
 
@@ -195,6 +202,216 @@ def run_large(m, n, density, k, sk_iter):
     print("RcppML 1.0 (2 threads) reference: 0.22 s per iteration on this shape and density")
 
 
+# ---- W side of a masked fit: prototype kernels (docs/architecture.md) -----------------------
+
+def _mix(x):
+    """splitmix64 finalizer: the speckled mask's hash of an entry's linear index."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _masked(i, j, n, seed, thresh):
+    return _mix(np.uint64(i) * np.uint64(n) + np.uint64(j) + np.uint64(seed)) < thresh
+
+
+def _mask_cols_csc(m, n, c0, c1, seed, thresh):
+    """CSC positions (indptr, rows) of the masked entries of columns c0:c1 (hash of every entry)."""
+    cnt = 0
+    for j in range(c0, c1):
+        for i in range(m):
+            if _masked(i, j, n, seed, thresh):
+                cnt += 1
+    indptr = np.zeros(c1 - c0 + 1, np.int64)
+    rows = np.empty(cnt, np.int64)
+    p = 0
+    for j in range(c0, c1):
+        for i in range(m):
+            if _masked(i, j, n, seed, thresh):
+                rows[p] = i
+                p += 1
+        indptr[j - c0 + 1] = p
+    return indptr, rows
+
+
+def _mask_rows_csr(r0, r1, n, seed, thresh):
+    """CSR positions (indptr, cols) of the masked entries of rows r0:r1."""
+    return _mask_cols_csc(n, n, r0, r1, seed, thresh)  # same loop with the roles swapped (i ↔ j below)
+
+
+def _partial_row_grams(mask_indptr, mask_rows, ht, R):
+    """Layout (a): the column pass adds h_c h_cᵀ to R[i] (m × k × k) for each masked (i, c)."""
+    k = ht.shape[1]
+    for c in range(mask_indptr.shape[0] - 1):
+        h = ht[c]
+        for p in range(mask_indptr[c], mask_indptr[c + 1]):
+            Ri = R[mask_rows[p]]
+            for r in range(k):
+                hr = h[r]
+                for s in range(r, k):
+                    Ri[r, s] += hr * h[s]
+
+
+def _row_pass_masked(data, indices, indptr, mask_indptr, mask_cols, ht, Q, out_w):
+    """Layout (b): per row i of a row block, b_i = Σ_j a_ij h_j (unmasked), G_i = Q − Σ_masked h_j h_jᵀ,
+    then w_i = Cholesky-clip(G_i, b_i) — the per-row Gram lives in k × k scratch only."""
+    k = ht.shape[1]
+    G = np.empty((k, k))
+    L = np.zeros((k, k))
+    b = np.empty(k)
+    x = np.empty(k)
+    for i in range(indptr.shape[0] - 1):
+        for r in range(k):
+            b[r] = 0.0
+            for s in range(k):
+                G[r, s] = Q[r, s]
+        for p in range(indptr[i], indptr[i + 1]):
+            a = data[p]
+            h = ht[indices[p]]
+            for r in range(k):
+                b[r] += a * h[r]
+        for p in range(mask_indptr[i], mask_indptr[i + 1]):
+            h = ht[mask_cols[p]]
+            for r in range(k):
+                hr = h[r]
+                for s in range(r, k):
+                    G[r, s] -= hr * h[s]
+        for r in range(k):
+            for s in range(r):
+                G[r, s] = G[s, r]
+        # (the masked a_ij also leave b: the prototype's b sums all stored entries; the cost of
+        # the exclusion is a hash test per stored entry, included in the mask enumeration time)
+        _chol_factor(G, L)
+        _chol_solve(L, b, x, True)
+        for r in range(k):
+            out_w[i, r] = x[r]
+
+
+def _row_pass_masked_blas(data, indices, indptr, mask_indptr, mask_cols, ht, Q, out_w):
+    """Layout (b) with the masked Gram as one BLAS product per row: gather the masked rows of H
+    (about f·n × k) into a buffer, then ``H_Sᵀ H_S`` (numba calls BLAS gemm)."""
+    k = ht.shape[1]
+    n_max = 0
+    for i in range(indptr.shape[0] - 1):
+        n_max = max(n_max, mask_indptr[i + 1] - mask_indptr[i])
+    buf = np.empty((n_max, k))
+    L = np.zeros((k, k))
+    b = np.empty(k)
+    x = np.empty(k)
+    for i in range(indptr.shape[0] - 1):
+        cnt = mask_indptr[i + 1] - mask_indptr[i]
+        for t in range(cnt):
+            h = ht[mask_cols[mask_indptr[i] + t]]
+            for r in range(k):
+                buf[t, r] = h[r]
+        hs = buf[:cnt]
+        G = Q - hs.T @ hs
+        for r in range(k):
+            b[r] = 0.0
+        for p in range(indptr[i], indptr[i + 1]):
+            a = data[p]
+            h = ht[indices[p]]
+            for r in range(k):
+                b[r] += a * h[r]
+        _chol_factor(G, L)
+        _chol_solve(L, b, x, True)
+        for r in range(k):
+            out_w[i, r] = x[r]
+
+
+def _csr_rows_p(data, indices, indptr, ht, P):
+    """The plain mirrored W pass: P_i = Σ_j a_ij h_j over a row block (no mask)."""
+    k = ht.shape[1]
+    for i in range(indptr.shape[0] - 1):
+        Pi = P[i]
+        for p in range(indptr[i], indptr[i + 1]):
+            a = data[p]
+            h = ht[indices[p]]
+            for r in range(k):
+                Pi[r] += a * h[r]
+
+
+def _best(f, reps=3):
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def run_w_side(m, n, density, ks, test_fraction, n_cols=1000, n_rows=400):
+    """Time the two W-side layouts on slices (n_cols columns, n_rows rows) and extrapolate."""
+    global _chol_factor, _chol_solve
+    import numba
+
+    from dnmf.kernels.column import chol_factor as _chol_factor
+    from dnmf.kernels.fused import csc_block_pass
+    from dnmf.kernels.column import column_terms
+    from dnmf.kernels.nnls import chol_solve as _chol_solve
+
+    jit = numba.njit(cache=False, nogil=True)
+    g = globals()
+    for name in ("_mix", "_masked", "_mask_cols_csc", "_partial_row_grams", "_csr_rows_p"):
+        g[name] = jit(g[name])
+    g["_row_pass_masked"] = jit(_row_pass_masked)
+    g["_row_pass_masked_blas"] = jit(_row_pass_masked_blas)
+    thresh = np.uint64(int(test_fraction * 2.0 ** 64))
+    rng = np.random.default_rng(0)
+    nnz_full = int(m * n * density)
+    masked_full = test_fraction * m * n
+    print(f"\nW side of a masked fit: {m} x {n}, density {density} (nnz {nnz_full:,}), speckled mask "
+          f"{test_fraction} of all entries ({masked_full:,.0f} masked); slices: {n_cols} columns x all rows, "
+          f"{n_rows} rows x all columns; times extrapolated to the whole matrix, one thread")
+    # column slice (all m rows): the fused H-side pass and layout (a)
+    Acol = sp.random(m, n_cols, density=density, random_state=rng, format="csc", dtype=np.float64)
+    Arow = sp.random(n_rows, n, density=density, random_state=rng, format="csr", dtype=np.float64)
+    t_hash_col = _best(lambda: _mask_cols_csc(m, n, 0, n_cols, 7, thresh), 2)
+    mptr_c, mrows_c = _mask_cols_csc(m, n, 0, n_cols, 7, thresh)
+    mptr_r, mcols_r = _mask_cols_csc(n, n, 0, n_rows, 7, thresh)  # row-major hash: same cost per entry
+    scale_col = n / n_cols
+    scale_row = m / n_rows
+    print(f"hashing every entry to find the mask: {t_hash_col * scale_col:.2f} s per pass over A "
+          f"(m·n = {m * n:,} hashes; either layout pays it once per side)")
+    hdr = (f"{'k':>3s} {'fused H pass s':>14s} {'(a) partial s':>13s} {'(a) MB/partial':>14s} "
+           f"{'(a) GB moved/it, 8 blocks':>25s} {'(b) W pass s':>12s} {'(b) BLAS W pass s':>17s} "
+           f"{'(b) plain W pass s':>18s} "
+           f"{'(b) copy of A MB':>16s} {'(b) H bcast MB':>14s}")
+    print(hdr)
+    for k in ks:
+        w = np.ascontiguousarray(np.abs(rng.standard_normal((m, k))))
+        G = w.T @ w
+        L = np.linalg.cholesky(G)
+        ht_c = np.abs(rng.standard_normal((n_cols, k)))
+        ht_full = np.abs(rng.standard_normal((n, k)))
+        Q = ht_full.T @ ht_full
+        idx = Acol.indices.astype(np.int32)
+        ptr = Acol.indptr.astype(np.int32)
+        terms = column_terms(k)
+
+        def fused():
+            csc_block_pass(Acol.data, idx, ptr, w, G, L, 0.0, np.zeros((n_cols, k)), np.ones(k), terms, 1, True,
+                           100, 1e-8, False, np.zeros((m, k)), np.zeros((k, k)), np.zeros(k))
+
+        t_fused = _best(fused) * scale_col
+        R = np.zeros((m, k, k))
+        _partial_row_grams(mptr_c[:2], mrows_c, ht_c, R)
+        t_part = _best(lambda: _partial_row_grams(mptr_c, mrows_c, ht_c, R)) * scale_col
+        rptr, ridx = Arow.indptr.astype(np.int64), Arow.indices.astype(np.int64)
+        out_w = np.empty((n_rows, k))
+        _row_pass_masked(Arow.data, ridx, rptr, mptr_r[:2], mcols_r, ht_full, Q, out_w)
+        t_row = _best(lambda: _row_pass_masked(Arow.data, ridx, rptr, mptr_r, mcols_r, ht_full, Q, out_w)) * scale_row
+        _row_pass_masked_blas(Arow.data, ridx, rptr, mptr_r[:2], mcols_r, ht_full, Q, out_w)
+        t_blas = _best(lambda: _row_pass_masked_blas(Arow.data, ridx, rptr, mptr_r, mcols_r, ht_full, Q,
+                                                     out_w)) * scale_row
+        P = np.zeros((n_rows, k))
+        _csr_rows_p(Arow.data, ridx, rptr, ht_full, P)
+        t_plain = _best(lambda: _csr_rows_p(Arow.data, ridx, rptr, ht_full, P)) * scale_row
+        mb_part = m * k * k * 8 / 1e6
+        print(f"{k:3d} {t_fused:14.2f} {t_part:13.2f} {mb_part:14.0f} {8 * mb_part / 1e3:25.2f} {t_row:12.2f} {t_blas:17.2f} "
+              f"{t_plain:18.2f} {nnz_full * 12 / 1e6:16.0f} {n * k * 8 / 1e6:14.0f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true")
@@ -204,14 +421,18 @@ def main():
     ap.add_argument("--density", type=float, default=0.02)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--sk-iter", type=int, default=30)
+    ap.add_argument("--w-side", action="store_true")
+    ap.add_argument("--test-fraction", type=float, default=0.05)
     args = ap.parse_args()
-    if not (args.small or args.large):
+    if not (args.small or args.large or args.w_side):
         args.small = args.large = True
     print(f"cores: {os.cpu_count()}")
     if args.small:
         run_small()
     if args.large:
         run_large(args.m, args.n, args.density, args.k, args.sk_iter)
+    if args.w_side:
+        run_w_side(args.m, args.n, args.density, (10, 50), args.test_fraction)
 
 
 if __name__ == "__main__":
