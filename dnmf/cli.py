@@ -270,12 +270,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .config import CheckpointConfig, OutputConfig, describe_section, get_pipeline, load_config, pipeline_names
+    from .config import (CheckpointConfig, OutputConfig, describe_section, get_pipeline, load_config, pipeline_names,
+                         pipeline_summary)
 
     if args.list:
         for name in pipeline_names():
-            doc = (get_pipeline(name).__doc__ or "").strip().splitlines()
-            print(f"{name:12s} {doc[0] if doc else ''}")
+            print(f"{name:12s} {pipeline_summary(name)}")
         return 0
     if args.explain:
         names = pipeline_names()

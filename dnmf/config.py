@@ -74,6 +74,7 @@ __all__ = [
     "parse_nbytes",
     "parse_yaml",
     "pipeline_names",
+    "pipeline_summary",
     "get_pipeline",
     "PIPELINE_GROUP",
 ]
@@ -632,6 +633,24 @@ def _pipeline_entry_points() -> dict:
 def pipeline_names() -> list[str]:
     """Names a config's ``pipeline:`` key accepts: the ``dnmf.pipelines`` entry points, sorted."""
     return list(_pipeline_entry_points())
+
+
+def pipeline_summary(name: str) -> str:
+    """The first line of pipeline ``name``'s docstring, read from its source without importing it
+    (``dnmf validate --list`` stays fast however heavy a pipeline's imports are)."""
+    import ast
+    import importlib.util
+
+    eps = _pipeline_entry_points()
+    if name not in eps:
+        raise KeyError(f"unknown pipeline {name!r}; available: {', '.join(eps)}")
+    try:
+        spec = importlib.util.find_spec(eps[name].module)
+        doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8")))
+    except (ImportError, AttributeError, TypeError, OSError, SyntaxError, ValueError):
+        doc = get_pipeline(name).__doc__
+    lines = (doc or "").strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def get_pipeline(name: str) -> types.ModuleType:

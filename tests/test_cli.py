@@ -233,3 +233,57 @@ def test_module_does_not_import_pipelines_from_the_library():
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_info_shows_status_error_and_kept_checkpoint(workdir, capsys, monkeypatch):
+    from dnmf.jobs.store import RunStore
+
+    store = RunStore.create("r.zarr", {"name": "r", "pipeline": "factorize"})
+    store.mark_stopped("failed", "ValueError: boom")
+    rc, out, _ = run_main(["info", "r.zarr"], capsys)
+    assert rc == 0 and "status:    failed — not complete" in out and "error:     ValueError: boom" in out
+    store.update_meta(status="complete")  # no completion marker: not complete, whatever the status says
+    rc, out, _ = run_main(["info", "r.zarr"], capsys)
+    assert "status:    complete — not complete" in out
+    store.mark_complete()
+    monkeypatch.setattr(RunStore, "extendable_checkpoints", lambda self: {"nmf": 7})
+    rc, out, _ = run_main(["info", "r.zarr"], capsys)
+    assert "status:    complete\n" in out and "error:" not in out
+    assert ("checkpoint: nmf at iteration 7 (kept: --resume with a larger model.maxit continues the fit)"
+            in out)
+
+
+def test_null_dashboard_address_starts_no_dashboard_and_takes_no_fixed_port():
+    import socket
+    import warnings
+
+    import distributed
+
+    from dnmf.config import LocalClusterConfig
+    from dnmf.jobs.cluster import dashboard_link, local_cluster
+
+    cfg = LocalClusterConfig(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)
+    with socket.socket() as busy:
+        try:  # hold 8787 (when free) so a cluster that wanted it would warn
+            busy.bind(("0.0.0.0", 8787))
+            busy.listen()
+        except OSError:
+            pass
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with local_cluster(cfg) as cluster, distributed.Client(cluster) as client:
+                assert dashboard_link(client, cfg) is None
+    assert not [w for w in caught if "8787" in str(w.message)]
+
+
+def test_validate_imports_only_the_pipeline_it_needs():
+    """`dnmf validate` finds pipelines through their entry points: --list reads docstrings from
+    source, and a factorize config never imports the NMF-RE pipeline (scipy.stats, numba)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    code = ("import sys; from dnmf.cli import main; main(['validate', '--list']); "
+            f"main(['validate', {str(root / 'configs' / 'quickstart.yaml')!r}]); "
+            "print(sorted(m for m in sys.modules if m.startswith('pipelines.') or m == 'scipy.stats'))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "['pipelines.factorize']"

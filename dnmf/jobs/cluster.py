@@ -79,8 +79,15 @@ def scheduler_info(client, *, workers: bool = True) -> dict:
     return client.scheduler_info()
 
 
-def dashboard_link(client) -> str | None:
-    """The dashboard URL of ``client``'s scheduler, or None when it has no dashboard."""
+def dashboard_link(client, cfg=None) -> str | None:
+    """The dashboard URL of ``client``'s scheduler, or None when it has no dashboard.
+
+    ``cfg`` is the cluster config the scheduler was started from, if any: with
+    ``dashboard_address: null`` there is no dashboard (the scheduler's HTTP server, which
+    serves only its health and metrics routes then, still reports itself as "dashboard").
+    """
+    if cfg is not None and hasattr(cfg, "dashboard_address") and cfg.dashboard_address is None:
+        return None
     try:
         info = scheduler_info(client, workers=False)
         if not info.get("services", {}).get("dashboard"):
@@ -118,6 +125,6 @@ def connect(cfg, echo: Callable[[str], None] = logger.info) -> Iterator:
             what = f"{cfg.kind.upper()} cluster, {cfg.jobs} job(s) of {cfg.cores} cores / {cfg.memory}"
             echo(f"waiting for {cfg.kind} workers (jobs submitted: {cfg.jobs})")
             client.wait_for_workers(1)
-        link = dashboard_link(client)
+        link = dashboard_link(client, cfg)
         echo(f"cluster: {what}; dashboard: {link or 'disabled'}")
         yield client

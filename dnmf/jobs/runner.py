@@ -455,7 +455,8 @@ def _run_pipeline(pipe, config, store, client, resumed, echo, stream, reports: l
     from .cluster import connect, dashboard_link, scheduler_info
 
     with contextlib.ExitStack() as stack:
-        if client is None:
+        started = client is None  # the cluster of config.cluster, started (or reached) here
+        if started:
             client = stack.enter_context(connect(config.cluster, echo))
         elif client is not False:
             echo(f"cluster: given client; dashboard: {dashboard_link(client) or 'disabled'}")
@@ -465,7 +466,8 @@ def _run_pipeline(pipe, config, store, client, resumed, echo, stream, reports: l
         else:
             stack.enter_context(client.as_current())
             n_workers = len(scheduler_info(client).get("workers", {}))
-            store.update_meta(dashboard=dashboard_link(client), n_workers=n_workers)
+            store.update_meta(dashboard=dashboard_link(client, config.cluster if started else None),
+                              n_workers=n_workers)
             if config.output.performance_report:
                 report = _report_path(config, store)
                 report.parent.mkdir(parents=True, exist_ok=True)
