@@ -31,9 +31,11 @@ def test_nmf_signature_is_the_spec():
     assert _sig(dnmf.nmf) == _sig(P.signature(P.NMF_PARAMS))
 
 
-def test_nmf_docstring_documents_every_parameter():
+def test_docstrings_document_every_parameter():
     for p in P.NMF_PARAMS:
         assert p.name in dnmf.nmf.__doc__, p.name
+        if p.estimator:
+            assert p.estimator_name in dnmf.NMF.__doc__, p.estimator_name
 
 
 def test_estimator_parameters_are_the_spec():

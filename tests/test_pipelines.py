@@ -76,7 +76,8 @@ def test_entry_points_register_every_pipeline_module():
 def test_pipelines_import_only_the_public_api():
     """pipelines/ imports the public dnmf API (and third-party packages), nothing internal.
 
-    Besides `dnmf`, `dnmf.io` and `dnmf.datasets`: `dnmf.core` (``default_block_nnz``) and the
+    Besides `dnmf`, `dnmf.io` and `dnmf.datasets`: `dnmf.core` (``default_block_nnz``),
+    `dnmf.params` (the factorize ``model:`` section is built from ``NMF_PARAMS``) and the
     NMF-RE scan's ``choose_rate`` / ``DEFAULT_RATES``, imported rather than copied.
     """
     import ast
