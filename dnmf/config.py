@@ -627,7 +627,11 @@ _PIPELINES: dict[str, types.ModuleType] = {}
 def _pipeline_entry_points() -> dict:
     from importlib.metadata import entry_points
 
-    return {ep.name: ep for ep in sorted(entry_points(group=PIPELINE_GROUP), key=lambda ep: ep.name)}
+    found = {ep.name: ep for ep in sorted(entry_points(group=PIPELINE_GROUP), key=lambda ep: ep.name)}
+    if not found:
+        raise ConfigError(f"No job pipelines are registered (entry-point group {PIPELINE_GROUP!r}): dnmf's "
+                          "installation metadata predates them; reinstall it (`pip install -e .` in a checkout).")
+    return found
 
 
 def pipeline_names() -> list[str]:
