@@ -207,6 +207,7 @@ def test_sparse_and_dense_passes_agree_with_numpy(solver, with_terms):
         np.testing.assert_array_equal(ht_t, ht_d)  # the very same kernel call
 
 
+@pytest.mark.filterwarnings("ignore::dnmf.exceptions.ConvergenceWarning")  # maxit=5 on purpose
 def test_predict_is_the_fit_h_step():
     import dnmf
 
