@@ -619,10 +619,7 @@ def _als_options(plan: _Plan, opts: dict) -> ALSOptions:
 
 
 def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int | None, func: str):
-    """Run the ALS loop (resuming from the checkpoint when asked): ``(ALSState, H blocks)``.
-
-    The in-process executor is closed afterwards; a cluster is left as it was.
-    """
+    """Run the ALS loop (resuming from the checkpoint when asked): ``(ALSState, H blocks)``."""
     als = _als_options(plan, opts)
     blocked = plan.blocked
     checkpointer = state = None
@@ -644,14 +641,10 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
     # oversubscribe the cores (DESIGN §3).
     blas_limit = (threadpool_limits(limits=1, user_api="blas")
                   if not executor.distributed and getattr(executor, "n_threads", 1) > 1 else contextlib.nullcontext())
-    try:
-        with blas_limit:
-            return fit_als(plan.fit_blocked, w0, als, executor,
-                           sq_norm_a=plan.summary.sq_norm if plan.scale == 1.0 else None,
-                           on_iteration=callback, checkpointer=checkpointer, state=state, stream=plan.stream)
-    finally:
-        if not executor.distributed:
-            executor.close()
+    with blas_limit:
+        return fit_als(plan.fit_blocked, w0, als, executor,
+                       sq_norm_a=plan.summary.sq_norm if plan.scale == 1.0 else None,
+                       on_iteration=callback, checkpointer=checkpointer, state=state, stream=plan.stream)
 
 
 def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, seq: np.random.SeedSequence,
@@ -712,7 +705,11 @@ def _nmf(A, values: dict, func: str) -> NMFModel:
     opts = _validate(values, func)
     seq, seed_int = _seed_sequence(opts["seed"])
     plan = _plan_blocks(A, opts, func)
-    w0, init_name = _initialize(plan, opts, seq, func)
-    state, ht_blocks = _fit(plan, opts, w0, init_name, seed_int, func)
+    try:
+        w0, init_name = _initialize(plan, opts, seq, func)
+        state, ht_blocks = _fit(plan, opts, w0, init_name, seed_int, func)
+    finally:  # the in-process thread pool is ours to close; a cluster is left as it was
+        if not plan.executor.distributed:
+            plan.executor.close()
     return _build_model(plan, opts, state, ht_blocks, init_name=init_name, seq=seq, seed_int=seed_int,
                         t_start=t_start, func=func)

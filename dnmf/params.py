@@ -45,8 +45,10 @@ __all__ = [
     "REQUIRED",
     "validate",
     "signature",
+    "estimator_signature",
     "estimator_init",
     "estimator_kwargs",
+    "estimator_names",
     "config_section",
     "config_kwargs",
 ]
