@@ -330,17 +330,19 @@ def _take_cols(blk: REBlock, sel):
 
 @dataclass(frozen=True, kw_only=True)
 class NMFREBlockedResult(NMFREResult):
-    """A df-cap NMF-RE fit on a column-blocked Y: an :class:`NMFREResult` without its N-sized
-    fields (U stays on the workers unless ``gather_U=True``).
+    """An NMF-RE fit on a column-blocked Y: an :class:`NMFREResult` without its N-sized fields
+    (U stays on the workers unless ``gather_U=True``).
 
-    Every field of :class:`dnmf.mixed.NMFREResult` (engine "cap") is set as there, except:
+    Every field of :class:`dnmf.mixed.NMFREResult` (engine "cap" or "ecm") is set as there —
+    for "ecm" also ``outer_iter``, ``outer_maxit``, ``nll_trace``, ``X_prob`` and ``X_cluster`` —
+    except:
 
     Attributes
     ----------
     U : ndarray of shape (Q, N) or None
         Gathered random effects (``gather_U=True``), else None.
-    B, B_prob, B_blup, B_blup_pos, B_blup_prob, XB, XB_blup, X_prob, X_cluster : None
-        Not computed (N-sized, or not part of the blocked finish).
+    B, B_prob, B_blup, B_blup_pos, B_blup_prob, XB, XB_blup : None
+        Not computed (N-sized); ``X_prob`` and ``X_cluster`` only for "ecm" (spec §5.4).
     call : str
         Empty.
 
@@ -579,6 +581,7 @@ def nmfre_blocked(
         else:
             out = _cap_blocked(data, Yb, Av, X0, C0, U0, rank, df_rate, epsilon, maxit, sigma2, tau2, sigma2_update,
                                prefix, covariate_names, timings, tp)
+            tp += timings["fit"]
         timings["finalise"] = time.perf_counter() - tp
         tp = time.perf_counter()
         if wild_bootstrap:
