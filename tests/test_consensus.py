@@ -150,7 +150,7 @@ def test_local_and_dask_cluster_give_identical_results(sim):
     local = consensus_nmf(sim.A, 4, method="knn_jaccard", client=False, **kw)
     local_c = cnmf_consensus(sim.A, 3, client=False, **kw)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
         remote = consensus_nmf(sim.A, 4, method="knn_jaccard", client=client, **kw)
         remote_c = cnmf_consensus(sim.A, 3, client=client, **kw)
     # same seeds fixed before submission ⇒ the same fits, bit for bit
@@ -232,9 +232,10 @@ def test_cnmf_recovers_planted_programs_and_stability_peaks_at_true_k(sim, selec
     np.testing.assert_array_equal(single.programs, r3.programs)
 
 
-def test_cnmf_steps_equal_plain_reference(sim, selection):
-    r = selection[3]
-    k, reps = 3, REPS
+@pytest.mark.parametrize("k", [3, 5])  # at k = 5 the density filter drops programs (4 of 60 here)
+def test_cnmf_steps_equal_plain_reference(sim, selection, k):
+    r = selection[k]
+    reps = REPS
     # 1. stacked L2-normalized restart programs
     progs = r.replicate_programs
     np.testing.assert_allclose(np.linalg.norm(progs, axis=0), 1.0, rtol=1e-12)
@@ -267,3 +268,13 @@ def test_cnmf_steps_equal_plain_reference(sim, selection):
     assert r.error == pytest.approx(err, rel=1e-9)  # blockwise evaluate vs one dense sum
     model = r.to_model()
     np.testing.assert_allclose(model.w @ np.diag(model.d) @ model.h, r.programs @ r.usage, rtol=1e-12, atol=1e-15)
+
+
+def test_cnmf_sparse_input_error_without_densifying(sim):
+    sp = pytest.importorskip("scipy.sparse")
+    a = sim.A.copy()
+    a[a < 0.5 * a.mean()] = 0.0
+    r = cnmf_consensus(sp.csc_array(a), 3, reps=5, seed=1, client=False, density_threshold=2.0)
+    assert r.kept.all()  # threshold 2 keeps every program (unit vectors are at most 2 apart)
+    # blockwise sparse evaluate vs a dense sum of squares
+    assert r.error == pytest.approx(np.sum((a - r.programs @ r.usage) ** 2), rel=1e-9)
