@@ -25,7 +25,7 @@ import scipy.sparse as sp
 
 from ._typing import ArrayLike
 from ._validation import check_float, check_int, check_option, param_error
-from .exceptions import DnmfError
+from .exceptions import DnmfError, InputError
 from .models import NMFModel
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ _RESERVED = ("seed", "client", "checkpoint", "checkpoint_every", "resume")
 
 def _check_ks(k: Any, func: str) -> tuple[int, ...]:
     """One rank or a sequence of distinct ranks, each ≥ 1."""
-    values = list(np.atleast_1d(np.asarray(k, dtype=object)).tolist()) if not isinstance(k, (int, np.integer)) else [k]
+    values = [k] if isinstance(k, (int, np.integer)) else np.atleast_1d(np.asarray(k, dtype=object)).tolist()
     if not values:
         raise param_error("k", func, "a positive int or a non-empty sequence of them", k)
     ks = tuple(check_int(q, "k", func, low=1) for q in values)
@@ -203,6 +203,9 @@ def _cluster(c: np.ndarray, k: int):
     from scipy.cluster.hierarchy import cophenet, cut_tree, leaves_list, linkage
     from scipy.spatial.distance import squareform
 
+    if c.shape[0] < 2:
+        raise InputError(f"consensus_nmf needs at least 2 objects to cluster; got {c.shape[0]}. "
+                         "Use axis='samples' or axis='features' for the longer side of A.")
     dist = 1.0 - c
     np.fill_diagonal(dist, 0.0)
     d = squareform(dist, checks=False)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from scipy.cluster.hierarchy import cophenet, fcluster, linkage
 from scipy.optimize import nnls
-from scipy.spatial.distance import squareform
 
 import dnmf
 from dnmf.consensus import (CNMFResult, ConsensusNMFResult, ConsensusNMFSweep, cnmf_consensus, cnmf_k_selection,
