@@ -276,17 +276,8 @@ def _available_memory(executor) -> float:
     The blocks are spread over the workers, so the budget is half of the smallest worker's
     memory times the number of workers (the executor's ``available_memory``/``n_workers``).
     """
-    if hasattr(executor, "available_memory"):
-        n_workers = max(1, int(getattr(executor, "n_workers", 1) or 1)) if executor.distributed else 1
-        return 0.5 * float(executor.available_memory()) * n_workers
-    if executor.distributed:
-        workers = executor.client.scheduler_info(n_workers=-1)["workers"].values()
-        limits = [w.get("memory_limit") or 0 for w in workers]
-        if all(limits):
-            return 0.5 * float(sum(limits))
-    import psutil
-
-    return 0.5 * float(psutil.virtual_memory().available)
+    n_workers = max(1, int(executor.n_workers or 1)) if executor.distributed else 1
+    return 0.5 * n_workers * float(executor.available_memory())
 
 
 def _block_bytes(blocked) -> float:
@@ -569,19 +560,24 @@ def _plan_blocks(A, opts: dict, func: str) -> _Plan:
     from .io.validate import check_data, check_rank
 
     blocked = as_blocked(A, block_nnz=opts["block_nnz"] or default_block_nnz(A))
-    summary = check_data(blocked, func=func)
-    m, n = blocked.shape
-    if not summary.max > 0:
-        raise param_error("A", func, "a matrix with at least one positive entry", f"an all-zero {m} × {n} matrix",
-                          described=True)
-    k = check_rank(opts["k"], (m, n), func)
+    executor = get_executor(opts["client"])
+    try:
+        summary = check_data(blocked, func=func, executor=executor)  # on the workers that will read A
+        m, n = blocked.shape
+        if not summary.max > 0:
+            raise param_error("A", func, "a matrix with at least one positive entry",
+                              f"an all-zero {m} × {n} matrix", described=True)
+        k = check_rank(opts["k"], (m, n), func)
+    except BaseException:  # the in-process thread pool is ours to close; a cluster is left as it was
+        if not executor.distributed:
+            executor.close()
+        raise
     # Out-of-range magnitudes (overflow of ‖A‖², or values swamped by the 1e-15 guards) are fit
     # as s·A with s a power of two; s·L1 keeps the problem the same, and d is divided by s.
     scale = data_scale(max(abs(summary.max), abs(summary.min)))
     if scale != 1.0:
         logger.info("%s: max|A| = %.3g is outside [%.3g, %.3g]; fitting %.17g·A (exact) and rescaling d", func,
                     summary.max, *SAFE_MAX_RANGE, scale)
-    executor = get_executor(opts["client"])
     if opts["out_of_core"] is None:
         stream = (not blocked.in_memory) and _block_bytes(blocked) > _available_memory(executor)
     else:

@@ -12,7 +12,9 @@ these verbs, so the same code runs on a cluster and in a notebook without one:
     run ``fn(*per_block_j, *args)`` for every block j; returns one handle per block (or a tuple
     of ``n_out`` handles per block when ``fn`` returns a tuple). Handles of the distributed
     executor are futures that stay on the worker that computed them; a task preferably runs
-    on the worker holding its first per-block argument.
+    on the worker holding its first per-block argument (a handle from ``put_blocks``), or
+    anywhere when that argument is a plain value (a small picklable object, e.g. a lazy
+    block source).
 ``tree_reduce(combine, handles)``
     combine per-block results with a fixed binary tree in block order, so the result does not
     depend on which task finished first nor on the number of workers.
@@ -296,7 +298,8 @@ class DaskExecutor(Executor):
             # rather than where a large shared argument happens to be.
             home = self._home.get(getattr(per_block[0][j], "key", None))
             fut = self.client.submit(fn, *(p[j] for p in per_block), *args, pure=False, key=_key(fn, j),
-                                     workers=None if home is None else [home], allow_other_workers=True)
+                                     workers=None if home is None else [home],
+                                     allow_other_workers=home is not None)
             parts = (tuple(self.client.submit(operator.getitem, fut, i, pure=False) for i in range(n_out))
                      if n_out > 1 else (fut,))
             if home is not None:

@@ -1,6 +1,7 @@
 """Data checks run once, before any iteration (CONVENTIONS §9).
 
-:func:`check_data` streams over the blocks of a :class:`~dnmf.io.blocks.BlockedMatrix` once,
+:func:`check_data` reads the blocks of a :class:`~dnmf.io.blocks.BlockedMatrix` once (a
+chunk → combine → aggregate reduction, on the executor's workers when one is given),
 rejecting NaN/Inf and (unless allowed) negative entries with a count and an example position in
 whole-matrix coordinates, and returns the summary the engine needs (‖A‖², used by the Gram
 identity for the loss). :func:`check_rank` validates the rank against the matrix shape.
@@ -19,8 +20,8 @@ structure is checked before any kernel runs, with vectorized NumPy on arrays alr
   shape and canonical order (rows sorted and unique within each column; ``as_blocked`` sorts
   and sums duplicates, so only hand-built blocks or a tampered store can fail it).
   :func:`check_data` calls it on every block in its single pass, so an out-of-core store is
-  checked block by block as it is read, with no extra pass over the data. On 20 M stored
-  entries (20000 × 50000, 2 % dense) it takes ~16 ms, a sixth of the rest of the pass (~90 ms)
+  checked block by block as it is read (on the workers), with no extra pass over the data. On
+  20 M stored entries (20000 × 50000, 2 % dense) it takes ~16 ms, a sixth of the rest of the pass (~90 ms)
   and a few per cent of one iteration; the check of the caller's arrays in ``as_blocked``
   takes ~9 ms.
 """
@@ -31,12 +32,13 @@ import numbers
 from dataclasses import dataclass
 
 import numpy as np
+from dask.sizeof import sizeof
 
-from ..exceptions import InputError
+from ..exceptions import InputError, WorkerLostError
 from .blocks import BlockedMatrix, CSCBlock
 
-__all__ = ["DataSummary", "check_data", "check_rank", "check_block", "check_compressed", "check_indptr", "check_coo",
-           "parse_error"]
+__all__ = ["DataSummary", "DataCheck", "check_data", "check_data_chunk", "check_data_combine", "check_data_agg",
+           "check_rank", "check_block", "check_compressed", "check_indptr", "check_coo", "parse_error"]
 
 
 @dataclass(frozen=True)
@@ -61,22 +63,6 @@ class DataSummary:
     n_negative: int
     min: float
     max: float
-
-
-@dataclass
-class _Found:
-    """Count of offending entries and the first one (column-major order) with its value."""
-
-    count: int = 0
-    row: int = -1
-    col: int = -1
-    value: object = None
-
-    def add(self, mask: np.ndarray, block, col0: int) -> None:
-        n = int(np.count_nonzero(mask))
-        if n and self.count == 0:
-            self.row, self.col, self.value = _first_position(mask, block, col0)
-        self.count += n
 
 
 def _first_position(mask: np.ndarray, block, col0: int):
@@ -292,8 +278,129 @@ def check_block(block, n_rows: int, n_cols: int, *, col0: int = 0, func: str = "
             )
 
 
-def check_data(blocked: BlockedMatrix, *, func: str = "nmf", allow_negative: bool = False) -> DataSummary:
+@dataclass(frozen=True)
+class DataCheck:
+    """What :func:`check_data_chunk` learns from some blocks; merged by :func:`check_data_combine`.
+
+    A small record (a few numbers and one float per block), so the reduction ships almost
+    nothing between workers.
+
+    Attributes
+    ----------
+    error : InputError or None
+        The first error (block order) raised while reading or structurally checking a block.
+    n_bad, bad_at : int, (row, col, value) or None
+        NaN/Inf count and the first one (column-major order, whole-matrix coordinates).
+    n_negative, negative_at : int, (row, col, value) or None
+        The same for negative entries.
+    sq_norms : tuple of float
+        ‖A_j‖² of each block, in block order: the aggregate sums them left to right, so ‖A‖²
+        is bitwise that of a serial pass whatever the reduction tree.
+    nnz : int
+        Non-zero entries.
+    min, max : float
+        Smallest and largest entry (implicit zeros included); ±inf when no block was summarized.
+    """
+
+    error: InputError | None = None
+    n_bad: int = 0
+    bad_at: tuple | None = None
+    n_negative: int = 0
+    negative_at: tuple | None = None
+    sq_norms: tuple = ()
+    nnz: int = 0
+    min: float = np.inf
+    max: float = -np.inf
+
+
+@sizeof.register(DataCheck)
+def _sizeof_data_check(record: DataCheck) -> int:
+    return 200 + 8 * len(record.sq_norms)
+
+
+def _first(mask: np.ndarray, block, col0: int) -> tuple[int, tuple | None]:
+    n = int(np.count_nonzero(mask))
+    return n, (_first_position(mask, block, col0) if n else None)
+
+
+def check_data_chunk(source, col0: int, n_rows: int, func: str = "nmf") -> DataCheck:
+    """Chunk step of :func:`check_data`: read block ``source`` (columns from ``col0``) and check it.
+
+    A read or structure error (an InputError from ``source.load()`` or :func:`check_block`) is
+    returned in the record, not raised, so the aggregate can raise the first one in block order.
+    """
+    try:
+        block = source.load()
+        check_block(block, n_rows, int(source.n_cols), col0=col0, func=func)
+    except InputError as exc:
+        return DataCheck(error=exc)
+    if isinstance(block, CSCBlock):
+        values = block.data[: block.nnz]
+        implicit_zeros = block.nnz < n_rows * block.shape[1]
+    else:
+        values = np.asarray(block)
+        implicit_zeros = False
+    n_bad, bad_at = _first(~np.isfinite(values), block, col0)
+    n_negative, negative_at = _first(values < 0, block, col0)
+    sq_norm, nnz, lo, hi = 0.0, 0, np.inf, -np.inf
+    if n_bad == 0 and values.size:
+        flat = values.reshape(-1) if values.flags.c_contiguous else values.ravel(order="K")
+        sq_norm = float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+        nnz = int(np.count_nonzero(flat))
+        lo, hi = float(flat.min()), float(flat.max())
+    if implicit_zeros:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+    return DataCheck(n_bad=n_bad, bad_at=bad_at, n_negative=n_negative, negative_at=negative_at,
+                     sq_norms=(sq_norm,), nnz=nnz, min=lo, max=hi)
+
+
+def check_data_combine(a: DataCheck, b: DataCheck) -> DataCheck:
+    """Combine step of :func:`check_data`: merge the records of neighbouring runs of blocks
+    (``a`` before ``b``), keeping the first error and the first offending entries of ``a``."""
+    return DataCheck(
+        error=a.error if a.error is not None else b.error,
+        n_bad=a.n_bad + b.n_bad,
+        bad_at=a.bad_at if a.n_bad else b.bad_at,
+        n_negative=a.n_negative + b.n_negative,
+        negative_at=a.negative_at if a.n_negative else b.negative_at,
+        sq_norms=a.sq_norms + b.sq_norms,
+        nnz=a.nnz + b.nnz,
+        min=min(a.min, b.min),
+        max=max(a.max, b.max),
+    )
+
+
+def check_data_agg(record: DataCheck, *, func: str = "nmf", allow_negative: bool = False) -> DataSummary:
+    """Aggregate step of :func:`check_data`: raise the first error, or return the summary."""
+    if record.error is not None:
+        raise record.error
+    if record.n_bad:
+        row, col, value = record.bad_at
+        raise InputError(
+            f"The data A passed to {func} must be finite: A contains {record.n_bad} NaN/Inf value(s), "
+            f"e.g. at ({row}, {col}) where A[{row}, {col}] = {value}."
+        )
+    if record.n_negative and not allow_negative:
+        row, col, value = record.negative_at
+        raise InputError(
+            f"The data A passed to {func} must be non-negative; found {record.n_negative} negative entries, "
+            f"e.g. A[{row}, {col}] = {value}."
+        )
+    sq_norm = 0.0
+    for part in record.sq_norms:  # left to right, as a serial pass adds them
+        sq_norm += part
+    return DataSummary(sq_norm=sq_norm, nnz=record.nnz, n_negative=record.n_negative, min=record.min,
+                       max=record.max)
+
+
+def check_data(blocked: BlockedMatrix, *, func: str = "nmf", allow_negative: bool = False,
+               executor=None) -> DataSummary:
     """Check A for NaN/Inf and negative entries in one pass and summarize it.
+
+    A chunk → combine → aggregate reduction (:func:`check_data_chunk`,
+    :func:`check_data_combine`, :func:`check_data_agg`): each block is read and checked once,
+    by the executor's workers when one is given, so an out-of-core store is checked where it is
+    read and only a small :class:`DataCheck` record per block travels.
 
     Parameters
     ----------
@@ -303,6 +410,13 @@ def check_data(blocked: BlockedMatrix, *, func: str = "nmf", allow_negative: boo
         Name of the calling function, used in error messages.
     allow_negative : bool, default False
         Accept negative entries (counted in ``n_negative``).
+    executor : Executor or None, default None
+        Where the blocks are checked (:mod:`dnmf.engine.executor`: ``map_blocks`` then
+        ``tree_reduce`` in block order). None: serially here, stopping at the first block with
+        a read or structure error. Blocks a distributed executor would only receive from this
+        process (``blocked.in_memory``) are checked here too: shipping them to the workers just
+        to check them would send A over the network once more. The summary and any error are
+        the same on every path.
 
     Returns
     -------
@@ -313,8 +427,11 @@ def check_data(blocked: BlockedMatrix, *, func: str = "nmf", allow_negative: boo
     InputError
         If A has NaN or Inf entries, or negative entries when they are not allowed. The message
         gives the number of offending entries and the first one (in column-major order) as
-        ``A[row, col]`` in whole-matrix coordinates. Also, at the block where it is found, if a
-        block has the wrong shape or a CSC block a broken structure (see :func:`check_block`).
+        ``A[row, col]`` in whole-matrix coordinates. Also, for the first such block, if a block
+        cannot be read, has the wrong shape or a CSC block a broken structure (see
+        :func:`check_block`); this error comes first.
+    WorkerLostError
+        If workers are lost more than ``executor.max_recoveries`` times during the check.
 
     Examples
     --------
@@ -324,44 +441,26 @@ def check_data(blocked: BlockedMatrix, *, func: str = "nmf", allow_negative: boo
     >>> check_data(as_blocked(np.array([[0.0, 3.0], [4.0, 0.0]]))).sq_norm
     25.0
     """
-    m, _ = blocked.shape
-    sq_norm = 0.0
-    nnz = 0
-    lo, hi = np.inf, -np.inf
-    bad = _Found()
-    neg = _Found()
-    col0 = 0
-    for source in blocked.sources:
-        block = source.load()
-        check_block(block, m, int(source.n_cols), col0=col0, func=func)
-        if isinstance(block, CSCBlock):
-            values = block.data[: block.nnz]
-            implicit_zeros = block.nnz < m * block.shape[1]
-        else:
-            values = np.asarray(block)
-            implicit_zeros = False
-        finite = np.isfinite(values)
-        bad.add(~finite, block, col0)
-        neg.add(values < 0, block, col0)
-        if bad.count == 0 and values.size:
-            flat = values.reshape(-1) if values.flags.c_contiguous else values.ravel(order="K")
-            sq_norm += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
-            nnz += int(np.count_nonzero(flat))
-            lo, hi = min(lo, float(flat.min())), max(hi, float(flat.max()))
-        if implicit_zeros:
-            lo, hi = min(lo, 0.0), max(hi, 0.0)
-        col0 += block.shape[1]
-    if bad.count:
-        raise InputError(
-            f"The data A passed to {func} must be finite: A contains {bad.count} NaN/Inf value(s), "
-            f"e.g. at ({bad.row}, {bad.col}) where A[{bad.row}, {bad.col}] = {bad.value}."
-        )
-    if neg.count and not allow_negative:
-        raise InputError(
-            f"The data A passed to {func} must be non-negative; found {neg.count} negative entries, "
-            f"e.g. A[{neg.row}, {neg.col}] = {neg.value}."
-        )
-    return DataSummary(sq_norm=sq_norm, nnz=nnz, n_negative=neg.count, min=lo, max=hi)
+    m = int(blocked.shape[0])
+    sources = list(blocked.sources)
+    col0s = [int(c) for c in blocked.col_bounds[:-1]]
+    if executor is None or (getattr(executor, "distributed", False) and blocked.in_memory):
+        record = DataCheck()
+        for source, col0 in zip(sources, col0s):
+            part = check_data_chunk(source, col0, m, func)
+            if part.error is not None:
+                raise part.error  # stop at the first unreadable or malformed block
+            record = check_data_combine(record, part)
+    else:
+        for attempt in range(int(getattr(executor, "max_recoveries", 0)) + 1):
+            try:
+                record = executor.tree_reduce(check_data_combine,
+                                              executor.map_blocks(check_data_chunk, sources, col0s, args=(m, func)))
+                break
+            except WorkerLostError:  # the check is idempotent: run it again on the live workers
+                if attempt == int(getattr(executor, "max_recoveries", 0)):
+                    raise
+    return check_data_agg(record, func=func, allow_negative=allow_negative)
 
 
 def check_rank(k, shape: tuple[int, int], func: str = "nmf") -> int:
