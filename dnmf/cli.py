@@ -67,8 +67,10 @@ examples:
 """
 
 CONVERT_HELP = """\
-Convert a matrix to dnmf's Zarr layout: column blocks balanced by stored entries, each
-block written as whole shards, ready for out-of-core fits on a cluster.
+Convert a matrix to dnmf's Zarr v3 layout: column blocks balanced by stored entries, each
+block starting on a chunk boundary (blocks never share a chunk), every chunk written, and
+fill values no valid store holds (NaN for values, -1 for indices), so a lost chunk file is
+detected; ready for out-of-core fits on a cluster.
 
 INPUT is a .mtx/.mtx.gz (features × samples), .npz (scipy.sparse), .npy, .h5ad (cells ×
 genes AnnData, stored as genes × cells) or another Zarr store.

@@ -29,7 +29,7 @@ import numpy as np
 
 from .column import any_terms, column_step, solve_column
 
-__all__ = ["csc_block_pass", "dense_block_solve", "accumulate_q_hsum", "csc_sq_norm"]
+__all__ = ["csc_block_pass", "dense_block_solve", "csc_sq_norm"]
 
 
 def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol,
@@ -126,18 +126,6 @@ def _dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_ma
 
 
 dense_block_solve = numba.njit(cache=True, nogil=True)(_dense_block_solve)
-
-
-def _accumulate_q_hsum(ht, Q, hsum):
-    n, k = ht.shape
-    for c in range(n):
-        for r in range(k):
-            hsum[r] += abs(ht[c, r])
-            for s in range(k):
-                Q[r, s] += ht[c, r] * ht[c, s]
-
-
-accumulate_q_hsum = numba.njit(cache=True, nogil=True)(_accumulate_q_hsum)
 
 
 def _csc_sq_norm(data):
