@@ -254,7 +254,7 @@ def test_marginal_nll_from_statistics_equals_data_form():
     P, N, Q, K = 6, 40, 2, 3
     Y, A, X, C = rng.random((P, N)), rng.random((K, N)), rng.random((P, Q)), rng.normal(size=(Q, K))
     want = marginal_nll(Y, X, C, A, 1.7, 3.1)
-    got = marginal_nll_stats(float(np.sum(Y * Y)), Y @ A.T, A @ A.T, Y @ Y.T, X, C, N, 1.7, 3.1)
+    got = marginal_nll_stats(float(np.sum(Y * Y)), Y @ A.T, A @ A.T, X.T @ Y @ Y.T @ X, X, C, N, 1.7, 3.1)
     assert got == pytest.approx(want, rel=1e-12)  # two algebraic forms of one number
 
 
@@ -317,7 +317,7 @@ def test_blocked_on_one_and_two_workers(orthodont, start, fit_mem, clients, gath
               wild_seed=7)
     fits = [nmfre_blocked(Y, A, client=c, **kw) for c in clients]
     P, N, QK = 4, 27, 2
-    # the client received only statistics — P × P (YYᵀ), P × Q, Q × Q, K × Q and the bootstrap
+    # the client received only statistics — P × K, K × K, P × Q, Q × Q, K × Q and the bootstrap
     # partials QK × wild_B — never an array with an axis of length N (Y_j, U_j, a score block)
     assert gathered and all(N not in shape for shape in gathered)
     assert max(int(np.prod(s)) for s in gathered) == QK * 300

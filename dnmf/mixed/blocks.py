@@ -103,14 +103,14 @@ def _add(a, b):
     return tuple(x + y for x, y in zip(a, b))
 
 
-def constants_chunk(blk: REBlock, with_yyt: bool = False):
-    """Data checks and constant statistics of one block (and ``Y_jY_jᵀ`` for the ECM engine)."""
+def constants_chunk(blk: REBlock):
+    """Data checks and constant statistics of one block."""
     Y = blk.load()
     A = blk.a
     finite = np.isfinite(Y)
     n_bad = int(Y.size - finite.sum())
     has_negative = bool(np.any(Y[finite] < 0))
-    out = (
+    return (
         Y.sum(axis=1),  # row sums of Y (P)
         A.sum(axis=1),  # row sums of A (K)
         float(np.sum(Y * Y)),
@@ -118,7 +118,6 @@ def constants_chunk(blk: REBlock, with_yyt: bool = False):
         A @ A.T,  # K × K
         np.array([n_bad, float(has_negative)]),  # non-finite values, blocks with negatives
     )
-    return out + (Y @ Y.T,) if with_yyt else out  # P × P (the ECM engine's marginal NLL)
 
 
 def zeros_chunk(blk: REBlock, q: int) -> np.ndarray:
@@ -196,15 +195,14 @@ def split_columns(A: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
 class BlockedData:
     """Engine-A data backend over an executor: blocks and U_j stay where they were computed."""
 
-    def __init__(self, executor, Y: BlockedMatrix, A: np.ndarray, with_yyt: bool = False):
+    def __init__(self, executor, Y: BlockedMatrix, A: np.ndarray):
         self.ex = executor
         self.bounds = Y.col_bounds
         self.n_features, self.n_samples = Y.shape
         a_blocks = split_columns(A, self.bounds)
         self.blocks = executor.put_blocks([REBlock(src, a) for src, a in zip(Y.sources, a_blocks)])
-        parts = executor.map_blocks(constants_chunk, self.blocks, args=(with_yyt,))
-        ysum, asum, ysq, YAt, AAt, checks, *yyt = executor.tree_reduce(_add, parts)
-        self.YYt = yyt[0] if yyt else None
+        parts = executor.map_blocks(constants_chunk, self.blocks)
+        ysum, asum, ysq, YAt, AAt, checks = executor.tree_reduce(_add, parts)
         if checks[0] > 0:
             raise param_error("Y", "nmfre_blocked", "finite (no NaN or Inf)", f"{int(checks[0])} non-finite values")
         if checks[1] > 0:

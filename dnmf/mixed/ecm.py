@@ -15,11 +15,13 @@ inner iteration in ``nll_trace``.
 The loop is written once on sufficient statistics (as Engine A in :mod:`.fit`): a *data
 backend* runs the per-block passes over Y and returns block sums; X, Θ, σ², τ², the objective
 and the marginal NLL are computed on the client from Q × Q, P × Q and Q × K matrices and the
-constants ``‖Y‖²``, ``YAᵀ``, ``AAᵀ``, ``YYᵀ``. Per inner iteration:
+constants ``‖Y‖²``, ``YAᵀ``, ``AAᵀ``. Per inner iteration:
 
 pass 1 (:func:`u_chunk`, every iteration)
     ``U_j = M⁻¹(XᵀY_j − XᵀXΘA_j)``; returns ``Y_jB_jᵀ`` and ``B_jB_jᵀ`` (``B = ΘA + U``; their
-    positive-part versions for the non-negative engine) and ``Y_jU_jᵀ``, ``U_jU_jᵀ``, ``A_jU_jᵀ``.
+    positive-part versions for the non-negative engine), ``Y_jU_jᵀ``, ``U_jU_jᵀ``, ``A_jU_jᵀ``
+    and ``(XᵀY_j)(XᵀY_j)ᵀ`` — with the X of the previous iteration, whose marginal NLL needs it
+    (so each NLL is completed one pass later; the last one by a final :func:`gram_chunk` pass).
 pass 2 (:func:`c_chunk`, non-negative Θ only)
     ``U_j ← DU_j`` (the normalisation of X); returns ``Xᵀmax(Y_j − XU_j, 0)A_jᵀ``.
 
@@ -45,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ECMOptions", "ECMState", "DenseECMData", "fit_ecm", "run_ecm", "resolve_c_signed", "ecm_initialize",
            "nmfkc_c_stats", "check_x_init", "marginal_nll",
-           "marginal_nll_stats", "x_penalty", "constants_chunk", "u_chunk", "c_chunk"]
+           "marginal_nll_stats", "x_penalty", "constants_chunk", "u_chunk", "c_chunk", "gram_chunk"]
 
 
 #: The string forms of ``C_signed`` upstream accepts (spec §5.1), and the bool each means.
@@ -168,9 +170,9 @@ def _c_step_signed(X: np.ndarray, Y: np.ndarray, U: np.ndarray, A: np.ndarray, A
     return _c_step_signed_rhs(X.T @ X, X.T @ (Y - X @ U) @ A.T, AAt, c_l2)
 
 
-def marginal_nll_stats(ysq: float, YAt: np.ndarray, AAt: np.ndarray, YYt: np.ndarray, X: np.ndarray,
+def marginal_nll_stats(ysq: float, YAt: np.ndarray, AAt: np.ndarray, XtYYtX: np.ndarray, X: np.ndarray,
                        C: np.ndarray, n: int, sigma2: float, tau2: float) -> float:
-    """:func:`marginal_nll` from the constants ``‖Y‖²``, ``YAᵀ``, ``AAᵀ``, ``YYᵀ`` (no pass over Y).
+    """:func:`marginal_nll` from ``‖Y‖²``, ``YAᵀ``, ``AAᵀ`` and ``XᵀYYᵀX`` (Q × Q, for this X).
 
     With ``R = Y − XΘA``: ``‖R‖² = ‖Y‖² − 2⟨X, YAᵀΘᵀ⟩ + ⟨XᵀX, ΘAAᵀΘᵀ⟩`` and
     ``XᵀRRᵀX = XᵀYYᵀX − T − Tᵀ + XᵀXΘAAᵀΘᵀXᵀX`` with ``T = XᵀYAᵀΘᵀXᵀX``.
@@ -180,7 +182,7 @@ def marginal_nll_stats(ysq: float, YAt: np.ndarray, AAt: np.ndarray, YYt: np.nda
     XtX = X.T @ X
     CAAtCt = C @ AAt @ C.T
     T = (X.T @ YAt) @ C.T @ XtX
-    G = X.T @ YYt @ X - T - T.T + XtX @ CAAtCt @ XtX
+    G = XtYYtX - T - T.T + XtX @ CAAtCt @ XtX
     rss0 = ysq - 2.0 * float(np.sum(X * (YAt @ C.T))) + float(np.sum(XtX * CAAtCt))
     logdet = np.linalg.slogdet(np.eye(Q) + (tau2 / sigma2) * XtX)[1]
     quad = rss0 - float(np.trace(np.linalg.solve(XtX + lam * np.eye(Q), G)))
@@ -275,25 +277,32 @@ def ecm_initialize(Y: np.ndarray, A: np.ndarray, rank: int, *, X_init=None, C_in
 
 
 def constants_chunk(Y: np.ndarray, A: np.ndarray) -> tuple:
-    """``(‖Y_j‖², Y_jA_jᵀ, A_jA_jᵀ, Y_jY_jᵀ)``: the constants of the ECM loop."""
-    return float(np.sum(Y * Y)), Y @ A.T, A @ A.T, Y @ Y.T
+    """``(‖Y_j‖², Y_jA_jᵀ, A_jA_jᵀ)``: the constants of the ECM loop."""
+    return float(np.sum(Y * Y)), Y @ A.T, A @ A.T
 
 
 def u_chunk(Y: np.ndarray, A: np.ndarray, X: np.ndarray, C: np.ndarray, L: np.ndarray, signed: bool):
-    """U step on one block; returns ``(U_j, (YBᵀ, BBᵀ, YUᵀ, UUᵀ, AUᵀ))``.
+    """U step on one block; returns ``(U_j, (YBᵀ, BBᵀ, YUᵀ, UUᵀ, AUᵀ, XᵀYYᵀX))``.
 
     ``Xᵀ(Y_j − XΘA_j)`` is formed as ``XᵀY_j − (XᵀX)ΘA_j`` (no P × n_j temporary). For the
     non-negative engine the first two are ``max(Y,0)B⁺ᵀ`` and ``B⁺B⁺ᵀ`` with ``B⁺ = max(B, 0)``.
     """
     CA = C @ A
-    U = ridge_solve(L, X.T @ Y - (X.T @ X) @ CA)
+    XtY = X.T @ Y
+    U = ridge_solve(L, XtY - (X.T @ X) @ CA)
     B = CA + U
     if signed:
         YBt, BBt = Y @ B.T, B @ B.T
     else:
         Bp = np.maximum(B, 0.0)
         YBt, BBt = np.maximum(Y, 0.0) @ Bp.T, Bp @ Bp.T
-    return U, (YBt, BBt, Y @ U.T, U @ U.T, A @ U.T)
+    return U, (YBt, BBt, Y @ U.T, U @ U.T, A @ U.T, XtY @ XtY.T)
+
+
+def gram_chunk(Y: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """``(XᵀY_j)(XᵀY_j)ᵀ`` (Q × Q): the last marginal NLL's statistic."""
+    XtY = X.T @ Y
+    return XtY @ XtY.T
 
 
 def c_chunk(Y: np.ndarray, A: np.ndarray, U: np.ndarray, X: np.ndarray, d: np.ndarray):
@@ -317,7 +326,7 @@ class DenseECMData:
         self.Y = np.ascontiguousarray(Y, dtype=np.float64)
         self.A = np.ascontiguousarray(A, dtype=np.float64)
         self.n_features, self.n_samples = self.Y.shape
-        self.ysq, self.YAt, self.AAt, self.YYt = constants_chunk(self.Y, self.A)
+        self.ysq, self.YAt, self.AAt = constants_chunk(self.Y, self.A)
         self.U = None
         self._d = None
 
@@ -333,6 +342,9 @@ class DenseECMData:
     def c_pass(self, X, d) -> np.ndarray:
         self.U, num = c_chunk(self.Y, self.A, self.U, X, d)
         return num
+
+    def gram_pass(self, X) -> np.ndarray:
+        return gram_chunk(self.Y, X)
 
     def final_u(self) -> np.ndarray:
         if self._d is not None:
@@ -365,7 +377,7 @@ def run_ecm(data, X: np.ndarray, C: np.ndarray, sigma2: float, tau2: float, opt:
     Returns the state with X and Θ; U stays in the backend (before basis reordering).
     """
     P, N = data.n_features, data.n_samples
-    ysq, YAt, AAt, YYt = data.ysq, data.YAt, data.AAt, data.YYt
+    ysq, YAt, AAt = data.ysq, data.YAt, data.AAt
     Q = opt.rank
     eye = np.eye(Q)
     signed = opt.C_signed
@@ -374,6 +386,7 @@ def run_ecm(data, X: np.ndarray, C: np.ndarray, sigma2: float, tau2: float, opt:
     C = C0 * dsc[:, None]
     st = ECMState(X=X, C=C, U=None, sigma2=sigma2, tau2=tau2)
     stop_all = False
+    nll_pending = None  # (X, Θ, N, σ², τ²) of the last recorded iteration: its NLL needs XᵀYYᵀX
     rss = usq = np.nan
     for outer in range(1, opt.outer_maxit + 1):
         st.outer = outer
@@ -386,7 +399,10 @@ def run_ecm(data, X: np.ndarray, C: np.ndarray, sigma2: float, tau2: float, opt:
                 callback()
             # 1. U step (no centring), on the blocks: returns the sums the X and Θ steps need
             L = cholesky_spd(X.T @ X + max(lam, LAMBDA_FLOOR) * eye)
-            YBt, BBt, YUt, UUt, AUt = data.u_pass(X, C, L, signed)
+            YBt, BBt, YUt, UUt, AUt, XtYYtX = data.u_pass(X, C, L, signed)
+            if nll_pending is not None:  # X has not changed since: complete the last NLL
+                st.nll_trace.append(marginal_nll_stats(ysq, YAt, AAt, XtYYtX, *nll_pending))
+                nll_pending = None
             # 2. X step
             pnum, pden = x_penalty_terms(X, opt.X_L2_ortho, opt.X_L2_smooth)
             if signed:
@@ -418,7 +434,7 @@ def run_ecm(data, X: np.ndarray, C: np.ndarray, sigma2: float, tau2: float, opt:
             if st.total_iter <= opt.maxit:
                 st.objfunc_iter.append(obj)
                 st.rss_trace.append(rss)
-                st.nll_trace.append(marginal_nll_stats(ysq, YAt, AAt, YYt, X, C, N, st.sigma2, st.tau2))
+                nll_pending = (X, C, N, st.sigma2, st.tau2)
             if not np.isfinite(obj):
                 st.stop_reason, st.converged, stop_all = "nonfinite_obj", False, True
                 break
@@ -452,6 +468,8 @@ def run_ecm(data, X: np.ndarray, C: np.ndarray, sigma2: float, tau2: float, opt:
         if st.total_iter >= opt.maxit:
             st.stop_reason = "maxit"
             break
+    if nll_pending is not None:
+        st.nll_trace.append(marginal_nll_stats(ysq, YAt, AAt, data.gram_pass(nll_pending[0]), *nll_pending))
     if st.stop_reason == "maxit" and not st.converged and st.outer >= opt.outer_maxit and st.total_iter < opt.maxit:
         st.stop_reason = "outer_maxit"
     return st

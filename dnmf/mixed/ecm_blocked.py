@@ -6,15 +6,16 @@ Each block ``(Y_j, A_j)`` is placed once on a worker; ``U_j`` (Q × n_j) is comp
 stays there. Per inner iteration the client receives only the tree-reduced block sums
 
 pass 1, every iteration (:func:`dnmf.mixed.ecm.u_chunk`)
-    ``Σ Y_jB_jᵀ`` (P × Q), ``Σ B_jB_jᵀ`` (Q × Q) — positive parts for ``C_signed=False`` — and
-    ``Σ Y_jU_jᵀ`` (P × Q), ``Σ U_jU_jᵀ`` (Q × Q), ``Σ A_jU_jᵀ`` (K × Q);
+    ``Σ Y_jB_jᵀ`` (P × Q), ``Σ B_jB_jᵀ`` (Q × Q) — positive parts for ``C_signed=False`` —
+    ``Σ Y_jU_jᵀ`` (P × Q), ``Σ U_jU_jᵀ`` (Q × Q), ``Σ A_jU_jᵀ`` (K × Q) and
+    ``Σ (XᵀY_j)(XᵀY_j)ᵀ`` (Q × Q, for the previous iteration's marginal NLL);
 pass 2, ``C_signed=False`` only (:func:`dnmf.mixed.ecm.c_chunk`)
     ``Σ Xᵀmax(Y_j − XDU_j, 0)A_jᵀ`` (Q × K), with ``U_j ← DU_j`` on the worker.
 
-That is (2P + 2Q + K)·Q numbers per block per iteration (+ QK for the non-negative engine).
+That is (2P + 3Q + K)·Q numbers per block per iteration (+ QK for the non-negative engine).
 The signed Θ step, ``‖Y − X(ΘA + U)‖²``, ``‖U‖²`` (for the objective and the EM M-steps) and
-the marginal NLL come from these and the constants ``‖Y‖²``, ``YAᵀ``, ``AAᵀ``, ``YYᵀ`` (one
-pass at placement). The normalisation ``U ← DU`` of the signed engine is deferred: the next
+the marginal NLL come from these and the constants ``‖Y‖²``, ``YAᵀ``, ``AAᵀ`` (one pass at
+placement); the last NLL takes one extra pass (``Σ (XᵀY_j)(XᵀY_j)ᵀ``) after the loop. The normalisation ``U ← DU`` of the signed engine is deferred: the next
 U step replaces U, so it is applied once, after the loop.
 
 The partials are summed by the executor's fixed binary tree in block order, so the fit does
@@ -31,7 +32,8 @@ import numpy as np
 from ..covariates._common import basis_names, basis_order, clip_var, icc
 from ._core import df_u, gram_eigenvalues
 from .blocks import BlockedData, NMFREBlockedResult, REBlock, _r2
-from .ecm import ECMOptions, ECMState, c_chunk, run_ecm, u_chunk
+from .blocks import _add1
+from .ecm import ECMOptions, ECMState, c_chunk, gram_chunk, run_ecm, u_chunk
 
 __all__ = ["ECMBlockedData", "fit_ecm_blocked", "ecm_blocked_result"]
 
@@ -39,6 +41,11 @@ __all__ = ["ECMBlockedData", "fit_ecm_blocked", "ecm_blocked_result"]
 def u_task(blk: REBlock, X, C, L, signed):
     """Pass 1 on one placed block (see :func:`dnmf.mixed.ecm.u_chunk`)."""
     return u_chunk(blk.load(), blk.a, X, C, L, signed)
+
+
+def gram_task(blk: REBlock, X):
+    """The last NLL's statistic on one placed block (see :func:`dnmf.mixed.ecm.gram_chunk`)."""
+    return gram_chunk(blk.load(), X)
 
 
 def c_task(blk: REBlock, U, X, d):
@@ -50,12 +57,12 @@ def c_task(blk: REBlock, U, X, d):
 class ECMBlockedData(BlockedData):
     """The ECM data backend over an executor (the interface of :class:`dnmf.mixed.ecm.DenseECMData`).
 
-    Blocks, U blocks, the constants (with ``YYᵀ``), R² sums and inference come from
+    Blocks, U blocks, the constants, R² sums and inference come from
     :class:`BlockedData`; this adds the two ECM passes and the deferred scaling of U.
     """
 
     def __init__(self, executor, Y, A):
-        super().__init__(executor, Y, A, with_yyt=True)
+        super().__init__(executor, Y, A)
         self._d = None
 
     def u_pass(self, X, C, L, signed: bool) -> tuple:
@@ -71,6 +78,9 @@ class ECMBlockedData(BlockedData):
         outs = self.ex.map_blocks(c_task, self.blocks, self.U, args=(X, d), n_out=2)
         (num,) = self._swap_u(outs)
         return num
+
+    def gram_pass(self, X) -> np.ndarray:
+        return self.ex.tree_reduce(_add1, self.ex.map_blocks(gram_task, self.blocks, args=(X,)))
 
     def finish_u(self) -> None:
         """Apply a pending U ← DU on the workers."""
