@@ -52,7 +52,7 @@ def test_entry_points(cmd):
     ("run", ["--resume", "--overwrite", "--set KEY=VALUE", "pipeline: factorize", "checkpoint", "<output.dir>/<name>.zarr",
              "dnmf run configs/quickstart.yaml"]),
     ("validate", ["--show", "--list", "--explain", "unknown keys"]),
-    ("convert", ["--block-nnz", ".mtx", ".h5ad", "shards", "OUTPUT.zarr"]),
+    ("convert", ["--block-nnz", ".mtx", ".h5ad", "chunk boundary", "every chunk written", "OUTPUT.zarr"]),
     ("info", ["--config", "--json", "status"]),
 ])
 def test_each_command_help_stands_alone(command, must_have, capsys):
