@@ -405,7 +405,7 @@ def test_checkpoint_fingerprint_ignores_what_only_extends_a_fit():
 
 def test_performance_report_is_self_contained_and_kept_per_attempt(made, tmp_path, monkeypatch):
     distributed = pytest.importorskip("distributed")
-    from dnmf.jobs.cluster import scheduler_info
+    from dnmf.engine.executor import scheduler_workers
 
     root, _, _ = made
     monkeypatch.chdir(tmp_path)
@@ -413,7 +413,7 @@ def test_performance_report_is_self_contained_and_kept_per_attempt(made, tmp_pat
     data["output"].update(dir=str(tmp_path / "runs"), performance_report=True)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
                                   dashboard_address=None) as cl, distributed.Client(cl) as client:
-        assert len(scheduler_info(client)["workers"]) == 2
+        assert len(scheduler_workers(client)) == 2
         first = run_job(JobConfig.from_dict(data), client=client, echo=quiet)
         report1 = tmp_path / "runs" / "rep-report.html"
         text1 = report1.read_text()

@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
 from typing import Callable, Iterator
 
@@ -19,7 +17,7 @@ from ..config import AddressClusterConfig, JobqueueClusterConfig, LocalClusterCo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["jobqueue_cluster", "local_cluster", "connect", "dashboard_link", "scheduler_info"]
+__all__ = ["jobqueue_cluster", "local_cluster", "connect", "dashboard_link", "quiet_sizeof_probe"]
 
 
 def local_cluster(cfg: LocalClusterConfig):
@@ -68,15 +66,54 @@ def jobqueue_cluster(cfg: JobqueueClusterConfig):
     return cls(**kwargs)
 
 
-def scheduler_info(client, *, workers: bool = True) -> dict:
-    """``client.scheduler_info()`` with every worker listed (``workers``) or none.
+class SizeofProbeFilter(logging.Filter):
+    """Drops the ``distributed.sizeof`` warning of a failed *size probe* ("... Defaulting to -1 B").
 
-    Recent ``distributed`` lists only the first few workers unless asked for ``n_workers=-1``;
-    older versions take no ``n_workers`` and always list all of them.
+    Before sending a message, ``distributed.comm.utils.to_frames`` estimates its size with
+    ``safe_sizeof(msg, default_size=-1)`` only to decide whether to serialize it off the event
+    loop. The deeply nested profile messages of a performance report make dask's ``sizeof`` hit
+    a RecursionError; distributed then falls back correctly but logs this warning (twice per job).
+    Other sizeof failures (default sizes of 1 MB, which affect memory accounting) stay visible.
     """
-    if _takes_n_workers(type(client)):
-        return client.scheduler_info(n_workers=-1 if workers else 0)
-    return client.scheduler_info()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Defaulting to -1 B" not in record.getMessage()
+
+
+def install_sizeof_filter() -> None:
+    """Add :class:`SizeofProbeFilter` to this process's ``distributed.sizeof`` logger (once)."""
+    log = logging.getLogger("distributed.sizeof")
+    if not any(isinstance(f, SizeofProbeFilter) for f in log.filters):
+        log.addFilter(SizeofProbeFilter())
+
+
+def _sizeof_filter_plugin():
+    from distributed import WorkerPlugin
+
+    class SizeofFilterPlugin(WorkerPlugin):
+        """Installs the filter on every worker, also on workers started or restarted later."""
+
+        name = "dnmf-sizeof-probe-filter"
+
+        def setup(self, worker):
+            install_sizeof_filter()
+
+    return SizeofFilterPlugin()
+
+
+def quiet_sizeof_probe(client) -> None:
+    """Install :class:`SizeofProbeFilter` here, on the scheduler and on the workers of ``client``.
+
+    Best effort: a cluster that cannot run it (e.g. a remote scheduler without dnmf) keeps the
+    warning, and the job goes on.
+    """
+    install_sizeof_filter()
+    for what, call in (("scheduler", lambda: client.run_on_scheduler(install_sizeof_filter)),
+                       ("workers", lambda: client.register_plugin(_sizeof_filter_plugin()))):
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - a log filter must never stop a job
+            logger.debug("could not install the sizeof probe filter on the %s: %s", what, exc)
 
 
 def dashboard_link(client, cfg=None) -> str | None:
@@ -89,17 +126,11 @@ def dashboard_link(client, cfg=None) -> str | None:
     if cfg is not None and hasattr(cfg, "dashboard_address") and cfg.dashboard_address is None:
         return None
     try:
-        info = scheduler_info(client, workers=False)
-        if not info.get("services", {}).get("dashboard"):
+        if not client.scheduler_info().get("services", {}).get("dashboard"):
             return None
         return client.dashboard_link
     except Exception:  # noqa: BLE001 - a missing dashboard must never stop a job
         return None
-
-
-@functools.lru_cache(maxsize=None)
-def _takes_n_workers(client_type) -> bool:
-    return "n_workers" in inspect.signature(client_type.scheduler_info).parameters
 
 
 @contextlib.contextmanager

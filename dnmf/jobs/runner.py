@@ -452,7 +452,8 @@ def _run_attempt(pipe, config: JobConfig, store: RunStore, client: Any, resumed:
 
 
 def _run_pipeline(pipe, config, store, client, resumed, echo, stream, reports: list) -> None:
-    from .cluster import connect, dashboard_link, scheduler_info
+    from ..engine.executor import scheduler_workers
+    from .cluster import connect, dashboard_link, quiet_sizeof_probe
 
     with contextlib.ExitStack() as stack:
         started = client is None  # the cluster of config.cluster, started (or reached) here
@@ -465,7 +466,8 @@ def _run_pipeline(pipe, config, store, client, resumed, echo, stream, reports: l
             store.update_meta(dashboard=None, n_workers=0)
         else:
             stack.enter_context(client.as_current())
-            n_workers = len(scheduler_info(client).get("workers", {}))
+            quiet_sizeof_probe(client)
+            n_workers = len(scheduler_workers(client))
             store.update_meta(dashboard=dashboard_link(client, config.cluster if started else None),
                               n_workers=n_workers)
             if config.output.performance_report:
