@@ -3,18 +3,26 @@
 Public API (all importable from ``dnmf``):
 
 * core NMF: :func:`nmf`, :class:`NMFModel`, :class:`NMF` (scikit-learn dialect),
-  :func:`cosine`, :func:`bipartite_match`, :func:`simulate_nmf`
-* data: :mod:`dnmf.io` (``as_blocked``, ``write_zarr``), :mod:`dnmf.datasets`
+  :func:`cosine`, :func:`bipartite_match`, :class:`BipartiteMatch`, :func:`simulate_nmf`,
+  :class:`SimulatedNMF`
+* consensus: :func:`consensus_nmf`, :class:`ConsensusNMFResult`, :class:`ConsensusNMFSweep`
+  (RcppML), :func:`cnmf_consensus`, :func:`cnmf_k_selection`, :class:`CNMFResult`,
+  :class:`CNMFSelection` (cNMF)
+* data: :mod:`dnmf.io` (``as_blocked``, ``write_zarr``), :mod:`dnmf.datasets`, :mod:`dnmf.anndata`
 * covariates / random effects: :func:`nmfkc`, :func:`nmfkc_inference`, :func:`nmfkc_ecv`,
-  :func:`nmfre`, :func:`nmfre_dfu_scan`, :func:`nmfre_inference`, :func:`nmfre_ecv`, :func:`nmfre_blocked`, :func:`nmfkc_cv`,
-  :func:`nmfkc_dot`
+  :func:`nmfkc_cv`, :func:`nmfkc_kernel`, :func:`nmfkc_kernel_beta_nearest_med`,
+  :func:`nmfkc_rank`, :func:`nmfkc_consensus`, :func:`nmfkc_dot`, :func:`nmfre`,
+  :class:`NMFREResult`, :func:`nmfre_dfu_scan`, :func:`nmfre_inference`, :func:`nmfre_ecv`,
+  :func:`nmfre_blocked`, :class:`NMFREBlockedResult`
+* errors and warnings: :class:`DnmfError`, :class:`InputError`, :class:`ConfigError`,
+  :class:`WorkerLostError`, :class:`CheckpointError`, :class:`ConvergenceWarning`
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .exceptions import ConfigError, ConvergenceWarning, DnmfError, InputError
+from .exceptions import CheckpointError, ConfigError, ConvergenceWarning, DnmfError, InputError, WorkerLostError
 
 __version__ = "0.1.0"
 
@@ -40,12 +48,24 @@ _LAZY = {
     "nmfre_blocked": "dnmf.mixed",
     "NMFREBlockedResult": "dnmf.mixed",
     "nmfkc_cv": "dnmf.covariates",
+    "nmfkc_kernel": "dnmf.covariates",
+    "nmfkc_kernel_beta_nearest_med": "dnmf.covariates",
+    "nmfkc_rank": "dnmf.covariates",
+    "nmfkc_consensus": "dnmf.covariates",
+    "consensus_nmf": "dnmf.consensus",
+    "ConsensusNMFResult": "dnmf.consensus",
+    "ConsensusNMFSweep": "dnmf.consensus",
+    "cnmf_consensus": "dnmf.consensus",
+    "cnmf_k_selection": "dnmf.consensus",
+    "CNMFResult": "dnmf.consensus",
+    "CNMFSelection": "dnmf.consensus",
     "io": "dnmf.io",
     "anndata": "dnmf.anndata",
     "datasets": "dnmf.datasets",
 }
 
-__all__ = ["DnmfError", "InputError", "ConfigError", "ConvergenceWarning", "__version__", *_LAZY]
+__all__ = ["DnmfError", "InputError", "ConfigError", "WorkerLostError", "CheckpointError", "ConvergenceWarning",
+           "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

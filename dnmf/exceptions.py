@@ -6,7 +6,7 @@ user input also derive from :class:`ValueError` so generic handlers keep working
 
 from __future__ import annotations
 
-__all__ = ["DnmfError", "InputError", "ConfigError", "WorkerLostError", "ConvergenceWarning"]
+__all__ = ["DnmfError", "InputError", "ConfigError", "WorkerLostError", "CheckpointError", "ConvergenceWarning"]
 
 
 class DnmfError(Exception):
@@ -32,6 +32,23 @@ class WorkerLostError(DnmfError):
     def __init__(self, message: str, worker: str | None = None):
         super().__init__(message)
         self.worker = worker
+
+
+class CheckpointError(DnmfError):
+    """A checkpoint (or another Zarr store dnmf wrote) is damaged: missing, unreadable or altered data.
+
+    Attributes
+    ----------
+    path : str
+        The damaged store or group.
+    problems : dict
+        ``{part: what is wrong}`` (e.g. ``{"slot0": "chunk missing in 'w'"}``).
+    """
+
+    def __init__(self, message: str, path: str = "", problems: dict | None = None):
+        super().__init__(message)
+        self.path = path
+        self.problems = dict(problems or {})
 
 
 class ConvergenceWarning(UserWarning):

@@ -206,3 +206,21 @@ def test_public_names_of_the_nmfre_layers():
     # the blocked fit's private Y conversion no longer shadows the public reader
     assert not hasattr(dnmf.mixed.blocks, "as_blocked")
     assert callable(dnmf.io.as_blocked)
+
+
+def test_every_public_name_imports_and_is_documented():
+    """Each name of ``dnmf.__all__`` (the lazy map included) imports, and the module docstring's
+    "Public API" list names exactly the lazy names and the exceptions."""
+    import re
+
+    for name in dnmf.__all__:
+        assert getattr(dnmf, name) is not None, name
+    assert set(dnmf._LAZY) <= set(dnmf.__all__)
+    documented = set(re.findall(r":(?:func|class|mod):`(?:dnmf\.)?(\w+)`", dnmf.__doc__))
+    assert documented == set(dnmf.__all__) - {"__version__"}
+    assert issubclass(dnmf.CheckpointError, dnmf.DnmfError) and issubclass(dnmf.WorkerLostError, dnmf.DnmfError)
+    from dnmf.engine.checkpoint import CheckpointError
+
+    assert CheckpointError is dnmf.CheckpointError
+    err = dnmf.CheckpointError("damaged", path="/x.zarr", problems={"slot0": "chunk missing"})
+    assert (err.path, err.problems) == ("/x.zarr", {"slot0": "chunk missing"})

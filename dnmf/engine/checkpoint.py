@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exceptions import DnmfError, InputError
+from ..exceptions import CheckpointError, DnmfError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -57,23 +57,6 @@ _STATE_KEYS = ("fingerprint", "iteration", "loss_history", "tol_history", "below
 
 class _Damaged(ValueError):
     """What is wrong with a slot, found by the checks here (not a read or decode failure)."""
-
-
-class CheckpointError(DnmfError):
-    """A checkpoint (or another Zarr store dnmf wrote) is damaged: missing, unreadable or altered data.
-
-    Attributes
-    ----------
-    path : str
-        The damaged store or group.
-    problems : dict
-        ``{part: what is wrong}`` (e.g. ``{"slot0": "chunk missing in 'w'"}``).
-    """
-
-    def __init__(self, message: str, path: str = "", problems: dict | None = None):
-        super().__init__(message)
-        self.path = path
-        self.problems = dict(problems or {})
 
 
 def fingerprint(shape, col_bounds, opts_dict: dict) -> str:
