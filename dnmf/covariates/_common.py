@@ -21,7 +21,6 @@ import warnings
 from typing import Any, Sequence
 
 import numpy as np
-import scipy.linalg
 
 from .._validation import param_error
 from ..exceptions import DnmfError
@@ -119,6 +118,8 @@ def cholesky_spd(M: np.ndarray, what: str = "X'X + lambda*I", func: str = "nmfre
 
 def ridge_solve(L: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """``M⁻¹ rhs`` from the lower Cholesky factor ``L`` of M."""
+    import scipy.linalg  # here, not at import: `import dnmf.covariates` stays light
+
     return scipy.linalg.cho_solve((L, True), rhs, check_finite=False)
 
 

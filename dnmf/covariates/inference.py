@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-from scipy import stats
 
 from .._validation import check_float, check_int, check_option, param_error
 from ..exceptions import InputError
@@ -523,6 +522,8 @@ def nmfkc_inference(
         se_used = se_vec
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.where(se_vec > 0, c_hat / se_vec, np.nan)
+        from scipy import stats  # here, not at import: `import dnmf.covariates` stays light
+
         p_one = stats.norm.sf(z)
         p_two = stats.chi2.sf(z * z, 1)
     nanv = np.full(Q * K, np.nan)

@@ -9,12 +9,23 @@
   (for pipelines that run the scan themselves).
 """
 
+import importlib
+
 from ._core import DEFAULT_RATES
-from .blocks import NMFREBlockedResult, nmfre_blocked
-from .ecv import NMFREECVResult, nmfre_ecv
-from .inference import nmfre_inference
-from .nmfre import NMFREResult, nmfre
-from .scan import DfUScanResult, choose_rate, nmfre_dfu_scan
+from .nmfre import NMFREResult, nmfre  # eager: the function ``nmfre`` shadows its module here
+
+# name -> submodule that defines it, imported on first access: the blocked fit (Dask, Zarr,
+# numba) and the inference (scipy.stats) stay out of `import dnmf.mixed.nmfre`.
+_LAZY = {
+    "NMFREBlockedResult": "blocks",
+    "nmfre_blocked": "blocks",
+    "NMFREECVResult": "ecv",
+    "nmfre_ecv": "ecv",
+    "nmfre_inference": "inference",
+    "DfUScanResult": "scan",
+    "choose_rate": "scan",
+    "nmfre_dfu_scan": "scan",
+}
 
 __all__ = [
     "nmfre",
@@ -29,3 +40,15 @@ __all__ = [
     "nmfre_blocked",
     "NMFREBlockedResult",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import scipy.optimize
 
 from .._validation import param_error
 from ..covariates._common import axis_names
@@ -85,6 +84,8 @@ def lambda_for_cap(d: np.ndarray, n: int, target: float, lam_min: float, lam_max
         hi = max(1e-12, 1e-6 if hi == 0 else 10.0 * hi)
         if hi > lam_max:
             return lam_max
+    import scipy.optimize  # here, not at import: `import dnmf.mixed` stays light
+
     return float(scipy.optimize.brentq(lambda x: df_u(d, n, x) - target, lam_min, hi, xtol=1e-300, rtol=1e-15,
                                        maxiter=500))
 

@@ -78,7 +78,6 @@ from .fit import (  # noqa: F401
     nmfkc_eu_stats,
     r_squared_variants as r_squared_all,
 )
-from .inference import nmfre_inference
 from .result import NMFREResult
 from .scan_table import run_dfu_scan
 
@@ -360,6 +359,8 @@ def nmfre(
     res = finalize(inp, st.X, st.C, data.U, st.sigma2, st.tau2, engine="cap", prefix=prefix, C_signed=False,
                    rate=rate, cap=max(rate * N * rank, 1.0), extra=extra)
     if wild_bootstrap:
+        from .inference import nmfre_inference  # here: scipy.stats and numba only when asked
+
         res = nmfre_inference(res, inp.Y, inp.A, wild_B=wild_B, wild_level=wild_level, side=C_p_side,
                               seed=wild_seed, r_rng=r_rng, client=client)
     return replace(res, runtime=time.perf_counter() - t0, formula_meta=formula_meta)
