@@ -431,8 +431,6 @@ def test_x_init_rejects_unknown_names(orthodont):
         ecm_initialize(Y, A, 1, X_init=-np.ones((4, 1)))
 
 
-@pytest.mark.xfail(reason="dnmf.nmfre (nmfre.py, another owner) does not call ecm_initialize / resolve_c_signed yet",
-                   strict=False)
 def test_nmfre_ecm_accepts_spec_x_init_and_c_signed_forms(orthodont):
     Y, A = orthodont
     Xg = np.array([[0.3], [0.2], [0.25], [0.25]])

@@ -1,7 +1,7 @@
 """Engine "ecm" of NMF-RE on a column-blocked Y through the executor (spec §5, §10; DESIGN.md §6).
 
 The loop is :func:`dnmf.mixed.ecm.run_ecm`, the same client-side code as the in-memory fit;
-this module supplies its data backend over the blocks of :class:`dnmf.mixed.blocks.BlockedData`.
+this module supplies its data backend over the blocks of :class:`dnmf.mixed.blocked_data.BlockedData`.
 Each block ``(Y_j, A_j)`` is placed once on a worker; ``U_j`` (Q × n_j) is computed there and
 stays there. Per inner iteration the client receives only the tree-reduced block sums
 
@@ -31,8 +31,7 @@ import numpy as np
 
 from ..covariates._common import basis_names, basis_order, clip_var, icc
 from ._core import df_u, gram_eigenvalues
-from .blocks import BlockedData, NMFREBlockedResult, REBlock, _r2
-from .blocks import _add1
+from .blocked_data import BlockedData, NMFREBlockedResult, REBlock, _add1, _r2
 from .ecm import ECMOptions, ECMState, c_chunk, gram_chunk, run_ecm, u_chunk
 
 __all__ = ["ECMBlockedData", "fit_ecm_blocked", "ecm_blocked_result"]

@@ -64,7 +64,7 @@ from ._core import (  # noqa: F401
 )
 from ..exceptions import ConvergenceWarning, InputError
 from ..formula import is_formula, resolve_formula
-from .ecm import ECMOptions, fit_ecm
+from .ecm import ECMOptions, ecm_initialize, fit_ecm, resolve_c_signed
 from .fit import (  # noqa: F401
     CapOptions,
     CapState,
@@ -121,7 +121,7 @@ def nmfre(
     client=None,
     *,
     wild_seed=123,
-    C_signed: bool = True,
+    C_signed: bool | str = True,
     C_p_side: Optional[str] = None,
     sigma2: float = 1.0,
     tau2: float = 1.0,
@@ -171,7 +171,11 @@ def nmfre(
         Iteration cap; default 50000 for "cap" (the reference commit) and 5000 for "ecm".
     X_init, C_init : array-like of shapes (P, Q) and (Q, K), optional
         Starting values; when either is missing both come from
-        ``nmfkc(Y, A, rank, epsilon=epsilon, seed=seed)`` (see :func:`initialize`).
+        ``nmfkc(Y, A, rank, epsilon=epsilon, seed=seed)`` (see :func:`initialize`). Engine "ecm"
+        also takes ``X_init`` as a method name (``"kmeans"``, ``"kmeansar"``, ``"kmeans++"``,
+        ``"kmeanspp"``, ``"runif"``, ``"nndsvd"``), and a matrix ``X_init`` without ``C_init``
+        keeps X and takes Θ from nmfkc's iterations at fixed X (spec §5.1,
+        :func:`dnmf.mixed.ecm.ecm_initialize`).
     U_init : array-like of shape (Q, N), optional
         Default zeros.
     seed : int, default 1
@@ -182,8 +186,9 @@ def nmfre(
         Runs the df scan's rates and the bootstrap chunks as parallel tasks.
     wild_seed : int or SeedSequence, default 123
         Seed of the wild bootstrap (see :func:`nmfre_inference`).
-    C_signed : bool, default True
-        Engine "ecm": sign-free least-squares Θ (True) or multiplicative non-negative Θ.
+    C_signed : bool or {"signed", "nonneg"}, default True
+        Engine "ecm": sign-free least-squares Θ (True, ``"signed"``) or multiplicative
+        non-negative Θ (False, ``"nonneg"``).
     C_p_side : {"one.sided", "two.sided"}, optional
         p-value side; default one-sided for "cap" (and ``C_signed=False``), two-sided otherwise.
     sigma2, tau2 : float, default 1
@@ -266,8 +271,7 @@ def nmfre(
     dfu_control = check_option(dfu_control, "dfu_control", func, ("cap", "off"))
     sigma2 = check_float(sigma2, "sigma2", func, low=0.0, low_open=True)
     tau2 = check_float(tau2, "tau2", func, low=0.0, low_open=True)
-    if not isinstance(C_signed, (bool, np.bool_)):
-        raise param_error("C_signed", func, "a bool", C_signed)
+    C_signed = resolve_c_signed(C_signed, func)
     if C_p_side is not None:
         C_p_side = check_option(C_p_side, "C_p_side", func, ("one.sided", "two.sided"))
     wild_B = check_int(wild_B, "wild_B", func, low=2)
@@ -299,8 +303,14 @@ def nmfre(
         call = call.replace("nmfre(Y, A", "nmfre(Y", 1).replace(
             "nmfre(Y", f"nmfre({formula_meta['formula']!r}, data=data", 1)
 
-    X, C = initialize(inp, rank, epsilon=epsilon, seed=seed, X_init=X_init, C_init=C_init, nstart=nstart,
-                      r_rng=r_rng)
+    if engine == "ecm" and (isinstance(X_init, str) or (X_init is not None and C_init is None)):
+        # Engine B's own start rules (spec §5.1): X_init as a method name, or a matrix X_init with
+        # Θ from nmfkc's iterations at fixed X
+        X, C = ecm_initialize(inp.Y, inp.A, rank, X_init=X_init, C_init=C_init, epsilon=epsilon, seed=seed,
+                              nstart=nstart, r_rng=r_rng, func=func)
+    else:
+        X, C = initialize(inp, rank, epsilon=epsilon, seed=seed, X_init=X_init, C_init=C_init, nstart=nstart,
+                          r_rng=r_rng)
     U0 = check_matrix_init(U_init, "U_init", (rank, N), func)
     U = np.zeros((rank, N)) if U0 is None else U0
 
