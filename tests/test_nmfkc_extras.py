@@ -386,3 +386,108 @@ def test_consensus_three_blocks():
     again = nmfkc_consensus(Y, rank=[2, 3, 4], nrun=8)
     np.testing.assert_array_equal(again.dispersion, res.dispersion)
     assert "Consensus clustering (8 runs per rank)" in str(res)
+
+
+# ---------------------------------------------- egk: expected Gaussian kernel under a GMM (spec §9)
+def _egk_gmm_reference(X, max_components, seed):
+    """The documented choice, written out: full-covariance GaussianMixture, BIC over 1..G."""
+    from sklearn.mixture import GaussianMixture
+
+    fits = [GaussianMixture(g, covariance_type="full", random_state=seed).fit(X) for g in range(1, max_components + 1)]
+    return min(fits, key=lambda gm: gm.bic(X))
+
+
+def _egk_draws(P, gm, n, rng):
+    """n draws of every column of P (K × N) from its conditional mixture given the observed part
+    (plain per-point NumPy: Bayes for the component weights, Gaussian conditioning per component)."""
+    from scipy.stats import multivariate_normal
+
+    K, N = P.shape
+    out = np.repeat(P.T[:, None, :], n, axis=1)  # (N, n, K)
+    for i in range(N):
+        m = np.isnan(P[:, i])
+        if not m.any():
+            continue
+        o = ~m
+        xo = P[o, i]
+        tau, cmeans, ccovs = [], [], []
+        for g in range(gm.n_components):
+            mu, S = gm.means_[g], gm.covariances_[g]
+            if o.any():
+                Soo, Smo = S[np.ix_(o, o)], S[np.ix_(m, o)]
+                tau.append(gm.weights_[g] * multivariate_normal(mu[o], Soo).pdf(xo))
+                cmeans.append(mu[m] + Smo @ np.linalg.solve(Soo, xo - mu[o]))
+                ccovs.append(S[np.ix_(m, m)] - Smo @ np.linalg.solve(Soo, Smo.T))
+            else:
+                tau.append(gm.weights_[g])
+                cmeans.append(mu[m])
+                ccovs.append(S[np.ix_(m, m)])
+        tau = np.array(tau) / np.sum(tau)
+        comp = rng.choice(gm.n_components, size=n, p=tau)
+        for g in range(gm.n_components):
+            sel = comp == g
+            draws = rng.multivariate_normal(cmeans[g], ccovs[g], size=sel.sum())
+            block = out[i, sel]
+            block[:, m] = draws
+            out[i, sel] = block
+    return out
+
+
+def test_egk_matches_monte_carlo_over_the_fitted_conditional_mixture():
+    from dnmf.covariates import nmfkc_kernel
+
+    rng = np.random.default_rng(11)
+    # two well-separated 2-D clusters, so BIC has a clear mixture to find
+    U = np.concatenate([rng.multivariate_normal([0, 0], [[1.0, 0.6], [0.6, 1.0]], 40),
+                        rng.multivariate_normal([4, 3], [[0.3, -0.1], [-0.1, 0.4]], 40)]).T
+    V = rng.normal(2.0, 2.0, (2, 6))
+    U[0, 3] = U[1, 45] = U[1, 7] = np.nan   # one coordinate missing
+    U[:, 60] = np.nan                       # both missing: the marginal mixture
+    V[1, 0] = V[0, 4] = np.nan              # uncertain × uncertain pairs
+    beta, G, seed = 0.5, 3, 0
+    K_sym = nmfkc_kernel(U, na_method="egk", beta=beta, gmm_max_components=G, seed=seed)
+    K_uv = nmfkc_kernel(U, V, na_method="egk", beta=beta, gmm_max_components=G, seed=seed)
+
+    gm_sym = _egk_gmm_reference(U[:, ~np.isnan(U).any(axis=0)].T, G, seed)
+    P = np.concatenate([U, V], axis=1)
+    gm_uv = _egk_gmm_reference(P[:, ~np.isnan(P).any(axis=0)].T, G, seed)
+    assert K_sym.params == {"beta": beta, "na_method": "egk", "gmm_components": gm_sym.n_components}
+    assert K_uv.params["gmm_components"] == gm_uv.n_components
+    assert gm_sym.n_components >= 2  # the test exercises a real mixture
+
+    n = 40_000
+    mc_rng = np.random.default_rng(12)
+    for K_egk, gm, A, B, sym in ((K_sym, gm_sym, U, U, True), (K_uv, gm_uv, U, V, False)):
+        rows = np.flatnonzero(np.isnan(A).any(axis=0))
+        cols = np.arange(B.shape[1])
+        da = _egk_draws(A[:, rows], gm, n, mc_rng)
+        db = _egk_draws(B, gm, n, mc_rng)  # independent draws for the other point of each pair
+        for r, i in enumerate(rows):
+            k = np.exp(-beta * ((da[r][None, :, :] - db) ** 2).sum(axis=2))  # (M, n)
+            mc, se = k.mean(axis=1), k.std(axis=1) / np.sqrt(n)
+            got = np.asarray(K_egk)[i, cols]
+            if sym:
+                mc[i], se[i] = 1.0, 0.0  # the diagonal is 1 by definition
+            # 5 Monte-Carlo standard errors (a false alarm per entry ~6e-7), plus 1e-9 of rounding
+            # for entries whose draws are all but constant (far-apart points, kernel ~ 0)
+            np.testing.assert_array_less(np.abs(got - mc), 5.0 * se + 1e-9)
+    # complete columns keep the plain kernel among themselves
+    ok = ~np.isnan(U).any(axis=0)
+    np.testing.assert_allclose(np.asarray(K_sym)[np.ix_(ok, ok)], np.asarray(nmfkc_kernel(U[:, ok], beta=beta)),
+                               rtol=1e-12, atol=1e-15)  # closed form with Σ = 0: same formula, rounding only
+
+
+def test_egk_without_missing_values_is_the_plain_kernel():
+    from dnmf.covariates import nmfkc_kernel
+
+    rng = np.random.default_rng(13)
+    U, V = rng.random((3, 9)), rng.random((3, 5))
+    np.testing.assert_array_equal(nmfkc_kernel(U, na_method="egk"), nmfkc_kernel(U))
+    np.testing.assert_array_equal(nmfkc_kernel(U, V, na_method="egk", beta=2.0), nmfkc_kernel(U, V, beta=2.0))
+    with pytest.raises(InputError, match="gmm_max_components"):
+        nmfkc_kernel(U, na_method="egk", gmm_max_components=0)
+    with pytest.raises(InputError, match="na_method"):
+        nmfkc_kernel(U, na_method="mclust")
+    U[:, :8] = np.nan  # a single complete column: no GMM can be fitted
+    with pytest.raises(InputError, match="complete columns"):
+        nmfkc_kernel(U, na_method="egk")
