@@ -9,13 +9,13 @@ Everything is conditional on the fitted basis X̂. With R = Y − X̂ĈA:
 * one-step wild bootstrap c_b = max(vec(Ĉ) − H⁻¹ S w_b, 0), w_b i.i.d. Exp(1) − 1;
 * or, with ``method="refit"``, Y*_b = max(Ŷ + W_b∘R, 0) and Θ re-estimated with X̂ fixed.
 
-Replicates run in chunks of :data:`BOOT_CHUNK` as independent tasks on the executor
-(:func:`dnmf.engine.executor.get_executor`), chunk c seeded by the key ``(c,)`` under
-``SeedSequence(seed)`` (the scheme NMF-RE shares, :func:`dnmf.covariates._common.chunk_seed`),
-so the draws do not depend on the number of workers. The information matrix is NMF-RE's with
-no random effect (:func:`dnmf.covariates._common.theta_information`). With
-``r_rng=True`` the multipliers come serially from one emulated R stream
-(:mod:`dnmf.rrng`), reproducing R's ``set.seed(wild.seed)`` draws exactly.
+The mathematics and the bootstrap driver are NMF-RE's, in one module
+(:mod:`dnmf.covariates._theta_inference`): the information is NMF-RE's with no random effect,
+inverted one way; replicates run in chunks of :data:`BOOT_CHUNK` as independent tasks on the
+executor, chunk c seeded by the key ``(0, c)`` under ``SeedSequence(seed)`` (an unblocked
+NMF-RE fit's key), so the draws do not depend on the number of workers. With ``r_rng=True``
+the multipliers come serially from one emulated R stream (:mod:`dnmf.rrng`), reproducing R's
+``set.seed(wild.seed)`` draws exactly.
 """
 
 from __future__ import annotations
@@ -29,25 +29,23 @@ import numpy as np
 
 from .._validation import check_float, check_int, check_option, param_error
 from ..exceptions import InputError
-from ._common import (
-    as_covariate_matrix,
-    as_data_matrix,
-    chunk_bounds,
-    chunk_seed,
-    executor_for,
-    quantile_type7,
-    seed_root,
-    stars,
+from ._common import as_covariate_matrix, as_data_matrix, quantile_type7, stars, unvec_cm, vec_cm
+from ._theta_inference import (
+    BOOT_CHUNK,
+    COV_RIDGE,
+    bootstrap_chunks,
+    invert_information,
+    sandwich_covariance,
     theta_information,
     theta_scores,
-    unvec_cm,
-    vec_cm,
+    wild_multipliers,
 )
 from .nmfkc import NMFKCResult
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BOOT_CHUNK",
     "NMFKCInference",
     "nmfkc_inference",
     "score_matrix",
@@ -57,12 +55,6 @@ __all__ = [
 ]
 
 _FUNC = "nmfkc_inference"
-#: Replicates per bootstrap task: fixed, so results never depend on the worker count. NMF-RE's
-#: tasks hold 100 (:data:`dnmf.mixed.inference.BOOT_CHUNK`); the seeding scheme is shared
-#: (:func:`dnmf.covariates._common.chunk_seed`, task c keyed ``(c,)``), but each task draws its
-#: own multipliers, so a common size would change every default-stream result for a seed.
-BOOT_CHUNK = 128
-COV_RIDGE = 1e-8
 
 
 @dataclass(frozen=True)
@@ -216,18 +208,6 @@ def score_matrix(X: np.ndarray, R: np.ndarray, A: np.ndarray, sigma2: float) -> 
     return -theta_scores(X, R, A) / sigma2
 
 
-def wild_multipliers(rng: np.random.Generator, shape: tuple, dist: str) -> np.ndarray:
-    """Mean-0, variance-1 multipliers from a NumPy generator (``exp``: Exp(1) − 1)."""
-    if dist == "exp":
-        return rng.standard_exponential(shape) - 1.0
-    if dist == "rademacher":
-        return rng.choice(np.array([-1.0, 1.0]), size=shape)
-    a = -(np.sqrt(5.0) - 1.0) / 2.0
-    b = (np.sqrt(5.0) + 1.0) / 2.0
-    pa = (np.sqrt(5.0) + 1.0) / (2.0 * np.sqrt(5.0))
-    return np.where(rng.random(shape) < pa, a, b)
-
-
 def _r_multipliers(rr, n: int, dist: str) -> np.ndarray:
     """R's ``.wild.multipliers(n, dist)`` on the emulated stream."""
     if dist == "exp":
@@ -294,12 +274,11 @@ def coefficient_table(basis: tuple, covariates: tuple, est, se, bse, p_one, p_tw
 
 def _onestep_task(item, c_hat, HinvS, dist):
     """One chunk of one-step replicates: max(ĉ − H⁻¹S·W, 0) for its multipliers."""
-    kind, payload, n_rep = item
-    N = HinvS.shape[1]
-    if kind == "seed":
-        W = wild_multipliers(np.random.default_rng(payload), (N, n_rep), dist)
+    source, n_rep = item
+    if isinstance(source, np.random.SeedSequence):
+        W = wild_multipliers(np.random.default_rng(source), (HinvS.shape[1], n_rep), dist)
     else:
-        W = payload
+        W = source
     return np.maximum(c_hat[:, None] - HinvS @ W, 0.0)
 
 
@@ -307,24 +286,46 @@ def _refit_task(item, Yhat, R, X, A, C_hat, dist, unit, epsilon, maxit):
     """One chunk of refit replicates: re-estimate Θ with X fixed on Y* = max(Ŷ + W∘R, 0)."""
     from .nmfkc import mu_iterate
 
-    kind, payload, n_rep = item
+    source, n_rep = item
     P, N = R.shape
-    rng = np.random.default_rng(payload) if kind == "seed" else None
+    seeded = isinstance(source, np.random.SeedSequence)
+    rng = np.random.default_rng(source) if seeded else None
     out = np.empty((C_hat.size, n_rep))
     ones = np.ones((P, N))
     for b in range(n_rep):
-        if kind == "seed":
+        if seeded:
             if unit == "column":
                 Wm = np.broadcast_to(wild_multipliers(rng, (N,), dist)[None, :], (P, N))
             else:
                 Wm = wild_multipliers(rng, (P, N), dist)
         else:
-            Wm = payload[b]
+            Wm = source[b]
         Ys = np.maximum(Yhat + Wm * R, 0.0)
         _, C, _, _ = mu_iterate(Ys, A, X, C_hat.copy(), ones, update_X=False, X_restriction="fixed",
                                 epsilon=epsilon, maxit=maxit)
         out[:, b] = vec_cm(C)
     return out
+
+
+def _r_given(rr, method: str, P: int, N: int, dist: str, unit: str):
+    """``given(b0, b1)`` for :func:`bootstrap_chunks`: the next replicates' multipliers from R's stream."""
+
+    def given(b0, b1):
+        if method == "onestep":
+            W = np.empty((N, b1 - b0))
+            for b in range(b1 - b0):
+                W[:, b] = _r_multipliers(rr, N, dist)
+            return W
+        mats = []
+        for _ in range(b1 - b0):
+            if unit == "column":
+                w = _r_multipliers(rr, N, dist)
+                mats.append(np.broadcast_to(w[None, :], (P, N)).copy())
+            else:
+                mats.append(_r_multipliers(rr, P * N, dist).reshape((P, N), order="F"))
+        return mats
+
+    return given
 
 
 # -------------------------------------------------------------------------- main
@@ -454,17 +455,11 @@ def nmfkc_inference(
         raise InputError(f"The 'Y' parameter of {_FUNC} must leave a positive residual sum of squares. Got RSS = {rss!r} instead.")
     # 2. information and its inverse
     Info = theta_information(X.T @ X, A @ A.T, sigma2, ridge=COV_RIDGE)
-    try:
-        Hinv = np.linalg.solve(Info, np.eye(Q * K))
-    except np.linalg.LinAlgError:
-        Hinv = np.linalg.pinv(Info)
+    Hinv = invert_information(Info)
     # 3. scores and sandwich
     S = score_matrix(X, R, A, sigma2)
     if sandwich:
-        J = S @ S.T
-        if N > 1:
-            J *= N / (N - 1)
-        V = Hinv @ J @ Hinv
+        V = sandwich_covariance(Hinv, S @ S.T, N)
     else:
         V = Hinv
     se_vec = np.sqrt(np.maximum(np.diag(V), 0.0))
@@ -472,40 +467,16 @@ def nmfkc_inference(
 
     bse_vec = lo = hi = draws = None
     if wild_bootstrap:
-        sizes = [b1 - b0 for b0, b1 in chunk_bounds(wild_B, BOOT_CHUNK)]
+        given = None
         if r_rng:
             from ..rrng import RRandom
 
-            rr = RRandom(int(seed))
-            items = []
-            if method == "onestep":
-                Wall = np.empty((N, wild_B))
-                for b in range(wild_B):
-                    Wall[:, b] = _r_multipliers(rr, N, wild_dist)
-                start = 0
-                for s in sizes:
-                    items.append(("given", Wall[:, start:start + s], s))
-                    start += s
-            else:
-                for s in sizes:
-                    mats = []
-                    for _ in range(s):
-                        if wild_unit == "column":
-                            w = _r_multipliers(rr, N, wild_dist)
-                            mats.append(np.broadcast_to(w[None, :], (P, N)).copy())
-                        else:
-                            mats.append(_r_multipliers(rr, P * N, wild_dist).reshape((P, N), order="F"))
-                    items.append(("given", mats, s))
+            given = _r_given(RRandom(int(seed)), method, P, N, wild_dist, wild_unit)
+        if method == "onestep":
+            task, args = _onestep_task, (c_hat, Hinv @ S, wild_dist)
         else:
-            root = seed_root(int(seed), _FUNC)
-            children = [chunk_seed(root, c) for c in range(len(sizes))]
-            items = [("seed", ch, s) for ch, s in zip(children, sizes)]
-        with executor_for(client) as ex:
-            if method == "onestep":
-                parts = ex.map(_onestep_task, items, args=(c_hat, Hinv @ S, wild_dist))
-            else:
-                parts = ex.map(_refit_task, items,
-                               args=(Yhat, R, X, A, C, wild_dist, wild_unit, refit_epsilon, refit_maxit))
+            task, args = _refit_task, (Yhat, R, X, A, C, wild_dist, wild_unit, refit_epsilon, refit_maxit)
+        parts = bootstrap_chunks(task, wild_B, seed=int(seed), given=given, args=args, client=client, func=_FUNC)
         draws = np.concatenate(parts, axis=1)
         bse_vec = np.std(draws, axis=1, ddof=1)
         alpha = 1.0 - wild_level

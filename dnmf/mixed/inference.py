@@ -13,10 +13,12 @@ Everything is conditional on the fitted X̂ and Û:
 
 z and p use the sandwich SE (the bootstrap SD is shown beside it, §6.1 item 9).
 
-The bootstrap is one matrix product ``S·W`` (QK × N times N × B). With ``r_rng=False`` it is cut
-into chunks of :data:`BOOT_CHUNK` replicates, each an independent task whose multipliers come
-from the key ``(block, chunk)`` under the root ``SeedSequence`` of ``seed`` — so the draws do
-not depend on the number of workers. With ``r_rng=True`` the multipliers are R's
+The bootstrap is one matrix product ``S·W`` (QK × N times N × B). The formulas (scores,
+information, its one inversion, the sandwich) and the bootstrap driver are nmfkc's too, in one
+module (:mod:`dnmf.covariates._theta_inference`): with ``r_rng=False`` the product is cut into
+chunks of :data:`BOOT_CHUNK` replicates, each an independent task whose multipliers come from
+the key ``(block, chunk)`` under the root ``SeedSequence`` of ``seed`` — so the draws do not
+depend on the number of workers. With ``r_rng=True`` the multipliers are R's
 ``set.seed(seed); rexp(N·B) − 1`` stream (Appendix A), so BSE and the CI equal R's.
 """
 
@@ -32,16 +34,20 @@ import scipy.linalg
 from scipy import stats
 
 from .._validation import check_float, check_int, check_option, param_error
-from ..covariates._common import (
-    LAMBDA_FLOOR,
+from ..covariates._common import LAMBDA_FLOOR, cholesky_spd
+from ..covariates._theta_inference import (
+    BOOT_CHUNK,
+    COV_RIDGE,
+    bootstrap_chunks,
     chunk_bounds,
     chunk_seed,
-    cholesky_spd,
-    executor_for,
+    invert_information,
+    multipliers,
+    sandwich_covariance,
     seed_root,
     theta_information,
 )
-from ..covariates._common import theta_scores as score_matrix
+from ..covariates._theta_inference import theta_scores as score_matrix
 from ..rrng import RRandom
 from ._core import validate_inputs
 from .result import NMFREResult
@@ -51,6 +57,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "nmfre_inference",
     "BOOT_CHUNK",
+    "chunk_bounds",
+    "multipliers",
     "score_matrix",
     "sandwich",
     "boot_chunk",
@@ -61,16 +69,11 @@ __all__ = [
     "r_exp_multipliers",
 ]
 
-#: Replicates per bootstrap task. nmfkc's tasks hold 128 (:mod:`dnmf.covariates.inference`):
-#: the seeding scheme is shared (:func:`dnmf.covariates._common.chunk_seed`), but each task
-#: draws its own multipliers, so changing either size would change every default-stream
-#: bootstrap SE and CI for a given seed.
-BOOT_CHUNK = 100
 SIDES = ("one.sided", "two.sided")
 
 
 def sandwich(XtX: np.ndarray, AAt: np.ndarray, lam: float, n: int, p: int, rss: float, StS: np.ndarray,
-             cov_ridge: float = 1e-8) -> dict:
+             cov_ridge: float = COV_RIDGE) -> dict:
     """Information, its inverse and the sandwich covariance from sufficient statistics.
 
     Parameters
@@ -99,24 +102,13 @@ def sandwich(XtX: np.ndarray, AAt: np.ndarray, lam: float, n: int, p: int, rss: 
     dfu = n * trH
     s2u = rss / max(p * n - dfu - Q * K, 1.0)
     info = theta_information(XtX, AAt, s2u, Minv, cov_ridge)
-    try:
-        Hinv = np.linalg.inv(info)
-    except np.linalg.LinAlgError:
-        Hinv = np.linalg.pinv(info)
-    J = StS / s2u**2
-    if n > 1:
-        J = J * (n / (n - 1))
-    V = Hinv @ J @ Hinv
+    Hinv = invert_information(info)
+    V = sandwich_covariance(Hinv, StS / s2u**2, n)
     se = np.sqrt(np.maximum(np.diag(V), 0.0))
     return {"sigma2_used": s2u, "dfU": dfu, "Hinv": Hinv, "V": V, "se": se}
 
 
 # --------------------------------------------------------------------------------- seeds ------
-
-
-def multipliers(ss: np.random.SeedSequence, n: int, n_rep: int) -> np.ndarray:
-    """Exp(1) − 1 multipliers (mean 0, variance 1), shape (n, n_rep)."""
-    return np.random.default_rng(ss).standard_exponential((n, n_rep)) - 1.0
 
 
 def boot_chunk(S: np.ndarray, root: np.random.SeedSequence, block: int, chunk: int, n_rep: int) -> np.ndarray:
@@ -125,9 +117,10 @@ def boot_chunk(S: np.ndarray, root: np.random.SeedSequence, block: int, chunk: i
     return S @ W
 
 
-def _boot_task(item, S, root):
-    chunk, n_rep = item
-    return boot_chunk(S, root, 0, chunk, n_rep)
+def _boot_task(item, S):
+    """``S̃ W`` for one chunk of the driver (:func:`bootstrap_chunks`), shape (QK, n_rep)."""
+    ss, n_rep = item
+    return S @ multipliers(ss, S.shape[1], n_rep)
 
 
 def r_exp_multipliers(seed: int, n: int, n_rep: int) -> np.ndarray:
@@ -266,10 +259,7 @@ def nmfre_inference(
         if r_rng:
             SW = S @ r_exp_multipliers(int(seed), N, wild_B)
         else:
-            root = seed_root(seed)
-            items = [(c, b1 - b0) for c, (b0, b1) in enumerate(chunk_bounds(wild_B, BOOT_CHUNK))]
-            with executor_for(client) as ex:
-                parts = ex.map(_boot_task, items, args=(S, root))
+            parts = bootstrap_chunks(_boot_task, wild_B, seed=seed, args=(S,), client=client, func=func)
             SW = np.concatenate(parts, axis=1)
         bs = summarize_boot(cvec, st["Hinv"], SW, st["sigma2_used"], wild_level, project)
         bse, lo, hi = bs["bse"], bs["lo"], bs["hi"]
