@@ -8,7 +8,8 @@ Public API (all importable from ``dnmf``):
 * consensus: :func:`consensus_nmf`, :class:`ConsensusNMFResult`, :class:`ConsensusNMFSweep`
   (RcppML), :func:`cnmf_consensus`, :func:`cnmf_k_selection`, :class:`CNMFResult`,
   :class:`CNMFSelection` (cNMF)
-* data: :mod:`dnmf.io` (``as_blocked``, ``write_zarr``), :mod:`dnmf.datasets`, :mod:`dnmf.anndata`
+* data: :mod:`dnmf.io` (``as_blocked``, ``write_zarr``), :mod:`dnmf.datasets`, :mod:`dnmf.anndata`,
+  :mod:`dnmf.preprocess` (``normalize_total``, ``log1p``, ``select_features``, ``recipe``)
 * covariates / random effects: :func:`nmfkc`, :func:`nmfkc_inference`, :func:`nmfkc_ecv`,
   :func:`nmfkc_cv`, :func:`nmfkc_kernel`, :func:`nmfkc_kernel_beta_nearest_med`,
   :func:`nmfkc_rank`, :func:`nmfkc_consensus`, :func:`nmfkc_dot`, :func:`nmfre`,
@@ -61,6 +62,7 @@ _LAZY = {
     "CNMFSelection": "dnmf.consensus",
     "io": "dnmf.io",
     "anndata": "dnmf.anndata",
+    "preprocess": "dnmf.preprocess",
     "datasets": "dnmf.datasets",
 }
 

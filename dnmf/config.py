@@ -579,6 +579,8 @@ class OutputConfig:
     plots: bool = _f(True, "write PNG plots beside the store")
     anndata: Literal["h5ad", "zarr", "none"] = _f("h5ad", "AnnData copy of the results for AnnData inputs")
     performance_report: bool = _f(True, "save a Dask performance report (HTML) beside the store")
+    top_features: int = _f(20, "features per factor in the <run>-top-features.csv table and plot (factorize)",
+                           min=1)
 
     def validate(self) -> Iterator[tuple[str, str, Any, str]]:
         problem = _unwritable_dir(Path(os.path.expanduser(self.dir)))

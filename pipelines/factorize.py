@@ -12,6 +12,8 @@ Config sections::
                                # log1p: log(1 + x); cp10k_log1p: scale each sample (column) to
                                # 10,000 in total, then log(1 + x) (scanpy's normalize_total
                                # with target_sum=1e4 followed by log1p)
+      n_top_features: null     # or keep the n features (rows) of highest variance after
+                               # normalize (dnmf.preprocess.select_features)
     model: {k: 10, tol: 1e-4, maxit: 100, seed: null, L1: [0, 0], L2: [0, 0], norm: L1, ...}
 
 ``model`` is declared once, in :data:`dnmf.params.NMF_PARAMS` (with :func:`dnmf.nmf`'s
@@ -19,18 +21,25 @@ defaults, ranges and doc lines; ``init: random`` is nmf's None, ``out_of_core: a
 ``seed: null`` draws fresh entropy (recorded in the run), ``block_nnz: null`` lets the library
 choose the blocking from the data (:func:`dnmf.core.default_block_nnz`).
 
-``input.normalize`` runs block by block on the column blocks, as each block is loaded: sparse
-blocks stay sparse (log1p(0) = 0, so the stored pattern is kept), nothing is densified and the
-matrix is never held whole. A sample whose values sum to 0 stays all zero.
+``input.normalize`` and ``input.n_top_features`` are :func:`dnmf.preprocess.recipe`: they run
+block by block on the column blocks, as each block is loaded: sparse blocks stay sparse
+(log1p(0) = 0, so the stored pattern is kept), nothing is densified and the matrix is never held
+whole. A sample whose values sum to 0 stays all zero. Feature selection reads the normalized
+matrix once more (one pass of block sums for the per-feature variance).
 
 Outputs: ``model/`` (w, d, h, loss_history, tol_history, row_names, col_names and the fit
-record), ``<run>-convergence.png``, ``<run>-factors.png`` and, for AnnData inputs, an AnnData
+record; ``n_top_features`` is -1 when all features were kept), ``<run>-top-features.csv``
+(:meth:`dnmf.NMFModel.top_features` with ``n = output.top_features``, 20 by default: factor,
+rank, feature name, weight, specificity), ``<run>-convergence.png``, ``<run>-factors.png`` (W on
+each factor's top features, rows labelled by feature name), ``<run>-top-features.png`` (a bar
+chart of each factor's top features by name) and, for AnnData inputs, an AnnData
 copy with ``obsm["X_nmf"]``, ``varm["NMF_W"]``, ``uns["nmf"]`` (annotations only; X stays in
 the input).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -44,6 +53,7 @@ import dnmf
 import dnmf.datasets
 import dnmf.io
 import dnmf.params
+import dnmf.preprocess
 from dnmf.core import default_block_nnz
 
 #: Bytes per stored entry of a block at the very least (float32 values).
@@ -51,11 +61,8 @@ MIN_BYTES_PER_ENTRY = 4
 
 MATRIX_SUFFIXES = (".mtx", ".mtx.gz", ".npz", ".npy", ".h5ad", ".zarr")
 
-#: ``input.normalize`` choices (see the module docstring).
-NORMALIZATIONS = ("none", "log1p", "cp10k_log1p")
-
-#: Total per sample after ``cp10k_log1p``'s library-size scaling (counts per 10,000).
-CP10K_TARGET_SUM = 1e4
+#: ``input.normalize`` choices (see the module docstring; implemented in :mod:`dnmf.preprocess`).
+NORMALIZATIONS = dnmf.preprocess.NORMALIZATIONS
 
 def _meta(doc: str, **kw) -> dict:
     return {"doc": doc, **kw}
@@ -98,6 +105,9 @@ class FactorizeInput:
     normalize: Literal["none", "log1p", "cp10k_log1p"] = field(default="none", metadata=_meta(
         "transform before the fit: none (values as stored, e.g. raw counts), log1p, or cp10k_log1p "
         "(each sample scaled to 10,000 in total, then log1p)"))
+    n_top_features: int | None = field(default=None, metadata=_meta(
+        "keep this many features (rows) of highest variance after normalize (null: all); "
+        "see dnmf.preprocess.select_features", min=1))
 
     def validate(self) -> Iterator[tuple[str, str, Any]]:
         sources = {s: getattr(self, s) for s in ("dataset", "path", "synthetic") if getattr(self, s) is not None}
@@ -155,6 +165,8 @@ def check_config(config) -> Iterator[tuple[str, str, Any]]:
         yield ("input.path", "a readable matrix file or store", config.input.path,
                f"({type(e).__name__}: {_first_line(e)})")
         return
+    if shape is not None and config.input.n_top_features is not None:
+        shape = (min(shape[0], config.input.n_top_features), shape[1])
     if shape is not None and config.model.k > min(shape):
         m, n = shape
         yield ("model.k", f"an int in [1, {min(shape)}] (at most min(m, n) of the {m} × {n} input)", config.model.k)
@@ -308,78 +320,6 @@ def _zarr_shape(path: str, layer: str | None) -> tuple[int, int] | None:
     return _matrix_shape(shape) if shape is not None else None
 
 
-# ---------------------------------------------------------------------------------------------
-# input.normalize: per-sample transforms applied block by block
-# ---------------------------------------------------------------------------------------------
-
-
-def normalize_block(block, method: str):
-    """``block`` (a :class:`dnmf.io.CSCBlock` or an m × n_j ndarray) transformed by ``method``.
-
-    "log1p": log(1 + x) of every value; "cp10k_log1p": each column (sample) scaled to sum to
-    10,000, then log1p. Sparse stays sparse (same pattern), the dtype is kept, columns that sum
-    to 0 stay 0.
-    """
-    if method == "none":
-        return block
-    if isinstance(block, dnmf.io.CSCBlock):
-        values = block.data.astype(np.float64)
-        if method == "cp10k_log1p":
-            counts = np.diff(block.indptr)
-            totals = np.zeros(len(counts))
-            nonempty = counts > 0
-            if values.size:  # reduceat gives an empty column the next value: take non-empty ones only
-                totals[nonempty] = np.add.reduceat(values, block.indptr[:-1][nonempty])
-            scale = np.divide(CP10K_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
-            values = values * np.repeat(scale, counts)
-        data = np.log1p(values).astype(block.data.dtype)
-        return dnmf.io.CSCBlock(data, block.indices, block.indptr, block.n_rows)
-    values = np.asarray(block, dtype=np.float64)
-    if method == "cp10k_log1p":
-        totals = values.sum(axis=0)
-        scale = np.divide(CP10K_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
-        values = values * scale[None, :]
-    return np.log1p(values).astype(np.asarray(block).dtype)
-
-
-@dataclass(frozen=True)
-class NormalizedSource:
-    """A lazy block source: ``source.load()`` transformed by :func:`normalize_block` (small, picklable)."""
-
-    source: Any
-    method: str
-
-    @property
-    def n_cols(self) -> int:
-        return self.source.n_cols
-
-    @property
-    def nnz(self) -> int:
-        return self.source.nnz
-
-    def load(self):
-        return normalize_block(self.source.load(), self.method)
-
-
-def normalize_matrix(data, method: str, block_nnz: int | None):
-    """``data`` as a :class:`dnmf.io.BlockedMatrix` whose blocks are normalized by ``method``.
-
-    Blocked as :func:`dnmf.nmf` would block it (``block_nnz`` or the library's default), so the
-    block layout does not depend on the normalization. In-memory blocks are transformed once;
-    lazy (on-disk) blocks are transformed each time they are loaded.
-    """
-    blocked = dnmf.io.as_blocked(data, block_nnz=block_nnz or default_block_nnz(data))
-    if method == "none":
-        return blocked
-    if blocked.in_memory:
-        sources = tuple(dnmf.io.InMemorySource(normalize_block(s.load(), method)) for s in blocked.sources)
-    else:
-        sources = tuple(NormalizedSource(s, method) for s in blocked.sources)
-    return dnmf.io.BlockedMatrix(shape=blocked.shape, dtype=blocked.dtype, sources=sources, sparse=blocked.sparse,
-                                 in_memory=blocked.in_memory, row_names=blocked.row_names,
-                                 col_names=blocked.col_names)
-
-
 @dataclass(frozen=True)
 class SyntheticBlockSource:
     """Columns ``start:start + n_cols`` of the planted matrix of ``spec``, generated on ``load()``.
@@ -458,15 +398,28 @@ def _ensure_synthetic(spec: SyntheticInput, path: str, job) -> None:
 
 
 def load_input(inp: FactorizeInput, job, block_nnz: int | None = None) -> _Loaded:
-    """The matrix named by ``input:`` (plus obs/var for AnnData inputs), normalized as ``input.normalize`` says."""
-    loaded = _load_raw(inp, job)
-    if inp.normalize == "none":
+    """The matrix named by ``input:`` (plus obs/var for AnnData inputs), preprocessed as ``input:`` says.
+
+    ``normalize`` and ``n_top_features`` are :func:`dnmf.preprocess.recipe`, blocked as
+    :func:`dnmf.nmf` would block the raw input (``block_nnz`` or the library's default).
+    """
+    loaded = _load_raw(inp, job, block_nnz)
+    if inp.normalize == "none" and inp.n_top_features is None:
         return loaded
-    job.echo(f"input: {inp.normalize} normalization, block by block")
-    return _Loaded(normalize_matrix(loaded.data, inp.normalize, block_nnz), loaded.obs, loaded.var)
+    steps = [] if inp.normalize == "none" else [f"{inp.normalize} normalization"]
+    if inp.n_top_features is not None:
+        steps.append(f"the {inp.n_top_features} features of highest variance")
+    job.echo(f"input: {' then '.join(steps)}, block by block")
+    data = dnmf.preprocess.recipe(loaded.data, inp.normalize, inp.n_top_features,
+                                      block_nnz=block_nnz or default_block_nnz(loaded.data))
+    var = loaded.var
+    if var is not None and data.shape[0] != len(var):
+        keep = var.index.get_indexer(list(data.row_names)) if data.row_names is not None else None
+        var = var.iloc[keep] if keep is not None and (keep >= 0).all() else None
+    return _Loaded(data, loaded.obs, var)
 
 
-def _load_raw(inp: FactorizeInput, job) -> _Loaded:
+def _load_raw(inp: FactorizeInput, job, block_nnz: int | None = None) -> _Loaded:
     if inp.dataset is not None:
         data = getattr(dnmf.datasets, f"load_{inp.dataset}")()
         if isinstance(data, dnmf.datasets.Dataset):
@@ -474,7 +427,11 @@ def _load_raw(inp: FactorizeInput, job) -> _Loaded:
             if inp.layer is not None:
                 raise dnmf.InputError(f"The bundled data set {inp.dataset!r} has no layers (only X). "
                                       f"Got input.layer = {inp.layer!r} instead; remove input.layer.")
-            return _Loaded(data.X, data.obs, data.var)
+            # names travel with the matrix (into the model's feature/sample names and the outputs)
+            blocked = dnmf.io.as_blocked(data.X, block_nnz=block_nnz or default_block_nnz(data.X))
+            blocked = dataclasses.replace(blocked, row_names=tuple(str(v) for v in data.var.index),
+                                          col_names=tuple(str(v) for v in data.obs.index))
+            return _Loaded(blocked, data.obs, data.var)
         if hasattr(data, "obs") and hasattr(data, "var"):
             if inp.layer is not None:
                 return _Loaded(dnmf.io.as_blocked(data, layer=inp.layer), data.obs, data.var)
@@ -583,6 +540,7 @@ def run(config, job) -> None:
     model = _fit(loaded.data, cfg, job)
     job.add_seeds(nmf=cfg.seed, nmf_entropy=str(model.misc["seed_entropy"]))
     record = _model_record(model, cfg, config.input.normalize)
+    record["n_top_features"] = -1 if config.input.n_top_features is None else int(config.input.n_top_features)
     rows, cols = model.misc.get("row_names"), model.misc.get("col_names")
     if rows is not None:
         record["row_names"] = np.asarray([str(r) for r in rows])
@@ -591,6 +549,12 @@ def run(config, job) -> None:
     job.write("model", record)
     job.save_figure(job.plots.convergence(record["loss_history"], tol=record["tol_history"],
                                           title=f"{config.name}: NMF k={model.k}"), "convergence")
-    job.save_figure(job.plots.factor_heatmap(model.w, row_names=rows, title=f"{config.name}: top features of W"),
-                    "factors")
+    job.save_figure(job.plots.factor_heatmap(model.w, row_names=model.feature_names,
+                                             title=f"{config.name}: top features of W"), "factors")
+    top = model.top_features(config.output.top_features)
+    top_path = job.output_path("top-features.csv")
+    top.to_csv(top_path, index=False)
+    job.add_file(top_path)
+    job.save_figure(job.plots.top_features(top, title=f"{config.name}: top {config.output.top_features} "
+                                                      "features per factor (share of the factor)"), "top-features")
     _write_anndata(loaded, model, job)

@@ -76,13 +76,13 @@ def test_entry_points_register_every_pipeline_module():
 def test_pipelines_import_only_the_public_api():
     """pipelines/ imports the public dnmf API (and third-party packages), nothing internal.
 
-    Besides `dnmf`, `dnmf.io` and `dnmf.datasets`: `dnmf.core` (``default_block_nnz``),
+    Besides `dnmf`, `dnmf.io`, `dnmf.preprocess` and `dnmf.datasets`: `dnmf.core` (``default_block_nnz``),
     `dnmf.params` (the factorize ``model:`` section is built from ``NMF_PARAMS``) and the
     NMF-RE scan's ``choose_rate`` / ``DEFAULT_RATES``, imported rather than copied.
     """
     import ast
 
-    allowed = {"dnmf", "dnmf.io", "dnmf.datasets", "dnmf.datasets.orthodont", "dnmf.core", "dnmf.params", "dnmf.mixed.scan",
+    allowed = {"dnmf", "dnmf.io", "dnmf.preprocess", "dnmf.datasets", "dnmf.datasets.orthodont", "dnmf.core", "dnmf.params", "dnmf.mixed.scan",
                "dnmf.mixed.nmfre"}
     for path in (ROOT / "pipelines").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -341,7 +341,8 @@ def test_factorize_synthetic_matches_direct_nmf(tmp_path, client):
     sse = np.sum((A - W @ np.diag(d) @ H) ** 2)
     # float32 factors (float32 input) rounded after the float64 fit: relative error ~1e-6
     np.testing.assert_allclose(model["loss"], sse, rtol=1e-5)
-    assert sorted(f.name for f in res.files) == ["syn-convergence.png", "syn-factors.png", "syn-report.html"]
+    assert sorted(f.name for f in res.files) == ["syn-convergence.png", "syn-factors.png", "syn-report.html",
+                                                 "syn-top-features.csv", "syn-top-features.png"]
     for f in res.files:
         if f.suffix == ".png":
             assert_png(f)
@@ -463,52 +464,9 @@ def test_factorize_seed_null_draws_entropy_once_and_records_it(tmp_path, client)
     np.testing.assert_array_equal(model["w"], ref.w)
 
 
-def _plain_cp10k_log1p(A):
-    """scanpy's normalize_total(target_sum=1e4) + log1p, written out on a dense genes × cells array."""
-    totals = A.sum(axis=0)
-    scaled = np.where(totals > 0, A * (1e4 / np.where(totals > 0, totals, 1.0)), 0.0)
-    return np.log1p(scaled)
-
-
-@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_normalize_blocks_match_a_plain_numpy_reference(sparse, dtype):
-    from pipelines.factorize import normalize_matrix
-
-    rng = np.random.default_rng(3)
-    keep = np.ones(30, dtype=dtype)
-    keep[4] = 0  # an empty sample stays empty
-    A = sp.csc_matrix(sp.random(40, 30, density=0.2, random_state=rng, format="csc", dtype=dtype) @ sp.diags(keep))
-    A.eliminate_zeros()
-    data = A if sparse else A.toarray()
-    for method, ref in (("log1p", np.log1p(A.toarray().astype(np.float64))),
-                        ("cp10k_log1p", _plain_cp10k_log1p(A.toarray().astype(np.float64)))):
-        blocked = normalize_matrix(data, method, block_nnz=40)  # several blocks
-        assert blocked.n_blocks > 1 and blocked.sparse == sparse and blocked.dtype == dtype
-        got = blocked.to_scipy()
-        if sparse:
-            assert sp.issparse(got) and got.nnz == A.nnz  # the stored pattern is kept: nothing densified
-            got = got.toarray()
-        # float32 storage rounds the transformed values: relative 1e-6; float64 is exact to rounding
-        np.testing.assert_allclose(got, ref, rtol=1e-6 if dtype == np.float32 else 1e-12)
-        assert np.all(got[:, 4] == 0)
-    if sparse:
-        totals = np.expm1(normalize_matrix(data, "cp10k_log1p", 40).to_scipy().toarray().astype(np.float64)).sum(0)
-        np.testing.assert_allclose(totals[totals > 0], 1e4, rtol=1e-5)  # float32 values: 1e-5 relative
-
-
-def test_normalize_lazy_store_blocks_are_normalized_on_load(tmp_path):
-    from pipelines.factorize import NormalizedSource, normalize_matrix
-
-    A = sp.random(50, 60, density=0.1, random_state=np.random.default_rng(5), format="csc")
-    dnmf.io.write_zarr(A, str(tmp_path / "a.zarr"), block_nnz=60)
-    blocked = normalize_matrix(str(tmp_path / "a.zarr"), "cp10k_log1p", None)
-    assert not blocked.in_memory and all(isinstance(s, NormalizedSource) for s in blocked.sources)
-    np.testing.assert_allclose(blocked.to_scipy().toarray(), _plain_cp10k_log1p(A.toarray()), rtol=1e-12)
-
-
 def test_factorize_normalize_option_fits_the_normalized_matrix(tmp_path, client):
-    from pipelines.factorize import normalize_matrix
+    from dnmf.core import default_block_nnz
+    from dnmf.preprocess import recipe
 
     data = {"pipeline": "factorize", "name": "lognorm", "input": {"dataset": "hawaiibirds", "normalize": "cp10k_log1p"},
             "model": {"k": 3, "maxit": 5, "tol": 0, "seed": 2},
@@ -520,8 +478,43 @@ def test_factorize_normalize_option_fits_the_normalized_matrix(tmp_path, client)
     model = RunStore.open(res.store).read_group("model")
     assert model["normalize"] == "cp10k_log1p"
     X = dnmf.datasets.load_hawaiibirds().X
-    ref = dnmf.nmf(normalize_matrix(X, "cp10k_log1p", None), 3, seed=2, maxit=5, tol=0, client=False)
+    ref = dnmf.nmf(recipe(X, "cp10k_log1p", block_nnz=default_block_nnz(X)), 3, seed=2, maxit=5, tol=0, client=False)
     np.testing.assert_array_equal(model["w"], ref.w)
     with pytest.raises(dnmf.ConfigError, match=r"^The config key 'input.normalize' must be one of 'none', 'log1p', "
                                                r"'cp10k_log1p'. Got 'zscore' instead.$"):
         JobConfig.from_dict({**data, "input": {"dataset": "hawaiibirds", "normalize": "zscore"}})
+
+
+def test_factorize_top_features_outputs_and_feature_selection(tmp_path, client):
+    import dataclasses
+
+    import pandas as pd
+
+    from dnmf.models import NMFModel
+    from dnmf.preprocess import recipe
+
+    data = {"pipeline": "factorize", "name": "top",
+            "input": {"dataset": "hawaiibirds", "normalize": "log1p", "n_top_features": 40},
+            "model": {"k": 3, "maxit": 4, "tol": 0, "seed": 2},
+            "output": {"dir": str(tmp_path), "anndata": "none", "performance_report": False, "top_features": 7},
+            "progress": "none"}
+    res = run_job(JobConfig.from_dict(data), client=client, echo=quiet)
+    store = RunStore.open(res.store)
+    model = store.read_group("model")
+    assert model["w"].shape == (40, 3) and model["n_top_features"] == 40
+    birds = dnmf.datasets.load_hawaiibirds()
+    named = dataclasses.replace(dnmf.io.as_blocked(birds.X, block_nnz=dnmf.core.default_block_nnz(birds.X)),
+                                row_names=tuple(birds.var.index), col_names=tuple(birds.obs.index))
+    ref = dnmf.nmf(recipe(named, "log1p", 40), 3, seed=2, maxit=4, tol=0, client=False)
+    np.testing.assert_array_equal(model["w"], ref.w)
+    assert list(model["row_names"]) == list(ref.feature_names)
+    assert set(ref.feature_names) <= set(map(str, birds.var.index))
+    names = {pathlib.Path(f).name for f in store.meta["files"]}
+    assert {"top-top-features.csv", "top-top-features.png", "top-factors.png"} <= names
+    table = pd.read_csv(tmp_path / "top-top-features.csv")
+    expected = NMFModel.from_dict(ref.to_dict()).top_features(7)
+    assert len(table) == 3 * 7 and list(table.columns) == ["factor", "rank", "feature", "weight", "specificity"]
+    assert list(table["feature"]) == [str(f) for f in expected["feature"]]
+    np.testing.assert_allclose(table["weight"], expected["weight"], rtol=1e-12)  # CSV keeps 17 digits
+    with pytest.raises(dnmf.ConfigError, match=r"'input.n_top_features' must be"):
+        JobConfig.from_dict({**data, "input": {"dataset": "hawaiibirds", "n_top_features": 0}})

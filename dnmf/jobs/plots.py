@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["save_png", "convergence", "factor_heatmap", "growth_curves", "random_effects"]
+__all__ = ["save_png", "convergence", "factor_heatmap", "top_features", "growth_curves", "random_effects"]
 
 
 def _figure(figsize):
@@ -81,6 +81,34 @@ def factor_heatmap(w: np.ndarray, *, row_names: Sequence[str] | None = None, top
     ax.set_yticklabels(labels, fontsize=6)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="W / max(W column)")
+    fig.tight_layout()
+    return fig
+
+
+def top_features(table, *, title: str = "Top features per factor", ncols: int = 5):
+    """One horizontal bar chart per factor of its top features, labelled by name.
+
+    ``table`` is :meth:`dnmf.models.NMFModel.top_features`'s DataFrame (columns ``factor``,
+    ``rank``, ``feature``, ``weight``); bars are the ``weight`` (the feature's share of the
+    factor), the top feature on top.
+    """
+    factors = sorted(int(f) for f in table["factor"].unique())
+    k = len(factors)
+    ncols = max(1, min(ncols, k))
+    nrows = -(-k // ncols)
+    n_top = int(table["rank"].max()) if len(table) else 1
+    fig = _figure((2.3 * ncols, 0.6 + (0.16 * n_top + 0.5) * nrows))
+    for i, f in enumerate(factors):
+        rows = table[table["factor"] == f].sort_values("rank")
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        y = np.arange(len(rows))
+        ax.barh(y, rows["weight"].to_numpy(dtype=float), color="tab:blue")
+        ax.set_yticks(y)
+        ax.set_yticklabels([str(v) for v in rows["feature"]], fontsize=6)
+        ax.invert_yaxis()
+        ax.tick_params(axis="x", labelsize=6)
+        ax.set_title(f"factor {f + 1}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
