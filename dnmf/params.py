@@ -16,6 +16,10 @@ from it, so the copies cannot drift:
 
 Adding an option to ``nmf`` is adding one :class:`Param` here, the argument to ``nmf``'s
 signature (a test fails until it is there) and its use in the engine.
+
+:data:`NMFRE_PARAMS` is the same table for :func:`dnmf.nmfre`: its signature is
+:func:`signature` of the table (``first=("Y",)``), its simple range and option checks are the
+table's, and the nmfre pipeline's ``model:`` section is :func:`config_section` of it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = [
     "Flag",
     "Check",
     "NMF_PARAMS",
+    "NMFRE_PARAMS",
     "INITS",
     "SOLVER_NAMES",
     "REQUIRED",
@@ -267,6 +272,9 @@ class Param:
         The YAML default when it differs (``init: random`` for nmf's None).
     from_config : callable or None
         Maps the YAML value to nmf's argument (``out_of_core: auto`` → None).
+    positional : bool
+        Positional-or-keyword in the function's signature although it has a default (nmfre's
+        R-ordered arguments); otherwise keyword-only.
     """
 
     name: str
@@ -279,6 +287,7 @@ class Param:
     config: bool = True
     config_default: Any = _SAME
     from_config: Callable | None = None
+    positional: bool = False
 
     @property
     def estimator_name(self) -> str:
@@ -327,6 +336,69 @@ NMF_PARAMS: tuple[Param, ...] = (
 )
 
 
+def _check_df_rate(value, name: str, func: str):
+    return None if value is None else check_float(value, name, func, low=0.0, low_open=True)
+
+
+def _nmfre(name, constraint=None, default=None, doc="", *, config=False, positional=True, **kw) -> Param:
+    """A parameter of :func:`dnmf.nmfre` (no estimator; ``Check()``: nmfre checks it itself)."""
+    return Param(name, Check() if constraint is None else constraint, default, doc, estimator=False,
+                 config=config, positional=positional, **kw)
+
+
+#: Engines of :func:`dnmf.nmfre` (:data:`dnmf.mixed.nmfre.ENGINES`; a test checks they agree).
+NMFRE_ENGINES = ("cap", "ecm")
+
+#: The parameters of :func:`dnmf.nmfre` after ``Y``, in signature order (R's order up to
+#: ``client``, positional-or-keyword; the rest keyword-only). ``config=True``: the nmfre
+#: pipeline's ``model:`` section, whose defaults are the vignette's (rank 1, the dfU scan's
+#: rate, the df-cap engine's 50000 iterations).
+NMFRE_PARAMS: tuple[Param, ...] = (
+    _nmfre("A", doc="covariates (K × N); default an intercept row"),
+    _nmfre("rank", Interval(int, low=1), 2, "number of basis vectors Q", config=True, config_default=1),
+    _nmfre("df_rate", Check(_check_df_rate, Literal["scan"] | float, {"min": 0.0, "min_open": True}), None,
+           "df cap rate of the random effects ('scan': the dfU scan's choice)", config=True,
+           config_default="scan"),
+    _nmfre("engine", Options(NMFRE_ENGINES), "cap", "df-cap engine or the ECM engine of current upstream"),
+    _nmfre("wild_bootstrap", default=True, doc="run the inference inline (engine cap)"),
+    _nmfre("wild_B", Interval(int, low=2), 500, "bootstrap replicates"),
+    _nmfre("wild_level", Interval(float, low=0.0, high=1.0, low_open=True), 0.95, "percentile interval level"),
+    _nmfre("prefix", Check(None, str), "Basis", "basis label prefix", config=True),
+    _nmfre("epsilon", Interval(float, low=0.0), 1e-5, "relative objective change that stops the fit",
+           config=True),
+    # None: 50000 for engine cap, 5000 for ecm (checked by nmfre after the engine's default)
+    _nmfre("maxit", Check(None, int, {"min": 1}), None, "maximum iterations", config=True, config_default=50000),
+    _nmfre("X_init", doc="starting basis (or an ECM initialization method)"),
+    _nmfre("C_init", doc="starting Θ"),
+    _nmfre("U_init", doc="starting random effects"),
+    _nmfre("seed", Check(None, int, {"min": 0}), 1, "seed of the nmfkc initialization", config=True),
+    _nmfre("r_rng", Check(None, bool), False,
+           "draw k-means starts and bootstrap multipliers from R's streams (reproduces R to rounding)",
+           config=True),
+    _nmfre("client", doc="Dask client of the scan and the bootstrap"),
+    _nmfre("wild_seed", default=123, doc="seed of the wild bootstrap", positional=False),
+    _nmfre("C_signed", default=True, doc="engine ecm: sign-free Θ", positional=False),
+    _nmfre("C_p_side", doc="p-value side (None: by the sign of Θ)", positional=False),
+    _nmfre("sigma2", Interval(float, low=0.0, low_open=True), 1.0, "starting σ²", positional=False),
+    _nmfre("tau2", Interval(float, low=0.0, low_open=True), 1.0, "starting τ²", positional=False),
+    _nmfre("sigma2_update", default=True, doc="update σ²", positional=False),
+    _nmfre("tau2_update", default=True, doc="update τ²", positional=False),
+    _nmfre("dfu_control", Options(("cap", "off")), "cap", "engine cap: enforce the df cap or not",
+           positional=False),
+    _nmfre("nstart", default=1, doc="k-means restarts of the initializer", positional=False),
+    _nmfre("inner_maxit", default=10000, doc="engine ecm: inner iterations", positional=False),
+    _nmfre("outer_maxit", default=500, doc="engine ecm: outer iterations", positional=False),
+    _nmfre("epsilon_outer", default=1e-6, doc="engine ecm: outer tolerance", positional=False),
+    _nmfre("x_postvar", default=True, doc="engine ecm: posterior-variance term in the X step", positional=False),
+    _nmfre("X_L2_ortho", default=0.0, doc="engine ecm: orthogonality penalty of X", positional=False),
+    _nmfre("X_L2_smooth", default=0.0, doc="engine ecm: smoothness penalty of X", positional=False),
+    _nmfre("C_L2", default=0.0, doc="engine ecm: ridge penalty of Θ", positional=False),
+    _nmfre("print_trace", default=False, doc="log progress every 100 iterations", positional=False),
+    _nmfre("data", doc="formula mode: one row per unit", positional=False),
+    _nmfre("Q", doc="alias of rank (R's Q)", positional=False),
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # What is derived from a table
 # ---------------------------------------------------------------------------------------------
@@ -343,13 +415,16 @@ def validate(spec: Sequence[Param], values: Mapping[str, Any], func: str) -> dic
 
 
 def signature(spec: Sequence[Param], *, first: Sequence[str] = ("A",)) -> inspect.Signature:
-    """The signature of the function over ``spec``: ``first`` and required parameters positional,
-    the others keyword-only with their defaults (annotations are not compared)."""
+    """The signature of the function over ``spec``: ``first``, required and ``positional``
+    parameters positional-or-keyword, the others keyword-only, with their defaults (annotations
+    are not compared)."""
     pos = inspect.Parameter.POSITIONAL_OR_KEYWORD
     params = [inspect.Parameter(name, pos) for name in first]
     for p in spec:
         if p.default is REQUIRED:
             params.append(inspect.Parameter(p.name, pos))
+        elif p.positional:
+            params.append(inspect.Parameter(p.name, pos, default=p.default))
         else:
             params.append(inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default))
     return inspect.Signature(params)

@@ -30,6 +30,7 @@ import numpy as np
 
 import dnmf
 import dnmf.datasets
+import dnmf.params
 from dnmf.mixed.nmfre import DEFAULT_RATES as _LIBRARY_RATES
 from dnmf.mixed.scan import choose_rate
 
@@ -58,19 +59,11 @@ class NMFREInput:
             yield ("", "a mapping with either 'dataset' or a CSV file 'Y' (and optionally 'A')", given)
 
 
-@dataclass(frozen=True)
-class NMFREModel:
-    """``model:``: the arguments of :func:`dnmf.nmfre` (df-cap engine)."""
-
-    rank: int = field(default=1, metadata=_meta("number of basis vectors Q", min=1))
-    df_rate: Literal["scan"] | float = field(default="scan", metadata=_meta(
-        "df cap rate of the random effects ('scan': the dfU scan's choice)", min=0.0, min_open=True))
-    prefix: str = field(default="Basis", metadata=_meta("basis label prefix"))
-    epsilon: float = field(default=1e-5, metadata=_meta("relative objective change that stops the fit", min=0.0))
-    maxit: int = field(default=50000, metadata=_meta("maximum iterations", min=1))
-    seed: int = field(default=1, metadata=_meta("seed of the nmfkc initialization", min=0))
-    r_rng: bool = field(default=False, metadata=_meta(
-        "draw k-means starts and bootstrap multipliers from R's streams (reproduces R to rounding)"))
+#: ``model:``: the YAML parameters of :data:`dnmf.params.NMFRE_PARAMS` (declared once, with
+#: :func:`dnmf.nmfre`'s signature and checks), run with the df-cap engine.
+NMFREModel = dnmf.params.config_section(
+    dnmf.params.NMFRE_PARAMS, "NMFREModel", module=__name__,
+    doc="``model:``: the arguments of :func:`dnmf.nmfre` (df-cap engine).")
 
 
 @dataclass(frozen=True)
@@ -220,8 +213,8 @@ def run(config, job) -> None:
     job.add_seeds(nmfkc_init=m.seed, wild_bootstrap=inf.seed if inf.enabled else None)
 
     def fit_once():
-        return dnmf.nmfre(Y, A, rank=m.rank, df_rate=rate, prefix=m.prefix, epsilon=m.epsilon, maxit=m.maxit,
-                          seed=m.seed, r_rng=m.r_rng, wild_bootstrap=False, client=False)
+        kwargs = {**dnmf.params.config_kwargs(dnmf.params.NMFRE_PARAMS, m), "df_rate": rate}
+        return dnmf.nmfre(Y, A, **kwargs, wild_bootstrap=False, client=False)
 
     bar = job.progress("fit", 1, unit="task")
     fit = _cached(job, "fit", fit_once)

@@ -131,3 +131,70 @@ def test_misc_is_a_read_only_view_of_the_frozen_fit_record():
     back = pickle.loads(pickle.dumps(model))
     assert back.misc["iter"] == 5
     np.testing.assert_array_equal(back.misc["loss_history"], misc["loss_history"])
+
+
+# ---------------------------------------------------------------------------------------------
+# nmfre: one table for the function, its checks and the nmfre pipeline's model: section
+# ---------------------------------------------------------------------------------------------
+
+
+def _nmfre_model():
+    from dnmf.config import get_pipeline
+
+    return get_pipeline("nmfre").SECTIONS["model"]
+
+
+def test_nmfre_signature_is_the_spec():
+    assert _sig(dnmf.nmfre) == _sig(P.signature(P.NMFRE_PARAMS, first=("Y",)))
+    # R's argument order up to client is positional; the rest keyword-only
+    params = inspect.signature(dnmf.nmfre).parameters
+    assert params["client"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert params["wild_seed"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_nmfre_engines_are_the_library_engines():
+    from dnmf.mixed._core import ENGINES
+
+    assert P.NMFRE_ENGINES == tuple(ENGINES)
+
+
+def test_nmfre_yaml_model_section_is_the_spec():
+    Model = _nmfre_model()
+    got = {f.name: f.default for f in dataclasses.fields(Model)}
+    expected = {p.name: (p.default if p.config_default is P._SAME else p.config_default)
+                for p in P.NMFRE_PARAMS if p.config}
+    assert got == expected
+    # the pipeline's own defaults: the vignette's rank 1, the dfU scan's rate, the cap engine's maxit
+    assert got == {"rank": 1, "df_rate": "scan", "prefix": "Basis", "epsilon": 1e-5, "maxit": 50000, "seed": 1,
+                   "r_rng": False}
+    lines = describe_section(Model, "model")
+    for p in P.NMFRE_PARAMS:
+        if p.config:
+            assert any(line.startswith(f"model.{p.name}: ") and line.endswith(f" — {p.doc}") for line in lines)
+    assert "model.df_rate: 'scan' or a float in (0.0, inf) (default 'scan') — " in lines[1]
+    with pytest.raises(ConfigError, match=r"'model.rank' must be an int in \[1, inf\)"):
+        build_section(Model, {"rank": 0}, "model")
+    cfg = build_section(Model, {"rank": 1, "df_rate": 0.2, "prefix": "Trend"}, "model")
+    kwargs = P.config_kwargs(P.NMFRE_PARAMS, cfg)
+    assert kwargs == {"rank": 1, "df_rate": 0.2, "prefix": "Trend", "epsilon": 1e-5, "maxit": 50000, "seed": 1,
+                      "r_rng": False}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rank": 0}, r"^The 'rank' parameter of nmfre must be an int in \[1, inf\]\. Got 0 instead\.$"),
+    ({"df_rate": 0.0}, r"^The 'df_rate' parameter of nmfre must be a float in \(0\.0, inf\)\. Got 0\.0 instead\.$"),
+    ({"engine": "em"}, r"^The 'engine' parameter of nmfre must be"),
+    ({"wild_level": 1.5}, r"^The 'wild_level' parameter of nmfre must be a float in \(0\.0, 1\.0\]"),
+    ({"sigma2": 0.0}, r"^The 'sigma2' parameter of nmfre must be a float in \(0\.0, inf\)"),
+    ({"dfu_control": "on"}, r"^The 'dfu_control' parameter of nmfre must be"),
+])
+def test_nmfre_checks_come_from_the_table(kwargs, message):
+    from dnmf.datasets.orthodont import load_orthodont
+
+    Y, A, _ = load_orthodont()
+    with pytest.raises(InputError, match=message):
+        dnmf.nmfre(Y, A, **{"rank": 1, "df_rate": 0.2, **kwargs})
+    name = next(iter(kwargs))
+    p = {q.name: q for q in P.NMFRE_PARAMS}[name]
+    with pytest.raises(InputError, match=message):
+        p.check(kwargs[name], "nmfre")

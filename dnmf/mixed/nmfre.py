@@ -34,7 +34,7 @@ from typing import Optional
 
 import numpy as np
 
-from .._validation import check_float, check_int, check_option, param_error
+from .._validation import check_int, check_option, param_error
 # Names importable from here since before the split (pipelines and tests use several of them).
 from ..covariates._common import (  # noqa: F401
     CLIP_HI,
@@ -63,6 +63,7 @@ from ._core import (  # noqa: F401
     validate_inputs,
 )
 from ..exceptions import ConvergenceWarning, InputError
+from ..params import NMFRE_PARAMS
 from ..formula import is_formula, resolve_formula
 from .ecm import ECMOptions, ecm_initialize, fit_ecm, resolve_c_signed
 from .fit import (  # noqa: F401
@@ -93,6 +94,14 @@ __all__ = [
     "DEFAULT_RATES",
     "fit_at_rate",
 ]
+
+
+_PARAMS = {p.name: p for p in NMFRE_PARAMS}
+
+
+def _check(name: str, value):
+    """``value`` checked by :data:`dnmf.params.NMFRE_PARAMS`'s constraint (the library's template)."""
+    return _PARAMS[name].check(value, "nmfre")
 
 
 def _call_string(name: str, given: dict) -> str:
@@ -214,6 +223,9 @@ def nmfre(
     Q : int, optional
         Alias of ``rank`` (R's backward-compatible ``Q``, which wins over ``rank`` as upstream).
 
+    The parameters are declared once in :data:`dnmf.params.NMFRE_PARAMS` (signature,
+    defaults, simple range checks and the nmfre pipeline's ``model:`` section).
+
     Returns
     -------
     NMFREResult
@@ -257,25 +269,24 @@ def nmfre(
                           "a data frame", described=True)
     if Q is not None:
         rank = Q  # upstream: `if (!is.null(extra_args$Q)) rank <- extra_args$Q`
-    engine = check_option(engine, "engine", func, ENGINES)
+    engine = _check("engine", engine)
     # an Inputs object is the private path of nmfre_ecv (imputed cells may be negative)
     inp = Y if isinstance(Y, Inputs) else validate_inputs(Y, A, func)
-    rank = check_int(rank, "rank", func, low=1)
-    epsilon = check_float(epsilon, "epsilon", func, low=0.0)
+    rank = _check("rank", rank)
+    epsilon = _check("epsilon", epsilon)
     maxit = check_int(50000 if maxit is None and engine == "cap" else (5000 if maxit is None else maxit),
                       "maxit", func, low=1)
     prefix = str(prefix)
     seed = check_seed_int(1 if seed is None else seed, "seed", func)
-    if df_rate is not None:
-        df_rate = check_float(df_rate, "df_rate", func, low=0.0, low_open=True)
-    dfu_control = check_option(dfu_control, "dfu_control", func, ("cap", "off"))
-    sigma2 = check_float(sigma2, "sigma2", func, low=0.0, low_open=True)
-    tau2 = check_float(tau2, "tau2", func, low=0.0, low_open=True)
+    df_rate = _check("df_rate", df_rate)
+    dfu_control = _check("dfu_control", dfu_control)
+    sigma2 = _check("sigma2", sigma2)
+    tau2 = _check("tau2", tau2)
     C_signed = resolve_c_signed(C_signed, func)
     if C_p_side is not None:
         C_p_side = check_option(C_p_side, "C_p_side", func, ("one.sided", "two.sided"))
-    wild_B = check_int(wild_B, "wild_B", func, low=2)
-    wild_level = check_float(wild_level, "wild_level", func, low=0.0, high=1.0, low_open=True)
+    wild_B = _check("wild_B", wild_B)
+    wild_level = _check("wild_level", wild_level)
     P, N = inp.Y.shape
     check_rank_vs_shape(rank, P, N, func)
     if np.any(inp.A < 0):
