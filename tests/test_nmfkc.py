@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+import sys
 import warnings
 
 import numpy as np
@@ -20,6 +23,9 @@ from dnmf.rrng import RRandom
 # Deterministic R values are matched to 1e-6 relative (the spec's acceptance tolerance);
 # the implementation agrees to ~1e-12, so this leaves room only for BLAS summation order.
 R_REL = 1e-6
+#: Golden master of nmfkc's default (NumPy) bootstrap stream; it changes only through
+#: ``python tests/test_nmfkc.py --regenerate-golden``.
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "nmfkc_orthodont.json"
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +348,44 @@ def test_inference_default_stream_within_monte_carlo_error(fit1, ortho):
     np.testing.assert_allclose(inf.C_se.ravel(), [2.474170, 3.059137], rtol=R_REL)
 
 
+def test_bootstrap_seeding_is_the_shared_scheme(fit1, ortho):
+    """Default-stream one-step draws rebuilt in plain NumPy from the one scheme nmfkc and NMF-RE share:
+    chunks of BOOT_CHUNK replicates, chunk c seeded by the key (0, c) under SeedSequence(seed)."""
+    from dnmf.covariates import _theta_inference as T
+
+    B, seed = 250, 7  # 3 chunks (100, 100, 50)
+    inf = nmfkc_inference(fit1, ortho.Y, ortho.A, wild_B=B, seed=seed, client=False)
+    Y, A, X, C = ortho.Y, ortho.A, fit1.X, fit1.C
+    P, N = Y.shape
+    Q, K = C.shape
+    R = Y - X @ C @ A
+    s2 = np.sum(R**2) / (P * N - Q * K)
+    S = -np.stack([np.kron(A[:, n], X.T @ R[:, n]) for n in range(N)], axis=1) / s2
+    H = np.kron(A @ A.T, X.T @ X) / s2 + 1e-8 * np.eye(Q * K)
+    W = np.concatenate([
+        np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, c))).standard_exponential((N, n)) - 1.0
+        for c, n in enumerate((100, 100, 50))], axis=1)
+    want = np.maximum(vec_cm(C)[:, None] - np.linalg.solve(H, S @ W), 0.0)
+    assert T.BOOT_CHUNK == 100
+    # 1e-9: the same draws through differently ordered products of a 2 × 2 system
+    np.testing.assert_allclose(inf.C_boot_draws, want, rtol=1e-9)
+
+
+def _golden_values(fit1, ortho) -> dict:
+    inf = nmfkc_inference(fit1, ortho.Y, ortho.A, seed=123, client=False)
+    return {f"onestep_{col}": [float(v) for v in inf.coefficients[col]] for col in ("BSE", "CI_low", "CI_high")}
+
+
+def test_golden_default_stream(fit1, ortho):
+    """nmfkc's default (NumPy) bootstrap stream is pinned: it changes only by regeneration."""
+    got = _golden_values(fit1, ortho)
+    want = json.loads(GOLDEN.read_text())
+    assert set(got) == set(want)
+    for key, val in want.items():
+        # 1e-10: the same draws through the same products; only BLAS order may differ
+        assert np.allclose(got[key], val, rtol=1e-10, atol=0), key
+
+
 def test_bootstrap_same_on_local_cluster_as_threads(fit1, ortho):
     from distributed import Client, LocalCluster
 
@@ -419,3 +463,10 @@ def test_ecv_heldout_score_equals_direct_refit(ortho):
     y = ortho.Y.reshape(-1, order="F")[test]
     pred = f.XB.reshape(-1, order="F")[test]
     assert e.objfunc_fold[0, 1] == pytest.approx(np.mean((y - pred) ** 2), rel=1e-12)
+
+
+if __name__ == "__main__" and "--regenerate-golden" in sys.argv:
+    data = load_orthodont()
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(_golden_values(nmfkc(data.Y_frame(), data.A_frame(), rank=1), data), indent=1) + "\n")
+    print(f"wrote {GOLDEN}")
