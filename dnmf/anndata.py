@@ -8,7 +8,7 @@ import numpy as np
 
 from .models import NMFModel
 
-__all__ = ["fit"]
+__all__ = ["fit", "uns_record"]
 
 
 def fit(adata: Any, k: int, *, layer: str | None = None, key: str = "nmf", **nmf_kwargs) -> NMFModel:
@@ -34,7 +34,12 @@ def fit(adata: Any, k: int, *, layer: str | None = None, key: str = "nmf", **nmf
     NMFModel
         Also written to ``adata``: ``obsm["X_nmf"]`` (cells × k) = (diag(d)·H)ᵀ, so that
         ``X ≈ obsm["X_nmf"] @ varm["NMF_W"].T``; ``varm["NMF_W"]`` (genes × k) = W with
-        unit-norm columns; ``uns["nmf"]`` = d, the parameters and the loss history.
+        unit-norm columns; ``uns["nmf"]`` = :func:`uns_record`: d, the loss history and, as
+        scanpy's ``uns["pca"]["params"]``, ``uns["nmf"]["params"]`` (the fit's parameters).
+
+    See Also
+    --------
+    NMFModel.predict : with an AnnData argument it returns cells × k, the layout of ``obsm``.
     """
     from .core import nmf as _nmf
     from .io import as_blocked
@@ -43,10 +48,37 @@ def fit(adata: Any, k: int, *, layer: str | None = None, key: str = "nmf", **nmf
     model = _nmf(blocked, k, **nmf_kwargs)
     adata.obsm[f"X_{key}"] = np.ascontiguousarray((model.h * model.d[:, None]).T)
     adata.varm[f"{key.upper()}_W"] = np.ascontiguousarray(model.w)
+    scalars = {name: value for name, value in nmf_kwargs.items()
+               if isinstance(value, (str, bool, int, float, np.integer, np.floating)) and name != "seed"}
+    adata.uns[key] = uns_record(model, layer=layer, **scalars)
+    return model
+
+
+def uns_record(model: NMFModel, *, layer: str | None = None, **params: Any) -> dict:
+    """The ``uns["nmf"]`` entry of a fitted model, following scanpy's conventions.
+
+    Like ``uns["pca"]`` (``{"params": {...}, "variance": ..., "variance_ratio": ...}``):
+    ``params`` is a dict of the fit's parameters — ``k``, ``layer``, ``seed`` (-1 when drawn
+    fresh), ``L1``, ``L2``, ``nonneg``, ``norm``, ``solver``, ``init`` and the
+    ``params`` keywords given here (the scalar keywords passed to :func:`fit`, e.g. ``maxit`` and
+    ``tol``; the pipeline's ``normalize``; None values are left out) — and the results sit
+    beside it: ``d`` (k), ``loss_history``, ``iter``, ``loss``, ``converged``. ``k``,
+    ``layer``, ``seed``, ``solver``, ``norm``, ``L1`` and ``L2`` are also kept at the top level,
+    where earlier versions wrote them.
+    """
     misc = model.misc
-    adata.uns[key] = {
+    seed = -1 if misc.get("seed") is None else int(misc["seed"])
+    fit_params = {
+        "k": int(model.k), "layer": layer or "X", "seed": seed,
+        "L1": np.asarray(misc["L1"], dtype=float), "L2": np.asarray(misc["L2"], dtype=float),
+        "nonneg": np.asarray(misc.get("nonneg", (True, True)), dtype=bool), "norm": str(misc["norm"]),
+        "solver": str(misc["solver"]), "init": str(misc.get("init")),
+        **{name: value for name, value in params.items() if value is not None},
+    }
+    return {
+        "params": fit_params,
         "d": np.asarray(model.d),
-        "k": int(k),
+        "k": int(model.k),
         "layer": layer or "X",
         "iter": int(misc["iter"]),
         "loss": float(misc["loss"]),
@@ -54,8 +86,7 @@ def fit(adata: Any, k: int, *, layer: str | None = None, key: str = "nmf", **nmf
         "converged": bool(misc["converged"]),
         "solver": misc["solver"],
         "norm": misc["norm"],
-        "seed": -1 if misc["seed"] is None else int(misc["seed"]),
+        "seed": seed,
         "L1": np.asarray(misc["L1"]),
         "L2": np.asarray(misc["L2"]),
     }
-    return model

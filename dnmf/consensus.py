@@ -664,7 +664,10 @@ def _cnmf_one(A, k: int, models: Sequence[NMFModel], *, density_threshold: float
     n = models[0].h.shape[1]
     fixed = NMFModel(w=programs, d=np.ones(k), h=np.zeros((k, n)), misc={"row_names": names[0],
                                                                          "col_names": names[1]})
-    usage = np.asarray(fixed.predict(A, L1=0.0, L2=0.0, nonneg=True), dtype=np.float64)
+    # as_blocked: predict gives k × n for it (an AnnData itself would give cells × k, obsm's layout)
+    from .io import as_blocked
+
+    usage = np.asarray(fixed.predict(as_blocked(A), L1=0.0, L2=0.0, nonneg=True), dtype=np.float64)
     refit = NMFModel(w=programs, d=np.ones(k), h=usage, misc=fixed.misc)
     error = float(refit.evaluate(A, loss="mse")) * programs.shape[0] * n
     labels = np.full(kept.size, -1, dtype=np.int64)

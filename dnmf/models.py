@@ -330,6 +330,11 @@ def _mask_pattern(mask: Any, shape: tuple[int, int], func: str) -> sp.csc_array:
 # ---------------------------------------------------------------------------------------------
 
 
+def _is_anndata(x: Any) -> bool:
+    """True for an ``anndata.AnnData`` (checked by type name: anndata is imported only when used)."""
+    return any(c.__name__ == "AnnData" and c.__module__.startswith("anndata") for c in type(x).__mro__)
+
+
 def _names(names: Any, length: int) -> tuple[str, ...] | None:
     """``names`` as a tuple of str when it has ``length`` entries, else None."""
     if names is None:
@@ -855,11 +860,14 @@ class NMFModel:
 
         Returns
         -------
-        ndarray of shape (k, n_new)
+        ndarray of shape (k, n_new), or (n_new, k) for an AnnData A
             Each column solves ``min_{h≥0} ‖a_j − W h‖² + L2‖h‖²`` with RHS ``Wᵀa_j − L1``
             exactly (active-set NNLS). ``d`` is **not** applied: W has unit-norm columns and h
             absorbs the scale, so ``A ≈ W @ H`` — on the training data H ≈ ``diag(d) @ model.h``.
-            float32 data gives float32 output, anything else float64.
+            float32 data gives float32 output, anything else float64. For an AnnData A (cells ×
+            genes) the result is transposed to cells × k, the layout of ``obsm["X_nmf"]``
+            (``adata.obsm["X_nmf"] = model.predict(adata)``); every other input gives k × n_new,
+            as RcppML's ``predict``.
 
         Notes
         -----
@@ -900,5 +908,7 @@ class NMFModel:
             ht, _, _ = solve_dense_columns(B, hs, np.zeros((B.shape[1], k)), False)
             out[:, c0:c1] = ht.T
         if np.dtype(blocked.dtype) == np.float32:
-            return out.astype(np.float32)
+            out = out.astype(np.float32)
+        if _is_anndata(A):
+            return np.ascontiguousarray(out.T)  # cells × k, like obsm
         return out

@@ -27,14 +27,18 @@ block by block on the column blocks, as each block is loaded: sparse blocks stay
 whole. A sample whose values sum to 0 stays all zero. Feature selection reads the normalized
 matrix once more (one pass of block sums for the per-feature variance).
 
-Outputs: ``model/`` (w, d, h, loss_history, tol_history, row_names, col_names and the fit
-record; ``n_top_features`` is -1 when all features were kept), ``<run>-top-features.csv``
+Outputs: ``model/`` (w, d, h, loss_history, tol_history, row_names, col_names, the coordinate
+arrays feature, sample and factor, and the fit record; every array carries Zarr v3
+``dimension_names`` — w: (feature, factor), h: (factor, sample), d: (factor,) — so
+``xarray.open_zarr(store, group="model")`` opens it as a Dataset; ``n_top_features`` is -1 when all features were kept), ``<run>-top-features.csv``
 (:meth:`dnmf.NMFModel.top_features` with ``n = output.top_features``, 20 by default: factor,
 rank, feature name, weight, specificity), ``<run>-convergence.png``, ``<run>-factors.png`` (W on
 each factor's top features, rows labelled by feature name), ``<run>-top-features.png`` (a bar
 chart of each factor's top features by name) and, for AnnData inputs, an AnnData
 copy with ``obsm["X_nmf"]``, ``varm["NMF_W"]``, ``uns["nmf"]`` (annotations only; X stays in
-the input).
+the input; ``uns["nmf"]["params"]`` holds the fit's parameters, as scanpy's
+``uns["pca"]["params"]``). A store written by ``dnmf convert`` from an ``.h5ad`` carries the
+cell and gene names, so its AnnData copy has them as ``obs_names`` / ``var_names``.
 """
 
 from __future__ import annotations
@@ -67,6 +71,14 @@ NORMALIZATIONS = dnmf.preprocess.NORMALIZATIONS
 def _meta(doc: str, **kw) -> dict:
     return {"doc": doc, **kw}
 
+
+#: Dimension names (Zarr v3 ``dimension_names``) of the arrays of the run store's ``model/`` group.
+MODEL_DIMS = {
+    "w": ("feature", "factor"), "d": ("factor",), "h": ("factor", "sample"),
+    "loss_history": ("iteration",), "tol_history": ("iteration",),
+    "row_names": ("feature",), "col_names": ("sample",),
+    "feature": ("feature",), "sample": ("sample",), "factor": ("factor",),
+}
 
 #: Bundled data sets that are not one matrix (Orthodont is NMF-RE's Y and A).
 NOT_MATRICES = ("orthodont",)
@@ -412,11 +424,15 @@ def load_input(inp: FactorizeInput, job, block_nnz: int | None = None) -> _Loade
     job.echo(f"input: {' then '.join(steps)}, block by block")
     data = dnmf.preprocess.recipe(loaded.data, inp.normalize, inp.n_top_features,
                                       block_nnz=block_nnz or default_block_nnz(loaded.data))
-    var = loaded.var
-    if var is not None and data.shape[0] != len(var):
-        keep = var.index.get_indexer(list(data.row_names)) if data.row_names is not None else None
-        var = var.iloc[keep] if keep is not None and (keep >= 0).all() else None
-    return _Loaded(data, loaded.obs, var)
+    obs, var = loaded.obs, loaded.var
+    if var is not None and data.shape[0] != len(var):  # features selected: var follows by name
+        keep = (var.index.astype(str).get_indexer(list(data.row_names)) if data.row_names is not None
+                else np.full(data.shape[0], -1))
+        if (keep >= 0).all():
+            var = var.iloc[keep]
+        else:  # names that do not match var's index: no AnnData copy rather than a wrong one
+            obs, var = None, None
+    return _Loaded(data, obs, var)
 
 
 def _load_raw(inp: FactorizeInput, job, block_nnz: int | None = None) -> _Loaded:
@@ -444,6 +460,15 @@ def _load_raw(inp: FactorizeInput, job, block_nnz: int | None = None) -> _Loaded
     ann = _anndata_annotations(path) if path.lower().endswith((".h5ad", ".zarr")) else None
     if inp.layer is not None:
         data = dnmf.io.as_blocked(path, layer=inp.layer)
+    elif ann is None and path.lower().endswith(".zarr"):
+        # a store written by `dnmf convert` keeps its blocking and carries the names of its source
+        # (an .h5ad's var_names and obs_names): they become the AnnData copy's var and obs
+        data = dnmf.io.as_blocked(path)
+        if data.row_names is not None and data.col_names is not None:
+            import pandas as pd
+
+            ann = (pd.DataFrame(index=pd.Index(data.col_names, dtype=object)),
+                   pd.DataFrame(index=pd.Index(data.row_names, dtype=object)))
     else:
         data = path
     return _Loaded(data, *(ann or (None, None)))
@@ -512,18 +537,15 @@ def _write_anndata(loaded: _Loaded, model, job) -> None:
         return
     import anndata  # only when an AnnData copy is written
 
-    misc = model.misc
     adata = anndata.AnnData(obs=loaded.obs.copy(), var=loaded.var.copy())
     adata.obsm["X_nmf"] = np.ascontiguousarray((model.h * model.d[:, None]).T)
     adata.varm["NMF_W"] = np.ascontiguousarray(model.w)
-    adata.uns["nmf"] = {
-        "d": np.asarray(model.d), "k": int(model.k), "layer": job.config.input.layer or "X",
-        "normalize": job.config.input.normalize,
-        "iter": int(misc["iter"]), "loss": float(misc["loss"]), "loss_history": np.asarray(misc["loss_history"]),
-        "converged": bool(misc["converged"]), "solver": misc["solver"], "norm": misc["norm"],
-        "seed": -1 if misc["seed"] is None else int(misc["seed"]),
-        "L1": np.asarray(misc["L1"]), "L2": np.asarray(misc["L2"]),
-    }
+    inp = job.config.input
+    record = dnmf.anndata.uns_record(model, layer=inp.layer, normalize=inp.normalize,
+                                     n_top_features=inp.n_top_features, maxit=int(job.config.model.maxit),
+                                     tol=float(job.config.model.tol))
+    record["normalize"] = inp.normalize
+    adata.uns["nmf"] = record
     if fmt == "h5ad":
         path = job.output_path("anndata.h5ad")
         adata.write_h5ad(path)
@@ -541,12 +563,18 @@ def run(config, job) -> None:
     job.add_seeds(nmf=cfg.seed, nmf_entropy=str(model.misc["seed_entropy"]))
     record = _model_record(model, cfg, config.input.normalize)
     record["n_top_features"] = -1 if config.input.n_top_features is None else int(config.input.n_top_features)
-    rows, cols = model.misc.get("row_names"), model.misc.get("col_names")
+    m, n, k = model.shape
+    rows, cols = model.feature_names, model.sample_names
     if rows is not None:
         record["row_names"] = np.asarray([str(r) for r in rows])
     if cols is not None:
         record["col_names"] = np.asarray([str(c) for c in cols])
-    job.write("model", record)
+    # coordinates: names where the input had them, else positions; with MODEL_DIMS the group opens
+    # as an xarray.Dataset (xarray.open_zarr(store, group="model"))
+    record["feature"] = record["row_names"] if rows is not None else np.arange(m)
+    record["sample"] = record["col_names"] if cols is not None else np.arange(n)
+    record["factor"] = np.arange(k)
+    job.store.write_group("model", record, dims=MODEL_DIMS)
     job.save_figure(job.plots.convergence(record["loss_history"], tol=record["tol_history"],
                                           title=f"{config.name}: NMF k={model.k}"), "convergence")
     job.save_figure(job.plots.factor_heatmap(model.w, row_names=model.feature_names,

@@ -80,11 +80,11 @@ def test_predict_aligns_features_by_name(planted):
     zeroed = a.copy()
     zeroed[~keep] = 0.0
     np.testing.assert_allclose(got, model.predict(zeroed), rtol=1e-10, atol=1e-12)
-    # an AnnData (cells × genes) works the same way
+    # an AnnData (cells × genes) works the same way, and gives cells × k like obsm["X_nmf"]
     import anndata
 
     adata = anndata.AnnData(X=np.ascontiguousarray(a[order].T), var=pd.DataFrame(index=[genes[i] for i in order]))
-    np.testing.assert_allclose(model.predict(adata), ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(model.predict(adata), ref.T, rtol=1e-10, atol=1e-12)
     with pytest.raises(InputError, match=r"None of the 3 feature names of the data A passed to NMFModel.predict is "
                                          r"a feature of the model \(e.g. 'x0' in A, 'g0' in the model\)"):
         model.predict(pd.DataFrame(np.ones((3, 2)), index=["x0", "x1", "x2"]))
@@ -494,3 +494,79 @@ def test_quickstart_recipe_separates_pbmc3k_cell_types_better_than_raw_counts():
     # leave room for BLAS rounding and scikit-learn's k-means across versions
     assert normalized >= 0.55
     assert normalized >= raw + 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Names end to end: .h5ad -> dnmf convert -> fit -> run store -> AnnData output
+# ---------------------------------------------------------------------------------------------
+
+
+def test_names_round_trip_h5ad_convert_fit_store_anndata(tmp_path, capsys):
+    import anndata
+    import zarr
+
+    from dnmf.cli import main
+    from dnmf.config import JobConfig
+    from dnmf.jobs import RunStore, run_job
+
+    rng = np.random.default_rng(4)
+    cells = [f"cell-{j}" for j in range(90)]
+    genes = [f"GENE{i}" for i in range(50)]
+    X = sp.random(90, 50, density=0.2, random_state=rng, format="csr", dtype=np.float32)  # cells × genes
+    X.data = np.ceil(X.data * 10)
+    anndata.AnnData(X=X, obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "in.h5ad")
+    assert main(["convert", str(tmp_path / "in.h5ad"), str(tmp_path / "in.zarr"), "--block-nnz", "200"]) == 0
+    capsys.readouterr()
+    blocked = dnmf.io.as_blocked(str(tmp_path / "in.zarr"))
+    assert blocked.n_blocks > 1 and not blocked.in_memory
+    assert blocked.row_names == tuple(genes) and blocked.col_names == tuple(cells)
+
+    config = JobConfig.from_dict({
+        "pipeline": "factorize", "name": "named",
+        "input": {"path": str(tmp_path / "in.zarr"), "normalize": "cp10k_log1p"},
+        "model": {"k": 3, "maxit": 4, "tol": 0, "seed": 2},
+        "output": {"dir": str(tmp_path), "anndata": "h5ad", "performance_report": False, "plots": False},
+        "cluster": {"kind": "local", "processes": False, "n_workers": 1, "threads_per_worker": 1},
+        "progress": "none"})
+    res = run_job(config, echo=lambda line: None)
+    store = RunStore.open(res.store)
+    model = store.read_group("model")
+    assert list(model["feature"]) == genes and list(model["sample"]) == cells
+    np.testing.assert_array_equal(model["factor"], np.arange(3))
+    # Zarr v3 dimension names: what xarray.open_zarr(store, group="model") reads
+    group = zarr.open_group(str(res.store), mode="r")["model"]
+    dims = {name: group[name].metadata.dimension_names for name in ("w", "h", "d", "feature", "sample", "factor")}
+    assert dims == {"w": ("feature", "factor"), "h": ("factor", "sample"), "d": ("factor",),
+                    "feature": ("feature",), "sample": ("sample",), "factor": ("factor",)}
+    assert all(node.metadata.dimension_names is not None for _, node in group.arrays())
+
+    out = anndata.read_h5ad(next(f for f in res.files if f.name == "named-anndata.h5ad"))
+    assert list(out.obs_names) == cells and list(out.var_names) == genes
+    assert out.obsm["X_nmf"].shape == (90, 3) and out.varm["NMF_W"].shape == (50, 3)
+    params = out.uns["nmf"]["params"]  # like scanpy's uns["pca"]["params"]
+    assert params["k"] == 3 and params["normalize"] == "cp10k_log1p" and params["maxit"] == 4
+    assert params["seed"] == 2 and params["layer"] == "X"
+    # the model from the store predicts on an AnnData by name: cells × k, like obsm
+    fitted = NMFModel(w=model["w"], d=model["d"], h=model["h"],
+                      misc={"row_names": tuple(model["row_names"]), "col_names": tuple(model["col_names"])})
+    adata = anndata.read_h5ad(tmp_path / "in.h5ad")
+    shuffled = adata[:, adata.var_names[::-1]].copy()
+    assert fitted.predict(shuffled).shape == (90, 3)
+    np.testing.assert_allclose(fitted.predict(shuffled), fitted.predict(adata), rtol=1e-5)  # float32 data
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_zarr_store_keeps_names(tmp_path, sparse):
+    A = sp.random(12, 9, density=0.4, random_state=np.random.default_rng(1), format="csc")
+    rows, cols = [f"r{i}" for i in range(12)], [f"c{j}" for j in range(9)]
+    frame = pd.DataFrame(A.toarray(), index=rows, columns=cols)
+    named = dnmf.io.as_blocked(frame)
+    if sparse:
+        named = dnmf.io.BlockedMatrix(shape=A.shape, dtype=A.dtype, sources=dnmf.io.as_blocked(A).sources,
+                                      sparse=True, row_names=tuple(rows), col_names=tuple(cols))
+    path = dnmf.io.write_zarr(named, str(tmp_path / "named.zarr"), block_nnz=20)
+    back = dnmf.io.as_blocked(path)
+    assert back.sparse == sparse and back.row_names == tuple(rows) and back.col_names == tuple(cols)
+    np.testing.assert_array_equal(np.asarray(back.to_scipy().todense() if sparse else back.to_scipy()), A.toarray())
+    unnamed = dnmf.io.as_blocked(dnmf.io.write_zarr(A if sparse else A.toarray(), str(tmp_path / "plain.zarr")))
+    assert unnamed.row_names is None and unnamed.col_names is None

@@ -20,6 +20,10 @@ A Zarr v3 group holding
 ``data``, ``indices`` : 1-D, chunks of ``chunk_length`` entries
     Values and row indices. Block j's entries are
     ``data[block_offsets[j] : block_offsets[j] + nnz_j]`` (columns in order, rows sorted).
+``row_names``, ``col_names`` : string, shape (m,) and (n,); optional
+    Feature and sample names when the written matrix had them (an ``.h5ad``'s ``var_names`` and
+    ``obs_names``, a DataFrame's labels); read back into :class:`BlockedMatrix` ``row_names`` /
+    ``col_names``, so a fit from the store has names.
 
 Every block's segment starts on a chunk boundary: the gap after a block, up to the next
 multiple of ``chunk_length``, is padding (fill values, never referenced). So different blocks never
@@ -38,7 +42,8 @@ Dense layout (``dnmf_format = "dense-blocked"``)
 ------------------------------------------------
 A 2-D Zarr v3 array of shape (m, n) with chunks (m, w), ``w = max(1, round(block_nnz / m))``:
 one chunk per column block. Attributes: ``{"dnmf_format": "dense-blocked", "version": 1,
-"shape": [m, n], "block_cols": w}``.
+"shape": [m, n], "block_cols": w}``, plus ``"row_names"`` / ``"col_names"`` (lists of str) when the
+written matrix had names.
 
 Missing chunks
 --------------
@@ -362,7 +367,8 @@ def _read_own_sparse(path: str, g, dtype: Any) -> BlockedMatrix:
         )
         for j in range(len(offsets))
     )
-    return BlockedMatrix(shape=(m, n), dtype=dt, sources=sources, sparse=True, in_memory=False)
+    return BlockedMatrix(shape=(m, n), dtype=dt, sources=sources, sparse=True, in_memory=False,
+                         row_names=_read_names(g, "row_names", m), col_names=_read_names(g, "col_names", n))
 
 
 def _read_foreign_sparse(path: str, g, fmt: str, shape: tuple[int, int], block_nnz: int, dtype: Any):
@@ -414,7 +420,13 @@ def _read_dense(path: str, arr, block_nnz: int, dtype: Any) -> BlockedMatrix:
                         dtype=None if dt == stored else str(dt))
         for c0 in starts
     )
-    return BlockedMatrix(shape=(m, n), dtype=dt, sources=sources, sparse=False, in_memory=False)
+    names = {}
+    if own:
+        for key, length in (("row_names", m), ("col_names", n)):
+            value = arr.attrs.get(key)
+            if isinstance(value, list) and len(value) == length:
+                names[key] = tuple(str(v) for v in value)
+    return BlockedMatrix(shape=(m, n), dtype=dt, sources=sources, sparse=False, in_memory=False, **names)
 
 
 def _check_anndata_chunks(path: str, g, layer: str | None) -> None:
@@ -573,8 +585,28 @@ def _write_sparse(blocked: BlockedMatrix, tmp: str, block_nnz: int, compressors)
                       fill_value=-1, config=_EVERY_CHUNK)
     root.create_array("block_offsets", data=np.asarray(offsets, dtype=np.int64), chunks=(max(len(offsets), 1),),
                       fill_value=-1, config=_EVERY_CHUNK)
+    _write_names(root, blocked)
     root.attrs.update({"dnmf_format": SPARSE_FORMAT, "version": FORMAT_VERSION, "shape": [m, n], "nnz": nnz,
                        "chunk_length": clen})
+
+
+def _write_names(root, blocked: BlockedMatrix) -> None:
+    """Feature and sample names of ``blocked`` as string arrays ``row_names`` (m) and ``col_names`` (n)."""
+    for key, names in (("row_names", blocked.row_names), ("col_names", blocked.col_names)):
+        if names is None:
+            continue
+        arr = root.create_array(key, shape=(len(names),), dtype=str, chunks=(max(1, min(len(names), 2**20)),),
+                                config=_EVERY_CHUNK)
+        if len(names):
+            arr[...] = np.asarray([str(v) for v in names], dtype=object)
+
+
+def _read_names(g, key: str, length: int) -> tuple | None:
+    """The names written by :func:`_write_names` (None when absent or of the wrong length)."""
+    if key not in g:
+        return None
+    names = tuple(str(v) for v in np.asarray(g[key][...]).tolist())
+    return names if len(names) == length else None
 
 
 def _write_dense(blocked: BlockedMatrix, tmp: str, block_nnz: int, compressors) -> None:
@@ -597,7 +629,10 @@ def _write_dense(blocked: BlockedMatrix, tmp: str, block_nnz: int, compressors) 
         col += block.shape[1]
     if col != n:
         raise InputError(f"The BlockedMatrix passed to write_zarr has {n} columns but its blocks cover {col}.")
-    arr.attrs.update({"dnmf_format": DENSE_FORMAT, "version": FORMAT_VERSION, "shape": [m, n], "block_cols": width})
+    names = {key: [str(v) for v in value] for key, value in
+             (("row_names", blocked.row_names), ("col_names", blocked.col_names)) if value is not None}
+    arr.attrs.update({"dnmf_format": DENSE_FORMAT, "version": FORMAT_VERSION, "shape": [m, n], "block_cols": width,
+                      **names})
 
 
 def _remove(path: str) -> None:

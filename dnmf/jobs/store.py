@@ -108,15 +108,16 @@ def _is_table(value: Any) -> bool:
     return isinstance(value, pd.DataFrame)
 
 
-def _write_array(group, name: str, arr: np.ndarray) -> None:
+def _write_array(group, name: str, arr: np.ndarray, dims: tuple[str, ...] | None = None) -> None:
     arr = np.asarray(arr)
+    named = {"dimension_names": tuple(dims)} if dims is not None else {}
     if arr.dtype.kind in "US" or (arr.dtype.kind == "O" and all(isinstance(v, str) for v in arr.ravel())):
-        z = group.create_array(name, shape=arr.shape, dtype=str, overwrite=True, config=_ARRAY_CONFIG)
+        z = group.create_array(name, shape=arr.shape, dtype=str, overwrite=True, config=_ARRAY_CONFIG, **named)
         if arr.size:
             z[...] = arr.astype(object)
         return
     fill = {"fill_value": np.nan} if arr.dtype.kind in "fc" else {}
-    group.create_array(name, data=np.ascontiguousarray(arr), overwrite=True, config=_ARRAY_CONFIG, **fill)
+    group.create_array(name, data=np.ascontiguousarray(arr), overwrite=True, config=_ARRAY_CONFIG, **fill, **named)
 
 
 def _read_array(node, store_path) -> np.ndarray:
@@ -322,8 +323,16 @@ class RunStore:
         root.attrs.update({META: record, COMPLETE: marker})
 
     # -- results ----------------------------------------------------------------------------------
-    def write_group(self, name: str, values: Mapping[str, Any]) -> None:
-        """Write a results group: arrays become Zarr arrays, DataFrames tables, the rest attrs."""
+    def write_group(self, name: str, values: Mapping[str, Any],
+                    dims: Mapping[str, tuple[str, ...]] | None = None) -> None:
+        """Write a results group: arrays become Zarr arrays, DataFrames tables, the rest attrs.
+
+        ``dims`` names the axes of arrays (Zarr v3 ``dimension_names``), e.g. ``{"w": ("feature",
+        "factor")}``; with a 1-D coordinate array per dimension name in the group (``feature``,
+        ``factor``, ...) the group opens as an ``xarray.Dataset`` (``xarray.open_zarr(store,
+        group=name)``).
+        """
+        dims = dims or {}
         root = self._root()
         g = root.require_group(name)
         attrs = {}
@@ -333,7 +342,7 @@ class RunStore:
             if _is_table(value):
                 self._write_table(g, key, value)
             elif isinstance(value, np.ndarray) and value.ndim > 0:
-                _write_array(g, key, value)
+                _write_array(g, key, value, dims.get(key))
             else:
                 attrs[key] = _jsonable(value)
         if attrs:
