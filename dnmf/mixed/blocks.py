@@ -62,8 +62,8 @@ from .inference import (
     seed_root,
     summarize_boot,
 )
-from .blocked_data import BlockedData, NMFREBlockedResult, REBlock, _add, _r2, infer_chunk, split_columns
-from .ecm_blocked import ECMBlockedData, ecm_blocked_result, fit_ecm_blocked
+from .blocked_data import BlockedData, NMFREBlockedResult, REBlock, _add, infer_chunk, split_columns
+from .ecm_blocked import ECMBlockedData, _blocked_final_stats, ecm_blocked_result, fit_ecm_blocked
 from .scan_table import COLUMNS, DfUScanResult, choose_rate, scan_row
 
 logger = logging.getLogger(__name__)
@@ -400,20 +400,7 @@ class _ScanView:
 
 def _result(res, data: BlockedData, Yb, A, rate, prefix, covariate_names, maxit, epsilon, scan) -> NMFREBlockedResult:
     st = res["st"]
-    X, C = st.X, st.C
-    P, N = Yb.shape
-    Q, K = C.shape
-    if Q > 1:
-        o = basis_order(X)
-        X, C = X[:, o], C[o, :]
-        data.permute_u(o)
-    sums = data.final_sums(X, C)
-    n = P * N
-    sst_grand, sst_row = sums[8], sums[9]
-    r2b = _r2(*sums[0:4], data.ysum, data.ysq, n, sst_grand, sst_row)
-    r2f = _r2(*sums[4:8], data.ysum, data.ysq, n, sst_grand, sst_row)
-    lam = st.sigma2 / clip_var(st.tau2)
-    dfu = df_u(gram_eigenvalues(X.T @ X), N, lam)
+    X, C, P, N, Q, K, r2b, r2f, lam, dfu = _blocked_final_stats(st, data, Yb)
     cap = max(rate * N * Q, 1.0)
     return NMFREBlockedResult(
         X=X, C=C, U=None, U_blocks=data.U, col_bounds=np.asarray(data.bounds),

@@ -97,9 +97,13 @@ def fit_ecm_blocked(data: ECMBlockedData, X0, C0, sigma2, tau2, opt: ECMOptions)
     return st, np.diff(np.asarray(stamps))
 
 
-def ecm_blocked_result(st: ECMState, opt: ECMOptions, data: ECMBlockedData, Yb, prefix, covariate_names,
-                       iter_times) -> NMFREBlockedResult:
-    """Spec §5.4 on the blocks: basis order, dfU, the R² variants (cor² first), ICC, X.prob."""
+def _blocked_final_stats(st, data, Yb):
+    """The fitted model's final statistics on the blocks, shared by the ECM and cap engines.
+
+    Puts the bases in basis order (permuting ``data``'s U blocks to match), then returns
+    ``(X, C, P, N, Q, K, r2b, r2f, lam, dfu)``: the ordered X and C, the shapes, the R² variants
+    of the full and fixed-effects fits, λ = σ²/τ² and dfU.
+    """
     X, C = st.X, st.C
     P, N = Yb.shape
     Q, K = C.shape
@@ -114,6 +118,13 @@ def ecm_blocked_result(st: ECMState, opt: ECMOptions, data: ECMBlockedData, Yb, 
     r2f = _r2(*sums[4:8], data.ysum, data.ysq, n, sst_grand, sst_row)
     lam = st.sigma2 / clip_var(st.tau2)
     dfu = df_u(gram_eigenvalues(X.T @ X), N, lam)
+    return X, C, P, N, Q, K, r2b, r2f, lam, dfu
+
+
+def ecm_blocked_result(st: ECMState, opt: ECMOptions, data: ECMBlockedData, Yb, prefix, covariate_names,
+                       iter_times) -> NMFREBlockedResult:
+    """Spec §5.4 on the blocks: basis order, dfU, the R² variants (cor² first), ICC, X.prob."""
+    X, C, P, N, Q, K, r2b, r2f, lam, dfu = _blocked_final_stats(st, data, Yb)
     X_prob = X / (X.sum(axis=1, keepdims=True) + 1e-10)
     nan = float("nan")
     return NMFREBlockedResult(
