@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from ._plotting import figure_axes
 from ._typing import ArrayLike
 from ._validation import check_float, check_int, check_option, param_error
 from .exceptions import DnmfError, InputError
@@ -280,13 +281,7 @@ class ConsensusNMFResult:
         Cluster boundaries are drawn as black lines when ``show_clusters``. Returns the
         matplotlib Figure.
         """
-        from matplotlib.figure import Figure
-
-        if ax is None:
-            fig = Figure(figsize=(5.5, 4.5))
-            ax = fig.add_subplot(1, 1, 1)
-        else:
-            fig = ax.figure
+        fig, ax = figure_axes(ax, (5.5, 4.5))
         o = self.order
         im = ax.imshow(self.consensus[np.ix_(o, o)], cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
         fig.colorbar(im, ax=ax, label="Consensus")
@@ -346,13 +341,7 @@ class ConsensusNMFSweep:
 
     def plot(self, ax=None):
         """Cophenetic correlation, dispersion and PAC against k; returns the Figure."""
-        from matplotlib.figure import Figure
-
-        if ax is None:
-            fig = Figure(figsize=(5.5, 4))
-            ax = fig.add_subplot(1, 1, 1)
-        else:
-            fig = ax.figure
+        fig, ax = figure_axes(ax, (5.5, 4))
         t = self.table
         for col, style in (("cophenetic", "-o"), ("dispersion", "-s"), ("PAC", "-^")):
             ax.plot(t["k"], t[col], style, label=col)
@@ -555,13 +544,7 @@ class CNMFResult:
     def plot(self, ax=None, bins: int = 30):
         """Histogram of the restart programs' local density with the threshold marked (cNMF's
         outlier diagnostic). Returns the matplotlib Figure."""
-        from matplotlib.figure import Figure
-
-        if ax is None:
-            fig = Figure(figsize=(5, 3.5))
-            ax = fig.add_subplot(1, 1, 1)
-        else:
-            fig = ax.figure
+        fig, ax = figure_axes(ax, (5, 3.5))
         ax.hist(self.local_density, bins=bins, color="grey")
         ax.axvline(self.density_threshold, color="red", ls="--", label="density_threshold")
         ax.set_xlabel("local density (mean distance to nearest programs)")
@@ -605,13 +588,7 @@ class CNMFSelection:
     def plot(self, ax=None):
         """Stability (left axis) and error (right axis) against k, as cNMF's
         ``k_selection_plot``. Returns the matplotlib Figure."""
-        from matplotlib.figure import Figure
-
-        if ax is None:
-            fig = Figure(figsize=(6, 4))
-            ax = fig.add_subplot(1, 1, 1)
-        else:
-            fig = ax.figure
+        fig, ax = figure_axes(ax, (6, 4))
         t = self.table
         ax.plot(t["k"], t["stability"], "o-", color="#377eb8")
         ax.set_ylabel("Stability (silhouette)", color="#377eb8")

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .._plotting import figure_axes
 from .._validation import check_float, check_int, check_option, param_error
 from ..exceptions import ConvergenceWarning, DnmfError, InputError
 from ..formula import is_formula, normalize_formula, resolve_formula
@@ -199,13 +200,7 @@ class NMFKCResult:
 
         Returns the matplotlib Figure.
         """
-        from matplotlib.figure import Figure
-
-        if ax is None:
-            fig = Figure(figsize=(5, 4))
-            ax = fig.add_subplot(1, 1, 1)
-        else:
-            fig = ax.figure
+        fig, ax = figure_axes(ax, (5, 4))
         y = np.asarray(self.objfunc_iter)
         ax.plot(np.arange(1, len(y) + 1), y, "o", markerfacecolor="none", color="black")
         ax.set_xlabel("iter")

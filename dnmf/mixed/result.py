@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .._plotting import figure_axes
 from .._validation import check_option, param_error
 from ._core import to_matrix
 
@@ -258,13 +259,7 @@ class NMFREResult:
 
         Returns the matplotlib Figure.
         """
-        from matplotlib.figure import Figure
-
-        if ax is None:
-            fig = Figure(figsize=(5, 4))
-            ax = fig.add_subplot(1, 1, 1)
-        else:
-            fig = ax.figure
+        fig, ax = figure_axes(ax, (5, 4))
         if self.nll_trace is not None and len(self.nll_trace):
             y, ylab = self.nll_trace, "marginal NLL"
         else:
