@@ -313,7 +313,25 @@ class ConsensusNMFResult:
 
 
 @dataclass(frozen=True, eq=False)
-class ConsensusNMFSweep:
+class _RankSweep:
+    """Per-rank results in the order given: ``sweep[k]`` is rank k's result."""
+
+    ks: tuple
+    results: dict
+
+    def __getitem__(self, k: int):
+        return self.results[k]
+
+    def _table(self, **columns):
+        """One row per rank: ``k``, then each ``column=attribute`` of the rank's result, in order."""
+        import pandas as pd
+
+        r = [self.results[q] for q in self.ks]
+        return pd.DataFrame({"k": list(self.ks), **{c: [getattr(x, a) for x in r] for c, a in columns.items()}})
+
+
+@dataclass(frozen=True, eq=False)
+class ConsensusNMFSweep(_RankSweep):
     """Result of :func:`consensus_nmf` for several ranks.
 
     Attributes
@@ -324,20 +342,10 @@ class ConsensusNMFSweep:
         The full result per rank.
     """
 
-    ks: tuple
-    results: dict
-
-    def __getitem__(self, k: int) -> ConsensusNMFResult:
-        return self.results[k]
-
     @property
     def table(self):
         """One row per rank: ``k``, ``cophenetic``, ``dispersion``, ``PAC`` (pandas DataFrame)."""
-        import pandas as pd
-
-        r = [self.results[q] for q in self.ks]
-        return pd.DataFrame({"k": list(self.ks), "cophenetic": [x.cophenetic for x in r],
-                             "dispersion": [x.dispersion for x in r], "PAC": [x.pac for x in r]})
+        return self._table(cophenetic="cophenetic", dispersion="dispersion", PAC="pac")
 
     def plot(self, ax=None):
         """Cophenetic correlation, dispersion and PAC against k; returns the Figure."""
@@ -561,7 +569,7 @@ class CNMFResult:
 
 
 @dataclass(frozen=True, eq=False)
-class CNMFSelection:
+class CNMFSelection(_RankSweep):
     """Result of :func:`cnmf_k_selection`: stability and error against k (cNMF's k selection).
 
     Attributes
@@ -570,20 +578,10 @@ class CNMFSelection:
     results : dict of int to CNMFResult
     """
 
-    ks: tuple
-    results: dict
-
-    def __getitem__(self, k: int) -> CNMFResult:
-        return self.results[k]
-
     @property
     def table(self):
         """One row per rank: ``k``, ``stability``, ``error`` (pandas DataFrame)."""
-        import pandas as pd
-
-        r = [self.results[q] for q in self.ks]
-        return pd.DataFrame({"k": list(self.ks), "stability": [x.stability for x in r],
-                             "error": [x.error for x in r]})
+        return self._table(stability="stability", error="error")
 
     def plot(self, ax=None):
         """Stability (left axis) and error (right axis) against k, as cNMF's
