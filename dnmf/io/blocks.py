@@ -104,6 +104,20 @@ class BlockSource(Protocol):
         ...
 
 
+class _StoredCSCRange:
+    """``n_cols`` and ``nnz`` of a source reading columns ``col_start:col_stop`` of a stored CSC
+    matrix, whose entries are ``entry_start:entry_stop`` (HDF5 and Zarr block sources)."""
+
+    @property
+    def n_cols(self) -> int:
+        return self.col_stop - self.col_start
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries read (an upper bound of the block's entries when a source drops rows on load)."""
+        return self.entry_stop - self.entry_start
+
+
 @dataclass(frozen=True)
 class InMemorySource:
     """A block held in memory."""

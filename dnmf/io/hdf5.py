@@ -33,7 +33,7 @@ from dask.sizeof import sizeof
 
 from .._validation import param_error
 from ..exceptions import InputError
-from .blocks import BlockedMatrix, CSCBlock
+from .blocks import BlockedMatrix, CSCBlock, _StoredCSCRange
 from .memory import (
     _canonical_csc,
     _check_shape,
@@ -66,7 +66,7 @@ def _open(path: str):
 
 
 @dataclass(frozen=True)
-class H5SparseSource:
+class H5SparseSource(_StoredCSCRange):
     """Columns ``col_start:col_stop`` of a CSC matrix stored in an HDF5 group, read on every :meth:`load`.
 
     Small and picklable (a path, array names and integers): the engine ships it to a worker,
@@ -103,15 +103,6 @@ class H5SparseSource:
     dtype: str | None = None
     index_dtype: str = "int32"
     row_map: np.ndarray | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def n_cols(self) -> int:
-        return self.col_stop - self.col_start
-
-    @property
-    def nnz(self) -> int:
-        """Stored entries read (an upper bound of the block's entries when ``row_map`` drops rows)."""
-        return self.entry_stop - self.entry_start
 
     def load(self) -> CSCBlock:
         """Read the block: a canonical :class:`CSCBlock` of shape (n_rows, n_cols), indptr from 0.

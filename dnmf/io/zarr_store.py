@@ -94,7 +94,7 @@ from dask.sizeof import sizeof
 
 from .._validation import check_int, param_error
 from ..exceptions import InputError
-from .blocks import BlockedMatrix, CSCBlock
+from .blocks import BlockedMatrix, CSCBlock, _StoredCSCRange
 from .memory import (
     _canonical_csc,
     _check_dtype_param,
@@ -129,7 +129,7 @@ _EVERY_CHUNK = {"write_empty_chunks": True}
 
 
 @dataclass(frozen=True)
-class ZarrBlockSource:
+class ZarrBlockSource(_StoredCSCRange):
     """Block j of a CSC matrix stored in Zarr, read from disk on every :meth:`load`.
 
     Small and picklable: the engine ships it to a worker, which reads the block itself.
@@ -168,14 +168,6 @@ class ZarrBlockSource:
     dtype: str | None = None
     index_dtype: str = "int32"
     canonicalize: bool = False
-
-    @property
-    def n_cols(self) -> int:
-        return self.col_stop - self.col_start
-
-    @property
-    def nnz(self) -> int:
-        return self.entry_stop - self.entry_start
 
     def load(self) -> CSCBlock:
         """Read the block: a :class:`CSCBlock` of shape (n_rows, n_cols) with indptr from 0.
