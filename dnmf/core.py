@@ -23,7 +23,7 @@ from .engine.checkpoint import Checkpointer, fingerprint
 from .engine.executor import get_executor
 from .engine.svd import truncated_svd
 from .exceptions import ConvergenceWarning, DnmfError, InputError
-from .io.blocks import CSCBlock
+from .io.blocks import CSCBlock, _WrappedSource
 from .kernels.nnls import SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT
 from .models import NMFModel
 from .params import INITS, NMF_PARAMS, SOLVER_NAMES
@@ -102,19 +102,11 @@ def data_scale(max_abs: float) -> float:
 
 
 @dataclass(frozen=True)
-class ScaledSource:
+class ScaledSource(_WrappedSource):
     """A block source whose blocks are multiplied by ``scale`` (a power of two: exact)."""
 
     source: Any
     scale: float
-
-    @property
-    def n_cols(self) -> int:
-        return self.source.n_cols
-
-    @property
-    def nnz(self) -> int:
-        return self.source.nnz
 
     def _times(self, x: np.ndarray) -> np.ndarray:
         # in float64, then back to x's dtype: a float32 scale could overflow (2**130 for

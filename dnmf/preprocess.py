@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ._validation import check_option, param_error
-from .io.blocks import BlockedMatrix, CSCBlock, InMemorySource
+from .io.blocks import BlockedMatrix, CSCBlock, InMemorySource, _WrappedSource
 
 __all__ = [
     "NORMALIZATIONS",
@@ -120,7 +120,7 @@ class SelectRows:
 
 
 @dataclass(frozen=True)
-class TransformedSource:
+class TransformedSource(_WrappedSource):
     """A lazy block source: ``source.load()`` with ``transforms`` applied in order, on ``load()``.
 
     Small and picklable (the transforms are frozen dataclasses), so the engine ships it to a
@@ -130,15 +130,6 @@ class TransformedSource:
     source: Any
     transforms: tuple
     n_rows: int | None = None
-
-    @property
-    def n_cols(self) -> int:
-        return self.source.n_cols
-
-    @property
-    def nnz(self) -> int:
-        # an upper bound after a row selection (the stored entries of the source block)
-        return self.source.nnz
 
     def load(self):
         block = self.source.load()

@@ -118,6 +118,19 @@ class _StoredCSCRange:
         return self.entry_stop - self.entry_start
 
 
+class _WrappedSource:
+    """``n_cols`` and ``nnz`` of a source that wraps another one, ``self.source`` (its blocks
+    changed on load); ``nnz`` is the wrapped source's (an upper bound when the wrapper drops rows)."""
+
+    @property
+    def n_cols(self) -> int:
+        return self.source.n_cols
+
+    @property
+    def nnz(self) -> int:
+        return self.source.nnz
+
+
 @dataclass(frozen=True)
 class InMemorySource:
     """A block held in memory."""
