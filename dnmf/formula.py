@@ -18,11 +18,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ._validation import param_error
 from .exceptions import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["is_formula", "normalize_formula", "parse_formula", "resolve_formula", "new_covariates"]
+__all__ = ["is_formula", "normalize_formula", "parse_formula", "resolve_formula", "formula_inputs",
+           "new_covariates"]
 
 _OMIT = {"0", "-1", "0 + .", "-1 + .", ". + 0", ". + -1"}
 
@@ -116,6 +118,24 @@ def resolve_formula(formula: str, data, func: str):
     norm = normalize_formula(formula)
     meta = {"formula": norm, "Y_cols": tuple(Y_cols), "A_cols": None if A_cols is None else tuple(A_cols)}
     return Y, A, meta
+
+
+def formula_inputs(Y, A, data, func: str):
+    """``(Y, A, formula_meta)`` for a fit that takes ``Y`` as a matrix or a formula string.
+
+    A formula takes Y and A from ``data`` (and then A must not be given; ``formula_meta`` as in
+    :func:`resolve_formula`); a matrix Y passes through with ``formula_meta=None`` and must
+    come without ``data``. Shared by ``nmfkc`` and ``nmfre``.
+    """
+    if is_formula(Y):
+        if A is not None:
+            raise param_error("A", func, "None when Y is a formula (A comes from the right-hand side)",
+                              "an array", described=True)
+        return resolve_formula(Y, data, func)
+    if data is not None:
+        raise param_error("data", func, "None unless Y is a formula string such as 'y1 + y2 ~ x1'",
+                          "a data frame", described=True)
+    return Y, A, None
 
 
 def new_covariates(meta: dict, newdata, func: str = "predict") -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 from .._plotting import figure_axes
 from .._validation import check_float, check_int, check_option, param_error
 from ..exceptions import ConvergenceWarning, DnmfError, InputError
-from ..formula import is_formula, normalize_formula, resolve_formula
+from ..formula import formula_inputs, is_formula, normalize_formula
 from ._text import RawArg, format_call
 from ._common import (
     EPS,
@@ -784,15 +784,7 @@ def nmfkc(
     """
     given = _given_args(dict(locals()))
     t0 = time.perf_counter()
-    formula_meta = None
-    if is_formula(Y):
-        if A is not None:
-            raise param_error("A", _FUNC, "None when Y is a formula (A comes from the right-hand side)",
-                              "an array", described=True)
-        Y, A, formula_meta = resolve_formula(Y, data, _FUNC)
-    elif data is not None:
-        raise param_error("data", _FUNC, "None unless Y is a formula string such as 'y1 + y2 ~ x1'",
-                          "a data frame", described=True)
+    Y, A, formula_meta = formula_inputs(Y, A, data, _FUNC)
     if rank is None:
         rank = 2 if Q is None else Q
     if seed is None:

@@ -64,7 +64,7 @@ from ._core import (  # noqa: F401
 )
 from ..exceptions import ConvergenceWarning, InputError
 from ..params import NMFRE_PARAMS
-from ..formula import is_formula, resolve_formula
+from ..formula import formula_inputs
 from .ecm import ECMOptions, ecm_initialize, fit_ecm, resolve_c_signed
 from .fit import (  # noqa: F401
     CapOptions,
@@ -258,15 +258,7 @@ def nmfre(
     """
     t0 = time.perf_counter()
     func = "nmfre"
-    formula_meta = None
-    if is_formula(Y):
-        if A is not None:
-            raise param_error("A", func, "None when Y is a formula (A comes from the right-hand side)",
-                              "an array", described=True)
-        Y, A, formula_meta = resolve_formula(Y, data, func)
-    elif data is not None:
-        raise param_error("data", func, "None unless Y is a formula string such as 'y1 + y2 ~ x1'",
-                          "a data frame", described=True)
+    Y, A, formula_meta = formula_inputs(Y, A, data, func)
     if Q is not None:
         rank = Q  # upstream: `if (!is.null(extra_args$Q)) rank <- extra_args$Q`
     engine = _check("engine", engine)
