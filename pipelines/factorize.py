@@ -237,10 +237,9 @@ def _read_elem():
 def input_shape(inp: FactorizeInput) -> tuple[int, int] | None:
     """(m, n) = (features, samples) of the input without reading its values (None: unknown).
 
-    Bundled data sets: their ``shape`` entry; synthetic inputs: (m, n); ``.zarr``: array or
-    group metadata; ``.h5ad``: h5py attributes (cells × genes, transposed); ``.mtx``: the
-    header; ``.npz``: the ``shape`` entry (or the array header); ``.npy``: the header. Raises
-    OSError / ValueError / KeyError when the file cannot be read at all.
+    Bundled data sets: their ``shape`` entry; synthetic inputs: (m, n); files and stores:
+    :func:`dnmf.io.peek_shape`. Raises OSError / ValueError / KeyError when the file cannot be
+    read at all.
     """
     if inp.dataset is not None:
         return _dataset_shape(inp.dataset)
@@ -248,42 +247,7 @@ def input_shape(inp: FactorizeInput) -> tuple[int, int] | None:
         return (inp.synthetic.m, inp.synthetic.n)
     if inp.path is None:
         return None
-    path = os.path.expanduser(inp.path)
-    if not os.path.exists(path):
-        return None
-    lower = path.lower()
-    if os.path.isdir(path) or lower.endswith(".zarr"):
-        return _zarr_shape(path, inp.layer)
-    if lower.endswith(".h5ad"):
-        return _h5ad_shape(path, inp.layer)
-    if lower.endswith((".mtx", ".mtx.gz")):
-        import scipy.io
-
-        rows, cols = scipy.io.mminfo(path)[:2]
-        return (int(rows), int(cols))
-    if lower.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            if "shape" in f.files and "format" in f.files:
-                return _matrix_shape(f["shape"])
-            if len(f.files) == 1:
-                with f.zip.open(f"{f.files[0]}.npy") as member:
-                    return _matrix_shape(_npy_header_shape(member))
-        return None
-    if lower.endswith(".npy"):
-        with open(path, "rb") as fh:
-            return _matrix_shape(_npy_header_shape(fh))
-    return None
-
-
-def _matrix_shape(shape) -> tuple[int, int] | None:
-    shape = tuple(int(s) for s in shape)
-    return shape if len(shape) == 2 else None
-
-
-def _npy_header_shape(fh) -> tuple:
-    version = np.lib.format.read_magic(fh)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    return read(fh)[0]
+    return dnmf.io.peek_shape(inp.path, inp.layer)
 
 
 def _dataset_shape(name: str) -> tuple[int, int] | None:
@@ -292,44 +256,10 @@ def _dataset_shape(name: str) -> tuple[int, int] | None:
     try:  # the bundled .npz holds a `shape` entry: read it alone
         with importlib.resources.files("dnmf.datasets").joinpath(f"data/{name}.npz").open("rb") as fh:
             with np.load(fh, allow_pickle=False) as f:
-                return _matrix_shape(f["shape"])
+                shape = tuple(int(v) for v in f["shape"])
+                return shape if len(shape) == 2 else None
     except (OSError, KeyError, ValueError):
         return tuple(getattr(dnmf.datasets, f"load_{name}")().shape)
-
-
-def _h5ad_shape(path: str, layer: str | None) -> tuple[int, int] | None:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        node = f.get("X") if layer is None else f.get("layers", {}).get(layer)
-        if node is None:
-            return None
-        shape = node.shape if isinstance(node, h5py.Dataset) else node.attrs.get("shape")
-        if shape is None:
-            return None
-        cells, genes = (int(s) for s in shape)
-        return (genes, cells)  # AnnData is cells × genes; dnmf factorizes genes × cells
-
-
-def _zarr_shape(path: str, layer: str | None) -> tuple[int, int] | None:
-    import zarr
-
-    node = zarr.open(path, mode="r")
-    if isinstance(node, zarr.Array):
-        return _matrix_shape(node.shape)
-    attrs = dict(node.attrs)
-    if attrs.get("encoding-type") == "anndata":
-        try:
-            x = node["X"] if layer is None else node["layers"][layer]
-        except KeyError:
-            return None
-        shape = x.shape if isinstance(x, zarr.Array) else x.attrs.get("shape")
-        if shape is None:
-            return None
-        cells, genes = (int(s) for s in shape)
-        return (genes, cells)
-    shape = attrs.get("shape") or attrs.get("h5sparse_shape")
-    return _matrix_shape(shape) if shape is not None else None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from .zarr_store import read_zarr
 
 __all__ = [
     "as_blocked",
+    "peek_shape",
     "index_dtype",
     "column_block_bounds",
     "dense_block_width",
@@ -214,6 +215,92 @@ def _from_path(path, block_nnz: int, layer, dtype) -> BlockedMatrix:
     if layer is not None and reader not in (_read_h5ad, _read_h5, _read_zarr):
         raise param_error("layer", _FUNC, "None for a non-AnnData input", layer)
     return reader(path, block_nnz, layer, dtype)
+
+
+def peek_shape(path, layer: str | None = None) -> tuple[int, int] | None:
+    """(m, n) = (features, samples) of a file or store without reading its values.
+
+    ``.zarr`` (dense array, sparse group, AnnData store): metadata; ``.h5ad``: h5py attributes
+    (cells × genes, transposed); ``.mtx``: the header; ``.npz``: the ``shape`` entry (or the
+    array header); ``.npy``: the header. ``None`` when the shape cannot be known this cheaply
+    (a path that does not exist or of an unknown type; 10x inputs, whose feature count depends
+    on ``gex_only``).
+    Raises ``OSError`` / ``ValueError`` / ``KeyError`` when the file cannot be read at all.
+    """
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path):
+        return None
+    try:
+        reader = _reader_for(path)
+    except InputError:  # not a matrix type dnmf reads: unknown here, as_blocked names the problem
+        return None
+    if reader is _read_zarr:
+        return _zarr_shape(path, layer)
+    if reader is _read_h5ad:
+        return _h5ad_shape(path, layer)
+    if reader is _read_mtx:
+        import scipy.io
+
+        rows, cols = scipy.io.mminfo(path)[:2]
+        return (int(rows), int(cols))
+    if reader is _read_npz:
+        with np.load(path, allow_pickle=False) as f:
+            if "shape" in f.files and "format" in f.files:
+                return _matrix_shape(f["shape"])
+            if len(f.files) == 1:
+                with f.zip.open(f"{f.files[0]}.npy") as member:
+                    return _matrix_shape(_npy_header_shape(member))
+        return None
+    if reader is _read_npy:
+        with open(path, "rb") as fh:
+            return _matrix_shape(_npy_header_shape(fh))
+    return None
+
+
+def _matrix_shape(shape) -> tuple[int, int] | None:
+    shape = tuple(int(s) for s in shape)
+    return shape if len(shape) == 2 else None
+
+
+def _npy_header_shape(fh) -> tuple:
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(fh)[0]
+
+
+def _h5ad_shape(path: str, layer: str | None) -> tuple[int, int] | None:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        node = f.get("X") if layer is None else f.get("layers", {}).get(layer)
+        if node is None:
+            return None
+        shape = node.shape if isinstance(node, h5py.Dataset) else node.attrs.get("shape")
+        if shape is None:
+            return None
+        cells, genes = (int(s) for s in shape)
+        return (genes, cells)  # AnnData is cells × genes; dnmf factorizes genes × cells
+
+
+def _zarr_shape(path: str, layer: str | None) -> tuple[int, int] | None:
+    import zarr
+
+    node = zarr.open(path, mode="r")
+    if isinstance(node, zarr.Array):
+        return _matrix_shape(node.shape)
+    attrs = dict(node.attrs)
+    if attrs.get("encoding-type") == "anndata":
+        try:
+            x = node["X"] if layer is None else node["layers"][layer]
+        except KeyError:
+            return None
+        shape = x.shape if isinstance(x, zarr.Array) else x.attrs.get("shape")
+        if shape is None:
+            return None
+        cells, genes = (int(s) for s in shape)
+        return (genes, cells)
+    shape = attrs.get("shape") or attrs.get("h5sparse_shape")
+    return _matrix_shape(shape) if shape is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
