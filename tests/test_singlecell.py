@@ -505,6 +505,8 @@ def test_names_round_trip_h5ad_convert_fit_store_anndata(tmp_path, capsys):
     import anndata
     import zarr
 
+    xarray = pytest.importorskip("xarray")  # in the test extra
+
     from dnmf.cli import main
     from dnmf.config import JobConfig
     from dnmf.jobs import RunStore, run_job
@@ -539,6 +541,15 @@ def test_names_round_trip_h5ad_convert_fit_store_anndata(tmp_path, capsys):
     assert dims == {"w": ("feature", "factor"), "h": ("factor", "sample"), "d": ("factor",),
                     "feature": ("feature",), "sample": ("sample",), "factor": ("factor",)}
     assert all(node.metadata.dimension_names is not None for _, node in group.arrays())
+    # ... and xarray opens the group as a Dataset whose coordinates are the names
+    ds = xarray.open_zarr(str(res.store), group="model", consolidated=False)
+    assert ds["w"].dims == ("feature", "factor") and ds["h"].dims == ("factor", "sample")
+    assert ds["d"].dims == ("factor",)
+    assert list(ds.indexes["feature"]) == genes and list(ds.indexes["sample"]) == cells
+    assert list(ds.indexes["factor"]) == [0, 1, 2]
+    # the same numbers as the store's own reader: xarray reads the Zarr chunks as they are
+    np.testing.assert_array_equal(ds["w"].values, model["w"])
+    np.testing.assert_array_equal(ds["h"].sel(sample=cells[::-1]).values, model["h"][:, ::-1])
 
     out = anndata.read_h5ad(next(f for f in res.files if f.name == "named-anndata.h5ad"))
     assert list(out.obs_names) == cells and list(out.var_names) == genes
