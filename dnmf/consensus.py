@@ -329,6 +329,18 @@ class _RankSweep:
         r = [self.results[q] for q in self.ks]
         return pd.DataFrame({"k": list(self.ks), **{c: [getattr(x, a) for x in r] for c, a in columns.items()}})
 
+    def _best_k(self, criterion: str, criteria: dict, func: str) -> int:
+        """The rank that maximizes (or, for criteria marked ``"min"``, minimizes) ``criterion``;
+        the smallest such rank on ties; NaN values never win."""
+        criterion = check_option(criterion, "criterion", func, tuple(criteria))
+        values = np.array([getattr(self.results[q], criterion) for q in self.ks], dtype=np.float64)
+        if np.all(np.isnan(values)):
+            raise DnmfError(f"{func}: {criterion} is NaN at every rank ({', '.join(map(str, self.ks))}); "
+                            "no rank can be chosen by it. Use another criterion or more ranks.")
+        score = -values if criteria[criterion] == "min" else values
+        score = np.where(np.isnan(score), -np.inf, score)
+        return int(self.ks[int(np.argmax(score))])  # argmax: the first (given order) of equal best
+
 
 @dataclass(frozen=True, eq=False)
 class ConsensusNMFSweep(_RankSweep):
@@ -346,6 +358,13 @@ class ConsensusNMFSweep(_RankSweep):
     def table(self):
         """One row per rank: ``k``, ``cophenetic``, ``dispersion``, ``PAC`` (pandas DataFrame)."""
         return self._table(cophenetic="cophenetic", dispersion="dispersion", PAC="pac")
+
+    def best_k(self, criterion: str = "cophenetic") -> int:
+        """The rank the statistic ``criterion`` prefers: the highest ``"cophenetic"`` correlation
+        (Brunet et al. 2004) or ``"dispersion"`` (Kim & Park 2007), or the lowest ``"pac"``
+        (Şenbabaoğlu et al. 2014). Ties go to the rank given first; NaN never wins."""
+        return self._best_k(criterion, {"cophenetic": "max", "dispersion": "max", "pac": "min"},
+                            "ConsensusNMFSweep.best_k")
 
     def plot(self, ax=None):
         """Cophenetic correlation, dispersion and PAC against k; returns the Figure."""
@@ -582,6 +601,11 @@ class CNMFSelection(_RankSweep):
     def table(self):
         """One row per rank: ``k``, ``stability``, ``error`` (pandas DataFrame)."""
         return self._table(stability="stability", error="error")
+
+    def best_k(self, criterion: str = "stability") -> int:
+        """The rank of highest ``"stability"`` (silhouette; cNMF's usual choice) or of lowest
+        ``"error"``. Ties go to the rank given first; NaN never wins."""
+        return self._best_k(criterion, {"stability": "max", "error": "min"}, "CNMFSelection.best_k")
 
     def plot(self, ax=None):
         """Stability (left axis) and error (right axis) against k, as cNMF's

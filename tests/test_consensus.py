@@ -356,3 +356,27 @@ def test_identical_tables_on_one_and_two_workers(one_and_two_workers):
     A = planted_three_clusters(seed=1)
     local = consensus_nmf(A, [2, 3, 4], reps=8, seed=3, client=False)
     pd.testing.assert_frame_equal(local.table, two[0].table, check_exact=True)
+
+
+def test_best_k_follows_each_statistic():
+    def res(k, coph, disp, pac):
+        return ConsensusNMFResult(consensus=np.eye(2), clusters=np.zeros(2, dtype=np.int64), cophenetic=coph,
+                                  dispersion=disp, pac=pac, linkage=np.zeros((1, 4)), order=np.arange(2),
+                                  models=(), k=k, reps=1, method="hard", knn=None, axis="features", seeds=(1,))
+
+    # hand-made statistics: cophenetic peaks at 3 (NaN at 2 never wins), dispersion ties at 3 and
+    # 4 (the rank given first wins), PAC is lowest at 5
+    sweep = ConsensusNMFSweep(ks=(2, 3, 4, 5), results={2: res(2, np.nan, 0.5, 0.4), 3: res(3, 0.99, 0.9, 0.2),
+                                                        4: res(4, 0.98, 0.9, 0.3), 5: res(5, 0.97, 0.8, 0.1)})
+    assert sweep.best_k() == 3 and sweep.best_k("dispersion") == 3 and sweep.best_k("pac") == 5
+    with pytest.raises(InputError, match="'criterion' parameter of ConsensusNMFSweep.best_k"):
+        sweep.best_k("stability")
+    nan = ConsensusNMFSweep(ks=(2,), results={2: res(2, np.nan, 0.5, 0.4)})
+    with pytest.raises(DnmfError, match="cophenetic is NaN at every rank"):
+        nan.best_k()
+
+
+def test_cnmf_best_k(selection):
+    t = selection.table
+    assert selection.best_k() == int(t["k"][int(np.argmax(t["stability"]))]) == 3
+    assert selection.best_k("error") == int(t["k"][int(np.argmin(t["error"]))])
