@@ -1,0 +1,369 @@
+"""Guided NMF, post-hoc side: compute_target, target terms, nnls, refine, assess, dclust.
+
+References are independent of the code under test: plain NumPy written here from the formulas of
+spec/rcppml-guided.md, ``scipy.optimize.nnls``, scikit-learn, planted structure, and RcppML 1.0's
+published hawaiibirds numbers (guided spec §7).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.optimize
+import scipy.sparse as sp
+
+import dnmf
+from dnmf.exceptions import InputError
+from dnmf.guided import apply_target, compute_target, nnls, refine
+
+# ---------------------------------------------------------------------------------------------
+# References written from the spec, loop by loop
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_target(H, labels, levels, whiten):
+    """compute_target by the formulas of guided spec §1.2 (labels: list, None = NA)."""
+    k, n = H.shape
+    C = len(levels)
+    counts = np.array([sum(1 for y in labels if y == c) for c in levels], dtype=float)
+    mu = np.zeros((k, C))
+    for ci, c in enumerate(levels):
+        cols = [j for j in range(n) if labels[j] == c]
+        if cols:
+            mu[:, ci] = H[:, cols].mean(axis=1)
+    g = np.mean([mu[:, ci] for ci in range(C) if counts[ci] > 0], axis=0)
+    if whiten and C > 1:
+        X = np.column_stack([np.sqrt(max(counts[ci], 1.0)) * (mu[:, ci] - g) for ci in range(C)])
+        N = counts.sum()
+        S = X @ X.T / N
+        tr, tr2 = np.trace(S), np.sum(S**2)
+        num = (1 - 2 / k) * tr2 + tr**2
+        den = (N + 1 - 2 / k) * (tr2 - tr**2 / k)
+        rho = 1.0 if abs(den) < 1e-12 else min(max(num / den, 0.0), 1.0)
+        Ss = (1 - rho) * S + rho * tr / k * np.eye(k)
+        s, V = np.linalg.eigh(Ss)
+        Z = V @ np.diag(1 / np.sqrt(np.maximum(s, 1e-10))) @ V.T
+        mu, g = Z @ mu, Z @ g
+    T = np.zeros((k, n))
+    for j in range(n):
+        if labels[j] is not None:
+            T[:, j] = mu[:, levels.index(labels[j])] - g
+    return T, (rho if whiten and C > 1 else None)
+
+
+def planted_embedding(seed=0, n_per=(30, 20, 10), k=4, spread=0.6):
+    """k × n non-negative embedding whose classes have distinct means, plus noise."""
+    rng = np.random.default_rng(seed)
+    means = rng.random((k, len(n_per))) + 0.2
+    cols, labels = [], []
+    for c, nc in enumerate(n_per):
+        cols.append(np.abs(means[:, [c]] + spread * rng.standard_normal((k, nc))))
+        labels += [f"c{c}"] * nc
+    return np.hstack(cols), labels
+
+
+# ---------------------------------------------------------------------------------------------
+# compute_target (§1)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_compute_target_matches_spec_formulas(whiten):
+    # Large-scale H and few samples, so the OAS denominator passes the absolute 1e-12 test and
+    # the shrinkage is strictly between 0 and 1 (the non-degenerate branch).
+    H, labels = planted_embedding(seed=1)
+    H = H * 10.0
+    labels[3] = None  # one unlabeled sample
+    T = compute_target(H, labels, whiten=whiten)
+    ref, rho = ref_target(H, labels, ["c0", "c1", "c2"], whiten)
+    if whiten:
+        assert 0.0 < rho < 1.0
+    # float64 on both sides, same operations in a different order: agreement to ~1e-12
+    np.testing.assert_allclose(T, ref, rtol=1e-10, atol=1e-12)
+    assert np.all(T[:, 3] == 0.0)
+
+
+def test_compute_target_empty_level_quirk_and_categorical_levels():
+    H, labels = planted_embedding(seed=2)
+    H = H * 10.0
+    cat = pd.Categorical(labels, categories=["c2", "zz", "c0", "c1"])  # "zz" is an empty level
+    T = compute_target(H, cat, whiten=True)
+    # The empty level enters the whitening scatter with column −ḡ (spec §1.2 quirk).
+    ref, _ = ref_target(H, list(labels), ["c2", "zz", "c0", "c1"], True)
+    np.testing.assert_allclose(T, ref, rtol=1e-10, atol=1e-12)
+    # ... so the result differs from the same labels without the empty level.
+    T_plain = compute_target(H, labels, whiten=True)
+    assert np.max(np.abs(T - T_plain)) > 1e-6
+
+
+def test_compute_target_properties():
+    H, labels = planted_embedding(seed=3, n_per=(20, 20, 20))
+    # Balanced classes, no whitening: row means are exactly 0 (up to float64 rounding).
+    T = compute_target(H, labels, whiten=False)
+    np.testing.assert_allclose(T.mean(axis=1), 0.0, atol=1e-14)
+    assert T.min() < 0  # a centred shift, not a centroid
+    # Unbalanced: ḡ is the unweighted mean of centroids, so the row means are not 0.
+    H2, labels2 = planted_embedding(seed=3, n_per=(40, 10, 10))
+    assert np.max(np.abs(compute_target(H2, labels2, whiten=False).mean(axis=1))) > 1e-3
+    # A single class gives T ≡ 0 (whitening skipped).
+    assert np.all(compute_target(H, ["a"] * H.shape[1]) == 0.0)
+    # All samples unlabeled: T ≡ 0.
+    assert np.all(compute_target(H, [None] * H.shape[1]) == 0.0)
+
+
+def test_compute_target_degenerate_whitening_is_a_scalar():
+    # Small-scale H (entries ~1e-4, like L1-normalized rows of a large n): the OAS denominator
+    # falls under the absolute 1e-12 threshold, ρ = 1 and Z = √(k/tr)·I (spec §1.2 note).
+    H, labels = planted_embedding(seed=4, n_per=(200, 200, 200))
+    H = H * 1e-4
+    Tw = compute_target(H, labels, whiten=True)
+    Tu = compute_target(H, labels, whiten=False)
+    _, rho = ref_target(H, labels, ["c0", "c1", "c2"], True)
+    assert rho == 1.0
+    ratio = Tw[Tu != 0] / Tu[Tu != 0]
+    # one scalar up to float64 rounding of the eigendecomposition of a multiple of I
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-9)
+    assert ratio[0] > 100  # whitened T is orders of magnitude larger than H
+
+
+def test_compute_target_errors():
+    H, labels = planted_embedding(seed=5)
+    with pytest.raises(InputError, match=r"'H' parameter of compute_target must be a k x n matrix.*1 dimension"):
+        compute_target(H[0], labels)
+    with pytest.raises(InputError, match=r"'labels' parameter of compute_target must be a vector of length 60"
+                                         r".*length 59"):
+        compute_target(H, labels[:-1])
+    with pytest.raises(InputError, match="'whiten'"):
+        compute_target(H, labels, whiten="yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Target terms and nnls (§2.3, §2.4; rcppml §10.2)
+# ---------------------------------------------------------------------------------------------
+
+
+def _problem(seed=0, m=25, n=9, k=4):
+    rng = np.random.default_rng(seed)
+    return rng.random((m, n)), rng.random((m, k)), rng.standard_normal((k, n))
+
+
+def scipy_nnls_gram(G, B):
+    """Solve min_{x ≥ 0} ½xᵀGx − bᵀx per column with scipy.optimize.nnls (G = RᵀR)."""
+    R = np.linalg.cholesky(G).T
+    rhs = np.linalg.solve(R.T, B)
+    return np.column_stack([scipy.optimize.nnls(R, rhs[:, j])[0] for j in range(B.shape[1])])
+
+
+def test_nnls_matches_scipy_without_and_with_target():
+    A, w, T = _problem()
+    ref = np.column_stack([scipy.optimize.nnls(w, A[:, j])[0] for j in range(A.shape[1])])
+    # active-set NNLS on the normal equations vs scipy's on the design: rounding-level agreement
+    np.testing.assert_allclose(nnls(A, w=w), ref, atol=1e-10)
+    # λ > 0 is the ridge toward t: the augmented design [W; √λ I], [a; √λ t] (spec §2.3).
+    lam = 0.3
+    Wa = np.vstack([w, np.sqrt(lam) * np.eye(4)])
+    ref_t = np.column_stack([scipy.optimize.nnls(Wa, np.concatenate([A[:, j], np.sqrt(lam) * T[:, j]]))[0]
+                             for j in range(A.shape[1])])
+    np.testing.assert_allclose(nnls(A, w=w, target=T, target_lambda=lam), ref_t, atol=1e-10)
+    # sparse A gives the same solution (same statistics, different product order)
+    np.testing.assert_allclose(nnls(sp.csc_array(A), w=w, target=T, target_lambda=lam), ref_t, atol=1e-10)
+    # Coordinate descent converges to the same point; cd_tol 1e-12 makes its error ≲ 1e-8.
+    np.testing.assert_allclose(nnls(A, w=w, target=T, target_lambda=lam, solver="cd", cd_tol=1e-12,
+                                    cd_maxit=10000), ref_t, atol=1e-7)
+    # Solving W from H is the same problem on Aᵀ.
+    h = np.abs(T)
+    ref_w = np.vstack([scipy.optimize.nnls(h.T, A[i])[0] for i in range(A.shape[0])])
+    np.testing.assert_allclose(nnls(A, h=h), ref_w, atol=1e-10)
+
+
+def test_nnls_l1_l2_and_cholesky_clip():
+    A, w, _ = _problem(seed=1)
+    G = w.T @ w + 0.2 * np.eye(4)
+    B = w.T @ A - 0.05
+    np.testing.assert_allclose(nnls(A, w=w, L1=0.05, L2=0.2), scipy_nnls_gram(G, B), atol=1e-10)
+    # Cholesky-clip: max(0, G⁻¹b), not an exact NNLS (spec §0)
+    np.testing.assert_allclose(nnls(A, w=w, L1=0.05, L2=0.2, solver="cholesky"),
+                               np.maximum(np.linalg.solve(G, B), 0), atol=1e-10)
+    # nonneg=False is plain least squares
+    np.testing.assert_allclose(nnls(A, w=w, nonneg=False), np.linalg.lstsq(w, A, rcond=None)[0], atol=1e-10)
+
+
+def test_nnls_removal_target_matches_spec_gram():
+    A, w, T = _problem(seed=2)
+    for lam in (-0.1, -0.5, -1.5):
+        G = w.T @ w
+        Gam = T @ T.T / T.shape[1]
+        Gm = G - abs(lam) * np.trace(G) / np.trace(Gam) * Gam
+        e, V = np.linalg.eigh(Gm)
+        if np.any(e < 1e-8):
+            Gm = V @ np.diag(np.maximum(e, 1e-8)) @ V.T
+        B = w.T @ A  # not modified by removal (spec §2.4, §9.1)
+        G_got, B_got = apply_target(w.T @ w, w.T @ A, T, lam)
+        np.testing.assert_allclose(G_got, Gm, rtol=1e-12, atol=1e-14)
+        np.testing.assert_array_equal(B_got, B)
+        # Exact NNLS on the deflated Gram; the clipped eigenvalue 1e-8 makes the problem
+        # ill-conditioned (cond ~ 1e9), so the two solvers agree to ~1e-5 relative.
+        got = nnls(A, w=w, target=T, target_lambda=lam)
+        ref = scipy_nnls_gram(Gm, B)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # |λ| ≥ 1 empties the trace, so some eigenvalue is certainly clipped (spec §2.4)
+    G_got, _ = apply_target(w.T @ w, None, T, -1.0)
+    assert np.linalg.eigvalsh(G_got).min() == pytest.approx(1e-8, rel=1e-4)
+    # A zero target has trace(Γ) = 0: scale 0, G unchanged (no eigenvalue below 1e-8 here)
+    G0, _ = apply_target(w.T @ w, None, np.zeros_like(T), -0.5)
+    np.testing.assert_array_equal(G0, w.T @ w)
+
+
+def test_nnls_target_direction_on_planted_columns():
+    # λ > 0 moves every solution toward its target monotonically in λ; λ < 0 removes the
+    # target-aligned direction: the coefficient mass along T's principal direction shrinks.
+    A, w, _ = _problem(seed=3)
+    h0 = nnls(A, w=w)
+    T = h0 + 1.0
+    dists = [np.linalg.norm(nnls(A, w=w, target=T, target_lambda=lam) - T) for lam in (0.0, 0.1, 1.0, 10.0)]
+    assert all(a > b for a, b in zip(dists, dists[1:]))
+
+
+def test_nnls_errors():
+    A, w, T = _problem()
+    with pytest.raises(InputError, match="exactly one of 'w' and 'h'"):
+        nnls(A, w=w, h=T)
+    with pytest.raises(InputError, match="exactly one of 'w' and 'h'"):
+        nnls(A)
+    with pytest.raises(InputError, match=r"'w' parameter of nnls must be a matrix with 25 rows"):
+        nnls(A, w=w[:-1])
+    with pytest.raises(InputError, match=r"'target' parameter of nnls must be a matrix of shape \(4, 9\).*\(4, 8\)"):
+        nnls(A, w=w, target=T[:, :-1], target_lambda=0.1)
+    with pytest.raises(InputError, match="'solver' parameter of nnls must be one of 'exact', 'cd', 'cholesky'"):
+        nnls(A, w=w, solver="fast")
+    with pytest.raises(InputError, match="'target_lambda'"):
+        nnls(A, w=w, target=T, target_lambda=float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# refine (§3)
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_stage1(H, labels, levels, lam, whiten=True):
+    T, _ = ref_target(H, labels, levels, whiten)
+    if np.linalg.norm(T) > 1e-10:
+        T = T * np.linalg.norm(H) / np.linalg.norm(T)
+    return np.maximum(H + lam * T, 0.0)
+
+
+def _model(seed=0):
+    H, labels = planted_embedding(seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    w = rng.random((15, H.shape[0]))
+    d = np.sort(rng.random(H.shape[0]) + 1)[::-1]
+    A = w @ np.diag(d) @ H + 0.01 * rng.random((15, H.shape[1]))
+    return dnmf.NMFModel(w=w, d=d, h=H, misc={"iter": 7}), labels, A
+
+
+def test_refine_stage1_matches_spec():
+    model, labels, _ = _model()
+    out = refine(model, labels, 0.5)
+    np.testing.assert_allclose(out.h, ref_stage1(model.h, labels, ["c0", "c1", "c2"], 0.5), rtol=1e-10, atol=1e-13)
+    assert out.w is model.w or np.array_equal(out.w, model.w)
+    np.testing.assert_array_equal(out.d, model.d)
+    assert out.misc["iter"] == 7 and out.misc["refine"]["lambda"] == 0.5
+    # matrix in → matrix out, same numbers
+    np.testing.assert_array_equal(refine(model.h, labels, 0.5), out.h)
+    # λ = 0 and a single class leave a non-negative H unchanged
+    np.testing.assert_array_equal(refine(model.h, labels, 0.0), model.h)
+    np.testing.assert_array_equal(refine(model.h, ["a"] * model.h.shape[1], 0.9), model.h)
+
+
+def test_refine_direction_and_na_labels():
+    from sklearn.metrics import silhouette_score
+
+    H, labels = planted_embedding(seed=6, spread=0.8)
+    # Class separation (sklearn's exact silhouette) rises strictly with λ on planted classes.
+    sil = [silhouette_score(refine(H, labels, lam).T, labels) for lam in (0.0, 0.25, 0.5, 0.8, 1.0)]
+    assert all(a < b for a, b in zip(sil, sil[1:]))
+    # An unlabeled sample gets no shift (only the clip applies, a no-op on non-negative H).
+    lab = list(labels)
+    lab[0] = None
+    out = refine(H, lab, 0.8)
+    np.testing.assert_array_equal(out[:, 0], H[:, 0])
+
+
+def test_refine_cycles_without_batch_match_spec():
+    model, labels, A = _model(seed=7)
+    levels = ["c0", "c1", "c2"]
+    lam = 0.4
+    # reference: §3.3 stage 2 without batch, two cycles, plain NumPy
+    Hc = ref_stage1(model.h, labels, levels, lam)
+    w, d = model.w, model.d
+    for _ in range(2):
+        D = np.diag(d) @ Hc
+        w = np.maximum(A @ D.T @ np.linalg.inv(D @ D.T + 1e-8 * np.eye(4)), 0)
+        H = np.maximum(np.linalg.inv(w.T @ w + 1e-8 * np.eye(4)) @ w.T @ A, 0)
+        d = np.maximum(np.linalg.norm(H, axis=1), 1e-10)
+        H = H / d[:, None]
+        w = w * d
+        Hc = ref_stage1(H, labels, levels, lam)
+    out = refine(model, labels, lam, data=A, cycles=2)
+    # explicit inverses vs solves on well-conditioned 4 × 4 systems: ~1e-9 relative
+    np.testing.assert_allclose(out.h, Hc, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(out.w, w, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(out.d, d, rtol=1e-8)
+    # sparse data gives the same model
+    out_sp = refine(model, labels, lam, data=sp.csc_array(A), cycles=2)
+    np.testing.assert_allclose(out_sp.h, out.h, rtol=1e-10, atol=1e-13)
+    # a bare matrix skips the cycles (data still accepted)
+    np.testing.assert_array_equal(refine(model.h, labels, lam, data=A, cycles=2), refine(model.h, labels, lam))
+
+
+def test_refine_cycles_with_batch_one_removal_iteration():
+    model, labels, A = _model(seed=8)
+    levels = ["c0", "c1", "c2"]
+    n = model.h.shape[1]
+    batch = ["b0", "b1"] * (n // 2)
+    # small λ: the deflated Gram stays well above the 1e-8 eigenvalue floor, so the one
+    # iteration is well conditioned and two implementations can be compared closely
+    lam = 0.01
+    # reference (§3.3 with batch): W from the corrected H, then one nmf() iteration from W with
+    # the unwhitened batch target removed from H (PROJ_ADV at −λ, Cholesky-clip, L1, sorted)
+    Tb, _ = ref_target(model.h, batch, ["b0", "b1"], False)
+    D = np.diag(model.d) @ ref_stage1(model.h, labels, levels, lam)
+    w = np.maximum(A @ D.T @ np.linalg.inv(D @ D.T + 1e-8 * np.eye(4)), 0)
+    w = w / w.sum(axis=0)
+    G = w.T @ w
+    Gam = Tb @ Tb.T / n
+    G = G - lam * np.trace(G) / np.trace(Gam) * Gam
+    e, V = np.linalg.eigh(G)
+    assert e.min() > 1e-3  # no clipping: G as after the deflation
+    H = np.maximum(np.linalg.solve(G, w.T @ A), 0)
+    H = H / H.sum(axis=1, keepdims=True)
+    w = np.maximum(np.linalg.solve(H @ H.T, H @ A.T), 0).T
+    d = w.sum(axis=0)
+    order = np.argsort(-d)
+    w, d, H = w[:, order] / d[order], d[order], H[order]
+    out = refine(model, labels, lam, data=A, cycles=1, batch=batch)
+    # same algebra, different order (Cholesky vs LU solves, 1e-15 guards): relative 1e-7
+    np.testing.assert_allclose(out.d, d, rtol=1e-7)
+    np.testing.assert_allclose(out.w, w, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(out.h, ref_stage1(H, labels, levels, lam), rtol=1e-7, atol=1e-10)
+
+
+def test_refine_errors():
+    model, labels, A = _model()
+    n = model.h.shape[1]
+    with pytest.raises(InputError, match=rf"'labels' parameter of refine must be a vector of length {n} "
+                                         r"\(ncol\(H\)\)\. Got length 3"):
+        refine(model, labels[:3])
+    with pytest.raises(InputError, match=r"'lambda_' parameter of refine must be a float in \[0.0, 1.0\]\. Got 1.5"):
+        refine(model, labels, 1.5)
+    with pytest.raises(InputError, match="'lambda_'"):
+        refine(model, labels, -0.1)
+    with pytest.raises(InputError, match="'data' parameter of refine must be the m x n data matrix when cycles > 0"):
+        refine(model, labels, cycles=1)
+    with pytest.raises(InputError, match=rf"'batch' parameter of refine must be a vector of length {n}"):
+        refine(model, labels, batch=["a"] * (n + 1))
+    with pytest.raises(InputError, match="'x' parameter of refine must be an NMFModel or a k x n matrix"):
+        refine("model", labels)
+    with pytest.raises(InputError, match=r"'data' parameter of refine must be a matrix of shape \(15, 60\)"):
+        refine(model, labels, data=A[:, :-1], cycles=1)
