@@ -367,3 +367,192 @@ def test_refine_errors():
         refine("model", labels)
     with pytest.raises(InputError, match=r"'data' parameter of refine must be a matrix of shape \(15, 60\)"):
         refine(model, labels, data=A[:, :-1], cycles=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# assess and the classifier helpers (§4)
+# ---------------------------------------------------------------------------------------------
+
+from dnmf.guided import Assessment, assess, classify_embedding, classify_logistic, classify_rf  # noqa: E402
+from dnmf.guided.assessment import approx_silhouette, stratified_folds  # noqa: E402
+from dnmf.guided.classify import auroc_ovr  # noqa: E402
+
+
+def blobs(sep, seed=0, n_per=(40, 30, 30), dim=3):
+    """Rows = samples; class c centred at sep·e_c plus unit noise (planted separation)."""
+    rng = np.random.default_rng(seed)
+    X = np.vstack([rng.standard_normal((nc, dim)) + sep * np.eye(dim)[c] for c, nc in enumerate(n_per)])
+    y = np.repeat([f"k{c}" for c in range(len(n_per))], n_per)
+    return X, y
+
+
+def test_assess_clustering_matches_sklearn_and_is_reproducible():
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    X, y = blobs(2.0)
+    res = assess(X, y, classifiers=["knn"])
+    pred = KMeans(n_clusters=3, n_init=10, max_iter=100, random_state=42).fit_predict(X)
+    codes = pd.Categorical(y).codes
+    assert res.metrics["ari"] == adjusted_rand_score(codes, pred)
+    assert res.metrics["nmi"] == normalized_mutual_info_score(codes, pred, average_method="geometric")
+    # same seed ⇒ same numbers (k-means, folds and silhouette references are seeded)
+    again = assess(X, y, classifiers=["knn"])
+    assert again.metrics == res.metrics
+    assert list(res.metrics)[:3] == ["ari", "nmi", "silhouette"]
+    assert list(res.metrics)[3:8] == ["accuracy_knn", "f1_knn", "precision_knn", "recall_knn", "auroc_knn"]
+
+
+def test_approx_silhouette_matches_numpy_reference():
+    X, y = blobs(1.5, seed=1)
+    codes = pd.Categorical(y).codes
+    # With references ≥ class sizes every member is a reference: a_i is the mean distance to
+    # all members of its class, itself included (spec §4.5), b_i the nearest other class.
+    D = np.sqrt(((X[:, None, :] - X[None, :, :]) ** 2).sum(-1))
+    Dc = np.column_stack([D[:, codes == c].mean(axis=1) for c in range(3)])
+    a = Dc[np.arange(len(y)), codes]
+    b = np.array([min(Dc[i, c] for c in range(3) if c != codes[i]) for i in range(len(y))])
+    ref = np.mean((b - a) / np.maximum(a, b))
+    # pairwise_distances expands ‖x−y‖² = ‖x‖² + ‖y‖² − 2xᵀy, so a self-distance comes out as
+    # √(rounding) ~ 1e-8·‖x‖ instead of 0: agreement to ~1e-9 relative, checked at 1e-8
+    assert approx_silhouette(X, codes, 3, seed=0, per_class=1000) == pytest.approx(ref, rel=1e-8)
+    assert approx_silhouette(X, np.zeros(len(y), dtype=int), 1, seed=0) == 0.0
+
+
+def test_stratified_folds_balanced_and_seeded():
+    y = np.repeat([0, 1, 2], [23, 11, 6])
+    folds = stratified_folds(y, 3, 5, seed=42)
+    for c in range(3):
+        sizes = np.bincount(folds[y == c], minlength=5)
+        assert sizes.max() - sizes.min() <= 1  # a repeated permutation of the folds
+    np.testing.assert_array_equal(folds, stratified_folds(y, 3, 5, seed=42))
+
+
+def test_auroc_rule():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(2)
+    s, pos = rng.random(50), rng.random(50) < 0.4
+    # without ties the counting rule is the Mann–Whitney AUC scikit-learn computes
+    assert auroc_ovr(s, pos) == pytest.approx(roc_auc_score(pos, s), rel=1e-12)
+    # ties keep the given order (no half credit): scores all equal, positives first → 1
+    assert auroc_ovr(np.ones(4), np.array([True, True, False, False])) == 1.0
+    assert auroc_ovr(np.ones(4), np.array([False, False, True, True])) == 0.0
+    assert auroc_ovr(np.arange(3.0), np.ones(3, bool)) == 0.5  # one outcome only
+
+
+def test_assess_knn_accuracy_matches_sklearn_per_fold():
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = blobs(1.2, seed=3)
+    codes = pd.Categorical(y).codes
+    res = assess(X, y, metrics="classification", classifiers=["knn"], k_nn=7)
+    folds = stratified_folds(codes, 3, 5, seed=42)
+    accs = []
+    for f in range(5):
+        tr, te = folds != f, folds == f
+        sc = StandardScaler().fit(X[tr])
+        # StandardScaler uses the population sd (n); the spec's n−1 sd scales every feature by
+        # the same factor √((n−1)/n), which leaves Euclidean neighbour ranks unchanged.
+        knn = KNeighborsClassifier(n_neighbors=7, algorithm="brute").fit(sc.transform(X[tr]), codes[tr])
+        accs.append(np.mean(knn.predict(sc.transform(X[te])) == codes[te]))
+        assert res.classification["accuracy"].iloc[f] == pytest.approx(accs[-1], abs=1e-15)
+    assert res.metrics["accuracy_knn"] == pytest.approx(np.mean(accs), abs=1e-15)
+    assert list(res.classification.columns) == ["classifier", "fold", "accuracy", "f1", "precision", "recall",
+                                                "auroc"]
+
+
+def test_assess_direction_on_planted_separation_and_batches():
+    # More separated classes: every label metric rises (planted structure; same noise draws).
+    low, high = (assess(blobs(s, seed=4)[0], blobs(s, seed=4)[1], classifiers=["knn", "lr"]) for s in (1.0, 4.0))
+    for key in ("ari", "nmi", "silhouette", "accuracy_knn", "accuracy_lr", "f1_mean", "auroc_mean"):
+        assert high.metrics[key] > low.metrics[key], key
+    # Batches: a batch offset along a separate axis is poorly mixed (higher batch silhouette,
+    # lower kNN entropy) than batches assigned at random.
+    X, y = blobs(3.0, seed=5, dim=4)
+    rng = np.random.default_rng(5)
+    b_random = rng.integers(0, 2, len(y))
+    X_sep = X.copy()
+    X_sep[:, 3] += 6.0 * b_random
+    mixed = assess(X, y, batch=b_random, classifiers=["knn"])
+    separated = assess(X_sep, y, batch=b_random, classifiers=["knn"])
+    assert separated.metrics["batch_silhouette"] > mixed.metrics["batch_silhouette"]
+    assert separated.metrics["batch_knn_entropy"] < mixed.metrics["batch_knn_entropy"]
+    assert 0.9 < mixed.metrics["batch_knn_entropy"] <= 1.0  # random batches: near-maximal entropy
+    assert list(mixed.metrics)[-2:] == ["batch_silhouette", "batch_knn_entropy"]
+
+
+def test_assess_filtering_model_input_table_and_plot():
+    from matplotlib.figure import Figure
+
+    H, labels = planted_embedding(seed=9, n_per=(30, 25, 6))
+    labels = list(labels)
+    labels[0] = None
+    model = dnmf.NMFModel(w=np.ones((5, 4)), d=np.array([4.0, 3.0, 2.0, 1.0]), h=H)
+    res = assess(model, labels, classifiers=["knn", "lr", "rf"])
+    assert isinstance(res, Assessment)
+    assert res.params["n_classes"] == 2 and res.params["classes"] == ["c0", "c1"]
+    assert res.params["n_dropped"] == 7 and res.params["n_samples"] == 54  # 1 NA + class of 6
+    # the model's embedding is (diag(d) H)ᵀ on the kept samples
+    keep = [i for i, lab in enumerate(labels) if lab in ("c0", "c1")]
+    np.testing.assert_array_equal(res.embedding, (model.d[:, None] * H).T[keep])
+    assert len(res.classification) == 15 and list(res.classification["classifier"][:3]) == ["knn", "lr", "rf"]
+    table = res.table
+    assert table.shape[0] == 1 and {"nmi", "ari", "accuracy_knn", "accuracy_rf", "auroc_mean"} <= set(table.columns)
+    assert "Embedding Assessment" in str(res) and "knn   Acc=" in str(res)
+    fig = res.plot()
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert len(fig.axes[1].patches) == 2 * 4  # one stacked segment per class and factor
+
+
+def test_assess_errors():
+    X, y = blobs(2.0)
+    with pytest.raises(InputError, match=r"'labels' parameter of assess must be a vector of length 100 "
+                                         r"\(nrow of embedding\)\. Got length 99"):
+        assess(X, y[:-1])
+    with pytest.raises(InputError, match=r"at least 2 classes with >= 35 samples \(min_class_size\)\. Got 1 such"):
+        assess(X, y, min_class_size=35)
+    with pytest.raises(InputError, match="Fewer|at least 2 classes"):
+        assess(X, ["a"] * 100)
+    with pytest.raises(InputError, match="'metrics' parameter of assess"):
+        assess(X, y, metrics=["accuracy"])
+    with pytest.raises(InputError, match="'classifiers' parameter of assess"):
+        assess(X, y, classifiers=["svm"])
+    with pytest.raises(InputError, match="'batch' parameter of assess must be a vector of length 100"):
+        assess(X, y, batch=[0, 1])
+    with pytest.raises(InputError, match="'x' parameter of assess"):
+        assess(np.ones(5), ["a"] * 5)
+
+
+def test_classify_helpers_match_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, y = blobs(1.5, seed=6)
+    codes = pd.Categorical(y).codes
+    test_idx = np.arange(0, 100, 5)
+    train = np.setdiff1d(np.arange(100), test_idx)
+    res = classify_embedding(X, y, test_idx, k=5)
+    ref = KNeighborsClassifier(5, algorithm="brute").fit(X[train], codes[train]).predict(X[test_idx])
+    assert res.accuracy == np.mean(ref == codes[test_idx])
+    assert res.confusion.to_numpy().sum() == test_idx.size and res.k == 5 and res.distance == "euclidean"
+    np.testing.assert_array_equal(res.train_idx, train)
+    assert res.per_class["support"].sum() == test_idx.size
+    # Cosine distance = Euclidean on L2-normalized rows (same neighbour ranks).
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    ref_cos = KNeighborsClassifier(5, algorithm="brute").fit(Xn[train], codes[train]).predict(Xn[test_idx])
+    assert classify_embedding(X, y, test_idx, k=5, distance="cosine").accuracy == np.mean(ref_cos == codes[test_idx])
+    # Logistic: one binomial GLM per class, argmax of renormalized probabilities.
+    P = np.column_stack([LogisticRegression(C=np.inf, max_iter=1000).fit(X[train], codes[train] == c)
+                         .predict_proba(X[test_idx])[:, 1] for c in range(3)])
+    assert classify_logistic(X, y, test_idx).accuracy == np.mean(P.argmax(axis=1) == codes[test_idx])
+    # RF with a seed is reproducible; a random split with a seed too.
+    assert classify_rf(X, y, seed=1).accuracy == classify_rf(X, y, seed=1).accuracy
+    np.testing.assert_array_equal(classify_embedding(X, y, seed=3).test_idx, classify_embedding(X, y, seed=3).test_idx)
+    assert classify_embedding(X, y, seed=3).test_idx.size == 20  # round(0.2 · 100)
+    with pytest.raises(InputError, match="'k' parameter of classify_embedding must be at most the number of "
+                                         "training samples"):
+        classify_embedding(X, y, np.arange(97), k=5)
+    with pytest.raises(InputError, match="'distance'"):
+        classify_embedding(X, y, distance="manhattan")

@@ -10,9 +10,13 @@
 * :func:`bipartition`, :func:`dclust` — rank-2 NMF divisive clustering, subtrees in parallel.
 """
 
+from .assessment import METRIC_GROUPS, Assessment, assess
+from .classify import ClassifierEvaluation, classify_embedding, classify_logistic, classify_rf
 from .correct import refine
 from .solve import NNLS_SOLVERS, nnls
 from .target import compute_target
 from .terms import apply_target, target_gram
 
-__all__ = ["compute_target", "apply_target", "target_gram", "nnls", "NNLS_SOLVERS", "refine"]
+__all__ = ["compute_target", "apply_target", "target_gram", "nnls", "NNLS_SOLVERS", "refine",
+           "assess", "Assessment", "METRIC_GROUPS", "classify_embedding", "classify_logistic", "classify_rf",
+           "ClassifierEvaluation"]
