@@ -14,6 +14,8 @@ Config sections::
                                # with target_sum=1e4 followed by log1p)
       n_top_features: null     # or keep the n features (rows) of highest variance after
                                # normalize (dnmf.preprocess.select_features)
+      feature_flavor: variance # score of that selection: variance (default), or seurat:
+                               # scanpy's flavor="seurat" normalized dispersion
     model: {k: 10, tol: 1e-4, maxit: 100, seed: null, L1: [0, 0], L2: [0, 0], norm: L1, ...}
 
 ``model`` is declared once, in :data:`dnmf.params.NMF_PARAMS` (with :func:`dnmf.nmf`'s
@@ -25,7 +27,8 @@ choose the blocking from the data (:func:`dnmf.core.default_block_nnz`).
 block by block on the column blocks, as each block is loaded: sparse blocks stay sparse
 (log1p(0) = 0, so the stored pattern is kept), nothing is densified and the matrix is never held
 whole. A sample whose values sum to 0 stays all zero. Feature selection reads the normalized
-matrix once more (one pass of block sums for the per-feature variance).
+matrix once more (one pass of block sums, as tasks on the cluster, for the per-feature variance
+or, with ``input.feature_flavor: seurat``, scanpy's normalized dispersion).
 
 Outputs: ``model/`` (w, d, h, loss_history, tol_history, row_names, col_names, the coordinate
 arrays feature, sample and factor, and the fit record; every array carries Zarr v3
@@ -120,6 +123,9 @@ class FactorizeInput:
     n_top_features: int | None = field(default=None, metadata=_meta(
         "keep this many features (rows) of highest variance after normalize (null: all); "
         "see dnmf.preprocess.select_features", min=1))
+    feature_flavor: Literal["variance", "seurat"] = field(default="variance", metadata=_meta(
+        "score of that selection: variance, or seurat (scanpy's flavor='seurat' normalized dispersion "
+        "in 20 bins of mean expression; expects log-transformed data)"))
 
     def validate(self) -> Iterator[tuple[str, str, Any]]:
         sources = {s: getattr(self, s) for s in ("dataset", "path", "synthetic") if getattr(self, s) is not None}
@@ -350,9 +356,10 @@ def load_input(inp: FactorizeInput, job, block_nnz: int | None = None) -> _Loade
         return loaded
     steps = [] if inp.normalize == "none" else [f"{inp.normalize} normalization"]
     if inp.n_top_features is not None:
-        steps.append(f"the {inp.n_top_features} features of highest variance")
+        score = "variance" if inp.feature_flavor == "variance" else "normalized dispersion (seurat)"
+        steps.append(f"the {inp.n_top_features} features of highest {score}")
     job.echo(f"input: {' then '.join(steps)}, block by block")
-    data = dnmf.preprocess.recipe(loaded.data, inp.normalize, inp.n_top_features,
+    data = dnmf.preprocess.recipe(loaded.data, inp.normalize, inp.n_top_features, feature_flavor=inp.feature_flavor,
                                       block_nnz=block_nnz or default_block_nnz(loaded.data))
     obs, var = loaded.obs, loaded.var
     if var is not None and data.shape[0] != len(var):  # features selected: var follows by name

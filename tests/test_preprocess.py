@@ -112,3 +112,158 @@ def test_fit_on_preprocessed_data_keeps_names():
                             var=pd.DataFrame(index=[f"g{i}" for i in range(A.shape[0])]))
     model = dnmf.nmf(pp.recipe(adata, n_top_features=20), 3, seed=0, maxit=3, tol=0, client=False)
     assert len(model.feature_names) == 20 and model.sample_names == tuple(adata.obs_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# scanpy's flavor="seurat" normalized dispersion
+# ---------------------------------------------------------------------------------------------
+
+
+def _scanpy_seurat_reference(X_log, n_bins=20):
+    """scanpy's ``_highly_variable_genes_single_batch(flavor="seurat")`` written out on a dense
+    log1p'd genes × cells array, with pandas' ``cut`` and ``groupby`` as scanpy uses them."""
+    import pandas as pd
+
+    X = np.expm1(X_log)
+    mean, var = X.mean(axis=1), X.var(axis=1, ddof=1)
+    mean[mean == 0] = 1e-12
+    dispersion = var / mean
+    dispersion[dispersion == 0] = np.nan
+    dispersion = np.log(dispersion)
+    mean = np.log1p(mean)
+    df = pd.DataFrame({"means": mean, "dispersions": dispersion})
+    df["mean_bin"] = pd.cut(df["means"], bins=n_bins)
+    stats = df.groupby("mean_bin", observed=True)["dispersions"].agg(avg="mean", dev="std")
+    one_gene_per_bin = stats["dev"].isnull()
+    stats.loc[one_gene_per_bin, "dev"] = stats.loc[one_gene_per_bin, "avg"]
+    stats.loc[one_gene_per_bin, "avg"] = 0
+    stats = stats.loc[df["mean_bin"]].set_index(df.index)
+    df["dispersions_norm"] = (df["dispersions"] - stats["avg"]) / stats["dev"]
+    return df, np.asarray(df["mean_bin"].cat.codes)
+
+
+def _scanpy_top(norm, n_top):
+    """scanpy's ``n_top_genes`` rule: every gene scoring at least the n-th highest (NaN never)."""
+    finite = np.sort(norm[~np.isnan(norm)])[::-1]
+    return np.flatnonzero(np.nan_to_num(norm, nan=-np.inf) >= finite[n_top - 1])
+
+
+def _hvg_counts(seed=11):
+    """200 genes × 150 cells of counts with a spread of expression levels, an all-zero gene and one
+    very highly expressed gene (alone in its mean bin)."""
+    rng = np.random.default_rng(seed)
+    level = np.exp(rng.uniform(-3, 1.5, size=200))[:, None]
+    A = rng.poisson(level * rng.gamma(2.0, 0.5, size=(200, 150))).astype(np.float64)
+    A[7] = 0.0
+    A[9] = rng.poisson(400.0, size=150)
+    return sp.csc_matrix(A)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_seurat_dispersions_match_scanpys_algorithm(sparse):
+    A = _hvg_counts()
+    X_log = _plain_cp10k_log1p(A.toarray())
+    ref, ref_bins = _scanpy_seurat_reference(X_log)
+    assert np.bincount(ref_bins)[ref_bins[9]] == 1  # the one-gene-bin rule is exercised
+    blocked = pp.recipe(A if sparse else A.toarray(), "cp10k_log1p", block_nnz=2_000)
+    assert blocked.n_blocks > 3 and blocked.sparse == sparse
+    got = pp.feature_dispersions(blocked, client=False)
+    np.testing.assert_array_equal(got.mean_bin, ref_bins)
+    # Block sums in float64 (Σx² − nμ², added in a tree) vs NumPy's two-pass mean and variance:
+    # the one-pass formula loses log10(Σx²/(nσ²)) ≤ 3 digits of 16 on these data, so 1e-10 holds
+    # with room; the logs and the z-scores (bin deviations ≥ 0.1) keep that accuracy.
+    np.testing.assert_allclose(got.means, ref["means"], rtol=1e-10)
+    np.testing.assert_allclose(got.dispersions, ref["dispersions"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got.dispersions_norm, ref["dispersions_norm"], rtol=1e-10, atol=1e-10)
+    assert np.isnan(got.dispersions_norm[7]) and np.isfinite(np.delete(got.dispersions_norm, 7)).all()
+    assert got.dispersions_norm[9] == 1.0  # alone in its bin: scanpy's 1
+    norm = np.asarray(ref["dispersions_norm"])
+    for n_top in (1, 15, 60, 197):
+        sel = pp.select_features(blocked, n_top, flavor="seurat", client=False)
+        keep = _scanpy_top(norm, n_top)
+        assert len(keep) == n_top  # no ties on these data: scanpy keeps exactly n_top too
+        assert sel.shape == (n_top, 150) and sel.sparse == sparse
+        got_rows = sel.to_scipy()
+        np.testing.assert_allclose(got_rows.toarray() if sparse else got_rows, X_log[keep], rtol=1e-12)
+    # all the finite scores: the undefined one (the all-zero gene, dispersion 0/1e-12) is left out
+    sel = pp.select_features(blocked, 199, flavor="seurat", client=False)
+    got_rows = sel.to_scipy()
+    np.testing.assert_allclose(got_rows.toarray() if sparse else got_rows, np.delete(X_log, 7, axis=0), rtol=1e-12)
+
+
+def test_mean_bins_follow_pandas_cut():
+    import pandas as pd
+
+    rng = np.random.default_rng(2)
+    for x in (rng.normal(size=500), np.r_[0.0, 1.0, np.linspace(0, 1, 21)], np.full(5, 2.5), np.zeros(4)):
+        for n_bins in (1, 3, 20):
+            np.testing.assert_array_equal(pp._mean_bins(x, n_bins), pd.cut(x, n_bins).codes)
+
+
+def test_feature_statistics_run_as_block_tasks_on_the_cluster(tmp_path):
+    """On a cluster the block sums are tasks on the workers, reading the lazy store there; the
+    fixed reduction tree makes them bit for bit those of the thread pool here."""
+    distributed = pytest.importorskip("distributed")
+    A = _hvg_counts(seed=4)
+    path = dnmf.io.write_zarr(A, str(tmp_path / "counts.zarr"), block_nnz=1_500)
+    blocked = pp.recipe(path, "cp10k_log1p")
+    assert not blocked.in_memory and blocked.n_blocks > 3
+    here_var = pp.feature_variances(blocked, client=False)
+    here_disp = pp.feature_dispersions(blocked, client=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
+        with distributed.get_task_stream(client) as stream:
+            var = pp.feature_variances(blocked, client=client)
+            disp = pp.feature_dispersions(blocked)  # the default client
+            sel = pp.select_features(blocked, 30, flavor="seurat")
+        workers = set(client.scheduler_info(n_workers=-1)["workers"])
+    chunks = [t for t in stream.data if t["key"].startswith("feature_moments_chunk")]
+    assert len(chunks) == 3 * blocked.n_blocks and {t["worker"] for t in chunks} <= workers
+    for a, b in zip(var, here_var):
+        np.testing.assert_array_equal(a, b)
+    for field in ("means", "dispersions", "mean_bin", "dispersions_norm"):
+        np.testing.assert_array_equal(getattr(disp, field), getattr(here_disp, field))
+    keep = np.sort(np.argsort(-np.nan_to_num(here_disp.dispersions_norm, nan=-np.inf), kind="stable")[:30])
+    np.testing.assert_array_equal(sel.to_scipy().toarray(), blocked.to_scipy().toarray()[keep])
+    # and against the plain variance path: the same per-feature sums, before expm1 / after
+    ref = _plain_cp10k_log1p(A.toarray())
+    np.testing.assert_allclose(var[1], ref.var(axis=1, ddof=1), rtol=1e-9, atol=1e-12)  # as the variance test
+
+
+def test_feature_selection_errors():
+    A = _counts()
+    with pytest.raises(InputError, match=r"The 'flavor' parameter of select_features must be one of 'variance', "
+                                         r"'seurat'. Got 'cell_ranger' instead."):
+        pp.select_features(A, 3, flavor="cell_ranger")
+    with pytest.raises(InputError, match=r"The 'feature_flavor' parameter of recipe must be one of"):
+        pp.recipe(A, n_top_features=3, feature_flavor="dispersion")
+    with pytest.raises(InputError, match=r"The 'n_bins' parameter of feature_dispersions must be an int in \[1, inf\)"):
+        pp.feature_dispersions(A, n_bins=0)
+
+
+def test_factorize_pipeline_selects_features_by_seurat_dispersion(tmp_path):
+    import dataclasses
+
+    from dnmf.config import JobConfig
+    from dnmf.jobs import RunStore, run_job
+
+    config = JobConfig.from_dict({
+        "pipeline": "factorize", "name": "hvg",
+        "input": {"dataset": "hawaiibirds", "normalize": "log1p", "n_top_features": 40, "feature_flavor": "seurat"},
+        "model": {"k": 3, "maxit": 3, "tol": 0, "seed": 2},
+        "output": {"dir": str(tmp_path), "anndata": "none", "performance_report": False, "plots": False},
+        "progress": "none"})
+    res = run_job(config, client=False, echo=lambda line: None)
+    model = RunStore.open(res.store).read_group("model")
+    birds = dnmf.datasets.load_hawaiibirds()
+    log = np.log1p(birds.X.toarray())  # species × grid cells, as the pipeline reads it
+    ref, _ = _scanpy_seurat_reference(log)
+    norm = np.asarray(ref["dispersions_norm"])
+    keep = _scanpy_top(norm, 40)
+    assert len(keep) == 40
+    assert list(model["row_names"]) == [str(birds.var.index[i]) for i in keep]
+    plain = pp.recipe(dataclasses.replace(dnmf.io.as_blocked(birds.X), row_names=tuple(map(str, birds.var.index))),
+                      "log1p", 40)  # the default flavor, variance, picks other species
+    assert set(plain.row_names) != set(model["row_names"])
+    with pytest.raises(dnmf.ConfigError, match=r"feature_flavor"):
+        JobConfig.from_dict({**config.to_dict(), "input": {"dataset": "hawaiibirds", "feature_flavor": "dispersion"}})
