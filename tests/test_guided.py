@@ -556,3 +556,106 @@ def test_classify_helpers_match_sklearn():
         classify_embedding(X, y, np.arange(97), k=5)
     with pytest.raises(InputError, match="'distance'"):
         classify_embedding(X, y, distance="manhattan")
+
+
+# ---------------------------------------------------------------------------------------------
+# bipartition and dclust (§5)
+# ---------------------------------------------------------------------------------------------
+
+from dnmf.guided import bipartition, dclust  # noqa: E402
+
+
+def nested_clusters(seed=0, n_sub=25, m_block=8):
+    """Planted 2-level hierarchy: 2 parents × 2 children, n_sub samples each (features × samples).
+
+    Each parent has its own block of features (strong), each child a smaller block of its own
+    (weaker) inside the parent's part of the data, plus uniform noise.
+    """
+    rng = np.random.default_rng(seed)
+    m = 6 * m_block
+    cols, truth = [], []
+    for p in range(2):
+        for c in range(2):
+            x = 0.05 * rng.random((m, n_sub))
+            x[p * m_block:(p + 1) * m_block] += 1.0 + 0.2 * rng.random((m_block, n_sub))
+            child = 2 + 2 * p + c
+            x[child * m_block:(child + 1) * m_block] += 0.5 + 0.1 * rng.random((m_block, n_sub))
+            cols.append(x)
+            truth += [(p, c)] * n_sub
+    return np.hstack(cols), truth
+
+
+def ref_distance(A1, A2):
+    c1, c2 = A1.mean(axis=1), A2.mean(axis=1)
+    n1, n2 = np.linalg.norm(c1), np.linalg.norm(c2)
+    s = sum(np.sqrt(x @ c2) * n1 / (np.sqrt(x @ c1) * n2) for x in A1.T)
+    s += sum(np.sqrt(x @ c1) * n2 / (np.sqrt(x @ c2) * n1) for x in A2.T)
+    return s / (2 * A1.shape[0])
+
+
+def test_bipartition_recovers_planted_split_and_distance():
+    A, truth = nested_clusters(seed=1)
+    parent = np.array([p for p, _ in truth])
+    b = bipartition(A, seed=3)
+    got = {tuple(b.samples1), tuple(b.samples2)}
+    assert got == {tuple(np.flatnonzero(parent == 0)), tuple(np.flatnonzero(parent == 1))}
+    assert b.size1 + b.size2 == 100 and np.all((b.v > 0) == np.isin(np.arange(100), b.samples1))
+    # distance and centres by the spec formula (float64 sums in a different order: 1e-12)
+    assert b.dist == pytest.approx(ref_distance(A[:, b.samples1], A[:, b.samples2]), rel=1e-12)
+    np.testing.assert_allclose(b.center1, A[:, b.samples1].mean(axis=1), rtol=1e-12)
+    # a subset: indices stay in A's coordinates; the children of parent 1 are found
+    sub = np.flatnonzero(parent == 1)
+    bs = bipartition(sp.csc_array(A), samples=sub, calc_dist=False)
+    child = {tuple(sub[[c == k for (_, c) in (truth[i] for i in sub)]]) for k in (0, 1)}
+    assert {tuple(bs.samples1), tuple(bs.samples2)} == child
+    assert bs.dist == -1.0 and not bs.center1.any()
+    # same seed ⇒ same split
+    np.testing.assert_array_equal(bipartition(A, seed=3).v, b.v)
+
+
+def test_dclust_recovers_nested_clusters_in_lifo_order():
+    A, truth = nested_clusters(seed=2)
+    # min_samples 13: a planted child (25) is below 2·13 and is not split again
+    res = dclust(A, min_samples=13, seed=1, client=False)
+    assert res.ids == ["11", "10", "01", "00"]  # depth first, "1" branches first
+    groups = {tuple(sorted(c.samples)) for c in res.clusters}
+    planted = {tuple(i for i, t in enumerate(truth) if t == (p, c)) for p in range(2) for c in range(2)}
+    assert groups == planted
+    # siblings share a planted parent
+    for prefix in ("0", "1"):
+        parents = {truth[i][0] for c in res.clusters if c.id.startswith(prefix) for i in c.samples}
+        assert len(parents) == 1
+    np.testing.assert_allclose(res.clusters[0].center, A[:, res.clusters[0].samples].mean(axis=1), rtol=1e-12)
+    assert sorted(np.bincount(res.labels)) == [25, 25, 25, 25]
+    # a large min_dist rejects the first split: one leaf, the root
+    root = dclust(A, min_samples=13, min_dist=10.0, client=False)
+    assert root.ids == [""] and root.clusters[0].size == 100
+
+
+def test_dclust_on_a_cluster_equals_in_process():
+    import distributed
+
+    A, _ = nested_clusters(seed=4)
+    A = sp.csc_array(A)
+    local = dclust(A, min_samples=13, seed=2, client=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        remote = dclust(A, min_samples=13, seed=2, client=client)
+    assert remote.ids == local.ids
+    for a, b in zip(remote.clusters, local.clusters):
+        np.testing.assert_array_equal(a.samples, b.samples)
+        np.testing.assert_array_equal(a.center, b.center)
+
+
+def test_divisive_errors():
+    A, _ = nested_clusters()
+    with pytest.raises(InputError, match=r"'min_samples' parameter of dclust must be an int in \[1, inf\]\. Got 0"):
+        dclust(A, 0)
+    with pytest.raises(InputError, match="'min_dist' parameter of dclust"):
+        dclust(A, 5, min_dist=-1.0)
+    with pytest.raises(InputError, match="'A' parameter of dclust must be non-negative data"):
+        dclust(-A, 5)
+    with pytest.raises(InputError, match="'samples' parameter of bipartition must be at least 2 distinct"):
+        bipartition(A, samples=[0, 1000])
+    with pytest.raises(InputError, match="'client' parameter of dclust"):
+        dclust(A, 5, client="localhost")

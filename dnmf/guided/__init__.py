@@ -13,10 +13,11 @@
 from .assessment import METRIC_GROUPS, Assessment, assess
 from .classify import ClassifierEvaluation, classify_embedding, classify_logistic, classify_rf
 from .correct import refine
+from .divisive import Bipartition, Cluster, DClustResult, bipartition, dclust
 from .solve import NNLS_SOLVERS, nnls
 from .target import compute_target
 from .terms import apply_target, target_gram
 
 __all__ = ["compute_target", "apply_target", "target_gram", "nnls", "NNLS_SOLVERS", "refine",
            "assess", "Assessment", "METRIC_GROUPS", "classify_embedding", "classify_logistic", "classify_rf",
-           "ClassifierEvaluation"]
+           "ClassifierEvaluation", "bipartition", "Bipartition", "dclust", "DClustResult", "Cluster"]
