@@ -6,6 +6,7 @@ Every fixture file is written here, in ``tmp_path``, with h5py, scipy.io.mmwrite
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -419,9 +420,8 @@ def test_h5ad_streams_on_a_cluster_like_the_in_memory_fit(tmp_path):
     """A CSR .h5ad fitted out-of-core on 2 worker processes, every block read from the file by the
     worker on every iteration, gives the in-memory fit of the same AnnData bit for bit.
 
-    Streaming is forced with ``out_of_core=True`` (the engine streams by itself once A is larger
-    than half the workers' memory, as tests/test_engine_cluster.py checks with a 486 MB Zarr
-    store; writing and fitting a file that large here would take minutes): the path is the same.
+    Streaming is forced with ``out_of_core=True`` on a small file here; the engine's own choice
+    to stream an .h5ad larger than the workers' memory limit is the next test.
     """
     import anndata
 
@@ -636,3 +636,57 @@ def test_zarr_store_keeps_names(tmp_path, sparse):
     np.testing.assert_array_equal(np.asarray(back.to_scipy().todense() if sparse else back.to_scipy()), A.toarray())
     unnamed = dnmf.io.as_blocked(dnmf.io.write_zarr(A if sparse else A.toarray(), str(tmp_path / "plain.zarr")))
     assert unnamed.row_names is None and unnamed.col_names is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled pbmc3k: gene names when the export has them
+# ---------------------------------------------------------------------------------------------
+
+SHARED_PBMC3K = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc3k"
+
+
+def test_pbmc3k_build_keeps_gene_names_when_the_export_has_them(tmp_path):
+    """The builder stores a name column of rows.csv as the genes' names; the matrix arrays are
+    the same as without it (RcppML's export has no names today: see dnmf/datasets/_build.py)."""
+    import gzip
+
+    import scipy.io
+
+    from dnmf.datasets import _build
+    from dnmf.datasets.matrices import _frame
+
+    A = sp.random(6, 4, density=0.6, random_state=np.random.default_rng(0), format="coo")
+    A.data = np.ceil(A.data * 9)
+    plain, named = tmp_path / "plain", tmp_path / "named"
+    for folder, rows in ((plain, {"index": range(1, 7)}),
+                         (named, {"index": range(1, 7), "name": ["CD3E", "MS4A1", "LYZ", "NKG7", "PPBP", "GNLY"]})):
+        folder.mkdir()
+        with gzip.open(folder / "matrix.mtx.gz", "wb") as f:
+            scipy.io.mmwrite(f, A, field="integer")
+        pd.DataFrame(rows).to_csv(folder / "rows.csv", index=False)
+        pd.DataFrame({"index": range(1, 5), "cell_type": ["B", "T", "T", "NK"]}).to_csv(folder / "cols.csv", index=False)
+        (folder / "out").mkdir()
+    a = np.load(_build.build_pbmc3k(plain, plain / "out"))
+    b = np.load(_build.build_pbmc3k(named, named / "out"))
+    assert set(b.files) - set(a.files) == {"var_index"}
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert list(_frame(dict(b), "var", 6, "gene").index) == ["CD3E", "MS4A1", "LYZ", "NKG7", "PPBP", "GNLY"]
+    assert list(_frame(dict(a), "var", 6, "gene").index) == [f"gene{i}" for i in range(1, 7)]
+    pd.DataFrame({"index": range(1, 6)}).to_csv(plain / "rows.csv", index=False)
+    with pytest.raises(ValueError, match="rows.csv has 5 lines"):
+        _build.build_pbmc3k(plain, plain / "out")
+
+
+def test_bundled_pbmc3k_is_the_shared_export_rebuilt(tmp_path):
+    """Rebuilding from the shared export gives the bundled file's arrays exactly (no names there)."""
+    from dnmf.datasets import _build
+
+    if not SHARED_PBMC3K.is_dir():
+        pytest.skip("shared data folder not available")
+    rebuilt = np.load(_build.build_pbmc3k(SHARED_PBMC3K, tmp_path))
+    bundled = np.load(_build.DATA_DIR / "pbmc3k.npz")
+    assert sorted(rebuilt.files) == sorted(bundled.files)
+    for key in bundled.files:
+        assert rebuilt[key].dtype == bundled[key].dtype
+        np.testing.assert_array_equal(rebuilt[key], bundled[key])

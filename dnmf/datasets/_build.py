@@ -11,6 +11,12 @@ Run ``python -m dnmf.datasets._build /work/shared/data`` (the folder holding ``p
 
 pbmc3k stores its integer counts as uint16 with int16 row indices (values ≤ 419, rows < 13714:
 both exact), which keeps the file under 4 MB; the other two keep float64 values bit for bit.
+
+Gene names of pbmc3k: RcppML's export in the shared folder has none (its ``rows.csv`` holds only
+the 1-based ``index``; ``meta.json``: "no gene names stored"), so the bundled copy has none and
+:func:`dnmf.datasets.load_pbmc3k` names the genes ``gene1…``. When ``rows.csv`` gains a name
+column (:data:`NAME_COLUMNS`), rebuilding stores it as ``var_index`` and the loader uses it; the
+matrix arrays do not change.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from pathlib import Path
 import numpy as np
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+
+#: Columns of a ``rows.csv`` / ``cols.csv`` taken as the names (index), first found first.
+NAME_COLUMNS = ("name", "symbol", "gene_symbol", "gene", "feature_name")
 
 
 def _metadata(frame, prefix: str, index_col: str | None, drop: tuple[str, ...]) -> dict:
@@ -45,7 +54,11 @@ def _csc(path: Path):
     return A
 
 
-def build_pbmc3k(src: Path) -> Path:
+def _name_column(frame) -> str | None:
+    return next((c for c in NAME_COLUMNS if c in frame.columns), None)
+
+
+def build_pbmc3k(src: Path, out_dir: Path = DATA_DIR) -> Path:
     import pandas as pd
 
     A = _csc(src / "matrix.mtx.gz")
@@ -53,10 +66,14 @@ def build_pbmc3k(src: Path) -> Path:
     indices = A.indices.astype(np.int16)
     if not (np.array_equal(data, A.data) and np.array_equal(indices, A.indices)):
         raise ValueError("pbmc3k does not fit uint16 values / int16 row indices")
-    cols = pd.read_csv(src / "cols.csv")
-    out = DATA_DIR / "pbmc3k.npz"
+    rows, cols = pd.read_csv(src / "rows.csv"), pd.read_csv(src / "cols.csv")
+    if len(rows) != A.shape[0] or len(cols) != A.shape[1]:
+        raise ValueError(f"pbmc3k: rows.csv has {len(rows)} lines and cols.csv {len(cols)}; "
+                         f"expected {A.shape[0]} and {A.shape[1]} (the matrix's shape)")
+    out = Path(out_dir) / "pbmc3k.npz"
     np.savez_compressed(out, format=np.str_("csc"), shape=np.array(A.shape, dtype=np.int64), data=data,
                         indices=indices, indptr=A.indptr.astype(np.int32),
+                        **_metadata(rows, "var", _name_column(rows), ("index",)),
                         **_metadata(cols, "obs", None, ("index",)))
     return out
 
