@@ -11,6 +11,10 @@ before submission, so results do not depend on scheduling or on the number of wo
   all restarts are pooled, outliers dropped by local density, the rest k-means clustered; the
   median program per cluster is the consensus program, with the silhouette of the clustering as
   its stability and the error of an NNLS refit of the usages.
+
+``ConsensusNMFResult.from_models`` and ``CNMFResult.from_models`` form the same results from
+restarts fitted elsewhere (the consensus job pipeline fits and checkpoints each restart as a
+task of its own).
 """
 
 from __future__ import annotations
@@ -134,8 +138,12 @@ def _restart_task(item, A, nmf_kwargs: dict, summary: str | None, knn: int, axis
     model = nmf(A, k, seed=seed, client=False, **nmf_kwargs)
     if summary is None:
         return model, None
-    x = _loadings(model, axis)
-    return model, (hard_labels(x) if summary == "hard" else knn_sets(x, knn))
+    return model, _summary(_loadings(model, axis), summary, knn)
+
+
+def _summary(x: np.ndarray, method: str, knn: int) -> np.ndarray:
+    """One restart's per-object summary: hard labels or kNN sets of its loadings x."""
+    return hard_labels(x) if method == "hard" else knn_sets(x, knn)
 
 
 def _run_restarts(A, ks, seeds, nmf_kwargs, client, func, summary=None, knn=10, axis="features") -> dict:
@@ -274,6 +282,53 @@ class ConsensusNMFResult:
     axis: str
     seeds: tuple
     seed_entropy: Any = None
+
+    @classmethod
+    def from_models(cls, models: Sequence[NMFModel], *, method: str = "hard", knn: int = 10,
+                    axis: str = "features", seeds: tuple = (), seed_entropy: Any = None,
+                    summaries: Sequence[np.ndarray] | None = None) -> "ConsensusNMFResult":
+        """The consensus of restarts fitted elsewhere (one rank; e.g. checkpointed job tasks).
+
+        Parameters
+        ----------
+        models : sequence of NMFModel
+            The restarts, all of the same shape (m, n, k), in replicate order.
+        method, knn, axis
+            As :func:`consensus_nmf`.
+        seeds : tuple, optional
+            Seed of each restart, recorded in the result.
+        seed_entropy : int, optional
+            Recorded in the result.
+        summaries : sequence of ndarray, optional
+            Per-restart object summaries already computed (hard labels or kNN sets of the
+            loadings, as :func:`consensus_nmf`'s tasks return them); computed here if None.
+
+        Returns
+        -------
+        ConsensusNMFResult
+            ``consensus_nmf(A, k, reps, method, knn, seed, axis=axis)`` equals this result on
+            that call's ``models``.
+        """
+        func = "ConsensusNMFResult.from_models"
+        method = check_option(method, "method", func, METHODS)
+        knn = check_int(knn, "knn", func, low=1)
+        axis = check_option(axis, "axis", func, AXES)
+        models = tuple(models)
+        shapes = {m.shape for m in models}
+        if not models or len(shapes) != 1:
+            raise param_error("models", func, "a non-empty sequence of NMFModels of one shape (m, n, k)",
+                              f"shapes {sorted(shapes)}" if models else "an empty sequence", described=True)
+        k = models[0].k
+        if summaries is None:
+            summaries = [_summary(_loadings(m, axis), method, knn) for m in models]
+        conn = (hard_connectivity(np.stack(summaries), k) if method == "hard"
+                else knn_jaccard_connectivity(summaries))
+        cons = conn / len(models)
+        z, order, clusters, coph = _cluster(cons, k)
+        return cls(consensus=cons, clusters=clusters, cophenetic=coph, dispersion=_dispersion(cons), pac=_pac(cons),
+                   linkage=z, order=order, models=models, k=k, reps=len(models), method=method,
+                   knn=knn if method == "knn_jaccard" else None, axis=axis, seeds=tuple(seeds),
+                   seed_entropy=seed_entropy)
 
     def plot(self, ax=None, cmap: str = "Reds", show_clusters: bool = True):
         """Heatmap of the consensus matrix in the tree's leaf order (R ``plot.consensus_nmf``).
@@ -463,20 +518,9 @@ def consensus_nmf(
     nmf_kwargs = _check_nmf_kwargs(nmf_kwargs, func)
     seeds, entropy = replicate_seeds(seed, reps, func)
     runs = _run_restarts(A, ks, seeds, nmf_kwargs, client, func, summary=method, knn=knn, axis=axis)
-    results = {}
-    for q in ks:
-        models = tuple(m for m, _ in runs[q])
-        summaries = [s for _, s in runs[q]]
-        if method == "hard":
-            conn = hard_connectivity(np.stack(summaries), q)
-        else:
-            conn = knn_jaccard_connectivity(summaries)
-        cons = conn / reps
-        z, order, clusters, coph = _cluster(cons, q)
-        results[q] = ConsensusNMFResult(
-            consensus=cons, clusters=clusters, cophenetic=coph, dispersion=_dispersion(cons), pac=_pac(cons),
-            linkage=z, order=order, models=models, k=q, reps=reps, method=method,
-            knn=knn if method == "knn_jaccard" else None, axis=axis, seeds=seeds, seed_entropy=entropy)
+    results = {q: ConsensusNMFResult.from_models([m for m, _ in runs[q]], method=method, knn=knn, axis=axis,
+                                                 seeds=seeds, seed_entropy=entropy,
+                                                 summaries=[x for _, x in runs[q]]) for q in ks}
     if isinstance(k, (int, np.integer)):
         return results[ks[0]]
     return ConsensusNMFSweep(ks=ks, results=results)
@@ -559,6 +603,28 @@ class CNMFResult:
     seed_entropy: Any = None
     feature_names: tuple | None = None
     sample_names: tuple | None = None
+
+    @classmethod
+    def from_models(cls, A: ArrayLike, models: Sequence[NMFModel], *, density_threshold: float = 0.5,
+                    local_neighborhood_size: float = 0.30, kmeans_seed: int = 1, seeds: tuple = (),
+                    seed_entropy: Any = None) -> "CNMFResult":
+        """cNMF's consensus of restarts fitted elsewhere (one rank; e.g. checkpointed job tasks).
+
+        ``A`` is the matrix the restarts were fitted on (the usages are refit on it); the other
+        parameters are as :func:`cnmf_consensus`, which equals this on its own restarts.
+        """
+        func = "CNMFResult.from_models"
+        models = tuple(models)
+        shapes = {m.shape for m in models}
+        if len(models) < 2 or len(shapes) != 1:
+            raise param_error("models", func, "at least 2 NMFModels of one shape (m, n, k)",
+                              f"{len(models)} model(s) of shapes {sorted(shapes)}", described=True)
+        density_threshold = check_float(density_threshold, "density_threshold", func, low=0.0)
+        local_neighborhood_size = check_float(local_neighborhood_size, "local_neighborhood_size", func, low=0.0)
+        kmeans_seed = check_int(kmeans_seed, "kmeans_seed", func, low=0)
+        return _cnmf_one(A, models[0].k, models, density_threshold=density_threshold,
+                         local_neighborhood_size=local_neighborhood_size, kmeans_seed=kmeans_seed,
+                         seeds=tuple(seeds), entropy=seed_entropy, func=func)
 
     def to_model(self) -> NMFModel:
         """The consensus as an NMFModel: ``w = programs``, ``d`` = row sums of the usage,

@@ -380,3 +380,25 @@ def test_cnmf_best_k(selection):
     t = selection.table
     assert selection.best_k() == int(t["k"][int(np.argmax(t["stability"]))]) == 3
     assert selection.best_k("error") == int(t["k"][int(np.argmin(t["error"]))])
+
+
+def test_from_models_equals_the_direct_call(sim, sweep, selection):
+    # restarts fitted elsewhere (the consensus pipeline's checkpointed tasks) give the same result
+    for q in (3, 4):
+        r = sweep[q]
+        models = [dnmf.NMFModel(w=m.w, d=m.d, h=m.h) for m in r.models]  # bare models, summaries recomputed
+        again = ConsensusNMFResult.from_models(models, seeds=r.seeds)
+        np.testing.assert_array_equal(again.consensus, r.consensus)
+        np.testing.assert_array_equal(again.clusters, r.clusters)
+        assert (again.cophenetic, again.dispersion, again.pac, again.reps, again.k) == (
+            r.cophenetic, r.dispersion, r.pac, r.reps, r.k)
+    c = selection[3]
+    models = [dnmf.nmf(sim.A, 3, seed=s, client=False) for s in c.seeds]
+    again = CNMFResult.from_models(sim.A, models, seeds=c.seeds)
+    np.testing.assert_array_equal(again.programs, c.programs)
+    np.testing.assert_array_equal(again.usage, c.usage)
+    assert again.stability == c.stability and again.error == c.error
+    with pytest.raises(InputError, match="'models' parameter of ConsensusNMFResult.from_models"):
+        ConsensusNMFResult.from_models([sweep[3].models[0], sweep[4].models[0]])
+    with pytest.raises(InputError, match="'models' parameter of CNMFResult.from_models"):
+        CNMFResult.from_models(sim.A, models[:1])
