@@ -659,3 +659,73 @@ def test_divisive_errors():
         bipartition(A, samples=[0, 1000])
     with pytest.raises(InputError, match="'client' parameter of dclust"):
         dclust(A, 5, client="localhost")
+
+
+# ---------------------------------------------------------------------------------------------
+# hawaiibirds (guided spec §7): RcppML 1.0's vignette table
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hawaiibirds():
+    data = dnmf.datasets.load_hawaiibirds()
+    A, labels = data.X, data.obs["island"].to_numpy()
+    # species × grid cells; the island labels belong to the grid cells = columns of A = columns of H
+    assert A.shape == (183, 1183) and labels.shape == (1183,)
+    return A, labels, A.toarray()
+
+
+def _mse(model, dense):
+    return float(np.mean((dense - model.w @ np.diag(model.d) @ model.h) ** 2))
+
+
+def test_hawaiibirds_refine_reproduces_rcppml_table(hawaiibirds):
+    from dnmf.rrng import RRandom
+
+    A, labels, dense = hawaiibirds
+    # The vignette's fit: set.seed(42); nmf(A, 8, tol = 1e-4, maxit = 100) draws W_init as
+    # runif(183·8) filled column-major from R's stream; dnmf.rrng reproduces that stream.
+    w0 = RRandom(42).runif(183 * 8).reshape((183, 8), order="F")
+    base = dnmf.nmf(A, 8, init=w0, tol=1e-4, maxit=100, client=False)
+    assert base.h.shape == (8, 1183)
+    refined = refine(base, labels, 0.5)
+    res0 = assess(base, labels, classifiers=["knn", "lr"])
+    res1 = assess(refined, labels, classifiers=["knn", "lr"])
+    # 3 islands have < 10 grid cells (Lanai 5, Kahoolawe 4, Puuwai 2): 11 samples dropped, 5 scored
+    assert res0.params["n_classes"] == 5 and res0.params["n_dropped"] == 11
+    ratio = _mse(refined, dense) / _mse(base, dense)
+    # RcppML 1.0: baseline NMI 0.488, ARI 0.382, KNN 0.898; refine(λ=0.5) 0.827 / 0.669 / 0.994,
+    # MSE ratio 1.7. NMI/ARI come from k-means (scikit-learn Lloyd vs R's Hartigan–Wong: the
+    # partitions may differ slightly; here they agree to 3 dp) → 0.02. KNN uses different random
+    # folds (NumPy vs R's sampler); one test sample is ~0.4 % of a fold → 0.01. The MSE ratio
+    # involves no randomness beyond the shared init and rounds to RcppML's 1.7 (float64 here,
+    # float32 in RcppML) → [1.65, 1.75).
+    assert res0.metrics["nmi"] == pytest.approx(0.488, abs=0.02)
+    assert res0.metrics["ari"] == pytest.approx(0.382, abs=0.02)
+    assert res0.metrics["accuracy_knn"] == pytest.approx(0.898, abs=0.01)
+    assert res1.metrics["nmi"] == pytest.approx(0.827, abs=0.02)
+    assert res1.metrics["ari"] == pytest.approx(0.669, abs=0.02)
+    assert res1.metrics["accuracy_knn"] == pytest.approx(0.994, abs=0.01)
+    assert 1.65 <= ratio < 1.75
+    # the issue's bars
+    assert res1.metrics["nmi"] - res0.metrics["nmi"] >= 0.25
+    assert res1.metrics["accuracy_knn"] >= 0.97
+
+
+def test_hawaiibirds_refine_with_dnmf_seeds(hawaiibirds):
+    A, labels, dense = hawaiibirds
+    rises = []
+    for seed in (42, 1, 2, 3):
+        base = dnmf.nmf(A, 8, seed=seed, tol=1e-4, maxit=100, client=False)
+        refined = refine(base, labels, 0.5)
+        kw = {"metrics": ["ari", "nmi", "classification"], "classifiers": ["knn"]}
+        r0, r1 = assess(base, labels, **kw), assess(refined, labels, **kw)
+        rises.append(r1.metrics["nmi"] - r0.metrics["nmi"])
+        # Observed with these seeds: rise 0.250–0.358, KNN ≥ 0.99, MSE ratio 1.7–1.9. The bars
+        # below are the issue's (KNN ≥ 0.97) and the vignette's (MSE ratio < 3 = not
+        # over-regularized); each seed's rise must be clearly positive (> 0.2) and their mean
+        # meet the issue's 0.25 (dnmf's init differs from R's, so single seeds scatter).
+        assert r1.metrics["accuracy_knn"] >= 0.97
+        assert rises[-1] > 0.2
+        assert 1.0 < _mse(refined, dense) / _mse(base, dense) < 3.0
+    assert np.mean(rises) >= 0.25
