@@ -360,7 +360,7 @@ def load_input(inp: FactorizeInput, job, block_nnz: int | None = None) -> _Loade
         steps.append(f"the {inp.n_top_features} features of highest {score}")
     job.echo(f"input: {' then '.join(steps)}, block by block")
     data = dnmf.preprocess.recipe(loaded.data, inp.normalize, inp.n_top_features, feature_flavor=inp.feature_flavor,
-                                      block_nnz=block_nnz or default_block_nnz(loaded.data))
+                                  block_nnz=block_nnz or default_block_nnz(loaded.data), client=job.client)
     obs, var = loaded.obs, loaded.var
     if var is not None and data.shape[0] != len(var):  # features selected: var follows by name
         keep = (var.index.astype(str).get_indexer(list(data.row_names)) if data.row_names is not None
