@@ -10,7 +10,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -21,6 +21,8 @@ from ._validation import param_error
 from .engine.als import ALSOptions, fit_als
 from .engine.checkpoint import Checkpointer, fingerprint
 from .engine.executor import get_executor
+from .cv import cross_validate
+from .engine.masked import MaskOptions, fit_masked
 from .engine.svd import truncated_svd
 from .exceptions import ConvergenceWarning, DnmfError, InputError
 from .io.blocks import CSCBlock, _WrappedSource
@@ -296,6 +298,10 @@ def nmf(
     cd_maxit: int = 100,
     cd_tol: float = 1e-8,
     patience: int = 5,
+    mask: Any = None,
+    test_fraction: float = 0.0,
+    cv_seed: Any = None,
+    mask_zeros: bool = False,
     on_iteration: Callable | None = None,
     client: Any = None,
     block_nnz: int | None = None,
@@ -316,8 +322,11 @@ def nmf(
         Features × samples. Anything :func:`dnmf.io.as_blocked` accepts: numpy, scipy.sparse,
         pydata sparse, dask arrays, Zarr stores, ``.mtx``/``.npz``/``.npy``/``.h5ad`` paths,
         AnnData (cells × genes is read as genes × cells without a copy) or a BlockedMatrix.
-    k : int
-        Rank, 1 ≤ k ≤ min(m, n).
+    k : int, list of int or "auto"
+        Rank, 1 ≤ k ≤ min(m, n). A list of ranks runs rank cross-validation and returns a
+        :class:`dnmf.cv.CVResult` (every (replicate, rank) fit a parallel task; see
+        :func:`dnmf.cv.cross_validate`); ``"auto"`` searches the rank by cross-validation
+        (RcppML §5.6–5.7) and returns the model at the chosen rank with ``misc["rank_search"]``.
     tol : float, default 1e-4
         Stop when the relative change of the training loss stays below ``tol`` for
         ``patience`` consecutive iterations (RcppML 1.0's rule).
@@ -350,7 +359,26 @@ def nmf(
     cd_tol : float, default 1e-8
         Coordinate-descent tolerance.
     patience : int, default 5
-        Consecutive iterations below ``tol`` needed to stop.
+        Consecutive iterations below ``tol`` needed to stop. With a test set (``test_fraction``)
+        the fit stops after ``patience`` iterations without a new best test loss, or as soon as
+        the relative change of the test loss is below ``tol`` (RcppML §3.2).
+    mask : None, "zeros", "NA", boolean matrix, or a list of "zeros" and a matrix
+        Missing entries, which take part in neither side's right-hand side nor Gram: a sparse or
+        dense m × n matrix whose non-zero entries are missing; ``"zeros"`` makes every zero
+        missing (only stored entries are fitted). NaN entries of A are always missing (``"NA"``
+        says so explicitly). A masked fit gives every column of H and every row of W its own
+        Gram (``docs/architecture.md``); its ``loss`` is the SSE over the observed entries.
+    test_fraction : float in [0, 1), default 0
+        Hold out a speckled test set of this fraction of all entries (of the stored entries with
+        ``mask_zeros``): RcppML's hash of (i, j, cv_seed), §5.2, so dnmf and RcppML hold out the
+        same entries; the realised fraction is ``1/⌊1/f⌋`` (0.05 → 1/19). ``misc`` then has
+        ``test_loss`` (best test MSE), ``train_loss``, ``best_iter`` and
+        ``test_loss_history``; ``loss_history`` holds train MSEs (means, §4.3).
+    cv_seed : int, list of int or None
+        Seed of the held-out set; None uses ``seed`` (or 12345 when ``seed`` is None or 0). A
+        list gives one replicate per seed in rank cross-validation.
+    mask_zeros : bool, default False
+        Zeros are missing (as ``mask="zeros"``): only stored entries are fitted and held out.
     on_iteration : callable, optional
         Called after every iteration with an :class:`~dnmf.engine.als.IterationRecord`
         ``(iteration, train_loss, test_loss)`` (test_loss is NaN outside cross-validation).
@@ -420,6 +448,12 @@ def nmf(
     """
     args = dict(locals())  # the arguments (no other local exists yet)
     with verbose_logging(verbose):
+        if isinstance(k, (list, tuple, range, np.ndarray)):
+            from .io import as_blocked
+
+            A = args.pop("A")
+            blocked = as_blocked(A, block_nnz=block_nnz or default_block_nnz(A))
+            return cross_validate(blocked, list(args.pop("k")), nmf, **args)
         return _nmf(args.pop("A"), args, "nmf")
 
 
@@ -467,6 +501,18 @@ class NMFFitRecord:
         Where the block tasks ran.
     row_names, col_names : sequence of str or None
         Names of A's rows and columns, when the input had them.
+    mask : str
+        "none", or what was missing: a combination of "zeros", "matrix" and "NaN".
+    test_fraction, cv_seed : float, int or None
+        The hold-out set (``test_fraction`` 0 and ``cv_seed`` None without one).
+    test_loss, train_loss : float
+        Best test MSE and last train MSE of a fit with a test set (NaN otherwise).
+    best_iter : int
+        Iteration (1-based) of the best test loss (0 without a test set).
+    test_loss_history : ndarray
+        Test MSE of every iteration (empty without a test set).
+    n_test : int
+        Held-out entries scored by the test loss.
     """
 
     iter: int
@@ -491,6 +537,14 @@ class NMFFitRecord:
     executor: str
     row_names: Any
     col_names: Any
+    mask: str = "none"
+    test_fraction: float = 0.0
+    cv_seed: int | None = None
+    test_loss: float = float("nan")
+    train_loss: float = float("nan")
+    best_iter: int = 0
+    test_loss_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    n_test: int = 0
 
 
 class FitRecordView(Mapping):
@@ -533,6 +587,7 @@ class _Plan:
     scale: float
     executor: Any
     stream: bool  # blocks read from disk in every iteration
+    masked: MaskOptions | None = None  # missing or held-out entries (the masked loop), else None
 
 
 def _validate(values: dict, func: str) -> dict:
@@ -543,7 +598,45 @@ def _validate(values: dict, func: str) -> dict:
     opts = validate_params(NMF_PARAMS, values, func)
     if opts["resume"] and opts["checkpoint"] is None:
         raise param_error("resume", func, "False unless 'checkpoint' is given", opts["resume"])
+    if isinstance(opts["cv_seed"], tuple):
+        raise param_error("cv_seed", func, "an int or None for a single rank (a list of seeds gives the "
+                          "replicates of rank cross-validation: pass k as a list of ranks)", list(opts["cv_seed"]))
     return opts
+
+
+def _mask_options(opts: dict, blocked, summary, seed_int: int | None, func: str) -> MaskOptions | None:
+    """What is missing or held out in this fit, or None for the plain fit (one fused pass)."""
+    masks = opts["mask"] if isinstance(opts["mask"], tuple) else (opts["mask"],)
+    zeros = bool(opts["mask_zeros"]) or any(isinstance(mk, str) and mk == "zeros" for mk in masks)
+    matrix = None
+    for mk in masks:
+        if mk is not None and not isinstance(mk, str):
+            matrix = _check_mask_matrix(mk, blocked.shape, func)
+    tf = float(opts["test_fraction"])
+    if not (zeros or matrix is not None or tf > 0 or summary.n_nan):
+        return None
+    cv_seed = opts["cv_seed"]
+    if not cv_seed:  # None, or 0 which RcppML treats as "not given" (§5.2)
+        cv_seed = seed_int or 0
+    return MaskOptions(zeros_missing=zeros, test_fraction=tf, cv_seed=int(cv_seed), mask=matrix)
+
+
+def _check_mask_matrix(mask, shape: tuple, func: str):
+    """The user mask as a boolean scipy CSC matrix of A's shape (non-zero = missing)."""
+    import scipy.sparse as sp
+
+    if tuple(mask.shape) != tuple(shape):
+        raise param_error("mask", func, f"a boolean matrix of A's shape {shape[0]} × {shape[1]}",
+                          f"a matrix of shape {' × '.join(map(str, mask.shape))}", described=True)
+    if hasattr(mask, "to_scipy_sparse"):  # pydata sparse
+        mask = mask.to_scipy_sparse()
+    out = sp.csc_matrix(mask)
+    if out.nnz and not np.all(np.isfinite(out.data.astype(np.float64))):
+        raise param_error("mask", func, "a boolean matrix (True or non-zero = missing)",
+                          "a matrix with NaN or Inf entries", described=True)
+    out = sp.csc_matrix(out != 0, dtype=bool)
+    out.eliminate_zeros()
+    return out
 
 
 def _plan_blocks(A, opts: dict, func: str) -> _Plan:
@@ -554,7 +647,8 @@ def _plan_blocks(A, opts: dict, func: str) -> _Plan:
     blocked = as_blocked(A, block_nnz=opts["block_nnz"] or default_block_nnz(A))
     executor = get_executor(opts["client"])
     try:
-        summary = check_data(blocked, func=func, executor=executor)  # on the workers that will read A
+        # NaN marks a missing entry (RcppML §5.1 [recommend]); ±Inf is an error.
+        summary = check_data(blocked, func=func, executor=executor, allow_nan=True)
         m, n = blocked.shape
         if not summary.max > 0:
             raise param_error("A", func, "a matrix with at least one positive entry",
@@ -592,6 +686,8 @@ def _initialize(plan: _Plan, opts: dict, seq: np.random.SeedSequence, func: str)
         name = init or "random"
         if name == "random":
             return np.random.default_rng(init_seq).uniform(size=(m, k)), name
+        if plan.summary.n_nan:
+            raise param_error("init", func, '"random" or a matrix when A has NaN (missing) entries', name)
         u, sigma = truncated_svd(plan.fit_blocked, k, plan.executor, seed=svd_seq)
         return np.abs(u) * np.sqrt(sigma)[None, :], name
     return _check_init(init, m, k, opts["nonneg"][0], func), "user"
@@ -607,9 +703,24 @@ def _als_options(plan: _Plan, opts: dict) -> ALSOptions:
 
 
 def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int | None, func: str):
-    """Run the ALS loop (resuming from the checkpoint when asked): ``(ALSState, H blocks)``."""
+    """Run the ALS loop (resuming from the checkpoint when asked): ``(ALSState, H blocks)``.
+
+    A fit with missing or held-out entries runs the masked loop (:mod:`dnmf.engine.masked`).
+    """
     als = _als_options(plan, opts)
     blocked = plan.blocked
+    if plan.masked is not None:
+        if opts["checkpoint"] is not None:
+            raise param_error("checkpoint", func, "None for a fit with a mask, NaN entries or a test set (such fits "
+                              "are not checkpointed per iteration; the cv pipeline checkpoints each finished fit)",
+                              opts["checkpoint"])
+        callback = opts["on_iteration"]
+        if opts["verbose"] or plan.scale != 1.0:
+            callback = _progress_callback(callback, 1.0 / plan.scale / plan.scale, func)
+        blas_limit = (threadpool_limits(limits=1, user_api="blas") if not plan.executor.distributed
+                      and getattr(plan.executor, "n_threads", 1) > 1 else contextlib.nullcontext())
+        with blas_limit:
+            return fit_masked(plan.fit_blocked, w0, als, plan.masked, plan.executor, on_iteration=callback)
     checkpointer = state = None
     if opts["checkpoint"] is not None:
         fp = fingerprint(blocked.shape, blocked.col_bounds,
@@ -655,6 +766,18 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
         )
     loss_history = np.asarray(state.loss_history) * (1.0 / plan.scale / plan.scale)
     blocked = plan.blocked
+    mo = plan.masked
+    cv = {}
+    if mo is not None:
+        what = [name for name, on in (("zeros", mo.zeros_missing), ("matrix", mo.mask is not None),
+                                      ("NaN", plan.summary.n_nan > 0)) if on]
+        cv = dict(mask="+".join(what) or "none", test_fraction=mo.test_fraction,
+                  cv_seed=mo.cv_seed if mo.cv_on else None, n_test=state.n_test)
+        if mo.cv_on:
+            test_history = np.asarray(state.test_history) * (1.0 / plan.scale / plan.scale)
+            cv.update(test_loss=float(np.nanmin(test_history)) if test_history.size else float("nan"),
+                      train_loss=float(loss_history[-1]) if loss_history.size else float("nan"),
+                      best_iter=int(state.best_iter), test_loss_history=test_history)
     record = NMFFitRecord(
         iter=state.iteration,
         runtime=time.perf_counter() - t_start,
@@ -678,6 +801,7 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
         executor="distributed" if plan.executor.distributed else "threads",
         row_names=blocked.row_names,
         col_names=blocked.col_names,
+        **cv,
     )
     logger.info("%s: %s after %d iteration(s), loss %.6e, %.2f s", func,
                 "converged" if state.converged else ("stopped by on_iteration" if state.stopped_by_callback
@@ -694,6 +818,7 @@ def _nmf(A, values: dict, func: str) -> NMFModel:
     seq, seed_int = _seed_sequence(opts["seed"])
     plan = _plan_blocks(A, opts, func)
     try:
+        plan = replace(plan, masked=_mask_options(opts, plan.blocked, plan.summary, seed_int, func))
         w0, init_name = _initialize(plan, opts, seq, func)
         state, ht_blocks = _fit(plan, opts, w0, init_name, seed_int, func)
     finally:  # the in-process thread pool is ours to close; a cluster is left as it was

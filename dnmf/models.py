@@ -302,6 +302,28 @@ def _check_block_values(block, func: str, *, allow_negative: bool, why: str = "f
                           f"{col0}..{col0 + block.shape[1] - 1}, minimum {float(values.min())!r}", described=True)
 
 
+def _masked_predict_block(block, w, hs, l2: float, zeros_missing: bool, pattern) -> np.ndarray:
+    """H (k × n_j) of one block with W fixed and missing entries left out (the fit's masked pass)."""
+    from .engine.masked import as_csc64
+    from .kernels.column import column_terms
+    from .kernels.masked import csc_masked_pass
+
+    csc = as_csc64(block)
+    m, k = w.shape
+    w = np.ascontiguousarray(w, dtype=np.float64)
+    G = w.T @ w
+    G[np.diag_indices(k)] += l2
+    ht = np.zeros((csc.shape[1], k))
+    if pattern is None:
+        mk = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    else:
+        mk = (np.asarray(pattern.indices, dtype=np.int64), np.asarray(pattern.indptr, dtype=np.int64))
+    csc_masked_pass(csc.data, csc.indices, csc.indptr, m, 0, w, G, hs.L, float(l2), hs.l1, ht, np.ones(k),
+                    column_terms(k), hs.solver, hs.nonneg, hs.cd_maxit, hs.cd_tol, False, zeros_missing, False,
+                    np.uint64(1), np.uint64(0), mk[0], mk[1], np.zeros((k, k)), np.zeros(k))
+    return ht.T
+
+
 def _mask_pattern(mask: Any, shape: tuple[int, int], func: str) -> sp.csc_array:
     """A user mask (non-zero = masked) as a CSC pattern with sorted indices and no stored zeros."""
     try:
@@ -843,7 +865,7 @@ class NMFModel:
         return total, part, count
 
     def predict(self, A: Any, L1: float | None = None, L2: float | None = None,
-                nonneg: bool | None = None) -> np.ndarray:
+                nonneg: bool | None = None, mask: Any = None) -> np.ndarray:
         """Project new samples onto W: H for data A with W fixed (RcppML ``predict``; §10.1).
 
         Parameters
@@ -857,6 +879,10 @@ class NMFModel:
             (``misc["L1"][1]``, ``misc["L2"][1]``), 0 when unknown.
         nonneg : bool, optional
             Non-negativity of H; default: the model's H-side value, True when unknown.
+        mask : None, "zeros" or matrix of shape (m, n_new), optional
+            Missing entries of A, as in :func:`dnmf.nmf`: each column's problem leaves its masked
+            rows out of both the right-hand side and the Gram (the fit's masked column pass,
+            ``kernels/masked.py``). ``"zeros"``: only the stored entries are observed.
 
         Returns
         -------
@@ -895,10 +921,17 @@ class NMFModel:
         hs = h_step(w, l1=L1, l2=L2, solver=SOLVER_EXACT, nonneg=nonneg)
         bounds = blocked.col_bounds
         out = np.empty((k, blocked.shape[1]))
+        if isinstance(mask, str):
+            check_option(mask, "mask", func, ("zeros",))
+        pattern = None if mask is None or isinstance(mask, str) else _mask_pattern(mask, blocked.shape, func)
         for j, block in enumerate(blocked.iter_blocks()):
             c0, c1 = int(bounds[j]), int(bounds[j + 1])
             # the same data check as the fit: nmf rejects negative data whatever ``nonneg`` is
             _check_block_values(block, func, allow_negative=False, why="(as in nmf)", col0=c0)
+            if mask is not None:
+                out[:, c0:c1] = _masked_predict_block(block, w_data, hs, L2, mask == "zeros" if isinstance(mask, str)
+                                                      else False, None if pattern is None else pattern[:, c0:c1])
+                continue
             if isinstance(block, np.ndarray):
                 a = np.asarray(block, dtype=np.float64)
                 B = np.ascontiguousarray(w_data.T @ a)

@@ -217,6 +217,34 @@ def _check_seed(value, name: str, func: str):
     raise param_error(name, func, "None, a non-negative int or a numpy SeedSequence", value)
 
 
+def _check_mask(value, name: str, func: str):
+    """None, "zeros", "NA", a matrix (checked against A's shape by nmf), or a list of those."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return check_option(value, name, func, ("zeros", "NA"))
+    if isinstance(value, (list, tuple)):
+        if not value or len(value) > 2 or sum(not isinstance(v, str) for v in value) > 1:
+            raise param_error(name, func, 'None, "zeros", "NA", a boolean matrix, or a list of "zeros"/"NA" '
+                              "and at most one matrix", value)
+        return tuple(_check_mask(v, name, func) for v in value)
+    if not (hasattr(value, "shape") and len(getattr(value, "shape", ())) == 2):
+        raise param_error(name, func, 'None, "zeros", "NA" or a 2-d boolean matrix (True = missing)', value)
+    return value
+
+
+def _check_cv_seed(value, name: str, func: str):
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if value < 0:
+            raise param_error(name, func, "None, a non-negative int or a list of them", value)
+        return int(value)
+    if isinstance(value, (list, tuple, range, np.ndarray)) and len(value) > 0:
+        return tuple(_check_cv_seed(int(v) if isinstance(v, numbers.Integral) else v, name, func) for v in value)
+    raise param_error(name, func, "None, a non-negative int or a non-empty list of them", value)
+
+
 def _check_init(value, name: str, func: str):
     if isinstance(value, str):
         return check_option(value, name, func, INITS)
@@ -317,7 +345,19 @@ NMF_PARAMS: tuple[Param, ...] = (
           config=False),
     Param("cd_tol", Interval(float, low=0.0), 1e-8, "coordinate-descent tolerance", estimator=False,
           config=False),
-    Param("patience", Interval(int, low=1), 5, "iterations below tol needed to stop"),
+    Param("patience", Interval(int, low=1), 5, "iterations below tol needed to stop (with a test set: "
+          "iterations without a new best test loss)"),
+    Param("mask", Check(_check_mask, Literal["zeros"] | None), None,
+          'missing entries: "zeros" (zeros are missing) or a boolean matrix (True = missing); NaN is always '
+          "missing", estimator=False, config=False),
+    Param("test_fraction", Interval(float, low=0.0, high=1.0, high_open=True), 0.0,
+          "fraction of entries held out as a speckled test set (RcppML's hash; realised 1/floor(1/f))",
+          estimator=False, config=False),
+    Param("cv_seed", Check(_check_cv_seed, int | None, {"min": 0}), None,
+          "seed(s) of the held-out set (null: the fit's seed); a list gives one replicate each in rank CV",
+          estimator=False, config=False),
+    Param("mask_zeros", Flag(), False, 'hold out (and treat as missing) stored entries only: mask="zeros"',
+          estimator=False, config=False),
     Param("on_iteration", Check(_check_callback), None, "called with each iteration's record", estimator=False,
           config=False),
     Param("client", Check(), None, "Dask client (None: the active one, else threads; False: threads)",

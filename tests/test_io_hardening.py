@@ -305,6 +305,8 @@ def test_random_malformed_sparse_input_raises_input_error(fmt, kind, m, n, densi
             as_blocked(A, block_nnz=max(1, where % 7))
     with pytest.raises(InputError):
         check_data(as_blocked(A, block_nnz=max(1, where % 7)))
+    if kind == "nan":  # nmf reads NaN as a missing entry (tests/test_masked.py), not as an error
+        return
     with pytest.raises(InputError):
         _fit(A)
 

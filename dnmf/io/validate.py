@@ -55,7 +55,9 @@ class DataSummary:
         Number of negative entries (0 unless negatives were allowed).
     min, max : float
         Smallest and largest entry of the m × n matrix; implicit zeros of a sparse matrix
-        count as entries.
+        count as entries (NaN entries do not).
+    n_nan : int
+        Number of NaN (missing) entries, 0 unless NaN was allowed.
     """
 
     sq_norm: float
@@ -63,6 +65,7 @@ class DataSummary:
     n_negative: int
     min: float
     max: float
+    n_nan: int = 0
 
 
 def _first_position(mask: np.ndarray, block, col0: int):
@@ -291,6 +294,8 @@ class DataCheck:
         The first error (block order) raised while reading or structurally checking a block.
     n_bad, bad_at : int, (row, col, value) or None
         NaN/Inf count and the first one (column-major order, whole-matrix coordinates).
+    n_nan, inf_at : int, (row, col, value) or None
+        NaN count (of n_bad) and the first ±Inf entry.
     n_negative, negative_at : int, (row, col, value) or None
         The same for negative entries.
     sq_norms : tuple of float
@@ -311,6 +316,8 @@ class DataCheck:
     nnz: int = 0
     min: float = np.inf
     max: float = -np.inf
+    n_nan: int = 0
+    inf_at: tuple | None = None
 
 
 @sizeof.register(DataCheck)
@@ -328,6 +335,8 @@ def check_data_chunk(source, col0: int, n_rows: int, func: str = "nmf") -> DataC
 
     A read or structure error (an InputError from ``source.load()`` or :func:`check_block`) is
     returned in the record, not raised, so the aggregate can raise the first one in block order.
+    NaN entries are counted apart from ±Inf (the aggregate decides whether they are allowed);
+    the norm, nnz and range are those of the other entries.
     """
     try:
         block = source.load()
@@ -340,18 +349,25 @@ def check_data_chunk(source, col0: int, n_rows: int, func: str = "nmf") -> DataC
     else:
         values = np.asarray(block)
         implicit_zeros = False
+    nan = np.isnan(values)
+    n_nan = int(np.count_nonzero(nan))
     n_bad, bad_at = _first(~np.isfinite(values), block, col0)
+    n_inf, inf_at = (n_bad - n_nan, _first(np.isinf(values), block, col0)[1]) if n_nan else (n_bad, bad_at)
+    if n_nan:
+        values = np.where(nan, 0.0, values).astype(values.dtype, copy=False)
     n_negative, negative_at = _first(values < 0, block, col0)
     sq_norm, nnz, lo, hi = 0.0, 0, np.inf, -np.inf
-    if n_bad == 0 and values.size:
+    if n_inf == 0 and values.size:
         flat = values.reshape(-1) if values.flags.c_contiguous else values.ravel(order="K")
         sq_norm = float(np.einsum("i,i->", flat, flat, dtype=np.float64))
         nnz = int(np.count_nonzero(flat))
         lo, hi = float(flat.min()), float(flat.max())
+        if n_nan and n_nan == flat.size:  # only NaN: no observed value
+            lo, hi = np.inf, -np.inf
     if implicit_zeros:
         lo, hi = min(lo, 0.0), max(hi, 0.0)
     return DataCheck(n_bad=n_bad, bad_at=bad_at, n_negative=n_negative, negative_at=negative_at,
-                     sq_norms=(sq_norm,), nnz=nnz, min=lo, max=hi)
+                     sq_norms=(sq_norm,), nnz=nnz, min=lo, max=hi, n_nan=n_nan, inf_at=inf_at)
 
 
 def check_data_combine(a: DataCheck, b: DataCheck) -> DataCheck:
@@ -367,18 +383,23 @@ def check_data_combine(a: DataCheck, b: DataCheck) -> DataCheck:
         nnz=a.nnz + b.nnz,
         min=min(a.min, b.min),
         max=max(a.max, b.max),
+        n_nan=a.n_nan + b.n_nan,
+        inf_at=a.inf_at if a.n_bad - a.n_nan else b.inf_at,
     )
 
 
-def check_data_agg(record: DataCheck, *, func: str = "nmf", allow_negative: bool = False) -> DataSummary:
+def check_data_agg(record: DataCheck, *, func: str = "nmf", allow_negative: bool = False,
+                   allow_nan: bool = False) -> DataSummary:
     """Aggregate step of :func:`check_data`: raise the first error, or return the summary."""
     if record.error is not None:
         raise record.error
-    if record.n_bad:
-        row, col, value = record.bad_at
+    n_bad = record.n_bad - (record.n_nan if allow_nan else 0)
+    if n_bad:
+        row, col, value = record.inf_at if allow_nan else record.bad_at
+        what = "Inf" if allow_nan else "NaN/Inf"
         raise InputError(
-            f"The data A passed to {func} must be finite: A contains {record.n_bad} NaN/Inf value(s), "
-            f"e.g. at ({row}, {col}) where A[{row}, {col}] = {value}."
+            f"The data A passed to {func} must be finite{' (NaN marks a missing entry)' if allow_nan else ''}: "
+            f"A contains {n_bad} {what} value(s), e.g. at ({row}, {col}) where A[{row}, {col}] = {value}."
         )
     if record.n_negative and not allow_negative:
         row, col, value = record.negative_at
@@ -390,11 +411,11 @@ def check_data_agg(record: DataCheck, *, func: str = "nmf", allow_negative: bool
     for part in record.sq_norms:  # left to right, as a serial pass adds them
         sq_norm += part
     return DataSummary(sq_norm=sq_norm, nnz=record.nnz, n_negative=record.n_negative, min=record.min,
-                       max=record.max)
+                       max=record.max, n_nan=record.n_nan)
 
 
 def check_data(blocked: BlockedMatrix, *, func: str = "nmf", allow_negative: bool = False,
-               executor=None) -> DataSummary:
+               allow_nan: bool = False, executor=None) -> DataSummary:
     """Check A for NaN/Inf and negative entries in one pass and summarize it.
 
     A chunk → combine → aggregate reduction (:func:`check_data_chunk`,
@@ -410,6 +431,8 @@ def check_data(blocked: BlockedMatrix, *, func: str = "nmf", allow_negative: boo
         Name of the calling function, used in error messages.
     allow_negative : bool, default False
         Accept negative entries (counted in ``n_negative``).
+    allow_nan : bool, default False
+        Accept NaN entries (missing values; counted in ``n_nan``, left out of the norm and range).
     executor : Executor or None, default None
         Where the blocks are checked (:mod:`dnmf.engine.executor`: ``map_blocks`` then
         ``tree_reduce`` in block order). None: serially here, stopping at the first block with
@@ -460,7 +483,7 @@ def check_data(blocked: BlockedMatrix, *, func: str = "nmf", allow_negative: boo
             except WorkerLostError:  # the check is idempotent: run it again on the live workers
                 if attempt == int(getattr(executor, "max_recoveries", 0)):
                     raise
-    return check_data_agg(record, func=func, allow_negative=allow_negative)
+    return check_data_agg(record, func=func, allow_negative=allow_negative, allow_nan=allow_nan)
 
 
 def check_rank(k, shape: tuple[int, int], func: str = "nmf") -> int:

@@ -1,0 +1,235 @@
+"""Rank selection by speckled cross-validation (RcppML §5.5): ``nmf(A, k=[...], cv_seed=[...])``.
+
+Every (replicate, rank) pair is one cross-validation fit (:func:`dnmf.nmf` with
+``test_fraction``): the replicate's ``cv_seed`` fixes the held-out entries (the same for every
+rank of the replicate), and the initial W is the engine's SplitMix64 uniform seeded with
+``cv_seed + k`` (§5.5, §12.3), so the grid starts where RcppML's does. The fits are independent
+tasks: on a Dask cluster with a matrix held in memory each fit runs whole on a worker (the matrix
+is sent once); otherwise they run one after another, each on the blocked engine. A fit's result
+does not depend on where it ran, so the table is the same on any number of workers.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ._validation import param_error
+from .exceptions import InputError
+
+__all__ = ["CVResult", "cross_validate", "splitmix64_uniform", "engine_init", "cv_tasks", "CVTask"]
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def splitmix64_uniform(seed: int, count: int) -> np.ndarray:
+    """The first ``count`` uniforms of RcppML's SplitMix64 stream (§12.3), as float64.
+
+    State ``s`` (0 → 12345); ``next()``: ``s += γ``, then the SplitMix64 mix; the uniform is
+    ``float32(next()) / float32(2⁶⁴ − 1)`` computed in float32 (values in [0, 1]).
+    """
+    s = int(seed) % (1 << 64)
+    s = np.uint64(12345 if s == 0 else s)
+    t = np.arange(1, int(count) + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = s + t * _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        z = z ^ (z >> np.uint64(31))
+    return (z.astype(np.float32) / np.float32(18446744073709551615.0)).astype(np.float64)
+
+
+def engine_init(m: int, k: int, seed: int) -> np.ndarray:
+    """RcppML's engine-level random W (m × k): ``Wt`` (k × m) filled column-major from
+    :func:`splitmix64_uniform`, i.e. the k values of feature i are draws ``i·k … i·k + k − 1``."""
+    return splitmix64_uniform(seed, m * k).reshape(m, k)
+
+
+@dataclass(frozen=True)
+class CVTask:
+    """One fit of the grid: replicate ``rep`` (1-based) with hold-out seed ``cv_seed`` at rank ``k``."""
+
+    rep: int
+    k: int
+    cv_seed: int
+
+    @property
+    def init_seed(self) -> int:
+        """``cv_seed + k``: the SplitMix64 seed of the initial W (§5.5)."""
+        return self.cv_seed + self.k
+
+
+def cv_tasks(ks: Sequence[int], cv_seeds: Sequence[int]) -> list[CVTask]:
+    """The grid in RcppML's order: replicates outer, ranks inner."""
+    return [CVTask(rep, int(k), int(s)) for rep, s in enumerate(cv_seeds, start=1) for k in ks]
+
+
+def _fit_task(task: CVTask, A, kwargs: Mapping, fit, client=False) -> dict:
+    """Run one cross-validation fit with ``fit`` (:func:`dnmf.nmf`; whole and in-process by
+    default) and return its row and histories."""
+    model = fit(A, task.k, init=engine_init(A.shape[0], task.k, task.init_seed), seed=task.init_seed,
+                cv_seed=task.cv_seed, client=client, **kwargs)
+    misc = model.misc
+    return {
+        "rep": task.rep, "k": task.k, "cv_seed": task.cv_seed,
+        "train_mse": float(misc["train_loss"]), "test_mse": float(misc["test_loss"]),
+        "best_iter": int(misc["best_iter"]), "total_iter": int(misc["iter"]),
+        "train_history": np.asarray(misc["loss_history"]), "test_history": np.asarray(misc["test_loss_history"]),
+    }
+
+
+def _check_ks(k, shape, func: str) -> tuple[int, ...]:
+    ks = list(k)
+    if not ks or any(not isinstance(v, numbers.Integral) or isinstance(v, bool) for v in ks):
+        raise param_error("k", func, "a non-empty list of int ranks", k)
+    high = min(shape)
+    bad = [int(v) for v in ks if not 1 <= v <= high]
+    if bad:
+        raise param_error("k", func, f"ranks in [1, min(m, n)] = [1, {high}] for a {shape[0]} × {shape[1]} matrix",
+                          bad)
+    if len(set(ks)) != len(ks):
+        raise param_error("k", func, "distinct ranks", ks)
+    return tuple(int(v) for v in ks)
+
+
+@dataclass(frozen=True)
+class CVResult:
+    """The cross-validation table of a rank grid.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        One row per fit: ``rep``, ``k``, ``cv_seed``, ``train_mse`` (last train MSE),
+        ``test_mse`` (best test MSE), ``best_iter`` (1-based iteration of the best test loss;
+        RcppML reports it 0-based + 2), ``total_iter``.
+    histories : dict
+        ``{(rep, k): (train MSE per iteration, test MSE per iteration)}``.
+    test_fraction : float
+        The held-out fraction asked for.
+    """
+
+    table: Any
+    histories: Mapping = field(repr=False)
+    test_fraction: float
+    _A: Any = field(repr=False, compare=False, default=None)
+    _fit_kwargs: Mapping = field(repr=False, compare=False, default_factory=dict)
+    _fit: Any = field(repr=False, compare=False, default=None)
+
+    @property
+    def mean_test(self):
+        """Mean test MSE over replicates, per rank (a pandas Series indexed by k)."""
+        return self.table.groupby("k", sort=True)["test_mse"].mean()
+
+    @property
+    def best_k(self) -> int:
+        """The rank with the lowest mean test MSE over replicates (the smaller rank on a tie)."""
+        mean = self.mean_test
+        return int(mean.index[int(np.argmin(mean.to_numpy()))])
+
+    def fit_best(self, **overrides):
+        """Fit the model at :attr:`best_k` on all data (no held-out set) with the grid's options."""
+        if self._A is None or self._fit is None:
+            raise InputError("CVResult.fit_best needs the data; this result was built without it")
+        kwargs = {key: v for key, v in self._fit_kwargs.items() if key not in ("test_fraction", "cv_seed")}
+        kwargs.update(overrides)
+        return self._fit(self._A, self.best_k, **kwargs)
+
+    def plot(self, ax=None):
+        """Test and train MSE against k: each replicate thin, their mean thick, ``best_k`` marked.
+
+        Returns the matplotlib Figure (two panels, or the figure of ``ax`` — a pair of axes).
+        """
+        import matplotlib
+
+        if ax is None:
+            matplotlib.use(matplotlib.get_backend())
+            import matplotlib.pyplot as plt
+
+            fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), constrained_layout=True)
+        else:
+            axes = ax
+            fig = axes[0].figure
+        for a, col, title in zip(axes, ("test_mse", "train_mse"), ("test MSE", "train MSE")):
+            for rep, part in self.table.groupby("rep", sort=True):
+                part = part.sort_values("k")
+                a.plot(part["k"], part[col], color="0.7", lw=0.8, marker=".", label=f"rep {rep}")
+            mean = self.table.groupby("k", sort=True)[col].mean()
+            a.plot(mean.index, mean.to_numpy(), color="C0", lw=2, marker="o", label="mean")
+            a.axvline(self.best_k, color="C3", ls="--", lw=1, label=f"best k = {self.best_k}")
+            a.set_xlabel("k")
+            a.set_title(title)
+        axes[0].legend(fontsize="small")
+        return fig
+
+    def __repr__(self) -> str:
+        return f"CVResult(best_k={self.best_k}, fits={len(self.table)}, test_fraction={self.test_fraction})\n{self.table}"
+
+
+def cross_validate(blocked, k: Sequence[int], fit, *, cv_seed=None, test_fraction: float = 0.0, seed=None,
+                   client=None, func: str = "nmf", **kwargs) -> CVResult:
+    """Rank cross-validation over ``k`` × ``cv_seed``: what ``nmf(A, k=[...])`` runs.
+
+    Parameters
+    ----------
+    blocked : BlockedMatrix (m × n)
+        The data, as :func:`dnmf.io.as_blocked` gives it.
+    k : sequence of int
+        Ranks to test.
+    fit : callable
+        :func:`dnmf.nmf` (passed in: this module sits above ``dnmf.core``).
+    cv_seed : int, sequence of int or None
+        One replicate per seed (the held-out set and the initial W's seed ``cv_seed + k``).
+        None: one replicate with ``seed`` (0 when ``seed`` is None).
+    test_fraction : float
+        Held-out fraction; 0 (the default) means 0.1, as RcppML.
+    client : distributed.Client, False or None
+        Where the fits run (see the module docstring).
+    **kwargs
+        Other :func:`dnmf.nmf` options (tol, maxit, L1, L2, mask, mask_zeros, patience, …);
+        ``init`` and ``on_iteration`` are not allowed (each fit has its own start).
+
+    Returns
+    -------
+    CVResult
+    """
+    import pandas as pd
+
+    from .engine.executor import get_executor
+
+    for bad in ("init", "on_iteration", "checkpoint", "resume"):
+        if kwargs.get(bad) not in (None, False):
+            raise param_error(bad, func, "not given in rank cross-validation (each fit has its own start)",
+                              kwargs[bad])
+        kwargs.pop(bad, None)
+    if seed is not None and not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
+        raise param_error("seed", func, "None or a non-negative int", seed)
+    if cv_seed is None:
+        cv_seeds = (int(seed or 0),)
+    elif isinstance(cv_seed, numbers.Integral) and not isinstance(cv_seed, bool):
+        cv_seeds = (int(cv_seed),)
+    else:
+        cv_seeds = tuple(cv_seed)
+        if not cv_seeds or any(not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < 0 for s in cv_seeds):
+            raise param_error("cv_seed", func, "None, a non-negative int or a non-empty list of them", cv_seed)
+    tf = float(test_fraction) if test_fraction else 0.1
+    ks = _check_ks(k, blocked.shape, func)
+    kwargs = dict(kwargs, test_fraction=tf)
+    tasks = cv_tasks(ks, cv_seeds)
+    executor = get_executor(client)
+    try:
+        if executor.distributed and blocked.in_memory:
+            rows = executor.map(_fit_task, tasks, args=(blocked, kwargs, fit))
+        else:
+            rows = [_fit_task(t, blocked, kwargs, fit, client) for t in tasks]
+    finally:
+        if not executor.distributed:
+            executor.close()
+    histories = {(r["rep"], r["k"]): (r.pop("train_history"), r.pop("test_history")) for r in rows}
+    table = pd.DataFrame(rows, columns=["rep", "k", "cv_seed", "train_mse", "test_mse", "best_iter", "total_iter"])
+    return CVResult(table=table, histories=histories, test_fraction=tf, _A=blocked,
+                    _fit_kwargs={**kwargs, "seed": seed, "client": client}, _fit=fit)

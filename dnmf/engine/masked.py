@@ -1,0 +1,346 @@
+"""The ALS loop with missing entries: masks, NaN, zeros-as-missing and speckled cross-validation.
+
+A fit whose columns *and rows* each have their own least-squares problem (``docs/
+architecture.md``, "Per-row problems on the W side") runs this loop instead of the one fused
+pass of :mod:`dnmf.engine.als`. Per iteration:
+
+1. client: ``G = WᵀW + (ε + L2_H)·I`` as one :class:`~dnmf.solvers.hstep.HStep`;
+2. one task per **column block** (CSC): the masked H update
+   (:func:`~dnmf.kernels.masked.csc_masked_pass`) returning ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|)``;
+3. client: H is gathered (n × k), normalized (row norms → ``s``) and put on the cluster;
+4. one task per **row block** (CSR, a second copy of A built once on the workers by a
+   blockwise transpose): the masked W update of every row, solved on the spot
+   (:func:`~dnmf.kernels.masked.csr_masked_pass`), returning the raw rows ``w_i d`` and the
+   block's train/test squared errors;
+5. client: W's rows are stacked and scaled into ``d``; losses and convergence.
+
+H and W live on the client between iterations (n·k and m·k numbers), so a lost worker costs
+only the re-placement of the blocks and a redo of the iteration in progress. The column and row
+partitions are functions of the data only, and every sum is taken in block order, so results do
+not depend on the number of workers.
+
+Convergence: without a hold-out set as :func:`dnmf.engine.als.check_convergence` on the
+training SSE (a sum over observed entries); with one as RcppML §3.2 — track the best test
+loss, stop after ``patience`` iterations without a new best, or at once when the relative change
+of the test loss falls below ``tol``. CV losses are means (§4.3).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import scipy.sparse as sp
+from dask.sizeof import sizeof
+
+from ..exceptions import WorkerLostError
+from ..io.blocks import BlockedMatrix, CSCBlock
+from ..kernels.column import ColumnTerms, column_terms
+from ..kernels.masked import csc_masked_pass, csr_masked_pass, holdout_seed, holdout_threshold
+from ..solvers.hstep import HStep, h_step
+from ..solvers.updates import scale_rows
+from .als import ALSOptions, ALSState, IterationRecord, _norms, check_convergence, load_block
+from .executor import Executor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MaskOptions", "MaskedState", "CSRBlock", "fit_masked", "row_bounds_for"]
+
+_EMPTY_IDX = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """Which entries of A are missing or held out.
+
+    zeros_missing : only stored (non-zero) entries are observed (``mask="zeros"``).
+    test_fraction, cv_seed : the §5.2 hold-out set (``test_fraction`` 0: none); ``cv_seed`` is
+        the effective seed.
+    mask : scipy.sparse CSC matrix (m × n, True = missing) or None.
+    NaN entries of A are always missing.
+    """
+
+    zeros_missing: bool = False
+    test_fraction: float = 0.0
+    cv_seed: int = 0
+    mask: Any = None
+
+    @property
+    def cv_on(self) -> bool:
+        return self.test_fraction > 0
+
+
+def _kernel_args(mo: MaskOptions) -> tuple:
+    """(zeros_missing, cv_on, cv_seed (uint64), cv_threshold (uint64)): the kernels' mask arguments."""
+    return (bool(mo.zeros_missing), bool(mo.cv_on), holdout_seed(mo.cv_seed), holdout_threshold(mo.test_fraction))
+
+
+@dataclass(frozen=True)
+class CSRBlock:
+    """An m_b × n sparse row block as CSR triplets (float64 values, int64 indices)."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+    n_cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.indptr) - 1, self.n_cols)
+
+
+@sizeof.register(CSRBlock)
+def _sizeof_csr(block: CSRBlock) -> int:
+    return int(block.data.nbytes + block.indices.nbytes + block.indptr.nbytes + 64)
+
+
+@dataclass
+class MaskedState(ALSState):
+    """:class:`~dnmf.engine.als.ALSState` plus the hold-out bookkeeping (``ht`` holds arrays)."""
+
+    test_history: list = field(default_factory=list)
+    best_test: float = math.inf
+    best_iter: int = 0  # 1-based iteration of the best test loss
+    since_best: int = 0
+    n_test: int = 0
+    n_train: int = 0
+
+
+def row_bounds_for(m: int, n_blocks: int) -> np.ndarray:
+    """Equal row ranges, as many as there are column blocks (a function of the data only)."""
+    n_rb = max(1, min(int(n_blocks), int(m)))
+    return np.linspace(0, m, n_rb + 1).round().astype(np.int64)
+
+
+def as_csc64(block) -> CSCBlock:
+    """A block as float64 CSC with int64 indices (a dense block keeps its NaN; zeros dropped)."""
+    block = load_block(block)
+    if isinstance(block, CSCBlock):
+        return CSCBlock(np.asarray(block.data, dtype=np.float64), np.asarray(block.indices, dtype=np.int64),
+                        np.asarray(block.indptr, dtype=np.int64), block.n_rows)
+    a = np.asarray(block, dtype=np.float64)
+    csc = sp.csc_matrix(a)
+    csc.sort_indices()
+    return CSCBlock(csc.data, csc.indices.astype(np.int64), csc.indptr.astype(np.int64), a.shape[0])
+
+
+def split_rows(block: CSCBlock, bounds: np.ndarray) -> tuple:
+    """The block's rows cut at ``bounds``: one scipy CSR piece per row block."""
+    csc = sp.csc_matrix((block.data, block.indices, block.indptr), shape=block.shape)
+    csr = csc.tocsr()
+    return tuple(csr[int(bounds[r]):int(bounds[r + 1])] for r in range(len(bounds) - 1))
+
+
+def _whole_rows(block: CSCBlock):
+    """The block as one CSR piece (a single row block)."""
+    return sp.csc_matrix((block.data, block.indices, block.indptr), shape=block.shape).tocsr()
+
+
+def join_rows(*pieces) -> CSRBlock:
+    """One row block from its pieces of every column block, in column-block order."""
+    csr = sp.hstack(pieces, format="csr") if len(pieces) > 1 else sp.csr_matrix(pieces[0])
+    csr.sort_indices()
+    return CSRBlock(np.asarray(csr.data, dtype=np.float64), csr.indices.astype(np.int64),
+                    csr.indptr.astype(np.int64), csr.shape[1])
+
+
+def _mask_parts(mask, bounds: np.ndarray, axis: int) -> list:
+    """The user mask cut into column (axis 1, CSC) or row (axis 0, CSR) blocks: (indices, indptr)."""
+    n_parts = len(bounds) - 1
+    if mask is None:
+        return [(_EMPTY_IDX, _EMPTY_IDX)] * n_parts
+    full = mask.tocsc() if axis == 1 else mask.tocsr()
+    parts = []
+    for r in range(n_parts):
+        lo, hi = int(bounds[r]), int(bounds[r + 1])
+        piece = full[:, lo:hi] if axis == 1 else full[lo:hi]
+        piece.sort_indices()
+        parts.append((piece.indices.astype(np.int64), piece.indptr.astype(np.int64)))
+    return parts
+
+
+def masked_h_task(block: CSCBlock, mk: tuple, ht_prev, col0: int, terms: ColumnTerms | None, hs: HStep,
+                  ridge: float, kargs: tuple):
+    """Masked H update of one column block: ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|)``.
+
+    ``ridge`` is the diagonal ``hs.G`` carries beyond ``WᵀW`` (guard + L2_H).
+    """
+    w = hs.w
+    m, k = w.shape
+    n_j = block.shape[1]
+    warm = ht_prev is not None
+    ht = np.array(ht_prev, dtype=np.float64, copy=True) if warm else np.zeros((n_j, k))
+    Q = np.zeros((k, k))
+    hsum = np.zeros(k)
+    csc_masked_pass(block.data, block.indices, block.indptr, m, int(col0), w, hs.G, hs.L, ridge, hs.l1, ht,
+                    hs.warm_scale, column_terms(k) if terms is None else terms, hs.solver, hs.nonneg, hs.cd_maxit,
+                    hs.cd_tol, warm, *kargs, mk[0], mk[1], Q, hsum)
+    return ht, Q, hsum
+
+
+def masked_w_task(block: CSRBlock, mk: tuple, wt_prev, row0: int, hn: np.ndarray, Q: np.ndarray, wside: tuple,
+                  kargs: tuple):
+    """Masked W update of one row block: ``(raw rows w_i d, [train SSE, n, test SSE, n])``."""
+    ridge, l1, l2, solver, nonneg, cd_maxit, cd_tol = wside
+    k = hn.shape[1]
+    warm = wt_prev is not None
+    wt = np.array(wt_prev, dtype=np.float64, copy=True) if warm else np.zeros((block.shape[0], k))
+    sums = np.zeros(4)
+    csr_masked_pass(block.data, block.indices, block.indptr, block.n_cols, int(row0), hn, Q, ridge, l1, l2, wt,
+                    solver, nonneg, cd_maxit, cd_tol, warm, *kargs, mk[0], mk[1], sums)
+    return wt, sums
+
+
+def _cv_stop(state: MaskedState, opts: ALSOptions) -> bool:
+    """RcppML §3.2 on the test loss: patience without a new best, or a relative change < tol."""
+    hist = state.test_history
+    test = hist[-1]
+    if test < state.best_test:
+        state.best_test, state.best_iter, state.since_best = test, len(hist), 0
+    else:
+        state.since_best += 1
+    if opts.patience > 0 and state.since_best >= opts.patience:
+        state.tol_history.append(abs(hist[-2] - test) / (abs(hist[-2]) + 1e-15) if len(hist) > 1 else 0.0)
+        return True
+    if len(hist) < 2:
+        state.tol_history.append(0.0)
+        return False
+    rel = abs(hist[-2] - test) / (abs(hist[-2]) + 1e-15)
+    state.tol_history.append(rel)
+    return rel < opts.tol
+
+
+class _Placed:
+    """Column and row blocks on the executor (rebuilt after a lost worker)."""
+
+    def __init__(self, blocked: BlockedMatrix, executor: Executor, rb: np.ndarray):
+        sources = list(blocked.sources)
+        handles = executor.put_blocks([s.load() for s in sources] if blocked.in_memory else sources)
+        self.cols = executor.map_blocks(as_csc64, handles)
+        executor.release(handles)
+        n_rb = len(rb) - 1
+        if n_rb == 1:
+            pieces = [(p,) for p in executor.map_blocks(_whole_rows, self.cols)]
+        else:
+            pieces = executor.map_blocks(split_rows, self.cols, args=(rb,), n_out=n_rb)
+        self.rows = executor.map_blocks(join_rows, *[[pieces[j][r] for r in range(n_rb)] for j in range(len(pieces))])
+        executor.release([p for ps in pieces for p in ps])
+
+    def release(self, executor: Executor) -> None:
+        executor.release(self.cols)
+        executor.release(self.rows)
+
+
+def fit_masked(
+    blocked: BlockedMatrix,
+    w0: np.ndarray,
+    opts: ALSOptions,
+    mo: MaskOptions,
+    executor: Executor,
+    *,
+    on_iteration: Callable | None = None,
+    terms: list | None = None,
+):
+    """Run the masked ALS loop; returns ``(MaskedState, ht_blocks)`` (raw H_jᵀ per column block).
+
+    ``terms`` optionally gives each column block its :class:`~dnmf.kernels.column.ColumnTerms`.
+    A lost worker (:class:`~dnmf.exceptions.WorkerLostError` from any executor verb) re-places
+    the blocks and redoes the iteration in progress from the client's W and H, at most
+    ``executor.max_recoveries`` times.
+    """
+    m, n = blocked.shape
+    k = opts.k
+    cb = blocked.col_bounds
+    rb = row_bounds_for(m, blocked.n_blocks)
+    n_cb, n_rb = len(cb) - 1, len(rb) - 1
+    mask = None if mo.mask is None else sp.csc_matrix(mo.mask, dtype=bool)
+    cmasks = _mask_parts(mask, cb, axis=1)
+    rmasks = _mask_parts(mask, rb, axis=0)
+    kargs = _kernel_args(mo)
+    col0s = [int(c) for c in cb[:-1]]
+    row0s = [int(r) for r in rb[:-1]]
+    terms = terms if terms is not None else [None] * n_cb
+    state = MaskedState(w=np.ascontiguousarray(w0, dtype=np.float64), d=np.ones(k), ht=[None] * n_cb,
+                        h_scale=np.ones(k))
+    wside = (1e-15, float(opts.L1[0]), float(opts.L2[0]), int(opts.solver), bool(opts.nonneg[0]), int(opts.cd_maxit),
+             float(opts.cd_tol))
+    placed = None
+    recoveries = 0
+    t0 = time.perf_counter()
+    while state.iteration < opts.maxit:
+        it = state.iteration + 1
+        try:
+            if placed is None:
+                placed = _Placed(blocked, executor, rb)
+            hs = h_step(state.w, l1=opts.L1[1], l2=opts.L2[1], solver=opts.solver, nonneg=opts.nonneg[1],
+                        cd_maxit=opts.cd_maxit, cd_tol=opts.cd_tol, warm_scale=state.h_scale, ridge=1e-15)
+            outs = executor.map_blocks(masked_h_task, placed.cols, cmasks, state.ht, col0s, terms, args=(hs, 1e-15 + float(opts.L2[1]), kargs))
+            hres = executor.gather(outs)
+            executor.release(outs)
+            ht = [r[0] for r in hres]
+            Q = np.zeros((k, k))
+            hsum = np.zeros(k)
+            for r in hres:  # block order: the same sums on any number of workers
+                Q += r[1]
+                hsum += r[2]
+            s = _norms(hsum, Q, opts.norm)
+            inv_s = 1.0 / s
+            hn = np.ascontiguousarray(np.concatenate(ht, axis=0) * inv_s[None, :])
+            Qn = Q * np.outer(inv_s, inv_s)
+            if it > 1:
+                wraw = state.w * state.d[None, :]
+                wprev = [wraw[row0s[r]:int(rb[r + 1])] for r in range(n_rb)]
+            else:
+                wprev = [None] * n_rb
+            outs = executor.map_blocks(masked_w_task, placed.rows, rmasks, wprev, row0s, args=(hn, Qn, wside, kargs))
+            wres = executor.gather(outs)
+            executor.release(outs)
+        except WorkerLostError as exc:
+            if placed is not None:
+                placed.release(executor)
+            placed = None
+            recoveries += 1
+            if recoveries > executor.max_recoveries:
+                raise WorkerLostError(
+                    f"{str(exc).rstrip('.')}. The masked fit gave up after {recoveries - 1} recoveries "
+                    f"(max_recoveries={executor.max_recoveries}) with {state.iteration} iterations done.",
+                    worker=exc.worker) from exc
+            logger.warning("%s; re-placing the blocks on the live workers (recovery %d of at most %d)",
+                           exc, recoveries, executor.max_recoveries)
+            continue
+        sums = np.zeros(4)
+        for r in wres:
+            sums += r[1]
+        wraw = np.concatenate([r[0] for r in wres], axis=0)
+        w_new, d = scale_rows(wraw.T, opts.norm)
+        state.w, state.d, state.h_scale, state.ht = np.ascontiguousarray(w_new.T), d, inv_s, ht
+        state.iteration = it
+        state.n_train, state.n_test = int(sums[1]), int(sums[3])
+        if mo.cv_on:
+            train = max(sums[0], 0.0) / max(sums[1], 1.0)
+            test = sums[2] / sums[3] if sums[3] > 0 else float("nan")
+            state.loss_history.append(train)
+            state.test_history.append(test)
+            stop = _cv_stop(state, opts)
+        else:
+            train, test = float(sums[0]), float("nan")
+            state.loss_history.append(train)
+            stop = check_convergence(state, opts)
+        logger.debug("iteration %d train %.6g test %.6g", it, train, test)
+        if on_iteration is not None:
+            try:
+                on_iteration(IterationRecord(it, train, test))
+            except StopIteration:
+                state.stopped_by_callback = True
+                stop = True
+        if stop:
+            state.converged = not state.stopped_by_callback
+            break
+    state.runtime = time.perf_counter() - t0
+    if placed is not None:
+        placed.release(executor)
+    return state, state.ht

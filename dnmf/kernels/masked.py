@@ -1,0 +1,377 @@
+"""Masked block passes: NNLS with missing entries, on both sides (numba kernels).
+
+A fit with missing entries — a user mask, NaN in the data, zeros declared missing, or the
+speckled hold-out set of cross-validation — gives every column of H *and every row of W* its
+own least-squares problem (``docs/architecture.md``, "Per-row problems on the W side"). Two
+passes, one per orientation, share one structure:
+
+* :func:`csc_masked_pass` — one column block (CSC) of A and the current W: for each column
+  ``c`` the masked rows ``S_c`` are collected (hash of §5.2 over all rows, user-mask entries,
+  NaN entries), then ``b_c = Σ_{i∉S_c} a_ic w_i − L1`` and ``G_c = G − Σ_{i∈S_c} w_i w_iᵀ``;
+  the solve is the one column step (``kernels/column.py::column_step``), so per-column terms
+  (targets, weights) compose with the mask. Returns nothing but H and its Gram/sums.
+* :func:`csr_masked_pass` — one row block (CSR) of A and the normalized H (``Ĥᵀ``, n × k):
+  the mirrored problem for each row of W, solved on the spot, plus the row's share of the
+  train and test squared errors (computed right after the solve, from the raw row ``w_i d``).
+
+With ``zeros_missing`` only the stored entries are observed: the Gram is built from the
+observed entries (``Σ_{i observed} w_i w_iᵀ``) instead of corrected, and the hold-out is drawn
+among stored entries only.
+
+The hold-out test set is RcppML's (spec/rcppml.md §5.2): a pure function of (i, j, seed),
+computed wherever it is needed and never stored or sent. :func:`holdout_threshold` turns a
+``test_fraction`` into the integer threshold of the hash (realised fraction ``1/⌊1/f⌋``);
+:func:`holdout_mask` evaluates the same hash vectorized (NumPy) for reference and evaluation.
+
+Functions are plain Python compiled with ``numba.njit(cache=True, nogil=True)`` so they also
+run under ``NUMBA_DISABLE_JIT=1``.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .column import chol_factor, column_step, solve_column
+from .nnls import SOLVER_CHOLESKY
+
+__all__ = ["holdout_threshold", "holdout_seed", "holdout_mask", "held_out", "csc_masked_pass", "csr_masked_pass"]
+
+_C_I = np.uint64(0x9E3779B97F4A7C15)
+_C_J = np.uint64(0x6C62272E07BB0142)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30 = np.uint64(30)
+_S27 = np.uint64(27)
+_S31 = np.uint64(31)
+_U64_MAX = (1 << 64) - 1
+
+
+def holdout_seed(cv_seed: int) -> np.uint64:
+    """The hash seed of §5.2: ``uint32(cv_seed)``, with 0 → 12345."""
+    s = int(cv_seed) & 0xFFFFFFFF
+    return np.uint64(12345 if s == 0 else s)
+
+
+def holdout_threshold(test_fraction: float) -> np.uint64:
+    """``⌊(2⁶⁴−1) / inv⌋`` with ``inv = ⌊1 / float32(test_fraction)⌋`` (§5.2; fraction 1/inv).
+
+    0 (no hold-out) when ``test_fraction`` is 0.
+    """
+    if test_fraction <= 0:
+        return np.uint64(0)
+    inv = int(np.floor(1.0 / float(np.float32(test_fraction))))
+    return np.uint64(_U64_MAX // max(inv, 1))
+
+
+def _held_out(seed, i, j, threshold):
+    """Whether entry (i, j) (0-based) is in the hold-out set (§5.2 hash, uint64 wrap-around)."""
+    z = seed + np.uint64(i) * _C_I + np.uint64(j) * _C_J
+    z = z ^ (z >> _S30)
+    z = z * _M1
+    z = z ^ (z >> _S27)
+    z = z * _M2
+    z = z ^ (z >> _S31)
+    return z < threshold
+
+
+held_out = numba.njit(cache=True, nogil=True)(_held_out)
+
+
+def holdout_mask(rows, cols, cv_seed: int, test_fraction: float) -> np.ndarray:
+    """Vectorized §5.2 hash: a boolean array, True where (rows[t], cols[t]) is held out."""
+    rows = np.asarray(rows, dtype=np.uint64)
+    cols = np.asarray(cols, dtype=np.uint64)
+    seed, thr = holdout_seed(cv_seed), holdout_threshold(test_fraction)
+    with np.errstate(over="ignore"):
+        z = seed + rows * _C_I + cols * _C_J
+        z ^= z >> _S30
+        z *= _M1
+        z ^= z >> _S27
+        z *= _M2
+        z ^= z >> _S31
+    return z < thr
+
+
+def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg,
+                     cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, Q, hsum):
+    """Masked H update for one sparse column block (see module docstring).
+
+    Parameters
+    ----------
+    data, indices, indptr : CSC triplets of the block (m × n_j); NaN values are missing
+    m : int — rows of A; col0 : int — global index of the block's first column (for the hash)
+    w : (m, k) — current W; G : (k, k) — ``WᵀW + ridge + L2``; L : its Cholesky factor (or empty)
+    ridge : float — the whole diagonal added to ``WᵀW`` in G (guard + L2; used when the Gram is
+        built from the observed rows, ``zeros_missing``)
+    l1 : float; ht : (n_j, k) in: previous raw H, out: new H; warm_scale : (k,)
+    terms : ColumnTerms — further per-column corrections (column step)
+    zeros_missing : bool — only stored entries are observed
+    cv_on, cv_seed, cv_thr — the §5.2 hold-out (``cv_on`` False: none)
+    mk_indices, mk_indptr : the block's user mask in CSC (True entries = missing); empty indptr
+        (length 0) when there is none
+    Q : (k, k), hsum : (k,) — accumulated in place (``H_j H_jᵀ``, ``Σ|h|``)
+    """
+    k = w.shape[1]
+    n = indptr.shape[0] - 1
+    b = np.empty(k)
+    x = np.empty(k)
+    Gc = np.empty((k, k))
+    Lc = np.zeros((k, k))
+    Gt = np.empty((k, k))  # column step scratch (its own terms)
+    Lt = np.zeros((k, k))
+    mark = np.full(m, -1, dtype=np.int64)
+    mrows = np.empty(m, dtype=np.int64)
+    has_mask = mk_indptr.shape[0] > 0
+    for c in range(n):
+        jg = np.uint64(col0 + c)
+        for r in range(k):
+            b[r] = -l1
+        nmask = 0
+        if has_mask:
+            for p in range(mk_indptr[c], mk_indptr[c + 1]):
+                i = mk_indices[p]
+                if mark[i] != c:
+                    mark[i] = c
+                    mrows[nmask] = i
+                    nmask += 1
+        if zeros_missing:
+            for r in range(k):
+                for s in range(r + 1):
+                    Gc[r, s] = 0.0
+            for p in range(indptr[c], indptr[c + 1]):
+                a = data[p]
+                i = indices[p]
+                if a != a or mark[i] == c:
+                    continue
+                if cv_on and held_out(cv_seed, i, jg, cv_thr):
+                    continue
+                wrow = w[i]
+                for r in range(k):
+                    b[r] += a * wrow[r]
+                    for s in range(r + 1):
+                        Gc[r, s] += wrow[r] * wrow[s]
+            for r in range(k):
+                Gc[r, r] += ridge
+                for s in range(r):
+                    Gc[s, r] = Gc[r, s]
+            use_own = True
+        else:
+            if cv_on:
+                for i in range(m):
+                    if mark[i] != c and held_out(cv_seed, i, jg, cv_thr):
+                        mark[i] = c
+                        mrows[nmask] = i
+                        nmask += 1
+            for p in range(indptr[c], indptr[c + 1]):
+                a = data[p]
+                i = indices[p]
+                if a != a:
+                    if mark[i] != c:
+                        mark[i] = c
+                        mrows[nmask] = i
+                        nmask += 1
+                    continue
+                if mark[i] == c:
+                    continue
+                wrow = w[i]
+                for r in range(k):
+                    b[r] += a * wrow[r]
+            use_own = nmask > 0
+            if use_own:
+                for r in range(k):
+                    for s in range(r + 1):
+                        Gc[r, s] = G[r, s]
+                for t in range(nmask):
+                    wrow = w[mrows[t]]
+                    for r in range(k):
+                        wr = wrow[r]
+                        for s in range(r + 1):
+                            Gc[r, s] -= wr * wrow[s]
+                for r in range(k):
+                    for s in range(r):
+                        Gc[s, r] = Gc[r, s]
+        if warm:
+            for r in range(k):
+                x[r] = ht[c, r] * warm_scale[r]
+        else:
+            for r in range(k):
+                x[r] = 0.0
+        if use_own:
+            if solver == SOLVER_CHOLESKY:
+                chol_factor(Gc, Lc)
+            column_step(c, Gc, Lc, b, x, terms, Gt, Lt, solver, nonneg, cd_maxit, cd_tol, warm)
+        else:
+            column_step(c, G, L, b, x, terms, Gt, Lt, solver, nonneg, cd_maxit, cd_tol, warm)
+        for r in range(k):
+            ht[c, r] = x[r]
+            hsum[r] += abs(x[r])
+            for s in range(k):
+                Q[r, s] += x[r] * x[s]
+
+
+csc_masked_pass = numba.njit(cache=True, nogil=True)(_csc_masked_pass)
+
+
+def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
+                     warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, sums):
+    """Masked W update for one sparse row block, and the block's squared errors.
+
+    Parameters
+    ----------
+    data, indices, indptr : CSR triplets of the row block (m_b × n); NaN values are missing
+    n : int — columns of A; row0 : int — global index of the block's first row
+    hn : (n, k) — normalized H transposed (Ĥᵀ); Q : (k, k) — ĤĤᵀ (unpenalized)
+    ridge, l1, l2 : W-side diagonal guard and penalties
+    wt : (m_b, k) — in: warm start (previous raw rows of W), out: the new raw rows ``w_i d``
+    zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr : as :func:`csc_masked_pass`
+        (the user mask of the row block in CSR)
+    sums : (4,) — accumulated in place: train SSE, train count, test SSE, test count. The train
+        set is every observed entry (not missing, not held out); the test set the held-out
+        entries that are otherwise observed.
+    """
+    k = hn.shape[1]
+    m_b = indptr.shape[0] - 1
+    b = np.empty(k)
+    p_full = np.empty(k)
+    x = np.empty(k)
+    Gc = np.empty((k, k))
+    Lc = np.zeros((k, k))
+    mark = np.full(n, -1, dtype=np.int64)  # ≥ 0: masked in this row (value = row), see `kind`
+    kind = np.zeros(n, dtype=np.int8)  # 1: held out (a test entry), 2: missing (user mask or NaN)
+    aval = np.zeros(n)
+    mcols = np.empty(n, dtype=np.int64)
+    has_mask = mk_indptr.shape[0] > 0
+    for r_ in range(m_b):
+        ig = np.uint64(row0 + r_)
+        nmask = 0
+        if has_mask:
+            for p in range(mk_indptr[r_], mk_indptr[r_ + 1]):
+                j = mk_indices[p]
+                if mark[j] != r_:
+                    mark[j] = r_
+                    kind[j] = 2
+                    mcols[nmask] = j
+                    nmask += 1
+        for r in range(k):
+            b[r] = -l1
+            p_full[r] = 0.0
+        sq = 0.0
+        if zeros_missing:
+            for r in range(k):
+                for s in range(r + 1):
+                    Gc[r, s] = 0.0
+            for p in range(indptr[r_], indptr[r_ + 1]):
+                a = data[p]
+                j = indices[p]
+                if a != a or mark[j] == r_:
+                    continue
+                if cv_on and held_out(cv_seed, ig, np.uint64(j), cv_thr):
+                    mark[j] = r_
+                    kind[j] = 1
+                    mcols[nmask] = j
+                    nmask += 1
+                    continue
+                hrow = hn[j]
+                for r in range(k):
+                    b[r] += a * hrow[r]
+                    for s in range(r + 1):
+                        Gc[r, s] += hrow[r] * hrow[s]
+            for r in range(k):
+                Gc[r, r] += ridge + l2
+                for s in range(r):
+                    Gc[s, r] = Gc[r, s]
+        else:
+            if cv_on:
+                for j in range(n):
+                    if mark[j] != r_ and held_out(cv_seed, ig, np.uint64(j), cv_thr):
+                        mark[j] = r_
+                        kind[j] = 1
+                        mcols[nmask] = j
+                        nmask += 1
+            for p in range(indptr[r_], indptr[r_ + 1]):
+                a = data[p]
+                j = indices[p]
+                if a != a:
+                    if mark[j] != r_:
+                        mark[j] = r_
+                        mcols[nmask] = j
+                        nmask += 1
+                    kind[j] = 2
+                    continue
+                hrow = hn[j]
+                sq += a * a
+                for r in range(k):
+                    p_full[r] += a * hrow[r]
+                if mark[j] == r_:
+                    aval[j] = a
+                    continue
+                for r in range(k):
+                    b[r] += a * hrow[r]
+            for r in range(k):
+                for s in range(r + 1):
+                    Gc[r, s] = Q[r, s]
+                Gc[r, r] += ridge + l2
+            for t in range(nmask):
+                hrow = hn[mcols[t]]
+                for r in range(k):
+                    hr = hrow[r]
+                    for s in range(r + 1):
+                        Gc[r, s] -= hr * hrow[s]
+            for r in range(k):
+                for s in range(r):
+                    Gc[s, r] = Gc[r, s]
+        if warm:
+            for r in range(k):
+                x[r] = wt[r_, r]
+        else:
+            for r in range(k):
+                x[r] = 0.0
+        if solver == SOLVER_CHOLESKY:
+            chol_factor(Gc, Lc)
+        solve_column(Gc, Lc, b, x, solver, nonneg, cd_maxit, cd_tol, warm)
+        for r in range(k):
+            wt[r_, r] = x[r]
+        # This row's squared errors, from the raw row x = w_i d and Ĥ.
+        if zeros_missing:
+            for p in range(indptr[r_], indptr[r_ + 1]):
+                a = data[p]
+                j = indices[p]
+                if a != a or (mark[j] == r_ and kind[j] == 2):
+                    continue
+                pred = 0.0
+                hrow = hn[j]
+                for r in range(k):
+                    pred += x[r] * hrow[r]
+                e = (a - pred) * (a - pred)
+                if mark[j] == r_:
+                    sums[2] += e
+                    sums[3] += 1.0
+                else:
+                    sums[0] += e
+                    sums[1] += 1.0
+        else:
+            # Whole row by the Gram identity, then the masked entries one by one.
+            full = sq
+            for r in range(k):
+                full -= 2.0 * x[r] * p_full[r]
+                for s in range(k):
+                    full += x[r] * Q[r, s] * x[s]
+            masked_sse = 0.0
+            for t in range(nmask):
+                j = mcols[t]
+                pred = 0.0
+                hrow = hn[j]
+                for r in range(k):
+                    pred += x[r] * hrow[r]
+                e = (aval[j] - pred) * (aval[j] - pred)
+                masked_sse += e
+                if kind[j] == 1:
+                    sums[2] += e
+                    sums[3] += 1.0
+                aval[j] = 0.0
+            sums[0] += full - masked_sse
+            sums[1] += n - nmask
+
+
+csr_masked_pass = numba.njit(cache=True, nogil=True)(_csr_masked_pass)
