@@ -504,6 +504,12 @@ def test_assess_filtering_model_input_table_and_plot():
     fig = res.plot()
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     assert len(fig.axes[1].patches) == 2 * 4  # one stacked segment per class and factor
+    assert fig.axes[0].get_xlabel() in ("UMAP1", "PC1")
+    with pytest.raises(InputError, match="'method' parameter of Assessment.plot"):
+        res.plot(method="tsne")
+    # an empty factor level counts 0 < min_class_size and is dropped like a small class
+    cat = pd.Categorical(labels, categories=["c0", "c1", "c2", "empty"])
+    assert assess(model, cat, classifiers=["knn"]).params["classes"] == ["c0", "c1"]
 
 
 def test_assess_errors():

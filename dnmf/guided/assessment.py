@@ -206,27 +206,25 @@ class Assessment:
         from matplotlib.figure import Figure
 
         seed = self.params["seed"]
-        if method == "auto":
+        if method not in ("auto", "umap", "pca"):
+            raise param_error("method", "Assessment.plot", "one of 'auto', 'umap', 'pca'", method)
+        umap = None
+        if method in ("auto", "umap"):
             try:
-                import umap  # noqa: F401
-
-                method = "umap"
+                import umap
             except ImportError:
-                method = "pca"
-        if method == "umap":
-            import umap
-
+                if method == "umap":
+                    raise
+        if umap is not None:
             xy = umap.UMAP(n_components=2, random_state=seed).fit_transform(self.embedding)
             axis = "UMAP"
-        elif method == "pca":
+        else:
             from sklearn.decomposition import PCA
 
             xy = PCA(n_components=min(2, self.embedding.shape[1]), random_state=seed).fit_transform(self.embedding)
             if xy.shape[1] == 1:
                 xy = np.column_stack([xy[:, 0], np.zeros(xy.shape[0])])
             axis = "PC"
-        else:
-            raise param_error("method", "Assessment.plot", "one of 'auto', 'umap', 'pca'", method)
         fig = Figure(figsize=figsize)
         ax1, ax2 = fig.subplots(1, 2)
         classes = list(self.params["classes"])

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from .._validation import check_float, check_int, param_error
+from ..exceptions import InputError
 from ..models import NMFModel
 from ._labels import as_factor
 from .solve import _as_data, nnls
@@ -110,7 +110,7 @@ def refine(x: Any, labels: Any, lambda_: float = 0.8, *, data: Any = None, batch
     else:
         try:
             H = _as_matrix(x, "x", func)
-        except Exception as e:
+        except InputError as e:
             raise param_error("x", func, "an NMFModel or a k x n matrix", type(x).__name__, described=True) from e
     k, n = H.shape
     as_factor(labels, n, "labels", func, n_what="ncol(H)")  # validates the length (and shape) early
