@@ -12,7 +12,7 @@ Config sections::
                                # log1p: log(1 + x); cp10k_log1p: scale each sample (column) to
                                # 10,000 in total, then log(1 + x) (scanpy's normalize_total
                                # with target_sum=1e4 followed by log1p)
-      n_top_features: null     # or keep the n features (rows) of highest variance after
+      n_top_features: null     # or keep the n features (rows) of highest score after
                                # normalize (dnmf.preprocess.select_features)
       feature_flavor: variance # score of that selection: variance (default), or seurat:
                                # scanpy's flavor="seurat" normalized dispersion
@@ -121,7 +121,7 @@ class FactorizeInput:
         "transform before the fit: none (values as stored, e.g. raw counts), log1p, or cp10k_log1p "
         "(each sample scaled to 10,000 in total, then log1p)"))
     n_top_features: int | None = field(default=None, metadata=_meta(
-        "keep this many features (rows) of highest variance after normalize (null: all); "
+        "keep this many features (rows) of highest score (feature_flavor) after normalize (null: all); "
         "see dnmf.preprocess.select_features", min=1))
     feature_flavor: Literal["variance", "seurat"] = field(default="variance", metadata=_meta(
         "score of that selection: variance, or seurat (scanpy's flavor='seurat' normalized dispersion "
