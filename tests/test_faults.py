@@ -234,3 +234,48 @@ def test_executor_memory_and_context_manager(client, workers):
         ex._pool.submit(print)
     with DaskExecutor(client) as ex:
         assert ex.available_memory() == 2 * 2**30  # the workers' memory_limit
+
+
+# ---------------------------------------------------------------------------------------------
+# The masked loop (engine/masked.py): its own placement (column blocks, the row-block
+# transpose), column tasks, gather of H, row tasks and gather of W — a kill at any of them
+# ---------------------------------------------------------------------------------------------
+
+MASKED_KW = dict(KW, test_fraction=0.1, cv_seed=2, patience=100)
+
+
+@pytest.fixture(scope="module")
+def masked_ref(a):
+    return dnmf.nmf(a, 4, client=False, **MASKED_KW)
+
+
+def assert_same_masked_fit(model, ref):
+    assert_same_fit(model, ref)
+    np.testing.assert_array_equal(model.misc["test_loss_history"], ref.misc["test_loss_history"])
+
+
+def test_masked_fit_killed_between_iterations(a, masked_ref, client, workers):
+    killed = []
+
+    def on_iteration(rec):
+        if rec.iteration == 2:
+            killed.append(kill(workers))
+
+    model = within(lambda: dnmf.nmf(a, 4, client=client, on_iteration=on_iteration, **MASKED_KW))
+    assert killed and model.misc["iter"] == MASKED_KW["maxit"]
+    assert_same_masked_fit(model, masked_ref)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_masked_fit_killed_at_a_random_moment(a, masked_ref, client, workers, seed):
+    # The first call also times an undisturbed fit; the kill then lands anywhere in the next
+    # one: placement and transpose, column tasks, the H gather, row tasks or the W gather.
+    rnd = random.Random(100 + seed)
+    t0 = time.perf_counter()
+    within(lambda: dnmf.nmf(a, 4, client=client, **MASKED_KW))
+    delay = rnd.uniform(0.0, 0.9 * (time.perf_counter() - t0))
+    timer = threading.Timer(delay, kill, (workers, rnd.randrange(2)))
+    timer.start()
+    model = within(lambda: dnmf.nmf(a, 4, client=client, **MASKED_KW))
+    timer.join()
+    assert_same_masked_fit(model, masked_ref)

@@ -280,3 +280,41 @@ def test_rank_cv_on_simulated_data_picks_the_planted_rank():
     assert abs(m15.misc["n_test"] - 16_000 / 19) < 5 * 28
     best_model = res.fit_best(seed=1, tol=1e-5)
     assert best_model.k == 5 and best_model.misc["test_fraction"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# On a cluster: the same numbers, and recovery from a lost worker
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  memory_limit="2GiB") as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+def test_cv_table_is_the_same_on_one_and_two_workers(cluster_client):
+    distributed = pytest.importorskip("distributed")
+    A = dnmf.datasets.load_aml().X
+    kw = dict(test_fraction=0.1, cv_seed=[1, 2], maxit=30)
+    local = dnmf.nmf(A, [2, 3, 4], client=False, **kw).table
+    two = dnmf.nmf(A, [2, 3, 4], client=cluster_client, **kw).table
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as c1, \
+            distributed.Client(c1) as one_client:
+        one = dnmf.nmf(A, [2, 3, 4], client=one_client, **kw).table
+    # whole fits as tasks: each fit's arithmetic does not depend on where it ran — bitwise
+    assert local.equals(two) and local.equals(one)
+
+
+def test_masked_fit_on_the_cluster_engine_matches_in_process(small, cluster_client):
+    A, M, w0 = small
+    kw = dict(init=w0, mask=M, test_fraction=0.2, cv_seed=3, tol=0, maxit=5, block_nnz=100)
+    here = dnmf.nmf(sp.csc_matrix(A), 3, client=False, **kw)
+    there = dnmf.nmf(sp.csc_matrix(A), 3, client=cluster_client, **kw)
+    # the same block and row partitions and sums in block order: bitwise
+    np.testing.assert_array_equal(here.w, there.w)
+    np.testing.assert_array_equal(here.h, there.h)
+    np.testing.assert_array_equal(here.misc["test_loss_history"], there.misc["test_loss_history"])
+    assert there.misc["executor"] == "distributed"
