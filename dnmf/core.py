@@ -288,6 +288,7 @@ def nmf(
     tol: float = 1e-4,
     maxit: int = 100,
     seed: int | None = None,
+    r_rng: bool = False,
     L1: float | tuple = (0.0, 0.0),
     L2: float | tuple = (0.0, 0.0),
     nonneg: bool | tuple = (True, True),
@@ -332,9 +333,15 @@ def nmf(
         ``patience`` consecutive iterations (RcppML 1.0's rule).
     maxit : int, default 100
         Maximum number of alternating iterations.
-    seed : int or None
+    seed : int, list of int or None
         Seed of the random initial W (``numpy.random.default_rng``) and of the SVD sketch.
-        ``None`` draws fresh entropy, which is recorded in ``misc["seed_entropy"]``.
+        ``None`` draws fresh entropy, which is recorded in ``misc["seed_entropy"]``. A list of
+        seeds is a multi-start (RcppML §1.3): one fit per seed, run as parallel tasks (whole
+        fits on the workers for a matrix held in memory), the fit with the lowest final loss is
+        returned and ``misc["all_inits"]`` lists every start (seed, loss, iterations, selected).
+    r_rng : bool, default False
+        Draw the random W exactly as R's ``set.seed(seed); matrix(runif(m * k), m, k)``, so a
+        fit starts where an RcppML fit with the same seed starts (needs an integer seed).
     L1, L2 : float or (float, float), default 0
         Lasso (subtracted from the NNLS right-hand side) and ridge (added to the Gram diagonal)
         penalties, as (W side, H side); a scalar applies to both. L1 is in [0, 1) (RcppML's
@@ -346,9 +353,10 @@ def nmf(
         Norm of W's columns and H's rows after each update; their scale goes to ``d``.
     sort_model : bool, default True
         Sort factors by decreasing ``d``.
-    init : None, "random", "svd", "lanczos", "irlba", "randomized" or array of shape (m, k)
+    init : None, "random", "svd", "lanczos", "irlba", "randomized", array of shape (m, k) or list
         Initial W. The SVD inits use a randomized truncated SVD computed on the blocks:
-        ``W = |U|·√σ`` (RcppML's convention); a user matrix may be m × k or k × m.
+        ``W = |U|·√σ`` (RcppML's convention); a user matrix may be m × k or k × m. A list of
+        matrices is a multi-start, as a list of seeds.
     solver : {"auto", "cholesky", "cd", "exact"}, default "auto"
         NNLS solver. "cholesky" solves the unconstrained normal equations and clips negatives
         (RcppML's default for k < 32 without L1; fast, not an exact NNLS); "cd" is coordinate
@@ -449,11 +457,15 @@ def nmf(
     args = dict(locals())  # the arguments (no other local exists yet)
     with verbose_logging(verbose):
         if isinstance(k, (list, tuple, range, np.ndarray)):
-            from .io import as_blocked
+            A = args.pop("A")
+            return cross_validate(_blocked(A, block_nnz), list(args.pop("k")), nmf, **args)
+        if isinstance(seed, (list, tuple, range, np.ndarray)) or isinstance(init, list):
+            from .multistart import multi_start
 
             A = args.pop("A")
-            blocked = as_blocked(A, block_nnz=block_nnz or default_block_nnz(A))
-            return cross_validate(blocked, list(args.pop("k")), nmf, **args)
+            opts = _validate(args, "nmf")  # the list arguments are checked here, before any fit
+            return multi_start(_blocked(A, block_nnz), nmf, args, func="nmf", r_rng_init=_r_rng_w,
+                               multi_seed=isinstance(opts["seed"], tuple), multi_init=isinstance(opts["init"], tuple))
         return _nmf(args.pop("A"), args, "nmf")
 
 
@@ -513,6 +525,8 @@ class NMFFitRecord:
         Test MSE of every iteration (empty without a test set).
     n_test : int
         Held-out entries scored by the test loss.
+    all_inits : pandas.DataFrame or None
+        A multi-start's starts (init, seed, loss, iter, selected); None for a single start.
     """
 
     iter: int
@@ -545,6 +559,7 @@ class NMFFitRecord:
     best_iter: int = 0
     test_loss_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
     n_test: int = 0
+    all_inits: Any = None
 
 
 class FitRecordView(Mapping):
@@ -590,6 +605,20 @@ class _Plan:
     masked: MaskOptions | None = None  # missing or held-out entries (the masked loop), else None
 
 
+def _blocked(A, block_nnz):
+    """A as column blocks with the fit's block size."""
+    from .io import as_blocked
+
+    return as_blocked(A, block_nnz=block_nnz or default_block_nnz(A))
+
+
+def _r_rng_w(m: int, k: int, seed: int) -> np.ndarray:
+    """R's ``set.seed(seed); matrix(runif(m * k), m, k)`` (column-major fill)."""
+    from .rrng import RRandom
+
+    return RRandom(seed).runif(m * k).reshape((m, k), order="F")
+
+
 def _validate(values: dict, func: str) -> dict:
     """Check every argument against :data:`dnmf.params.NMF_PARAMS` (plus the rules across them).
 
@@ -598,6 +627,9 @@ def _validate(values: dict, func: str) -> dict:
     opts = validate_params(NMF_PARAMS, values, func)
     if opts["resume"] and opts["checkpoint"] is None:
         raise param_error("resume", func, "False unless 'checkpoint' is given", opts["resume"])
+    if opts["r_rng"] and not (isinstance(opts["seed"], (int, tuple)) and opts["init"] in (None, "random")):
+        raise param_error("r_rng", func, "False unless seed is an integer (or a list) and init is random",
+                          opts["r_rng"])
     if isinstance(opts["cv_seed"], tuple):
         raise param_error("cv_seed", func, "an int or None for a single rank (a list of seeds gives the "
                           "replicates of rank cross-validation: pass k as a list of ranks)", list(opts["cv_seed"]))
@@ -685,6 +717,8 @@ def _initialize(plan: _Plan, opts: dict, seq: np.random.SeedSequence, func: str)
     if init is None or isinstance(init, str):
         name = init or "random"
         if name == "random":
+            if opts["r_rng"]:
+                return _r_rng_w(m, k, int(opts["seed"])), "random (R stream)"
             return np.random.default_rng(init_seq).uniform(size=(m, k)), name
         if plan.summary.n_nan:
             raise param_error("init", func, '"random" or a matrix when A has NaN (missing) entries', name)

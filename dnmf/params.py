@@ -214,7 +214,14 @@ def _check_seed(value, name: str, func: str):
         return value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
         return int(value)
-    raise param_error(name, func, "None, a non-negative int or a numpy SeedSequence", value)
+    if isinstance(value, (list, tuple, range, np.ndarray)) and len(value) > 0 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in value):
+        seeds = tuple(int(v) for v in value)
+        if len(set(seeds)) != len(seeds):
+            raise param_error(name, func, "distinct seeds (one start each)", list(seeds))
+        return seeds[0] if len(seeds) == 1 else seeds
+    raise param_error(name, func, "None, a non-negative int, a list of them (multi-start) or a numpy SeedSequence",
+                      value)
 
 
 def _check_mask(value, name: str, func: str):
@@ -248,6 +255,10 @@ def _check_cv_seed(value, name: str, func: str):
 def _check_init(value, name: str, func: str):
     if isinstance(value, str):
         return check_option(value, name, func, INITS)
+    if isinstance(value, list):
+        if not value or any(isinstance(v, str) or not hasattr(v, "shape") for v in value):
+            raise param_error(name, func, "a non-empty list of matrices (multi-start)", value)
+        return value[0] if len(value) == 1 else tuple(value)
     return value  # None, or a matrix checked against A's shape by nmf
 
 
@@ -332,7 +343,10 @@ NMF_PARAMS: tuple[Param, ...] = (
     Param("tol", Interval(float, low=0.0), 1e-4, "relative loss change that stops the fit"),
     Param("maxit", Interval(int, low=1), 100, "maximum iterations", alias="max_iter"),
     Param("seed", Check(_check_seed, int | None, {"min": 0}), None,
-          "seed of the initialization (null: fresh entropy, recorded in the run)", alias="random_state"),
+          "seed of the initialization (null: fresh entropy, recorded in the run); a list: multi-start",
+          alias="random_state"),
+    Param("r_rng", Flag(), False, "draw the random W as R's set.seed(seed); runif(m * k), as RcppML",
+          estimator=False),
     # RcppML documents L1 in [0, 1): it is subtracted from the RHS of the normalized problem
     Param("L1", Pair(0.0, 1.0, high_open=True), (0.0, 0.0), "lasso penalty (W side, H side)"),
     Param("L2", Pair(0.0), (0.0, 0.0), "ridge penalty (W side, H side)"),
