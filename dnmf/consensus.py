@@ -105,7 +105,8 @@ def replicate_seeds(seed: Any, reps: int, func: str = "replicate_seeds") -> tupl
 def _loadings(model: NMFModel, axis: str) -> np.ndarray:
     """Objects × factors: W (features) or Hᵀ (samples), unit-norm factors, without d (as RcppML)."""
     x = model.w if axis == "features" else model.h.T
-    return np.asarray(x, dtype=np.float64)
+    # one memory layout whatever the model's: BLAS rounding (x xᵀ) must not depend on it
+    return np.ascontiguousarray(x, dtype=np.float64)
 
 
 def hard_labels(x: np.ndarray) -> np.ndarray:
@@ -699,8 +700,11 @@ def _cnmf_one(A, k: int, models: Sequence[NMFModel], *, density_threshold: float
     from sklearn.metrics import silhouette_score
 
     reps = len(models)
-    programs_all = _l2_columns(np.concatenate([np.asarray(m.w, dtype=np.float64) for m in models], axis=1))
-    spectra = programs_all.T  # (reps·k) × m, cNMF's l2_spectra
+    # C-ordered whatever the layout of the models' W: the norms, distances, k-means and
+    # silhouette round the same way for a restart fitted here and one read back from a store
+    programs_all = _l2_columns(np.concatenate([np.ascontiguousarray(m.w, dtype=np.float64) for m in models],
+                                              axis=1))
+    spectra = np.ascontiguousarray(programs_all.T)  # (reps·k) × m, cNMF's l2_spectra
     n_neighbors = int(local_neighborhood_size * spectra.shape[0] / k)
     if n_neighbors < 1 or n_neighbors >= spectra.shape[0]:
         raise param_error("local_neighborhood_size", func, f"such that 1 ≤ int(local_neighborhood_size · reps) < "

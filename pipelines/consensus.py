@@ -1,10 +1,12 @@
 """Consensus over random NMF restarts for choosing k: RcppML's consensus_nmf or cNMF's programs.
 
-One parallel task per rank runs all ``reps`` restarts of that rank (:func:`dnmf.consensus_nmf`
-or :func:`dnmf.cnmf_consensus` in-process on a worker) and is checkpointed as it finishes, so
-``dnmf run CONFIG --resume`` skips the ranks an interrupted run finished. Every restart's seed
-is fixed by ``consensus.seed`` (restart i uses seed + i, the same for every rank), so the results
-do not depend on the cluster, on the order in which tasks finish or on an interruption.
+Every restart of every rank is a parallel task (an in-process :func:`dnmf.nmf` on a worker)
+checkpointed as it finishes, so ``dnmf run CONFIG --resume`` skips the restarts an interrupted
+run finished. Restart i of every rank uses seed ``consensus.seed + i`` (RcppML), fixed before
+submission, so the results do not depend on the cluster, on the order in which tasks finish or
+on an interruption, and equal :func:`dnmf.consensus_nmf` / :func:`dnmf.cnmf_k_selection` called
+with the same arguments. The consensus of each rank is then formed on the client
+(:meth:`dnmf.ConsensusNMFResult.from_models`, :meth:`dnmf.CNMFResult.from_models`).
 
 Config sections::
 
@@ -22,15 +24,17 @@ cophenetic correlation (hard, knn_jaccard) or stability (cnmf); ``dispersion`` (
 ``pac`` (lowest) and ``error`` (lowest, cnmf) are the others.
 
 Outputs: ``tables/statistics`` (one row per k: k, cophenetic, dispersion, PAC — or k,
-stability, error for cnmf), ``selection`` (chosen k, criterion, method, and in ``attempts``
-the attempt that computed each rank), ``k<k>/`` per rank (consensus matrix, clusters, leaf
-order, linkage and each restart's final loss; or programs, usage, the restart programs with
-their local density, kept flags and k-means labels), ``tables/clusters`` (each object's cluster
-at the chosen k; for cnmf each sample's dominant program) and beside the store
+stability, error for cnmf), ``selection`` (chosen k, criterion, method), ``tables/restarts``
+(one row per restart: k, restart, seed, final loss, iterations, converged, and the attempt of
+the run that computed it), ``k<k>/`` per rank (consensus matrix, clusters, leaf order, linkage
+and the statistics; or programs, usage, stability, error, the restart programs with their local
+density, kept flags and k-means labels), ``tables/clusters`` (each object's cluster at the
+chosen k; for cnmf each sample's dominant program) and beside the store
 ``<run>-statistics.png`` (the statistics against k with the chosen k marked; for cnmf
 stability and error against k) and ``<run>-consensus.png`` (the ordered consensus heatmap at the
 chosen k; for cnmf ``<run>-density.png``, the local-density histogram of the restart programs).
-The consensus matrices are dense N × N (N objects of ``consensus.axis``).
+The consensus matrices are dense N × N (N objects of ``consensus.axis``); the restarts' factors
+live in the checkpoint only while the run is incomplete.
 """
 
 from __future__ import annotations
@@ -62,8 +66,8 @@ class ConsensusSettings:
     """``consensus:``: the ranks, the restarts and how the consensus is formed and k chosen."""
 
     k: tuple[int, ...] = field(default=(2, 3, 4, 5, 6), metadata=_meta(
-        "ranks to compare (distinct), one parallel task each", min=1, nonempty=True))
-    reps: int = field(default=50, metadata=_meta("restarts per rank", min=1))
+        "ranks to compare (distinct)", min=1, nonempty=True))
+    reps: int = field(default=50, metadata=_meta("restarts per rank, one parallel task each", min=1))
     method: Literal["hard", "knn_jaccard", "cnmf"] = field(default="hard", metadata=_meta(
         "hard or knn_jaccard: consensus_nmf's co-clustering (spec §9); cnmf: cNMF's consensus programs"))
     knn: int = field(default=10, metadata=_meta("neighbours per object (knn_jaccard)", min=1))
@@ -133,48 +137,27 @@ def check_config(config) -> Iterator[tuple[str, str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# One task per rank
+# One task per restart
 # ---------------------------------------------------------------------------------------------
 
 
-def rank_task(k: int, *, A, settings: ConsensusSettings, cnmf: CNMFSettings, nmf_kwargs: dict,
-              attempt: int) -> dict:
-    """All restarts of rank ``k`` (in-process on a worker) as a store payload.
+def restart_task(item, *, nmf_kwargs: dict, attempt: int) -> dict:
+    """One restart ``(k, seed, A)`` fitted in-process on a worker, as a store payload.
 
-    ``attempt`` (the run's attempt number) is recorded, so a resumed run shows which ranks it
-    took from the checkpoint.
+    ``attempt`` (the run's attempt number) is recorded, so a resumed run shows which restarts
+    it took from the checkpoint.
     """
-    s = settings
-    if s.method == "cnmf":
-        r = dnmf.cnmf_consensus(A, k, s.reps, density_threshold=cnmf.density_threshold,
-                                local_neighborhood_size=cnmf.local_neighborhood_size, seed=s.seed, client=False,
-                                kmeans_seed=cnmf.kmeans_seed, **nmf_kwargs)
-        out = {name: getattr(r, name) for name in ("programs", "usage", "stability", "error", "n_neighbors",
-                                                   "replicate_programs", "local_density", "kept", "labels")}
-    else:
-        r = dnmf.consensus_nmf(A, k, s.reps, s.method, s.knn, s.seed, client=False, axis=s.axis, **nmf_kwargs)
-        out = {name: getattr(r, name) for name in ("consensus", "clusters", "cophenetic", "dispersion", "pac",
-                                                   "linkage", "order")}
-        out["loss"] = np.array([float(m.misc["loss"]) for m in r.models])
-    return {**out, "attempt": int(attempt)}
+    k, seed, A = item
+    model = dnmf.nmf(A, k, seed=seed, client=False, **nmf_kwargs)
+    misc = model.misc
+    return {"w": model.w, "d": model.d, "h": model.h, "loss": float(misc["loss"]), "iter": int(misc["iter"]),
+            "converged": bool(misc["converged"]), "attempt": int(attempt)}
 
 
-def _result(k: int, p: dict, settings: ConsensusSettings, cnmf: CNMFSettings):
-    """The library's per-rank result rebuilt from a task payload (restart models are not kept)."""
-    s = settings
-    seeds = tuple(s.seed + i for i in range(1, s.reps + 1))
-    if s.method == "cnmf":
-        return dnmf.CNMFResult(
-            programs=p["programs"], usage=p["usage"], stability=float(p["stability"]), error=float(p["error"]), k=k,
-            reps=s.reps, density_threshold=cnmf.density_threshold,
-            local_neighborhood_size=cnmf.local_neighborhood_size, n_neighbors=int(p["n_neighbors"]),
-            replicate_programs=p["replicate_programs"], local_density=p["local_density"],
-            kept=np.asarray(p["kept"], dtype=bool), labels=p["labels"], seeds=seeds)
-    return dnmf.ConsensusNMFResult(
-        consensus=p["consensus"], clusters=p["clusters"], cophenetic=float(p["cophenetic"]),
-        dispersion=float(p["dispersion"]), pac=float(p["pac"]), linkage=p["linkage"], order=p["order"], models=(),
-        k=k, reps=s.reps, method=s.method, knn=s.knn if s.method == "knn_jaccard" else None, axis=s.axis,
-        seeds=seeds)
+def _model(p: dict, A) -> Any:
+    """The restart's NMFModel from its payload (with the input's names, as nmf gives them)."""
+    return dnmf.NMFModel(w=p["w"], d=p["d"], h=p["h"], misc={
+        "loss": p["loss"], "row_names": getattr(A, "row_names", None), "col_names": getattr(A, "col_names", None)})
 
 
 def _names(A, axis: str, n: int) -> list[str]:
@@ -187,9 +170,13 @@ def _names(A, axis: str, n: int) -> list[str]:
 # The job
 # ---------------------------------------------------------------------------------------------
 
+_CONSENSUS_ARRAYS = ("consensus", "clusters", "cophenetic", "dispersion", "pac", "linkage", "order")
+_CNMF_ARRAYS = ("programs", "usage", "stability", "error", "n_neighbors", "replicate_programs", "local_density",
+                "kept", "labels")
+
 
 def run(config, job) -> None:
-    """Restarts per rank as checkpointed tasks → statistics table, chosen k, consensus or programs, plots."""
+    """Restarts as checkpointed tasks → statistics per k, chosen k, consensus or programs, plots."""
     import pandas as pd
 
     s, cn = config.consensus, config.cnmf
@@ -198,20 +185,42 @@ def run(config, job) -> None:
     A = load_input(config.input, job, config.model.block_nnz).data
     job.add_seeds(consensus=s.seed, **({"kmeans": cn.kmeans_seed} if s.method == "cnmf" else {}))
     attempt = int(job.store.meta.get("attempts", 1))
-    fn = functools.partial(rank_task, A=A, settings=s, cnmf=cn, nmf_kwargs=nmf_kwargs, attempt=attempt)
-    ks = list(s.k)
-    payloads = job.run_tasks(fn, ks, [f"k{q}" for q in ks], desc=f"consensus ({s.method}, {s.reps} restarts per k)",
+    ks, seeds = list(s.k), [s.seed + i for i in range(1, s.reps + 1)]  # restart i: seed + i, every rank
+    shared = job.client.scatter(A, broadcast=True)  # sent once, not with every task
+    items = [(q, seed, shared) for q in ks for seed in seeds]
+    keys = [f"k{q}-r{i}" for q in ks for i in range(1, s.reps + 1)]
+    fn = functools.partial(restart_task, nmf_kwargs=nmf_kwargs, attempt=attempt)
+    payloads = job.run_tasks(fn, items, keys, desc=f"consensus restarts ({s.method})",
                              to_payload=lambda p: p, from_payload=lambda p: p)
-    results = {q: _result(q, p, s, cn) for q, p in zip(ks, payloads)}
+    job.write_table("restarts", pd.DataFrame({
+        "k": [q for q, _, _ in items], "restart": [i for _ in ks for i in range(1, s.reps + 1)],
+        "seed": [seed for _, seed, _ in items], "loss": [p["loss"] for p in payloads],
+        "iter": [p["iter"] for p in payloads], "converged": [bool(p["converged"]) for p in payloads],
+        "attempt": [p["attempt"] for p in payloads]}))
+    n_stopped = sum(not p["converged"] for p in payloads)
+    if n_stopped:
+        job.echo(f"warning: {n_stopped} of {len(payloads)} restarts stopped at model.maxit={config.model.maxit} "
+                 "before converging; increase model.maxit or model.tol")
+
+    results = {}
+    for j, q in enumerate(ks):
+        models = [_model(p, A) for p in payloads[j * s.reps:(j + 1) * s.reps]]
+        if s.method == "cnmf":
+            results[q] = dnmf.CNMFResult.from_models(
+                A, models, density_threshold=cn.density_threshold,
+                local_neighborhood_size=cn.local_neighborhood_size, kmeans_seed=cn.kmeans_seed, seeds=tuple(seeds))
+        else:
+            results[q] = dnmf.ConsensusNMFResult.from_models(models, method=s.method, knn=s.knn, axis=s.axis,
+                                                             seeds=tuple(seeds))
     sweep = (dnmf.CNMFSelection if s.method == "cnmf" else dnmf.ConsensusNMFSweep)(ks=tuple(ks), results=results)
     criterion = s.chosen_criterion
     best = sweep.best_k(criterion)
     table = sweep.table
     job.write_table("statistics", table)
-    job.write("selection", {"k": best, "criterion": criterion, "method": s.method, "axis": s.axis, "reps": s.reps,
-                            "attempts": {str(q): int(p["attempt"]) for q, p in zip(ks, payloads)}})
-    for q, p in zip(ks, payloads):
-        job.write(f"k{q}", {key: v for key, v in p.items() if key != "attempt"})
+    job.write("selection", {"k": best, "criterion": criterion, "method": s.method, "axis": s.axis, "reps": s.reps})
+    for q in ks:
+        names = _CNMF_ARRAYS if s.method == "cnmf" else _CONSENSUS_ARRAYS
+        job.write(f"k{q}", {name: getattr(results[q], name) for name in names})
     chosen = results[best]
     if s.method == "cnmf":
         usage = chosen.usage

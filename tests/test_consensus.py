@@ -402,3 +402,21 @@ def test_from_models_equals_the_direct_call(sim, sweep, selection):
         ConsensusNMFResult.from_models([sweep[3].models[0], sweep[4].models[0]])
     with pytest.raises(InputError, match="'models' parameter of CNMFResult.from_models"):
         CNMFResult.from_models(sim.A, models[:1])
+
+
+def test_results_do_not_depend_on_the_models_memory_layout(sim, selection):
+    # nmf returns F-ordered W; a store gives C-ordered copies: the same numbers, bit for bit
+    c = selection[5]  # k = 5: outliers dropped, so density, k-means and silhouette all take part
+    models = [dnmf.nmf(sim.A, 5, seed=s, client=False) for s in c.seeds]
+    a = CNMFResult.from_models(sim.A, models, seeds=c.seeds)
+    b = CNMFResult.from_models(sim.A, [dnmf.NMFModel(w=np.ascontiguousarray(m.w), d=m.d, h=np.asfortranarray(m.h))
+                                       for m in models], seeds=c.seeds)
+    assert a.stability == b.stability and a.error == b.error
+    np.testing.assert_array_equal(a.programs, b.programs)
+    np.testing.assert_array_equal(a.local_density, b.local_density)
+    for axis in ("features", "samples"):
+        x = ConsensusNMFResult.from_models(models, method="knn_jaccard", knn=6, axis=axis)
+        y = ConsensusNMFResult.from_models([dnmf.NMFModel(w=np.ascontiguousarray(m.w), d=m.d,
+                                                          h=np.asfortranarray(m.h)) for m in models],
+                                           method="knn_jaccard", knn=6, axis=axis)
+        np.testing.assert_array_equal(x.consensus, y.consensus)

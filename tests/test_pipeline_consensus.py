@@ -88,7 +88,6 @@ def test_example_config_matches_the_library_call(example_run):
         np.testing.assert_array_equal(table[col].to_numpy(), ref.table[col].to_numpy())
     sel = store.read_group("selection")
     assert sel["k"] == ref.best_k("cophenetic") and sel["criterion"] == "cophenetic" and sel["method"] == "hard"
-    assert sel["attempts"] == {str(q): 1 for q in c.k}
     for q in c.k:
         g = store.read_group(f"k{q}")
         np.testing.assert_array_equal(g["consensus"], ref[q].consensus)
@@ -96,7 +95,12 @@ def test_example_config_matches_the_library_call(example_run):
         assert g["consensus"].shape == (135, 135)  # axis samples: the 135 aml samples
         # the stored matrix's cophenetic correlation, recomputed with numpy/scipy (rounding only)
         assert g["cophenetic"] == pytest.approx(ref_cophenetic(g["consensus"]), rel=1e-12)
-        assert g["loss"].shape == (c.reps,) and np.all(g["loss"] > 0)
+    # one row per restart, the library's seeds (restart i: seed + i) and losses
+    restarts = store.read_table("restarts")
+    assert len(restarts) == len(c.k) * c.reps and set(restarts["attempt"]) == {1}
+    assert list(restarts["seed"][:c.reps]) == [c.seed + i for i in range(1, c.reps + 1)]
+    ref_loss = [float(m.misc["loss"]) for q in c.k for m in ref[q].models]
+    np.testing.assert_array_equal(restarts["loss"].to_numpy(), ref_loss)
     clusters = store.read_table("clusters")
     assert list(clusters["object"]) == [str(s) for s in load_aml().obs.index]  # sample names, in order
     np.testing.assert_array_equal(clusters["cluster"].to_numpy(), ref[sel["k"]].clusters)
@@ -171,17 +175,18 @@ def test_config_round_trips_and_defaults():
 
 
 # ---------------------------------------------------------------------------------------------
-# Killed part-way, resumed: finished ranks are not recomputed, results as an uninterrupted run
+# Killed part-way, resumed: finished restarts are not recomputed, results as an uninterrupted run
 # ---------------------------------------------------------------------------------------------
 
 KS = [2, 3, 4, 5, 6, 7]
+REPS = 6
 
 
 def resume_config(tmp_path):
     data = {"pipeline": "consensus", "name": "aml_resume", "input": {"dataset": "aml"},
-            "consensus": {"k": KS, "reps": 12, "method": "knn_jaccard", "knn": 8, "axis": "samples", "seed": 4},
+            "consensus": {"k": KS, "reps": REPS, "method": "knn_jaccard", "knn": 8, "axis": "samples", "seed": 4},
             "model": {"tol": 1e-4, "maxit": 60},
-            # one worker thread: the ranks run one after another, so the kill lands between them
+            # one worker thread: the restarts run one after another, so the kill lands between them
             "cluster": {"kind": "local", "n_workers": 1, "threads_per_worker": 1, "processes": False,
                         "dashboard_address": None},
             "output": {"dir": "runs", "plots": False, "performance_report": False}, "progress": "log"}
@@ -202,7 +207,7 @@ def done_tasks(store: pathlib.Path) -> list[str]:
     return sorted(out)
 
 
-def test_killed_run_resumes_without_recomputing_finished_ranks(tmp_path, monkeypatch):
+def test_killed_run_resumes_without_recomputing_finished_restarts(tmp_path, monkeypatch):
     cfg_path = resume_config(tmp_path)
     store = tmp_path / "runs" / "aml_resume.zarr"
     proc = subprocess.Popen([sys.executable, "-m", "dnmf", "run", str(cfg_path)], cwd=tmp_path,
@@ -225,17 +230,18 @@ def test_killed_run_resumes_without_recomputing_finished_ranks(tmp_path, monkeyp
         proc.communicate(timeout=30)
     assert killed, "the run finished before it could be killed"
     finished = done_tasks(store)
-    assert 2 <= len(finished) < len(KS)
+    assert 2 <= len(finished) < len(KS) * REPS
     resumed = subprocess.run([sys.executable, "-m", "dnmf", "run", str(cfg_path), "--resume"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"{len(finished)} of {len(KS)} tasks already finished; skipping them" in resumed.stderr
+    assert f"{len(finished)} of {len(KS) * REPS} tasks already finished; skipping them" in resumed.stderr
     run = RunStore.open(store)
     assert run.is_complete and run.meta["attempts"] == 2
-    # each rank records the attempt that computed it: the ranks finished before the kill come
+    # each restart records the attempt that computed it: those finished before the kill come
     # from the checkpoint (attempt 1), only the others ran again (attempt 2)
-    attempts = run.read_group("selection")["attempts"]
-    assert attempts == {str(q): 1 if f"k{q}" in finished else 2 for q in KS}
+    restarts = run.read_table("restarts")
+    keys = [f"k{q}-r{i}" for q, i in zip(restarts["k"], restarts["restart"])]
+    assert list(restarts["attempt"]) == [1 if key in finished else 2 for key in keys]
     # the same results as an uninterrupted run of the same config (seeded restarts: bitwise)
     ref_cfg = JobConfig.from_dict({**yaml.safe_load(cfg_path.read_text()), "name": "ref", "progress": "none"})
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cl, \
@@ -246,7 +252,10 @@ def test_killed_run_resumes_without_recomputing_finished_ranks(tmp_path, monkeyp
     for col in a.columns:
         np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy())
     assert run.read_group("selection")["k"] == ref.read_group("selection")["k"]
+    ra, rb = restarts, ref.read_table("restarts")
+    for col in ("k", "restart", "seed", "loss", "iter", "converged"):
+        np.testing.assert_array_equal(ra[col].to_numpy(), rb[col].to_numpy())
     for q in KS:
         ga, gb = run.read_group(f"k{q}"), ref.read_group(f"k{q}")
-        for key in ("consensus", "clusters", "order", "linkage", "loss"):
+        for key in ("consensus", "clusters", "order", "linkage"):
             np.testing.assert_array_equal(ga[key], gb[key])
