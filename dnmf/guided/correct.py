@@ -30,12 +30,12 @@ def _correct(H: np.ndarray, codes_labels: Any, lam: float, nonneg: bool, whiten:
 def _one_iteration_removal(A, w: np.ndarray, target: np.ndarray, lam: float, nonneg: bool):
     """One ALS iteration from ``w`` with a removal target on H (``nmf(maxit=1, target_lambda=(0, −λ))``).
 
-    The H update uses the unit-L1 columns of ``w`` with the PROJ_ADV Gram (Cholesky-clip, as
-    RcppML's solver choice for k < 32 without L1), then L1-normalizes H into d; the W update
-    solves against the normalized H, normalizes W's columns into d; factors are sorted by d.
+    As RcppML's first iteration from a user W (rcppml spec §1.3): the H update uses ``w`` as
+    given (not normalized) with the PROJ_ADV Gram and the Cholesky-clip solver (RcppML's choice
+    for k < 32 without L1), then H is L1-normalized into d; the W update solves against the
+    normalized H and normalizes W's columns into d; factors are sorted by d.
     """
-    scale = np.abs(w).sum(axis=0) + 1e-15
-    h = nnls(A, w=w / scale, target=target, target_lambda=-lam, nonneg=nonneg, solver="cholesky")
+    h = nnls(A, w=w, target=target, target_lambda=-lam, nonneg=nonneg, solver="cholesky")
     d = np.abs(h).sum(axis=1) + 1e-15
     h = h / d[:, None]
     w_new = nnls(A, h=h, nonneg=nonneg, solver="cholesky")
