@@ -805,3 +805,28 @@ def test_hawaiibirds_target_terms_match_rcppml_rows_3_and_4(hawaiibirds):
     assert re.metrics["nmi"] - r0.metrics["nmi"] >= 0.25 and re.metrics["accuracy_knn"] >= 0.97
     assert rr.metrics["nmi"] < r0.metrics["nmi"]
     assert 1.0 < ratio_r and 1.0 < ratio_e < ratio_refine and ratio_e < 2.0
+
+
+def test_aml_classifier_helpers_match_rcppml_clustering_vignette():
+    """Guided spec §7: classify_embedding / classify_logistic on aml (k = 8, seed 42, test_idx =
+    sorted sample(135, 27) after set.seed(42)): kNN 0.778 / macro-F1 0.324, logistic 0.889 / 0.467."""
+    from dnmf.rrng import RRandom
+
+    data = dnmf.datasets.load_aml()
+    A = data.X
+    y = np.asarray(data.obs["category"].astype("category").cat.codes)  # 0-based codes, sorted levels
+    w0 = RRandom(42).runif(A.shape[0] * 8).reshape((A.shape[0], 8), order="F")  # nmf(seed = 42)'s W
+    with pytest.warns(dnmf.ConvergenceWarning):  # RcppML also stops at maxit = 100 here
+        model = dnmf.nmf(A, 8, init=w0, tol=1e-4, maxit=100, client=False)
+    test_idx = np.sort(RRandom(42).sample(135, 27))
+    knn = classify_embedding(model.h.T, y, test_idx, k=5)
+    # kNN has no randomness left: RcppML's numbers exactly (21/27 correct; macro-F1 = 35/108)
+    assert knn.accuracy == pytest.approx(21 / 27, abs=1e-12)
+    assert knn.macro_f1 == pytest.approx(0.324, abs=5e-4)
+    lr = classify_logistic(model.h.T, y, test_idx)
+    # R's glm stops IRLS at 25 iterations on these separable classes; scikit-learn's unpenalized
+    # lbfgs goes further, and one of the 27 test samples changes class: 25/27 here vs 24/27.
+    assert abs(lr.accuracy - 0.889) <= 1 / 27 + 1e-3
+    # (observed macro-F1 0.491): one flipped sample changes two of the six per-class F1 values,
+    # which moves their mean by a few hundredths → 0.05
+    assert abs(lr.macro_f1 - 0.467) <= 0.05
