@@ -20,7 +20,8 @@ import numpy as np
 from ._validation import param_error
 from .exceptions import InputError
 
-__all__ = ["CVResult", "cross_validate", "splitmix64_uniform", "engine_init", "cv_tasks", "CVTask"]
+__all__ = ["CVResult", "cross_validate", "splitmix64_uniform", "engine_init", "cv_tasks", "CVTask", "fit_task",
+           "TABLE_COLUMNS"]
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -69,7 +70,11 @@ def cv_tasks(ks: Sequence[int], cv_seeds: Sequence[int]) -> list[CVTask]:
     return [CVTask(rep, int(k), int(s)) for rep, s in enumerate(cv_seeds, start=1) for k in ks]
 
 
-def _fit_task(task: CVTask, A, kwargs: Mapping, fit, client=False) -> dict:
+#: Columns of :attr:`CVResult.table`.
+TABLE_COLUMNS = ("rep", "k", "cv_seed", "train_mse", "test_mse", "best_iter", "total_iter")
+
+
+def fit_task(task: CVTask, A, kwargs: Mapping, fit, client=False) -> dict:
     """Run one cross-validation fit with ``fit`` (:func:`dnmf.nmf`; whole and in-process by
     default) and return its row and histories."""
     model = fit(A, task.k, init=engine_init(A.shape[0], task.k, task.init_seed), seed=task.init_seed,
@@ -166,6 +171,19 @@ class CVResult:
         axes[0].legend(fontsize="small")
         return fig
 
+    @classmethod
+    def from_rows(cls, rows: Sequence[Mapping], test_fraction: float, *, A=None, fit_kwargs: Mapping | None = None,
+                  fit=None) -> "CVResult":
+        """Assemble the result from the fits' rows (:func:`fit_task` outputs, in grid order)."""
+        import pandas as pd
+
+        rows = [dict(r) for r in rows]
+        histories = {(r["rep"], r["k"]): (np.asarray(r.pop("train_history")), np.asarray(r.pop("test_history")))
+                     for r in rows}
+        table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+        return cls(table=table, histories=histories, test_fraction=float(test_fraction), _A=A,
+                   _fit_kwargs=dict(fit_kwargs or {}), _fit=fit)
+
     def __repr__(self) -> str:
         return f"CVResult(best_k={self.best_k}, fits={len(self.table)}, test_fraction={self.test_fraction})\n{self.table}"
 
@@ -197,8 +215,6 @@ def cross_validate(blocked, k: Sequence[int], fit, *, cv_seed=None, test_fractio
     -------
     CVResult
     """
-    import pandas as pd
-
     from .engine.executor import get_executor
 
     for bad in ("init", "on_iteration", "checkpoint", "resume"):
@@ -223,13 +239,10 @@ def cross_validate(blocked, k: Sequence[int], fit, *, cv_seed=None, test_fractio
     executor = get_executor(client)
     try:
         if executor.distributed and blocked.in_memory:
-            rows = executor.map(_fit_task, tasks, args=(blocked, kwargs, fit))
+            rows = executor.map(fit_task, tasks, args=(blocked, kwargs, fit))
         else:
-            rows = [_fit_task(t, blocked, kwargs, fit, client) for t in tasks]
+            rows = [fit_task(t, blocked, kwargs, fit, client) for t in tasks]
     finally:
         if not executor.distributed:
             executor.close()
-    histories = {(r["rep"], r["k"]): (r.pop("train_history"), r.pop("test_history")) for r in rows}
-    table = pd.DataFrame(rows, columns=["rep", "k", "cv_seed", "train_mse", "test_mse", "best_iter", "total_iter"])
-    return CVResult(table=table, histories=histories, test_fraction=tf, _A=blocked,
-                    _fit_kwargs={**kwargs, "seed": seed, "client": client}, _fit=fit)
+    return CVResult.from_rows(rows, tf, A=blocked, fit_kwargs={**kwargs, "seed": seed, "client": client}, fit=fit)
