@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 import dnmf
-from dnmf.config import JobConfig, load_config
+from dnmf.config import load_config
 from dnmf.datasets import load_hawaiibirds
 from dnmf.exceptions import ConfigError
 from dnmf.jobs import RunStore, run_job
