@@ -180,6 +180,9 @@ def run(config, job) -> None:
     import pandas as pd
 
     s, cn = config.consensus, config.cnmf
+    if job.client is False:
+        raise dnmf.InputError("The consensus pipeline runs its restarts as parallel tasks on a Dask cluster; "
+                              "run it with a client or the config's cluster (not client=False).")
     nmf_kwargs = dnmf.params.config_kwargs([p for p in dnmf.params.NMF_PARAMS if p.name not in _SET_BY_CONSENSUS],
                                            config.model)
     A = load_input(config.input, job, config.model.block_nnz).data

@@ -105,7 +105,7 @@ def test_example_config_matches_the_library_call(example_run):
     assert list(clusters["object"]) == [str(s) for s in load_aml().obs.index]  # sample names, in order
     np.testing.assert_array_equal(clusters["cluster"].to_numpy(), ref[sel["k"]].clusters)
     for name in ("statistics", "consensus"):
-        assert_png(pathlib.Path(cfg.output.dir) / f"aml_consensus-{name}.png")
+        assert_png(pathlib.Path(cfg.output.dir) / f"consensus-{name}.png")
 
 
 def test_cnmf_mode_matches_the_library_call(tmp_path, client):
@@ -259,3 +259,8 @@ def test_killed_run_resumes_without_recomputing_finished_restarts(tmp_path, monk
         ga, gb = run.read_group(f"k{q}"), ref.read_group(f"k{q}")
         for key in ("consensus", "clusters", "order", "linkage"):
             np.testing.assert_array_equal(ga[key], gb[key])
+
+
+def test_in_process_run_is_refused_with_a_clear_error(tmp_path):
+    with pytest.raises(dnmf.InputError, match="runs its restarts as parallel tasks on a Dask cluster"):
+        run_job(example(tmp_path, ["consensus.k=[2]", "consensus.reps=2"]), client=False, echo=quiet)
