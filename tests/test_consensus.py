@@ -420,3 +420,24 @@ def test_results_do_not_depend_on_the_models_memory_layout(sim, selection):
                                                           h=np.asfortranarray(m.h)) for m in models],
                                            method="knn_jaccard", knn=6, axis=axis)
         np.testing.assert_array_equal(x.consensus, y.consensus)
+
+
+def test_plots_draw_the_ordered_consensus_and_the_statistics(sweep, selection):
+    from scipy.cluster.hierarchy import leaves_list
+
+    r = sweep[4]
+    # the heatmap is the consensus with rows and columns in the average-linkage tree's leaf order
+    np.testing.assert_array_equal(r.order, leaves_list(linkage(1 - r.consensus[np.triu_indices(100, 1)],
+                                                               method="average")))
+    img = r.plot().axes[0].images[0].get_array()
+    np.testing.assert_array_equal(np.asarray(img), r.consensus[np.ix_(r.order, r.order)])
+    # the rank-selection plots draw the tables' columns against k
+    ax = sweep.plot().axes[0]
+    t = sweep.table
+    for line, col in zip(ax.get_lines(), ("cophenetic", "dispersion", "PAC")):
+        np.testing.assert_array_equal(line.get_xdata(), t["k"])
+        np.testing.assert_array_equal(line.get_ydata(), t[col])
+    fig = selection.plot()
+    s = selection.table
+    np.testing.assert_array_equal(fig.axes[0].get_lines()[0].get_ydata(), s["stability"])
+    np.testing.assert_array_equal(fig.axes[1].get_lines()[0].get_ydata(), s["error"])
