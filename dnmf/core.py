@@ -21,7 +21,7 @@ from ._validation import param_error
 from .engine.als import ALSOptions, fit_als
 from .engine.checkpoint import Checkpointer, fingerprint
 from .engine.executor import get_executor
-from .cv import cross_validate
+from .cv import auto_rank, cross_validate
 from .engine.masked import MaskOptions, fit_masked
 from .engine.svd import truncated_svd
 from .exceptions import ConvergenceWarning, DnmfError, InputError
@@ -459,6 +459,9 @@ def nmf(
         if isinstance(k, (list, tuple, range, np.ndarray)):
             A = args.pop("A")
             return cross_validate(_blocked(A, block_nnz), list(args.pop("k")), nmf, **args)
+        if isinstance(k, str) and k == "auto":
+            A = args.pop("A")
+            return auto_rank(_blocked(A, block_nnz), nmf, args)
         if isinstance(seed, (list, tuple, range, np.ndarray)) or isinstance(init, list):
             from .multistart import multi_start
 
@@ -527,6 +530,9 @@ class NMFFitRecord:
         Held-out entries scored by the test loss.
     all_inits : pandas.DataFrame or None
         A multi-start's starts (init, seed, loss, iter, selected); None for a single start.
+    rank_search : dict or None
+        ``k="auto"``: k_optimal, k_low, k_high, overfitting_detected and the table of the search's
+        fits (RcppML §5.7); None otherwise.
     """
 
     iter: int
@@ -560,6 +566,7 @@ class NMFFitRecord:
     test_loss_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
     n_test: int = 0
     all_inits: Any = None
+    rank_search: Any = None
 
 
 class FitRecordView(Mapping):

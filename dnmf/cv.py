@@ -246,3 +246,45 @@ def cross_validate(blocked, k: Sequence[int], fit, *, cv_seed=None, test_fractio
         if not executor.distributed:
             executor.close()
     return CVResult.from_rows(rows, tf, A=blocked, fit_kwargs={**kwargs, "seed": seed, "client": client}, fit=fit)
+
+
+def auto_rank(blocked, fit, args: dict, *, func: str = "nmf"):
+    """``nmf(A, k="auto")`` (RcppML §5.6): search the rank by cross-validation, then fit it on all data.
+
+    Each candidate r is a CV fit (``test_fraction``, 0.1 when 0) on the held-out set of
+    ``cv_seed`` (``seed`` when None), started from the SplitMix64 W seeded ``seed + r`` (12345 when
+    that is 0), scored by its *final* train and test loss; :func:`dnmf.rank_search.rank_search`
+    picks the ranks (in [2, min(50, m, n)]). The returned model is fit at ``k_optimal`` with the
+    caller's seed and init; ``misc["rank_search"]`` holds ``k_optimal``, ``k_low``, ``k_high``,
+    ``overfitting_detected`` and ``table`` (every fit, in evaluation order).
+    """
+    from dataclasses import replace
+
+    from .rank_search import rank_search
+
+    args = dict(args)
+    args.pop("k")
+    for bad in ("checkpoint", "resume"):
+        if args.get(bad) not in (None, False):
+            raise param_error(bad, func, 'not given with k="auto"', args[bad])
+    seed = args.get("seed")
+    if seed is not None and not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+        raise param_error("seed", func, 'None or an int with k="auto"', seed)
+    cv_seed = args.pop("cv_seed")
+    if cv_seed is not None and not (isinstance(cv_seed, numbers.Integral) and not isinstance(cv_seed, bool)):
+        raise param_error("cv_seed", func, 'None or an int with k="auto"', cv_seed)
+    tf = float(args.pop("test_fraction") or 0.1)
+    seed_int = int(seed or 0)
+    cvs = int(cv_seed) if cv_seed else seed_int
+    m, n = blocked.shape
+    search_kw = {key: v for key, v in args.items() if key not in ("seed", "init", "r_rng", "on_iteration")}
+
+    def evaluate(r: int) -> tuple[float, float]:
+        model = fit(blocked, r, init=engine_init(m, r, seed_int + r), seed=seed_int + r, cv_seed=cvs,
+                    test_fraction=tf, **search_kw)
+        return float(model.misc["loss_history"][-1]), float(model.misc["test_loss_history"][-1])
+
+    result = rank_search(evaluate, k_min=2, k_max=max(2, min(50, m, n)))
+    model = fit(blocked, result.k_optimal, **args)
+    record = replace(model.misc.record, rank_search={**result.as_misc(), "table": result.table})
+    return type(model)(w=model.w, d=model.d, h=model.h, misc=type(model.misc)(record))

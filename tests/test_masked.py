@@ -318,3 +318,19 @@ def test_masked_fit_on_the_cluster_engine_matches_in_process(small, cluster_clie
     np.testing.assert_array_equal(here.h, there.h)
     np.testing.assert_array_equal(here.misc["test_loss_history"], there.misc["test_loss_history"])
     assert there.misc["executor"] == "distributed"
+
+
+def test_auto_rank_follows_rcppml_on_aml():
+    # RcppML 1.0 (run once): nmf(aml, k = "auto", threads = 2) → k_optimal 50, overfitting not
+    # detected (its k_low/k_high are -1): the train loss never flattens below 1 % per doubling.
+    A = dnmf.datasets.load_aml().X
+    model = dnmf.nmf(A, "auto", maxit=30, client=False)
+    rs = model.misc["rank_search"]
+    assert rs["k_optimal"] == 50 and not rs["overfitting_detected"] and model.k == 50
+    table = rs["table"]
+    assert list(table["rank"]) == [2, 4, 8, 16, 32, 50] and set(table["phase"]) == {"exponential"}
+    # each search fit is the CV fit of its rank: its final test loss, as a direct call gives it
+    direct = dnmf.nmf(A, 4, init=engine_init(A.shape[0], 4, 4), seed=4, cv_seed=0, test_fraction=0.1, maxit=30,
+                      client=False)
+    assert table["test"][1] == direct.misc["test_loss_history"][-1]
+    assert model.misc["test_fraction"] == 0.0  # the final model is fit on all data
