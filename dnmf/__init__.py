@@ -8,6 +8,12 @@ Public API (all importable from ``dnmf``):
 * consensus: :func:`consensus_nmf`, :class:`ConsensusNMFResult`, :class:`ConsensusNMFSweep`
   (RcppML), :func:`cnmf_consensus`, :func:`cnmf_k_selection`, :class:`CNMFResult`,
   :class:`CNMFSelection` (cNMF)
+* rank selection: ``nmf(A, k=[...], cv_seed=[...])`` → :class:`CVResult` (:mod:`dnmf.cv`),
+  ``nmf(A, k="auto")`` (:func:`rank_search`, :class:`RankSearchResult`)
+* guided NMF (:mod:`dnmf.guided`): :func:`compute_target`, :func:`refine`, :func:`assess`,
+  :class:`Assessment`, :func:`classify_embedding`, :func:`classify_logistic`,
+  :func:`classify_rf`, :class:`ClassifierEvaluation`, :func:`nnls`, :func:`bipartition`,
+  :class:`Bipartition`, :func:`dclust`, :class:`DClustResult`
 * data: :mod:`dnmf.io` (``as_blocked``, ``write_zarr``), :mod:`dnmf.datasets`, :mod:`dnmf.anndata`,
   :mod:`dnmf.preprocess` (``normalize_total``, ``log1p``, ``select_features``, ``recipe``)
 * covariates / random effects: :func:`nmfkc`, :func:`nmfkc_inference`, :func:`nmfkc_ecv`,
@@ -64,6 +70,24 @@ _LAZY = {
     "anndata": "dnmf.anndata",
     "preprocess": "dnmf.preprocess",
     "datasets": "dnmf.datasets",
+    "CVResult": "dnmf.cv",
+    "cv": "dnmf.cv",
+    "rank_search": "dnmf.rank_search",
+    "RankSearchResult": "dnmf.rank_search",
+    "guided": "dnmf.guided",
+    "compute_target": "dnmf.guided",
+    "refine": "dnmf.guided",
+    "assess": "dnmf.guided",
+    "Assessment": "dnmf.guided",
+    "classify_embedding": "dnmf.guided",
+    "classify_logistic": "dnmf.guided",
+    "classify_rf": "dnmf.guided",
+    "ClassifierEvaluation": "dnmf.guided",
+    "nnls": "dnmf.guided",
+    "bipartition": "dnmf.guided",
+    "Bipartition": "dnmf.guided",
+    "dclust": "dnmf.guided",
+    "DClustResult": "dnmf.guided",
 }
 
 __all__ = ["DnmfError", "InputError", "ConfigError", "WorkerLostError", "CheckpointError", "ConvergenceWarning",
