@@ -208,9 +208,38 @@ def _pac(c: np.ndarray, lower: float = 0.1, upper: float = 0.9) -> float:
     return float(np.mean((v > lower) & (v < upper))) if v.size else float("nan")
 
 
+def cut_linkage(z: np.ndarray, k: int) -> np.ndarray:
+    """R's ``cutree(tree, k)`` on a scipy linkage: the groups left after its first n − k merges.
+
+    Groups are numbered from 0 in order of first appearance (R's numbering minus one). Each
+    group is a subtree of ``z``, so it is contiguous in the leaf order. (``scipy``'s
+    ``cut_tree`` does not always follow the merge order when merges tie in height.)
+    """
+    z = np.asarray(z)
+    n = z.shape[0] + 1
+    merged = n - min(max(int(k), 1), n)
+    children = z[:merged, :2].astype(np.int64)
+    taken = np.zeros(n + merged, dtype=bool)
+    taken[children.ravel()] = True
+    labels = np.empty(n, dtype=np.int64)
+    for group, root in enumerate(np.flatnonzero(~taken)):  # the n − merged = k roots
+        stack = [int(root)]
+        while stack:
+            node = stack.pop()
+            if node < n:
+                labels[node] = group
+            else:
+                stack.extend(children[node - n].tolist())
+    # number groups in order of first appearance, as R's cutree does
+    uniq, first = np.unique(labels, return_index=True)
+    rank = np.empty(uniq.size, dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(uniq.size)
+    return rank[np.searchsorted(uniq, labels)]
+
+
 def _cluster(c: np.ndarray, k: int):
     """hclust(as.dist(1 − c), "average"), cutree(k) and the cophenetic correlation."""
-    from scipy.cluster.hierarchy import cophenet, cut_tree, leaves_list, linkage
+    from scipy.cluster.hierarchy import cophenet, leaves_list, linkage
     from scipy.spatial.distance import squareform
 
     if c.shape[0] < 2:
@@ -221,13 +250,7 @@ def _cluster(c: np.ndarray, k: int):
     d = squareform(dist, checks=False)
     z = linkage(d, method="average")
     coph = float(cophenet(z, d)[0]) if d.size and np.ptp(d) > 0 else float("nan")
-    cut = cut_tree(z, n_clusters=k).ravel()
-    # number clusters in order of first appearance, as R's cutree does (0-based here)
-    uniq, first = np.unique(cut, return_index=True)
-    rank = np.empty(uniq.size, dtype=np.int64)
-    rank[np.argsort(first)] = np.arange(uniq.size)
-    clusters = rank[np.searchsorted(uniq, cut)]
-    return z, leaves_list(z).astype(np.int64), clusters, coph
+    return z, leaves_list(z).astype(np.int64), cut_linkage(z, k), coph
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,8 +264,9 @@ class ConsensusNMFResult:
         or the mean Jaccard index of their kNN sets (``"knn_jaccard"``). N is the number of
         objects: m (features, rows of A) for ``axis="features"``, n for ``axis="samples"``.
     clusters : ndarray of int64, shape (N,)
-        Cut of the average-linkage tree of ``1 − consensus`` into k clusters, numbered from 0 in
-        order of first appearance (R's ``cutree`` numbering minus one).
+        Cut of the average-linkage tree of ``1 − consensus`` into k clusters: the groups left
+        after the tree's first N − k merges (R's ``cutree``; :func:`cut_linkage`), numbered from
+        0 in order of first appearance (R's numbering minus one).
     cophenetic : float
         Pearson correlation of ``1 − consensus`` with the tree's cophenetic distances (object
         pairs); NaN when all distances are equal.

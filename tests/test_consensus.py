@@ -441,3 +441,40 @@ def test_plots_draw_the_ordered_consensus_and_the_statistics(sweep, selection):
     s = selection.table
     np.testing.assert_array_equal(fig.axes[0].get_lines()[0].get_ydata(), s["stability"])
     np.testing.assert_array_equal(fig.axes[1].get_lines()[0].get_ydata(), s["error"])
+
+
+def ref_cutree(z, k):
+    """R's cutree(k) written out: apply the first n − k merges of the linkage, one set per group."""
+    n = len(z) + 1
+    groups = {i: {i} for i in range(n)}
+    for i, (a, b) in enumerate(z[:n - k, :2].astype(int)):
+        groups[n + i] = groups.pop(a) | groups.pop(b)
+    labels = np.empty(n, dtype=int)
+    for g, members in enumerate(groups.values()):
+        labels[sorted(members)] = g
+    return labels
+
+
+def test_clusters_follow_the_merge_order_when_heights_tie():
+    from dnmf.consensus import hard_connectivity
+
+    # random hard labels over few restarts give consensus values that are multiples of 1/reps,
+    # so merge heights tie often, also at the cut; scipy's cut_tree departs from the merge order
+    # in 11 of these 300 draws
+    rng = np.random.default_rng(0)
+    ties = 0
+    for _ in range(300):
+        n, reps, k = int(rng.integers(5, 40)), int(rng.integers(2, 6)), int(rng.integers(2, 6))
+        labels = rng.integers(0, k, size=(reps, n))
+        c = hard_connectivity(labels, k) / reps
+        res = ConsensusNMFResult.from_models([dnmf.NMFModel(w=np.eye(k)[lab] + 0.0, d=np.ones(k),
+                                                             h=np.ones((k, 2))) for lab in labels])
+        np.testing.assert_array_equal(res.consensus, c)
+        ref = ref_cutree(res.linkage, k)
+        assert same_partition(res.clusters, ref) and len(set(res.clusters.tolist())) == k
+        assert res.clusters[0] == 0 and np.all(np.diff(np.unique(res.clusters, return_index=True)[1]) > 0)
+        # every cluster is a subtree: contiguous in the heatmap's leaf order
+        in_order = res.clusters[res.order]
+        assert np.count_nonzero(np.diff(in_order)) == k - 1
+        ties += bool(res.linkage[n - k - 1, 2] == res.linkage[n - k, 2]) if n - k >= 1 else 0
+    assert ties > 0  # the draws do exercise tied cut heights
