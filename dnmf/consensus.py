@@ -36,7 +36,7 @@ from .models import NMFModel
 logger = logging.getLogger(__name__)
 
 __all__ = ["consensus_nmf", "ConsensusNMFResult", "ConsensusNMFSweep", "cnmf_consensus", "cnmf_k_selection",
-           "CNMFResult", "CNMFSelection", "hard_connectivity", "knn_jaccard_connectivity"]
+           "CNMFResult", "CNMFSelection", "hard_connectivity", "knn_jaccard_connectivity", "cut_linkage"]
 
 METHODS = ("hard", "knn_jaccard")
 AXES = ("features", "samples")
