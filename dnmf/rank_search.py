@@ -80,6 +80,27 @@ class RankSearchResult:
         return {"k_optimal": self.k_optimal, "k_low": self.k_low, "k_high": self.k_high,
                 "overfitting_detected": self.overfitting_detected}
 
+    def plot(self, ax=None):
+        """Final train and test loss of the fits against rank (test on a second axis), golden-
+        section fits marked with open circles and ``k_optimal`` with a dashed line. Returns the
+        matplotlib Figure."""
+        from ._plotting import figure_axes
+
+        fig, ax = figure_axes(ax, (6, 4))
+        t = self.table.sort_values("rank", kind="stable")
+        ax.plot(t["rank"], t["train"], "o-", color="#377eb8", label="train")
+        ax.set_xlabel("k")
+        ax.set_ylabel("train loss", color="#377eb8")
+        ax2 = ax.twinx()
+        ax2.plot(t["rank"], t["test"], "s-", color="#e41a1c", label="test")
+        golden = t[t["phase"] == "golden"]
+        ax2.plot(golden["rank"], golden["test"], "o", mfc="none", mec="black", ms=10, label="golden-section fit")
+        ax2.set_ylabel("test loss", color="#e41a1c")
+        ax.axvline(self.k_optimal, color="grey", ls="--", lw=1)
+        ax.set_title(f"Rank search: k = {self.k_optimal}"
+                     + ("" if self.overfitting_detected else " (no overfitting up to k_max)"))
+        return fig
+
     def __str__(self) -> str:
         head = (f"rank search in [{self.k_min}, {self.k_max}]: k_optimal = {self.k_optimal} "
                 f"(bracket [{self.k_low}, {self.k_high}], overfitting "

@@ -187,3 +187,15 @@ def test_numpy_losses_are_accepted():
     # a fit returns numpy scalars (float32 for float32 input): stored as Python floats
     res = rank_search(lambda r: (np.float32(1.0 / r), np.float64(1.0 / r)), 2, 4)
     assert [type(e.train) for e in res.evaluations] == [float, float] and res.evaluations[0].train == 0.5
+
+
+def test_plot_draws_the_losses_by_rank():
+    res = rank_search(lambda r: (1 + 1 / r ** 3, (r - 11) ** 2 + 5), 2, 50)
+    fig = res.plot()
+    train, = fig.axes[0].get_lines()[:1]
+    test, golden = fig.axes[1].get_lines()[:2]
+    ranks = [2, 4, 8, 10, 11, 12, 13, 16]  # the evaluated ranks, sorted
+    np.testing.assert_array_equal(train.get_xdata(), ranks)
+    np.testing.assert_array_equal(train.get_ydata(), [1 + 1 / r ** 3 for r in ranks])
+    np.testing.assert_array_equal(test.get_ydata(), [(r - 11) ** 2 + 5 for r in ranks])
+    np.testing.assert_array_equal(golden.get_xdata(), [10, 11, 12, 13])
