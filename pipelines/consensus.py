@@ -49,11 +49,10 @@ import dnmf
 import dnmf.params
 from pipelines.factorize import FactorizeInput, input_shape, load_input
 
-METHODS = ("hard", "knn_jaccard", "cnmf")
 #: criteria a method accepts; the first is what ``auto`` means
 CRITERIA = {"hard": ("cophenetic", "dispersion", "pac"), "knn_jaccard": ("cophenetic", "dispersion", "pac"),
             "cnmf": ("stability", "error")}
-#: nmf arguments the consensus sets itself (the rank per task, the seed per restart)
+#: nmf arguments the consensus sets itself (the rank from consensus.k, the seed per restart)
 _SET_BY_CONSENSUS = ("k", "seed")
 
 
@@ -105,7 +104,7 @@ class CNMFSettings:
 
 
 #: ``model:``: :func:`dnmf.nmf`'s YAML parameters (declared once in :data:`dnmf.params.NMF_PARAMS`)
-#: except ``k`` and ``seed``, which the consensus sets per task and per restart.
+#: except ``k`` and ``seed``, which the consensus sets per rank and per restart.
 ConsensusModel = dnmf.params.config_section(
     [p for p in dnmf.params.NMF_PARAMS if p.name not in _SET_BY_CONSENSUS], "ConsensusModel", module=__name__,
     doc="``model:`` of the consensus pipeline: the arguments of :func:`dnmf.nmf` (except k and seed) "
