@@ -23,6 +23,7 @@ from .engine.checkpoint import Checkpointer, fingerprint
 from .engine.executor import get_executor
 from .cv import auto_rank, cross_validate
 from .engine.masked import MaskOptions, fit_masked
+from .solvers.targets import FitTargets
 from .engine.svd import truncated_svd
 from .exceptions import ConvergenceWarning, DnmfError, InputError
 from .io.blocks import CSCBlock, _WrappedSource
@@ -299,6 +300,9 @@ def nmf(
     cd_maxit: int = 100,
     cd_tol: float = 1e-8,
     patience: int = 5,
+    target_H: Any = None,
+    target_W: Any = None,
+    target_lambda: float | tuple = (0.0, 0.0),
     mask: Any = None,
     test_fraction: float = 0.0,
     cv_seed: Any = None,
@@ -370,6 +374,17 @@ def nmf(
         Consecutive iterations below ``tol`` needed to stop. With a test set (``test_fraction``)
         the fit stops after ``patience`` iterations without a new best test loss, or as soon as
         the relative change of the test loss is below ``tol`` (RcppML §3.2).
+    target_H, target_W : array of shape (k, n) / (m, k), optional
+        Guided NMF (guided spec §2): targets of H's columns and of W's rows, e.g. from
+        :func:`dnmf.compute_target`. With λ > 0 every column solves
+        ``min_{h≥0} ‖a − W h‖² + λ‖h − t‖²`` (Gram ``+ λI``, right-hand side ``+ λt``); with
+        λ < 0 target-correlated structure is removed by the projected adversarial update
+        (``G − |λ|·tr(G)/tr(Γ)·Γ``, ``Γ = TTᵀ/n``, eigenvalues floored at 1e-8; the right-hand
+        side unchanged). The target's row i acts on factor i of the fit (before sorting), and is
+        compared with the unnormalized factor (``d ⊙ ĥ``), as RcppML. The reported loss is the
+        reconstruction loss only. Works with masks and cross-validation.
+    target_lambda : float or (float, float), default 0
+        (λ_W, λ_H); a scalar λ means (0, λ) (RcppML). 0 disables a side.
     mask : None, "zeros", "NA", boolean matrix, or a list of "zeros" and a matrix
         Missing entries, which take part in neither side's right-hand side nor Gram: a sparse or
         dense m × n matrix whose non-zero entries are missing; ``"zeros"`` makes every zero
@@ -734,6 +749,35 @@ def _initialize(plan: _Plan, opts: dict, seq: np.random.SeedSequence, func: str)
     return _check_init(init, m, k, opts["nonneg"][0], func), "user"
 
 
+def _targets(plan: _Plan, opts: dict, func: str) -> FitTargets | None:
+    """The fit's targets, checked against k and A (scaled with A: they are compared with the
+    unnormalized factors), or None."""
+    lam_w, lam_h = opts["target_lambda"]
+    m, n = plan.blocked.shape
+    k = plan.k
+    out = {}
+    for side, key, lam, shape in (("h", "target_H", lam_h, (k, n)), ("w", "target_W", lam_w, (m, k))):
+        target = opts[key]
+        if target is None:
+            if lam != 0.0:
+                raise param_error("target_lambda", func, f"0 on the {side.upper()} side unless {key} is given",
+                                  opts["target_lambda"])
+            continue
+        try:
+            t = np.asarray(target.toarray() if hasattr(target, "toarray") else target, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise param_error(key, func, f"a numeric matrix of shape {shape}", type(target).__name__) from e
+        if t.shape != shape:
+            raise param_error(key, func, f"a matrix of shape {shape[0]} × {shape[1]} ({'k × n' if side == 'h' else 'm × k'})",
+                              f"shape {t.shape[0]} × {t.shape[1]}", described=True)
+        if not np.all(np.isfinite(t)):
+            raise param_error(key, func, "a finite matrix", "a matrix with NaN or Inf", described=True)
+        out[side] = t * plan.scale
+    if not out:
+        return None
+    return FitTargets.build(h=out.get("h"), lam_h=lam_h, w=out.get("w"), lam_w=lam_w)
+
+
 def _als_options(plan: _Plan, opts: dict) -> ALSOptions:
     """The engine's constants; L1 is scaled with A (see :func:`data_scale`)."""
     L1 = opts["L1"]
@@ -750,6 +794,7 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
     """
     als = _als_options(plan, opts)
     blocked = plan.blocked
+    targets = _targets(plan, opts, func)
     if plan.masked is not None:
         if opts["checkpoint"] is not None:
             raise param_error("checkpoint", func, "None for a fit with a mask, NaN entries or a test set (such fits "
@@ -761,11 +806,15 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
         blas_limit = (threadpool_limits(limits=1, user_api="blas") if not plan.executor.distributed
                       and getattr(plan.executor, "n_threads", 1) > 1 else contextlib.nullcontext())
         with blas_limit:
-            return fit_masked(plan.fit_blocked, w0, als, plan.masked, plan.executor, on_iteration=callback)
+            return fit_masked(plan.fit_blocked, w0, als, plan.masked, plan.executor, on_iteration=callback,
+                              targets=targets)
     checkpointer = state = None
     if opts["checkpoint"] is not None:
         fp = fingerprint(blocked.shape, blocked.col_bounds,
-                         {**als.__dict__, "init": init_name, "seed": seed_int, "w0": float(np.sum(w0))})
+                         {**als.__dict__, "init": init_name, "seed": seed_int, "w0": float(np.sum(w0)),
+                          "targets": None if targets is None else [float(np.sum(t)) if t is not None else None
+                                                                   for t in (targets.h, targets.w)]
+                          + [targets.lam_h, targets.lam_w]})
         checkpointer = Checkpointer(os.fspath(opts["checkpoint"]), fp, blocked.n_blocks)
         if opts["resume"]:
             state = checkpointer.load()
@@ -784,7 +833,8 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
     with blas_limit:
         return fit_als(plan.fit_blocked, w0, als, executor,
                        sq_norm_a=plan.summary.sq_norm if plan.scale == 1.0 else None,
-                       on_iteration=callback, checkpointer=checkpointer, state=state, stream=plan.stream)
+                       on_iteration=callback, checkpointer=checkpointer, state=state, stream=plan.stream,
+                       targets=targets)
 
 
 def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, seq: np.random.SeedSequence,

@@ -252,6 +252,23 @@ def _check_cv_seed(value, name: str, func: str):
     raise param_error(name, func, "None, a non-negative int or a non-empty list of them", value)
 
 
+def _check_target(value, name: str, func: str):
+    if value is None:
+        return None
+    if not hasattr(value, "shape") or len(value.shape) != 2:
+        raise param_error(name, func, "None or a 2-d matrix", value)
+    return value  # its shape is checked against k and A by nmf
+
+
+def _check_target_lambda(value, name: str, func: str):
+    """A real λ (→ (0, λ): the H side, as RcppML) or a (λ_W, λ_H) pair of reals."""
+    vals = value if isinstance(value, (tuple, list, np.ndarray)) else (0.0, value)
+    if len(vals) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v)
+                                 for v in vals):
+        raise param_error(name, func, "a finite real λ or a (λ_W, λ_H) pair of them", value)
+    return (float(vals[0]), float(vals[1]))
+
+
 def _check_init(value, name: str, func: str):
     if isinstance(value, str):
         return check_option(value, name, func, INITS)
@@ -361,6 +378,12 @@ NMF_PARAMS: tuple[Param, ...] = (
           config=False),
     Param("patience", Interval(int, low=1), 5, "iterations below tol needed to stop (with a test set: "
           "iterations without a new best test loss)"),
+    Param("target_H", Check(_check_target), None, "target of H (k × n): pulled toward (λ > 0) or removed (λ < 0)",
+          estimator=False, config=False),
+    Param("target_W", Check(_check_target), None, "target of W (m × k), as target_H for W's rows", estimator=False,
+          config=False),
+    Param("target_lambda", Check(_check_target_lambda), (0.0, 0.0),
+          "strength of the targets, (λ_W, λ_H); a scalar is the H side's", estimator=False, config=False),
     Param("mask", Check(_check_mask, Literal["zeros"] | None), None,
           'missing entries: "zeros" (zeros are missing) or a boolean matrix (True = missing); NaN is always '
           "missing", estimator=False, config=False),

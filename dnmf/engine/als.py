@@ -31,6 +31,7 @@ from ..kernels.column import ColumnTerms, column_terms
 from ..kernels.fused import csc_block_pass, csc_sq_norm
 from ..kernels.nnls import SOLVER_CHOLESKY
 from ..solvers.hstep import HStep, h_step, solve_dense_columns
+from ..solvers.targets import FitTargets
 from ..solvers.updates import cholesky_or_empty, scale_rows, update_factor
 from .executor import Executor
 
@@ -160,6 +161,21 @@ def h_update_task(block, ht_prev, hs: HStep, terms: ColumnTerms | None = None):
     return ht, BlockStats(P, Q, hsum)
 
 
+def _h_task(block, ht_prev, terms, hs: HStep):
+    """:func:`h_update_task` with the block's terms among the per-block arguments (map_blocks order)."""
+    return h_update_task(block, ht_prev, hs, terms)
+
+
+def block_terms(blocked: BlockedMatrix, k: int, targets: FitTargets | None) -> list:
+    """Each column block's :class:`~dnmf.kernels.column.ColumnTerms` (None where it has none)."""
+    bounds = blocked.col_bounds
+    out = []
+    for j in range(blocked.n_blocks):
+        rhs = None if targets is None else targets.h_rhs(int(bounds[j]), int(bounds[j + 1]))
+        out.append(None if rhs is None else column_terms(k, rhs=rhs))
+    return out
+
+
 def check_convergence(state: ALSState, opts: ALSOptions) -> bool:
     """RcppML 1.0 rule: relative loss change below ``tol`` on ``patience`` consecutive iterations."""
     hist = state.loss_history
@@ -196,21 +212,32 @@ def _place_blocks(blocked: BlockedMatrix, executor: Executor, stream: bool) -> l
     return executor.map_blocks(load_block, executor.put_blocks(sources))
 
 
-def _h_task_args(state: ALSState, opts: ALSOptions) -> tuple:
+def h_task_step(w: np.ndarray, h_scale: np.ndarray, opts: ALSOptions, targets: FitTargets | None = None) -> HStep:
     """Step 1: the block tasks' shared arguments for the current W — its Gram
-    ``G = WᵀW + L2_H·I`` and G's Cholesky factor (H-side penalties, warm-start scale and solver
-    settings) as one :class:`~dnmf.solvers.hstep.HStep`, in a 1-tuple for ``map_blocks``."""
-    return (h_step(state.w, l1=opts.L1[1], l2=opts.L2[1], solver=opts.solver, nonneg=opts.nonneg[1],
-                   cd_maxit=opts.cd_maxit, cd_tol=opts.cd_tol, warm_scale=state.h_scale, ridge=1e-15),)
+    ``G = WᵀW + L2_H·I`` (then the H target's Gram term, guided spec §2.2) and G's Cholesky
+    factor, with the H-side penalties, warm-start scale and solver settings, as one
+    :class:`~dnmf.solvers.hstep.HStep`."""
+    hs = h_step(w, l1=opts.L1[1], l2=opts.L2[1], solver=opts.solver, nonneg=opts.nonneg[1], cd_maxit=opts.cd_maxit,
+                cd_tol=opts.cd_tol, warm_scale=h_scale, ridge=1e-15)
+    if targets is not None and targets.h is not None:
+        G = targets.h_gram(hs.G)
+        hs = hs._replace(G=G, L=cholesky_or_empty(G, opts.solver))
+    return hs
 
 
-def _solve_h(executor: Executor, blocks: list, ht: list, h_args: tuple) -> tuple[list, list]:
+def _h_task_args(state: ALSState, opts: ALSOptions, targets: FitTargets | None = None) -> tuple:
+    """:func:`h_task_step` for the current W, in a 1-tuple for ``map_blocks``."""
+    return (h_task_step(state.w, state.h_scale, opts, targets),)
+
+
+def _solve_h(executor: Executor, blocks: list, ht: list, terms: list, h_args: tuple) -> tuple[list, list]:
     """Step 2 on every block (warm-started from ``ht``): handles of the new H_jᵀ and of the partials."""
-    outs = executor.map_blocks(h_update_task, blocks, ht, args=h_args, n_out=2)
+    outs = executor.map_blocks(_h_task, blocks, ht, terms, args=h_args, n_out=2)
     return [o[0] for o in outs], [o[1] for o in outs]
 
 
-def _update_w(state: ALSState, stats: BlockStats, opts: ALSOptions, sq_norm_a: float, it: int) -> float:
+def _update_w(state: ALSState, stats: BlockStats, opts: ALSOptions, sq_norm_a: float, it: int,
+              targets: FitTargets | None = None) -> float:
     """Step 4 (aggregate): normalize H into ``s``, update W, scale it into d; returns the loss.
 
     Sets ``state.w``, ``state.d`` and ``state.h_scale``. The loss is the Gram identity
@@ -222,7 +249,12 @@ def _update_w(state: ALSState, stats: BlockStats, opts: ALSOptions, sq_norm_a: f
     Pn = stats.P * inv_s[None, :]  # A Ĥᵀ
     Gw = Qn.copy()
     Gw[np.diag_indices(opts.k)] += 1e-15
-    w_new = update_factor(Gw, Pn, opts.L1[0], opts.L2[0], opts.solver, opts.nonneg[0], opts.cd_maxit, opts.cd_tol,
+    Gs, Ps, l2 = Gw, Pn, opts.L2[0]
+    if targets is not None and targets.w is not None:  # L2, then the target (guided spec §2.2)
+        Gs = Gw + l2 * np.eye(opts.k)
+        Gs, Ps = targets.w_problem(Gs, Pn)
+        l2 = 0.0
+    w_new = update_factor(Gs, Ps, opts.L1[0], l2, opts.solver, opts.nonneg[0], opts.cd_maxit, opts.cd_tol,
                           w_prev=state.w if it > 1 else None)
     w_new, d = scale_rows(w_new.T, opts.norm)
     w_new = np.ascontiguousarray(w_new.T)
@@ -243,8 +275,13 @@ def fit_als(
     checkpointer: Any = None,
     state: ALSState | None = None,
     stream: bool = False,
+    targets: FitTargets | None = None,
 ):
     """Run the ALS loop; returns ``(state, ht_blocks)`` with ht_blocks the gathered raw H_jᵀ.
+
+    ``targets`` (guided NMF) adds the H target's Gram term to the shared G, its ``λ t_c`` to each
+    column's right-hand side (per-block column terms) and the W target's terms to the W update;
+    the loss stays the reconstruction loss.
 
     ``state`` resumes a checkpointed fit (its ``ht`` entries are arrays then). ``stream=True``
     reads each block from its source in every task (out-of-core); otherwise blocks are
@@ -260,6 +297,7 @@ def fit_als(
     ``--resume``.
     """
     n_blocks = len(blocked.sources)
+    terms = block_terms(blocked, opts.k, targets)
     if state is None:
         if executor.distributed:
             warm_up_kernels(blocked.sources[0], opts.k, opts)
@@ -283,7 +321,7 @@ def fit_als(
                     state.ht = executor.put_blocks(resumed_ht)
                 elif h_args is not None and (pending_save or done):
                     # A checkpoint or the result needs the lost H of the last iteration.
-                    state.ht, parts = _solve_h(executor, blocks, [None] * n_blocks, h_args)
+                    state.ht, parts = _solve_h(executor, blocks, [None] * n_blocks, terms, h_args)
                     executor.release(parts)
                 else:
                     state.ht = [None] * n_blocks  # the next iteration starts cold
@@ -298,8 +336,8 @@ def fit_als(
             it = state.iteration + 1
             # 1.-2. Gram of the current (normalized) W; fused block pass (chunk), warm-started
             # from the normalized previous H.
-            args = _h_task_args(state, opts)
-            new_ht, parts = _solve_h(executor, blocks, state.ht, args)
+            args = _h_task_args(state, opts, targets)
+            new_ht, parts = _solve_h(executor, blocks, state.ht, terms, args)
             in_flight = new_ht + parts
             # 3. deterministic tree reduction of the partials (combine).
             stats = executor.tree_reduce(combine_stats, parts)
@@ -307,7 +345,7 @@ def fit_als(
             executor.release(state.ht)
             state.ht, h_args, resumed_ht, in_flight = new_ht, args, None, []
             # 4. aggregate on the client: normalize H, update W, scale, loss, convergence.
-            loss = _update_w(state, stats, opts, sq_norm_a, it)
+            loss = _update_w(state, stats, opts, sq_norm_a, it, targets)
             state.loss_history.append(loss)
             state.iteration = it
             stop = check_convergence(state, opts)

@@ -41,9 +41,10 @@ from ..exceptions import WorkerLostError
 from ..io.blocks import BlockedMatrix, CSCBlock
 from ..kernels.column import ColumnTerms, column_terms
 from ..kernels.masked import csc_masked_pass, csr_masked_pass, holdout_seed, holdout_threshold
-from ..solvers.hstep import HStep, h_step
+from ..solvers.hstep import HStep
+from ..solvers.targets import FitTargets
 from ..solvers.updates import scale_rows
-from .als import ALSOptions, ALSState, IterationRecord, _norms, check_convergence, load_block
+from .als import ALSOptions, ALSState, IterationRecord, _norms, block_terms, check_convergence, h_task_step, load_block
 from .executor import Executor
 
 logger = logging.getLogger(__name__)
@@ -164,10 +165,11 @@ def _mask_parts(mask, bounds: np.ndarray, axis: int) -> list:
 
 
 def masked_h_task(block: CSCBlock, mk: tuple, ht_prev, col0: int, terms: ColumnTerms | None, hs: HStep,
-                  ridge: float, kargs: tuple):
+                  ridge: float, kargs: tuple, removal: tuple = (np.zeros((0, 0)), 0.0)):
     """Masked H update of one column block: ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|)``.
 
-    ``ridge`` is the diagonal ``hs.G`` carries beyond ``WᵀW`` (guard + L2_H).
+    ``ridge`` is the diagonal ``hs.G`` carries beyond ``WᵀW`` (guard + L2_H, + λ_H of an
+    enrichment target); ``removal`` a removal target's (Γ, |λ_H|) for the Grams a column forms.
     """
     w = hs.w
     m, k = w.shape
@@ -178,20 +180,25 @@ def masked_h_task(block: CSCBlock, mk: tuple, ht_prev, col0: int, terms: ColumnT
     hsum = np.zeros(k)
     csc_masked_pass(block.data, block.indices, block.indptr, m, int(col0), w, hs.G, hs.L, ridge, hs.l1, ht,
                     hs.warm_scale, column_terms(k) if terms is None else terms, hs.solver, hs.nonneg, hs.cd_maxit,
-                    hs.cd_tol, warm, *kargs, mk[0], mk[1], Q, hsum)
+                    hs.cd_tol, warm, *kargs, mk[0], mk[1], removal[0], float(removal[1]), Q, hsum)
     return ht, Q, hsum
 
 
-def masked_w_task(block: CSRBlock, mk: tuple, wt_prev, row0: int, hn: np.ndarray, Q: np.ndarray, wside: tuple,
-                  kargs: tuple):
-    """Masked W update of one row block: ``(raw rows w_i d, [train SSE, n, test SSE, n])``."""
+def masked_w_task(block: CSRBlock, mk: tuple, wt_prev, row0: int, tw, hn: np.ndarray, Q: np.ndarray, wside: tuple,
+                  kargs: tuple, wtarget: tuple = (0.0, np.zeros((0, 0)))):
+    """Masked W update of one row block: ``(raw rows w_i d, [train SSE, n, test SSE, n])``.
+
+    ``tw`` is the block's rows of a W target (None: none); ``wtarget`` its (λ_W, Γ).
+    """
     ridge, l1, l2, solver, nonneg, cd_maxit, cd_tol = wside
     k = hn.shape[1]
     warm = wt_prev is not None
     wt = np.array(wt_prev, dtype=np.float64, copy=True) if warm else np.zeros((block.shape[0], k))
     sums = np.zeros(4)
+    tw = np.zeros((0, k)) if tw is None else np.ascontiguousarray(tw, dtype=np.float64)
     csr_masked_pass(block.data, block.indices, block.indptr, block.n_cols, int(row0), hn, Q, ridge, l1, l2, wt,
-                    solver, nonneg, cd_maxit, cd_tol, warm, *kargs, mk[0], mk[1], sums)
+                    solver, nonneg, cd_maxit, cd_tol, warm, *kargs, mk[0], mk[1], tw, float(wtarget[0]),
+                    np.ascontiguousarray(wtarget[1], dtype=np.float64), sums)
     return wt, sums
 
 
@@ -243,11 +250,12 @@ def fit_masked(
     executor: Executor,
     *,
     on_iteration: Callable | None = None,
-    terms: list | None = None,
+    targets: FitTargets | None = None,
 ):
     """Run the masked ALS loop; returns ``(MaskedState, ht_blocks)`` (raw H_jᵀ per column block).
 
-    ``terms`` optionally gives each column block its :class:`~dnmf.kernels.column.ColumnTerms`.
+    ``targets`` (guided NMF): the H target's per-column terms and Gram term (a removal target is
+    applied to every Gram a column forms), the W target's per-row terms.
     A lost worker (:class:`~dnmf.exceptions.WorkerLostError` from any executor verb) re-places
     the blocks and redoes the iteration in progress from the client's W and H, at most
     ``executor.max_recoveries`` times.
@@ -263,7 +271,12 @@ def fit_masked(
     kargs = _kernel_args(mo)
     col0s = [int(c) for c in cb[:-1]]
     row0s = [int(r) for r in rb[:-1]]
-    terms = terms if terms is not None else [None] * n_cb
+    terms = block_terms(blocked, k, targets)
+    t = targets if targets is not None else FitTargets()
+    h_ridge = 1e-15 + float(opts.L2[1]) + max(t.lam_h, 0.0)
+    removal = (t.gamma_h, -t.lam_h) if t.lam_h < 0 else (np.zeros((0, 0)), 0.0)
+    tws = [None if t.w is None else t.w[int(rb[r]):int(rb[r + 1])] for r in range(n_rb)]
+    wtarget = (t.lam_w, t.gamma_w if t.gamma_w is not None else np.zeros((0, 0)))
     state = MaskedState(w=np.ascontiguousarray(w0, dtype=np.float64), d=np.ones(k), ht=[None] * n_cb,
                         h_scale=np.ones(k))
     wside = (1e-15, float(opts.L1[0]), float(opts.L2[0]), int(opts.solver), bool(opts.nonneg[0]), int(opts.cd_maxit),
@@ -276,9 +289,10 @@ def fit_masked(
         try:
             if placed is None:
                 placed = _Placed(blocked, executor, rb)
-            hs = h_step(state.w, l1=opts.L1[1], l2=opts.L2[1], solver=opts.solver, nonneg=opts.nonneg[1],
-                        cd_maxit=opts.cd_maxit, cd_tol=opts.cd_tol, warm_scale=state.h_scale, ridge=1e-15)
-            outs = executor.map_blocks(masked_h_task, placed.cols, cmasks, state.ht, col0s, terms, args=(hs, 1e-15 + float(opts.L2[1]), kargs))
+            # a removal target is applied per column by the kernel, to each column's own Gram
+            hs = h_task_step(state.w, state.h_scale, opts, None if t.lam_h < 0 else targets)
+            outs = executor.map_blocks(masked_h_task, placed.cols, cmasks, state.ht, col0s, terms,
+                                       args=(hs, h_ridge, kargs, removal))
             hres = executor.gather(outs)
             executor.release(outs)
             ht = [r[0] for r in hres]
@@ -296,7 +310,8 @@ def fit_masked(
                 wprev = [wraw[row0s[r]:int(rb[r + 1])] for r in range(n_rb)]
             else:
                 wprev = [None] * n_rb
-            outs = executor.map_blocks(masked_w_task, placed.rows, rmasks, wprev, row0s, args=(hn, Qn, wside, kargs))
+            outs = executor.map_blocks(masked_w_task, placed.rows, rmasks, wprev, row0s, tws,
+                                       args=(hn, Qn, wside, kargs, wtarget))
             wres = executor.gather(outs)
             executor.release(outs)
         except WorkerLostError as exc:

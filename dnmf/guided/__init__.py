@@ -16,7 +16,7 @@ from .correct import refine
 from .divisive import Bipartition, Cluster, DClustResult, bipartition, dclust
 from .solve import NNLS_SOLVERS, nnls
 from .target import compute_target
-from .terms import apply_target, target_gram
+from ..solvers.targets import apply_target, target_gram
 
 __all__ = ["compute_target", "apply_target", "target_gram", "nnls", "NNLS_SOLVERS", "refine",
            "assess", "Assessment", "METRIC_GROUPS", "classify_embedding", "classify_logistic", "classify_rf",

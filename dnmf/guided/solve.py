@@ -11,7 +11,7 @@ from .._validation import check_float, check_int, check_option, param_error
 from ..kernels.nnls import SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT, nnls_batch
 from ..solvers.updates import cholesky_or_empty
 from .target import _as_matrix
-from .terms import apply_target
+from ..solvers.targets import apply_target
 
 __all__ = ["nnls", "NNLS_SOLVERS"]
 

@@ -93,8 +93,40 @@ def holdout_mask(rows, cols, cv_seed: int, test_fraction: float) -> np.ndarray:
     return z < thr
 
 
+def _proj_adv(Gc, gamma, lam_abs):
+    """Guided spec §2.4 on one Gram, in place: ``G − |λ|·tr(G)/tr(Γ)·Γ``, eigenvalues below 1e-8
+    raised to 1e-8 (the matrix rebuilt only when one was)."""
+    k = Gc.shape[0]
+    tr_g = 0.0
+    tr_y = 0.0
+    for r in range(k):
+        tr_g += Gc[r, r]
+        tr_y += gamma[r, r]
+    s = tr_g / tr_y if tr_y > 1e-10 else 0.0
+    for r in range(k):
+        for c in range(k):
+            Gc[r, c] -= lam_abs * s * gamma[r, c]
+    e, V = np.linalg.eigh(Gc)
+    low = False
+    for r in range(k):
+        if e[r] < 1e-8:
+            e[r] = 1e-8
+            low = True
+    if low:
+        for r in range(k):
+            for c in range(k):
+                acc = 0.0
+                for t in range(k):
+                    acc += V[r, t] * e[t] * V[c, t]
+                Gc[r, c] = acc
+
+
+proj_adv = numba.njit(cache=True, nogil=True)(_proj_adv)
+
+
 def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg,
-                     cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, Q, hsum):
+                     cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, gamma,
+                     lam_abs, Q, hsum):
     """Masked H update for one sparse column block (see module docstring).
 
     Parameters
@@ -110,6 +142,8 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
     cv_on, cv_seed, cv_thr — the §5.2 hold-out (``cv_on`` False: none)
     mk_indices, mk_indptr : the block's user mask in CSC (True entries = missing); empty indptr
         (length 0) when there is none
+    gamma, lam_abs : a removal target's Γ (k × k) and |λ| (0: none) — applied (:func:`proj_adv`)
+        to every column's Gram, which the pass then forms itself from G (G must arrive without it)
     Q : (k, k), hsum : (k,) — accumulated in place (``H_j H_jᵀ``, ``Σ|h|``)
     """
     k = w.shape[1]
@@ -177,7 +211,7 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                 wrow = w[i]
                 for r in range(k):
                     b[r] += a * wrow[r]
-            use_own = nmask > 0
+            use_own = nmask > 0 or lam_abs > 0.0
             if use_own:
                 for r in range(k):
                     for s in range(r + 1):
@@ -198,6 +232,8 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
             for r in range(k):
                 x[r] = 0.0
         if use_own:
+            if lam_abs > 0.0:
+                proj_adv(Gc, gamma, lam_abs)
             if solver == SOLVER_CHOLESKY:
                 chol_factor(Gc, Lc)
             column_step(c, Gc, Lc, b, x, terms, Gt, Lt, solver, nonneg, cd_maxit, cd_tol, warm)
@@ -214,7 +250,7 @@ csc_masked_pass = numba.njit(cache=True, nogil=True)(_csc_masked_pass)
 
 
 def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
-                     warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, sums):
+                     warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma, sums):
     """Masked W update for one sparse row block, and the block's squared errors.
 
     Parameters
@@ -226,6 +262,9 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
     wt : (m_b, k) — in: warm start (previous raw rows of W), out: the new raw rows ``w_i d``
     zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr : as :func:`csc_masked_pass`
         (the user mask of the row block in CSR)
+    tw, lam_w, gamma : a target of W's rows (m_b × k, or (0, k) for none), its λ and Γ: λ > 0 adds
+        λ to the Gram's diagonal and ``λ t_i`` to the RHS; λ < 0 applies :func:`proj_adv` with
+        Γ to each row's Gram (the losses use the plain Gram)
     sums : (4,) — accumulated in place: train SSE, train count, test SSE, test count. The train
         set is every observed entry (not missing, not held out); the test set the held-out
         entries that are otherwise observed.
@@ -321,6 +360,13 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
             for r in range(k):
                 for s in range(r):
                     Gc[s, r] = Gc[r, s]
+        if tw.shape[0] > 0:
+            if lam_w > 0.0:
+                for r in range(k):
+                    Gc[r, r] += lam_w
+                    b[r] += lam_w * tw[r_, r]
+            elif lam_w < 0.0:
+                proj_adv(Gc, gamma, -lam_w)
         if warm:
             for r in range(k):
                 x[r] = wt[r_, r]

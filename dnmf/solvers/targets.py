@@ -8,9 +8,56 @@ the same algebra with the target blocked like H.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-__all__ = ["target_gram", "apply_target"]
+__all__ = ["target_gram", "apply_target", "FitTargets"]
+
+
+class FitTargets(NamedTuple):
+    """The targets of one fit, as the engine uses them (guided spec §2).
+
+    h : (k, n) or None — target of H (its columns are blocked like H's); lam_h its λ.
+    w : (m, k) or None — target of W's rows; lam_w its λ.
+    gamma_h, gamma_w : ``Γ = TTᵀ/n_T`` (k × k) of each target, computed once over the whole target
+        (used when its λ < 0), or None.
+    """
+
+    h: np.ndarray | None = None
+    lam_h: float = 0.0
+    w: np.ndarray | None = None
+    lam_w: float = 0.0
+    gamma_h: np.ndarray | None = None
+    gamma_w: np.ndarray | None = None
+
+    @classmethod
+    def build(cls, h=None, lam_h: float = 0.0, w=None, lam_w: float = 0.0) -> "FitTargets":
+        h = None if h is None or lam_h == 0.0 else np.ascontiguousarray(h, dtype=np.float64)
+        w = None if w is None or lam_w == 0.0 else np.ascontiguousarray(w, dtype=np.float64)
+        return cls(h, float(lam_h) if h is not None else 0.0, w, float(lam_w) if w is not None else 0.0,
+                   None if h is None else target_gram(h), None if w is None else target_gram(w.T))
+
+    @property
+    def active(self) -> bool:
+        return self.h is not None or self.w is not None
+
+    def h_gram(self, G: np.ndarray) -> np.ndarray:
+        """The H side's shared Gram with the target term (G unchanged without an H target)."""
+        return G if self.h is None else apply_target(G, None, self.h, self.lam_h, self.gamma_h)[0]
+
+    def h_rhs(self, col0: int, col1: int) -> np.ndarray | None:
+        """Per-column RHS terms ``λ t_c`` (n_j × k) of columns col0:col1 (None unless λ_H > 0)."""
+        if self.h is None or self.lam_h <= 0.0:
+            return None
+        return np.ascontiguousarray(self.lam_h * self.h[:, col0:col1].T)
+
+    def w_problem(self, G: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The W side's (Gram, RHS rows P (m × k)) with the target term."""
+        if self.w is None:
+            return G, P
+        G2, B2 = apply_target(G, P.T, self.w.T, self.lam_w, self.gamma_w)
+        return G2, np.ascontiguousarray(B2.T)
 
 
 def target_gram(target: np.ndarray) -> np.ndarray:
