@@ -111,14 +111,14 @@ def test_validate_reports_config_errors_with_exit_2(workdir, capsys):
 def test_validate_list_and_explain(capsys):
     rc, out, _ = run_main(["validate", "--list"], capsys)
     lines = out.strip().splitlines()
-    assert rc == 0 and [ln.split()[0] for ln in lines] == ["consensus", "cv", "factorize", "nmfre"]
+    assert rc == 0 and [ln.split()[0] for ln in lines] == ["consensus", "cv", "factorize", "guided", "nmfre"]
     rc, out, _ = run_main(["validate", "--explain", "nmfre"], capsys)
     assert rc == 0
     assert "model.df_rate: 'scan' or a float in (0.0, inf) (default 'scan')" in out
     assert "inference.wild_B: an int in [2, inf) (default 500) — bootstrap replicates" in out
     assert "cluster.memory_limit:" in out and "cluster.walltime:" in out
     rc, _, err = run_main(["validate", "--explain", "cnmf"], capsys)
-    assert rc == 2 and "Unknown pipeline 'cnmf'; available: consensus, cv, factorize, nmfre." in err
+    assert rc == 2 and "Unknown pipeline 'cnmf'; available: consensus, cv, factorize, guided, nmfre." in err
 
 
 # ---------------------------------------------------------------------------------------------

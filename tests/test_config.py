@@ -179,7 +179,7 @@ def test_wrong_types(workdir, override, message):
     ("cluster={kind: address, address: 'not an address'}", "The config key 'cluster.address' must be a scheduler "
                                                            "address such as 'tcp://10.0.0.5:8786'. "
                                                            "Got 'not an address' instead."),
-    ("pipeline=cnmf", "The config key 'pipeline' must be one of 'consensus', 'cv', 'factorize', 'nmfre'. Got 'cnmf' instead."),
+    ("pipeline=cnmf", "The config key 'pipeline' must be one of 'consensus', 'cv', 'factorize', 'guided', 'nmfre'. Got 'cnmf' instead."),
 ])
 def test_impossible_values(workdir, override, message):
     assert error_of(BASE, [override]) == message
@@ -203,7 +203,7 @@ def test_missing_required_keys(workdir):
     assert error_of({"pipeline": "factorize", "input": {"path": "a.npy"}}) == (
         "The config key 'model.k' is missing: it must be an int in [1, inf) (rank).")
     assert error_of({"input": {"path": "a.npy"}}) == (
-        "The config key 'pipeline' is missing: it must be one of 'consensus', 'cv', 'factorize', 'nmfre'.")
+        "The config key 'pipeline' is missing: it must be one of 'consensus', 'cv', 'factorize', 'guided', 'nmfre'.")
     assert error_of(BASE, ["cluster={kind: address}"]) == (
         "The config key 'cluster.address' is missing: it must be a scheduler address such as "
         "'tcp://10.0.0.5:8786' (scheduler address).")

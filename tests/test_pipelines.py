@@ -57,7 +57,7 @@ def test_registry_is_discovered_from_the_package():
     for name in names:
         mod = pipelines.get_pipeline(name)
         assert callable(mod.run) and isinstance(mod.SECTIONS, dict) and mod.__doc__
-    with pytest.raises(KeyError, match="unknown pipeline 'rank_cv'; available: consensus, cv, factorize, nmfre"):
+    with pytest.raises(KeyError, match="unknown pipeline 'rank_cv'; available: consensus, cv, factorize, guided, nmfre"):
         pipelines.get_pipeline("rank_cv")
 
 
@@ -69,7 +69,7 @@ def test_entry_points_register_every_pipeline_module():
     assert pipeline_names() == pipelines.pipeline_names()
     for name in pipeline_names():
         assert get_pipeline(name) is pipelines.get_pipeline(name)
-    with pytest.raises(KeyError, match="unknown pipeline 'rank_cv'; available: consensus, cv, factorize, nmfre"):
+    with pytest.raises(KeyError, match="unknown pipeline 'rank_cv'; available: consensus, cv, factorize, guided, nmfre"):
         get_pipeline("rank_cv")
 
 
