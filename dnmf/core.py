@@ -22,7 +22,7 @@ from .engine.als import ALSOptions, fit_als
 from .engine.checkpoint import Checkpointer, fingerprint
 from .engine.executor import get_executor
 from .cv import auto_rank, cross_validate
-from .engine.masked import MaskOptions, fit_masked
+from .engine.masked import MaskOptions, fit_masked, fit_masked_many
 from .solvers.targets import FitTargets
 from .engine.svd import truncated_svd
 from .exceptions import ConvergenceWarning, DnmfError, InputError
@@ -473,7 +473,7 @@ def nmf(
     with verbose_logging(verbose):
         if isinstance(k, (list, tuple, range, np.ndarray)):
             A = args.pop("A")
-            return cross_validate(_blocked(A, block_nnz), list(args.pop("k")), nmf, **args)
+            return cross_validate(_blocked(A, block_nnz), list(args.pop("k")), nmf, fit_shared=_fit_shared, **args)
         if isinstance(k, str) and k == "auto":
             A = args.pop("A")
             return auto_rank(_blocked(A, block_nnz), nmf, args)
@@ -609,6 +609,8 @@ class FitRecordView(Mapping):
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(NMFFitRecord))
+#: nmf's defaults (after A and k), from the declaration
+NMF_DEFAULTS = {p.name: p.default for p in NMF_PARAMS if p.name != "k"}
 _RECORD_KEYS = frozenset(_RECORD_FIELDS)
 
 
@@ -625,6 +627,48 @@ class _Plan:
     executor: Any
     stream: bool  # blocks read from disk in every iteration
     masked: MaskOptions | None = None  # missing or held-out entries (the masked loop), else None
+
+
+def _fit_shared(blocked, tasks: list, kwargs: dict, client) -> list:
+    """The CV fits of one replicate (same held-out set, one per rank) sharing every pass over A.
+
+    Each fit is validated, planned, started and recorded exactly as ``nmf(blocked, task.k,
+    init=engine_init(...), seed=task.init_seed, cv_seed=task.cv_seed, **kwargs)`` would; the
+    loop is :func:`~dnmf.engine.masked.fit_masked_many`, which hashes each block's held-out
+    entries once per iteration for all ranks. Returns the models in task order.
+    """
+    from .cv import engine_init
+    from .io.validate import check_rank
+
+    func = "nmf"
+    t_start = time.perf_counter()
+    m = blocked.shape[0]
+    values = [dict(NMF_DEFAULTS, **kwargs, k=t.k, init=engine_init(m, t.k, t.init_seed), seed=t.init_seed,
+                   cv_seed=t.cv_seed, client=client) for t in tasks]
+    opts_list = [_validate(v, func) for v in values]
+    top = max(range(len(tasks)), key=lambda i: tasks[i].k)
+    plan = _plan_blocks(blocked, opts_list[top], func)
+    try:
+        fits = []
+        for opts in opts_list:
+            seq, seed_int = _seed_sequence(opts["seed"])
+            p = replace(plan, k=check_rank(opts["k"], blocked.shape, func),
+                        solver=_resolve_solver(opts["solver"], opts["k"], opts["L1"]))
+            p = replace(p, masked=_mask_options(opts, blocked, plan.summary, seed_int, func))
+            w0, init_name = _initialize(p, opts, seq, func)
+            fits.append((p, opts, seq, seed_int, w0, init_name))
+        mos = {None if f[0].masked is None else (f[0].masked.zeros_missing, f[0].masked.test_fraction,
+                                                 f[0].masked.cv_seed) for f in fits}
+        if len(mos) != 1 or None in mos:  # a caller's bug, not an input error
+            raise ValueError("shared passes need one held-out set for every fit")
+        results = fit_masked_many(plan.fit_blocked, [f[4] for f in fits], [_als_options(f[0], f[1]) for f in fits],
+                                  fits[0][0].masked, plan.executor)
+    finally:
+        if not plan.executor.distributed:
+            plan.executor.close()
+    return [_build_model(p, opts, state, ht, init_name=init_name, seq=seq, seed_int=seed_int, t_start=t_start,
+                         func=func)
+            for (p, opts, seq, seed_int, _, init_name), (state, ht) in zip(fits, results)]
 
 
 def _blocked(A, block_nnz):

@@ -79,6 +79,11 @@ def fit_task(task: CVTask, A, kwargs: Mapping, fit, client=False) -> dict:
     default) and return its row and histories."""
     model = fit(A, task.k, init=engine_init(A.shape[0], task.k, task.init_seed), seed=task.init_seed,
                 cv_seed=task.cv_seed, client=client, **kwargs)
+    return task_row(task, model)
+
+
+def task_row(task: CVTask, model) -> dict:
+    """The table row and histories of a grid fit."""
     misc = model.misc
     return {
         "rep": task.rep, "k": task.k, "cv_seed": task.cv_seed,
@@ -189,7 +194,7 @@ class CVResult:
 
 
 def cross_validate(blocked, k: Sequence[int], fit, *, cv_seed=None, test_fraction: float = 0.0, seed=None,
-                   client=None, func: str = "nmf", **kwargs) -> CVResult:
+                   client=None, func: str = "nmf", fit_shared=None, **kwargs) -> CVResult:
     """Rank cross-validation over ``k`` × ``cv_seed``: what ``nmf(A, k=[...])`` runs.
 
     Parameters
@@ -200,6 +205,10 @@ def cross_validate(blocked, k: Sequence[int], fit, *, cv_seed=None, test_fractio
         Ranks to test.
     fit : callable
         :func:`dnmf.nmf` (passed in: this module sits above ``dnmf.core``).
+    fit_shared : callable, optional
+        ``fit_shared(blocked, tasks, kwargs, client) -> models``: the fits of one replicate
+        sharing each pass over A (``dnmf.core._fit_shared``); used when the fits are not run as
+        whole tasks. Without it the fits run one after another.
     cv_seed : int, sequence of int or None
         One replicate per seed (the held-out set and the initial W's seed ``cv_seed + k``).
         None: one replicate with ``seed`` (0 when ``seed`` is None).
@@ -240,6 +249,11 @@ def cross_validate(blocked, k: Sequence[int], fit, *, cv_seed=None, test_fractio
     try:
         if executor.distributed and blocked.in_memory:
             rows = executor.map(fit_task, tasks, args=(blocked, kwargs, fit))
+        elif fit_shared is not None:  # one replicate at a time, its ranks sharing each pass over A
+            rows = []
+            for s in cv_seeds:
+                rep = [t for t in tasks if t.cv_seed == s]
+                rows += [task_row(t, mdl) for t, mdl in zip(rep, fit_shared(blocked, rep, kwargs, client))]
         else:
             rows = [fit_task(t, blocked, kwargs, fit, client) for t in tasks]
     finally:

@@ -306,7 +306,7 @@ def _masked_predict_block(block, w, hs, l2: float, zeros_missing: bool, pattern)
     """H (k × n_j) of one block with W fixed and missing entries left out (the fit's masked pass)."""
     from .engine.masked import as_csc64
     from .kernels.column import column_terms
-    from .kernels.masked import csc_masked_pass
+    from .kernels.masked import NO_PATTERN, csc_masked_pass
 
     csc = as_csc64(block)
     m, k = w.shape
@@ -320,7 +320,8 @@ def _masked_predict_block(block, w, hs, l2: float, zeros_missing: bool, pattern)
         mk = (np.asarray(pattern.indices, dtype=np.int64), np.asarray(pattern.indptr, dtype=np.int64))
     csc_masked_pass(csc.data, csc.indices, csc.indptr, m, 0, w, G, hs.L, float(l2), hs.l1, ht, np.ones(k),
                     column_terms(k), hs.solver, hs.nonneg, hs.cd_maxit, hs.cd_tol, False, zeros_missing, False,
-                    np.uint64(1), np.uint64(0), mk[0], mk[1], np.zeros((0, 0)), 0.0, np.zeros((k, k)), np.zeros(k))
+                    np.uint64(1), np.uint64(0), mk[0], mk[1], np.zeros((0, 0)), 0.0, *NO_PATTERN, np.zeros((k, k)),
+                    np.zeros(k))
     return ht.T
 
 

@@ -334,3 +334,21 @@ def test_auto_rank_follows_rcppml_on_aml():
                       client=False)
     assert table["test"][1] == direct.misc["test_loss_history"][-1]
     assert model.misc["test_fraction"] == 0.0  # the final model is fit on all data
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_shared_passes_equal_separate_fits(tmp_path, cluster_client, zeros):
+    # The ranks of a replicate share each pass over A (held-out entries hashed once per block
+    # for all of them); every fit must be bitwise the fit it would be alone. A Zarr store on a
+    # cluster takes the shared path there (the matrix is not in memory).
+    A = dnmf.datasets.load_hawaiibirds().X
+    store = tmp_path / "a.zarr"
+    dnmf.io.write_zarr(A, store, block_nnz=20_000)
+    kw = dict(test_fraction=0.2, maxit=15, mask="zeros" if zeros else None)
+    res = dnmf.nmf(str(store), [2, 3, 5], cv_seed=[2, 7], client=cluster_client, **kw)
+    for rep, k, s in zip(res.table["rep"], res.table["k"], res.table["cv_seed"]):
+        alone = dnmf.nmf(A, int(k), init=engine_init(A.shape[0], int(k), int(s + k)), seed=int(s + k),
+                         cv_seed=int(s), block_nnz=20_000, client=False, **kw)
+        train, test = res.histories[(rep, k)]
+        np.testing.assert_array_equal(test, alone.misc["test_loss_history"])
+        np.testing.assert_array_equal(train, alone.misc["loss_history"])

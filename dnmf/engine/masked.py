@@ -40,7 +40,8 @@ from dask.sizeof import sizeof
 from ..exceptions import WorkerLostError
 from ..io.blocks import BlockedMatrix, CSCBlock
 from ..kernels.column import ColumnTerms, column_terms
-from ..kernels.masked import csc_masked_pass, csr_masked_pass, holdout_seed, holdout_threshold
+from ..kernels.masked import (NO_PATTERN, csc_masked_pass, csr_masked_pass, holdout_pattern, holdout_seed,
+                              holdout_threshold)
 from ..solvers.hstep import HStep
 from ..solvers.targets import FitTargets
 from ..solvers.updates import scale_rows
@@ -49,7 +50,7 @@ from .executor import Executor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MaskOptions", "MaskedState", "CSRBlock", "fit_masked", "row_bounds_for"]
+__all__ = ["MaskOptions", "MaskedState", "CSRBlock", "fit_masked", "fit_masked_many", "row_bounds_for"]
 
 _EMPTY_IDX = np.zeros(0, dtype=np.int64)
 
@@ -165,11 +166,12 @@ def _mask_parts(mask, bounds: np.ndarray, axis: int) -> list:
 
 
 def masked_h_task(block: CSCBlock, mk: tuple, ht_prev, col0: int, terms: ColumnTerms | None, hs: HStep,
-                  ridge: float, kargs: tuple, removal: tuple = (np.zeros((0, 0)), 0.0)):
-    """Masked H update of one column block: ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|)``.
+                  ridge: float, kargs: tuple, removal: tuple = (np.zeros((0, 0)), 0.0), pattern: tuple = NO_PATTERN):
+    """Masked H update of one column block for one model: ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|)``.
 
     ``ridge`` is the diagonal ``hs.G`` carries beyond ``WᵀW`` (guard + L2_H, + λ_H of an
-    enrichment target); ``removal`` a removal target's (Γ, |λ_H|) for the Grams a column forms.
+    enrichment target); ``removal`` a removal target's (Γ, |λ_H|) for the Grams a column forms;
+    ``pattern`` the block's held-out rows when several models share the pass (else hashed).
     """
     w = hs.w
     m, k = w.shape
@@ -180,15 +182,17 @@ def masked_h_task(block: CSCBlock, mk: tuple, ht_prev, col0: int, terms: ColumnT
     hsum = np.zeros(k)
     csc_masked_pass(block.data, block.indices, block.indptr, m, int(col0), w, hs.G, hs.L, ridge, hs.l1, ht,
                     hs.warm_scale, column_terms(k) if terms is None else terms, hs.solver, hs.nonneg, hs.cd_maxit,
-                    hs.cd_tol, warm, *kargs, mk[0], mk[1], removal[0], float(removal[1]), Q, hsum)
+                    hs.cd_tol, warm, *kargs, mk[0], mk[1], removal[0], float(removal[1]), pattern[0], pattern[1],
+                    Q, hsum)
     return ht, Q, hsum
 
 
 def masked_w_task(block: CSRBlock, mk: tuple, wt_prev, row0: int, tw, hn: np.ndarray, Q: np.ndarray, wside: tuple,
-                  kargs: tuple, wtarget: tuple = (0.0, np.zeros((0, 0)))):
-    """Masked W update of one row block: ``(raw rows w_i d, [train SSE, n, test SSE, n])``.
+                  kargs: tuple, wtarget: tuple = (0.0, np.zeros((0, 0))), pattern: tuple = NO_PATTERN):
+    """Masked W update of one row block for one model: ``(raw rows w_i d, [train SSE, n, test SSE, n])``.
 
-    ``tw`` is the block's rows of a W target (None: none); ``wtarget`` its (λ_W, Γ).
+    ``tw`` is the block's rows of a W target (None: none); ``wtarget`` its (λ_W, Γ); ``pattern``
+    the block's held-out columns per row when several models share the pass (else hashed).
     """
     ridge, l1, l2, solver, nonneg, cd_maxit, cd_tol = wside
     k = hn.shape[1]
@@ -198,8 +202,35 @@ def masked_w_task(block: CSRBlock, mk: tuple, wt_prev, row0: int, tw, hn: np.nda
     tw = np.zeros((0, k)) if tw is None else np.ascontiguousarray(tw, dtype=np.float64)
     csr_masked_pass(block.data, block.indices, block.indptr, block.n_cols, int(row0), hn, Q, ridge, l1, l2, wt,
                     solver, nonneg, cd_maxit, cd_tol, warm, *kargs, mk[0], mk[1], tw, float(wtarget[0]),
-                    np.ascontiguousarray(wtarget[1], dtype=np.float64), sums)
+                    np.ascontiguousarray(wtarget[1], dtype=np.float64), pattern[0], pattern[1], sums)
     return wt, sums
+
+
+def _block_pattern(block, offset: int, n_inner: int, by_row: bool, kargs: tuple, n_models: int) -> tuple:
+    """The block's held-out pattern when several models share the pass; hashing otherwise."""
+    zeros_missing, cv_on, seed, thr = kargs
+    if n_models < 2 or not cv_on:
+        return NO_PATTERN
+    return holdout_pattern(int(offset), block.shape[0 if by_row else 1], int(n_inner), by_row, seed, thr,
+                           zeros_missing, block.data, block.indices, block.indptr)
+
+
+def masked_h_many(block: CSCBlock, mk: tuple, col0: int, per_model: list, kargs: tuple, shared: list) -> list:
+    """One column block, every model of a shared pass: the block's held-out rows are hashed once
+    (:func:`~dnmf.kernels.masked.holdout_pattern`), then each model's masked H update runs on it.
+    ``per_model``: the block's ``(ht_prev, terms)`` of each model; ``shared``: each model's
+    ``(hs, ridge, removal)`` (one object for all blocks, sent once)."""
+    pattern = _block_pattern(block, col0, block.shape[0], False, kargs, len(per_model))
+    return [masked_h_task(block, mk, ht, col0, terms, hs, ridge, kargs, removal, pattern)
+            for (ht, terms), (hs, ridge, removal) in zip(per_model, shared)]
+
+
+def masked_w_many(block: CSRBlock, mk: tuple, row0: int, per_model: list, kargs: tuple, shared: list) -> list:
+    """One row block, every model of a shared pass (see :func:`masked_h_many`).
+    ``per_model``: the block's ``(wt_prev, tw)``; ``shared``: ``(hn, Q, wside, wtarget)`` per model."""
+    pattern = _block_pattern(block, row0, block.n_cols, True, kargs, len(per_model))
+    return [masked_w_task(block, mk, wt, row0, tw, hn, Q, wside, kargs, wtarget, pattern)
+            for (wt, tw), (hn, Q, wside, wtarget) in zip(per_model, shared)]
 
 
 def _cv_stop(state: MaskedState, opts: ALSOptions) -> bool:
@@ -242,6 +273,18 @@ class _Placed:
         executor.release(self.rows)
 
 
+@dataclass
+class _Model:
+    """One model of a (shared) masked fit: its constants, targets, callback and state."""
+
+    opts: ALSOptions
+    state: MaskedState
+    targets: FitTargets
+    terms: list
+    on_iteration: Callable | None
+    done: bool = False
+
+
 def fit_masked(
     blocked: BlockedMatrix,
     w0: np.ndarray,
@@ -260,8 +303,30 @@ def fit_masked(
     the blocks and redoes the iteration in progress from the client's W and H, at most
     ``executor.max_recoveries`` times.
     """
+    ((state, ht),) = fit_masked_many(blocked, [w0], [opts], mo, executor, on_iteration=[on_iteration],
+                                     targets=[targets])
+    return state, ht
+
+
+def fit_masked_many(
+    blocked: BlockedMatrix,
+    w0s: list,
+    opts_list: list,
+    mo: MaskOptions,
+    executor: Executor,
+    *,
+    on_iteration: list | None = None,
+    targets: list | None = None,
+) -> list:
+    """Several masked fits of the same A and held-out set sharing every pass over A.
+
+    Each iteration runs one task per column block and one per row block for all models still
+    running: the block's held-out entries are hashed once for all of them, and each model's
+    update is the single-model one (bitwise: the pattern lists the same entries in the same
+    order as hashing). Models stop independently (each by its own convergence rule). Returns
+    ``[(MaskedState, ht_blocks)]`` in the order of ``w0s``.
+    """
     m, n = blocked.shape
-    k = opts.k
     cb = blocked.col_bounds
     rb = row_bounds_for(m, blocked.n_blocks)
     n_cb, n_rb = len(cb) - 1, len(rb) - 1
@@ -271,47 +336,36 @@ def fit_masked(
     kargs = _kernel_args(mo)
     col0s = [int(c) for c in cb[:-1]]
     row0s = [int(r) for r in rb[:-1]]
-    terms = block_terms(blocked, k, targets)
-    t = targets if targets is not None else FitTargets()
-    h_ridge = 1e-15 + float(opts.L2[1]) + max(t.lam_h, 0.0)
-    removal = (t.gamma_h, -t.lam_h) if t.lam_h < 0 else (np.zeros((0, 0)), 0.0)
-    tws = [None if t.w is None else t.w[int(rb[r]):int(rb[r + 1])] for r in range(n_rb)]
-    wtarget = (t.lam_w, t.gamma_w if t.gamma_w is not None else np.zeros((0, 0)))
-    state = MaskedState(w=np.ascontiguousarray(w0, dtype=np.float64), d=np.ones(k), ht=[None] * n_cb,
-                        h_scale=np.ones(k))
-    wside = (1e-15, float(opts.L1[0]), float(opts.L2[0]), int(opts.solver), bool(opts.nonneg[0]), int(opts.cd_maxit),
-             float(opts.cd_tol))
+    n_models = len(w0s)
+    on_iteration = on_iteration or [None] * n_models
+    targets = targets or [None] * n_models
+    models = []
+    for w0, opts, cb_fn, tg in zip(w0s, opts_list, on_iteration, targets):
+        state = MaskedState(w=np.ascontiguousarray(w0, dtype=np.float64), d=np.ones(opts.k), ht=[None] * n_cb,
+                            h_scale=np.ones(opts.k))
+        models.append(_Model(opts=opts, state=state, targets=tg if tg is not None else FitTargets(),
+                             terms=block_terms(blocked, opts.k, tg), on_iteration=cb_fn,
+                             done=opts.maxit < 1))
     placed = None
     recoveries = 0
     t0 = time.perf_counter()
-    while state.iteration < opts.maxit:
-        it = state.iteration + 1
+    while True:
+        active = [mdl for mdl in models if not mdl.done]
+        if not active:
+            break
         try:
             if placed is None:
                 placed = _Placed(blocked, executor, rb)
-            # a removal target is applied per column by the kernel, to each column's own Gram
-            hs = h_task_step(state.w, state.h_scale, opts, None if t.lam_h < 0 else targets)
-            outs = executor.map_blocks(masked_h_task, placed.cols, cmasks, state.ht, col0s, terms,
-                                       args=(hs, h_ridge, kargs, removal))
+            shared = [_h_model_args(mdl) for mdl in active]
+            per_block = [[(mdl.state.ht[j], mdl.terms[j]) for mdl in active] for j in range(n_cb)]
+            outs = executor.map_blocks(masked_h_many, placed.cols, cmasks, col0s, per_block, args=(kargs, shared))
             hres = executor.gather(outs)
             executor.release(outs)
-            ht = [r[0] for r in hres]
-            Q = np.zeros((k, k))
-            hsum = np.zeros(k)
-            for r in hres:  # block order: the same sums on any number of workers
-                Q += r[1]
-                hsum += r[2]
-            s = _norms(hsum, Q, opts.norm)
-            inv_s = 1.0 / s
-            hn = np.ascontiguousarray(np.concatenate(ht, axis=0) * inv_s[None, :])
-            Qn = Q * np.outer(inv_s, inv_s)
-            if it > 1:
-                wraw = state.w * state.d[None, :]
-                wprev = [wraw[row0s[r]:int(rb[r + 1])] for r in range(n_rb)]
-            else:
-                wprev = [None] * n_rb
-            outs = executor.map_blocks(masked_w_task, placed.rows, rmasks, wprev, row0s, tws,
-                                       args=(hn, Qn, wside, kargs, wtarget))
+            w_inputs = [_w_model_inputs(mdl, [hres[j][a] for j in range(n_cb)], rb, row0s)
+                        for a, mdl in enumerate(active)]
+            shared = [(wi["hn"], wi["Qn"], wi["wside"], wi["wtarget"]) for wi in w_inputs]
+            per_block = [[(wi["wprev"][r], wi["tws"][r]) for wi in w_inputs] for r in range(n_rb)]
+            outs = executor.map_blocks(masked_w_many, placed.rows, rmasks, row0s, per_block, args=(kargs, shared))
             wres = executor.gather(outs)
             executor.release(outs)
         except WorkerLostError as exc:
@@ -320,42 +374,93 @@ def fit_masked(
             placed = None
             recoveries += 1
             if recoveries > executor.max_recoveries:
+                done = min(mdl.state.iteration for mdl in active)
                 raise WorkerLostError(
                     f"{str(exc).rstrip('.')}. The masked fit gave up after {recoveries - 1} recoveries "
-                    f"(max_recoveries={executor.max_recoveries}) with {state.iteration} iterations done.",
+                    f"(max_recoveries={executor.max_recoveries}) with {done} iterations done.",
                     worker=exc.worker) from exc
             logger.warning("%s; re-placing the blocks on the live workers (recovery %d of at most %d)",
                            exc, recoveries, executor.max_recoveries)
             continue
-        sums = np.zeros(4)
-        for r in wres:
-            sums += r[1]
-        wraw = np.concatenate([r[0] for r in wres], axis=0)
-        w_new, d = scale_rows(wraw.T, opts.norm)
-        state.w, state.d, state.h_scale, state.ht = np.ascontiguousarray(w_new.T), d, inv_s, ht
-        state.iteration = it
-        state.n_train, state.n_test = int(sums[1]), int(sums[3])
-        if mo.cv_on:
-            train = max(sums[0], 0.0) / max(sums[1], 1.0)
-            test = sums[2] / sums[3] if sums[3] > 0 else float("nan")
-            state.loss_history.append(train)
-            state.test_history.append(test)
-            stop = _cv_stop(state, opts)
-        else:
-            train, test = float(sums[0]), float("nan")
-            state.loss_history.append(train)
-            stop = check_convergence(state, opts)
-        logger.debug("iteration %d train %.6g test %.6g", it, train, test)
-        if on_iteration is not None:
-            try:
-                on_iteration(IterationRecord(it, train, test))
-            except StopIteration:
-                state.stopped_by_callback = True
-                stop = True
-        if stop:
-            state.converged = not state.stopped_by_callback
-            break
-    state.runtime = time.perf_counter() - t0
+        for a, (mdl, wi) in enumerate(zip(active, w_inputs)):
+            _finish_iteration(mdl, wi, [wres[r][a] for r in range(n_rb)], mo)
+    runtime = time.perf_counter() - t0
     if placed is not None:
         placed.release(executor)
-    return state, state.ht
+    out = []
+    for mdl in models:
+        mdl.state.runtime = runtime
+        out.append((mdl.state, mdl.state.ht))
+    return out
+
+
+def _h_model_args(mdl: _Model) -> tuple:
+    """``(hs, ridge, removal)`` of a model's H step for its current W."""
+    opts, t = mdl.opts, mdl.targets
+    # a removal target is applied per column by the kernel, to each column's own Gram
+    hs = h_task_step(mdl.state.w, mdl.state.h_scale, opts, None if t.lam_h < 0 else t)
+    ridge = 1e-15 + float(opts.L2[1]) + max(t.lam_h, 0.0)
+    removal = (t.gamma_h, -t.lam_h) if t.lam_h < 0 else (np.zeros((0, 0)), 0.0)
+    return hs, ridge, removal
+
+
+def _w_model_inputs(mdl: _Model, hres: list, rb: np.ndarray, row0s: list) -> dict:
+    """A model's W-step inputs from its H results (block order): normalized H, its Gram, warm starts."""
+    opts, state, t = mdl.opts, mdl.state, mdl.targets
+    k = opts.k
+    ht = [r[0] for r in hres]
+    Q = np.zeros((k, k))
+    hsum = np.zeros(k)
+    for r in hres:  # block order: the same sums on any number of workers
+        Q += r[1]
+        hsum += r[2]
+    s = _norms(hsum, Q, opts.norm)
+    inv_s = 1.0 / s
+    n_rb = len(rb) - 1
+    if state.iteration >= 1:
+        wraw = state.w * state.d[None, :]
+        wprev = [wraw[row0s[r]:int(rb[r + 1])] for r in range(n_rb)]
+    else:
+        wprev = [None] * n_rb
+    return {
+        "ht": ht, "inv_s": inv_s, "wprev": wprev,
+        "hn": np.ascontiguousarray(np.concatenate(ht, axis=0) * inv_s[None, :]),
+        "Qn": Q * np.outer(inv_s, inv_s),
+        "tws": [None if t.w is None else t.w[int(rb[r]):int(rb[r + 1])] for r in range(n_rb)],
+        "wside": (1e-15, float(opts.L1[0]), float(opts.L2[0]), int(opts.solver), bool(opts.nonneg[0]),
+                  int(opts.cd_maxit), float(opts.cd_tol)),
+        "wtarget": (t.lam_w, t.gamma_w if t.gamma_w is not None else np.zeros((0, 0))),
+    }
+
+
+def _finish_iteration(mdl: _Model, wi: dict, wres: list, mo: MaskOptions) -> None:
+    """Client side of an iteration for one model: W scaled into d, losses, convergence, callback."""
+    opts, state = mdl.opts, mdl.state
+    sums = np.zeros(4)
+    for r in wres:
+        sums += r[1]
+    wraw = np.concatenate([r[0] for r in wres], axis=0)
+    w_new, d = scale_rows(wraw.T, opts.norm)
+    state.w, state.d, state.h_scale, state.ht = np.ascontiguousarray(w_new.T), d, wi["inv_s"], wi["ht"]
+    it = state.iteration = state.iteration + 1
+    state.n_train, state.n_test = int(sums[1]), int(sums[3])
+    if mo.cv_on:
+        train = max(sums[0], 0.0) / max(sums[1], 1.0)
+        test = sums[2] / sums[3] if sums[3] > 0 else float("nan")
+        state.loss_history.append(train)
+        state.test_history.append(test)
+        stop = _cv_stop(state, opts)
+    else:
+        train, test = float(sums[0]), float("nan")
+        state.loss_history.append(train)
+        stop = check_convergence(state, opts)
+    logger.debug("iteration %d train %.6g test %.6g", it, train, test)
+    if mdl.on_iteration is not None:
+        try:
+            mdl.on_iteration(IterationRecord(it, train, test))
+        except StopIteration:
+            state.stopped_by_callback = True
+            stop = True
+    if stop:
+        state.converged = not state.stopped_by_callback
+    mdl.done = stop or it >= opts.maxit

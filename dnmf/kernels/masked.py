@@ -35,7 +35,11 @@ import numpy as np
 from .column import chol_factor, column_step, solve_column
 from .nnls import SOLVER_CHOLESKY
 
-__all__ = ["holdout_threshold", "holdout_seed", "holdout_mask", "held_out", "csc_masked_pass", "csr_masked_pass"]
+__all__ = ["holdout_threshold", "holdout_seed", "holdout_mask", "held_out", "holdout_pattern", "csc_masked_pass",
+           "csr_masked_pass", "NO_PATTERN"]
+
+#: ``(ho_indices, ho_indptr)`` meaning "hash the held-out entries" (no precomputed pattern).
+NO_PATTERN = (np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64))
 
 _C_I = np.uint64(0x9E3779B97F4A7C15)
 _C_J = np.uint64(0x6C62272E07BB0142)
@@ -93,6 +97,60 @@ def holdout_mask(rows, cols, cv_seed: int, test_fraction: float) -> np.ndarray:
     return z < thr
 
 
+def _holdout_pattern(outer0, n_outer, n_inner, by_row, seed, thr, zeros_missing, data, indices, indptr):
+    """The held-out entries of a block, listed per column (CSC block) or per row (CSR block).
+
+    For each of the block's ``n_outer`` columns (rows with ``by_row``; global index ``outer0 + o``)
+    the inner indices the §5.2 hash holds out, in the order the passes would find them: every
+    inner index ascending, or with ``zeros_missing`` the stored non-NaN entries in stored order.
+    Returns ``(indices (int32), indptr (int64))``. Several models sharing one pass over the
+    block hash it once with this and hand the pattern to each model's pass.
+    """
+    counts = np.zeros(n_outer + 1, dtype=np.int64)
+    cap = 16
+    out = np.empty(cap, dtype=np.int32)
+    t = 0
+    for o in range(n_outer):
+        og = np.uint64(outer0 + o)
+        if zeros_missing:
+            for p in range(indptr[o], indptr[o + 1]):
+                a = data[p]
+                if a != a:
+                    continue
+                inner = indices[p]
+                if by_row:
+                    hit = held_out(seed, og, np.uint64(inner), thr)
+                else:
+                    hit = held_out(seed, np.uint64(inner), og, thr)
+                if hit:
+                    if t == cap:
+                        cap *= 2
+                        grown = np.empty(cap, dtype=np.int32)
+                        grown[:t] = out[:t]
+                        out = grown
+                    out[t] = inner
+                    t += 1
+        else:
+            for inner in range(n_inner):
+                if by_row:
+                    hit = held_out(seed, og, np.uint64(inner), thr)
+                else:
+                    hit = held_out(seed, np.uint64(inner), og, thr)
+                if hit:
+                    if t == cap:
+                        cap *= 2
+                        grown = np.empty(cap, dtype=np.int32)
+                        grown[:t] = out[:t]
+                        out = grown
+                    out[t] = inner
+                    t += 1
+        counts[o + 1] = t
+    return out[:t].copy(), counts
+
+
+holdout_pattern = numba.njit(cache=True, nogil=True)(_holdout_pattern)
+
+
 def _proj_adv(Gc, gamma, lam_abs):
     """Guided spec §2.4 on one Gram, in place: ``G − |λ|·tr(G)/tr(Γ)·Γ``, eigenvalues below 1e-8
     raised to 1e-8 (the matrix rebuilt only when one was)."""
@@ -126,7 +184,7 @@ proj_adv = numba.njit(cache=True, nogil=True)(_proj_adv)
 
 def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg,
                      cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, gamma,
-                     lam_abs, Q, hsum):
+                     lam_abs, ho_indices, ho_indptr, Q, hsum):
     """Masked H update for one sparse column block (see module docstring).
 
     Parameters
@@ -144,6 +202,9 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
         (length 0) when there is none
     gamma, lam_abs : a removal target's Γ (k × k) and |λ| (0: none) — applied (:func:`proj_adv`)
         to every column's Gram, which the pass then forms itself from G (G must arrive without it)
+    ho_indices, ho_indptr : the block's held-out rows from :func:`holdout_pattern` (used instead
+        of hashing when ``cv_on`` and ho_indptr is not empty: the same rows in the same order,
+        so the result is bitwise that of hashing)
     Q : (k, k), hsum : (k,) — accumulated in place (``H_j H_jᵀ``, ``Σ|h|``)
     """
     k = w.shape[1]
@@ -155,10 +216,15 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
     Gt = np.empty((k, k))  # column step scratch (its own terms)
     Lt = np.zeros((k, k))
     mark = np.full(m, -1, dtype=np.int64)
+    hmark = np.full(m, -1, dtype=np.int64)  # held-out rows of column c (from the pattern)
     mrows = np.empty(m, dtype=np.int64)
     has_mask = mk_indptr.shape[0] > 0
+    pattern = cv_on and ho_indptr.shape[0] > 0
     for c in range(n):
         jg = np.uint64(col0 + c)
+        if pattern and zeros_missing:
+            for p in range(ho_indptr[c], ho_indptr[c + 1]):
+                hmark[ho_indices[p]] = c
         for r in range(k):
             b[r] = -l1
         nmask = 0
@@ -178,7 +244,7 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                 i = indices[p]
                 if a != a or mark[i] == c:
                     continue
-                if cv_on and held_out(cv_seed, i, jg, cv_thr):
+                if cv_on and (hmark[i] == c if pattern else held_out(cv_seed, np.uint64(i), jg, cv_thr)):
                     continue
                 wrow = w[i]
                 for r in range(k):
@@ -191,7 +257,14 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                     Gc[s, r] = Gc[r, s]
             use_own = True
         else:
-            if cv_on:
+            if pattern:
+                for p in range(ho_indptr[c], ho_indptr[c + 1]):
+                    i = ho_indices[p]
+                    if mark[i] != c:
+                        mark[i] = c
+                        mrows[nmask] = i
+                        nmask += 1
+            elif cv_on:
                 for i in range(m):
                     if mark[i] != c and held_out(cv_seed, i, jg, cv_thr):
                         mark[i] = c
@@ -250,7 +323,8 @@ csc_masked_pass = numba.njit(cache=True, nogil=True)(_csc_masked_pass)
 
 
 def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
-                     warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma, sums):
+                     warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma, ho_indices,
+                     ho_indptr, sums):
     """Masked W update for one sparse row block, and the block's squared errors.
 
     Parameters
@@ -265,6 +339,8 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
     tw, lam_w, gamma : a target of W's rows (m_b × k, or (0, k) for none), its λ and Γ: λ > 0 adds
         λ to the Gram's diagonal and ``λ t_i`` to the RHS; λ < 0 applies :func:`proj_adv` with
         Γ to each row's Gram (the losses use the plain Gram)
+    ho_indices, ho_indptr : the block's held-out columns per row (:func:`holdout_pattern`), used
+        instead of hashing when ``cv_on`` and ho_indptr is not empty (bitwise the same result)
     sums : (4,) — accumulated in place: train SSE, train count, test SSE, test count. The train
         set is every observed entry (not missing, not held out); the test set the held-out
         entries that are otherwise observed.
@@ -280,9 +356,14 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
     kind = np.zeros(n, dtype=np.int8)  # 1: held out (a test entry), 2: missing (user mask or NaN)
     aval = np.zeros(n)
     mcols = np.empty(n, dtype=np.int64)
+    hmark = np.full(n, -1, dtype=np.int64)  # held-out columns of row r_ (from the pattern)
     has_mask = mk_indptr.shape[0] > 0
+    pattern = cv_on and ho_indptr.shape[0] > 0
     for r_ in range(m_b):
         ig = np.uint64(row0 + r_)
+        if pattern and zeros_missing:
+            for p in range(ho_indptr[r_], ho_indptr[r_ + 1]):
+                hmark[ho_indices[p]] = r_
         nmask = 0
         if has_mask:
             for p in range(mk_indptr[r_], mk_indptr[r_ + 1]):
@@ -305,7 +386,7 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                 j = indices[p]
                 if a != a or mark[j] == r_:
                     continue
-                if cv_on and held_out(cv_seed, ig, np.uint64(j), cv_thr):
+                if cv_on and (hmark[j] == r_ if pattern else held_out(cv_seed, ig, np.uint64(j), cv_thr)):
                     mark[j] = r_
                     kind[j] = 1
                     mcols[nmask] = j
@@ -321,7 +402,15 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                 for s in range(r):
                     Gc[s, r] = Gc[r, s]
         else:
-            if cv_on:
+            if pattern:
+                for p in range(ho_indptr[r_], ho_indptr[r_ + 1]):
+                    j = ho_indices[p]
+                    if mark[j] != r_:
+                        mark[j] = r_
+                        kind[j] = 1
+                        mcols[nmask] = j
+                        nmask += 1
+            elif cv_on:
                 for j in range(n):
                     if mark[j] != r_ and held_out(cv_seed, ig, np.uint64(j), cv_thr):
                         mark[j] = r_
