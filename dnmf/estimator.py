@@ -8,6 +8,11 @@ Xᵀ without a copy) to :func:`dnmf.nmf`. With the fitted ``A ≈ W·diag(d)·H`
 * ``fit_transform(X) = (diag(d)·H)ᵀ`` (n_samples × k), so ``fit_transform(X) @ components_``
   is the model's reconstruction of X,
 * ``transform(X_new)`` projects new samples onto W by exact NNLS (:meth:`NMFModel.predict`).
+
+Guided NMF the scikit-learn way: with a non-zero ``target_lambda``, ``fit(X, y)`` takes the
+samples' classes ``y``, fits a baseline, builds the class target ``compute_target(baseline.h, y)``
+(:func:`dnmf.compute_target`, whitened) and refits from the same start with ``target_H`` and
+``target_lambda`` (RcppML's guided NMF vignette).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from ._validation import param_error
 from .exceptions import InputError
 from .models import NMFModel
 from .params import NMF_PARAMS, estimator_init, estimator_kwargs, estimator_names
+
+_TARGET_LAMBDA = next(p for p in NMF_PARAMS if p.name == "target_lambda")
 
 __all__ = ["NMF"]
 
@@ -95,6 +102,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Cloning the estimator shares the client (it is not copied).
     block_nnz : int or None, default None
         Stored entries per column block (blocks are groups of samples).
+    target_lambda : float, default 0.0
+        Guided NMF: strength of the class target of the samples, built from ``y`` in ``fit``
+        (H side; :func:`dnmf.nmf`'s ``target_lambda``). 0 fits without labels (``y`` is
+        ignored); > 0 pulls the samples' factors toward their class centroids, < 0 removes
+        the classes' structure (RcppML's PROJ_ADV). Values of 0.05–0.15 already act strongly.
     verbose : bool, default False
         Show one line per iteration of the fit on ``sys.stdout`` (see :func:`dnmf.nmf`).
 
@@ -110,7 +122,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     n_iter_ : int
         Iterations run.
     model_ : NMFModel
-        The fitted RcppML-style model (``w`` = ``components_ᵀ``, ``d``, ``h``, ``misc``).
+        The fitted RcppML-style model (``w`` = ``components_ᵀ``, ``d``, ``h``, ``misc``); with a
+        non-zero ``target_lambda``, the guided model.
+    baseline_model_ : NMFModel or None
+        With a non-zero ``target_lambda``: the unguided fit the target was built from (same
+        start as ``model_``); None otherwise.
+    target_ : ndarray of shape (n_components, n_samples) or None
+        With a non-zero ``target_lambda``: ``dnmf.compute_target(baseline_model_.h, y)``, the
+        target of the guided fit; None otherwise.
     n_features_in_ : int
         Number of features seen in ``fit``.
     feature_names_in_ : ndarray of shape (n_features_in_,)
@@ -125,6 +144,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     >>> Z = est.fit_transform(X)
     >>> Z.shape, est.components_.shape
     ((60, 3), (3, 100))
+
+    Guided by class labels (one per sample):
+
+    >>> y = np.repeat(["a", "b", "c"], 20)
+    >>> guided = dnmf.NMF(n_components=3, target_lambda=0.1, random_state=1, client=False).fit(X, y)
+    >>> guided.target_.shape
+    (3, 60)
     """
 
     #: ``__init__(self, n_components=None, *, tol=1e-4, max_iter=100, ...)``, built from
@@ -180,22 +206,59 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                               k)
         return int(k)
 
+    def _target_lambda(self, func: str) -> float:
+        """The H side's λ of ``target_lambda`` (a W-side λ has no target here: y labels samples)."""
+        lam_w, lam_h = _TARGET_LAMBDA.check(self.target_lambda, func)
+        if lam_w != 0.0:
+            raise param_error("target_lambda", func, "a finite float (the samples' λ; y gives targets for samples "
+                              "only, so a (λ_W, λ_H) pair needs λ_W = 0)", self.target_lambda)
+        return lam_h
+
+    @staticmethod
+    def _labels(y, n_samples: int, func: str):
+        """``y`` as the samples' classes (length n_samples), else the error naming 'y'."""
+        if y is None:
+            raise param_error("y", func, f"the class of each of the {n_samples} samples when target_lambda is "
+                              "non-zero (guided NMF)", None)
+        shape = np.shape(y)
+        if len(shape) != 1 or shape[0] != n_samples:
+            raise param_error("y", func, f"a 1-d array of {n_samples} class labels (one per sample)",
+                              f"an array of shape {shape}", described=True)
+        return y
+
+    @staticmethod
+    def _nmf(A, k: int, kwargs: dict, func: str) -> NMFModel:
+        """:func:`dnmf.nmf`, with its parameter errors re-issued in the estimator's names."""
+        from .core import nmf
+
+        try:
+            return nmf(A, k, **kwargs)
+        except InputError as e:
+            # re-issue a parameter error of nmf with the estimator's names ('max_iter', not 'maxit')
+            name = getattr(e, "parameter", None)
+            if name is None:
+                raise
+            raise param_error(_NMF_NAMES.get(name, name), func, e.expected, e.got,
+                              described=getattr(e, "described", False)) from e
+
     # -- fitting -----------------------------------------------------------------------------
 
     def fit(self, X, y=None) -> "NMF":
-        """Learn the factorization of X.
+        """Learn the factorization of X (guided by the classes ``y`` when ``target_lambda`` ≠ 0).
 
         Parameters
         ----------
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Non-negative data.
-        y : ignored
+        y : array-like of shape (n_samples,) or None, default None
+            Class of each sample (missing values: unlabelled), required when ``target_lambda``
+            is non-zero; ignored otherwise.
 
         Returns
         -------
         self
         """
-        self.fit_transform(X)
+        self.fit_transform(X, y)
         return self
 
     def fit_transform(self, X, y=None) -> np.ndarray:
@@ -205,30 +268,42 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ----------
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Non-negative data.
-        y : ignored
+        y : array-like of shape (n_samples,) or None, default None
+            Class of each sample, required when ``target_lambda`` is non-zero; ignored otherwise.
 
         Returns
         -------
         ndarray of shape (n_samples, n_components)
             ``(diag(d)·H)ᵀ``: ``fit_transform(X) @ components_`` reconstructs X.
+
+        Notes
+        -----
+        With ``target_lambda = λ ≠ 0`` this is ``baseline = nmf(Xᵀ, k, seed=s, ...)``, ``T =
+        compute_target(baseline.h, y)`` and ``nmf(Xᵀ, k, seed=s, ..., target_H=T,
+        target_lambda=λ)``, both fits from the same start s (the drawn entropy when
+        ``random_state`` is None).
         """
-        from .core import nmf
+        from .guided import compute_target
 
         func = "NMF.fit"
         X = _validate(self, X, reset=True)
         _check_non_negative(X, func, need_positive=True)
         k = self._rank(*X.shape)
-        kwargs = {**estimator_kwargs(NMF_PARAMS, self), "seed": self._seed()}
-        try:
-            model = nmf(X.T, k, **kwargs)
-        except InputError as e:
-            # re-issue a parameter error of nmf with the estimator's names ('max_iter', not 'maxit')
-            name = getattr(e, "parameter", None)
-            if name is None:
-                raise
-            raise param_error(_NMF_NAMES.get(name, name), func, e.expected, e.got,
-                              described=getattr(e, "described", False)) from e
+        lam = self._target_lambda(func)
+        if lam != 0.0:
+            y = self._labels(y, X.shape[0], func)
+        kwargs = {**estimator_kwargs(NMF_PARAMS, self), "seed": self._seed(), "target_lambda": 0.0}
+        model = self._nmf(X.T, k, kwargs, func)
+        baseline = target = None
+        if lam != 0.0:
+            baseline = model
+            target = compute_target(baseline.h, y)
+            seed = kwargs["seed"] if kwargs["seed"] is not None else np.random.SeedSequence(
+                baseline.misc["seed_entropy"])
+            model = self._nmf(X.T, k, {**kwargs, "seed": seed, "target_H": target, "target_lambda": lam}, func)
         self.model_: NMFModel = model
+        self.baseline_model_: NMFModel | None = baseline
+        self.target_: np.ndarray | None = target
         self.components_ = np.ascontiguousarray(model.w.T)
         self.n_components_ = model.k
         self.n_iter_ = int(model.misc["iter"])

@@ -382,8 +382,9 @@ NMF_PARAMS: tuple[Param, ...] = (
           estimator=False, config=False),
     Param("target_W", Check(_check_target), None, "target of W (m × k), as target_H for W's rows", estimator=False,
           config=False),
+    # the estimator's target_lambda (H side) guides the fit by the labels y (NMF.fit(X, y))
     Param("target_lambda", Check(_check_target_lambda), (0.0, 0.0),
-          "strength of the targets, (λ_W, λ_H); a scalar is the H side's", estimator=False, config=False),
+          "strength of the targets, (λ_W, λ_H); a scalar is the H side's", estimator_default=0.0, config=False),
     Param("mask", Check(_check_mask, Literal["zeros"] | None), None,
           'missing entries: "zeros" (zeros are missing) or a boolean matrix (True = missing); NaN is always '
           "missing", estimator=False, config=False),
