@@ -253,7 +253,10 @@ def cross_validate(blocked, k: Sequence[int], fit, *, cv_seed=None, test_fractio
             rows = []
             for s in cv_seeds:
                 rep = [t for t in tasks if t.cv_seed == s]
-                rows += [task_row(t, mdl) for t, mdl in zip(rep, fit_shared(blocked, rep, kwargs, client))]
+                if s == 0:  # RcppML: cv_seed 0 is "not given", each rank holds out by its own seed k
+                    rows += [fit_task(t, blocked, kwargs, fit, client) for t in rep]
+                else:
+                    rows += [task_row(t, mdl) for t, mdl in zip(rep, fit_shared(blocked, rep, kwargs, client))]
         else:
             rows = [fit_task(t, blocked, kwargs, fit, client) for t in tasks]
     finally:

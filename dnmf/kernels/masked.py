@@ -97,6 +97,19 @@ def holdout_mask(rows, cols, cv_seed: int, test_fraction: float) -> np.ndarray:
     return z < thr
 
 
+def _mix_below(z, threshold):
+    """The SplitMix64 finalizer of §5.2 applied to z, compared with the threshold."""
+    z = z ^ (z >> _S30)
+    z = z * _M1
+    z = z ^ (z >> _S27)
+    z = z * _M2
+    z = z ^ (z >> _S31)
+    return z < threshold
+
+
+mix_below = numba.njit(cache=True, nogil=True)(_mix_below)
+
+
 def _holdout_pattern(outer0, n_outer, n_inner, by_row, seed, thr, zeros_missing, data, indices, indptr):
     """The held-out entries of a block, listed per column (CSC block) or per row (CSR block).
 
@@ -104,48 +117,41 @@ def _holdout_pattern(outer0, n_outer, n_inner, by_row, seed, thr, zeros_missing,
     the inner indices the §5.2 hash holds out, in the order the passes would find them: every
     inner index ascending, or with ``zeros_missing`` the stored non-NaN entries in stored order.
     Returns ``(indices (int32), indptr (int64))``. Several models sharing one pass over the
-    block hash it once with this and hand the pattern to each model's pass.
+    block hash it once with this and hand the pattern to each model's pass. Two passes (count,
+    then fill) keep the hash loop free of appends, so it vectorizes.
     """
+    c_outer = _C_I if by_row else _C_J
+    c_inner = _C_J if by_row else _C_I
     counts = np.zeros(n_outer + 1, dtype=np.int64)
-    cap = 16
-    out = np.empty(cap, dtype=np.int32)
-    t = 0
     for o in range(n_outer):
-        og = np.uint64(outer0 + o)
+        base = seed + np.uint64(outer0 + o) * c_outer
+        c = 0
         if zeros_missing:
             for p in range(indptr[o], indptr[o + 1]):
                 a = data[p]
-                if a != a:
-                    continue
-                inner = indices[p]
-                if by_row:
-                    hit = held_out(seed, og, np.uint64(inner), thr)
-                else:
-                    hit = held_out(seed, np.uint64(inner), og, thr)
-                if hit:
-                    if t == cap:
-                        cap *= 2
-                        grown = np.empty(cap, dtype=np.int32)
-                        grown[:t] = out[:t]
-                        out = grown
-                    out[t] = inner
+                if a == a and mix_below(base + np.uint64(indices[p]) * c_inner, thr):
+                    c += 1
+        else:
+            for inner in range(n_inner):
+                if mix_below(base + np.uint64(inner) * c_inner, thr):
+                    c += 1
+        counts[o + 1] = counts[o] + c
+    out = np.empty(counts[n_outer], dtype=np.int32)
+    for o in range(n_outer):
+        base = seed + np.uint64(outer0 + o) * c_outer
+        t = counts[o]
+        if zeros_missing:
+            for p in range(indptr[o], indptr[o + 1]):
+                a = data[p]
+                if a == a and mix_below(base + np.uint64(indices[p]) * c_inner, thr):
+                    out[t] = indices[p]
                     t += 1
         else:
             for inner in range(n_inner):
-                if by_row:
-                    hit = held_out(seed, og, np.uint64(inner), thr)
-                else:
-                    hit = held_out(seed, np.uint64(inner), og, thr)
-                if hit:
-                    if t == cap:
-                        cap *= 2
-                        grown = np.empty(cap, dtype=np.int32)
-                        grown[:t] = out[:t]
-                        out = grown
+                if mix_below(base + np.uint64(inner) * c_inner, thr):
                     out[t] = inner
                     t += 1
-        counts[o + 1] = t
-    return out[:t].copy(), counts
+    return out, counts
 
 
 holdout_pattern = numba.njit(cache=True, nogil=True)(_holdout_pattern)
@@ -286,18 +292,20 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                     b[r] += a * wrow[r]
             use_own = nmask > 0 or lam_abs > 0.0
             if use_own:
+                # G's lower triangle mirrored (a symmetric start), then full rows of rank-1
+                # updates: the contiguous inner loop vectorizes, and wr·ws = ws·wr keeps Gc
+                # exactly symmetric
                 for r in range(k):
                     for s in range(r + 1):
                         Gc[r, s] = G[r, s]
+                        Gc[s, r] = G[r, s]
                 for t in range(nmask):
                     wrow = w[mrows[t]]
                     for r in range(k):
                         wr = wrow[r]
-                        for s in range(r + 1):
-                            Gc[r, s] -= wr * wrow[s]
-                for r in range(k):
-                    for s in range(r):
-                        Gc[s, r] = Gc[r, s]
+                        Gr = Gc[r]
+                        for s in range(k):
+                            Gr[s] -= wr * wrow[s]
         if warm:
             for r in range(k):
                 x[r] = ht[c, r] * warm_scale[r]
@@ -436,19 +444,18 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                     continue
                 for r in range(k):
                     b[r] += a * hrow[r]
-            for r in range(k):
+            for r in range(k):  # as in the column pass: symmetric start, full vectorized rows
                 for s in range(r + 1):
                     Gc[r, s] = Q[r, s]
+                    Gc[s, r] = Q[r, s]
                 Gc[r, r] += ridge + l2
             for t in range(nmask):
                 hrow = hn[mcols[t]]
                 for r in range(k):
                     hr = hrow[r]
-                    for s in range(r + 1):
-                        Gc[r, s] -= hr * hrow[s]
-            for r in range(k):
-                for s in range(r):
-                    Gc[s, r] = Gc[r, s]
+                    Gr = Gc[r]
+                    for s in range(k):
+                        Gr[s] -= hr * hrow[s]
         if tw.shape[0] > 0:
             if lam_w > 0.0:
                 for r in range(k):
