@@ -261,5 +261,7 @@ def run(config, job) -> None:
              f"{table[shown].to_string(index=False, float_format=lambda v: f'{v:.3f}')}")
     for name, res in results.items():
         fig = res.plot(method=g.plot_method)
-        fig.suptitle(f"{config.name}: {name} (k = {guided.k})")
+        what = "baseline" if name == "baseline" else f"guided ({g.mode}, lambda_ = {g.lambda_:g})"
+        fig.suptitle(f"{config.name}: {what}, k = {guided.k}, by {g.labels}")
+        fig.tight_layout()  # again, now with room for the title
         job.save_figure(fig, f"assess-{name}")
