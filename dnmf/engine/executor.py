@@ -291,47 +291,123 @@ class DaskExecutor(Executor):
         return handles
 
     def map_blocks(self, fn, *per_block, args=(), n_out=1):
-        args = tuple(self.put(a) for a in args)
+        from distributed import Future
+
+        homes = [self._home_of(h) for h in per_block[0]]
+        shared = self._put_near(tuple(args), homes)
         out = []
-        for j in range(len(per_block[0])):
+        for j, home in enumerate(homes):
             # Run where the block is (a loose restriction: elsewhere if that worker is gone),
             # rather than where a large shared argument happens to be.
-            home = self._home.get(getattr(per_block[0][j], "key", None))
-            fut = self.client.submit(fn, *(p[j] for p in per_block), *args, pure=False, key=_key(fn, j),
-                                     workers=None if home is None else [home],
-                                     allow_other_workers=home is not None)
-            parts = (tuple(self.client.submit(operator.getitem, fut, i, pure=False) for i in range(n_out))
-                     if n_out > 1 else (fut,))
+            fut = self._submit(fn, (*(p[j] for p in per_block), *shared.get(home, shared[None])), home,
+                               key=_key(fn, j))
             if home is not None:
-                self._home.update((f.key, home) for f in parts)
-            out.append(parts if n_out > 1 else fut)
+                self._home[fut.key] = home
+            if n_out == 1:
+                out.append(fut)
+            else:
+                # One handle per item of the result, with no task of its own: the tasks that
+                # take a part index the tuple themselves (n_out getitem tasks per block cost
+                # a scheduler round each; docs/architecture.md, "Cluster overhead").
+                out.append(tuple(_Part(Future(fut.key, self.client), i, home) for i in range(n_out)))
+                fut.release()
         return out
 
+    def _put_near(self, args: tuple, homes: list) -> dict:
+        """The shared ``args`` of one round of block tasks, by worker: each large one (W in the
+        H step) sent once to each worker that runs a task, small ones inline.
+
+        Inline, a large argument would be pickled into every task and pass through the
+        scheduler once per block. Here it is the inline argument of one small task per worker
+        (``_shared_value``, loosely pinned there), which the block tasks depend on: one message
+        per worker, no round trip for the client to wait on (a scatter is one), and a task the
+        scheduler recomputes elsewhere if its worker is lost (docs/architecture.md, "Cluster
+        overhead"). Returns ``{address: args, None: args}``.
+        """
+        large = [i for i, a in enumerate(args) if not _is_small(a)]
+        targets = sorted({h for h in homes if h is not None})
+        if not large or not targets:
+            return {None: tuple(self.put(a) for a in args)}
+        out = {}
+        for addr in targets:
+            full = list(args)
+            for i in large:
+                full[i] = self._submit(_shared_value, (args[i],), addr)
+            out[addr] = tuple(full)
+        out[None] = out[targets[0]]
+        return out
+
+    def _home_of(self, handle):
+        """Worker the handle's data lives on (None for a plain value or an unplaced result)."""
+        if isinstance(handle, _Part):
+            return handle.home
+        return self._home.get(getattr(handle, "key", None))
+
+    def _submit(self, fn, values: tuple, home, *, key=None):
+        """``client.submit(fn, *values)`` preferring worker ``home``; part handles among
+        ``values`` are passed as their task's future and indexed inside the task."""
+        picks = tuple(v.index if isinstance(v, _Part) else None for v in values)
+        if any(p is not None for p in picks):
+            values = (fn, picks, *(v.future if isinstance(v, _Part) else v for v in values))
+            fn = _call_picking
+        return self.client.submit(fn, *values, pure=False, key=key or _key(fn, "c"),
+                                  workers=None if home is None else [home],
+                                  allow_other_workers=home is not None)
+
     def tree_reduce(self, combine, handles):
-        level = list(handles)
-        while len(level) > 1:
-            nxt = [self.client.submit(combine, level[i], level[i + 1], pure=False)
-                   for i in range(0, len(level) - 1, 2)]
-            if len(level) % 2:
-                nxt.append(level[-1])
-            level = nxt
-        if not hasattr(level[0], "key"):
-            return level[0]
-        (res,) = self._results([level[0]], self.timeout, "a reduction of block results")
-        return res
+        # The fixed tree of _tree_reduce_local, cut where its leaves stop sharing a worker:
+        # every largest subtree whose blocks live on one worker is combined by one task there
+        # (its leaves are already local), and the few subtree results are combined here by the
+        # rest of the tree. The same additions in the same order for any number of workers;
+        # one task per worker instead of one per tree node (docs/architecture.md, "Cluster
+        # overhead").
+        handles = list(handles)
+        tree = _tree_shape(len(handles))
+        homes = [self._home_of(h) for h in handles]
+        tops: list = []
+        made: list = []  # the subtree tasks submitted here (released once fetched)
+
+        def cut(node):
+            leaves = _tree_leaves(node)
+            if len({homes[i] for i in leaves}) == 1:
+                if len(leaves) == 1 and not isinstance(handles[leaves[0]], _Part):
+                    tops.append(handles[leaves[0]])
+                else:
+                    local = _relabel(node, {i: t for t, i in enumerate(leaves)})
+                    made.append(self._submit(_combine_subtree, (combine, local, *(handles[i] for i in leaves)),
+                                             homes[leaves[0]]))
+                    tops.append(made[-1])
+                return len(tops) - 1
+            return (cut(node[0]), cut(node[1]))
+
+        top = cut(tree)
+        futs = [t for t in tops if hasattr(t, "key")]
+        got = iter(self._results(futs, self.timeout, "a reduction of block results") if futs else ())
+        values = [next(got) if hasattr(t, "key") else t for t in tops]
+        self.release(made)
+        return _eval_tree(combine, top, values)
 
     def gather(self, handles):
-        return self._results(list(handles), self.timeout, "a gather of block results")
+        handles = list(handles)
+        # A part is fetched alone (a small indexing task where it lives), not with its tuple.
+        picked = [self._submit(operator.getitem, (h.future, h.index), h.home) if isinstance(h, _Part) else h
+                  for h in handles]
+        try:
+            return self._results(picked, self.timeout, "a gather of block results")
+        finally:
+            self.release([p for p, h in zip(picked, handles) if p is not h])
 
     def map(self, fn, items, *, args=()):
         args = tuple(self.put(a) for a in args)
-        futs = [self.client.submit(fn, it, *args, pure=False) for it in items]
+        futs = [self._submit(fn, (it, *args), None) for it in items]
         return self._results(futs, None, "independent tasks")
 
     def release(self, handles):
         for h in handles:
             if isinstance(h, tuple):
                 self.release(h)
+            elif isinstance(h, _Part):
+                h.future.release()
             elif hasattr(h, "release"):
                 self._home.pop(h.key, None)
                 h.release()
@@ -346,6 +422,68 @@ class DaskExecutor(Executor):
 
     def close(self):
         self._home.clear()
+
+
+class _Part:
+    """Handle of item ``index`` of a task's tuple result (``map_blocks(..., n_out=...)``).
+
+    Holds its own reference to the task's future, so the tuple stays on its worker until every
+    part is released; the tasks that take a part index the tuple themselves.
+    """
+
+    __slots__ = ("future", "index", "home")
+
+    def __init__(self, future, index: int, home: str | None):
+        self.future, self.index, self.home = future, index, home
+
+    @property
+    def key(self):
+        return self.future.key
+
+    @property
+    def status(self) -> str:
+        return self.future.status
+
+
+def _shared_value(value):
+    """Task: ``value`` itself (an argument shared by the block tasks of one worker)."""
+    return value
+
+
+def _call_picking(fn, picks, *args):
+    """``fn(*args)`` with ``args[i][picks[i]]`` for each part handle (``picks[i]`` not None)."""
+    return fn(*(a if p is None else a[p] for a, p in zip(args, picks)))
+
+
+def _tree_shape(n: int):
+    """The fixed binary tree of :func:`_tree_reduce_local` over leaves 0..n-1, as nested pairs."""
+    level: list = list(range(n))
+    while len(level) > 1:
+        nxt = [(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def _tree_leaves(node) -> list:
+    return [node] if isinstance(node, int) else _tree_leaves(node[0]) + _tree_leaves(node[1])
+
+
+def _relabel(node, new: dict):
+    return new[node] if isinstance(node, int) else (_relabel(node[0], new), _relabel(node[1], new))
+
+
+def _eval_tree(combine, node, values):
+    """Combine ``values`` along ``node`` (nested pairs of indices into ``values``)."""
+    if isinstance(node, int):
+        return values[node]
+    return combine(_eval_tree(combine, node[0], values), _eval_tree(combine, node[1], values))
+
+
+def _combine_subtree(combine, node, *values):
+    """Task: one subtree of the reduction over values already on this worker."""
+    return _eval_tree(combine, node, values)
 
 
 def scheduler_workers(client) -> dict:
@@ -384,10 +522,15 @@ def _key(fn, j) -> str:
 
 
 def _is_small(value) -> bool:
+    """Whether ``value`` travels inline in a task (under 100 kB by dask's ``sizeof``: arrays,
+    and tuples of them such as the H step's arguments)."""
     import numpy as np
+    from dask.sizeof import sizeof
 
     if isinstance(value, np.ndarray):
         return value.nbytes < 100_000
+    if isinstance(value, tuple):
+        return sizeof(value) < 100_000
     return not hasattr(value, "nbytes")
 
 
