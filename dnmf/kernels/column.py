@@ -33,10 +33,10 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from .nnls import SOLVER_CD, SOLVER_CHOLESKY, active_set_solve, cd_solve, chol_solve
+from .nnls import SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT, active_set_solve, cd_solve, chol_solve, compile_variant
 
 __all__ = ["ColumnTerms", "column_terms", "has_terms", "any_terms", "form_column", "column_step", "chol_factor",
-           "solve_column"]
+           "solve_column", "SOLVE_COLUMN_BY_SOLVER", "compile_variant"]
 
 
 class ColumnTerms(NamedTuple):
@@ -118,6 +118,28 @@ def _solve_column(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm):
 
 
 solve_column = numba.njit(cache=True, nogil=True)(_solve_column)
+
+
+# One solver each, with solve_column's arguments: a pass compiled against one of these compiles
+# that solver only (``kernels/fused.py``; docs/architecture.md, "Kernel compilation").
+def _solve_column_cd(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm):
+    cd_solve(G, b, x, nonneg, cd_maxit, cd_tol, warm)
+
+
+def _solve_column_cholesky(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm):
+    chol_solve(L, b, x, nonneg)
+
+
+def _solve_column_exact(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm):
+    active_set_solve(G, b, x, nonneg, warm)
+
+
+#: solver code -> the column solve of that solver alone (what solve_column does for that code).
+SOLVE_COLUMN_BY_SOLVER = {
+    SOLVER_CD: numba.njit(cache=True, nogil=True)(_solve_column_cd),
+    SOLVER_CHOLESKY: numba.njit(cache=True, nogil=True)(_solve_column_cholesky),
+    SOLVER_EXACT: numba.njit(cache=True, nogil=True)(_solve_column_exact),
+}
 
 
 def _any_terms(terms):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .column import any_terms, column_step, solve_column
+from .column import SOLVE_COLUMN_BY_SOLVER, any_terms, column_step, compile_variant, has_terms, solve_column
 
 __all__ = ["csc_block_pass", "dense_block_solve", "csc_sq_norm"]
 
@@ -89,7 +89,34 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
                 Q[r, s] += x[r] * x[s]
 
 
-csc_block_pass = numba.njit(cache=True, nogil=True)(_csc_block_pass)
+def _column_step_unused(c, G, L, b, x, terms, Gc, Lc, solver, nonneg, cd_maxit, cd_tol, warm):
+    """Stands in for column_step in the passes compiled for blocks without terms (never called)."""
+    raise RuntimeError("column terms given to a pass compiled without them")
+
+
+_column_step_unused_jit = numba.njit(cache=True, nogil=True)(_column_step_unused)
+
+
+def _variants(fn, name):
+    """Compiled variants of a pass, by (solver, with terms): each compiles one solver, and the
+    column step only where terms are used (docs/architecture.md, "Kernel compilation")."""
+    out = {}
+    for solver, solve in SOLVE_COLUMN_BY_SOLVER.items():
+        out[solver, False] = compile_variant(fn, f"{name}_s{solver}", solve_column=solve,
+                                             column_step=_column_step_unused_jit)
+        out[solver, True] = compile_variant(fn, f"{name}_s{solver}_terms", solve_column=solve)
+    return out
+
+
+_CSC_BLOCK_PASS = _variants(_csc_block_pass, "_csc_block_pass")
+
+
+def csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol,
+                   warm, P, Q, hsum):
+    """:func:`_csc_block_pass` (same arguments), compiled for ``solver`` and for whether
+    ``terms`` holds corrections."""
+    _CSC_BLOCK_PASS[int(solver), has_terms(terms)](data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver,
+                                                   nonneg, cd_maxit, cd_tol, warm, P, Q, hsum)
 
 
 def _dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol, warm, Q, hsum):
@@ -125,7 +152,14 @@ def _dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_ma
                 Q[r, s] += x[r] * x[s]
 
 
-dense_block_solve = numba.njit(cache=True, nogil=True)(_dense_block_solve)
+_DENSE_BLOCK_SOLVE = _variants(_dense_block_solve, "_dense_block_solve")
+
+
+def dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol, warm, Q, hsum):
+    """:func:`_dense_block_solve` (same arguments), compiled for ``solver`` and for whether
+    ``terms`` holds corrections."""
+    _DENSE_BLOCK_SOLVE[int(solver), has_terms(terms)](B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit,
+                                                      cd_tol, warm, Q, hsum)
 
 
 def _csc_sq_norm(data):

@@ -35,6 +35,7 @@ __all__ = [
     "chol_solve",
     "active_set_solve",
     "nnls_batch",
+    "compile_variant",
 ]
 
 SOLVER_CD = 0
@@ -42,6 +43,23 @@ SOLVER_CHOLESKY = 1
 SOLVER_EXACT = 2
 
 _jit = numba.njit(cache=True, nogil=True)
+
+
+def compile_variant(fn, name: str, **fixed):
+    """``numba.njit(cache=True, nogil=True)`` of a copy of the plain function ``fn`` in which
+    the module-level names in ``fixed`` are bound to other functions — a compile-time choice
+    (e.g. the solver), so a variant compiles only the code it calls. The copy is named ``name``
+    (numba's cache files are named after it) and still runs under ``NUMBA_DISABLE_JIT=1``.
+    """
+    import types
+
+    g = dict(fn.__globals__)
+    g.update(fixed)
+    copy = types.FunctionType(fn.__code__, g, name, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = name
+    copy.__module__ = fn.__module__
+    copy.__doc__ = fn.__doc__
+    return numba.njit(cache=True, nogil=True)(copy)
 
 
 @_jit
@@ -263,8 +281,7 @@ def active_set_solve(G, b, x, nonneg, warm):
     return solves
 
 
-@_jit
-def nnls_batch(G, L, B, X, solver, nonneg, maxit, tol, warm, l1):
+def _nnls_batch(G, L, B, X, solver, nonneg, maxit, tol, warm, l1):
     """Solve every column of ``B − l1`` (k × n) into ``X`` (k × n) in place.
 
     ``L`` is the lower Cholesky factor of ``G`` for ``SOLVER_CHOLESKY`` (ignored otherwise);
@@ -285,3 +302,29 @@ def nnls_batch(G, L, B, X, solver, nonneg, maxit, tol, warm, l1):
             active_set_solve(G, b, x, nonneg, warm)
         for r in range(k):
             X[r, c] = x[r]
+
+
+def _cd_unused(G, b, x, nonneg, maxit, tol, warm):
+    raise RuntimeError("solver not compiled in this variant")
+
+
+def _chol_unused(L, b, x, nonneg):
+    raise RuntimeError("solver not compiled in this variant")
+
+
+def _exact_unused(G, b, x, nonneg, warm):
+    raise RuntimeError("solver not compiled in this variant")
+
+
+_unused = {"cd_solve": _jit(_cd_unused), "chol_solve": _jit(_chol_unused), "active_set_solve": _jit(_exact_unused)}
+# solver code -> nnls_batch compiled with that solver only (the others are stubs never reached).
+_NNLS_BATCH = {
+    code: compile_variant(_nnls_batch, f"_nnls_batch_s{code}", **{n: f for n, f in _unused.items() if n != keep})
+    for code, keep in ((SOLVER_CD, "cd_solve"), (SOLVER_CHOLESKY, "chol_solve"), (SOLVER_EXACT, "active_set_solve"))
+}
+
+
+def nnls_batch(G, L, B, X, solver, nonneg, maxit, tol, warm, l1):
+    """:func:`_nnls_batch` (same arguments), compiled for ``solver`` alone (docs/architecture.md,
+    "Kernel compilation")."""
+    _NNLS_BATCH[int(solver)](G, L, B, X, solver, nonneg, maxit, tol, warm, l1)
