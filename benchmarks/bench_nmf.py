@@ -17,6 +17,13 @@ Run: ``python benchmarks/bench_nmf.py [--large] [--small] [--w-side] [--m 20000 
   extrapolates to the whole: (a) per-row Gram corrections accumulated as block partials
   (m × k × k per column block) in the column pass; (b) a mirrored pass over row blocks of A (a
   CSR copy) that forms each row's Gram and solves its NNLS on the spot.
+* ``--compare`` (issue 12): the same fixed number of iterations (``--iters``, default 30) from one
+  random start on the ``--large`` matrix, side by side in one run: scikit-learn ``NMF(solver="cd")``,
+  dnmf in-process (threads), dnmf on ``LocalCluster(processes=False, 1 worker × all cores)`` and on
+  ``LocalCluster(2 workers × 1 thread)``, with times, SSEs and the ratios of the issue (cluster /
+  in-process, dnmf / scikit-learn); then dnmf's seconds per iteration against k (10, 30, 50)
+  and, with ``--scale``, against nnz (5 M, 20 M, 80 M at 2 %; long), in-process and on the
+  2-worker cluster. Run it pinned, e.g. ``taskset -c 0,1 python benchmarks/bench_nmf.py --compare``.
 Timings print as one table; nothing here is asserted.
 """
 
@@ -200,6 +207,108 @@ def run_large(m, n, density, k, sk_iter):
               f"{bare:11.3f} {med / bare:9.2f} {model.misc['loss']:12.7g} {model.misc['iter']:5d}")
     print(f"{'scikit-learn NMF(cd)':38s} {t_a:7.2f} {1.0:7.3f} {t_b:7.2f} {1.0:7.3f} {t_b / it_b:12.3f}")
     print("RcppML 1.0 (2 threads) reference: 0.22 s per iteration on this shape and density")
+
+
+# ---- issue 12: scikit-learn, in-process and LocalCluster side by side ----------------------
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _dnmf_fixed(A, k, iters, w0, client, reps=2):
+    """Best of ``reps`` fits of exactly ``iters`` iterations from ``w0``: (s, s/iter median, SSE)."""
+    best = None
+    for _ in range(reps):
+        stamps = []
+        t = time.perf_counter()
+        model = dnmf.nmf(A, k, init=w0, maxit=iters, tol=0.0, client=client,
+                         on_iteration=lambda rec: stamps.append(time.perf_counter()))
+        total = time.perf_counter() - t
+        per = float(np.median(np.diff(stamps))) if len(stamps) > 2 else total / iters
+        if best is None or total < best[0]:
+            best = (total, per, float(model.misc["loss"]))
+    return best
+
+
+def _clusters(n_cores):
+    """The LocalCluster settings compared: threads only, then two worker processes."""
+    return (("LocalCluster(processes=False, 1 worker x %d threads)" % n_cores,
+             dict(processes=False, n_workers=1, threads_per_worker=n_cores)),
+            ("LocalCluster(2 workers x 1 thread)", dict(processes=True, n_workers=2, threads_per_worker=1)))
+
+
+def run_compare(m, n, density, k, iters, scale):
+    from distributed import Client, LocalCluster
+    from sklearn.decomposition import NMF as SkNMF
+
+    n_cores = _cores()
+    print(f"\nSide by side (issue 12): {m} x {n}, density {density}, k={k}, {iters} iterations from one random "
+          f"start, {n_cores} cores; generating ...", flush=True)
+    A = structured_sparse(m, n, density, k, seed=0)
+    print(f"nnz = {A.nnz:,}", flush=True)
+    rng = np.random.default_rng(0)
+    avg = np.sqrt(A.sum() / (m * n) / k)
+    w0 = avg * np.abs(rng.standard_normal((m, k)))
+    h0 = avg * np.abs(rng.standard_normal((n, k)))
+    rows = []
+    Xt = sp.csr_matrix(A.T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = time.perf_counter()
+        sk = SkNMF(n_components=k, solver="cd", init="custom", max_iter=iters, tol=0)
+        sk.fit(Xt, W=h0.copy(), H=np.ascontiguousarray(w0.T))
+        t_sk = time.perf_counter() - t
+        rows.append(("scikit-learn NMF(solver='cd')", t_sk, t_sk / iters, float(sk.reconstruction_err_) ** 2))
+        del Xt
+        dnmf.nmf(A[:, :2000], k, maxit=2, client=False)  # JIT warm-up (or cache load)
+        rows.append(("dnmf in-process, threads", *_dnmf_fixed(A, k, iters, w0, False)))
+        for label, kw in _clusters(n_cores):
+            with LocalCluster(dashboard_address=None, **kw) as cluster, Client(cluster) as client:
+                dnmf.nmf(A, k, init=w0, maxit=2, tol=0.0, client=client)  # workers load kernels, blocks
+                rows.append(("dnmf " + label, *_dnmf_fixed(A, k, iters, w0, client)))
+    t_in = rows[1][1]
+    print(f"{'run':52s} {'seconds':>8s} {'s/iter':>7s} {'SSE':>14s} {'/ in-process':>12s} {'/ scikit-learn':>14s}")
+    for name, total, per, sse in rows:
+        print(f"{name:52s} {total:8.2f} {per:7.3f} {sse:14.8g} {total / t_in:12.2f} {total / t_sk:14.2f}")
+    print("Goals: in-process <= 0.5x scikit-learn; threads-only cluster <= 1.15x in-process; "
+          "2 worker processes <= 1.3x in-process and <= 0.5x scikit-learn.")
+
+    print(f"\ndnmf seconds per iteration against k ({m} x {n}, nnz {A.nnz:,}; median of 5 iterations)")
+    _per_iteration_table([(f"k={kk}", A, kk) for kk in (10, 30, 50)], n_cores)
+    if scale:
+        cases = []
+        for nnz in (5_000_000, 20_000_000, 80_000_000):
+            mm = int(round(np.sqrt(nnz / density / 2.5)))  # n = 2.5 m, as the --large shape
+            cases.append((f"nnz {nnz / 1e6:.0f} M ({mm} x {int(2.5 * mm)})", mm, int(2.5 * mm)))
+        print(f"\ndnmf seconds per iteration against nnz (density {density}, k={k}; median of 5 iterations)")
+        _per_iteration_table([(label, (mm, nn), k) for label, mm, nn in cases], n_cores, density=density)
+
+
+def _per_iteration_table(cases, n_cores, density=None):
+    """Seconds per iteration in-process and on the 2-worker cluster for each (label, A or shape, k)."""
+    from distributed import Client, LocalCluster
+
+    results = {}
+    matrices = {}
+    for label, A, k in cases:
+        if isinstance(A, tuple):
+            A = matrices.setdefault(label, structured_sparse(*A, density, k, seed=0))
+        results[label] = [A.nnz, _dnmf_fixed(A, k, 6, None, False, reps=1)[1]]
+    label2, kw2 = _clusters(n_cores)[1]
+    with LocalCluster(dashboard_address=None, **kw2) as cluster, Client(cluster) as client, \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for label, A, k in cases:
+            A = matrices.get(label, A)
+            results[label].append(_dnmf_fixed(A, k, 6, None, client, reps=1)[1])
+    print(f"{'case':36s} {'nnz':>12s} {'in-process s/it':>15s} {'ns/nnz':>7s} {'2 workers s/it':>14s} {'ns/nnz':>7s} "
+          f"{'ratio':>6s}")
+    for label, (nnz, t_in, t_cl) in results.items():
+        print(f"{label:36s} {nnz:12,d} {t_in:15.3f} {1e9 * t_in / nnz:7.2f} {t_cl:14.3f} {1e9 * t_cl / nnz:7.2f} "
+              f"{t_cl / t_in:6.2f}")
 
 
 # ---- W side of a masked fit: prototype kernels (docs/architecture.md) -----------------------
@@ -422,15 +531,20 @@ def main():
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--sk-iter", type=int, default=30)
     ap.add_argument("--w-side", action="store_true")
+    ap.add_argument("--compare", action="store_true", help="issue 12: scikit-learn / in-process / LocalCluster")
+    ap.add_argument("--iters", type=int, default=30, help="iterations of --compare")
+    ap.add_argument("--scale", action="store_true", help="with --compare: s/iter at nnz 5 M, 20 M, 80 M (long)")
     ap.add_argument("--test-fraction", type=float, default=0.05)
     args = ap.parse_args()
-    if not (args.small or args.large or args.w_side):
+    if not (args.small or args.large or args.w_side or args.compare):
         args.small = args.large = True
-    print(f"cores: {os.cpu_count()}")
+    print(f"cores: {os.cpu_count()} (usable here: {_cores()})")
     if args.small:
         run_small()
     if args.large:
         run_large(args.m, args.n, args.density, args.k, args.sk_iter)
+    if args.compare:
+        run_compare(args.m, args.n, args.density, args.k, args.iters, args.scale)
     if args.w_side:
         run_w_side(args.m, args.n, args.density, (10, 50), args.test_fraction)
 

@@ -107,12 +107,14 @@ def load_block(source):
     return source.load() if hasattr(source, "load") else source
 
 
-def warm_up_kernels(source, k: int, opts: "ALSOptions") -> None:
+def warm_up_kernels(source, k: int, opts: "ALSOptions", with_terms: bool = False) -> None:
     """Compile the block kernel for this fit's dtypes here, before any worker needs it.
 
     numba writes the compiled code to its on-disk cache, so Dask workers on this machine (or on a
     shared file system) load it instead of each compiling it — a fresh worker otherwise spends
     seconds and ~150 MB of LLVM memory per kernel signature. Costs milliseconds once cached.
+    The kernel is compiled for the fit's solver only, and for blocks with per-column terms when
+    ``with_terms`` (docs/architecture.md, "Kernel compilation").
     """
     block = load_block(source)
     if isinstance(block, CSCBlock):
@@ -124,6 +126,8 @@ def warm_up_kernels(source, k: int, opts: "ALSOptions") -> None:
     hs = HStep(np.ones((1, k)), G, cholesky_or_empty(G, opts.solver), 0.0, np.ones(k), int(opts.solver), True,
                int(opts.cd_maxit), float(opts.cd_tol))
     h_update_task(tiny, None, hs)
+    if with_terms:
+        h_update_task(tiny, None, hs, column_terms(k, rhs=np.zeros((tiny.shape[1], k))))
 
 
 def block_sq_norm(block) -> float:
@@ -300,7 +304,7 @@ def fit_als(
     terms = block_terms(blocked, opts.k, targets)
     if state is None:
         if executor.distributed:
-            warm_up_kernels(blocked.sources[0], opts.k, opts)
+            warm_up_kernels(blocked.sources[0], opts.k, opts, with_terms=any(t is not None for t in terms))
         state = ALSState(w=np.ascontiguousarray(w0, dtype=np.float64), d=np.ones(opts.k), ht=[None] * n_blocks,
                          h_scale=np.ones(opts.k))
     # Where H comes from when the blocks are (re-)placed: a resumed fit's arrays until its first

@@ -112,6 +112,14 @@ class Executor(abc.ABC):
         self.close()
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. under ``taskset``), else all."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _tree_reduce_local(combine: Callable, values: list) -> Any:
     level = list(values)
     while len(level) > 1:
@@ -130,7 +138,7 @@ class LocalExecutor(Executor):
     """
 
     def __init__(self, n_threads: int | None = None):
-        self.n_threads = n_threads or os.cpu_count() or 1
+        self.n_threads = n_threads or _usable_cores()
         self.n_workers = 1
         self._pool = ThreadPoolExecutor(self.n_threads) if self.n_threads > 1 else None
 
