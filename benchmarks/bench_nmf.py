@@ -240,7 +240,7 @@ def _clusters(n_cores):
             ("LocalCluster(2 workers x 1 thread)", dict(processes=True, n_workers=2, threads_per_worker=1)))
 
 
-def run_compare(m, n, density, k, iters, scale):
+def run_compare(m, n, density, k, iters, scale, sweep=True):
     from distributed import Client, LocalCluster
     from sklearn.decomposition import NMF as SkNMF
 
@@ -276,6 +276,8 @@ def run_compare(m, n, density, k, iters, scale):
     print("Goals: in-process <= 0.5x scikit-learn; threads-only cluster <= 1.15x in-process; "
           "2 worker processes <= 1.3x in-process and <= 0.5x scikit-learn.")
 
+    if not sweep:
+        return
     print(f"\ndnmf seconds per iteration against k ({m} x {n}, nnz {A.nnz:,}; median of 5 iterations)")
     _per_iteration_table([(f"k={kk}", A, kk) for kk in (10, 30, 50)], n_cores)
     if scale:
@@ -534,6 +536,7 @@ def main():
     ap.add_argument("--compare", action="store_true", help="issue 12: scikit-learn / in-process / LocalCluster")
     ap.add_argument("--iters", type=int, default=30, help="iterations of --compare")
     ap.add_argument("--scale", action="store_true", help="with --compare: s/iter at nnz 5 M, 20 M, 80 M (long)")
+    ap.add_argument("--no-sweep", action="store_true", help="with --compare: no s/iter tables against k or nnz")
     ap.add_argument("--test-fraction", type=float, default=0.05)
     args = ap.parse_args()
     if not (args.small or args.large or args.w_side or args.compare):
@@ -544,7 +547,7 @@ def main():
     if args.large:
         run_large(args.m, args.n, args.density, args.k, args.sk_iter)
     if args.compare:
-        run_compare(args.m, args.n, args.density, args.k, args.iters, args.scale)
+        run_compare(args.m, args.n, args.density, args.k, args.iters, args.scale, sweep=not args.no_sweep)
     if args.w_side:
         run_w_side(args.m, args.n, args.density, (10, 50), args.test_fraction)
 

@@ -313,6 +313,7 @@ def fit_als(
     h_args = None
     blocks = None  # block handles; None until (re-)placed
     in_flight: list = []  # handles of the step under way, dropped when a worker is lost
+    stale: list = []  # handles of the last iteration no longer needed, dropped in the next one
     done = state.converged or state.stopped_by_callback or state.iteration >= opts.maxit
     pending_save = False
     recoveries = 0
@@ -343,10 +344,13 @@ def fit_als(
             args = _h_task_args(state, opts, targets)
             new_ht, parts = _solve_h(executor, blocks, state.ht, terms, args)
             in_flight = new_ht + parts
+            # The last iteration's handles are dropped only now, while the block tasks run: on a
+            # cluster in this process (processes=False) the scheduler's work of forgetting them
+            # would otherwise hold the GIL against step 4 (docs/architecture.md, "Cluster overhead").
+            executor.release(stale)
             # 3. deterministic tree reduction of the partials (combine).
             stats = executor.tree_reduce(combine_stats, parts)
-            executor.release(parts)
-            executor.release(state.ht)
+            stale = [*parts, *state.ht]
             state.ht, h_args, resumed_ht, in_flight = new_ht, args, None, []
             # 4. aggregate on the client: normalize H, update W, scale, loss, convergence.
             loss = _update_w(state, stats, opts, sq_norm_a, it, targets)
@@ -365,8 +369,8 @@ def fit_als(
             done = stop or it >= opts.maxit
             pending_save = checkpointer is not None and (done or it % opts.checkpoint_every == 0)
         except WorkerLostError as exc:
-            executor.release([*in_flight, *(blocks or ()), *state.ht])
-            in_flight, blocks = [], None
+            executor.release([*in_flight, *(blocks or ()), *state.ht, *stale])
+            in_flight, blocks, stale = [], None, []
             recoveries += 1
             if recoveries > executor.max_recoveries:
                 raise WorkerLostError(
@@ -377,6 +381,7 @@ def fit_als(
             logger.warning("%s; re-placing the blocks on the live workers (recovery %d of at most %d)",
                            exc, recoveries, executor.max_recoveries)
     state.runtime = time.perf_counter() - t0
+    executor.release(stale)
     executor.release(state.ht)
     executor.release(blocks)
     return state, ht_blocks
