@@ -249,14 +249,23 @@ def cross_validate(blocked, k: Sequence[int], fit, *, cv_seed=None, test_fractio
     try:
         if executor.distributed and blocked.in_memory:
             rows = executor.map(fit_task, tasks, args=(blocked, kwargs, fit))
-        elif fit_shared is not None:  # one replicate at a time, its ranks sharing each pass over A
-            rows = []
-            for s in cv_seeds:
+        elif fit_shared is not None:  # per replicate, its ranks sharing each pass over A
+
+            def replicate(s: int) -> list:
                 rep = [t for t in tasks if t.cv_seed == s]
                 if s == 0:  # RcppML: cv_seed 0 is "not given", each rank holds out by its own seed k
-                    rows += [fit_task(t, blocked, kwargs, fit, client) for t in rep]
-                else:
-                    rows += [task_row(t, mdl) for t, mdl in zip(rep, fit_shared(blocked, rep, kwargs, client))]
+                    return [fit_task(t, blocked, kwargs, fit, client) for t in rep]
+                return [task_row(t, mdl) for t, mdl in zip(rep, fit_shared(blocked, rep, kwargs, client))]
+
+            n_threads = 1 if executor.distributed else min(len(cv_seeds), getattr(executor, "n_threads", 1))
+            if n_threads > 1:  # in-process: replicates on the thread pool (the kernels release the GIL)
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(n_threads) as pool:
+                    parts = list(pool.map(replicate, cv_seeds))
+            else:
+                parts = [replicate(s) for s in cv_seeds]
+            rows = [row for part in parts for row in part]
         else:
             rows = [fit_task(t, blocked, kwargs, fit, client) for t in tasks]
     finally:
