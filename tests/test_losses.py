@@ -1,0 +1,211 @@
+"""The loss registry (dnmf.losses, spec §6) against scipy.stats, scikit-learn and plain NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy import stats
+from scipy.optimize import minimize_scalar
+from scipy.special import gammaln
+from sklearn.metrics import mean_gamma_deviance, mean_poisson_deviance, mean_tweedie_deviance
+
+from dnmf.exceptions import InputError
+from dnmf.losses import LOSSES, get_loss, huber, robust_weight, update_dispersion
+
+pytestmark = pytest.mark.filterwarnings("ignore::dnmf.exceptions.ConvergenceWarning")
+
+# Closed-form values computed two ways in float64 agree to a few ulps of the summed terms
+# (values are O(1)-O(100)); 1e-12 relative leaves a margin of ~100 ulps.
+RTOL = 1e-12
+
+
+@pytest.fixture(scope="module")
+def counts():
+    rng = np.random.default_rng(0)
+    mu = rng.uniform(0.2, 12.0, size=400)
+    y = rng.poisson(mu).astype(float)
+    return y, mu
+
+
+@pytest.fixture(scope="module")
+def positive():
+    rng = np.random.default_rng(1)
+    mu = rng.uniform(0.2, 12.0, size=400)
+    y = rng.gamma(3.0, mu / 3.0)
+    return y, mu
+
+
+def test_registry_lookup_lists_valid_names():
+    assert set(LOSSES) == {"mse", "kl", "gp", "nb", "gamma", "inverse_gaussian", "tweedie"}
+    assert get_loss("nb") is LOSSES["nb"]
+    with pytest.raises(InputError, match="'loss' parameter.*'mse'.*'tweedie'.*Got 'huber'"):
+        get_loss("huber")
+
+
+def test_mse_and_kl_plain_formulas(counts):
+    y, mu = counts
+    np.testing.assert_allclose(LOSSES["mse"].value(y, mu), (y - mu) ** 2, rtol=RTOL)
+    ref = np.where(y > 0, y * np.log(np.where(y > 0, y, 1.0) / mu), 0.0) - y + mu
+    np.testing.assert_allclose(LOSSES["kl"].value(y, mu), ref, rtol=RTOL)
+    # ℓ(0, μ) = μ exactly: the closed form of the zeros of sparse data relies on it
+    assert np.array_equal(LOSSES["kl"].value(np.zeros_like(mu), mu), mu)
+
+
+def test_kl_is_half_the_poisson_deviance(counts):
+    y, mu = counts
+    # deviance = 2 (log P(y; μ=y) − log P(y; μ)); scipy's logpmf at μ = y (μ → 0⁺ for y = 0)
+    dev = 2.0 * (stats.poisson.logpmf(y, np.maximum(y, 1e-300)) - stats.poisson.logpmf(y, mu))
+    # scipy sums log terms of size ~30 in another order: 1e-10 absolute covers the cancellation
+    np.testing.assert_allclose(2.0 * LOSSES["kl"].value(y, mu), dev, rtol=1e-10, atol=1e-10)
+    assert 2.0 * LOSSES["kl"].value(y, mu).mean() == pytest.approx(mean_poisson_deviance(y, mu), rel=RTOL)
+
+
+def test_gp_is_the_generalized_poisson_negative_log_likelihood(counts):
+    y, mu = counts
+    # θ = 0: Poisson, ℓ = −log P(y) − log y!
+    np.testing.assert_allclose(LOSSES["gp"].value(y, mu, theta=0.0),
+                               -stats.poisson.logpmf(y, mu) - gammaln(y + 1), rtol=1e-10, atol=1e-10)
+    # θ > 0: Consul's pmf written out; it sums to 1 over y (so the density is the right one)
+    theta, m0 = 0.4, 2.5
+    ys = np.arange(0.0, 400.0)
+    l1, l2 = m0 / (1 + theta), theta / (1 + theta)
+    logp = np.log(l1) + (ys - 1) * np.log(l1 + l2 * ys) - l1 - l2 * ys - gammaln(ys + 1)
+    # the tail beyond 400 is < 1e-100; the sum of 400 terms carries ~1e-15 rounding
+    assert np.exp(logp).sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.sum(ys * np.exp(logp)) == pytest.approx(m0, rel=1e-12)  # mean μ
+    # log y! up to 2000 in magnitude: 1e-9 absolute is ~1e-12 relative to it
+    np.testing.assert_allclose(LOSSES["gp"].value(ys, m0, theta=theta), -logp - gammaln(ys + 1), rtol=1e-12,
+                               atol=1e-9)
+
+
+def test_nb_matches_scipy_nbinom(counts):
+    y, mu = counts
+    for r in (0.5, 3.0, 50.0):
+        ref = -stats.nbinom.logpmf(y, r, r / (r + mu)) - gammaln(y + 1)
+        # scipy evaluates the same lgamma terms (magnitudes up to ~100) in another order
+        np.testing.assert_allclose(LOSSES["nb"].value(y, mu, size=r), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_gamma_inverse_gaussian_tweedie_deviances(counts, positive):
+    y, mu = positive
+    assert LOSSES["gamma"].value(y, mu).mean() == pytest.approx(mean_gamma_deviance(y, mu), rel=RTOL)
+    for p in (3.0, 2.5):
+        assert LOSSES["tweedie"].value(y, mu, power=p).mean() == pytest.approx(
+            mean_tweedie_deviance(y, mu, power=p), rel=RTOL)
+    np.testing.assert_allclose(LOSSES["inverse_gaussian"].value(y, mu), (y - mu) ** 2 / (mu ** 2 * y), rtol=RTOL)
+    # IG deviance = Tweedie p = 3 deviance
+    np.testing.assert_allclose(LOSSES["inverse_gaussian"].value(y, mu), LOSSES["tweedie"].value(y, mu, power=3.0),
+                               rtol=1e-10, atol=1e-15)  # two algebraic forms: the Tweedie one cancels
+    # terms of size ~1/μ ≈ 1 near y = μ, leaving ~1e-16 absolute error on values that go to 0
+    yc, muc = counts  # 1 < p < 2: zeros are in the support
+    for p in (0.0, 1.0, 1.2, 1.5, 1.8):
+        assert LOSSES["tweedie"].value(yc, muc, power=p).mean() == pytest.approx(
+            mean_tweedie_deviance(yc, muc, power=p), rel=RTOL)
+    assert LOSSES["tweedie"].value(y, mu, power=2.0).mean() == pytest.approx(mean_gamma_deviance(y, mu), rel=RTOL)
+    # φ scales the deviance
+    np.testing.assert_allclose(LOSSES["gamma"].value(y, mu, phi=2.0), LOSSES["gamma"].value(y, mu) / 2, rtol=RTOL)
+
+
+def test_gamma_and_inverse_gaussian_against_scipy_densities(positive):
+    y, mu = positive
+    alpha = 3.0
+    # gamma with shape α, mean μ: log f(y; μ) − log f(y; y) = −α d(y, μ)/2
+    lf = stats.gamma.logpdf(y, alpha, scale=mu / alpha) - stats.gamma.logpdf(y, alpha, scale=y / alpha)
+    np.testing.assert_allclose(LOSSES["gamma"].value(y, mu), -2.0 * lf / alpha, rtol=1e-10, atol=1e-12)
+    # inverse Gaussian IG(mean μ, shape λ = 1) is scipy's invgauss(μ, scale=1):
+    # −2 log f = log(2π y³) + (y − μ)²/(μ² y)
+    lf = stats.invgauss.logpdf(y, mu)
+    np.testing.assert_allclose(LOSSES["inverse_gaussian"].value(y, mu), -2.0 * lf - np.log(2 * np.pi * y ** 3),
+                               rtol=1e-9, atol=1e-10)  # scipy's log-density of size ~10 cancels here
+
+
+def test_zero_totals_match_explicit_sums():
+    rng = np.random.default_rng(2)
+    wd, h = rng.uniform(size=(30, 3)), rng.uniform(size=(3, 20))
+    mu = wd @ h
+    zeros = np.zeros_like(mu)
+    for name, pars in (("mse", {}), ("kl", {}), ("gp", {"theta": 0.7}),
+                       ("gp", {"theta": rng.uniform(size=(30, 1))}), ("gp", {"theta": rng.uniform(size=(1, 20))})):
+        spec = LOSSES[name]
+        assert spec.zero_total(wd, h, **pars) == pytest.approx(spec.value(zeros, mu, **pars).sum(), rel=RTOL)
+    for name in ("nb", "tweedie"):
+        assert LOSSES[name].zero_total is None
+    assert not LOSSES["gamma"].zero_in_support() and not LOSSES["inverse_gaussian"].zero_in_support()
+    assert LOSSES["tweedie"].zero_in_support(power=1.5) and not LOSSES["tweedie"].zero_in_support(power=2.5)
+
+
+def test_irls_weights_and_robust():
+    mu = np.array([1e-20, 1e-5, 0.5, 2.0, 10.0])
+    y = np.array([0.0, 1.0, 0.0, 4.0, 7.0])
+    np.testing.assert_array_equal(LOSSES["mse"].weight(y, mu), np.ones(5))
+    np.testing.assert_allclose(LOSSES["kl"].weight(y, mu), 1 / np.maximum(mu, 1e-4), rtol=RTOL)
+    np.testing.assert_array_equal(LOSSES["gp"].weight(y, mu, theta=3.0), LOSSES["kl"].weight(y, mu))
+    m = np.maximum(mu, 1e-15)
+    np.testing.assert_allclose(LOSSES["nb"].weight(y, mu, size=2.0), np.minimum(2 / (m * (2 + m)), 1e6), rtol=RTOL)
+    for name, p in (("gamma", 2.0), ("inverse_gaussian", 3.0)):
+        np.testing.assert_allclose(LOSSES[name].weight(y, mu), np.minimum(m ** -p, 1e6), rtol=RTOL)
+    np.testing.assert_allclose(LOSSES["tweedie"].weight(y, mu, power=1.3), np.minimum(m ** -1.3, 1e6), rtol=RTOL)
+    # Huber on Pearson residuals (V = μ for gp): ½ρ² inside δ, δ|ρ| − ½δ² outside
+    rho = np.abs(y - mu) / np.sqrt(np.maximum(mu, 1e-10))
+    ref = np.where(rho <= 1.345, 0.5 * rho ** 2, 1.345 * rho - 0.5 * 1.345 ** 2)
+    np.testing.assert_allclose(huber(y, mu, 1.345, "gp", theta=0.2), ref, rtol=RTOL)
+    w = LOSSES["kl"].weight(y, mu)
+    r = np.abs(y - mu) * np.sqrt(w)
+    np.testing.assert_allclose(robust_weight(w, y, mu, 1.0), w * np.where(r <= 1, 1, 1 / (r + 1e-15)), rtol=RTOL)
+
+
+def test_params_validated():
+    with pytest.raises(InputError, match="'size' parameter of evaluate must be a parameter of loss 'gp'"):
+        LOSSES["gp"].params("evaluate", size=3.0)
+    with pytest.raises(InputError, match="'power' parameter of f must be a Tweedie power p <= 0 or p >= 1"):
+        LOSSES["tweedie"].params("f", power=0.5)
+    with pytest.raises(InputError, match="'size' parameter of f"):
+        LOSSES["nb"].params("f", size=-1.0)
+    assert LOSSES["nb"].params("f") == {"size": 10.0}
+
+
+def test_gp_theta_update_reaches_the_maximum_likelihood():
+    rng = np.random.default_rng(1)
+    mu = rng.uniform(0.5, 8.0, size=(3, 500))
+    y = rng.negative_binomial(2, 2 / (2 + mu)).astype(float)  # over-dispersed counts
+    theta = update_dispersion("gp", y, mu, n_iter=500)
+    assert theta.shape == (3, 1)
+    for i in range(3):
+        best = minimize_scalar(lambda t: LOSSES["gp"].value(y[i], mu[i], theta=t).sum(), bounds=(0, 5),
+                               method="bounded", options={"xatol": 1e-10}).x
+        # the MM fixed point is the MLE; the bounded scalar search stops within ~1e-8 of it
+        assert theta[i, 0] == pytest.approx(best, abs=1e-6)
+    # per column = per row of the transpose; global = mean of per-row; five steps from 0.1 by default
+    np.testing.assert_allclose(update_dispersion("gp", y.T, mu.T, dispersion="per_col", n_iter=500), theta.T,
+                               rtol=RTOL)
+    g = update_dispersion("gp", y, mu, dispersion="global")
+    assert g == pytest.approx(update_dispersion("gp", y, mu).mean(), rel=RTOL)
+    assert update_dispersion("gp", y, mu, dispersion="none") == 0.0
+    capped = update_dispersion("gp", y, mu, theta_max=0.3, n_iter=50)
+    assert np.all(capped <= 0.3)
+
+
+def test_nb_size_and_phi_updates_plain_formulas():
+    rng = np.random.default_rng(4)
+    mu = rng.uniform(1.0, 10.0, size=(4, 20000))
+    y = rng.negative_binomial(3.0, 3.0 / (3.0 + mu)).astype(float)
+    r = update_dispersion("nb", y, mu)
+    ref = (mu ** 2).sum(axis=1) / ((y - mu) ** 2 - mu).sum(axis=1)
+    np.testing.assert_allclose(r[:, 0], ref, rtol=RTOL)
+    # method of moments on 3000 draws per row: within 20 % of the planted size 3
+    np.testing.assert_allclose(r[:, 0], 3.0, rtol=0.2)
+    assert update_dispersion("nb", y, mu, dispersion="global") == pytest.approx(np.median(ref), rel=RTOL)
+    assert update_dispersion("nb", mu, mu, size_max=7.0)[0, 0] == 7.0  # no excess variance → size_max
+    yg = rng.gamma(4.0, mu / 4.0)
+    yg[:, :10] = 0.0  # zeros are left out of φ
+    for name, p in (("gamma", 2.0), ("inverse_gaussian", 3.0), ("tweedie", 1.7)):
+        phi = update_dispersion(name, yg, mu, power=p, dispersion="per_col")
+        pos = yg > 0
+        ref = np.where(pos, (yg - mu) ** 2 / mu ** p, 0).sum(0) / np.maximum(pos.sum(0), 1)
+        ref = np.clip(np.where(pos.sum(0) > 0, ref, 1.0), 1e-6, 1e4)
+        np.testing.assert_allclose(phi[0], ref, rtol=RTOL)
+    # gamma φ = 1/shape = 0.25: the moment estimate over 80000 draws is within 10 %
+    assert update_dispersion("gamma", yg, mu, dispersion="global") == pytest.approx(0.25, rel=0.1)
+    with pytest.raises(InputError, match="'dispersion' parameter of update_dispersion"):
+        update_dispersion("nb", y, mu, dispersion="row")
