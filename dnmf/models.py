@@ -18,15 +18,17 @@ import logging
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from ._validation import check_bool_pair, check_float, check_option, param_error
 from .exceptions import InputError
+from .losses import LOSSES, Loss
 
 __all__ = ["NMFModel", "BipartiteMatch", "cosine", "bipartite_match", "LOSSES"]
+
 
 logger = logging.getLogger(__name__)
 
@@ -36,55 +38,34 @@ _CHUNK_ENTRIES = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses for ``evaluate`` (spec §6.1), registry by name
+# Losses for ``evaluate``: the registry of dnmf.losses (spec §6.1)
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Loss:
-    """A per-entry loss ℓ(y, μ) with a closed form for ``Σ_all ℓ(0, μ)``.
-
-    ``elementwise(y, mu)`` returns ℓ for arrays; ``zero_total(wd, h)`` returns ℓ(0, μ) summed
-    over every entry of ``μ = wd @ h`` without forming μ, which lets sparse data be evaluated
-    from its stored entries only.
-    """
-
-    name: str
-    elementwise: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    zero_total: Callable[[np.ndarray, np.ndarray], float]
+def _check_loss_params(params: dict, m: int, n: int, func: str) -> dict:
+    """Each array-valued distribution parameter must broadcast as per row, per column or per entry."""
+    allowed = {(1, 1), (m, 1), (1, n), (m, n)}
+    for key, val in params.items():
+        if isinstance(val, np.ndarray) and val.ndim > 0 and (val.ndim != 2 or val.shape not in allowed):
+            raise param_error(key, func, f"a float or an array of shape ({m}, 1), (1, {n}) or ({m}, {n})",
+                              f"an array of shape {val.shape}", described=True)
+    return params
 
 
-def _mse_elementwise(y, mu):
-    r = y - mu
-    return r * r
+def _params_cols(params: dict, c0: int, c1: int, n: int) -> dict:
+    """The parameters restricted to columns c0:c1 (per-column and per-entry arrays are sliced)."""
+    return {key: (val[:, c0:c1] if isinstance(val, np.ndarray) and val.ndim == 2 and val.shape[1] == n else val)
+            for key, val in params.items()}
 
 
-def _mse_zero_total(wd, h):
-    # Σ_ij (W d H)_ij² = tr((W d)ᵀ(W d) · H Hᵀ)
-    return float(np.sum((wd.T @ wd) * (h @ h.T)))
-
-
-def _kl_elementwise(y, mu):
-    # y log(y/μ) − y + μ with μ floored at 1e-10 where y > 0 (spec §6.1); for y = 0 the
-    # limit μ itself, which keeps Σ over zeros in closed form (_kl_zero_total).
-    out = np.array(mu, dtype=np.float64)
-    pos = y > 0
-    mu_pos = np.maximum(out[pos], 1e-10)
-    out[pos] = y[pos] * np.log(y[pos] / mu_pos) - y[pos] + mu_pos
+def _params_at(params: dict, rows: np.ndarray, cols: np.ndarray) -> dict:
+    """The parameters at entries (rows, cols) of a block, as 1-D arrays (scalars kept)."""
+    out = {}
+    for key, val in params.items():
+        if isinstance(val, np.ndarray) and val.ndim == 2:
+            val = val[rows if val.shape[0] > 1 else 0, cols if val.shape[1] > 1 else 0]
+        out[key] = val
     return out
-
-
-def _kl_zero_total(wd, h):
-    # Σ_ij μ_ij = (1ᵀ W d)(H 1)
-    return float(wd.sum(axis=0) @ h.sum(axis=1))
-
-
-#: Losses ``NMFModel.evaluate`` knows: "mse" (squared error) and "kl" (generalized
-#: Kullback–Leibler / Poisson deviance, RcppML's ``loss="gp", dispersion="none"``).
-LOSSES = {
-    "mse": _Loss("mse", _mse_elementwise, _mse_zero_total),
-    "kl": _Loss("kl", _kl_elementwise, _kl_zero_total),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,7 +719,8 @@ class NMFModel:
         w_data[pos[found]] = w[found]
         return blocked, w_data
 
-    def evaluate(self, A: Any, loss: str = "mse", mask: Any = None, missing_only: bool = False) -> float:
+    def evaluate(self, A: Any, loss: str = "mse", mask: Any = None, missing_only: bool = False,
+                 **loss_params: Any) -> float:
         """Mean loss of the model on data A (RcppML ``evaluate``; spec §10.6).
 
         Parameters
@@ -746,14 +728,22 @@ class NMFModel:
         A : array-like of shape (m, n)
             Data the model was fit to (features × samples); anything :func:`dnmf.io.as_blocked`
             accepts. Read block by block: a sparse A is never densified.
-        loss : {"mse", "kl"}, default "mse"
-            ``"mse"``: ``(a − μ)²``; ``"kl"``: ``a log(a/μ) − a + μ`` (μ floored at 1e-10 where
-            a > 0; μ where a = 0), the Poisson deviance / RcppML ``loss="gp", dispersion="none"``.
+        loss : {"mse", "kl", "gp", "nb", "gamma", "inverse_gaussian", "tweedie"}, default "mse"
+            A loss of :data:`dnmf.losses.LOSSES` (spec §6.1): ``"mse"``: ``(a − μ)²``; ``"kl"``:
+            ``a log(a/μ) − a + μ`` (μ floored at 1e-10 where a > 0; μ where a = 0), the Poisson
+            deviance / 2, RcppML ``loss="gp", dispersion="none"``; the others are the negative
+            log-likelihoods (gp, nb, without ``log a!``) or unit deviances (gamma, inverse
+            Gaussian, Tweedie) documented in :mod:`dnmf.losses`.
         mask : None, "zeros" or matrix of shape (m, n), optional
             Entries to treat as missing: ``"zeros"`` — the zero entries of A; a matrix — its
             non-zero entries (dense or scipy.sparse).
         missing_only : bool, default False
             Evaluate only the masked entries instead of the unmasked ones.
+        **loss_params
+            Distribution parameters of the loss: ``theta`` (gp, default 0.1), ``size`` (nb,
+            default 10), ``phi`` (gamma, inverse_gaussian, tweedie; default 1), ``power``
+            (tweedie, default 1.5). A float, or an array of shape (m, 1) (per feature), (1, n)
+            (per sample) or (m, n).
 
         Returns
         -------
@@ -763,10 +753,14 @@ class NMFModel:
 
         Notes
         -----
-        For sparse blocks only stored entries are visited: ``Σ_all ℓ(a, μ) = Σ_stored ℓ(a, μ) +
-        (Σ_all ℓ(0, μ) − Σ_stored ℓ(0, μ))`` with ``Σ_all (WdH)²_ij = tr((Wd)ᵀWd · HHᵀ)`` and
-        ``Σ_all μ_ij = 1ᵀWd·H1`` in closed form. The zero-entry part is a sum of non-negative terms
-        and is clamped at 0 against rounding.
+        For sparse blocks only stored entries are read: ``Σ_all ℓ(a, μ) = Σ_stored ℓ(a, μ) +
+        (Σ_all ℓ(0, μ) − Σ_stored ℓ(0, μ))``. The total ``Σ_all ℓ(0, μ)`` is in closed form for
+        mse (``tr((Wd)ᵀWd · HHᵀ)``), kl (``1ᵀWd·H1``) and gp (the same over 1+θ); for nb and
+        Tweedie with p < 2 it is summed over μ formed in bounded chunks (m·n·k work, A still not
+        densified). The zero-entry part is a sum of non-negative terms, clamped at 0 against
+        rounding. Gamma, inverse Gaussian and Tweedie with p ≥ 2 have no zeros in their support:
+        their mean is over the non-zero entries of A (dense and sparse alike; RcppML reports
+        sparse non-MSE losses over the non-zeros too).
         """
         func = "NMFModel.evaluate"
         loss = check_option(loss, "loss", func, LOSSES)
@@ -774,6 +768,7 @@ class NMFModel:
         if not isinstance(missing_only, (bool, np.bool_)):
             raise param_error("missing_only", func, "a bool", missing_only)
         m, n, _ = self.shape
+        params = _check_loss_params(spec.params(func, **loss_params), m, n, func)
         if isinstance(mask, str):
             check_option(mask, "mask", func, ("zeros",))
         elif missing_only and mask is None:
@@ -781,30 +776,30 @@ class NMFModel:
         blocked = self._blocked(A, "A", func, m, n)
         pattern = None if mask is None or isinstance(mask, str) else _mask_pattern(mask, (m, n), func)
         mask_zeros = isinstance(mask, str)
+        zeros_in = bool(spec.zero_in_support(**params))
 
         wd = np.asarray(self.w, dtype=np.float64) * np.asarray(self.d, dtype=np.float64)[None, :]
         h = np.asarray(self.h, dtype=np.float64)
         bounds = blocked.col_bounds
-        total = 0.0  # over all entries
+        total = 0.0  # over all evaluated entries (every entry, or the non-zeros when 0 is outside the support)
+        n_all = 0  # their number
         part = 0.0  # over the "special" set: non-zeros (mask="zeros") or masked entries (matrix mask)
         count = 0  # size of the special set
         for j, block in enumerate(blocked.iter_blocks()):
             c0, c1 = int(bounds[j]), int(bounds[j + 1])
             _check_block_values(block, func, allow_negative=loss == "mse", col0=c0)
             hj = h[:, c0:c1]
+            pj = _params_cols(params, c0, c1, n)
+            positions = None
             if pattern is not None:
                 mj = pattern[:, c0:c1]
-                m_rows, m_cols = _csc_positions(mj.indptr, mj.indices)
-            if isinstance(block, np.ndarray):
-                t, p, c = self._dense_block_terms(block, wd, hj, spec, mask_zeros,
-                                                  (m_rows, m_cols) if pattern is not None else None)
-            else:
-                t, p, c = self._sparse_block_terms(block, wd, hj, spec, mask_zeros,
-                                                   (m_rows, m_cols) if pattern is not None else None)
+                positions = _csc_positions(mj.indptr, mj.indices)
+            terms = self._dense_block_terms if isinstance(block, np.ndarray) else self._sparse_block_terms
+            t, na, p, c = terms(block, wd, hj, spec, pj, zeros_in, mask_zeros, positions)
             total += t
+            n_all += na
             part += p
             count += c
-        n_all = m * n
         if mask is None:
             value, denom = total, n_all
         elif mask_zeros:
@@ -818,52 +813,76 @@ class NMFModel:
         return float(value / denom)
 
     @staticmethod
-    def _dense_block_terms(block, wd, hj, spec: _Loss, mask_zeros: bool, positions):
+    def _dense_block_terms(block, wd, hj, spec: Loss, params: dict, zeros_in: bool, mask_zeros: bool,
+                           positions):
+        """(Σ ℓ over the evaluated entries, their number, Σ ℓ over the special set, its size) of a dense block."""
         y_all = np.asarray(block, dtype=np.float64)
         m, nj = y_all.shape
         step = max(1, _CHUNK_ENTRIES // max(m, 1))
         total = part = 0.0
-        count = 0
+        n_all = count = 0
         if positions is not None:
             m_rows, m_cols = positions
         for s in range(0, nj, step):
             e = min(s + step, nj)
             y = y_all[:, s:e]
-            ell = spec.elementwise(y, wd @ hj[:, s:e])
+            nz = y != 0
+            ell = spec.value(y, wd @ hj[:, s:e], **_params_cols(params, s, e, nj))
+            if not zeros_in:
+                ell = np.where(nz, ell, 0.0)
             total += float(ell.sum())
+            n_all += y.size if zeros_in else int(nz.sum())
             if mask_zeros:
-                nz = y != 0
                 part += float(ell[nz].sum())
                 count += int(nz.sum())
             elif positions is not None:
                 sel = (m_cols >= s) & (m_cols < e)
-                part += float(ell[m_rows[sel], m_cols[sel] - s].sum())
-                count += int(sel.sum())
-        return total, part, count
+                r, c = m_rows[sel], m_cols[sel] - s
+                part += float(ell[r, c].sum())
+                count += int(sel.sum()) if zeros_in else int(nz[r, c].sum())
+        return total, n_all, part, count
 
     @staticmethod
-    def _sparse_block_terms(block, wd, hj, spec: _Loss, mask_zeros: bool, positions):
+    def _sparse_block_terms(block, wd, hj, spec: Loss, params: dict, zeros_in: bool, mask_zeros: bool,
+                            positions):
+        """As ``_dense_block_terms`` for a CSC block, reading its stored entries only."""
         data = np.asarray(block.data, dtype=np.float64)
-        m = block.n_rows
+        m, nj = block.n_rows, hj.shape[1]
         rows, cols = _csc_positions(block.indptr, block.indices)
         ht = np.ascontiguousarray(hj.T)
         mu = _fitted_at(wd, ht, rows, cols)
-        stored = spec.elementwise(data, mu)
-        stored_zero = spec.elementwise(np.zeros_like(mu), mu)
-        zeros_part = max(spec.zero_total(wd, hj) - float(stored_zero.sum()), 0.0)
-        total = float(stored.sum()) + zeros_part
+        p_at = _params_at(params, rows, cols)
+        nz = data != 0
+        stored = spec.value(data, mu, **p_at)
+        if zeros_in:
+            stored_zero = float(spec.value(np.zeros_like(mu), mu, **p_at).sum())
+            if spec.zero_total is not None:
+                all_zero = spec.zero_total(wd, hj, **params)
+            else:  # no closed form: ℓ(0, μ) over every entry, μ formed chunk by chunk
+                step = max(1, _CHUNK_ENTRIES // max(m, 1))
+                all_zero = 0.0
+                for s in range(0, nj, step):
+                    e = min(s + step, nj)
+                    mu_c = wd @ hj[:, s:e]
+                    all_zero += float(spec.value(np.zeros_like(mu_c), mu_c, **_params_cols(params, s, e, nj)).sum())
+            total = float(stored.sum()) + max(all_zero - stored_zero, 0.0)
+            n_all = m * nj
+        else:
+            total = float(stored[nz].sum())
+            n_all = int(nz.sum())
         part = 0.0
         count = 0
         if mask_zeros:
-            nz = data != 0
             part = float(stored[nz].sum())
             count = int(nz.sum())
         elif positions is not None:
             m_rows, m_cols = positions
             y = _sparse_values_at(data, block.indices, block.indptr, m, m_rows, m_cols)
-            part = float(spec.elementwise(y, _fitted_at(wd, ht, m_rows, m_cols)).sum())
-            count = int(m_rows.shape[0])
-        return total, part, count
+            ell = spec.value(y, _fitted_at(wd, ht, m_rows, m_cols), **_params_at(params, m_rows, m_cols))
+            keep = np.ones(y.shape, bool) if zeros_in else y != 0
+            part = float(ell[keep].sum())
+            count = int(keep.sum())
+        return total, n_all, part, count
 
     def predict(self, A: Any, L1: float | None = None, L2: float | None = None,
                 nonneg: bool | None = None, mask: Any = None) -> np.ndarray:
