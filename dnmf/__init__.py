@@ -14,6 +14,7 @@ Public API (all importable from ``dnmf``):
   :class:`Assessment`, :func:`classify_embedding`, :func:`classify_logistic`,
   :func:`classify_rf`, :class:`ClassifierEvaluation`, :func:`nnls`, :func:`bipartition`,
   :class:`Bipartition`, :func:`dclust`, :class:`DClustResult`
+* losses (spec §6): :mod:`dnmf.losses` (the loss registry, ``evaluate``, ``mse``), :func:`suggest_loss`
 * data: :mod:`dnmf.io` (``as_blocked``, ``write_zarr``), :mod:`dnmf.datasets`, :mod:`dnmf.anndata`,
   :mod:`dnmf.preprocess` (``normalize_total``, ``log1p``, ``select_features``, ``recipe``)
 * covariates / random effects: :func:`nmfkc`, :func:`nmfkc_inference`, :func:`nmfkc_ecv`,
@@ -88,6 +89,8 @@ _LAZY = {
     "Bipartition": "dnmf.guided",
     "dclust": "dnmf.guided",
     "DClustResult": "dnmf.guided",
+    "suggest_loss": "dnmf.losses",
+    "losses": "dnmf.losses",
 }
 
 __all__ = ["DnmfError", "InputError", "ConfigError", "WorkerLostError", "CheckpointError", "ConvergenceWarning",
