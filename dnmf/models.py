@@ -25,7 +25,7 @@ import scipy.sparse as sp
 
 from ._validation import check_bool_pair, check_float, check_option, param_error
 from .exceptions import InputError
-from .losses import LOSSES, Loss
+from ._losses import LOSSES, Loss
 
 __all__ = ["NMFModel", "BipartiteMatch", "cosine", "bipartite_match", "LOSSES"]
 

@@ -1,0 +1,412 @@
+"""The loss registry of :mod:`dnmf.losses` (spec §6): pure NumPy, imported by the layers below
+the public helpers (``NMFModel.evaluate``, ``nmfkc``), so that :mod:`dnmf.losses` itself (which
+also fits models for ``suggest_loss``) stays on top and no import cycle forms. See
+:mod:`dnmf.losses` for the table of losses.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from scipy.special import gammaln, xlogy
+
+from ._validation import check_float, check_int, check_option, param_error
+
+__all__ = ["Loss", "LOSSES", "get_loss", "update_dispersion", "huber", "robust_weight", "FLOOR",
+           "KL_OBJECTIVE_EPS"]
+
+#: Floor of y and μ inside logarithms and ratios (spec §6.1).
+FLOOR = 1e-10
+#: Floor of μ in the NB / gamma / IG / Tweedie IRLS weights and their cap (spec §6.2).
+_W_MU_FLOOR, _W_CAP = 1e-15, 1e6
+#: ε added to μ inside the log of the KL objective of multiplicative-update loops (nmfkc).
+KL_OBJECTIVE_EPS = 1e-10
+#: Floor of μ in the KL / GP IRLS weight (spec §6.2).
+_KL_W_FLOOR = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise values, weights, variances
+# ---------------------------------------------------------------------------------------------
+
+
+def _f(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _mse_value(y, mu):
+    r = _f(y) - _f(mu)
+    return r * r
+
+
+def _mse_zero_total(wd, h):
+    # Σ_ij (W d H)_ij² = tr((W d)ᵀ(W d) · H Hᵀ)
+    return float(np.sum((wd.T @ wd) * (h @ h.T)))
+
+
+def _kl_value(y, mu):
+    # y log(y/μ) − y + μ with μ floored at 1e-10 where y > 0; 0·log 0 = 0, so ℓ(0, μ) = μ exactly
+    # (which keeps the total over the zeros of sparse data in closed form).
+    y, mu = np.broadcast_arrays(_f(y), _f(mu))
+    out = np.array(mu, dtype=np.float64)
+    pos = y > 0
+    yp, mu_pos = y[pos], np.maximum(mu[pos], FLOOR)
+    out[pos] = yp * np.log(yp / mu_pos) - yp + mu_pos
+    return out
+
+
+def _kl_zero_total(wd, h):
+    # Σ_ij μ_ij = (1ᵀ W d)(H 1)
+    return float(wd.sum(axis=0) @ h.sum(axis=1))
+
+
+def _mse_objective(y, mu, w=None):
+    # w (y − μ)², evaluated as (w·R)·R (the operation order of nmfkc's loops)
+    R = y - mu
+    return R * R if w is None else w * R * R
+
+
+def _kl_objective(y, mu, w=None):
+    # the μ-dependent part of KL: −(w y) log(μ + ε) + w μ, ε = 1e-10 added (not a floor), as the
+    # multiplicative updates of nmfkc (Lee–Seung) monitor it; KL = this + w (y log y − y)
+    if w is None:
+        return -y * np.log(mu + KL_OBJECTIVE_EPS) + mu
+    return -(w * y) * np.log(mu + KL_OBJECTIVE_EPS) + w * mu
+
+
+def _kl_weight(y, mu):
+    return 1.0 / np.maximum(_f(mu), _KL_W_FLOOR)
+
+
+def _gp_value(y, mu, theta=0.1):
+    # Generalized Poisson with mean μ and dispersion θ: λ₁ = μ/(1+θ), λ₂ = θ/(1+θ),
+    # P(y) = λ₁ (λ₁ + λ₂ y)^(y−1) exp(−λ₁ − λ₂ y) / y!;  ℓ = −log P(y) − log y!.
+    y, mu, theta = np.broadcast_arrays(_f(y), _f(mu), _f(theta))
+    one_t = 1.0 + theta
+    mu_f = np.maximum(mu, FLOOR)
+    pos = y >= 1
+    lin = (mu_f + theta * y) / one_t
+    log_term = np.where(pos, (y - 1.0) * np.log(np.maximum(lin, FLOOR)), 0.0)
+    # y = 0: P(0) = exp(−λ₁), ℓ = λ₁ (spec §6.1's table writes −log λ₁ + λ₁ there [quirk]; that is
+    # not a log-likelihood, and it would leave Σ over the zeros without a closed form)
+    return np.where(pos, -np.log(mu_f / one_t) - log_term + lin, mu / one_t)
+
+
+def _gp_zero_total(wd, h, theta=0.1):
+    # ℓ(0, μ) = μ/(1+θ): Σ_ij c_ij μ_ij for c = 1/(1+θ) scalar, per row (m, 1) or per column (1, n)
+    c = 1.0 / (1.0 + _f(theta))
+    if c.ndim == 0 or c.size == 1:
+        return float(c.reshape(()) * (wd.sum(axis=0) @ h.sum(axis=1)))
+    if c.shape[-1] == 1:  # per row
+        return float(c.reshape(-1) @ wd @ h.sum(axis=1))
+    if c.ndim == 2 and c.shape[0] == 1:  # per column
+        return float(wd.sum(axis=0) @ (h @ c.reshape(-1)))
+    return float(np.sum(c * (wd @ h)))
+
+
+def _nb_value(y, mu, size=10.0):
+    # ℓ = −lgamma(y+r) + lgamma(r) − r log(r/(r+μ)) − y log(μ/(r+μ))  (= −log P_NB(y) − log y!)
+    y, mu, r = np.broadcast_arrays(_f(y), _f(mu), _f(size))
+    mu_f = np.maximum(mu, FLOOR)
+    return (-gammaln(y + r) + gammaln(r) + r * np.log1p(mu / r)
+            - xlogy(y, mu_f) + xlogy(y, r + mu_f))
+
+
+def _nb_weight(y, mu, size=10.0):
+    mu = np.maximum(_f(mu), _W_MU_FLOOR)
+    r = _f(size)
+    return np.minimum(r / (mu * (r + mu)), _W_CAP)
+
+
+def _gamma_value(y, mu, phi=1.0):
+    y = np.maximum(_f(y), FLOOR)
+    mu = np.maximum(_f(mu), FLOOR)
+    return 2.0 * (-np.log(y / mu) + (y - mu) / mu) / _f(phi)
+
+
+def _ig_value(y, mu, phi=1.0):
+    y = np.maximum(_f(y), FLOOR)
+    mu = np.maximum(_f(mu), FLOOR)
+    r = y - mu
+    return r * r / (mu * mu * y) / _f(phi)
+
+
+def _tweedie_value(y, mu, power=1.5, phi=1.0):
+    p = float(power)
+    y, mu = np.broadcast_arrays(_f(y), _f(mu))
+    if p == 0:
+        dev = (y - mu) ** 2
+    elif p == 1:
+        dev = 2.0 * _kl_value(y, mu)
+    elif p == 2:
+        dev = _gamma_value(y, mu)
+    else:
+        mu = np.maximum(mu, FLOOR)
+        y_term = np.power(np.maximum(y, 0.0), 2.0 - p) if p < 2 else np.power(np.maximum(y, FLOOR), 2.0 - p)
+        dev = 2.0 * (y_term / ((1.0 - p) * (2.0 - p)) - y * np.power(mu, 1.0 - p) / (1.0 - p)
+                     + np.power(mu, 2.0 - p) / (2.0 - p))
+    return dev / _f(phi)
+
+
+def _power_weight(power):
+    def weight(y, mu, **params):
+        p = float(params.get("power", power))
+        mu = np.maximum(_f(mu), _W_MU_FLOOR)
+        return np.minimum(np.power(mu, -p), _W_CAP)
+    return weight
+
+
+def _unit_weight(y, mu, **params):
+    return np.ones(np.broadcast_shapes(np.shape(y), np.shape(mu)))
+
+
+def _check_positive(name, func):
+    def check(value):
+        return _check_param_array(value, name, func, low=0.0, low_open=True)
+    return check
+
+
+def _check_param_array(value, name, func, *, low=None, low_open=False):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return check_float(value, name, func, low=low, low_open=low_open)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise param_error(name, func, "a float or an array of floats", type(value).__name__) from e
+    bad = ~np.isfinite(arr)
+    if low is not None:
+        bad |= (arr <= low) if low_open else (arr < low)
+    if arr.ndim > 2 or np.any(bad):
+        interval = f"{'(' if low_open else '['}{low}, inf)" if low is not None else "(-inf, inf)"
+        raise param_error(name, func, f"a float or a (m, 1) / (1, n) array of floats in {interval}",
+                          f"an array of shape {arr.shape} with {int(np.sum(bad))} value(s) outside it",
+                          described=True)
+    return arr
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One loss of the registry.
+
+    Attributes
+    ----------
+    name : str
+        Registry key.
+    defaults : dict
+        The distribution parameters and their defaults (RcppML's ``*_init`` values).
+    value : callable ``(y, mu, **params) -> ndarray``
+        The elementwise loss ℓ(y, μ) of spec §6.1 (float64, broadcast shape of y and μ).
+    weight : callable ``(y, mu, **params) -> ndarray``
+        The IRLS weight of spec §6.2.
+    variance : callable ``(mu, **params) -> ndarray``
+        The variance function V(μ) (up to the dispersion), used for Pearson residuals.
+    zero_total : callable ``(wd, h, **params) -> float`` or None
+        ``Σ_ij ℓ(0, μ_ij)`` over every entry of ``μ = wd @ h`` without forming μ, where a closed
+        form exists; None otherwise.
+    zero_in_support : callable ``(**params) -> bool``
+        Whether y = 0 is a possible observation (else zeros are left out of evaluations).
+    objective : callable ``(y, mu, w=None) -> ndarray`` or None
+        The per-entry objective that multiplicative-update loops (:func:`dnmf.nmfkc`) monitor,
+        optionally weighted by ``w``: for mse ``w (y − μ)²``, for kl ``−w y log(μ + 1e-10) + w μ``
+        (KL without its μ-free part ``y log y − y``). None for the IRLS-only losses.
+    """
+
+    name: str
+    defaults: Mapping[str, float]
+    value: Callable[..., np.ndarray]
+    weight: Callable[..., np.ndarray]
+    variance: Callable[..., np.ndarray]
+    zero_total: Callable[..., float] | None = None
+    zero_in_support: Callable[..., bool] = field(default=lambda **p: True)
+    objective: Callable[..., np.ndarray] | None = None
+
+    def params(self, func: str = "loss", **params: Any) -> dict:
+        """Validated distribution parameters with defaults filled in.
+
+        Raises
+        ------
+        InputError
+            On a parameter this loss does not take, or an invalid value.
+        """
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            valid = ", ".join(repr(p) for p in self.defaults) or "none"
+            raise param_error(unknown[0], func, f"a parameter of loss {self.name!r} (valid: {valid})",
+                              params[unknown[0]])
+        out = dict(self.defaults)
+        for key, val in params.items():
+            if val is None:
+                continue
+            if key == "power":
+                p = check_float(val, "power", func)
+                if 0 < p < 1:
+                    raise param_error("power", func, "a Tweedie power p <= 0 or p >= 1", val)
+                out[key] = p
+            else:
+                out[key] = _check_param_array(val, key, func, low=0.0, low_open=key != "theta")
+        return out
+
+
+LOSSES: dict[str, Loss] = {
+    "mse": Loss("mse", {}, _mse_value, _unit_weight, lambda mu: np.ones_like(_f(mu)), _mse_zero_total,
+                objective=_mse_objective),
+    "kl": Loss("kl", {}, _kl_value, _kl_weight, lambda mu: _f(mu), _kl_zero_total, objective=_kl_objective),
+    "gp": Loss("gp", {"theta": 0.1}, _gp_value, lambda y, mu, theta=0.1: _kl_weight(y, mu),
+               lambda mu, theta=0.1: _f(mu), _gp_zero_total),  # V = μ for Pearson residuals (§6.1)
+    "nb": Loss("nb", {"size": 10.0}, _nb_value, _nb_weight, lambda mu, size=10.0: _f(mu) + _f(mu) ** 2 / _f(size)),
+    "gamma": Loss("gamma", {"phi": 1.0}, _gamma_value, _power_weight(2.0),
+                  lambda mu, phi=1.0: _f(mu) ** 2, zero_in_support=lambda **p: False),
+    "inverse_gaussian": Loss("inverse_gaussian", {"phi": 1.0}, _ig_value, _power_weight(3.0),
+                             lambda mu, phi=1.0: _f(mu) ** 3, zero_in_support=lambda **p: False),
+    "tweedie": Loss("tweedie", {"power": 1.5, "phi": 1.0}, _tweedie_value, _power_weight(1.5),
+                    lambda mu, power=1.5, phi=1.0: np.power(_f(mu), float(power)),
+                    zero_in_support=lambda power=1.5, **p: float(power) < 2),
+}
+
+
+def get_loss(name: str, func: str = "get_loss") -> Loss:
+    """The registered :class:`Loss` called ``name``; an unknown name lists the valid ones.
+
+    Examples
+    --------
+    >>> from dnmf.losses import get_loss
+    >>> float(get_loss("kl").value(2.0, 1.0))  # 2 log 2 − 2 + 1
+    0.3862943611198906
+    """
+    return LOSSES[check_option(name, "loss", func, LOSSES)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Robust (Huber on Pearson residuals), spec §6.1–6.2
+# ---------------------------------------------------------------------------------------------
+
+
+def huber(y, mu, delta: float, loss: str = "mse", **params) -> np.ndarray:
+    """Huber loss of the Pearson residual ``ρ = (y − μ)/√V(μ)`` (the reported loss with ``robust``).
+
+    Returns ``½ρ²`` where ``|ρ| ≤ δ``, else ``δ|ρ| − ½δ²``.
+    """
+    spec = get_loss(loss, "huber")
+    pars = spec.params("huber", **params)
+    pars.pop("phi", None)
+    v = np.maximum(spec.variance(mu, **pars), FLOOR)
+    rho = np.abs(_f(y) - _f(mu)) / np.sqrt(v)
+    return np.where(rho <= delta, 0.5 * rho * rho, delta * rho - 0.5 * delta * delta)
+
+
+def robust_weight(w, y, mu, delta: float) -> np.ndarray:
+    """IRLS weight times the Huber factor: ``w·h(ρ)``, ``ρ = (y − μ)√max(w, 1e-15)``, spec §6.2."""
+    w = _f(w)
+    rho = np.abs((_f(y) - _f(mu)) * np.sqrt(np.maximum(w, 1e-15)))
+    return w * np.where(rho <= delta, 1.0, delta / (rho + 1e-15))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispersion updates, spec §6.4
+# ---------------------------------------------------------------------------------------------
+
+_DISPERSION = ("per_row", "per_col", "global", "none")
+
+
+def _oriented(y, mu, dispersion):
+    y, mu = np.broadcast_arrays(np.atleast_2d(_f(y)), np.atleast_2d(_f(mu)))
+    return (y.T, mu.T) if dispersion == "per_col" else (y, mu)
+
+
+def _shape_back(values, dispersion, agg):
+    if dispersion == "global":
+        return float(agg(values))
+    return values[:, None] if dispersion == "per_row" else values[None, :]
+
+
+def update_dispersion(loss: str, y, mu, *, dispersion: str = "per_row", current=None,
+                      theta_max: float = 5.0, theta_min: float = 0.0, size_min: float = 0.01,
+                      size_max: float = 1e6, phi_min: float = 1e-6, phi_max: float = 1e4,
+                      power: float = 1.5, n_iter: int = 5):
+    """One dispersion update of RcppML (spec §6.4) from data y and predictions μ = W·diag(d)·H.
+
+    Parameters
+    ----------
+    loss : {"gp", "nb", "gamma", "inverse_gaussian", "tweedie"}
+    y, mu : ndarray of shape (m, n)
+        Data and predictions over all entries (a row block for per-row, a column block for
+        per-column estimates).
+    dispersion : {"per_row", "per_col", "global", "none"}, default "per_row"
+    current : float or ndarray, optional
+        Current θ (GP only; the MM iterations start from it); default 0.1 (``theta_init``).
+    theta_max, theta_min, size_min, size_max, phi_min, phi_max : float
+        Caps and floors (``theta_*``, ``nb_size_*``, ``gamma_phi_*`` of spec §1.2).
+    power : float, default 1.5
+        Tweedie power (the φ of gamma / IG uses p = 2 / 3).
+    n_iter : int, default 5
+        MM iterations of the GP θ update.
+
+    Returns
+    -------
+    float or ndarray of shape (m, 1) / (1, n)
+        θ (gp), r (nb) or φ (gamma / IG / Tweedie): a float for ``"global"`` (the mean of the
+        per-row θ, the median of per-row r or φ, as RcppML), else per row / per column, shaped to
+        broadcast against y. ``"none"`` gives θ = 0, r = ``size_max``, φ = 1.
+
+    Notes
+    -----
+    * GP θ (per row i; entries with y ≥ 1): ``η = μ/(μ + θy)``, ``α = n₊ + Σ(y−1)η``,
+      ``γ = Σ(y−1)(1−η)``, ``β = Σy − Σμ − γ + α`` (Σμ over all entries),
+      ``θ ← min(θ_max, (−β + √(β² + 4αγ))/(2α))`` when α > 1e-15, the discriminant is positive and
+      the result finite and ≥ 0, repeated ``n_iter`` times; floored at ``theta_min``.
+    * NB r (moments): ``r = Σμ² / Σ[(y − μ)² − μ]`` over all entries, clamped to
+      [size_min, size_max]; ``size_max`` when numerator or denominator ≤ 1e-10.
+    * φ: mean over y > 0 of ``(y − μ)²/μ^p``, clamped to [phi_min, phi_max].
+    """
+    func = "update_dispersion"
+    loss = check_option(loss, "loss", func, ("gp", "nb", "gamma", "inverse_gaussian", "tweedie"))
+    dispersion = check_option(dispersion, "dispersion", func, _DISPERSION)
+    check_int(n_iter, "n_iter", func, low=1)
+    if dispersion == "none":
+        return {"gp": 0.0, "nb": float(size_max)}.get(loss, 1.0)
+    # per-row estimates (rows of the transpose for per-column); "global" aggregates them
+    y_rows, mu_rows = _oriented(y, mu, dispersion)
+    if loss == "gp":
+        n_groups = y_rows.shape[0]
+        start = np.ravel(_f(0.1 if current is None else current))
+        if start.size not in (1, n_groups):
+            raise param_error("current", func, f"a float or {n_groups} values", f"{start.size} values",
+                              described=True)
+        theta = np.broadcast_to(start, (n_groups,)).copy()
+        pos = y_rows >= 1
+        ym1 = np.where(pos, y_rows - 1.0, 0.0)
+        n_pos = pos.sum(axis=1)
+        s_y = y_rows.sum(axis=1)
+        s_mu = mu_rows.sum(axis=1)
+        for _ in range(n_iter):
+            den = mu_rows + theta[:, None] * y_rows
+            eta = np.where(pos, mu_rows / np.where(den > 0, den, 1.0), 0.0)
+            alpha = n_pos + np.sum(ym1 * eta, axis=1)
+            gamma_ = np.sum(ym1 * (1.0 - eta), axis=1)
+            beta = s_y - s_mu - gamma_ + alpha
+            disc = beta * beta + 4.0 * alpha * gamma_
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = (-beta + np.sqrt(np.maximum(disc, 0.0))) / (2.0 * alpha)
+            ok = (alpha > 1e-15) & (disc > 0) & np.isfinite(new) & (new >= 0)
+            theta = np.where(ok, np.minimum(theta_max, new), theta)
+        theta = np.maximum(theta, theta_min)
+        return _shape_back(theta, dispersion, np.mean)
+    if loss == "nb":
+        num = np.sum(mu_rows * mu_rows, axis=1)
+        den = np.sum((y_rows - mu_rows) ** 2 - mu_rows, axis=1)
+        ok = (num > 1e-10) & (den > 1e-10)
+        r = np.where(ok, np.clip(num / np.where(ok, den, 1.0), size_min, size_max), size_max)
+        return _shape_back(r, dispersion, np.median)
+    p = {"gamma": 2.0, "inverse_gaussian": 3.0}.get(loss, float(power))
+    pos = y_rows > 0
+    mu_f = np.maximum(mu_rows, FLOOR)
+    terms = np.where(pos, (y_rows - mu_rows) ** 2 / np.power(mu_f, p), 0.0)
+    cnt = pos.sum(axis=1)
+    phi = np.where(cnt > 0, terms.sum(axis=1) / np.maximum(cnt, 1), 1.0)
+    phi = np.clip(phi, phi_min, phi_max)
+    return _shape_back(phi, dispersion, np.median)
+
+
