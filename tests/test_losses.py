@@ -307,3 +307,21 @@ def test_suggest_loss_sparse_equals_dense_and_plots(planted_means):
     assert sum(lab.startswith("p = ") for lab in labels) == 4 and any(lab.startswith("fit") for lab in labels)
     with pytest.raises(InputError, match="'power_tol' parameter of suggest_loss"):
         dnmf.suggest_loss(Y, k=3, power_tol=0.9)
+
+
+def test_mu_objectives_of_nmfkc():
+    """The weighted objectives of the multiplicative-update loops: plain formulas, and KL = the
+    objective plus its μ-free part w (y log y − y)."""
+    rng = np.random.default_rng(6)
+    y = rng.poisson(3.0, size=(5, 7)).astype(float)
+    mu = rng.uniform(0.5, 5.0, size=(5, 7))
+    w = rng.uniform(0.0, 2.0, size=(5, 7))
+    # same operations in the same order as written here: bitwise equal
+    assert np.array_equal(LOSSES["mse"].objective(y, mu, w), w * (y - mu) * (y - mu))
+    assert np.array_equal(LOSSES["kl"].objective(y, mu, w), -(w * y) * np.log(mu + 1e-10) + w * mu)
+    assert np.array_equal(LOSSES["kl"].objective(y, mu), -y * np.log(mu + 1e-10) + mu)
+    ylogy = np.where(y > 0, y * np.log(np.where(y > 0, y, 1.0)), 0.0)
+    # ε = 1e-10 inside the log shifts it by ~1e-10/μ ≤ 2e-10 per entry (times y ≤ ~12)
+    np.testing.assert_allclose(LOSSES["kl"].objective(y, mu) + ylogy - y, LOSSES["kl"].value(y, mu), atol=1e-8)
+    for name in ("gp", "nb", "gamma", "inverse_gaussian", "tweedie"):
+        assert LOSSES[name].objective is None

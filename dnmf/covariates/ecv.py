@@ -19,7 +19,7 @@ import numpy as np
 from .._validation import check_int, check_option, param_error
 from ..exceptions import ConvergenceWarning
 from ._common import EPS, as_covariate_matrix, as_data_matrix, executor_for
-from .nmfkc import nmfkc
+from .nmfkc import _OBJECTIVE, nmfkc
 
 __all__ = ["ECVResult", "CVResult", "nmfkc_ecv", "nmfkc_cv", "element_folds", "column_blocks"]
 
@@ -120,9 +120,7 @@ def column_blocks(N: int, nfolds: int, seed: Optional[int], shuffle: bool, r_rng
 
 
 def _heldout_loss(y: np.ndarray, pred: np.ndarray, method: str) -> float:
-    if method == "KL":
-        return float(np.mean(-y * np.log(pred + EPS) + pred))
-    return float(np.mean((y - pred) ** 2))
+    return float(np.mean(_OBJECTIVE[method](y, pred)))
 
 
 def _ecv_task(item, Y, A, nan_mask, method, kwargs):
@@ -289,7 +287,7 @@ def _cv_task(j, Y, W, A, block, rank, method, A_kernel, kwargs):
         r = W_te * (Y_te - XB)
         loss = float(np.sum(r * r))
     else:
-        loss = float(np.sum(-(W_te * Y_te) * np.log(XB + EPS) + W_te * XB))
+        loss = float(np.sum(_OBJECTIVE["KL"](Y_te, XB, W_te)))
     return loss, int((W_te > 0).sum())
 
 

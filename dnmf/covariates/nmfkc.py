@@ -27,6 +27,7 @@ import numpy as np
 from .._plotting import figure_axes
 from .._validation import check_float, check_int, check_option, param_error
 from ..exceptions import ConvergenceWarning, DnmfError, InputError
+from .._losses import LOSSES
 from ..formula import formula_inputs, is_formula, normalize_formula
 from ._text import RawArg, format_call
 from ._common import (
@@ -288,11 +289,13 @@ def _penalty(X, C, C_L1, ortho, smooth) -> float:
     return pen
 
 
+#: The weighted per-entry objectives of the two methods, from the loss registry (dnmf._losses):
+#: EU ``W (Y − XB)²``, KL ``−W Y log(XB + 1e-10) + W XB``.
+_OBJECTIVE = {"EU": LOSSES["mse"].objective, "KL": LOSSES["kl"].objective}
+
+
 def _loss(Y, XB, W, method) -> float:
-    if method == "EU":
-        R = Y - XB
-        return float(np.sum(W * R * R))
-    return float(np.sum(-(W * Y) * np.log(XB + EPS) + W * XB))
+    return float(np.sum(_OBJECTIVE[method](Y, XB, W)))
 
 
 def mu_iterate(
@@ -362,8 +365,7 @@ def mu_iterate(
             if C_L1 != 0:
                 den_C = den_C + C_L1 / 2.0
             C = C * (num_C / (den_C + EPS))
-            R = Y - XB
-            obj = float(np.sum(W * R * R))
+            obj = float(np.sum(_OBJECTIVE["EU"](Y, XB, W)))
         else:  # KL
             ratio = W * (Y / (XB + EPS))
             if update_X:
@@ -380,7 +382,7 @@ def mu_iterate(
             if C_L1 != 0:
                 den_C = den_C + C_L1
             C = C * (num_C / (den_C + EPS))
-            obj = float(np.sum(-WY * np.log(XB + EPS) + W * XB))
+            obj = float(np.sum(_OBJECTIVE["KL"](Y, XB, W)))
         # 4. objective with penalties at the updated factors
         obj += _penalty(X, C, C_L1, X_L2_ortho, X_L2_smooth)
         objs[i - 1] = obj
@@ -484,7 +486,7 @@ def initial_X(
             for _it in range(10):
                 Bs = Bs * (Xs.T @ Y_init) / (Xs.T @ Xs @ Bs + EPS)
                 Xs = Xs * (Y_init @ Bs.T) / (Xs @ Bs @ Bs.T + EPS)
-            obj = float(np.sum((Y_init - Xs @ Bs) ** 2))
+            obj = float(np.sum(_OBJECTIVE["EU"](Y_init, Xs @ Bs)))
             if obj < best:
                 best, X = obj, Xs
         return X, method
