@@ -15,8 +15,8 @@ from scipy.special import gammaln, xlogy
 
 from ._validation import check_float, check_int, check_option, param_error
 
-__all__ = ["Loss", "LOSSES", "get_loss", "update_dispersion", "huber", "robust_weight", "FLOOR",
-           "KL_OBJECTIVE_EPS"]
+__all__ = ["Loss", "LOSSES", "get_loss", "update_dispersion", "update_dispersion_sparse", "huber",
+           "robust_weight", "FLOOR", "KL_OBJECTIVE_EPS"]
 
 #: Floor of y and μ inside logarithms and ratios (spec §6.1).
 FLOOR = 1e-10
@@ -311,15 +311,68 @@ def robust_weight(w, y, mu, delta: float) -> np.ndarray:
 _DISPERSION = ("per_row", "per_col", "global", "none")
 
 
-def _oriented(y, mu, dispersion):
-    y, mu = np.broadcast_arrays(np.atleast_2d(_f(y)), np.atleast_2d(_f(mu)))
-    return (y.T, mu.T) if dispersion == "per_col" else (y, mu)
-
-
 def _shape_back(values, dispersion, agg):
     if dispersion == "global":
         return float(agg(values))
     return values[:, None] if dispersion == "per_row" else values[None, :]
+
+
+def _dispersion_from_entries(loss, g, y, mu, n_groups, s_mu, s_mu2, *, dispersion, current, theta_max, theta_min,
+                             size_min, size_max, phi_min, phi_max, power, n_iter, func):
+    """The §6.4 updates from entries (group g, value y, prediction μ) — every entry of a dense
+    matrix, or the stored entries of a sparse one — and, per group, ``s_mu = Σ μ`` and
+    ``s_mu2 = Σ μ²`` over **all** entries (zeros included)."""
+    if loss == "gp":
+        start = np.ravel(_f(0.1 if current is None else current))
+        if start.size not in (1, n_groups):
+            raise param_error("current", func, f"a float or {n_groups} values", f"{start.size} values",
+                              described=True)
+        theta = np.broadcast_to(start, (n_groups,)).copy()
+        pos = y >= 1
+        gp, yp, mp = g[pos], y[pos], mu[pos]
+        ym1 = yp - 1.0
+        n_pos = np.bincount(gp, minlength=n_groups)
+        s_y = np.bincount(g, y, minlength=n_groups)
+        for _ in range(n_iter):
+            den = mp + theta[gp] * yp
+            eta = mp / np.where(den > 0, den, 1.0)
+            alpha = n_pos + np.bincount(gp, ym1 * eta, minlength=n_groups)
+            gamma_ = np.bincount(gp, ym1 * (1.0 - eta), minlength=n_groups)
+            beta = s_y - s_mu - gamma_ + alpha
+            disc = beta * beta + 4.0 * alpha * gamma_
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = (-beta + np.sqrt(np.maximum(disc, 0.0))) / (2.0 * alpha)
+            ok = (alpha > 1e-15) & (disc > 0) & np.isfinite(new) & (new >= 0)
+            theta = np.where(ok, np.minimum(theta_max, new), theta)
+        theta = np.maximum(theta, theta_min)
+        return _shape_back(theta, dispersion, np.mean)
+    if loss == "nb":
+        # Σ_all [(y − μ)² − μ] = Σ_entries [(y − μ)² − μ] + Σ_other entries (μ² − μ)
+        stored = np.bincount(g, (y - mu) ** 2 - mu, minlength=n_groups)
+        rest_mu2 = s_mu2 - np.bincount(g, mu * mu, minlength=n_groups)
+        rest_mu = s_mu - np.bincount(g, mu, minlength=n_groups)
+        num, den = s_mu2, stored + rest_mu2 - rest_mu
+        ok = (num > 1e-10) & (den > 1e-10)
+        r = np.where(ok, np.clip(num / np.where(ok, den, 1.0), size_min, size_max), size_max)
+        return _shape_back(r, dispersion, np.median)
+    p = {"gamma": 2.0, "inverse_gaussian": 3.0}.get(loss, float(power))
+    pos = y > 0
+    terms = np.bincount(g[pos], (y[pos] - mu[pos]) ** 2 / np.power(np.maximum(mu[pos], FLOOR), p),
+                        minlength=n_groups)
+    cnt = np.bincount(g[pos], minlength=n_groups)
+    phi = np.clip(np.where(cnt > 0, terms / np.maximum(cnt, 1), 1.0), phi_min, phi_max)
+    return _shape_back(phi, dispersion, np.median)
+
+
+def _check_dispersion_args(loss, dispersion, n_iter, func):
+    loss = check_option(loss, "loss", func, ("gp", "nb", "gamma", "inverse_gaussian", "tweedie"))
+    dispersion = check_option(dispersion, "dispersion", func, _DISPERSION)
+    check_int(n_iter, "n_iter", func, low=1)
+    return loss, dispersion
+
+
+def _none_dispersion(loss, size_max):
+    return {"gp": 0.0, "nb": float(size_max)}.get(loss, 1.0)
 
 
 def update_dispersion(loss: str, y, mu, *, dispersion: str = "per_row", current=None,
@@ -333,7 +386,8 @@ def update_dispersion(loss: str, y, mu, *, dispersion: str = "per_row", current=
     loss : {"gp", "nb", "gamma", "inverse_gaussian", "tweedie"}
     y, mu : ndarray of shape (m, n)
         Data and predictions over all entries (a row block for per-row, a column block for
-        per-column estimates).
+        per-column estimates). For sparse data use :func:`update_dispersion_sparse`, which reads
+        the stored entries only.
     dispersion : {"per_row", "per_col", "global", "none"}, default "per_row"
     current : float or ndarray, optional
         Current θ (GP only; the MM iterations start from it); default 0.1 (``theta_init``).
@@ -356,57 +410,76 @@ def update_dispersion(loss: str, y, mu, *, dispersion: str = "per_row", current=
     * GP θ (per row i; entries with y ≥ 1): ``η = μ/(μ + θy)``, ``α = n₊ + Σ(y−1)η``,
       ``γ = Σ(y−1)(1−η)``, ``β = Σy − Σμ − γ + α`` (Σμ over all entries),
       ``θ ← min(θ_max, (−β + √(β² + 4αγ))/(2α))`` when α > 1e-15, the discriminant is positive and
-      the result finite and ≥ 0, repeated ``n_iter`` times; floored at ``theta_min``.
+      the result finite and ≥ 0, repeated ``n_iter`` times; floored at ``theta_min``. Its fixed
+      point is the maximum-likelihood θ of the GP loss of this module.
     * NB r (moments): ``r = Σμ² / Σ[(y − μ)² − μ]`` over all entries, clamped to
       [size_min, size_max]; ``size_max`` when numerator or denominator ≤ 1e-10.
     * φ: mean over y > 0 of ``(y − μ)²/μ^p``, clamped to [phi_min, phi_max].
     """
     func = "update_dispersion"
-    loss = check_option(loss, "loss", func, ("gp", "nb", "gamma", "inverse_gaussian", "tweedie"))
-    dispersion = check_option(dispersion, "dispersion", func, _DISPERSION)
-    check_int(n_iter, "n_iter", func, low=1)
+    loss, dispersion = _check_dispersion_args(loss, dispersion, n_iter, func)
     if dispersion == "none":
-        return {"gp": 0.0, "nb": float(size_max)}.get(loss, 1.0)
-    # per-row estimates (rows of the transpose for per-column); "global" aggregates them
-    y_rows, mu_rows = _oriented(y, mu, dispersion)
-    if loss == "gp":
-        n_groups = y_rows.shape[0]
-        start = np.ravel(_f(0.1 if current is None else current))
-        if start.size not in (1, n_groups):
-            raise param_error("current", func, f"a float or {n_groups} values", f"{start.size} values",
-                              described=True)
-        theta = np.broadcast_to(start, (n_groups,)).copy()
-        pos = y_rows >= 1
-        ym1 = np.where(pos, y_rows - 1.0, 0.0)
-        n_pos = pos.sum(axis=1)
-        s_y = y_rows.sum(axis=1)
-        s_mu = mu_rows.sum(axis=1)
-        for _ in range(n_iter):
-            den = mu_rows + theta[:, None] * y_rows
-            eta = np.where(pos, mu_rows / np.where(den > 0, den, 1.0), 0.0)
-            alpha = n_pos + np.sum(ym1 * eta, axis=1)
-            gamma_ = np.sum(ym1 * (1.0 - eta), axis=1)
-            beta = s_y - s_mu - gamma_ + alpha
-            disc = beta * beta + 4.0 * alpha * gamma_
-            with np.errstate(divide="ignore", invalid="ignore"):
-                new = (-beta + np.sqrt(np.maximum(disc, 0.0))) / (2.0 * alpha)
-            ok = (alpha > 1e-15) & (disc > 0) & np.isfinite(new) & (new >= 0)
-            theta = np.where(ok, np.minimum(theta_max, new), theta)
-        theta = np.maximum(theta, theta_min)
-        return _shape_back(theta, dispersion, np.mean)
-    if loss == "nb":
-        num = np.sum(mu_rows * mu_rows, axis=1)
-        den = np.sum((y_rows - mu_rows) ** 2 - mu_rows, axis=1)
-        ok = (num > 1e-10) & (den > 1e-10)
-        r = np.where(ok, np.clip(num / np.where(ok, den, 1.0), size_min, size_max), size_max)
-        return _shape_back(r, dispersion, np.median)
-    p = {"gamma": 2.0, "inverse_gaussian": 3.0}.get(loss, float(power))
-    pos = y_rows > 0
-    mu_f = np.maximum(mu_rows, FLOOR)
-    terms = np.where(pos, (y_rows - mu_rows) ** 2 / np.power(mu_f, p), 0.0)
-    cnt = pos.sum(axis=1)
-    phi = np.where(cnt > 0, terms.sum(axis=1) / np.maximum(cnt, 1), 1.0)
-    phi = np.clip(phi, phi_min, phi_max)
-    return _shape_back(phi, dispersion, np.median)
+        return _none_dispersion(loss, size_max)
+    y, mu = np.broadcast_arrays(np.atleast_2d(_f(y)), np.atleast_2d(_f(mu)))
+    if dispersion == "per_col":  # per-row estimates of the transpose; "global" aggregates per-row ones
+        y, mu = y.T, mu.T
+    n_groups, n_other = y.shape
+    g = np.repeat(np.arange(n_groups), n_other)
+    return _dispersion_from_entries(loss, g, y.ravel(), mu.ravel(), n_groups, mu.sum(axis=1), (mu * mu).sum(axis=1),
+                                    dispersion=dispersion, current=current, theta_max=theta_max,
+                                    theta_min=theta_min, size_min=size_min, size_max=size_max, phi_min=phi_min,
+                                    phi_max=phi_max, power=power, n_iter=n_iter, func=func)
+
+
+def update_dispersion_sparse(loss: str, A, wd, h, *, dispersion: str = "per_row", current=None,
+                             theta_max: float = 5.0, theta_min: float = 0.0, size_min: float = 0.01,
+                             size_max: float = 1e6, phi_min: float = 1e-6, phi_max: float = 1e4,
+                             power: float = 1.5, n_iter: int = 5):
+    """:func:`update_dispersion` for sparse data at nnz cost: μ = wd @ h is formed at the stored
+    entries only; the sums of μ and μ² over all entries of a row (column) come in closed form,
+    ``(Wd H1)_i`` and ``(Wd HHᵀ (Wd)ᵀ)_ii``.
+
+    Parameters
+    ----------
+    loss, dispersion, current, theta_max, theta_min, size_min, size_max, phi_min, phi_max, power, n_iter
+        As :func:`update_dispersion`.
+    A : scipy.sparse matrix of shape (m, n)
+        The data (stored zeros are allowed).
+    wd : ndarray of shape (m, k)
+        W diag(d).
+    h : ndarray of shape (k, n)
+
+    Returns
+    -------
+    float or ndarray of shape (m, 1) / (1, n)
+        As :func:`update_dispersion` on the dense ``A`` and ``wd @ h`` (equal to rounding).
+    """
+    import scipy.sparse as sp
+
+    func = "update_dispersion_sparse"
+    loss, dispersion = _check_dispersion_args(loss, dispersion, n_iter, func)
+    if not sp.issparse(A):
+        raise param_error("A", func, "a scipy.sparse matrix", type(A).__name__, described=True)
+    wd, h = _f(wd), _f(h)
+    if wd.ndim != 2 or h.ndim != 2 or wd.shape[1] != h.shape[0] or A.shape != (wd.shape[0], h.shape[1]):
+        raise param_error("A", func, "shapes A (m, n), wd (m, k), h (k, n)",
+                          f"A {A.shape}, wd {wd.shape}, h {h.shape}", described=True)
+    if dispersion == "none":
+        return _none_dispersion(loss, size_max)
+    coo = sp.coo_array(A)
+    rows, cols, y = coo.row.astype(np.int64), coo.col.astype(np.int64), _f(coo.data)
+    mu = np.einsum("ij,ji->i", wd[rows], h[:, cols])
+    if dispersion == "per_col":
+        g, n_groups = cols, h.shape[1]
+        s_mu = wd.sum(axis=0) @ h
+        s_mu2 = np.einsum("kj,kl,lj->j", h, wd.T @ wd, h)
+    else:
+        g, n_groups = rows, wd.shape[0]
+        s_mu = wd @ h.sum(axis=1)
+        s_mu2 = np.einsum("ik,kl,il->i", wd, h @ h.T, wd)
+    return _dispersion_from_entries(loss, g, y, mu, n_groups, s_mu, s_mu2, dispersion=dispersion, current=current,
+                                    theta_max=theta_max, theta_min=theta_min, size_min=size_min,
+                                    size_max=size_max, phi_min=phi_min, phi_max=phi_max, power=power,
+                                    n_iter=n_iter, func=func)
 
 

@@ -24,7 +24,8 @@ are never densified, but the cost is m·n·k), or not at all where y = 0 is outs
 the distribution (gamma, inverse Gaussian, Tweedie with p ≥ 2): those losses are evaluated over the
 non-zero entries only, for dense and sparse data alike.
 
-Module functions: :func:`get_loss` (lookup by name), :func:`update_dispersion` (§6.4),
+Module functions: :func:`get_loss` (lookup by name), :func:`update_dispersion` and
+:func:`update_dispersion_sparse` (§6.4; the latter at nnz cost),
 :func:`huber` / :func:`robust_weight` (§6.1–6.2 ``robust``), :func:`evaluate` / :func:`mse`
 (RcppML §10.6) and :func:`suggest_loss` (RcppML ``auto_nmf_distribution``, §6.6).
 """
@@ -37,11 +38,11 @@ from typing import Any
 import numpy as np
 
 from ._losses import (FLOOR, KL_OBJECTIVE_EPS, LOSSES, Loss, get_loss, huber, robust_weight,
-                      update_dispersion)
+                      update_dispersion, update_dispersion_sparse)
 from ._validation import check_float, check_int, param_error
 
-__all__ = ["Loss", "LOSSES", "get_loss", "update_dispersion", "huber", "robust_weight", "FLOOR",
-           "KL_OBJECTIVE_EPS", "evaluate", "mse", "suggest_loss", "LossSuggestion", "REFERENCE_POWERS"]
+__all__ = ["Loss", "LOSSES", "get_loss", "update_dispersion", "update_dispersion_sparse", "huber", "robust_weight",
+           "FLOOR", "KL_OBJECTIVE_EPS", "evaluate", "mse", "suggest_loss", "LossSuggestion", "REFERENCE_POWERS"]
 
 
 # ---------------------------------------------------------------------------------------------
