@@ -163,12 +163,6 @@ def _unit_weight(y, mu, **params):
     return np.ones(np.broadcast_shapes(np.shape(y), np.shape(mu)))
 
 
-def _check_positive(name, func):
-    def check(value):
-        return _check_param_array(value, name, func, low=0.0, low_open=True)
-    return check
-
-
 def _check_param_array(value, name, func, *, low=None, low_open=False):
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return check_float(value, name, func, low=low, low_open=low_open)

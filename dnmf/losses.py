@@ -24,6 +24,23 @@ are never densified, but the cost is m·n·k), or not at all where y = 0 is outs
 the distribution (gamma, inverse Gaussian, Tweedie with p ≥ 2): those losses are evaluated over the
 non-zero entries only, for dense and sparse data alike.
 
+IRLS weights (§6.2, ``Loss.weight``): 1 (mse); ``1/max(μ, 1e-4)`` (kl, and gp whatever θ);
+``r/(μ(r+μ))`` (nb); ``μ^−p`` with p = 2, 3, ``power`` (gamma, inverse Gaussian, Tweedie), μ ≥
+1e-15 and capped at 1e6. ``Loss.objective`` is the weighted per-entry objective that the
+multiplicative updates of :func:`dnmf.nmfkc` monitor (mse: ``w (y − μ)²``; kl: ``−w y log(μ + 1e-10)
++ w μ``, i.e. KL without its μ-free part ``y log y − y``).
+
+Where this differs from spec §6.1 on purpose:
+
+* gp at y = 0 is ``μ/(1+θ)`` (−log P(0)); the spec's table gives ``−log(μ/(1+θ)) + μ/(1+θ)``
+  there, which is not a log-likelihood and does not reduce to Poisson at θ = 0. With this choice
+  the §6.4 θ update converges to the maximum-likelihood θ of this loss (tested).
+* kl at y = 0 is μ exactly (0·log 0 = 0) rather than flooring y at 1e-10, so that the zeros of
+  sparse data sum in closed form.
+
+The registry itself lives in ``dnmf._losses`` (pure NumPy, importable by the model and the
+covariate layers); this module re-exports it on top of the helpers that fit models.
+
 Module functions: :func:`get_loss` (lookup by name), :func:`update_dispersion` and
 :func:`update_dispersion_sparse` (§6.4; the latter at nnz cost),
 :func:`huber` / :func:`robust_weight` (§6.1–6.2 ``robust``), :func:`evaluate` / :func:`mse`
