@@ -47,7 +47,7 @@ import numpy as np
 
 import dnmf
 import dnmf.params
-from pipelines.factorize import FactorizeInput, input_shape, load_input
+from pipelines.factorize import FactorizeInput, check_ranks, load_input
 
 #: criteria a method accepts; the first is what ``auto`` means
 CRITERIA = {"hard": ("cophenetic", "dispersion", "pac"), "knn_jaccard": ("cophenetic", "dispersion", "pac"),
@@ -118,16 +118,10 @@ SECTIONS = {"input": FactorizeInput, "consensus": ConsensusSettings, "cnmf": CNM
 def check_config(config) -> Iterator[tuple[str, str, Any]]:
     """Checks across sections: every rank at most min(m, n); cNMF's neighbourhood not empty."""
     c = config.consensus
-    try:
-        shape = input_shape(config.input)
-    except (OSError, ValueError, KeyError) as e:
-        yield ("input.path", "a readable matrix file or store", config.input.path, f"({type(e).__name__})")
+    errors = list(check_ranks(config.input, "consensus.k", c.k))
+    yield from errors
+    if any(e[0] == "input.path" for e in errors):
         return
-    if shape is not None and config.input.n_top_features is not None:
-        shape = (min(shape[0], config.input.n_top_features), shape[1])
-    if shape is not None and max(c.k) > min(shape):
-        m, n = shape
-        yield ("consensus.k", f"ranks in [1, {min(shape)}] (at most min(m, n) of the {m} × {n} input)", list(c.k))
     if c.method == "cnmf":
         n_nb = int(config.cnmf.local_neighborhood_size * c.reps)
         if n_nb < 1 or n_nb >= c.reps * min(c.k):

@@ -37,7 +37,7 @@ import numpy as np
 import dnmf
 import dnmf.cv
 import dnmf.params
-from pipelines.factorize import FactorizeInput, input_shape, load_input
+from pipelines.factorize import FactorizeInput, check_ranks, load_input
 
 #: nmf arguments the grid sets itself (the rank, the per-fit seed and start)
 _SET_BY_CV = ("k", "seed", "init", "r_rng")
@@ -80,16 +80,7 @@ SECTIONS = {"input": FactorizeInput, "cv": CVSettings, "model": CVModel}
 
 def check_config(config) -> Iterator[tuple[str, str, Any]]:
     """Checks across sections: every rank at most min(m, n)."""
-    try:
-        shape = input_shape(config.input)
-    except (OSError, ValueError, KeyError) as e:
-        yield ("input.path", "a readable matrix file or store", config.input.path, f"({type(e).__name__})")
-        return
-    if shape is not None and config.input.n_top_features is not None:
-        shape = (min(shape[0], config.input.n_top_features), shape[1])
-    if shape is not None and max(config.cv.k) > min(shape):
-        m, n = shape
-        yield ("cv.k", f"ranks in [1, {min(shape)}] (at most min(m, n) of the {m} × {n} input)", list(config.cv.k))
+    yield from check_ranks(config.input, "cv.k", config.cv.k)
 
 
 def fit_task(item, *, nmf_kwargs: dict, attempt: int) -> dict:

@@ -177,17 +177,24 @@ SECTIONS = {"input": FactorizeInput, "model": FactorizeModel}
 
 def check_config(config) -> Iterator[tuple[str, str, Any]]:
     """Checks across sections: the rank must not exceed the input's smaller dimension."""
+    yield from check_ranks(config.input, "model.k", config.model.k)
+
+
+def check_ranks(inp: "FactorizeInput", key: str, ks) -> Iterator[tuple[str, str, Any]]:
+    """The rank(s) ``ks`` (an int or a list) at most min(m, n) of the input as preprocessed
+    (after ``n_top_features``); the input must be readable. ``key`` names the config key."""
     try:
-        shape = input_shape(config.input)
+        shape = input_shape(inp)
     except (OSError, ValueError, KeyError) as e:
-        yield ("input.path", "a readable matrix file or store", config.input.path,
-               f"({type(e).__name__}: {_first_line(e)})")
+        yield ("input.path", "a readable matrix file or store", inp.path, f"({type(e).__name__}: {_first_line(e)})")
         return
-    if shape is not None and config.input.n_top_features is not None:
-        shape = (min(shape[0], config.input.n_top_features), shape[1])
-    if shape is not None and config.model.k > min(shape):
+    if shape is not None and inp.n_top_features is not None:
+        shape = (min(shape[0], inp.n_top_features), shape[1])
+    many = not isinstance(ks, int)
+    if shape is not None and (max(ks) if many else ks) > min(shape):
         m, n = shape
-        yield ("model.k", f"an int in [1, {min(shape)}] (at most min(m, n) of the {m} × {n} input)", config.model.k)
+        what = "ranks in" if many else "an int in"
+        yield (key, f"{what} [1, {min(shape)}] (at most min(m, n) of the {m} × {n} input)", list(ks) if many else ks)
 
 
 def _first_line(e: BaseException) -> str:

@@ -56,7 +56,7 @@ import dnmf
 import dnmf.datasets
 import dnmf.params
 from pipelines import factorize
-from pipelines.factorize import FactorizeInput, input_shape, load_input
+from pipelines.factorize import FactorizeInput, load_input
 
 #: assess's metric groups, and "all" (dnmf.guided.METRIC_GROUPS; a test checks they agree).
 METRICS = ("all", "ari", "nmi", "silhouette", "classification", "batch_mixing")
