@@ -77,6 +77,16 @@ def _kl_objective(y, mu, w=None):
     return -(w * y) * np.log(mu + KL_OBJECTIVE_EPS) + w * mu
 
 
+def _mse_mu_terms(y, mu, w):
+    # Lee–Seung for w (y − μ)², μ = XB: X ← X ⊙ ((w y) Bᵀ) / ((w μ) Bᵀ)
+    return w * y, w * mu
+
+
+def _kl_mu_terms(y, mu, w):
+    # Lee–Seung for KL, μ = XB: X ← X ⊙ ((w y/(μ + ε)) Bᵀ) / (w Bᵀ)
+    return w * (y / (mu + KL_OBJECTIVE_EPS)), w
+
+
 def _kl_weight(y, mu):
     return 1.0 / np.maximum(_f(mu), _KL_W_FLOOR)
 
@@ -206,6 +216,10 @@ class Loss:
         The per-entry objective that multiplicative-update loops (:func:`dnmf.nmfkc`) monitor,
         optionally weighted by ``w``: for mse ``w (y − μ)²``, for kl ``−w y log(μ + 1e-10) + w μ``
         (KL without its μ-free part ``y log y − y``). None for the IRLS-only losses.
+    mu_terms : callable ``(y, mu, w) -> (N, D)`` or None
+        The matrices of the multiplicative (Lee–Seung) step for ``μ = X B`` with entry weights
+        w: ``X ← X ⊙ (N Bᵀ)/(D Bᵀ)`` and ``B ← B ⊙ (Xᵀ N)/(Xᵀ D)``; mse: ``(w y, w μ)``, kl:
+        ``(w y/(μ + 1e-10), w)``. None for the IRLS-only losses.
     """
 
     name: str
@@ -216,6 +230,7 @@ class Loss:
     zero_total: Callable[..., float] | None = None
     zero_in_support: Callable[..., bool] = field(default=lambda **p: True)
     objective: Callable[..., np.ndarray] | None = None
+    mu_terms: Callable[..., tuple] | None = None
 
     def params(self, func: str = "loss", **params: Any) -> dict:
         """Validated distribution parameters with defaults filled in.
@@ -246,8 +261,9 @@ class Loss:
 
 LOSSES: dict[str, Loss] = {
     "mse": Loss("mse", {}, _mse_value, _unit_weight, lambda mu: np.ones_like(_f(mu)), _mse_zero_total,
-                objective=_mse_objective),
-    "kl": Loss("kl", {}, _kl_value, _kl_weight, lambda mu: _f(mu), _kl_zero_total, objective=_kl_objective),
+                objective=_mse_objective, mu_terms=_mse_mu_terms),
+    "kl": Loss("kl", {}, _kl_value, _kl_weight, lambda mu: _f(mu), _kl_zero_total, objective=_kl_objective,
+                mu_terms=_kl_mu_terms),
     "gp": Loss("gp", {"theta": 0.1}, _gp_value, lambda y, mu, theta=0.1: _kl_weight(y, mu),
                lambda mu, theta=0.1: _f(mu), _gp_zero_total),  # V = μ for Pearson residuals (§6.1)
     "nb": Loss("nb", {"size": 10.0}, _nb_value, _nb_weight, lambda mu, size=10.0: _f(mu) + _f(mu) ** 2 / _f(size)),

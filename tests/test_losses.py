@@ -324,7 +324,35 @@ def test_mu_objectives_of_nmfkc():
     # ε = 1e-10 inside the log shifts it by ~1e-10/μ ≤ 2e-10 per entry (times y ≤ ~12)
     np.testing.assert_allclose(LOSSES["kl"].objective(y, mu) + ylogy - y, LOSSES["kl"].value(y, mu), atol=1e-8)
     for name in ("gp", "nb", "gamma", "inverse_gaussian", "tweedie"):
-        assert LOSSES[name].objective is None
+        assert LOSSES[name].objective is None and LOSSES[name].mu_terms is None
+
+
+@pytest.mark.parametrize("name", ["mse", "kl"])
+def test_mu_step_does_not_increase_the_objective(name):
+    """Lee–Seung steps from the registry's (N, D) on a weighted problem: the weighted objective
+    never increases (the multiplicative-update theorem), checked against the registry objective."""
+    rng = np.random.default_rng(9)
+    Y = rng.poisson(rng.uniform(0.5, 3, (20, 2)) @ rng.uniform(0.5, 3, (2, 25))).astype(float)
+    w = rng.uniform(0.0, 2.0, Y.shape)
+    X, B = rng.uniform(0.5, 1.5, (20, 2)), rng.uniform(0.5, 1.5, (2, 25))
+    spec = LOSSES[name]
+    prev = np.inf
+    for _ in range(50):
+        N, D = spec.mu_terms(Y, X @ B, w)
+        X = X * (N @ B.T) / (D @ B.T)
+        N, D = spec.mu_terms(Y, X @ B, w)
+        B = B * (X.T @ N) / (X.T @ D)
+        obj = float(spec.objective(Y, X @ B, w).sum())
+        # monotone up to rounding of a sum of ~500 terms of size ~1-10: 1e-9 relative slack
+        assert obj <= prev * (1 + 1e-9) + 1e-12
+        prev = obj
+    # the (N, D) matrices are the written-out Lee–Seung terms
+    mu = X @ B
+    N, D = spec.mu_terms(Y, mu, w)
+    if name == "mse":
+        assert np.array_equal(N, w * Y) and np.array_equal(D, w * mu)
+    else:
+        assert np.array_equal(N, w * (Y / (mu + 1e-10))) and D is w
 
 
 def test_sparse_dispersion_updates_equal_the_dense_ones():

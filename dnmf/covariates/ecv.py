@@ -19,7 +19,7 @@ import numpy as np
 from .._validation import check_int, check_option, param_error
 from ..exceptions import ConvergenceWarning
 from ._common import EPS, as_covariate_matrix, as_data_matrix, executor_for
-from .nmfkc import _OBJECTIVE, nmfkc
+from .nmfkc import _MU_TERMS, _OBJECTIVE, nmfkc
 
 __all__ = ["ECVResult", "CVResult", "nmfkc_ecv", "nmfkc_cv", "element_folds", "column_blocks"]
 
@@ -246,19 +246,16 @@ def nmfkc_ecv(
 def _refit_B(X, Y_test, W_test, method, epsilon, maxit, B_L1=0.0):
     """MU for B with X fixed, C starting at 1; stop on the relative change of ΣC after 10 steps."""
     C = np.ones((X.shape[1], Y_test.shape[1]))
+    mu_terms = _MU_TERMS[method]
+    l1_den = B_L1 if method == "KL" else B_L1 / 2.0
     old = 0.0
     for it in range(1, maxit + 1):
         XB = X @ C
-        if method == "EU":
-            num = X.T @ (W_test * Y_test)
-            den = X.T @ (W_test * XB)
-            if B_L1:
-                den = den + B_L1 / 2.0
-        else:
-            num = X.T @ (W_test * (Y_test / (XB + EPS)))
-            den = X.T @ W_test
-            if B_L1:
-                den = den + B_L1
+        num_m, den_m = mu_terms(Y_test, XB, W_test)
+        num = X.T @ num_m
+        den = X.T @ den_m
+        if B_L1:
+            den = den + l1_den
         C = C * (num / (den + EPS))
         new = float(C.sum())
         if it >= 10 and abs(new - old) / max(abs(new), 1.0) <= abs(epsilon):

@@ -292,6 +292,8 @@ def _penalty(X, C, C_L1, ortho, smooth) -> float:
 #: The weighted per-entry objectives of the two methods, from the loss registry (dnmf._losses):
 #: EU ``W (Y − XB)²``, KL ``−W Y log(XB + 1e-10) + W XB``.
 _OBJECTIVE = {"EU": LOSSES["mse"].objective, "KL": LOSSES["kl"].objective}
+#: Their multiplicative-step matrices (N, D), from the same registry.
+_MU_TERMS = {"EU": LOSSES["mse"].mu_terms, "KL": LOSSES["kl"].mu_terms}
 
 
 def _loss(Y, XB, W, method) -> float:
@@ -336,53 +338,37 @@ def mu_iterate(
         Objective of every iteration (stale ``XB``, penalties included).
     converged : bool
     """
-    WY = W * Y
     At = None if A is None else A.T
     objs = np.empty(maxit)
     converged = False
     n = 0
-    if method == "KL":
-        WAt = None if A is None else W @ At
+    # the loss's pieces, looked up once: N, D of the multiplicative step (EU (W Y, W XB), KL
+    # (W Y/(XB + ε), W)), the objective, the L1 term of the C denominator; KL's W Aᵀ is constant
+    mu_terms, objective = _MU_TERMS[method], _OBJECTIVE[method]
+    l1_den = C_L1 if method == "KL" else C_L1 / 2.0
+    WAt = W @ At if method == "KL" and A is not None else None
     for i in range(1, maxit + 1):
         # 1. B and XB at the start of the iteration (XB stays stale below)
         B = C if A is None else C @ A
         XB = X @ B
-        if method == "EU":
-            WXB = W * XB
-            # 2. X step
-            if update_X:
-                num = WY @ B.T
-                den = WXB @ B.T
-                num, den = _x_penalties(num, den, X, X_L2_ortho, X_L2_smooth)
-                X = _xnorm(X * (num / (den + EPS)), X_restriction)
-            # 3. C step: new X, stale XB
-            if A is None:
-                num_C = X.T @ WY
-                den_C = X.T @ WXB
-            else:
-                num_C = X.T @ WY @ At
-                den_C = X.T @ WXB @ At
-            if C_L1 != 0:
-                den_C = den_C + C_L1 / 2.0
-            C = C * (num_C / (den_C + EPS))
-            obj = float(np.sum(_OBJECTIVE["EU"](Y, XB, W)))
-        else:  # KL
-            ratio = W * (Y / (XB + EPS))
-            if update_X:
-                num = ratio @ B.T
-                den = W @ B.T
-                num, den = _x_penalties(num, den, X, X_L2_ortho, X_L2_smooth)
-                X = _xnorm(X * (num / (den + EPS)), X_restriction)
-            if A is None:
-                num_C = X.T @ ratio
-                den_C = X.T @ W
-            else:
-                num_C = X.T @ ratio @ At
-                den_C = X.T @ WAt
-            if C_L1 != 0:
-                den_C = den_C + C_L1
-            C = C * (num_C / (den_C + EPS))
-            obj = float(np.sum(_OBJECTIVE["KL"](Y, XB, W)))
+        num_m, den_m = mu_terms(Y, XB, W)
+        # 2. X step
+        if update_X:
+            num = num_m @ B.T
+            den = den_m @ B.T
+            num, den = _x_penalties(num, den, X, X_L2_ortho, X_L2_smooth)
+            X = _xnorm(X * (num / (den + EPS)), X_restriction)
+        # 3. C step: new X, stale XB
+        if A is None:
+            num_C = X.T @ num_m
+            den_C = X.T @ den_m
+        else:
+            num_C = X.T @ num_m @ At
+            den_C = X.T @ den_m @ At if WAt is None else X.T @ WAt
+        if C_L1 != 0:
+            den_C = den_C + l1_den
+        C = C * (num_C / (den_C + EPS))
+        obj = float(np.sum(objective(Y, XB, W)))
         # 4. objective with penalties at the updated factors
         obj += _penalty(X, C, C_L1, X_L2_ortho, X_L2_smooth)
         objs[i - 1] = obj
