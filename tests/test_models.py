@@ -289,12 +289,15 @@ def _reference_losses(A, R, rng):
     lam2 = theta_row / (1 + theta_row)
     gp_logpmf = np.log(lam1) + (A - 1) * np.log(lam1 + lam2 * A) - lam1 - lam2 * A - gammaln(A + 1)
     nb = -stats.nbinom.logpmf(A, size_col, size_col / (size_col + R)) - gammaln(A + 1)
+    size_full = rng.uniform(0.5, 20.0, size=A.shape)
+    nb_full = -stats.nbinom.logpmf(A, size_full, size_full / (size_full + R)) - gammaln(A + 1)
     safe = np.where(A > 0, A, 1.0)  # y = 0 is outside the support of gamma / IG / Tweedie p ≥ 2
     tw = 2 * (A ** 0.5 / (-0.5 * 0.5) - A * R ** -0.5 / -0.5 + R ** 0.5 / 0.5)  # p = 1.5
     return [
         ("gp", {"theta": theta_row}, -gp_logpmf - gammaln(A + 1), None),
         ("gp", {"theta": 0.0}, R - xlogy(A, R), None),  # Poisson −log P − log y!
         ("nb", {"size": size_col}, nb, None),
+        ("nb", {"size": size_full}, nb_full, None),  # per-entry parameters
         ("tweedie", {"power": 1.5, "phi": 2.0}, tw / 2.0, None),
         ("gamma", {}, 2 * (-np.log(safe / R) + (A - R) / R), A > 0),
         ("inverse_gaussian", {"phi": 0.5}, (A - R) ** 2 / (R ** 2 * safe) / 0.5, A > 0),
