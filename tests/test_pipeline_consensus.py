@@ -3,12 +3,7 @@ validation, and a run killed part-way then resumed through the real CLI (`dnmf r
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -21,6 +16,7 @@ import dnmf
 from dnmf.config import JobConfig, load_config
 from dnmf.datasets import load_aml
 from dnmf.jobs import RunStore, run_job
+from jobkill import kill_after_tasks, run_cli
 
 distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.filterwarnings("ignore::dnmf.ConvergenceWarning")
@@ -195,44 +191,12 @@ def resume_config(tmp_path):
     return path
 
 
-def done_tasks(store: pathlib.Path) -> list[str]:
-    tasks = store / "checkpoint" / "tasks"
-    if not tasks.is_dir():
-        return []
-    out = []
-    for d in tasks.iterdir():
-        f = d / "zarr.json"
-        if f.is_file() and json.loads(f.read_text())["attributes"].get("done"):
-            out.append(d.name)
-    return sorted(out)
-
-
 def test_killed_run_resumes_without_recomputing_finished_restarts(tmp_path, monkeypatch):
     cfg_path = resume_config(tmp_path)
     store = tmp_path / "runs" / "aml_resume.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "dnmf", "run", str(cfg_path)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    killed = False
-    try:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 240 and proc.poll() is None:
-            if len(done_tasks(store)) >= 2:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(30)
-                killed = True
-                break
-            time.sleep(0.01)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate(timeout=30)
-    assert killed, "the run finished before it could be killed"
-    finished = done_tasks(store)
+    finished = kill_after_tasks(cfg_path, tmp_path, store, 2)
     assert 2 <= len(finished) < len(KS) * REPS
-    resumed = subprocess.run([sys.executable, "-m", "dnmf", "run", str(cfg_path), "--resume"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+    resumed = run_cli(["run", str(cfg_path), "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(finished)} of {len(KS) * REPS} tasks already finished; skipping them" in resumed.stderr
     run = RunStore.open(store)

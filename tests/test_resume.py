@@ -11,8 +11,6 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -23,6 +21,7 @@ import yaml
 import dnmf
 from dnmf.config import JobConfig
 from dnmf.jobs import RunStore, run_job
+from jobkill import done_tasks, kill_when, run_cli, start_run
 
 distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.filterwarnings("ignore::dnmf.ConvergenceWarning")
@@ -30,38 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::dnmf.ConvergenceWarning")
 
 def quiet(msg):
     pass
-
-
-def start_run(args, cwd):
-    """`python -m dnmf ARGS` in its own session (so everything it started can be cleaned up)."""
-    return subprocess.Popen([sys.executable, "-m", "dnmf", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def kill_when(proc, ready, timeout=120.0):
-    """SIGKILL ``proc`` as soon as ``ready()`` is true; returns True when it was killed part-way."""
-    t0 = time.monotonic()
-    try:
-        while time.monotonic() - t0 < timeout:
-            if proc.poll() is not None:
-                return False  # finished (or failed) before the kill
-            if ready():
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(30)
-                return True
-            time.sleep(0.01)
-        raise AssertionError("the run never reached the kill point")
-    finally:
-        try:  # anything the run started (nothing with in-process workers, but be sure)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate(timeout=30)
-
-
-def run_cli(args, cwd, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dnmf", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def store_status(path: pathlib.Path):
@@ -88,18 +55,6 @@ def nmfre_config(tmp_path, name="ortho"):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def done_tasks(store: pathlib.Path) -> list[str]:
-    tasks = store / "checkpoint" / "tasks"
-    if not tasks.is_dir():
-        return []
-    out = []
-    for d in tasks.iterdir():
-        f = d / "zarr.json"
-        if f.is_file() and json.loads(f.read_text())["attributes"].get("done"):
-            out.append(d.name)
-    return sorted(out)
 
 
 def test_nmfre_sweep_killed_then_resumed(tmp_path, monkeypatch):
