@@ -16,7 +16,7 @@ from scipy.special import gammaln, xlogy
 from ._validation import check_float, check_int, check_option, param_error
 
 __all__ = ["Loss", "LOSSES", "get_loss", "update_dispersion", "update_dispersion_sparse", "huber",
-           "robust_weight", "FLOOR", "KL_OBJECTIVE_EPS"]
+           "robust_weight", "robust_delta", "robust_loss", "FLOOR", "KL_OBJECTIVE_EPS"]
 
 #: Floor of y and μ inside logarithms and ratios (spec §6.1).
 FLOOR = 1e-10
@@ -294,17 +294,43 @@ def get_loss(name: str, func: str = "get_loss") -> Loss:
 # ---------------------------------------------------------------------------------------------
 
 
-def huber(y, mu, delta: float, loss: str = "mse", **params) -> np.ndarray:
-    """Huber loss of the Pearson residual ``ρ = (y − μ)/√V(μ)`` (the reported loss with ``robust``).
-
-    Returns ``½ρ²`` where ``|ρ| ≤ δ``, else ``δ|ρ| − ½δ²``.
-    """
-    spec = get_loss(loss, "huber")
-    pars = spec.params("huber", **params)
-    pars.pop("phi", None)
+def _huber_values(spec: Loss, y, mu, delta: float, params: dict) -> np.ndarray:
+    pars = {key: val for key, val in params.items() if key != "phi"}
     v = np.maximum(spec.variance(mu, **pars), FLOOR)
     rho = np.abs(_f(y) - _f(mu)) / np.sqrt(v)
     return np.where(rho <= delta, 0.5 * rho * rho, delta * rho - 0.5 * delta * delta)
+
+
+def huber(y, mu, delta: float, loss: str = "mse", **params) -> np.ndarray:
+    """Huber loss of the Pearson residual ``ρ = (y − μ)/√V(μ)`` (the reported loss with ``robust``).
+
+    Returns ``½ρ²`` where ``|ρ| ≤ δ``, else ``δ|ρ| − ½δ²``, with V = 1 (mse), μ (kl, gp),
+    μ + μ²/r (nb), μ² (gamma), μ³ (inverse Gaussian), μ^p (Tweedie), floored at 1e-10.
+    """
+    spec = get_loss(loss, "huber")
+    return _huber_values(spec, y, mu, float(delta), spec.params("huber", **params))
+
+
+def robust_delta(robust: Any, func: str) -> float | None:
+    """RcppML's ``robust`` argument as a Huber δ: False → None, True → 1.345, ``"mae"`` → 1e-4,
+    a positive number → itself."""
+    if robust is False or robust is None or (isinstance(robust, np.bool_) and not robust):
+        return None
+    if robust is True or (isinstance(robust, np.bool_) and robust):
+        return 1.345
+    if isinstance(robust, str):
+        check_option(robust, "robust", func, ("mae",))
+        return 1e-4
+    return check_float(robust, "robust", func, low=0.0, low_open=True)
+
+
+def robust_loss(spec: Loss, delta: float) -> Loss:
+    """The loss ``spec`` reported robustly: Huber (δ) of its Pearson residual (spec §6.1). Its
+    zeros have no closed form; y = 0 stays in the support exactly when it is in ``spec``'s."""
+    return Loss(f"{spec.name}+huber", spec.defaults,
+                lambda y, mu, **p: _huber_values(spec, y, mu, delta, p),
+                lambda y, mu, **p: robust_weight(spec.weight(y, mu, **p), y, mu, delta),
+                spec.variance, None, spec.zero_in_support)
 
 
 def robust_weight(w, y, mu, delta: float) -> np.ndarray:

@@ -54,12 +54,12 @@ from typing import Any
 
 import numpy as np
 
-from ._losses import (FLOOR, KL_OBJECTIVE_EPS, LOSSES, Loss, get_loss, huber, robust_weight,
-                      update_dispersion, update_dispersion_sparse)
+from ._losses import (FLOOR, KL_OBJECTIVE_EPS, LOSSES, Loss, get_loss, huber, robust_delta, robust_loss,
+                      robust_weight, update_dispersion, update_dispersion_sparse)
 from ._validation import check_float, check_int, param_error
 
 __all__ = ["Loss", "LOSSES", "get_loss", "update_dispersion", "update_dispersion_sparse", "huber", "robust_weight",
-           "FLOOR", "KL_OBJECTIVE_EPS", "evaluate", "mse", "suggest_loss", "LossSuggestion", "REFERENCE_POWERS"]
+           "robust_delta", "robust_loss", "FLOOR", "KL_OBJECTIVE_EPS", "evaluate", "mse", "suggest_loss", "LossSuggestion", "REFERENCE_POWERS"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ __all__ = ["Loss", "LOSSES", "get_loss", "update_dispersion", "update_dispersion
 
 
 def evaluate(model, A: Any, loss: str = "mse", mask: Any = None, missing_only: bool = False,
-             **loss_params: Any) -> float:
+             robust: Any = False, **loss_params: Any) -> float:
     """Mean loss of a fitted model on data A (RcppML ``evaluate``, spec §10.6).
 
     The same as :meth:`dnmf.NMFModel.evaluate`: double precision, a **mean** over the evaluated
@@ -82,6 +82,9 @@ def evaluate(model, A: Any, loss: str = "mse", mask: Any = None, missing_only: b
         A name of :data:`LOSSES`.
     mask : None, "zeros" or matrix of shape (m, n), optional
     missing_only : bool, default False
+    robust : bool, float or "mae", default False
+        Report Huber of the Pearson residual instead (True: δ = 1.345; "mae": δ = 1e-4; a
+        number: δ).
     **loss_params
         ``theta``, ``size``, ``phi``, ``power`` as the loss takes them.
 
@@ -102,7 +105,7 @@ def evaluate(model, A: Any, loss: str = "mse", mask: Any = None, missing_only: b
 
     if not isinstance(model, NMFModel):
         raise param_error("model", "evaluate", "an NMFModel", type(model).__name__, described=True)
-    return model.evaluate(A, loss=loss, mask=mask, missing_only=missing_only, **loss_params)
+    return model.evaluate(A, loss=loss, mask=mask, missing_only=missing_only, robust=robust, **loss_params)
 
 
 def mse(model_or_w, A: Any, d: Any = None, h: Any = None, *, mask: Any = None,

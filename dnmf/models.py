@@ -25,7 +25,7 @@ import scipy.sparse as sp
 
 from ._validation import check_bool_pair, check_float, check_option, param_error
 from .exceptions import InputError
-from ._losses import LOSSES, Loss
+from ._losses import LOSSES, Loss, robust_delta, robust_loss
 
 __all__ = ["NMFModel", "BipartiteMatch", "cosine", "bipartite_match", "LOSSES"]
 
@@ -720,7 +720,7 @@ class NMFModel:
         return blocked, w_data
 
     def evaluate(self, A: Any, loss: str = "mse", mask: Any = None, missing_only: bool = False,
-                 **loss_params: Any) -> float:
+                 robust: Any = False, **loss_params: Any) -> float:
         """Mean loss of the model on data A (RcppML ``evaluate``; spec §10.6).
 
         Parameters
@@ -739,6 +739,10 @@ class NMFModel:
             non-zero entries (dense or scipy.sparse).
         missing_only : bool, default False
             Evaluate only the masked entries instead of the unmasked ones.
+        robust : bool, float or "mae", default False
+            Report instead the Huber loss (δ) of the Pearson residual ``(a − μ)/√V(μ)`` of the
+            loss (spec §6.1): True → δ = 1.345, ``"mae"`` → δ = 1e-4, a positive number → δ.
+            Its zeros are summed over μ formed in chunks (no closed form).
         **loss_params
             Distribution parameters of the loss: ``theta`` (gp, default 0.1), ``size`` (nb,
             default 10), ``phi`` (gamma, inverse_gaussian, tweedie; default 1), ``power``
@@ -765,10 +769,13 @@ class NMFModel:
         func = "NMFModel.evaluate"
         loss = check_option(loss, "loss", func, LOSSES)
         spec = LOSSES[loss]
+        delta = robust_delta(robust, func)
         if not isinstance(missing_only, (bool, np.bool_)):
             raise param_error("missing_only", func, "a bool", missing_only)
         m, n, _ = self.shape
         params = _check_loss_params(spec.params(func, **loss_params), m, n, func)
+        if delta is not None:
+            spec = robust_loss(spec, delta)
         if isinstance(mask, str):
             check_option(mask, "mask", func, ("zeros",))
         elif missing_only and mask is None:

@@ -337,6 +337,36 @@ def test_evaluate_every_registered_loss(data):
         model.evaluate(counts, loss="nb", theta=1.0)
 
 
+def test_evaluate_robust_is_huber_of_pearson_residuals(data):
+    rng = np.random.default_rng(8)
+    model = NMFModel(w=rng.uniform(0.1, 1.0, size=(40, 3)), d=np.array([3.0, 2.0, 1.0]),
+                     h=rng.uniform(0.1, 1.0, size=(3, 30)))
+    counts = data.copy()
+    counts.data = np.ceil(counts.data * 6)
+    A = counts.toarray()
+    R = model.w @ np.diag(model.d) @ model.h
+
+    def hub(rho, delta):
+        rho = np.abs(rho)
+        return np.where(rho <= delta, 0.5 * rho ** 2, delta * rho - 0.5 * delta ** 2)
+
+    cases = [("mse", {}, True, hub(A - R, 1.345), None),
+             ("gp", {"theta": 0.3}, 0.5, hub((A - R) / np.sqrt(R), 0.5), None),
+             ("nb", {"size": 2.0}, "mae", hub((A - R) / np.sqrt(R + R ** 2 / 2), 1e-4), None),
+             ("gamma", {}, 1.0, hub((A - R) / R, 1.0), A > 0)]
+    for name, params, robust, ref, keep in cases:
+        keep = np.ones(A.shape, bool) if keep is None else keep
+        for X in (A, counts, dnmf.io.as_blocked(counts, block_nnz=40)):
+            # same terms summed in another order (zeros in chunks for sparse input): 1e-10 relative
+            assert model.evaluate(X, loss=name, robust=robust, **params) == pytest.approx(
+                ref[keep].mean(), rel=1e-10), name
+    assert dnmf.losses.evaluate(model, counts, robust=True) == model.evaluate(counts, robust=True)
+    with pytest.raises(InputError, match="'robust' parameter of NMFModel.evaluate"):
+        model.evaluate(A, robust=-1.0)
+    with pytest.raises(InputError, match="'robust' parameter of NMFModel.evaluate"):
+        model.evaluate(A, robust="huber")
+
+
 # --------------------------------------------------------------------------------------------
 # predict
 # --------------------------------------------------------------------------------------------
