@@ -300,6 +300,8 @@ def nmf(
     cd_maxit: int = 100,
     cd_tol: float = 1e-8,
     patience: int = 5,
+    projective: bool = False,
+    symmetric: bool = False,
     target_H: Any = None,
     target_W: Any = None,
     target_lambda: float | tuple = (0.0, 0.0),
@@ -374,6 +376,13 @@ def nmf(
         Consecutive iterations below ``tol`` needed to stop. With a test set (``test_fraction``)
         the fit stops after ``patience`` iterations without a new best test loss, or as soon as
         the relative change of the test loss is below ``tol`` (RcppML §3.2).
+    projective : bool, default False
+        Projective NMF (RcppML §7): each iteration sets ``H = diag(d)·WᵀA`` (no NNLS, no
+        H-side penalties) and solves only W; its W is more orthogonal than standard NMF's.
+    symmetric : bool, default False
+        Symmetric NMF of a square symmetric A (a cell–cell kNN graph, a similarity matrix):
+        ``A ≈ W·diag(d)·Wᵀ``. Each iteration solves W with W's transpose as H; the returned ``h``
+        is ``wᵀ``. Refuses ``projective=True`` and a non-square or non-symmetric A.
     target_H, target_W : array of shape (k, n) / (m, k), optional
         Guided NMF (guided spec §2): targets of H's columns and of W's rows, e.g. from
         :func:`dnmf.compute_target`. With λ > 0 every column solves
@@ -693,6 +702,9 @@ def _validate(values: dict, func: str) -> dict:
     opts = validate_params(NMF_PARAMS, values, func)
     if opts["resume"] and opts["checkpoint"] is None:
         raise param_error("resume", func, "False unless 'checkpoint' is given", opts["resume"])
+    if opts["projective"] and opts["symmetric"]:
+        raise param_error("symmetric", func, "False when projective=True (they exclude each other)",
+                          opts["symmetric"])
     if opts["r_rng"] and not (isinstance(opts["seed"], (int, tuple)) and opts["init"] in (None, "random")):
         raise param_error("r_rng", func, "False unless seed is an integer (or a list) and init is random",
                           opts["r_rng"])
@@ -828,7 +840,32 @@ def _als_options(plan: _Plan, opts: dict) -> ALSOptions:
     return ALSOptions(k=plan.k, tol=opts["tol"], maxit=opts["maxit"], L1=(L1[0] * plan.scale, L1[1] * plan.scale),
                       L2=opts["L2"], nonneg=opts["nonneg"], norm=opts["norm"], solver=SOLVERS[plan.solver],
                       cd_maxit=opts["cd_maxit"], cd_tol=opts["cd_tol"], patience=opts["patience"],
-                      checkpoint_every=opts["checkpoint_every"])
+                      checkpoint_every=opts["checkpoint_every"], projective=bool(opts["projective"]),
+                      symmetric=bool(opts["symmetric"]))
+
+
+def _check_variant(plan: _Plan, opts: dict, func: str) -> None:
+    """Projective and symmetric NMF: a plain fit (no missing entries, no H target); symmetric NMF
+    needs a square symmetric A (checked on its blocks, assembled: a graph-sized matrix)."""
+    for name in ("projective", "symmetric"):
+        if not opts[name]:
+            continue
+        if plan.masked is not None:
+            raise param_error(name, func, "False for a fit with a mask, NaN entries or a test set (projective and "
+                              "symmetric NMF are fitted on complete data)", True)
+        if opts["target_H"] is not None:
+            raise param_error(name, func, "False with target_H (H is not solved)", True)
+    if opts["symmetric"]:
+        m, n = plan.blocked.shape
+        if m != n:
+            raise param_error("symmetric", func, "False for a non-square A (symmetric NMF needs A square and "
+                              "symmetric)", f"True with A of shape {m} × {n}", described=True)
+        a = plan.blocked.to_scipy()
+        diff = abs(a - a.T)
+        worst = float(diff.max()) if diff.shape[0] else 0.0
+        if worst > 1e-10 * max(abs(plan.summary.max), abs(plan.summary.min), 1e-300):
+            raise param_error("symmetric", func, "False for a non-symmetric A (symmetric NMF needs A = Aᵀ)",
+                              f"True with max|A − Aᵀ| = {worst:.3g}", described=True)
 
 
 def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int | None, func: str):
@@ -838,6 +875,7 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
     """
     als = _als_options(plan, opts)
     blocked = plan.blocked
+    _check_variant(plan, opts, func)
     targets = _targets(plan, opts, func)
     if plan.masked is not None:
         if opts["checkpoint"] is not None:
@@ -886,6 +924,8 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
     """Check the factors, undo the scaling, sort, warn when not converged, and record the fit."""
     h = np.concatenate(ht_blocks, axis=0).T * state.h_scale[:, None]  # normalized Ĥ, k × n
     w, d = state.w, state.d
+    if opts.get("symmetric"):
+        h = np.array(w.T)  # A ≈ W diag(d) Wᵀ (RcppML §7: H ← Wt after the last W update)
     _check_factors(w, d, h, iteration=state.iteration, L1=opts["L1"], nonneg=opts["nonneg"], norm=opts["norm"],
                    solver=plan.solver, k=plan.k, func=func)
     d = d / plan.scale

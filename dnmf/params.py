@@ -378,6 +378,10 @@ NMF_PARAMS: tuple[Param, ...] = (
           config=False),
     Param("patience", Interval(int, low=1), 5, "iterations below tol needed to stop (with a test set: "
           "iterations without a new best test loss)"),
+    Param("projective", Flag(), False, "projective NMF: H = diag(d)·WᵀA, only W is solved", estimator=False,
+          config=False),
+    Param("symmetric", Flag(), False, "symmetric NMF of a square symmetric A: A ≈ W diag(d) Wᵀ", estimator=False,
+          config=False),
     Param("target_H", Check(_check_target), None, "target of H (k × n): pulled toward (λ > 0) or removed (λ < 0)",
           estimator=False, config=False),
     Param("target_W", Check(_check_target), None, "target of W (m × k), as target_H for W's rows", estimator=False,

@@ -30,7 +30,7 @@ from ..io.blocks import BlockedMatrix, CSCBlock
 from ..kernels.column import ColumnTerms, column_terms
 from ..kernels.fused import csc_block_pass, csc_sq_norm
 from ..kernels.nnls import SOLVER_CHOLESKY
-from ..solvers.hstep import HStep, h_step, solve_dense_columns
+from ..solvers.hstep import MODE_FIXED, MODE_NNLS, MODE_PROJECT, HStep, h_step, solve_dense_columns
 from ..solvers.targets import FitTargets
 from ..solvers.updates import cholesky_or_empty, scale_rows, update_factor
 from .executor import Executor
@@ -64,6 +64,8 @@ class ALSOptions:
     cd_tol: float = 1e-8
     patience: int = 5
     checkpoint_every: int = 10
+    projective: bool = False  # H = diag(d)·WᵀA, no NNLS (RcppML §7)
+    symmetric: bool = False  # A ≈ W diag(d) Wᵀ: H is W's transpose, only W is solved (RcppML §7)
 
 
 @dataclass
@@ -149,6 +151,11 @@ def h_update_task(block, ht_prev, hs: HStep, terms: ColumnTerms | None = None):
     w = hs.w
     m, k = w.shape
     n_j = block.shape[1]
+    if hs.mode != MODE_NNLS:  # projective (H = wᵀA_j, w = W·diag(d)) or symmetric (H_j given: W's rows)
+        a = block.to_scipy() if isinstance(block, CSCBlock) else np.asarray(block, dtype=np.float64)
+        ht = (np.asarray(a.T @ w, dtype=np.float64) if hs.mode == MODE_PROJECT
+              else np.array(ht_prev, dtype=np.float64, copy=True))
+        return ht, BlockStats(np.asarray(a @ ht, dtype=np.float64), ht.T @ ht, np.abs(ht).sum(axis=0))
     warm = ht_prev is not None
     ht = np.array(ht_prev, dtype=np.float64, copy=True) if warm else np.zeros((n_j, k))
     if isinstance(block, CSCBlock):
@@ -216,22 +223,37 @@ def _place_blocks(blocked: BlockedMatrix, executor: Executor, stream: bool) -> l
     return executor.map_blocks(load_block, executor.put_blocks(sources))
 
 
-def h_task_step(w: np.ndarray, h_scale: np.ndarray, opts: ALSOptions, targets: FitTargets | None = None) -> HStep:
+def h_task_step(w: np.ndarray, h_scale: np.ndarray, opts: ALSOptions, targets: FitTargets | None = None,
+                d: np.ndarray | None = None) -> HStep:
     """Step 1: the block tasks' shared arguments for the current W — its Gram
     ``G = WᵀW + L2_H·I`` (then the H target's Gram term, guided spec §2.2) and G's Cholesky
     factor, with the H-side penalties, warm-start scale and solver settings, as one
-    :class:`~dnmf.solvers.hstep.HStep`."""
+    :class:`~dnmf.solvers.hstep.HStep`. Projective NMF projects with ``W·diag(d)`` instead;
+    symmetric NMF takes H as given (W's rows, see :func:`_h_inputs`)."""
     hs = h_step(w, l1=opts.L1[1], l2=opts.L2[1], solver=opts.solver, nonneg=opts.nonneg[1], cd_maxit=opts.cd_maxit,
                 cd_tol=opts.cd_tol, warm_scale=h_scale, ridge=1e-15)
     if targets is not None and targets.h is not None:
         G = targets.h_gram(hs.G)
         hs = hs._replace(G=G, L=cholesky_or_empty(G, opts.solver))
+    if opts.projective:
+        hs = hs._replace(w=np.ascontiguousarray(w * d[None, :]) if d is not None else w, mode=MODE_PROJECT)
+    elif opts.symmetric:
+        hs = hs._replace(mode=MODE_FIXED)
     return hs
 
 
 def _h_task_args(state: ALSState, opts: ALSOptions, targets: FitTargets | None = None) -> tuple:
     """:func:`h_task_step` for the current W, in a 1-tuple for ``map_blocks``."""
-    return (h_task_step(state.w, state.h_scale, opts, targets),)
+    return (h_task_step(state.w, state.h_scale, opts, targets, state.d),)
+
+
+def _h_inputs(state: ALSState, opts: ALSOptions, blocked: BlockedMatrix, ht: list) -> list:
+    """What the block tasks start from: the previous H (warm start), or for symmetric NMF the
+    current W's rows of the block's columns (A is square: H = Wᵀ)."""
+    if not opts.symmetric:
+        return ht
+    bounds = blocked.col_bounds
+    return [np.ascontiguousarray(state.w[int(bounds[j]):int(bounds[j + 1])]) for j in range(blocked.n_blocks)]
 
 
 def _solve_h(executor: Executor, blocks: list, ht: list, terms: list, h_args: tuple) -> tuple[list, list]:
@@ -311,6 +333,7 @@ def fit_als(
     # iteration; after that the task arguments that produced state.ht (to re-solve them cold).
     resumed_ht = state.ht if state.ht[0] is not None else None
     h_args = None
+    h_state = state  # the W (for symmetric NMF) behind h_args
     blocks = None  # block handles; None until (re-)placed
     in_flight: list = []  # handles of the step under way, dropped when a worker is lost
     stale: list = []  # handles of the last iteration no longer needed, dropped in the next one
@@ -326,7 +349,8 @@ def fit_als(
                     state.ht = executor.put_blocks(resumed_ht)
                 elif h_args is not None and (pending_save or done):
                     # A checkpoint or the result needs the lost H of the last iteration.
-                    state.ht, parts = _solve_h(executor, blocks, [None] * n_blocks, terms, h_args)
+                    state.ht, parts = _solve_h(executor, blocks, _h_inputs(h_state, opts, blocked, [None] * n_blocks),
+                                               terms, h_args)
                     executor.release(parts)
                 else:
                     state.ht = [None] * n_blocks  # the next iteration starts cold
@@ -342,7 +366,8 @@ def fit_als(
             # 1.-2. Gram of the current (normalized) W; fused block pass (chunk), warm-started
             # from the normalized previous H.
             args = _h_task_args(state, opts, targets)
-            new_ht, parts = _solve_h(executor, blocks, state.ht, terms, args)
+            h_state = ALSState(w=state.w, d=state.d, ht=[], h_scale=state.h_scale)  # W the H step used
+            new_ht, parts = _solve_h(executor, blocks, _h_inputs(state, opts, blocked, state.ht), terms, args)
             in_flight = new_ht + parts
             # The last iteration's handles are dropped only now, while the block tasks run: on a
             # cluster in this process (processes=False) the scheduler's work of forgetting them

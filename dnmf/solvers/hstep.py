@@ -24,7 +24,7 @@ from ..kernels.fused import dense_block_solve
 from ..kernels.nnls import SOLVER_CHOLESKY
 from .updates import cholesky_clip_columns, cholesky_or_empty
 
-__all__ = ["HStep", "h_step", "solve_dense_columns"]
+__all__ = ["HStep", "h_step", "solve_dense_columns", "MODE_NNLS", "MODE_PROJECT", "MODE_FIXED"]
 
 
 class HStep(NamedTuple):
@@ -39,6 +39,11 @@ class HStep(NamedTuple):
     nonneg: bool
     cd_maxit: int
     cd_tol: float
+    mode: int = 0  # MODE_NNLS; MODE_PROJECT: H = wᵀA (w = W·diag(d)); MODE_FIXED: H as given (ht_prev)
+
+
+#: How a block task forms H: NNLS (the fit), a projection (projective NMF), or fixed (symmetric NMF).
+MODE_NNLS, MODE_PROJECT, MODE_FIXED = 0, 1, 2
 
 
 def h_step(w: np.ndarray, *, l1: float, l2: float, solver: int, nonneg: bool, cd_maxit: int = 100,
