@@ -22,6 +22,7 @@ from .engine.als import ALSOptions, fit_als
 from .engine.checkpoint import Checkpointer, fingerprint
 from .engine.executor import get_executor
 from .cv import auto_rank, cross_validate
+from .engine.kl import fit_kl
 from .engine.masked import MaskOptions, fit_masked, fit_masked_many
 from .solvers.targets import FitTargets
 from .engine.svd import truncated_svd
@@ -300,6 +301,7 @@ def nmf(
     cd_maxit: int = 100,
     cd_tol: float = 1e-8,
     patience: int = 5,
+    loss: str = "mse",
     projective: bool = False,
     symmetric: bool = False,
     target_H: Any = None,
@@ -376,6 +378,13 @@ def nmf(
         Consecutive iterations below ``tol`` needed to stop. With a test set (``test_fraction``)
         the fit stops after ``patience`` iterations without a new best test loss, or as soon as
         the relative change of the test loss is below ``tol`` (RcppML §3.2).
+    loss : {"mse", "kl"}, default "mse"
+        The loss fitted. ``"kl"`` minimizes the generalized KL divergence (Poisson deviance / 2)
+        ``Σ a log(a/μ) − a + μ`` by Lee–Seung multiplicative updates on the blocks: one pass over
+        the stored entries per iteration, the zeros of sparse A entering in closed form through
+        ``Σμ``; ``misc["loss"]`` is then that divergence. It fits complete data without penalties
+        (a mask, test set, targets, L1/L2, projective/symmetric or ``norm`` other than "L1" are
+        refused).
     projective : bool, default False
         Projective NMF (RcppML §7): each iteration sets ``H = diag(d)·WᵀA`` (no NNLS, no
         H-side penalties) and solves only W; its W is more orthogonal than standard NMF's.
@@ -554,6 +563,9 @@ class NMFFitRecord:
         Held-out entries scored by the test loss.
     all_inits : pandas.DataFrame or None
         A multi-start's starts (init, seed, loss, iter, selected); None for a single start.
+    loss_type : {"mse", "kl"}
+        The loss fitted; ``loss`` and ``loss_history`` are in its units (SSE, or the KL
+        divergence).
     rank_search : dict or None
         ``k="auto"``: k_optimal, k_low, k_high, overfitting_detected and the table of the search's
         fits (RcppML §5.7); None otherwise.
@@ -591,6 +603,7 @@ class NMFFitRecord:
     n_test: int = 0
     all_inits: Any = None
     rank_search: Any = None
+    loss_type: str = "mse"
 
 
 class FitRecordView(Mapping):
@@ -844,6 +857,26 @@ def _als_options(plan: _Plan, opts: dict) -> ALSOptions:
                       symmetric=bool(opts["symmetric"]))
 
 
+def _check_kl(plan: _Plan, opts: dict, targets, func: str) -> None:
+    """loss="kl" fits complete data with the plain multiplicative updates: refuse what it lacks."""
+    refused = [("mask", plan.masked is not None and plan.masked.mask is not None, None),
+               ("mask_zeros", plan.masked is not None and plan.masked.zeros_missing, False),
+               ("test_fraction", opts["test_fraction"] > 0, 0.0),
+               ("A", plan.summary.n_nan > 0, None),
+               ("target_lambda", targets is not None, (0.0, 0.0)),
+               ("projective", opts["projective"], False), ("symmetric", opts["symmetric"], False),
+               ("L1", any(opts["L1"]), (0.0, 0.0)), ("L2", any(opts["L2"]), (0.0, 0.0)),
+               ("nonneg", not all(opts["nonneg"]), (True, True)), ("norm", opts["norm"] != "L1", "L1"),
+               ("checkpoint", opts["checkpoint"] is not None, None)]
+    for name, bad, expected in refused:
+        if bad:
+            if name == "A":
+                raise param_error("A", func, 'a matrix without NaN for loss="kl" (missing entries need the '
+                                  "squared-error fit)", f"{plan.summary.n_nan} NaN entries", described=True)
+            raise param_error(name, func, f'{expected!r} with loss="kl" (the KL fit has no masks, test sets, '
+                              "targets, penalties or checkpoints yet)", opts.get(name))
+
+
 def _check_variant(plan: _Plan, opts: dict, func: str) -> None:
     """Projective and symmetric NMF: a plain fit (no missing entries, no H target); symmetric NMF
     needs a square symmetric A (checked on its blocks, assembled: a graph-sized matrix)."""
@@ -877,6 +910,12 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
     blocked = plan.blocked
     _check_variant(plan, opts, func)
     targets = _targets(plan, opts, func)
+    if opts["loss"] == "kl":
+        _check_kl(plan, opts, targets, func)
+        callback = opts["on_iteration"]
+        if opts["verbose"] or plan.scale != 1.0:
+            callback = _progress_callback(callback, 1.0 / plan.scale, func)
+        return fit_kl(plan.fit_blocked, w0, als, plan.executor, on_iteration=callback)
     if plan.masked is not None:
         if opts["checkpoint"] is not None:
             raise param_error("checkpoint", func, "None for a fit with a mask, NaN entries or a test set (such fits "
@@ -924,6 +963,10 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
     """Check the factors, undo the scaling, sort, warn when not converged, and record the fit."""
     h = np.concatenate(ht_blocks, axis=0).T * state.h_scale[:, None]  # normalized Ĥ, k × n
     w, d = state.w, state.d
+    kl = opts.get("loss") == "kl"
+    if kl:  # the KL loop keeps the scale in H (W has unit L1 columns): move it to d
+        d = h.sum(axis=1) + 1e-15
+        h = h / d[:, None]
     if opts.get("symmetric"):
         h = np.array(w.T)  # A ≈ W diag(d) Wᵀ (RcppML §7: H ← Wt after the last W update)
     _check_factors(w, d, h, iteration=state.iteration, L1=opts["L1"], nonneg=opts["nonneg"], norm=opts["norm"],
@@ -939,7 +982,8 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
             ConvergenceWarning,
             stacklevel=4,  # _build_model ← _nmf ← nmf ← the caller
         )
-    loss_history = np.asarray(state.loss_history) * (1.0 / plan.scale / plan.scale)
+    # squared error scales with s², the KL divergence with s
+    loss_history = np.asarray(state.loss_history) * (1.0 / plan.scale if kl else 1.0 / plan.scale / plan.scale)
     blocked = plan.blocked
     mo = plan.masked
     cv = {}
@@ -976,6 +1020,7 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
         executor="distributed" if plan.executor.distributed else "threads",
         row_names=blocked.row_names,
         col_names=blocked.col_names,
+        loss_type="kl" if kl else "mse",
         **cv,
     )
     logger.info("%s: %s after %d iteration(s), loss %.6e, %.2f s", func,

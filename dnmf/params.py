@@ -378,6 +378,9 @@ NMF_PARAMS: tuple[Param, ...] = (
           config=False),
     Param("patience", Interval(int, low=1), 5, "iterations below tol needed to stop (with a test set: "
           "iterations without a new best test loss)"),
+    Param("loss", Options(("mse", "kl")), "mse",
+          "loss fitted: mse (squared error) or kl (generalized KL / Poisson, multiplicative updates)",
+          estimator=False, config=False),
     Param("projective", Flag(), False, "projective NMF: H = diag(d)·WᵀA, only W is solved", estimator=False,
           config=False),
     Param("symmetric", Flag(), False, "symmetric NMF of a square symmetric A: A ≈ W diag(d) Wᵀ", estimator=False,
