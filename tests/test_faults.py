@@ -279,3 +279,40 @@ def test_masked_fit_killed_at_a_random_moment(a, masked_ref, client, workers, se
     model = within(lambda: dnmf.nmf(a, 4, client=client, **MASKED_KW))
     timer.join()
     assert_same_masked_fit(model, masked_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# The KL loop (engine/kl.py): placement, block tasks, the reduction and the gather of H
+# ---------------------------------------------------------------------------------------------
+
+KL_KW = dict(KW, loss="kl")
+
+
+@pytest.fixture(scope="module")
+def kl_ref(a):
+    return dnmf.nmf(a, 4, client=False, **KL_KW)
+
+
+def test_kl_fit_killed_between_iterations(a, kl_ref, client, workers):
+    killed = []
+
+    def on_iteration(rec):
+        if rec.iteration == 2:
+            killed.append(kill(workers))
+
+    model = within(lambda: dnmf.nmf(a, 4, client=client, on_iteration=on_iteration, **KL_KW))
+    assert killed and model.misc["iter"] == KL_KW["maxit"]
+    assert_same_fit(model, kl_ref)  # H is on the client: the redone iteration is the same arithmetic
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kl_fit_killed_at_a_random_moment(a, kl_ref, client, workers, seed):
+    rnd = random.Random(200 + seed)
+    t0 = time.perf_counter()
+    within(lambda: dnmf.nmf(a, 4, client=client, **KL_KW))
+    delay = rnd.uniform(0.0, 0.9 * (time.perf_counter() - t0))
+    timer = threading.Timer(delay, kill, (workers, rnd.randrange(2)))
+    timer.start()
+    model = within(lambda: dnmf.nmf(a, 4, client=client, **KL_KW))
+    timer.join()
+    assert_same_fit(model, kl_ref)
