@@ -207,14 +207,21 @@ def _quiet_shutdown_logs() -> None:
 
 
 def _on_sigint(signum, frame):
-    """Ctrl-C: silence the cluster's shutdown chatter, here and on the workers, then stop the run."""
-    _quiet_shutdown_logs()
+    """Ctrl-C: silence the cluster's shutdown chatter, here and on the workers, then stop the run.
+
+    The handler runs wherever the main thread was interrupted — possibly inside another
+    ``client.sync`` or a Zarr write — so the quieting is best effort and nothing but the
+    KeyboardInterrupt may leave it: an asyncio ``CancelledError`` (a BaseException) escaping from
+    the nested ``client.sync`` would otherwise replace it and could be taken downstream for a
+    lost worker, letting the run go on.
+    """
     try:
+        _quiet_shutdown_logs()
         from distributed import default_client
 
         client = default_client()
         client.sync(client._run, _quiet_shutdown_logs, on_error="ignore", callback_timeout=2)
-    except Exception:  # noqa: BLE001 - no client yet, or it is gone: nothing to quiet
+    except BaseException:  # noqa: BLE001 - no client yet, or it is gone, or the call was cut short
         pass
     raise KeyboardInterrupt
 
