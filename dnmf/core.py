@@ -964,11 +964,6 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
     h = np.concatenate(ht_blocks, axis=0).T * state.h_scale[:, None]  # normalized Ĥ, k × n
     w, d = state.w, state.d
     kl = opts.get("loss") == "kl"
-    if kl:  # the KL loop keeps the scale in H (W has unit L1 columns): move it to d
-        d = h.sum(axis=1) + 1e-15
-        h = h / d[:, None]
-    if opts.get("symmetric"):
-        h = np.array(w.T)  # A ≈ W diag(d) Wᵀ (RcppML §7: H ← Wt after the last W update)
     _check_factors(w, d, h, iteration=state.iteration, L1=opts["L1"], nonneg=opts["nonneg"], norm=opts["norm"],
                    solver=plan.solver, k=plan.k, func=func)
     d = d / plan.scale

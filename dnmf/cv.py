@@ -154,10 +154,7 @@ class CVResult:
 
         Returns the matplotlib Figure (two panels, or the figure of ``ax`` — a pair of axes).
         """
-        import matplotlib
-
         if ax is None:
-            matplotlib.use(matplotlib.get_backend())
             import matplotlib.pyplot as plt
 
             fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), constrained_layout=True)

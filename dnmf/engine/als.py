@@ -187,6 +187,20 @@ def block_terms(blocked: BlockedMatrix, k: int, targets: FitTargets | None) -> l
     return out
 
 
+def count_recovery(exc: WorkerLostError, recoveries: int, executor: Executor, what: str, done: int,
+                   hint: str = "") -> int:
+    """A loop's bookkeeping after a lost worker: the new recovery count, after a warning; or the
+    WorkerLostError saying the fit (``what``) gave up, once ``executor.max_recoveries`` are spent."""
+    recoveries += 1
+    if recoveries > executor.max_recoveries:
+        raise WorkerLostError(
+            f"{str(exc).rstrip('.')}. The {what} gave up after {recoveries - 1} recoveries (max_recoveries="
+            f"{executor.max_recoveries}) with {done} iterations done{hint}.", worker=exc.worker) from exc
+    logger.warning("%s; re-placing the blocks on the live workers (recovery %d of at most %d)",
+                   exc, recoveries, executor.max_recoveries)
+    return recoveries
+
+
 def check_convergence(state: ALSState, opts: ALSOptions) -> bool:
     """RcppML 1.0 rule: relative loss change below ``tol`` on ``patience`` consecutive iterations."""
     hist = state.loss_history
@@ -396,15 +410,12 @@ def fit_als(
         except WorkerLostError as exc:
             executor.release([*in_flight, *(blocks or ()), *state.ht, *stale])
             in_flight, blocks, stale = [], None, []
-            recoveries += 1
-            if recoveries > executor.max_recoveries:
-                raise WorkerLostError(
-                    f"{str(exc).rstrip('.')}. The fit gave up after {recoveries - 1} recoveries (max_recoveries="
-                    f"{executor.max_recoveries}) with {state.iteration} iterations done; `dnmf run CONFIG --resume` "
-                    "continues from the last checkpoint (in Python: nmf(..., checkpoint=PATH, resume=True)).",
-                    worker=exc.worker) from exc
-            logger.warning("%s; re-placing the blocks on the live workers (recovery %d of at most %d)",
-                           exc, recoveries, executor.max_recoveries)
+            recoveries = count_recovery(exc, recoveries, executor, "fit", state.iteration,
+                                        "; `dnmf run CONFIG --resume` continues from the last checkpoint (in "
+                                        "Python: nmf(..., checkpoint=PATH, resume=True))")
+    if opts.symmetric:  # H ← Wᵀ after the last W update (RcppML §7)
+        ht_blocks = _h_inputs(state, opts, blocked, ht_blocks)
+        state.h_scale = np.ones(opts.k)
     state.runtime = time.perf_counter() - t0
     executor.release(stale)
     executor.release(state.ht)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exceptions import CheckpointError, DnmfError, InputError
+from ..exceptions import CheckpointError, InputError
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from dask.sizeof import sizeof
 from ..exceptions import WorkerLostError
 from ..io.blocks import BlockedMatrix
 from ..kernels.kl import csc_kl_pass
-from .als import ALSOptions, ALSState, IterationRecord, check_convergence
+from .als import ALSOptions, ALSState, IterationRecord, check_convergence, count_recovery
 from .executor import Executor
 from .masked import as_csc64
 
@@ -56,9 +56,9 @@ def combine_kl(a: KLStats, b: KLStats) -> KLStats:
 
 
 def kl_task(block, ht_prev, w: np.ndarray, scale: np.ndarray):
-    """One column block: ``(new H_jᵀ, KLStats)``. Without a previous H the start is
-    ``h_c = (Σ_i a_ic / k)·1`` (positive wherever the column is not empty)."""
-    block = as_csc64(block)
+    """One column block (float64 CSC, :func:`~dnmf.engine.masked.as_csc64`): ``(new H_jᵀ, KLStats)``.
+    Without a previous H the start is ``h_c = (Σ_i a_ic / k)·1`` (positive wherever the column is
+    not empty)."""
     m, k = w.shape
     if ht_prev is None:
         colsum = np.add.reduceat(block.data, block.indptr[:-1]) if block.data.size else np.zeros(block.shape[1])
@@ -83,8 +83,9 @@ class KLState(ALSState):
 
 def fit_kl(blocked: BlockedMatrix, w0: np.ndarray, opts: ALSOptions, executor: Executor, *,
            on_iteration: Callable | None = None):
-    """Run the KL loop; returns ``(state, ht_blocks)`` with H's blocks carrying the final scale
-    (``H_rawᵀ``, so that ``μ = W·H_raw``) and ``state.w`` with unit-L1 columns."""
+    """Run the KL loop; returns ``(state, ht_blocks)`` as :func:`~dnmf.engine.als.fit_als` does:
+    ``state.w`` with unit-L1 columns, ``state.d`` the scale, and the raw H blocks with
+    ``state.h_scale = 1/d`` (so ``Ĥ = Hᵀ·h_scale`` and ``μ = W·diag(d)·Ĥ``)."""
     k = opts.k
     n_blocks = blocked.n_blocks
     w = np.ascontiguousarray(w0, dtype=np.float64)
@@ -98,7 +99,9 @@ def fit_kl(blocked: BlockedMatrix, w0: np.ndarray, opts: ALSOptions, executor: E
         try:
             if blocks is None:
                 sources = list(blocked.sources)
-                blocks = executor.put_blocks([s.load() for s in sources] if blocked.in_memory else sources)
+                raw = executor.put_blocks([s.load() for s in sources] if blocked.in_memory else sources)
+                blocks = executor.map_blocks(as_csc64, raw)  # float64 CSC once, not in every iteration
+                executor.release(raw)
             outs = executor.map_blocks(kl_task, blocks, state.ht, args=(state.w, state.scale), n_out=2)
             parts = [o[1] for o in outs]
             stats = executor.tree_reduce(combine_kl, parts)
@@ -107,14 +110,7 @@ def fit_kl(blocked: BlockedMatrix, w0: np.ndarray, opts: ALSOptions, executor: E
         except WorkerLostError as exc:
             executor.release(blocks or [])
             blocks = None
-            recoveries += 1
-            if recoveries > executor.max_recoveries:
-                raise WorkerLostError(
-                    f"{str(exc).rstrip('.')}. The KL fit gave up after {recoveries - 1} recoveries "
-                    f"(max_recoveries={executor.max_recoveries}) with {state.iteration} iterations done.",
-                    worker=exc.worker) from exc
-            logger.warning("%s; re-placing the blocks on the live workers (recovery %d of at most %d)",
-                           exc, recoveries, executor.max_recoveries)
+            recoveries = count_recovery(exc, recoveries, executor, "KL fit", state.iteration)
             continue
         loss = float(stats.stored[0] + stats.hsum.sum())  # W's columns sum to 1: Σμ' = Σ hsum
         grow = np.divide(stats.P, stats.hsum[None, :], out=np.ones_like(stats.P), where=stats.hsum[None, :] > 0)
@@ -138,4 +134,7 @@ def fit_kl(blocked: BlockedMatrix, w0: np.ndarray, opts: ALSOptions, executor: E
     state.runtime = time.perf_counter() - t0
     executor.release(blocks or [])
     final = [None if h is None else h * state.scale[None, :] for h in state.ht]
+    if final and final[0] is not None:
+        state.d = np.concatenate(final, axis=0).sum(axis=0) + 1e-15
+        state.h_scale = 1.0 / state.d
     return state, final

@@ -45,7 +45,8 @@ from ..kernels.masked import (NO_PATTERN, csc_masked_pass, csr_masked_pass, hold
 from ..solvers.hstep import HStep
 from ..solvers.targets import FitTargets
 from ..solvers.updates import scale_rows
-from .als import ALSOptions, ALSState, IterationRecord, _norms, block_terms, check_convergence, h_task_step, load_block
+from .als import (ALSOptions, ALSState, IterationRecord, _norms, block_terms, check_convergence, count_recovery,
+                  h_task_step, load_block)
 from .executor import Executor
 
 logger = logging.getLogger(__name__)
@@ -372,15 +373,8 @@ def fit_masked_many(
             if placed is not None:
                 placed.release(executor)
             placed = None
-            recoveries += 1
-            if recoveries > executor.max_recoveries:
-                done = min(mdl.state.iteration for mdl in active)
-                raise WorkerLostError(
-                    f"{str(exc).rstrip('.')}. The masked fit gave up after {recoveries - 1} recoveries "
-                    f"(max_recoveries={executor.max_recoveries}) with {done} iterations done.",
-                    worker=exc.worker) from exc
-            logger.warning("%s; re-placing the blocks on the live workers (recovery %d of at most %d)",
-                           exc, recoveries, executor.max_recoveries)
+            recoveries = count_recovery(exc, recoveries, executor, "masked fit",
+                                        min(mdl.state.iteration for mdl in active))
             continue
         for a, (mdl, wi) in enumerate(zip(active, w_inputs)):
             _finish_iteration(mdl, wi, [wres[r][a] for r in range(n_rb)], mo)
