@@ -188,6 +188,41 @@ def _proj_adv(Gc, gamma, lam_abs):
 proj_adv = numba.njit(cache=True, nogil=True)(_proj_adv)
 
 
+def _masked_gram(Gc, G, diag, F, idx, n_idx):
+    """``Gc = G + diag·I − Σ_t F[idx[t]] F[idx[t]]ᵀ`` (t < n_idx): a column's (row's) Gram with its
+    missing entries' rank-1 terms removed. G's lower triangle is mirrored (a symmetric start),
+    then full rows of rank-1 updates: the contiguous inner loop vectorizes, and fr·fs = fs·fr
+    keeps Gc exactly symmetric. Shared by both passes (inlined)."""
+    k = G.shape[0]
+    for r in range(k):
+        for s in range(r + 1):
+            Gc[r, s] = G[r, s]
+            Gc[s, r] = G[r, s]
+        Gc[r, r] += diag
+    for t in range(n_idx):
+        frow = F[idx[t]]
+        for r in range(k):
+            fr = frow[r]
+            Gr = Gc[r]
+            for s in range(k):
+                Gr[s] -= fr * frow[s]
+
+
+masked_gram = numba.njit(cache=True, nogil=True, inline="always")(_masked_gram)
+
+
+def _finish_lower(Gc, diag):
+    """Add ``diag`` to the diagonal of a Gram accumulated in its lower triangle, and mirror it."""
+    k = Gc.shape[0]
+    for r in range(k):
+        Gc[r, r] += diag
+        for s in range(r):
+            Gc[s, r] = Gc[r, s]
+
+
+finish_lower = numba.njit(cache=True, nogil=True, inline="always")(_finish_lower)
+
+
 def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg,
                      cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, gamma,
                      lam_abs, ho_indices, ho_indptr, Q, hsum):
@@ -257,10 +292,7 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                     b[r] += a * wrow[r]
                     for s in range(r + 1):
                         Gc[r, s] += wrow[r] * wrow[s]
-            for r in range(k):
-                Gc[r, r] += ridge
-                for s in range(r):
-                    Gc[s, r] = Gc[r, s]
+            finish_lower(Gc, ridge)
             use_own = True
         else:
             if pattern:
@@ -292,20 +324,7 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                     b[r] += a * wrow[r]
             use_own = nmask > 0 or lam_abs > 0.0
             if use_own:
-                # G's lower triangle mirrored (a symmetric start), then full rows of rank-1
-                # updates: the contiguous inner loop vectorizes, and wr·ws = ws·wr keeps Gc
-                # exactly symmetric
-                for r in range(k):
-                    for s in range(r + 1):
-                        Gc[r, s] = G[r, s]
-                        Gc[s, r] = G[r, s]
-                for t in range(nmask):
-                    wrow = w[mrows[t]]
-                    for r in range(k):
-                        wr = wrow[r]
-                        Gr = Gc[r]
-                        for s in range(k):
-                            Gr[s] -= wr * wrow[s]
+                masked_gram(Gc, G, 0.0, w, mrows, nmask)
         if warm:
             for r in range(k):
                 x[r] = ht[c, r] * warm_scale[r]
@@ -405,10 +424,7 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                     b[r] += a * hrow[r]
                     for s in range(r + 1):
                         Gc[r, s] += hrow[r] * hrow[s]
-            for r in range(k):
-                Gc[r, r] += ridge + l2
-                for s in range(r):
-                    Gc[s, r] = Gc[r, s]
+            finish_lower(Gc, ridge + l2)
         else:
             if pattern:
                 for p in range(ho_indptr[r_], ho_indptr[r_ + 1]):
@@ -444,18 +460,7 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                     continue
                 for r in range(k):
                     b[r] += a * hrow[r]
-            for r in range(k):  # as in the column pass: symmetric start, full vectorized rows
-                for s in range(r + 1):
-                    Gc[r, s] = Q[r, s]
-                    Gc[s, r] = Q[r, s]
-                Gc[r, r] += ridge + l2
-            for t in range(nmask):
-                hrow = hn[mcols[t]]
-                for r in range(k):
-                    hr = hrow[r]
-                    Gr = Gc[r]
-                    for s in range(k):
-                        Gr[s] -= hr * hrow[s]
+            masked_gram(Gc, Q, ridge + l2, hn, mcols, nmask)
         if tw.shape[0] > 0:
             if lam_w > 0.0:
                 for r in range(k):
