@@ -15,6 +15,7 @@ from scipy.optimize import nnls
 
 import dnmf
 from dnmf.exceptions import InputError
+from references import reference_masked_als
 
 pytestmark = pytest.mark.filterwarnings("ignore::dnmf.exceptions.ConvergenceWarning")
 
@@ -111,28 +112,16 @@ def test_target_direction_on_planted_labels(planted):
 
 def reference_masked_target(A, missing, w0, iters, T, lam):
     """Each column solves min ‖W_o h − a_o‖² + λ‖h − t‖² (λ > 0) or its removal-Gram NNLS (λ < 0)."""
-    m, n = A.shape
     k = w0.shape[1]
-    W = w0.copy()
-    for _ in range(iters):
-        H = np.zeros((k, n))
-        for j in range(n):
-            o = ~missing[:, j]
-            if lam > 0:
-                H[:, j] = nnls(np.vstack([W[o], np.sqrt(lam) * np.eye(k)]),
-                               np.concatenate([A[o, j], np.sqrt(lam) * T[:, j]]))[0]
-            else:  # min ½hᵀGh − bᵀh with G = L Lᵀ ⇔ nnls(Lᵀ, L⁻¹b)
-                G = proj_adv(W[o].T @ W[o] + 1e-15 * np.eye(k), T, lam)
-                L = np.linalg.cholesky(G)
-                H[:, j] = nnls(L.T, np.linalg.solve(L, W[o].T @ A[o, j]))[0]
-        Hn = H / (H.sum(axis=1) + 1e-15)[:, None]
-        Wr = np.zeros((m, k))
-        for i in range(m):
-            o = ~missing[i]
-            Wr[i] = nnls(Hn[:, o].T, A[i, o])[0]
-        d = Wr.sum(axis=0) + 1e-15
-        W = Wr / d
-    return W, d, Hn
+
+    def h_solve(Wo, ao, j):
+        if lam > 0:
+            return nnls(np.vstack([Wo, np.sqrt(lam) * np.eye(k)]), np.concatenate([ao, np.sqrt(lam) * T[:, j]]))[0]
+        G = proj_adv(Wo.T @ Wo + 1e-15 * np.eye(k), T, lam)  # min ½hᵀGh − bᵀh, G = LLᵀ ⇔ nnls(Lᵀ, L⁻¹b)
+        L = np.linalg.cholesky(G)
+        return nnls(L.T, np.linalg.solve(L, Wo.T @ ao))[0]
+
+    return reference_masked_als(A, missing, w0, iters, h_solve)[:3]
 
 
 @pytest.mark.parametrize("lam", [0.5, -0.05])

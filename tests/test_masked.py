@@ -21,6 +21,7 @@ import dnmf
 from dnmf.cv import CVResult, engine_init, splitmix64_uniform
 from dnmf.exceptions import InputError
 from dnmf.kernels.masked import held_out, holdout_mask, holdout_seed, holdout_threshold
+from references import reference_masked_als
 
 pytestmark = pytest.mark.filterwarnings("ignore::dnmf.exceptions.ConvergenceWarning")
 
@@ -89,27 +90,6 @@ def test_splitmix64_matches_the_spec_by_hand():
 # ---------------------------------------------------------------------------------------------
 # Masked fits against a NumPy reference
 # ---------------------------------------------------------------------------------------------
-
-
-def reference_masked_als(A, missing, w0, iters):
-    """Each column of H and row of W solves its masked least squares with scipy's nnls."""
-    m, n = A.shape
-    k = w0.shape[1]
-    W = w0.copy()
-    for _ in range(iters):
-        H = np.zeros((k, n))
-        for j in range(n):
-            o = ~missing[:, j]
-            H[:, j] = nnls(W[o], A[o, j])[0]
-        Hn = H / (H.sum(axis=1) + 1e-15)[:, None]
-        Wr = np.zeros((m, k))
-        for i in range(m):
-            o = ~missing[i]
-            Wr[i] = nnls(Hn[:, o].T, A[i, o])[0]
-        d = Wr.sum(axis=0) + 1e-15
-        W = Wr / d
-    R = A - (W * d) @ Hn
-    return W, d, Hn, R
 
 
 @pytest.fixture(scope="module")
