@@ -19,7 +19,7 @@ import pandas as pd
 from .._validation import check_int, param_error
 from ..models import NMFModel
 from ._labels import as_factor
-from .classify import CLASSIFIERS, knn_scores, lr_scores, rf_scores, split_metrics
+from .classify import CLASSIFIERS, _rows_as_samples, knn_scores, lr_scores, rf_scores, split_metrics
 
 __all__ = ["Assessment", "assess", "approx_silhouette", "batch_knn_entropy", "stratified_folds", "METRIC_GROUPS"]
 
@@ -99,16 +99,7 @@ def _embedding(x: Any, func: str) -> tuple[np.ndarray, np.ndarray]:
     if hasattr(x, "u") and hasattr(x, "d") and not isinstance(x, np.ndarray):  # an SVD result: U diag(d)
         E = np.asarray(x.u, dtype=np.float64) * np.asarray(x.d, dtype=np.float64)
         return E, np.abs(E)
-    try:
-        E = np.asarray(x.to_numpy() if hasattr(x, "to_numpy") else x, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise param_error("x", func, "an NMFModel or an n x k embedding (rows = samples)", type(x).__name__,
-                          described=True) from e
-    if E.ndim != 2:
-        raise param_error("x", func, "an NMFModel or a 2-D n x k embedding (rows = samples)",
-                          f"an array with {E.ndim} dimension(s)", described=True)
-    if not np.all(np.isfinite(E)):
-        raise param_error("x", func, "a finite embedding", "an embedding with NaN or Inf", described=True)
+    E = _rows_as_samples(x, func, name="x", what="an NMFModel or an n x k embedding")
     return E, np.abs(E)
 
 

@@ -148,17 +148,17 @@ class ClassifierEvaluation:
     distance: str | None = None
 
 
-def _rows_as_samples(embedding: Any, func: str) -> np.ndarray:
+def _rows_as_samples(embedding: Any, func: str, name: str = "embedding", what: str = "an n x k matrix") -> np.ndarray:
+    """``embedding`` as a finite float64 n × k array (rows = samples), or an InputError naming ``name``."""
     try:
         E = np.asarray(embedding.to_numpy() if hasattr(embedding, "to_numpy") else embedding, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise param_error("embedding", func, "a numeric n x k matrix (rows = samples)", type(embedding).__name__,
-                          described=True) from e
+        raise param_error(name, func, f"{what} (rows = samples)", type(embedding).__name__, described=True) from e
     if E.ndim != 2:
-        raise param_error("embedding", func, "a 2-D n x k matrix (rows = samples)",
-                          f"an array with {E.ndim} dimension(s)", described=True)
+        raise param_error(name, func, f"{what}, 2-D (rows = samples)", f"an array with {E.ndim} dimension(s)",
+                          described=True)
     if not np.all(np.isfinite(E)):
-        raise param_error("embedding", func, "a finite matrix", "a matrix with NaN or Inf", described=True)
+        raise param_error(name, func, "a finite matrix", "a matrix with NaN or Inf", described=True)
     return E
 
 
