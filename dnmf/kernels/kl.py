@@ -23,6 +23,17 @@ __all__ = ["csc_kl_pass", "MU_FLOOR"]
 MU_FLOOR = 1e-12
 
 
+def _floored_mu(wrow, h):
+    """``μ = w_i·h_c``, floored at :data:`MU_FLOOR` (used where a stored entry is positive)."""
+    mu = 0.0
+    for r in range(h.shape[0]):
+        mu += wrow[r] * h[r]
+    return mu if mu >= MU_FLOOR else MU_FLOOR
+
+
+floored_mu = numba.njit(cache=True, nogil=True, inline="always")(_floored_mu)
+
+
 def _csc_kl_pass(data, indices, indptr, w, ht, scale, P, hsum, out):
     """One column block: H's multiplicative update, then the W update's statistics and the loss.
 
@@ -50,12 +61,7 @@ def _csc_kl_pass(data, indices, indptr, w, ht, scale, P, hsum, out):
             if a == 0.0:
                 continue
             wrow = w[indices[p]]
-            mu = 0.0
-            for r in range(k):
-                mu += wrow[r] * h[r]
-            if mu < MU_FLOOR:
-                mu = MU_FLOOR
-            q = a / mu
+            q = a / floored_mu(wrow, h)
             for r in range(k):
                 num[r] += q * wrow[r]
         for r in range(k):
@@ -69,12 +75,7 @@ def _csc_kl_pass(data, indices, indptr, w, ht, scale, P, hsum, out):
                 continue
             i = indices[p]
             wrow = w[i]
-            mu = 0.0
-            for r in range(k):
-                mu += wrow[r] * h[r]
-            if mu < MU_FLOOR:
-                mu = MU_FLOOR
-            q = a / mu
+            q = a / floored_mu(wrow, h)
             acc += a * np.log(q) - a
             prow = P[i]
             for r in range(k):
