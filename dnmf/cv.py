@@ -70,8 +70,20 @@ def cv_tasks(ks: Sequence[int], cv_seeds: Sequence[int]) -> list[CVTask]:
     return [CVTask(rep, int(k), int(s)) for rep, s in enumerate(cv_seeds, start=1) for k in ks]
 
 
-#: Columns of :attr:`CVResult.table`.
+#: Columns of :attr:`CVResult.table` for squared error; another loss names its two loss columns
+#: after itself (``train_nb``, ``test_nb``, see :func:`table_columns`).
 TABLE_COLUMNS = ("rep", "k", "cv_seed", "train_mse", "test_mse", "best_iter", "total_iter")
+
+
+def table_columns(loss: str = "mse") -> tuple[str, ...]:
+    """The columns of a CV table of fits of ``loss``: its losses are ``train_<loss>``, ``test_<loss>``."""
+    return ("rep", "k", "cv_seed", f"train_{loss}", f"test_{loss}", "best_iter", "total_iter")
+
+
+def _row_loss(row: Mapping) -> str:
+    """The loss a table row is in (from its ``test_<loss>`` key)."""
+    keys = [key for key in row if key.startswith("test_") and key != "test_history"]
+    return keys[0][len("test_"):] if keys else "mse"
 
 
 def fit_task(task: CVTask, A, kwargs: Mapping, fit, client=False) -> dict:
@@ -85,9 +97,10 @@ def fit_task(task: CVTask, A, kwargs: Mapping, fit, client=False) -> dict:
 def task_row(task: CVTask, model) -> dict:
     """The table row and histories of a grid fit."""
     misc = model.misc
+    loss = misc.get("loss_type", "mse")
     return {
         "rep": task.rep, "k": task.k, "cv_seed": task.cv_seed,
-        "train_mse": float(misc["train_loss"]), "test_mse": float(misc["test_loss"]),
+        f"train_{loss}": float(misc["train_loss"]), f"test_{loss}": float(misc["test_loss"]),
         "best_iter": int(misc["best_iter"]), "total_iter": int(misc["iter"]),
         "train_history": np.asarray(misc["loss_history"]), "test_history": np.asarray(misc["test_loss_history"]),
     }
@@ -116,28 +129,42 @@ class CVResult:
     table : pandas.DataFrame
         One row per fit: ``rep``, ``k``, ``cv_seed``, ``train_mse`` (last train MSE),
         ``test_mse`` (best test MSE), ``best_iter`` (1-based iteration of the best test loss;
-        RcppML reports it 0-based + 2), ``total_iter``.
+        RcppML reports it 0-based + 2), ``total_iter``. Fits of another loss report their mean
+        loss in that distribution as ``train_<loss>`` / ``test_<loss>`` (``test_nb``, ``test_kl``).
     histories : dict
-        ``{(rep, k): (train MSE per iteration, test MSE per iteration)}``.
+        ``{(rep, k): (train loss per iteration, test loss per iteration)}``.
     test_fraction : float
         The held-out fraction asked for.
+    loss : str
+        The loss of the fits ("mse", "kl", "nb", …).
     """
 
     table: Any
     histories: Mapping = field(repr=False)
     test_fraction: float
+    loss: str = "mse"
     _A: Any = field(repr=False, compare=False, default=None)
     _fit_kwargs: Mapping = field(repr=False, compare=False, default_factory=dict)
     _fit: Any = field(repr=False, compare=False, default=None)
 
     @property
+    def train_column(self) -> str:
+        """The table's train-loss column (``train_mse`` for squared error)."""
+        return f"train_{self.loss}"
+
+    @property
+    def test_column(self) -> str:
+        """The table's test-loss column (``test_mse`` for squared error)."""
+        return f"test_{self.loss}"
+
+    @property
     def mean_test(self):
-        """Mean test MSE over replicates, per rank (a pandas Series indexed by k)."""
-        return self.table.groupby("k", sort=True)["test_mse"].mean()
+        """Mean test loss over replicates, per rank (a pandas Series indexed by k)."""
+        return self.table.groupby("k", sort=True)[self.test_column].mean()
 
     @property
     def best_k(self) -> int:
-        """The rank with the lowest mean test MSE over replicates (the smaller rank on a tie)."""
+        """The rank with the lowest mean test loss over replicates (the smaller rank on a tie)."""
         mean = self.mean_test
         return int(mean.index[int(np.argmin(mean.to_numpy()))])
 
@@ -150,7 +177,7 @@ class CVResult:
         return self._fit(self._A, self.best_k, **kwargs)
 
     def plot(self, ax=None):
-        """Test and train MSE against k: each replicate thin, their mean thick, ``best_k`` marked.
+        """Test and train loss against k: each replicate thin, their mean thick, ``best_k`` marked.
 
         Returns the matplotlib Figure (two panels, or the figure of ``ax`` — a pair of axes).
         """
@@ -161,7 +188,8 @@ class CVResult:
         else:
             axes = ax
             fig = axes[0].figure
-        for a, col, title in zip(axes, ("test_mse", "train_mse"), ("test MSE", "train MSE")):
+        name = "MSE" if self.loss == "mse" else f"{self.loss} loss"
+        for a, col, title in zip(axes, (self.test_column, self.train_column), (f"test {name}", f"train {name}")):
             for rep, part in self.table.groupby("rep", sort=True):
                 part = part.sort_values("k")
                 a.plot(part["k"], part[col], color="0.7", lw=0.8, marker=".", label=f"rep {rep}")
@@ -182,8 +210,9 @@ class CVResult:
         rows = [dict(r) for r in rows]
         histories = {(r["rep"], r["k"]): (np.asarray(r.pop("train_history")), np.asarray(r.pop("test_history")))
                      for r in rows}
-        table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-        return cls(table=table, histories=histories, test_fraction=float(test_fraction), _A=A,
+        loss = _row_loss(rows[0]) if rows else "mse"
+        table = pd.DataFrame(rows, columns=list(table_columns(loss)))
+        return cls(table=table, histories=histories, test_fraction=float(test_fraction), loss=loss, _A=A,
                    _fit_kwargs=dict(fit_kwargs or {}), _fit=fit)
 
     def __repr__(self) -> str:

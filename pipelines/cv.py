@@ -18,7 +18,8 @@ Config sections::
 ``cv.refit`` fits the chosen rank on all data (no held-out set) on the job's cluster.
 
 Outputs: ``tables/cv`` (rep, k, cv_seed, train_mse, test_mse, best_iter, total_iter and the
-run attempt that computed the fit), ``tables/mean`` (mean train and test MSE per k),
+run attempt that computed the fit; with ``model.loss`` other than mse the loss columns are
+``train_<loss>`` / ``test_<loss>``, mean losses in the fitted distribution), ``tables/mean`` (mean train and test MSE per k),
 ``selection`` (best_k: the rank of lowest mean test MSE, test_fraction), ``histories/``
 (train and test MSE per iteration of every fit, as ``train_r<rep>_k<k>`` / ``test_r<rep>_k<k>``)
 and, with ``refit``, ``model/`` (w, d, h, loss_history of the chosen rank); beside the store
@@ -94,8 +95,9 @@ def _from_payload(p) -> dict:
     out = dict(p)
     for key in ("rep", "k", "cv_seed", "best_iter", "total_iter", "attempt"):
         out[key] = int(np.asarray(out[key]))
-    for key in ("train_mse", "test_mse"):
-        out[key] = float(np.asarray(out[key]))
+    for key in out:
+        if key.startswith(("train_", "test_")) and not key.endswith("_history"):  # train_mse, test_nb, …
+            out[key] = float(np.asarray(out[key]))
     return out
 
 
@@ -117,14 +119,14 @@ def run(config, job) -> None:
     result = dnmf.cv.CVResult.from_rows(payloads, c.test_fraction)
     table = result.table.assign(attempt=attempts)
     job.write_table("cv", table)
-    mean = table.groupby("k", sort=True)[["train_mse", "test_mse"]].mean().reset_index()
+    mean = table.groupby("k", sort=True)[[result.train_column, result.test_column]].mean().reset_index()
     job.write_table("mean", mean)
     best = result.best_k
     job.write("selection", {"best_k": best, "test_fraction": c.test_fraction, "mask_zeros": c.mask_zeros})
     job.write("histories", {f"{side}_r{rep}_k{k}": hist[i] for (rep, k), hist in result.histories.items()
                             for i, side in enumerate(("train", "test"))})
     job.echo(f"cross-validation (test_fraction {c.test_fraction}):\n{mean.to_string(index=False)}\n"
-             f"best k = {best} (lowest mean test MSE over {len(c.cv_seed)} replicate(s))")
+             f"best k = {best} (lowest mean {result.test_column} over {len(c.cv_seed)} replicate(s))")
     job.save_figure(result.plot(), "cv")
     job.save_figure(_iterations_plot(result), "iterations")
     if c.refit:
@@ -145,7 +147,7 @@ def _iterations_plot(result):
         if r == rep:
             ax.plot(np.arange(1, len(test) + 1), test, lw=1, label=f"k = {k}")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("test MSE")
+    ax.set_ylabel("test MSE" if result.loss == "mse" else f"test {result.loss} loss")
     ax.set_title(f"replicate {rep}")
     ax.legend(fontsize="x-small", ncol=2)
     return fig

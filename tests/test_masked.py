@@ -332,3 +332,15 @@ def test_shared_passes_equal_separate_fits(tmp_path, cluster_client, zeros):
         train, test = res.histories[(rep, k)]
         np.testing.assert_array_equal(test, alone.misc["test_loss_history"])
         np.testing.assert_array_equal(train, alone.misc["loss_history"])
+
+
+def test_cv_table_names_its_loss_columns_after_the_fitted_loss():
+    """A grid of a non-MSE loss reports ``train_<loss>``/``test_<loss>`` and chooses k by the latter."""
+    rows = [{"rep": 1, "k": k, "cv_seed": 1, "train_nb": 1.0 / k, "test_nb": t, "best_iter": 3, "total_iter": 5,
+             "train_history": np.ones(5), "test_history": np.ones(5)}
+            for k, t in ((2, 0.9), (3, 0.7), (4, 0.8))]
+    res = CVResult.from_rows(rows, 0.05)
+    assert res.loss == "nb"
+    assert list(res.table.columns) == ["rep", "k", "cv_seed", "train_nb", "test_nb", "best_iter", "total_iter"]
+    assert res.best_k == 3  # the lowest test_nb, not a missing test_mse column
+    assert res.mean_test.loc[4] == 0.8
