@@ -22,8 +22,10 @@ from .engine.als import ALSOptions, fit_als
 from .engine.checkpoint import Checkpointer, fingerprint
 from .engine.executor import get_executor
 from .cv import auto_rank, cross_validate
+from .engine.irls import IRLSOptions, fit_irls
 from .engine.kl import fit_kl
 from .engine.masked import MaskOptions, fit_masked, fit_masked_many
+from .solvers.penalties import check_penalty_use, fit_penalties
 from .solvers.targets import FitTargets
 from .engine.svd import truncated_svd
 from .exceptions import ConvergenceWarning, DnmfError, InputError
@@ -41,10 +43,13 @@ __all__ = ["nmf", "NMFFitRecord", "FitRecordView", "SOLVERS", "INITS", "default_
 SOLVERS = dict(zip(SOLVER_NAMES, (SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT)))
 
 
-def _resolve_solver(solver: str, k: int, l1: tuple) -> str:
-    """RcppML §1.5 on the CPU: cholesky(-clip) when k < 32 and no L1, coordinate descent otherwise."""
+def _resolve_solver(solver: str, k: int, l1: tuple, irls: bool = False) -> str:
+    """RcppML §1.5 on the CPU: cholesky(-clip) when k < 32 and no L1, coordinate descent otherwise
+    (always for an IRLS loss)."""
     if solver != "auto":
         return solver
+    if irls:
+        return "cd"
     return "cholesky" if k < 32 and l1 == (0.0, 0.0) else "cd"
 
 
@@ -293,6 +298,12 @@ def nmf(
     r_rng: bool = False,
     L1: float | tuple = (0.0, 0.0),
     L2: float | tuple = (0.0, 0.0),
+    L21: float | tuple = (0.0, 0.0),
+    angular: float | tuple = (0.0, 0.0),
+    upper_bound: float | tuple = (0.0, 0.0),
+    graph_W: Any = None,
+    graph_H: Any = None,
+    graph_lambda: float | tuple = (0.0, 0.0),
     nonneg: bool | tuple = (True, True),
     norm: str = "L1",
     sort_model: bool = True,
@@ -302,6 +313,22 @@ def nmf(
     cd_tol: float = 1e-8,
     patience: int = 5,
     loss: str = "mse",
+    robust: Any = False,
+    dispersion: str = "per_row",
+    theta_init: float = 0.1,
+    theta_max: float = 5.0,
+    theta_min: float = 0.0,
+    nb_size_init: float = 10.0,
+    nb_size_max: float = 1e6,
+    nb_size_min: float = 0.01,
+    gamma_phi_init: float = 1.0,
+    gamma_phi_max: float = 1e4,
+    gamma_phi_min: float = 1e-6,
+    tweedie_power: float = 1.5,
+    irls_max_iter: int = 5,
+    irls_tol: float = 1e-4,
+    zi: str = "none",
+    zi_em_iters: int = 1,
     projective: bool = False,
     symmetric: bool = False,
     target_H: Any = None,
@@ -355,6 +382,25 @@ def nmf(
         penalties, as (W side, H side); a scalar applies to both. L1 is in [0, 1) (RcppML's
         range); it is in the units of the data, so a value near max(A) zeroes every factor,
         which raises an InputError naming L1.
+    L21 : float or (float, float), default 0
+        Group sparsity (RcppML §8): each factor r's Gram diagonal gets ``L21 / ‖F_r‖₂`` of the
+        side's current factor, so weak factors shrink to zero as a whole. (W side, H side).
+    angular : float or (float, float), default 0
+        Angular decorrelation after each solve: ``X ← max(0, X − λ·diag(n)·C·X̂)`` with X̂ the
+        new factor's unit rows, n their norms and C their cosines (zero diagonal); larger values
+        make the factors less correlated. Exact on both sides (on H a second pass over A).
+    upper_bound : float or (float, float), default 0
+        Solved values are clamped to ≤ bound right after each solve (0: no bound), in the units
+        of the unnormalized factor (before the scale goes to d).
+    graph_W, graph_H : matrix or None, default None
+        Feature graph (m × m) and sample graph (n × n), sparse or dense, used as given as the
+        Laplacian ``L`` of the term ``λ·F L Fᵀ`` added to the side's Gram (F its current factor;
+        the symmetric part for a non-symmetric L). Build one from an adjacency with
+        :func:`dnmf.laplacian`. Used only where the matching ``graph_lambda`` is > 0.
+    graph_lambda : float or (float, float), default 0
+        Strength of the graph terms (W side, H side); > 0 needs the matching graph.
+        These four penalties need ``loss="mse"``; on the H side they are refused with
+        ``projective`` or ``symmetric``. They work with masks and cross-validation.
     nonneg : bool or (bool, bool), default True
         Non-negativity of (W, H). ``False`` on a side gives semi-NMF on that side.
     norm : {"L1", "L2", "none"}, default "L1"
@@ -385,6 +431,40 @@ def nmf(
         ``Σμ``; ``misc["loss"]`` is then that divergence. It fits complete data without penalties
         (a mask, test set, targets, L1/L2, projective/symmetric or ``norm`` other than "L1" are
         refused).
+        ``"gp"`` (generalized Poisson), ``"nb"`` (negative binomial), ``"gamma"``,
+        ``"inverse_gaussian"`` and ``"tweedie"`` are fitted by IRLS (RcppML §6): every column of
+        H and row of W solves ``irls_max_iter`` weighted least-squares problems with the loss's
+        weights at the stored entries; zeros keep weight 1 (RcppML's rule for sparse input,
+        applied to dense input too, so both give the same fit). ``misc["loss"]`` is the loss in
+        the fitted distribution (a sum; with a test set train/test losses are means): over all
+        entries for GP (its zeros have a closed form), over the stored non-zero entries for the
+        others (``misc["loss_covers"]``); test losses cover every held-out entry in the loss's
+        support. Works with masks, NaN and cross-validation; refuses targets, projective /
+        symmetric, the §8 penalties and checkpoints (docs/architecture.md, "IRLS losses").
+    robust : bool, "mae" or float, default False
+        Huber weights on the Pearson residual (any IRLS loss, or ``"mse"``): True is δ = 1.345,
+        ``"mae"`` δ = 1e-4, a positive number that δ. The reported loss is then the Huber loss of
+        the Pearson residuals over the stored non-zero entries.
+    dispersion : {"per_row", "per_col", "global", "none"}, default "per_row"
+        How the dispersion (GP θ, NB size r, φ of gamma / inverse Gaussian / Tweedie) is
+        estimated after every iteration (RcppML §6.4); ``"none"``: θ = 0, r = ``nb_size_max``,
+        φ = 1. The final value is ``misc["dispersion"]`` (an array per row / column, or a float),
+        its per-iteration value (the median of per-row / per-column values) is
+        ``misc["dispersion_history"]``. θ and φ do not change the fit (GP uses Poisson weights);
+        r does (NB weights).
+    theta_init, theta_max, theta_min : float, default 0.1, 5.0, 0.0
+        GP θ start, cap and floor.
+    nb_size_init, nb_size_max, nb_size_min : float, default 10, 1e6, 0.01
+        NB size r start, cap and floor.
+    gamma_phi_init, gamma_phi_max, gamma_phi_min : float, default 1, 1e4, 1e-6
+        φ start, cap and floor (gamma, inverse Gaussian, Tweedie).
+    tweedie_power : float, default 1.5
+        Tweedie variance power p (p ≤ 0 or p ≥ 1).
+    irls_max_iter, irls_tol : int, float, default 5, 1e-4
+        IRLS inner iterations per column / row and their stopping tolerance (largest relative
+        change of the solution).
+    zi, zi_em_iters : str, int, default "none", 1
+        Zero-inflation (RcppML §6.5) is not available: only ``zi="none"`` is accepted.
     projective : bool, default False
         Projective NMF (RcppML §7): each iteration sets ``H = diag(d)·WᵀA`` (no NNLS, no
         H-side penalties) and solves only W; its W is more orthogonal than standard NMF's.
@@ -563,9 +643,18 @@ class NMFFitRecord:
         Held-out entries scored by the test loss.
     all_inits : pandas.DataFrame or None
         A multi-start's starts (init, seed, loss, iter, selected); None for a single start.
-    loss_type : {"mse", "kl"}
-        The loss fitted; ``loss`` and ``loss_history`` are in its units (SSE, or the KL
-        divergence).
+    loss_type : {"mse", "kl", "gp", "nb", "gamma", "inverse_gaussian", "tweedie"}
+        The loss fitted; ``loss`` and ``loss_history`` are in its units (SSE, the KL
+        divergence, or the §6.1 loss of the distribution; Huber of Pearson residuals with
+        ``robust``).
+    dispersion : float, ndarray or None
+        IRLS losses: the final GP θ, NB size r or φ (gamma / inverse Gaussian / Tweedie), per
+        row (m,), per column (n,) or global (a float); None for mse / kl.
+    dispersion_history : ndarray
+        Its value after every iteration (the median of per-row / per-column values).
+    loss_covers : {"all", "nonzero"}
+        The entries the training loss sums over: every observed entry, or (IRLS losses without
+        a closed form for their zeros) the stored non-zero observed entries.
     rank_search : dict or None
         ``k="auto"``: k_optimal, k_low, k_high, overfitting_detected and the table of the search's
         fits (RcppML §5.7); None otherwise.
@@ -604,6 +693,9 @@ class NMFFitRecord:
     all_inits: Any = None
     rank_search: Any = None
     loss_type: str = "mse"
+    dispersion: Any = None
+    dispersion_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    loss_covers: str = "all"
 
 
 class FitRecordView(Mapping):
@@ -792,7 +884,7 @@ def _plan_blocks(A, opts: dict, func: str) -> _Plan:
     else:
         stream = bool(opts["out_of_core"]) and not blocked.in_memory
     return _Plan(blocked=blocked, fit_blocked=_scaled(blocked, scale), summary=summary, k=k,
-                 solver=_resolve_solver(opts["solver"], k, opts["L1"]), scale=scale, executor=executor,
+                 solver=_resolve_solver(opts["solver"], k, opts["L1"], _is_irls(opts)), scale=scale, executor=executor,
                  stream=stream)
 
 
@@ -854,27 +946,66 @@ def _als_options(plan: _Plan, opts: dict) -> ALSOptions:
                       L2=opts["L2"], nonneg=opts["nonneg"], norm=opts["norm"], solver=SOLVERS[plan.solver],
                       cd_maxit=opts["cd_maxit"], cd_tol=opts["cd_tol"], patience=opts["patience"],
                       checkpoint_every=opts["checkpoint_every"], projective=bool(opts["projective"]),
-                      symmetric=bool(opts["symmetric"]))
+                      symmetric=bool(opts["symmetric"]), penalties=fit_penalties(opts, plan.blocked.shape, plan.scale))
 
 
 def _check_kl(plan: _Plan, opts: dict, targets, func: str) -> None:
-    """loss="kl" fits complete data with the plain multiplicative updates: refuse what it lacks."""
-    refused = [("mask", plan.masked is not None and plan.masked.mask is not None, None),
-               ("mask_zeros", plan.masked is not None and plan.masked.zeros_missing, False),
-               ("test_fraction", opts["test_fraction"] > 0, 0.0),
-               ("A", plan.summary.n_nan > 0, None),
-               ("target_lambda", targets is not None, (0.0, 0.0)),
+    """loss="kl" fits by multiplicative updates (masks, NaN, test sets, L1/L2 included): refuse what it lacks."""
+    refused = [("target_lambda", targets is not None, (0.0, 0.0)),
                ("projective", opts["projective"], False), ("symmetric", opts["symmetric"], False),
-               ("L1", any(opts["L1"]), (0.0, 0.0)), ("L2", any(opts["L2"]), (0.0, 0.0)),
                ("nonneg", not all(opts["nonneg"]), (True, True)), ("norm", opts["norm"] != "L1", "L1"),
                ("checkpoint", opts["checkpoint"] is not None, None)]
     for name, bad, expected in refused:
         if bad:
-            if name == "A":
-                raise param_error("A", func, 'a matrix without NaN for loss="kl" (missing entries need the '
-                                  "squared-error fit)", f"{plan.summary.n_nan} NaN entries", described=True)
-            raise param_error(name, func, f'{expected!r} with loss="kl" (the KL fit has no masks, test sets, '
-                              "targets, penalties or checkpoints yet)", opts.get(name))
+            raise param_error(name, func, f'{expected!r} with loss="kl" (the KL fit has no targets, projective or '
+                              "symmetric variants, signed factors, other norms or checkpoints)", opts.get(name))
+
+
+#: the losses fitted by IRLS (engine/irls.py); "mse" with ``robust`` too
+IRLS_LOSSES = ("gp", "nb", "gamma", "inverse_gaussian", "tweedie")
+
+
+def _is_irls(opts: dict) -> bool:
+    return opts["loss"] in IRLS_LOSSES or (opts["loss"] == "mse" and opts.get("robust", False) is not False)
+
+
+def _check_irls(plan: _Plan, opts: dict, targets, func: str) -> IRLSOptions:
+    """The IRLS fit's options; refuses what the IRLS loop does not do, naming the parameter."""
+    from ._losses import robust_delta
+
+    loss = opts["loss"]
+    why = f"with loss={loss!r}" + (" and robust" if loss == "mse" else "")
+    if opts["zi"] != "none":
+        raise param_error("zi", func, '"none" (zero-inflation is not implemented in dnmf yet)', opts["zi"])
+    refused = [("target_lambda", targets is not None, (0.0, 0.0)),
+               ("projective", opts["projective"], False), ("symmetric", opts["symmetric"], False),
+               ("checkpoint", opts["checkpoint"] is not None, None),
+               ("solver", plan.solver == "cholesky", '"auto", "cd" or "exact"')]
+    refused += [(name, any(opts[name]), (0.0, 0.0)) for name in ("L21", "angular", "upper_bound", "graph_lambda")
+                if name in opts]
+    for name, bad, expected in refused:
+        if bad:
+            raise param_error(name, func, f"{expected} {why} (the IRLS fit has no targets, projective or symmetric "
+                              "variants, §8 penalties, checkpoints or Cholesky-clip solves)", opts.get(name))
+    if plan.scale != 1.0:
+        raise param_error("A", func, f"values within {SAFE_MAX_RANGE} {why} (a distribution loss is not scale "
+                          "invariant, so A cannot be rescaled for the fit)", f"max |A| = {plan.summary.max:.3g}",
+                          described=True)
+    delta = robust_delta(opts["robust"], func) or 0.0
+    if loss == "gp":
+        init, low, high = opts["theta_init"], opts["theta_min"], opts["theta_max"]
+        names = ("theta_init", "theta_min", "theta_max")
+    elif loss == "nb":
+        init, low, high = opts["nb_size_init"], opts["nb_size_min"], opts["nb_size_max"]
+        names = ("nb_size_init", "nb_size_min", "nb_size_max")
+    else:
+        init, low, high = opts["gamma_phi_init"], opts["gamma_phi_min"], opts["gamma_phi_max"]
+        names = ("gamma_phi_init", "gamma_phi_min", "gamma_phi_max")
+    if low > high:
+        raise param_error(names[1], func, f"at most {names[2]} = {high}", low)
+    return IRLSOptions(loss=loss, robust=float(delta), dispersion=opts["dispersion"], init=float(init),
+                       low=float(low), high=float(high), tweedie_power=float(opts["tweedie_power"]),
+                       irls_max_iter=int(opts["irls_max_iter"]), irls_tol=float(opts["irls_tol"]))
 
 
 def _check_variant(plan: _Plan, opts: dict, func: str) -> None:
@@ -910,12 +1041,31 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
     blocked = plan.blocked
     _check_variant(plan, opts, func)
     targets = _targets(plan, opts, func)
+    check_penalty_use(opts, func)  # the §8 penalties need loss="mse" (and H solved)
+    if opts["loss"] == "kl" and opts["robust"] is not False:
+        raise param_error("robust", func, 'False with loss="kl" (for a robust Poisson fit use loss="gp", '
+                          'dispersion="none")', opts["robust"])
+    if opts["loss"] == "kl" and opts["zi"] != "none":
+        raise param_error("zi", func, '"none" unless loss is "gp" or "nb"', opts["zi"])
+    if _is_irls(opts):
+        ro = _check_irls(plan, opts, targets, func)
+        callback = opts["on_iteration"]
+        if opts["verbose"]:
+            callback = _progress_callback(callback, 1.0, func)
+        blas_limit = (threadpool_limits(limits=1, user_api="blas") if not plan.executor.distributed
+                      and getattr(plan.executor, "n_threads", 1) > 1 else contextlib.nullcontext())
+        with blas_limit:
+            return fit_irls(plan.fit_blocked, w0, als, ro, plan.masked or MaskOptions(), plan.executor,
+                            on_iteration=callback)
     if opts["loss"] == "kl":
         _check_kl(plan, opts, targets, func)
         callback = opts["on_iteration"]
         if opts["verbose"] or plan.scale != 1.0:
             callback = _progress_callback(callback, 1.0 / plan.scale, func)
-        return fit_kl(plan.fit_blocked, w0, als, plan.executor, on_iteration=callback)
+        # the fit of s·A: W (unit columns) and its denominators Σh carry s, H's denominators do not
+        L1, L2, s = opts["L1"], opts["L2"], plan.scale
+        als = replace(als, L1=(L1[0] * s, L1[1]), L2=(L2[0] * s, L2[1] / s))
+        return fit_kl(plan.fit_blocked, w0, als, plan.executor, mo=plan.masked, on_iteration=callback)
     if plan.masked is not None:
         if opts["checkpoint"] is not None:
             raise param_error("checkpoint", func, "None for a fit with a mask, NaN entries or a test set (such fits "
@@ -988,7 +1138,7 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
         cv = dict(mask="+".join(what) or "none", test_fraction=mo.test_fraction,
                   cv_seed=mo.cv_seed if mo.cv_on else None, n_test=state.n_test)
         if mo.cv_on:
-            test_history = np.asarray(state.test_history) * (1.0 / plan.scale / plan.scale)
+            test_history = np.asarray(state.test_history) * (1.0 / plan.scale if kl else 1.0 / plan.scale / plan.scale)
             cv.update(test_loss=float(np.nanmin(test_history)) if test_history.size else float("nan"),
                       train_loss=float(loss_history[-1]) if loss_history.size else float("nan"),
                       best_iter=int(state.best_iter), test_loss_history=test_history)
@@ -1015,7 +1165,8 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
         executor="distributed" if plan.executor.distributed else "threads",
         row_names=blocked.row_names,
         col_names=blocked.col_names,
-        loss_type="kl" if kl else "mse",
+        loss_type=opts.get("loss", "mse"),
+        **_irls_record(opts, state),
         **cv,
     )
     logger.info("%s: %s after %d iteration(s), loss %.6e, %.2f s", func,
@@ -1024,6 +1175,18 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
                 record.iter, record.loss, record.runtime)
     out_dtype = np.float32 if np.dtype(blocked.dtype) == np.float32 else np.float64
     return NMFModel(w=w.astype(out_dtype), d=d.astype(out_dtype), h=h.astype(out_dtype), misc=FitRecordView(record))
+
+
+def _irls_record(opts: dict, state) -> dict:
+    """The record's dispersion fields of an IRLS fit (empty for the other loops)."""
+    if not hasattr(state, "dispersion_history"):
+        return {}
+    covers = "all" if (opts["loss"] == "gp" and opts["robust"] is False) else "nonzero"
+    if opts["loss"] == "mse":
+        return {"loss_covers": covers}
+    disp = state.dispersion
+    return {"dispersion": float(disp) if np.ndim(disp) == 0 else np.asarray(disp),
+            "dispersion_history": np.asarray(state.dispersion_history, dtype=np.float64), "loss_covers": covers}
 
 
 def _nmf(A, values: dict, func: str) -> NMFModel:

@@ -97,6 +97,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         NNLS solver of the fit.
     patience : int, default 5
         Consecutive iterations below ``tol`` needed to stop.
+    loss : {"mse", "kl", "gp", "nb", "gamma", "inverse_gaussian", "tweedie"}, default "mse"
+        The loss fitted (see :func:`dnmf.nmf`); the distribution losses are fitted by IRLS.
+    robust, dispersion, theta_init, theta_max, theta_min, nb_size_init, nb_size_max, nb_size_min
+        IRLS controls, as :func:`dnmf.nmf` (Huber weights; per-feature / per-sample / global
+        dispersion of the distribution; GP θ and NB size start, cap, floor).
+    gamma_phi_init, gamma_phi_max, gamma_phi_min, tweedie_power, irls_max_iter, irls_tol, zi, zi_em_iters
+        As :func:`dnmf.nmf` (φ start, cap, floor; Tweedie power; inner iterations and tolerance;
+        zero-inflation, ``"none"`` only).
     client : distributed.Client, False or None, default None
         Where to run: None uses the active Dask client if any, else threads; False forces threads.
         Cloning the estimator shares the client (it is not copied).

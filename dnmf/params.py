@@ -269,6 +269,26 @@ def _check_target_lambda(value, name: str, func: str):
     return (float(vals[0]), float(vals[1]))
 
 
+def _check_graph(value, name: str, func: str):
+    if value is not None and (not hasattr(value, "shape") or len(value.shape) != 2):
+        raise param_error(name, func, "None or a square 2-d matrix (a graph Laplacian), sparse or dense", value)
+    return value  # its shape and values are checked against A by nmf (solvers/penalties.py)
+
+
+def _check_robust(value, name: str, func: str):
+    from ._losses import robust_delta
+
+    robust_delta(value, func)  # False, True, "mae" or a positive number (raises naming 'robust')
+    return value
+
+
+def _check_tweedie_power(value, name: str, func: str):
+    p = check_float(value, name, func)
+    if 0.0 < p < 1.0:
+        raise param_error(name, func, "a Tweedie power p <= 0 or p >= 1", value)
+    return p
+
+
 def _check_init(value, name: str, func: str):
     if isinstance(value, str):
         return check_option(value, name, func, INITS)
@@ -367,6 +387,14 @@ NMF_PARAMS: tuple[Param, ...] = (
     # RcppML documents L1 in [0, 1): it is subtracted from the RHS of the normalized problem
     Param("L1", Pair(0.0, 1.0, high_open=True), (0.0, 0.0), "lasso penalty (W side, H side)"),
     Param("L2", Pair(0.0), (0.0, 0.0), "ridge penalty (W side, H side)"),
+    Param("L21", Pair(0.0), (0.0, 0.0), "group-sparsity (factor-norm) penalty, L21/‖F_r‖ on the Gram (W, H)"),
+    Param("angular", Pair(0.0), (0.0, 0.0), "angular decorrelation of the factors after each solve (W, H)"),
+    Param("upper_bound", Pair(0.0), (0.0, 0.0), "box constraint: solved values clamped to ≤ bound; 0 = none (W, H)"),
+    Param("graph_W", Check(_check_graph), None, "feature graph Laplacian (m × m) for graph_lambda's W side",
+          estimator=False, config=False),
+    Param("graph_H", Check(_check_graph), None, "sample graph Laplacian (n × n) for graph_lambda's H side",
+          estimator=False, config=False),
+    Param("graph_lambda", Pair(0.0), (0.0, 0.0), "graph regularization strength, λ·F L Fᵀ on the Gram (W, H)"),
     Param("nonneg", BoolPair(), (True, True), "non-negativity of (W, H)"),
     Param("norm", Options(("L1", "L2", "none")), "L1", "norm of W's columns and H's rows"),
     Param("sort_model", Flag(), True, "sort factors by decreasing d", estimator=False),
@@ -378,9 +406,28 @@ NMF_PARAMS: tuple[Param, ...] = (
           config=False),
     Param("patience", Interval(int, low=1), 5, "iterations below tol needed to stop (with a test set: "
           "iterations without a new best test loss)"),
-    Param("loss", Options(("mse", "kl")), "mse",
-          "loss fitted: mse (squared error) or kl (generalized KL / Poisson, multiplicative updates)",
-          estimator=False, config=False),
+    Param("loss", Options(("mse", "kl", "gp", "nb", "gamma", "inverse_gaussian", "tweedie")), "mse",
+          "loss fitted: mse (squared error), kl (generalized KL / Poisson, multiplicative updates), or by IRLS "
+          "gp (generalized Poisson), nb (negative binomial), gamma, inverse_gaussian, tweedie"),
+    Param("robust", Check(_check_robust, bool | str | float), False,
+          "Huber weights on Pearson residuals: false, true (δ = 1.345), \"mae\" (δ = 1e-4) or δ > 0 (IRLS)"),
+    Param("dispersion", Options(("per_row", "per_col", "global", "none")), "per_row",
+          "dispersion estimated for gp / nb / gamma / inverse_gaussian / tweedie (θ, r or φ)"),
+    Param("theta_init", Interval(float, low=0.0), 0.1, "GP θ to start from"),
+    Param("theta_max", Interval(float, low=0.0), 5.0, "GP θ cap"),
+    Param("theta_min", Interval(float, low=0.0), 0.0, "GP θ floor"),
+    Param("nb_size_init", Interval(float, low=0.0, low_open=True), 10.0, "NB size r to start from"),
+    Param("nb_size_max", Interval(float, low=0.0, low_open=True), 1e6, "NB size r cap (dispersion none: r = cap)"),
+    Param("nb_size_min", Interval(float, low=0.0, low_open=True), 0.01, "NB size r floor"),
+    Param("gamma_phi_init", Interval(float, low=0.0, low_open=True), 1.0,
+          "φ of gamma / inverse_gaussian / tweedie to start from (reported; the fit does not depend on it)"),
+    Param("gamma_phi_max", Interval(float, low=0.0, low_open=True), 1e4, "φ cap"),
+    Param("gamma_phi_min", Interval(float, low=0.0, low_open=True), 1e-6, "φ floor"),
+    Param("tweedie_power", Check(_check_tweedie_power, float), 1.5, "Tweedie variance power p (p <= 0 or p >= 1)"),
+    Param("irls_max_iter", Interval(int, low=1), 5, "IRLS inner iterations per column / row"),
+    Param("irls_tol", Interval(float, low=0.0), 1e-4, "IRLS inner tolerance (max relative change)"),
+    Param("zi", Options(("none", "row", "col")), "none", "zero-inflation (gp / nb; not available yet: none only)"),
+    Param("zi_em_iters", Interval(int, low=1), 1, "EM iterations of the zero-inflation per outer iteration"),
     Param("projective", Flag(), False, "projective NMF: H = diag(d)·WᵀA, only W is solved", estimator=False,
           config=False),
     Param("symmetric", Flag(), False, "symmetric NMF of a square symmetric A: A ≈ W diag(d) Wᵀ", estimator=False,

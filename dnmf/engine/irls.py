@@ -1,0 +1,330 @@
+"""The IRLS loop: NMF under the distribution losses of spec §6 (gp, nb, gamma, inverse_gaussian,
+tweedie, and any loss with ``robust``) on the blocked engine.
+
+Per iteration, with W (unit-norm columns), d, H's raw blocks and the dispersion on the client:
+
+1. client: ``G = WᵀW`` and ``Σ_i w_i``;
+2. one task per **column block** (CSC): the IRLS H update of every column
+   (:func:`~dnmf.kernels.irls.csc_irls_pass`), returning ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|)`` and, for
+   a GP θ per column, the block's new θ;
+3. client: H is gathered, normalized (row norms → ``s``) and sent with ``ĤĤᵀ``;
+4. one task per **row block** (CSR, built once on the workers from the column blocks): the IRLS
+   update of every row of W (:func:`~dnmf.kernels.irls.csr_irls_pass`), right after each row's
+   solve its train / test losses in the fitted distribution and its dispersion statistics;
+5. client: W's rows are stacked and scaled into ``d``; the dispersion is updated from the
+   statistics (per row: the rows' own values; per column: per-column sums finished with
+   ``Σ x xᵀ`` and Ĥ; global: the mean (θ) or median (r, φ) of the per-row values, as RcppML);
+   losses and convergence as :mod:`dnmf.engine.masked`.
+
+So an iteration is **two passes over A** (columns, then rows), each running ``irls_max_iter``
+weighted solves per column / row on the stored entries; weights are computed inside the block
+task and never stored. The dispersion found in iteration t is used from iteration t + 1 on (the
+losses of iteration t use the dispersion its weights used). A lost worker costs a re-placement
+of the blocks and a redo of the iteration in progress (H, W and the dispersion live on the
+client). Column and row partitions are functions of the data only and every sum is taken in
+block order, so results do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..exceptions import WorkerLostError
+from ..io.blocks import BlockedMatrix
+from ..kernels.irls import DISP_INNER, DISP_NONE, DISP_OUTER, LOSS_CODES, csc_irls_pass, csr_irls_pass
+from ..solvers.updates import scale_rows
+from .als import ALSOptions, IterationRecord, _norms, check_convergence, count_recovery
+from .executor import Executor
+from .masked import MaskedState, MaskOptions, _cv_stop, _kernel_args, _mask_parts, _Placed, row_bounds_for
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IRLSOptions", "IRLSState", "fit_irls", "irls_h_task", "irls_w_task"]
+
+#: the dispersion parameter of each loss (θ, NB size r, φ)
+DISPERSION_PARAM = {"gp": "theta", "nb": "size", "gamma": "phi", "inverse_gaussian": "phi", "tweedie": "phi",
+                    "mse": None}
+_POWER = {"mse": 0.0, "gp": 1.0, "nb": 0.0, "gamma": 2.0, "inverse_gaussian": 3.0}
+
+
+@dataclass(frozen=True)
+class IRLSOptions:
+    """The loss of an IRLS fit and its controls (spec §1.2)."""
+
+    loss: str
+    robust: float = 0.0  # Huber δ; 0: not robust
+    dispersion: str = "per_row"  # per_row, per_col, global, none
+    init: float = 0.1  # θ, r or φ to start from
+    low: float = 0.0  # floor of the dispersion
+    high: float = 5.0  # cap of the dispersion
+    tweedie_power: float = 1.5
+    irls_max_iter: int = 5
+    irls_tol: float = 1e-4
+
+    @property
+    def code(self) -> int:
+        return LOSS_CODES[self.loss]
+
+    @property
+    def power(self) -> float:
+        return self.tweedie_power if self.loss == "tweedie" else _POWER[self.loss]
+
+    @property
+    def none_value(self) -> float:
+        """The dispersion with ``dispersion="none"``: θ = 0 (Poisson), r = its cap, φ = 1."""
+        return {"gp": 0.0, "nb": self.high}.get(self.loss, 1.0)
+
+    @property
+    def closed_zeros(self) -> bool:
+        """Whether the reported loss covers the zeros (closed form Σ ℓ(0, μ) exists: GP, not robust)."""
+        return self.loss == "gp" and self.robust <= 0.0
+
+
+@dataclass
+class IRLSState(MaskedState):
+    """:class:`~dnmf.engine.masked.MaskedState` plus the dispersion (per row (m,), per column
+    (n,), or a float) and its history (per iteration: the value, or the median of the values)."""
+
+    dispersion: object = None
+    dispersion_history: list = field(default_factory=list)
+
+
+def _side(ro: IRLSOptions) -> tuple:
+    return (ro.code, float(ro.power), float(ro.robust), int(ro.irls_max_iter), float(ro.irls_tol))
+
+
+def irls_h_task(block, mk: tuple, ht_prev, col0: int, dcol: np.ndarray, w: np.ndarray, G: np.ndarray,
+                wsum: np.ndarray, warm_scale: np.ndarray, hside: tuple, side: tuple, disp: tuple, kargs: tuple):
+    """IRLS H update of one column block: ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|, new θ of its columns)``.
+
+    ``dcol`` is the block's per-column dispersion; ``disp`` = (per-row dispersion (m,), whether
+    the dispersion is per row (else per column), whether this pass computes θ per column, lo, hi).
+    """
+    m, k = w.shape
+    n_j = block.shape[1]
+    diag, l1, solver, nonneg, cd_maxit, cd_tol = hside
+    code, power, delta, it_max, it_tol = side
+    drow, on_rows, mode, lo, hi = disp
+    warm = ht_prev is not None
+    ht = np.ascontiguousarray(ht_prev * warm_scale[None, :]) if warm else np.zeros((n_j, k))
+    Q = np.zeros((k, k))
+    hsum = np.zeros(k)
+    hraw = np.zeros(k)
+    dnew = np.array(dcol, dtype=np.float64, copy=True)
+    csc_irls_pass(block.data, block.indices, block.indptr, m, int(col0), w, G, diag, l1, ht, warm, code, power, delta,
+                  drow, np.ascontiguousarray(dcol, dtype=np.float64), bool(on_rows), it_max, it_tol, solver, nonneg,
+                  cd_maxit, cd_tol, *kargs, mk[0], mk[1], mode, lo, hi, wsum, Q, hsum, hraw, dnew)
+    return ht, Q, hsum, dnew
+
+
+def irls_w_task(block, mk: tuple, wt_prev, row0: int, drow: np.ndarray, hn: np.ndarray, Qn: np.ndarray,
+                hsum_n: np.ndarray, zc: np.ndarray, wside: tuple, side: tuple, disp: tuple, kargs: tuple):
+    """IRLS W update of one row block: ``(raw rows w_i d, [train loss, n, test loss, n], Σ x xᵀ,
+    Σ x, new per-row dispersion, per-column sums (3, n))``."""
+    n, k = hn.shape
+    diag, l1, solver, nonneg, cd_maxit, cd_tol = wside
+    code, power, delta, it_max, it_tol = side
+    dcol, on_cols, mode, lo, hi = disp
+    m_b = block.shape[0]
+    warm = wt_prev is not None
+    wt = np.array(wt_prev, dtype=np.float64, copy=True) if warm else np.zeros((m_b, k))
+    sums = np.zeros(4)
+    XtX = np.zeros((k, k))
+    xabs = np.zeros(k)
+    xsum = np.zeros(k)
+    dnew = np.array(drow, dtype=np.float64, copy=True)
+    colstat = np.zeros((3, n if mode == DISP_INNER else 0))
+    csr_irls_pass(block.data, block.indices, block.indptr, n, int(row0), hn, Qn, diag, l1, wt, warm, code, power,
+                  delta, dcol, np.ascontiguousarray(drow, dtype=np.float64), bool(on_cols), it_max, it_tol, solver,
+                  nonneg, cd_maxit, cd_tol, *kargs, mk[0], mk[1], mode, lo, hi, hsum_n, zc, XtX, xabs, xsum, sums,
+                  dnew, colstat)
+    return wt, sums, XtX, xsum, dnew, colstat
+
+
+def _dispersion_arrays(ro: IRLSOptions, value, m: int, n: int) -> tuple:
+    """(per-row values (m,), per-column values (n,)) in effect; the unused side is ones."""
+    if ro.dispersion == "per_row":
+        return np.ascontiguousarray(value, dtype=np.float64), np.ones(n)
+    if ro.dispersion == "per_col":
+        return np.ones(m), np.ascontiguousarray(value, dtype=np.float64)
+    return np.full(m, float(value)), np.ones(n)
+
+
+def _initial_dispersion(ro: IRLSOptions, m: int, n: int):
+    if ro.dispersion == "none":
+        return ro.none_value
+    if ro.dispersion == "global":
+        return float(ro.init)
+    return np.full(m if ro.dispersion == "per_row" else n, float(ro.init))
+
+
+def fit_irls(
+    blocked: BlockedMatrix,
+    w0: np.ndarray,
+    opts: ALSOptions,
+    ro: IRLSOptions,
+    mo: MaskOptions,
+    executor: Executor,
+    *,
+    on_iteration: Callable | None = None,
+):
+    """Run the IRLS loop; returns ``(IRLSState, ht_blocks)`` as :func:`~dnmf.engine.masked.fit_masked`.
+
+    ``loss_history`` holds the training loss in the fitted distribution: a sum (no test set) or
+    a mean (with one, §4.3) over the observed entries the loss covers (all of them for GP, whose
+    zeros have a closed form; the stored non-zeros otherwise — see docs/architecture.md), and
+    ``test_history`` the mean loss over the held-out entries (zeros included where the loss's
+    support has them).
+    """
+    m, n = blocked.shape
+    k = opts.k
+    cb = blocked.col_bounds
+    rb = row_bounds_for(m, blocked.n_blocks)
+    n_cb, n_rb = len(cb) - 1, len(rb) - 1
+    mask = None if mo.mask is None else sp.csc_matrix(mo.mask, dtype=bool)
+    cmasks = _mask_parts(mask, cb, axis=1)
+    rmasks = _mask_parts(mask, rb, axis=0)
+    kargs = _kernel_args(mo)
+    col0s = [int(c) for c in cb[:-1]]
+    row0s = [int(r) for r in rb[:-1]]
+    side = _side(ro)
+    lo, hi = float(ro.low), float(ro.high)
+    per_col_gp = ro.dispersion == "per_col" and ro.loss == "gp"
+    if ro.dispersion == "none" or ro.loss == "mse":
+        h_mode, w_mode = DISP_NONE, DISP_NONE
+    elif ro.dispersion == "per_col":
+        h_mode, w_mode = (DISP_OUTER, DISP_NONE) if per_col_gp else (DISP_NONE, DISP_INNER)
+    else:
+        h_mode, w_mode = DISP_NONE, DISP_OUTER
+    hside = (1e-15 + float(opts.L2[1]), float(opts.L1[1]), int(opts.solver), bool(opts.nonneg[1]),
+             int(opts.cd_maxit), float(opts.cd_tol))
+    wside = (1e-15 + float(opts.L2[0]), float(opts.L1[0]), int(opts.solver), bool(opts.nonneg[0]),
+             int(opts.cd_maxit), float(opts.cd_tol))
+    state = IRLSState(w=np.ascontiguousarray(w0, dtype=np.float64), d=np.ones(k), ht=[None] * n_cb,
+                      h_scale=np.ones(k), dispersion=_initial_dispersion(ro, m, n))
+    placed = None
+    recoveries = 0
+    t0 = time.perf_counter()
+    done = opts.maxit < 1
+    while not done:
+        try:
+            if placed is None:
+                placed = _Placed(blocked, executor, rb)
+            # 1.–2. H
+            drow, dcol = _dispersion_arrays(ro, state.dispersion, m, n)
+            w = state.w
+            G = w.T @ w
+            wsum = w.sum(axis=0)
+            warm_scale = state.h_scale * state.d
+            disp_h = (drow, ro.dispersion != "per_col", h_mode, lo, hi)
+            dcols = [dcol[col0s[j]:int(cb[j + 1])] for j in range(n_cb)]
+            outs = executor.map_blocks(irls_h_task, placed.cols, cmasks, state.ht, col0s, dcols,
+                                       args=(w, G, wsum, warm_scale, hside, side, disp_h, kargs))
+            hres = executor.gather(outs)
+            executor.release(outs)
+            # 3. normalized H
+            Q = np.zeros((k, k))
+            hsum = np.zeros(k)
+            for r in hres:  # block order
+                Q += r[1]
+                hsum += r[2]
+            s = _norms(hsum, Q, opts.norm)
+            inv_s = 1.0 / s
+            ht = [r[0] for r in hres]
+            hn = np.ascontiguousarray(np.concatenate(ht, axis=0) * inv_s[None, :])
+            Qn = Q * np.outer(inv_s, inv_s)
+            if per_col_gp:
+                dcol = np.concatenate([r[3] for r in hres])
+            hsum_n = hn.sum(axis=0)
+            zc = hn.T @ (1.0 / (1.0 + dcol)) if (ro.loss == "gp" and ro.dispersion == "per_col") else hsum_n
+            # 4. W, losses, dispersion statistics
+            if state.iteration >= 1:
+                wraw = state.w * state.d[None, :]
+                wprev = [wraw[row0s[r]:int(rb[r + 1])] for r in range(n_rb)]
+            else:
+                wprev = [None] * n_rb
+            drows = [drow[row0s[r]:int(rb[r + 1])] for r in range(n_rb)]
+            disp_w = (dcol, ro.dispersion == "per_col", w_mode, lo, hi)
+            outs = executor.map_blocks(irls_w_task, placed.rows, rmasks, wprev, row0s, drows,
+                                       args=(hn, Qn, hsum_n, zc, wside, side, disp_w, kargs))
+            wres = executor.gather(outs)
+            executor.release(outs)
+        except WorkerLostError as exc:
+            if placed is not None:
+                placed.release(executor)
+            placed = None
+            recoveries = count_recovery(exc, recoveries, executor, "IRLS fit", state.iteration)
+            continue
+        # 5. client: W, d, dispersion, losses, convergence
+        sums = np.zeros(4)
+        XtX = np.zeros((k, k))
+        xsum = np.zeros(k)
+        colstat = np.zeros((3, n)) if w_mode == DISP_INNER else None
+        for r in wres:  # block order
+            sums += r[1]
+            XtX += r[2]
+            xsum += r[3]
+            if colstat is not None:
+                colstat += r[5]
+        wraw = np.concatenate([r[0] for r in wres], axis=0)
+        w_new, d = scale_rows(wraw.T, opts.norm)
+        state.w, state.d, state.h_scale, state.ht = np.ascontiguousarray(w_new.T), d, inv_s, ht
+        if ro.dispersion != "none" and ro.loss != "mse":
+            state.dispersion = _new_dispersion(ro, per_col_gp, dcol, wres, colstat, XtX, xsum, hn, mo)
+            val = state.dispersion
+            state.dispersion_history.append(float(val) if np.ndim(val) == 0 else float(np.median(val)))
+        else:
+            state.dispersion_history.append(float(state.dispersion))
+        it = state.iteration = state.iteration + 1
+        state.n_train, state.n_test = int(sums[1]), int(sums[3])
+        if mo.cv_on:
+            train = sums[0] / max(sums[1], 1.0)
+            test = sums[2] / sums[3] if sums[3] > 0 else float("nan")
+            state.loss_history.append(train)
+            state.test_history.append(test)
+            stop = _cv_stop(state, opts)
+        else:
+            train, test = float(sums[0]), float("nan")
+            state.loss_history.append(train)
+            stop = check_convergence(state, opts)
+        logger.debug("iteration %d train %.6g test %.6g", it, train, test)
+        if on_iteration is not None:
+            try:
+                on_iteration(IterationRecord(it, train, test))
+            except StopIteration:
+                state.stopped_by_callback = True
+                stop = True
+        if stop:
+            state.converged = not state.stopped_by_callback
+        done = stop or it >= opts.maxit
+    state.runtime = time.perf_counter() - t0
+    if placed is not None:
+        placed.release(executor)
+    return state, state.ht
+
+
+def _new_dispersion(ro: IRLSOptions, per_col_gp: bool, dcol, wres, colstat, XtX, xsum, hn, mo: MaskOptions):
+    """The dispersion after an iteration from the passes' statistics (§6.4)."""
+    lo, hi = float(ro.low), float(ro.high)
+    if ro.dispersion == "per_col":
+        if per_col_gp:
+            return dcol
+        if ro.loss == "nb":
+            closed = not mo.zeros_missing
+            t_mu2 = colstat[1] + (np.einsum("jk,kl,jl->j", hn, XtX, hn) if closed else 0.0)
+            t_mu = colstat[2] + (hn @ xsum if closed else 0.0)
+            num, den = t_mu2, colstat[0] + t_mu2 - t_mu
+            ok = (num > 1e-10) & (den > 1e-10)
+            return np.where(ok, np.clip(num / np.where(ok, den, 1.0), lo, hi), hi)
+        cnt = colstat[1]
+        return np.clip(np.where(cnt > 0, colstat[0] / np.maximum(cnt, 1.0), 1.0), lo, hi)
+    per_row = np.concatenate([r[4] for r in wres])
+    if ro.dispersion == "per_row":
+        return per_row
+    return float(np.mean(per_row)) if ro.loss == "gp" else float(np.median(per_row))

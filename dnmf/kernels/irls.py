@@ -1,0 +1,574 @@
+"""IRLS block passes for the distribution losses (spec/rcppml.md §6): numba kernels.
+
+A fit with ``loss`` in ``"gp" | "nb" | "gamma" | "inverse_gaussian" | "tweedie"`` (or any loss with
+``robust``) solves, for every column of H and then every row of W, a weighted least-squares
+problem whose weights come from the current prediction μ (iteratively reweighted least squares,
+§6.3). Both orientations share one kernel, :func:`irls_pass`, on a compressed block whose
+*outer* index is the unknown being solved (a column of H in a CSC column block, a row of W in a
+CSR row block) and whose *inner* index runs over the factor ``F`` it is solved against (W's
+rows, or Ĥ's columns):
+
+* the outer vector's stored entries are gathered once (values, inner indices); entries that are
+  missing — user mask, NaN, the §5.2 held-out set (hashed with
+  :func:`~dnmf.kernels.masked.held_out`) — get weight 0: their rank-1 terms are removed from the
+  shared Gram once per outer vector (:func:`~dnmf.kernels.masked.masked_gram`);
+* **zeros** (unstored entries, and stored entries equal to 0, treated alike) keep weight 1, as
+  RcppML does for sparse input [§14.7], so the shared Gram ``G = FᵀF`` already holds them and a
+  pass costs O(nnz·k²) per inner iteration; with ``zeros_missing`` they are missing instead;
+* ``irls_max_iter`` inner iterations: ``μ_t = f_tᵀx`` at the stored observed entries, their
+  weights ω_t (:func:`irls_weight`, one formula per loss code; times the Huber factor of §6.2
+  with ``robust``), ``G_w = G_base + Σ_t (ω_t − 1) f_t f_tᵀ``, ``b_w = Σ_t ω_t a_t f_t − L1``,
+  solved by the column solver (``kernels/column.py::solve_column``) warm from the previous inner
+  iterate; stop when ``max |x − x_old| / (|x_old| + 1e-12) < irls_tol``. The first inner
+  iteration of a cold start (no previous factor) uses ω = 1 (the masked least-squares solve), so
+  that the weights start from a meaningful μ rather than from μ = 0, where every weight sits at
+  its cap.
+
+Outputs of a pass: the new outer vectors, ``Σ x xᵀ``, ``Σ|x|`` and ``Σ x`` (for the other
+side's Gram, the norms and the closed forms), and — when asked — the losses of the row pass
+(train sum / count, test sum / count, §6.1 in the fitted distribution) and the dispersion
+statistics (§6.4): per outer vector (θ by 5 MM steps, NB r by moments, φ) or accumulated per
+inner index (NB r and φ per column, finished on the client).
+
+Loss codes: :data:`LOSS_CODES`. Functions are plain Python compiled with
+``numba.njit(cache=True, nogil=True)`` so they also run under ``NUMBA_DISABLE_JIT=1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from .column import chol_factor, solve_column
+from .masked import held_out, masked_gram
+from .nnls import SOLVER_CHOLESKY
+
+__all__ = ["LOSS_CODES", "LOSS_MSE", "LOSS_GP", "LOSS_NB", "LOSS_GAMMA", "LOSS_IG", "LOSS_TWEEDIE", "irls_weight",
+           "elem_loss", "elem_robust_loss", "irls_pass", "csc_irls_pass", "csr_irls_pass", "gp_theta_mm",
+           "DISP_NONE", "DISP_OUTER", "DISP_INNER"]
+
+LOSS_MSE, LOSS_GP, LOSS_NB, LOSS_GAMMA, LOSS_IG, LOSS_TWEEDIE = 0, 1, 2, 3, 4, 5
+#: loss name → kernel code
+LOSS_CODES = {"mse": LOSS_MSE, "gp": LOSS_GP, "nb": LOSS_NB, "gamma": LOSS_GAMMA, "inverse_gaussian": LOSS_IG,
+              "tweedie": LOSS_TWEEDIE}
+#: what a pass computes of the dispersion: nothing, one value per outer vector, sums per inner index
+DISP_NONE, DISP_OUTER, DISP_INNER = 0, 1, 2
+
+_FLOOR = 1e-10  # §6.1 floor of y and μ in logs and ratios
+_W_MU_FLOOR = 1e-15  # §6.2 floor of μ in the NB / power weights
+_W_CAP = 1e6
+_KL_W_FLOOR = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights (§6.2): one function per formula, selected by the loss code
+# ---------------------------------------------------------------------------------------------
+
+
+def _weight_unit(y, mu, disp, power):
+    return 1.0
+
+
+def _weight_kl(y, mu, disp, power):
+    return 1.0 / max(mu, _KL_W_FLOOR)
+
+
+def _weight_nb(y, mu, disp, power):
+    mu = max(mu, _W_MU_FLOOR)
+    return min(disp / (mu * (disp + mu)), _W_CAP)
+
+
+def _weight_power(y, mu, disp, power):
+    mu = max(mu, _W_MU_FLOOR)
+    return min(mu ** (-power), _W_CAP)
+
+
+weight_unit = numba.njit(cache=True, nogil=True, inline="always")(_weight_unit)
+weight_kl = numba.njit(cache=True, nogil=True, inline="always")(_weight_kl)
+weight_nb = numba.njit(cache=True, nogil=True, inline="always")(_weight_nb)
+weight_power = numba.njit(cache=True, nogil=True, inline="always")(_weight_power)
+
+
+def _irls_weight(code, y, mu, disp, power, delta):
+    """IRLS weight of one entry (§6.2): the loss's weight (``disp`` = NB size r; ``power`` = the
+    variance power of gamma 2, inverse Gaussian 3, Tweedie p), times the Huber factor
+    ``h(ρ)``, ``ρ = (y − μ)√max(ω, 1e-15)``, when ``delta`` > 0."""
+    if code == LOSS_GP:
+        w = weight_kl(y, mu, disp, power)
+    elif code == LOSS_NB:
+        w = weight_nb(y, mu, disp, power)
+    elif code == LOSS_MSE:
+        w = weight_unit(y, mu, disp, power)
+    else:
+        w = weight_power(y, mu, disp, power)
+    if delta > 0.0:
+        rho = abs((y - mu) * math.sqrt(max(w, 1e-15)))
+        if rho > delta:
+            w *= delta / (rho + 1e-15)
+    return w
+
+
+irls_weight = numba.njit(cache=True, nogil=True)(_irls_weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise losses (§6.1; the numba twins of dnmf/_losses.py, φ = 1)
+# ---------------------------------------------------------------------------------------------
+
+
+def _xlogy(y, x):
+    return 0.0 if y == 0.0 else y * math.log(x)
+
+
+xlogy = numba.njit(cache=True, nogil=True, inline="always")(_xlogy)
+
+
+def _elem_loss(code, y, mu, disp, power):
+    """ℓ(y, μ) of spec §6.1 as ``dnmf/_losses.py`` defines it (``disp`` = GP θ or NB r; the
+    gamma / IG / Tweedie losses are unit deviances, φ = 1)."""
+    if code == LOSS_MSE:
+        return (y - mu) * (y - mu)
+    if code == LOSS_GP:
+        one_t = 1.0 + disp
+        if y >= 1.0:
+            mu_f = max(mu, _FLOOR)
+            lin = (mu_f + disp * y) / one_t
+            return -math.log(mu_f / one_t) - (y - 1.0) * math.log(max(lin, _FLOOR)) + lin
+        return mu / one_t  # y < 1 (y = 0, or a fraction as _losses): ℓ = μ/(1+θ)
+    if code == LOSS_NB:
+        r = disp
+        mu_f = max(mu, _FLOOR)
+        return (-math.lgamma(y + r) + math.lgamma(r) + r * math.log1p(mu / r) - xlogy(y, mu_f)
+                + xlogy(y, r + mu_f))
+    if code == LOSS_GAMMA:
+        yf = max(y, _FLOOR)
+        mf = max(mu, _FLOOR)
+        return 2.0 * (-math.log(yf / mf) + (yf - mf) / mf)
+    if code == LOSS_IG:
+        yf = max(y, _FLOOR)
+        mf = max(mu, _FLOOR)
+        r = yf - mf
+        return r * r / (mf * mf * yf)
+    # Tweedie
+    p = power
+    if p == 0.0:
+        return (y - mu) * (y - mu)
+    if p == 1.0:
+        if y > 0.0:
+            mf = max(mu, _FLOOR)
+            return 2.0 * (y * math.log(y / mf) - y + mf)
+        return 2.0 * mu
+    if p == 2.0:
+        yf = max(y, _FLOOR)
+        mf = max(mu, _FLOOR)
+        return 2.0 * (-math.log(yf / mf) + (yf - mf) / mf)
+    mf = max(mu, _FLOOR)
+    if p < 2.0:
+        y_term = max(y, 0.0) ** (2.0 - p)
+    else:
+        y_term = max(y, _FLOOR) ** (2.0 - p)
+    return 2.0 * (y_term / ((1.0 - p) * (2.0 - p)) - y * mf ** (1.0 - p) / (1.0 - p) + mf ** (2.0 - p) / (2.0 - p))
+
+
+elem_loss = numba.njit(cache=True, nogil=True)(_elem_loss)
+
+
+def _variance(code, mu, disp, power):
+    if code == LOSS_MSE:
+        return 1.0
+    if code == LOSS_GP:
+        return mu
+    if code == LOSS_NB:
+        return mu + mu * mu / disp
+    if code == LOSS_GAMMA:
+        return mu * mu
+    if code == LOSS_IG:
+        return mu * mu * mu
+    return mu ** power if mu > 0.0 else 0.0
+
+
+variance = numba.njit(cache=True, nogil=True, inline="always")(_variance)
+
+
+def _elem_robust_loss(code, y, mu, disp, power, delta):
+    """Huber (δ) of the Pearson residual ``(y − μ)/√max(V(μ), 1e-10)`` (the reported loss with ``robust``)."""
+    v = max(variance(code, mu, disp, power), _FLOOR)
+    rho = abs(y - mu) / math.sqrt(v)
+    if rho <= delta:
+        return 0.5 * rho * rho
+    return delta * rho - 0.5 * delta * delta
+
+
+elem_robust_loss = numba.njit(cache=True, nogil=True)(_elem_robust_loss)
+
+
+def _zero_in_support(code, power):
+    if code == LOSS_GAMMA or code == LOSS_IG:
+        return False
+    if code == LOSS_TWEEDIE:
+        return power < 2.0
+    return True
+
+
+zero_in_support = numba.njit(cache=True, nogil=True, inline="always")(_zero_in_support)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispersion (§6.4)
+# ---------------------------------------------------------------------------------------------
+
+
+def _gp_theta_mm(yv, muv, ne, s_y, s_mu, theta, theta_max, n_iter):
+    """GP θ of one group by ``n_iter`` MM steps of §6.4 from ``theta``: entries ``yv[:ne]`` with
+    predictions ``muv[:ne]`` (those with y ≥ 1 enter α, γ), ``s_y = Σ y``, ``s_mu = Σ μ`` over
+    the group's (training) entries, zeros included."""
+    n_pos = 0.0
+    for t in range(ne):
+        if yv[t] >= 1.0:
+            n_pos += 1.0
+    for _ in range(n_iter):
+        alpha = n_pos
+        gamma = 0.0
+        for t in range(ne):
+            y = yv[t]
+            if y >= 1.0:
+                den = muv[t] + theta * y
+                eta = muv[t] / den if den > 0.0 else muv[t]
+                alpha += (y - 1.0) * eta
+                gamma += (y - 1.0) * (1.0 - eta)
+        beta = s_y - s_mu - gamma + alpha
+        disc = beta * beta + 4.0 * alpha * gamma
+        if alpha > 1e-15 and disc > 0.0:
+            new = (-beta + math.sqrt(disc)) / (2.0 * alpha)
+            if math.isfinite(new) and new >= 0.0:
+                theta = min(theta_max, new)
+    return theta
+
+
+gp_theta_mm = numba.njit(cache=True, nogil=True)(_gp_theta_mm)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+# ---------------------------------------------------------------------------------------------
+
+
+def _dot(f, x):
+    acc = 0.0
+    for r in range(x.shape[0]):
+        acc += f[r] * x[r]
+    return acc
+
+
+dot = numba.njit(cache=True, nogil=True, inline="always")(_dot)
+
+
+def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, xio, warm, code, power, delta,
+               disp_in, disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol,
+               zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, fsum, zc,
+               Qout, asum, xsum, sums, disp_new, colstat):
+    """IRLS update of every outer vector of one compressed block (see the module docstring).
+
+    Parameters
+    ----------
+    by_row : bool — a CSR row block (W's rows against Ĥ; computes losses) or a CSC column block
+    data, indices, indptr : the block's compressed triplets (outer × inner); NaN = missing
+    n_inner : int — rows of A (CSC) or columns (CSR); outer0 : global index of the first outer vector
+    F : (n_inner, k) — W (CSC) or Ĥᵀ (CSR); G : (k, k) — FᵀF (unpenalised); diag : float added to it
+    l1 : float; xio : (n_outer, k) — in: warm start (if ``warm``), out: the solutions
+    code, power, delta : loss code, variance power, Huber δ (0: not robust)
+    disp_in (n_inner,), disp_out (n_outer,), disp_on_inner : the dispersion in effect (GP θ, NB r),
+        read from disp_in[inner] when ``disp_on_inner`` else disp_out[outer]
+    irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol : inner iterations and the NNLS solve
+    zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr : as ``kernels/masked.py`` (the
+        user mask of the block in the same orientation; empty indptr: none)
+    disp_mode : DISP_NONE, DISP_OUTER (a new value per outer vector into ``disp_new``, clamped to
+        [disp_lo, disp_hi]; GP θ from disp_out), DISP_INNER (per-inner sums into ``colstat``)
+    fsum : (k,) Σ_inner f; zc : (k,) Σ_inner f/(1 + θ_inner) (GP closed form with disp_on_inner)
+    Qout, asum, xsum : (k, k), (k,), (k,) — accumulated: Σ x xᵀ, Σ|x|, Σ x
+    sums : (4,) — accumulated (row pass): train loss, train count, test loss, test count
+    disp_new : (n_outer,); colstat : (3, n_inner) accumulated (DISP_INNER)
+    """
+    k = F.shape[1]
+    n_outer = indptr.shape[0] - 1
+    b = np.empty(k)
+    x = np.empty(k)
+    xold = np.empty(k)
+    Gb = np.empty((k, k))
+    Gw = np.empty((k, k))
+    Lw = np.zeros((k, k))
+    mark = np.full(n_inner, -1, dtype=np.int64)
+    kind = np.zeros(n_inner, dtype=np.int8)  # 1: held out, 2: missing
+    aval = np.zeros(n_inner)
+    mlist = np.empty(n_inner, dtype=np.int64)
+    gbuf = np.empty((n_inner, k))
+    max_nnz = 0
+    for o in range(n_outer):
+        max_nnz = max(max_nnz, indptr[o + 1] - indptr[o])
+    idx = np.empty(max_nnz, dtype=np.int64)
+    yv = np.empty(max_nnz)
+    dv = np.empty(max_nnz)
+    muv = np.empty(max_nnz)
+    has_mask = mk_indptr.shape[0] > 0
+    coef0 = 0.0 if zeros_missing else 1.0
+    in_support0 = zero_in_support(code, power)
+    closed = code == LOSS_GP and delta <= 0.0 and not zeros_missing
+    for o in range(n_outer):
+        og = outer0 + o
+        # 1. the missing / held-out inner indices, and the stored observed non-zeros
+        nmask = 0
+        if has_mask:
+            for p in range(mk_indptr[o], mk_indptr[o + 1]):
+                i = mk_indices[p]
+                if mark[i] != o:
+                    mark[i] = o
+                    kind[i] = 2
+                    mlist[nmask] = i
+                    nmask += 1
+        if cv_on and not zeros_missing:
+            for i in range(n_inner):
+                if mark[i] != o:
+                    ho = held_out(cv_seed, np.uint64(og), np.uint64(i), cv_thr) if by_row else \
+                        held_out(cv_seed, np.uint64(i), np.uint64(og), cv_thr)
+                    if ho:
+                        mark[i] = o
+                        kind[i] = 1
+                        mlist[nmask] = i
+                        nmask += 1
+        ne = 0
+        for p in range(indptr[o], indptr[o + 1]):
+            a = data[p]
+            i = indices[p]
+            if a != a:
+                if mark[i] != o:
+                    mark[i] = o
+                    mlist[nmask] = i
+                    nmask += 1
+                kind[i] = 2
+                continue
+            if mark[i] == o:
+                if kind[i] == 1:
+                    aval[i] = a
+                continue
+            if a == 0.0:  # a stored zero is a zero (weight 1, or missing with zeros_missing)
+                continue
+            if zeros_missing and cv_on:
+                ho = held_out(cv_seed, np.uint64(og), np.uint64(i), cv_thr) if by_row else \
+                    held_out(cv_seed, np.uint64(i), np.uint64(og), cv_thr)
+                if ho:
+                    mark[i] = o
+                    kind[i] = 1
+                    aval[i] = a
+                    mlist[nmask] = i
+                    nmask += 1
+                    continue
+            idx[ne] = i
+            yv[ne] = a
+            dv[ne] = disp_in[i] if disp_on_inner else disp_out[o]
+            ne += 1
+        # 2. the base Gram: G + diag without the missing entries (zeros_missing: diag only)
+        if zeros_missing:
+            for r in range(k):
+                for s in range(k):
+                    Gb[r, s] = 0.0
+                Gb[r, r] = diag
+        else:
+            masked_gram(Gb, G, diag, F, mlist, nmask, gbuf)
+        # 3. IRLS
+        if warm:
+            for r in range(k):
+                x[r] = xio[o, r]
+        else:
+            for r in range(k):
+                x[r] = 0.0
+        for it in range(irls_maxit):
+            unit = (not warm) and it == 0
+            for r in range(k):
+                b[r] = -l1
+                for s in range(k):
+                    Gw[r, s] = Gb[r, s]
+            for t in range(ne):
+                f = F[idx[t]]
+                y = yv[t]
+                if unit:
+                    w = 1.0
+                else:
+                    w = irls_weight(code, y, dot(f, x), dv[t], power, delta)
+                c = w - coef0
+                for r in range(k):
+                    fr = f[r]
+                    b[r] += w * y * fr
+                    cr = c * fr
+                    for s in range(r + 1):
+                        Gw[r, s] += cr * f[s]
+            for r in range(k):
+                for s in range(r):
+                    Gw[s, r] = Gw[r, s]
+            for r in range(k):
+                xold[r] = x[r]
+            if solver == SOLVER_CHOLESKY:
+                chol_factor(Gw, Lw)
+            solve_column(Gw, Lw, b, x, solver, nonneg, cd_maxit, cd_tol, True)
+            change = 0.0
+            for r in range(k):
+                ch = abs(x[r] - xold[r]) / (abs(xold[r]) + 1e-12)
+                if ch > change:
+                    change = ch
+            if change < irls_tol:
+                break
+        # 4. outputs
+        for r in range(k):
+            xio[o, r] = x[r]
+            asum[r] += abs(x[r])
+            xsum[r] += x[r]
+            for s in range(k):
+                Qout[r, s] += x[r] * x[s]
+        need_mu = by_row or disp_mode != DISP_NONE
+        if need_mu:
+            for t in range(ne):
+                muv[t] = dot(F[idx[t]], x)
+        # 5. losses (row pass): train over the stored observed non-zeros, plus the zeros in closed
+        # form where the loss has one (GP); test over every held-out entry in the loss's support
+        if by_row:
+            tr = 0.0
+            zero_part = 0.0
+            for t in range(ne):
+                y = yv[t]
+                mu = muv[t]
+                if delta > 0.0:
+                    tr += elem_robust_loss(code, y, mu, dv[t], power, delta)
+                else:
+                    tr += elem_loss(code, y, mu, dv[t], power)
+                if closed:
+                    zero_part += mu / (1.0 + dv[t])
+            if closed:
+                if disp_on_inner:
+                    z_all = dot(zc, x)
+                else:
+                    z_all = dot(fsum, x) / (1.0 + disp_out[o])
+                z_masked = 0.0
+                for t in range(nmask):
+                    i = mlist[t]
+                    th = disp_in[i] if disp_on_inner else disp_out[o]
+                    z_masked += dot(F[i], x) / (1.0 + th)
+                tr += z_all - z_masked - zero_part
+                sums[1] += n_inner - nmask
+            else:
+                sums[1] += ne
+            sums[0] += tr
+            for t in range(nmask):
+                i = mlist[t]
+                if kind[i] == 1:
+                    y = aval[i]
+                    if y != 0.0 or in_support0:
+                        mu = dot(F[i], x)
+                        th = disp_in[i] if disp_on_inner else disp_out[o]
+                        if delta > 0.0:
+                            sums[2] += elem_robust_loss(code, y, mu, th, power, delta)
+                        else:
+                            sums[2] += elem_loss(code, y, mu, th, power)
+                        sums[3] += 1.0
+                aval[i] = 0.0
+        else:
+            for t in range(nmask):
+                aval[mlist[t]] = 0.0
+        # 6. dispersion statistics
+        if disp_mode == DISP_OUTER:
+            if zeros_missing:
+                t_mu = 0.0
+                t_mu2 = 0.0
+                for t in range(ne):
+                    t_mu += muv[t]
+                    t_mu2 += muv[t] * muv[t]
+            else:
+                t_mu = dot(fsum, x)
+                t_mu2 = 0.0
+                for r in range(k):
+                    for s in range(k):
+                        t_mu2 += x[r] * G[r, s] * x[s]
+                for t in range(nmask):
+                    mu = dot(F[mlist[t]], x)
+                    t_mu -= mu
+                    t_mu2 -= mu * mu
+            if code == LOSS_GP:
+                s_y = 0.0
+                for t in range(ne):
+                    s_y += yv[t]
+                th = gp_theta_mm(yv, muv, ne, s_y, t_mu, disp_out[o], disp_hi, 5)
+                disp_new[o] = max(th, disp_lo)
+            elif code == LOSS_NB:
+                dsum = 0.0
+                for t in range(ne):
+                    e = yv[t] - muv[t]
+                    dsum += e * e - muv[t] * muv[t]
+                num = t_mu2
+                den = dsum + t_mu2 - t_mu
+                if num > 1e-10 and den > 1e-10:
+                    disp_new[o] = min(max(num / den, disp_lo), disp_hi)
+                else:
+                    disp_new[o] = disp_hi
+            else:
+                ssum = 0.0
+                cnt = 0
+                for t in range(ne):
+                    if yv[t] > 0.0:
+                        e = yv[t] - muv[t]
+                        ssum += e * e / max(muv[t], _FLOOR) ** power
+                        cnt += 1
+                phi = ssum / cnt if cnt > 0 else 1.0
+                disp_new[o] = min(max(phi, disp_lo), disp_hi)
+        elif disp_mode == DISP_INNER:
+            for t in range(ne):
+                i = idx[t]
+                e = yv[t] - muv[t]
+                if code == LOSS_NB:
+                    colstat[0, i] += e * e - muv[t] * muv[t]
+                    if zeros_missing:
+                        colstat[1, i] += muv[t] * muv[t]
+                        colstat[2, i] += muv[t]
+                elif yv[t] > 0.0:
+                    colstat[0, i] += e * e / max(muv[t], _FLOOR) ** power
+                    colstat[1, i] += 1.0
+            if code == LOSS_NB and not zeros_missing:
+                for t in range(nmask):
+                    i = mlist[t]
+                    mu = dot(F[i], x)
+                    colstat[1, i] -= mu * mu
+                    colstat[2, i] -= mu
+
+
+irls_pass = numba.njit(cache=True, nogil=True)(_irls_pass)
+
+
+def _csc_irls_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
+                   disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on,
+                   cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, Q, hsum, hraw_sum,
+                   disp_new):
+    """IRLS H update of one CSC column block against W (m × k): :func:`irls_pass` with columns
+    outer. ``disp_mode`` DISP_OUTER computes a GP θ per column (``dispersion="per_col"``)."""
+    sums = np.zeros(4)
+    colstat = np.zeros((3, 0))
+    irls_pass(False, data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
+              disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on, cv_seed,
+              cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, wsum, Q, hsum, hraw_sum, sums,
+              disp_new, colstat)
+
+
+csc_irls_pass = numba.njit(cache=True, nogil=True)(_csc_irls_pass)
+
+
+def _csr_irls_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in, disp_out,
+                   disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on,
+                   cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, XtX, xabs, xsum,
+                   sums, disp_new, colstat):
+    """IRLS W update of one CSR row block against Ĥ (n × k), with the row block's losses and
+    dispersion statistics: :func:`irls_pass` with rows outer."""
+    irls_pass(True, data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in, disp_out,
+              disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on, cv_seed,
+              cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, XtX, xabs, xsum, sums,
+              disp_new, colstat)
+
+
+csr_irls_pass = numba.njit(cache=True, nogil=True)(_csr_irls_pass)
