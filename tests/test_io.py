@@ -572,6 +572,23 @@ def test_write_zarr_sparse_round_trip(birds, tmp_path):
     assert all(not (a & b) for i, a in enumerate(chunks) for b in chunks[i + 1 :])
 
 
+@pytest.mark.parametrize("compressors", ["auto", None])
+def test_write_zarr_codecs(birds, tmp_path, compressors):
+    """dnmf's stores default to Blosc LZ4 + shuffle (fast to decode every iteration out of core);
+    ``compressors=None`` stores raw arrays. Both read back exactly."""
+    import zarr
+
+    path = write_zarr(birds, tmp_path / "b.zarr", block_nnz=3_000, compressors=compressors)
+    g = zarr.open_group(path, mode="r")
+    for name in ("data", "indices"):
+        codecs = g[name].compressors
+        if compressors is None:
+            assert codecs == ()
+        else:
+            assert len(codecs) == 1 and codecs[0].cname.value == "lz4" and codecs[0].shuffle.value == "shuffle"
+    assert_same_matrix(as_blocked(path), birds)
+
+
 def test_write_zarr_dense_round_trip_float32(birds, tmp_path):
     import zarr
 
