@@ -950,7 +950,11 @@ def _als_options(plan: _Plan, opts: dict) -> ALSOptions:
 
 
 def _check_kl(plan: _Plan, opts: dict, targets, func: str) -> None:
-    """loss="kl" fits by multiplicative updates (masks, NaN, test sets, L1/L2 included): refuse what it lacks."""
+    """loss="kl" fits by multiplicative updates (masks, NaN, test sets and L2 included): refuse what it lacks."""
+    if any(opts["L1"]):  # KL + λ·Σh with Σ_i w_ir = 1 is KL against μ·(1 + λ): the optimum only rescaled
+        raise param_error("L1", func, '(0.0, 0.0) with loss="kl" (with W\'s unit-L1 columns an L1 penalty only '
+                          "rescales the Poisson fit, which the normalization moves back: it cannot sparsify; use L2)",
+                          opts["L1"])
     refused = [("target_lambda", targets is not None, (0.0, 0.0)),
                ("projective", opts["projective"], False), ("symmetric", opts["symmetric"], False),
                ("nonneg", not all(opts["nonneg"]), (True, True)), ("norm", opts["norm"] != "L1", "L1"),
@@ -1138,7 +1142,8 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
         cv = dict(mask="+".join(what) or "none", test_fraction=mo.test_fraction,
                   cv_seed=mo.cv_seed if mo.cv_on else None, n_test=state.n_test)
         if mo.cv_on:
-            test_history = np.asarray(state.test_history) * (1.0 / plan.scale if kl else 1.0 / plan.scale / plan.scale)
+            test_scale = 1.0 / plan.scale if kl else 1.0 / plan.scale / plan.scale  # KL scales with s, SSE with s²
+            test_history = np.asarray(state.test_history) * test_scale
             cv.update(test_loss=float(np.nanmin(test_history)) if test_history.size else float("nan"),
                       train_loss=float(loss_history[-1]) if loss_history.size else float("nan"),
                       best_iter=int(state.best_iter), test_loss_history=test_history)

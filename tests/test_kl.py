@@ -23,7 +23,8 @@ def kl_divergence(A, mu):
 
 
 def numpy_mu(A, w0, iters):
-    """Lee–Seung KL updates, W's columns kept at unit L1 norm (the scale in H); H starts at colsum/k."""
+    """Lee–Seung KL updates, W's columns kept at unit L1 norm (the scale in H); H starts at colsum/k.
+    Returns the factors and the divergence after each iteration."""
     A = np.asarray(A, dtype=float)
     k = w0.shape[1]
     w = w0 / w0.sum(axis=0)
@@ -32,12 +33,47 @@ def numpy_mu(A, w0, iters):
     for _ in range(iters):
         h = h * (w.T @ (A / np.maximum(w @ h, 1e-12)))  # Wᵀ1 = 1
         mu = np.maximum(w @ h, 1e-12)
-        losses.append(kl_divergence(A, w @ h))
         w = w * ((A / mu) @ h.T) / h.sum(axis=1)[None, :]
         s = w.sum(axis=0)
         w, h = w / s, h * s[:, None]
+        losses.append(kl_divergence(A, w @ h))
     d = h.sum(axis=1)
     return w, d, h / d[:, None], np.array(losses)
+
+
+def masked_kl(A, mu, obs):
+    """Σ a log(a/μ) − a + μ over the entries where ``obs`` is True."""
+    a, u = A[obs], mu[obs]
+    pos = a > 0
+    return float((a[pos] * np.log(a[pos] / u[pos])).sum() - a.sum() + u.sum())
+
+
+def numpy_masked_mu(A, obs, w0, iters, L1=(0.0, 0.0), L2=(0.0, 0.0), test=None):
+    """Masked (penalized) Lee–Seung updates in plain NumPy: only entries with ``obs`` True enter.
+
+    ``h ← h ∘ Wᵀ(M∘A/μ) / (WᵀM + L1_H + L2_H·h)``,
+    ``W ← W ∘ (M∘A/μ)Hᵀ / (MHᵀ + L1_W + L2_W·W)``,
+    W's columns rescaled to unit L1 norm (the scale in H); H starts at ``Σ_obs a_c / Σ_r (WᵀM)_rc``
+    in every row. Returns the factors, the observed divergence after each iteration and, with a
+    ``test`` mask, the mean divergence over it after each iteration.
+    """
+    M = obs.astype(float)
+    A0 = np.where(obs, np.nan_to_num(A), 0.0)
+    w = w0 / w0.sum(axis=0)
+    den = w.T @ M
+    h = np.repeat((A0.sum(axis=0) / den.sum(axis=0))[None, :], w.shape[1], axis=0)
+    losses, tests = [], []
+    for _ in range(iters):
+        den = w.T @ M + L1[1] + L2[1] * h
+        h = h * (w.T @ (A0 / np.maximum(w @ h, 1e-12))) / den
+        den = M @ h.T + L1[0] + L2[0] * w
+        w = w * ((A0 / np.maximum(w @ h, 1e-12)) @ h.T) / den
+        s = w.sum(axis=0)
+        w, h = w / s, h * s[:, None]
+        losses.append(masked_kl(A, w @ h, obs))
+        if test is not None:
+            tests.append(masked_kl(A, w @ h, test) / test.sum())
+    return w, h, np.array(losses), np.array(tests)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +96,7 @@ def test_kl_matches_numpy_multiplicative_updates(planted, sparse):
     np.testing.assert_allclose(model.w, w, rtol=1e-9, atol=1e-14)
     np.testing.assert_allclose(model.d, d, rtol=1e-9)
     np.testing.assert_allclose(model.h, h, rtol=1e-9, atol=1e-14)
-    # the reported objective of an iteration is the divergence of (its new H, the W it started from)
+    # the reported objective of an iteration is the divergence of its factors
     np.testing.assert_allclose(model.misc["loss_history"], losses, rtol=1e-9)
     assert model.misc["loss_type"] == "kl"
 
@@ -72,7 +108,7 @@ def test_kl_objective_decreases_recovers_factors_and_beats_sklearn(planted):
     # Lee–Seung steps never increase the divergence (up to rounding of a ~1e4 sum: 1e-9 relative)
     assert np.all(np.diff(hist) <= 1e-9 * hist[0])
     final = kl_divergence(A, model.w @ np.diag(model.d) @ model.h)
-    assert final <= hist[-1] * (1 + 1e-12)  # the W half-step of the last iteration lowers it further
+    assert final == pytest.approx(hist[-1], rel=1e-10)  # the last recorded objective is the model's
     # planted Poisson factors: every factor found (matched cosine ≥ 0.9)
     match = dnmf.bipartite_match(1 - dnmf.cosine(model.w, W))
     assert np.all(dnmf.cosine(model.w, W)[np.arange(4), match.assignment] >= 0.9)
@@ -97,10 +133,147 @@ def test_kl_is_the_same_on_two_workers(planted):
     np.testing.assert_array_equal(here.misc["loss_history"], there.misc["loss_history"])
 
 
+@pytest.fixture(scope="module")
+def small():
+    """A small planted Poisson matrix, a user mask of 5 % of its entries and a start W₀."""
+    rng = np.random.default_rng(3)
+    m, n, k = 40, 60, 3
+    A = rng.poisson(rng.gamma(0.7, 1.0, (m, k)) @ rng.gamma(0.7, 1.0, (k, n)) * 2).astype(float)
+    mask = rng.uniform(size=(m, n)) < 0.05
+    return A, mask, rng.uniform(size=(m, k))
+
+
+def _fit(A, k, w0, **kw):
+    kw = dict(dict(init=w0, loss="kl", tol=0, sort_model=False, block_nnz=300, client=False), **kw)
+    return dnmf.nmf(A, k, **kw)
+
+
+def _holdout(shape, cv_seed, fraction):
+    from dnmf.kernels.masked import holdout_mask
+
+    rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    return holdout_mask(rows.ravel(), cols.ravel(), cv_seed, fraction).reshape(shape)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_masked_kl_matches_numpy_and_nan(small, sparse):
+    A, mask, w0 = small
+    data = sp.csc_matrix(A) if sparse else A
+    model = _fit(data, 3, w0, mask=sp.csc_matrix(mask), maxit=15)
+    w, h, losses, _ = numpy_masked_mu(A, ~mask, w0, 15)
+    # the same multiplicative steps with sums in another order (the denominators as colsum − the
+    # missing rows' sum): rounding only, amplified by 15 iterations — measured ≤ 1e-12
+    np.testing.assert_allclose(model.w, w, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(model.h * model.d[:, None], h, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(model.misc["loss_history"], losses, rtol=1e-10)
+    assert model.misc["loss"] == pytest.approx(masked_kl(A, model.w * model.d @ model.h, ~mask), rel=1e-10)
+    # the masked divergence never increases (rounding of a ~1e3 sum: 1e-10 relative)
+    assert np.all(np.diff(losses) <= 1e-10 * losses[0])
+    # a masked entry and a NaN entry are the same missing entry; the stored NaN change the
+    # nnz, hence the column blocks and the order of the block sums: rounding only
+    nan = np.where(mask, np.nan, A)
+    other = _fit(sp.csc_matrix(nan) if sparse else nan, 3, w0, maxit=15)
+    np.testing.assert_allclose(other.w, model.w, rtol=1e-12, atol=1e-16)
+    np.testing.assert_allclose(other.misc["loss_history"], model.misc["loss_history"], rtol=1e-13)
+
+
+def test_kl_mask_zeros_matches_numpy(small):
+    A, mask, w0 = small
+    model = _fit(sp.csc_matrix(A), 3, w0, mask="zeros", maxit=12)
+    w, h, losses, _ = numpy_masked_mu(A, A > 0, w0, 12)  # only stored entries are observed
+    np.testing.assert_allclose(model.w, w, rtol=1e-10, atol=1e-14)  # rounding only (as above)
+    np.testing.assert_allclose(model.misc["loss_history"], losses, rtol=1e-10)
+
+
+def test_kl_l2_matches_numpy_and_shrinks(small):
+    A, mask, w0 = small
+    L2 = (0.2, 0.1)
+    model = _fit(sp.csc_matrix(A), 3, w0, mask=sp.csc_matrix(mask), maxit=15, L2=L2)
+    w, h, _, _ = numpy_masked_mu(A, ~mask, w0, 15, L2=L2)
+    np.testing.assert_allclose(model.w, w, rtol=1e-10, atol=1e-14)  # rounding only (as above)
+    np.testing.assert_allclose(model.h * model.d[:, None], h, rtol=1e-10, atol=1e-14)
+    plain = _fit(A, 3, w0, maxit=200)
+    ridge = _fit(A, 3, w0, maxit=200, L2=(0.0, 0.5))
+    hp, hr = plain.h * plain.d[:, None], ridge.h * ridge.d[:, None]
+    # L2 on H shrinks its large entries (sum of squares measured 5.6e5 → 2.9e5) at the cost of the fit
+    assert np.square(hr).sum() < 0.7 * np.square(hp).sum()
+    assert ridge.misc["loss"] > plain.misc["loss"]
+
+
+def test_kl_cross_validation_losses(small):
+    A, mask, w0 = small
+    frac, cv_seed = 0.1, 7
+    nan = np.where(mask, np.nan, A)
+    model = _fit(sp.csc_matrix(nan), 3, w0, maxit=25, test_fraction=frac, cv_seed=cv_seed, patience=100)
+    held = _holdout(A.shape, cv_seed, frac)
+    test, train = held & ~mask, ~held & ~mask
+    w, h, losses, tests = numpy_masked_mu(A, train, w0, 25, test=test)
+    misc = model.misc
+    assert misc["n_test"] == test.sum()
+    # train: the mean divergence over the training entries; test: over the held-out ones (means, as
+    # the squared-error masked loop); per iteration against the NumPy reference, rounding only
+    np.testing.assert_allclose(misc["loss_history"], losses / train.sum(), rtol=1e-10)
+    np.testing.assert_allclose(misc["test_loss_history"], tests, rtol=1e-10)
+    mu = model.w * model.d @ model.h
+    assert misc["test_loss_history"][-1] == pytest.approx(masked_kl(A, mu, test) / test.sum(), rel=1e-10)
+    assert misc["train_loss"] == pytest.approx(masked_kl(A, mu, train) / train.sum(), rel=1e-10)
+    # the record's test loss is the best one, at 1-based best_iter
+    assert misc["test_loss"] == misc["test_loss_history"].min()
+    assert misc["best_iter"] == int(np.argmin(misc["test_loss_history"])) + 1
+    seen = []
+    _fit(sp.csc_matrix(nan), 3, w0, maxit=5, test_fraction=frac, cv_seed=cv_seed,
+         on_iteration=lambda r: seen.append((r.train_loss, r.test_loss)))
+    np.testing.assert_allclose(seen, np.c_[losses[:5] / train.sum(), tests[:5]], rtol=1e-10)
+
+
+def test_kl_early_stopping_on_the_test_loss(small):
+    A, _, w0 = small
+    model = _fit(A, 3, w0, maxit=500, test_fraction=0.2, cv_seed=3, patience=3)
+    hist = model.misc["test_loss_history"]
+    # §3.2: stopped 3 iterations after the best test loss, or when its relative change fell below tol=0
+    assert model.misc["converged"] and model.misc["iter"] < 500
+    assert model.misc["iter"] == model.misc["best_iter"] + 3 and hist.min() == model.misc["test_loss"]
+
+
+def test_kl_rank_cross_validation_picks_the_planted_rank():
+    rng = np.random.default_rng(0)
+    m, n, k = 100, 150, 4
+    A = sp.csc_matrix(rng.poisson(rng.gamma(0.5, 1.0, (m, k)) @ rng.gamma(0.5, 1.0, (k, n)) * 2).astype(float))
+    # patience 20: the multiplicative updates' test loss rises for a few iterations from the flat
+    # start before it falls (measured), which the default patience 5 takes for overfitting
+    cv = dnmf.nmf(A, [2, 3, 4, 5, 6], loss="kl", test_fraction=0.1, cv_seed=[1, 2], maxit=300, tol=1e-5,
+                  patience=20, client=False)
+    assert cv.best_k == k  # planted k = 4 (also on seeds 1 and 2 of this matrix, measured)
+    mean = cv.mean_test.to_numpy()
+    assert np.all(np.diff(mean[:3]) < 0) and np.all(np.diff(mean[2:]) > 0)  # down to k = 4, up after
+    row = cv.table.iloc[2]  # rep 1, k = 4: the row is the fit's own record (KL means)
+    model = dnmf.nmf(A, 4, loss="kl", test_fraction=0.1, cv_seed=1, maxit=300, tol=1e-5, patience=20,
+                     init=dnmf.cv.engine_init(m, 4, 1 + 4), seed=1 + 4, client=False)
+    assert row[cv.test_column] == model.misc["test_loss"] and row[cv.train_column] == model.misc["train_loss"]
+
+
+def test_kl_masked_cv_is_the_same_on_two_workers(small):
+    distributed = pytest.importorskip("distributed")
+    A, mask, w0 = small
+    nan = sp.csc_matrix(np.where(mask, np.nan, A))
+    kw = dict(maxit=8, test_fraction=0.1, cv_seed=5, L2=(0.1, 0.1))
+    here = _fit(nan, 3, w0, **kw)
+    grid = dict(loss="kl", test_fraction=0.1, cv_seed=[1, 2], maxit=10, tol=0)
+    cv_here = dnmf.nmf(A, [2, 3], client=False, **grid)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        there = _fit(nan, 3, w0, **dict(kw, client=client))
+        cv_there = dnmf.nmf(A, [2, 3], client=client, **grid)
+    np.testing.assert_array_equal(here.w, there.w)  # block-order sums: bitwise
+    np.testing.assert_array_equal(here.misc["test_loss_history"], there.misc["test_loss_history"])
+    cols = [cv_here.train_column, cv_here.test_column]
+    np.testing.assert_array_equal(cv_here.table[cols].to_numpy(), cv_there.table[cols].to_numpy())
+
+
 def test_kl_refuses_what_it_does_not_fit(planted):
     A, _, _ = planted
-    for kw, name in ((dict(test_fraction=0.1), "test_fraction"), (dict(L1=0.1), "L1"),
-                     (dict(mask="zeros"), "mask_zeros"), (dict(projective=True), "projective")):
+    for kw, name in ((dict(projective=True), "projective"), (dict(norm="L2"), "norm"),
+                     (dict(nonneg=(True, False)), "nonneg"), (dict(L1=0.1), "L1")):
         with pytest.raises(InputError, match=f"'{name}' parameter of nmf .*loss=\"kl\""):
             dnmf.nmf(A, 3, loss="kl", client=False, **kw)
     with pytest.raises(InputError, match="'loss' parameter"):

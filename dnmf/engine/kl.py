@@ -1,110 +1,165 @@
 """NMF under the KL (Poisson) loss on the blocked engine: multiplicative updates, one pass over A.
 
-Per iteration, with W (unit L1 columns) and H (its blocks Hⱼᵀ, carrying the scale) on the client:
+Per pass, with W (unit L1 columns) and H (its blocks Hⱼᵀ, carrying the scale) on the client:
 
-1. one task per column block (:func:`~dnmf.kernels.kl.csc_kl_pass`): H's multiplicative update
-   ``h_c ← h_c ∘ Wᵀ(a_c/μ_c)`` (``Wᵀ1 = 1``), then with the new H the W update's statistics
-   ``P = Σ_c (a_c/μ'_c) h_cᵀ``, ``hsum = Σ_c h_c`` and the stored part of the objective;
+1. one task per column block (:func:`~dnmf.kernels.kl.csc_kl_pass`): the objective of the
+   incoming (W, H) — train divergence over the observed entries, test divergence over the
+   held-out ones — read together with H's multiplicative update
+   ``h_c ← h_c ∘ [Σ_obs (a/μ) w_i] / [Σ_obs w_i + L1 + L2·h_c]``; then with the new H the W update's
+   statistics ``P = Σ_c (a_c/μ'_c) h_cᵀ``, ``hsum = Σ_c h_c`` and the missing rows' partial ``R``;
 2. the partials are summed in block order (any number of workers: the same bits);
-3. client: ``W ← W ∘ P / hsum`` (Lee–Seung), its columns rescaled to unit L1 norm with the
-   scale moved into H (``μ`` unchanged), the objective ``Σ_stored (a log(a/μ') − a) + Σ hsum``
-   — the zeros of sparse A enter only through ``Σ μ`` in closed form — and the convergence test.
+3. client: the objective of the incoming state is recorded (iteration t's, when the pass is
+   t + 1's) and the convergence test run on it; if the fit goes on, ``W ← W ∘ P / (D + L1 +
+   L2·W)`` with the row denominators ``D_i = Σ_{j obs in row i} h_j`` (``hsum − R_i``),
+   its columns rescaled to unit L1 norm with the scale moved into H (``μ`` unchanged).
 
-The objective reported for an iteration is that of (its new H, the W it started from); both
-half-steps are non-increasing for the KL divergence, so the history is too. H lives on the
-client between iterations (n·k numbers), so a lost worker costs a re-placement and a redo of the
-iteration in progress.
+The zeros of sparse A enter only through ``Σ_obs μ = Σ_c den_c·h_c`` in closed form, and
+missing entries (mask, NaN, the §5.2 hold-out set; ``mask="zeros"``: every unstored entry) only
+through the denominators, so a fit with missing entries is still one pass over the stored
+entries per iteration. Since the objective of an iteration's result is read in the next pass,
+a fit of t iterations makes t + 1 passes (the last one's updates are dropped), and the history
+holds the objective of the factors returned: ``loss_history[-1]`` is the divergence of the
+model, and with a hold-out set ``test_loss_history[t−1]`` that of iteration t's factors.
+Without penalties every step is non-increasing for the divergence over the observed entries,
+so the history is too.
+
+The penalties are those of the standard penalized multiplicative updates (L1 and L2 added to
+the MU denominators, ``+ L1 + L2·x``), applied to the factors as they are updated — H with the
+scale, W with unit-L1 columns — not RcppML's penalties applied inside an NNLS solve.
+
+H lives on the client between iterations (n·k numbers), so a lost worker costs a re-placement
+and a redo of the pass in progress.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import numpy as np
+import scipy.sparse as sp
 from dask.sizeof import sizeof
 
 from ..exceptions import WorkerLostError
 from ..io.blocks import BlockedMatrix
-from ..kernels.kl import csc_kl_pass
-from .als import ALSOptions, ALSState, IterationRecord, check_convergence, count_recovery
+from ..kernels.kl import KL_OUT, csc_kl_pass
+from .als import ALSOptions, IterationRecord, check_convergence, count_recovery
 from .executor import Executor
-from .masked import as_csc64
+from .masked import MaskedState, MaskOptions, _cv_stop, _kernel_args, _mask_parts, as_csc64
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["KLStats", "fit_kl", "kl_task"]
 
+_NO_MASK = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+_NO_CV = (False, False, np.uint64(0), np.uint64(0))
+
 
 class KLStats(NamedTuple):
     """Per-block partials of the KL pass (float64)."""
 
-    P: np.ndarray  # (m, k) Σ_c (a_c/μ'_c) h_cᵀ
+    P: np.ndarray  # (m, k) Σ_c (a_c/μ'_c) h_cᵀ over observed stored entries
     hsum: np.ndarray  # (k,) Σ_c h_c
-    stored: np.ndarray  # (1,) Σ_stored a log(a/μ') − a
+    R: np.ndarray  # (m, k) Σ_c h_c over the missing rows of c (zeros missing: the observed); (0, k): none
+    out: np.ndarray  # (KL_OUT,) the incoming objective's parts (kernels/kl.py::csc_kl_pass)
 
 
 @sizeof.register(KLStats)
 def _sizeof_kl_stats(stats: KLStats) -> int:
-    return int(stats.P.nbytes + stats.hsum.nbytes + 72)
+    return int(stats.P.nbytes + stats.hsum.nbytes + stats.R.nbytes + stats.out.nbytes + 96)
 
 
 def combine_kl(a: KLStats, b: KLStats) -> KLStats:
-    return KLStats(a.P + b.P, a.hsum + b.hsum, a.stored + b.stored)
+    return KLStats(a.P + b.P, a.hsum + b.hsum, a.R + b.R, a.out + b.out)
 
 
-def kl_task(block, ht_prev, w: np.ndarray, scale: np.ndarray):
+def kl_task(block, mk: tuple, ht_prev, col0: int, w: np.ndarray, scale: np.ndarray, hside: tuple, kargs: tuple,
+            track: bool):
     """One column block (float64 CSC, :func:`~dnmf.engine.masked.as_csc64`): ``(new H_jᵀ, KLStats)``.
-    Without a previous H the start is ``h_c = (Σ_i a_ic / k)·1`` (positive wherever the column is
-    not empty)."""
+
+    ``mk``: the block's user mask (CSC indices, indptr; empty: none); ``hside``: H's (L1, L2);
+    ``kargs``: the kernel's hold-out arguments (:func:`~dnmf.engine.masked._kernel_args`);
+    ``track``: form the missing rows' partial R (a fit with missing entries). Without a
+    previous H each column starts at the same value, scaled so that ``Σ_obs μ = Σ_obs a``.
+    """
     m, k = w.shape
-    if ht_prev is None:
-        colsum = np.add.reduceat(block.data, block.indptr[:-1]) if block.data.size else np.zeros(block.shape[1])
-        colsum[np.diff(block.indptr) == 0] = 0.0  # reduceat repeats the next value for an empty column
-        ht = np.repeat(colsum[:, None] / k, k, axis=1)
-        scale = np.ones(k)
-    else:
-        ht = np.array(ht_prev, dtype=np.float64, copy=True)
+    cold = ht_prev is None
+    ht = np.zeros((block.shape[1], k)) if cold else np.array(ht_prev, dtype=np.float64, copy=True)
     P = np.zeros((m, k))
     hsum = np.zeros(k)
-    out = np.zeros(1)
-    csc_kl_pass(block.data, block.indices, block.indptr, w, ht, scale, P, hsum, out)
-    return ht, KLStats(P, hsum, out)
+    R = np.zeros((m if track else 0, k))
+    out = np.zeros(KL_OUT)
+    csc_kl_pass(block.data, block.indices, block.indptr, int(col0), w, w.sum(axis=0), ht,
+                np.ones(k) if cold else scale, cold, float(hside[0]), float(hside[1]), *kargs, mk[0], mk[1],
+                P, hsum, R, out)
+    return ht, KLStats(P, hsum, R, out)
 
 
 @dataclass
-class KLState(ALSState):
-    """:class:`~dnmf.engine.als.ALSState` with the scale H takes at its next update."""
+class KLState(MaskedState):
+    """:class:`~dnmf.engine.masked.MaskedState` with the scale H takes at its next update."""
 
     scale: np.ndarray = None
 
 
+def _w_update(w: np.ndarray, stats: KLStats, zeros_missing: bool, l1: float, l2: float) -> tuple:
+    """``W ∘ P / (D + L1 + L2·W)`` with unit-L1 columns: ``(W, scale moved into H)``. Where a
+    denominator is 0 (a row with nothing observed) the entry is kept."""
+    if stats.R.shape[0] == 0:
+        D = np.broadcast_to(stats.hsum[None, :], w.shape)
+    else:
+        D = stats.R if zeros_missing else np.maximum(stats.hsum[None, :] - stats.R, 0.0)
+    den = D + l1 + l2 * w
+    w_new = w * np.divide(stats.P, den, out=np.ones_like(stats.P), where=den > 0)
+    s = w_new.sum(axis=0)
+    s = np.where(s > 0, s, 1.0)
+    return np.ascontiguousarray(w_new / s[None, :]), s
+
+
 def fit_kl(blocked: BlockedMatrix, w0: np.ndarray, opts: ALSOptions, executor: Executor, *,
-           on_iteration: Callable | None = None):
+           mo: MaskOptions | None = None, on_iteration: Callable | None = None):
     """Run the KL loop; returns ``(state, ht_blocks)`` as :func:`~dnmf.engine.als.fit_als` does:
     ``state.w`` with unit-L1 columns, ``state.d`` the scale, and the raw H blocks with
-    ``state.h_scale = 1/d`` (so ``Ĥ = Hᵀ·h_scale`` and ``μ = W·diag(d)·Ĥ``)."""
+    ``state.h_scale = 1/d`` (so ``Ĥ = Hᵀ·h_scale`` and ``μ = W·diag(d)·Ĥ``).
+
+    ``mo``: the missing and held-out entries (None: none). ``loss_history`` holds the divergence
+    over the observed entries — with a hold-out set, as the masked squared-error loop, its mean
+    over the training entries, ``test_history`` the mean over the test entries, and the stop is
+    RcppML's §3.2 rule on the test loss (:func:`~dnmf.engine.masked._cv_stop`); otherwise
+    :func:`~dnmf.engine.als.check_convergence` on the total. ``on_iteration`` gets
+    ``(iteration, train, test)``, test NaN without a hold-out set.
+    """
     k = opts.k
     n_blocks = blocked.n_blocks
+    cb = blocked.col_bounds
+    cv_on = mo is not None and mo.cv_on
+    zeros_missing = mo is not None and mo.zeros_missing
+    track = mo is not None
+    mask = None if mo is None or mo.mask is None else sp.csc_matrix(mo.mask, dtype=bool)
+    cmasks = _mask_parts(mask, cb, axis=1) if mask is not None else [_NO_MASK] * n_blocks
+    kargs = _kernel_args(mo) if mo is not None else _NO_CV
+    col0s = [int(c) for c in cb[:-1]]
+    hside = (float(opts.L1[1]), float(opts.L2[1]))
     w = np.ascontiguousarray(w0, dtype=np.float64)
     w = w / (w.sum(axis=0) + 1e-300)[None, :]
     state = KLState(w=w, d=np.ones(k), ht=[None] * n_blocks, h_scale=np.ones(k), scale=np.ones(k))
     blocks = None
     recoveries = 0
     t0 = time.perf_counter()
-    while state.iteration < opts.maxit:
-        it = state.iteration + 1
+    while opts.maxit >= 1:
+        it = state.iteration
         try:
             if blocks is None:
                 sources = list(blocked.sources)
                 raw = executor.put_blocks([s.load() for s in sources] if blocked.in_memory else sources)
                 blocks = executor.map_blocks(as_csc64, raw)  # float64 CSC once, not in every iteration
                 executor.release(raw)
-            outs = executor.map_blocks(kl_task, blocks, state.ht, args=(state.w, state.scale), n_out=2)
-            parts = [o[1] for o in outs]
-            stats = executor.tree_reduce(combine_kl, parts)
+            outs = executor.map_blocks(kl_task, blocks, cmasks, state.ht, col0s,
+                                       args=(state.w, state.scale, hside, kargs, track), n_out=2)
+            stats = executor.tree_reduce(combine_kl, [o[1] for o in outs])
             ht = executor.gather([o[0] for o in outs])
             executor.release([h for o in outs for h in o])
         except WorkerLostError as exc:
@@ -112,25 +167,11 @@ def fit_kl(blocked: BlockedMatrix, w0: np.ndarray, opts: ALSOptions, executor: E
             blocks = None
             recoveries = count_recovery(exc, recoveries, executor, "KL fit", state.iteration)
             continue
-        loss = float(stats.stored[0] + stats.hsum.sum())  # W's columns sum to 1: Σμ' = Σ hsum
-        grow = np.divide(stats.P, stats.hsum[None, :], out=np.ones_like(stats.P), where=stats.hsum[None, :] > 0)
-        w_new = state.w * grow
-        s = w_new.sum(axis=0)
-        s = np.where(s > 0, s, 1.0)
-        state.w, state.scale, state.ht = np.ascontiguousarray(w_new / s[None, :]), s, ht
-        state.iteration = it
-        state.loss_history.append(loss)
-        stop = check_convergence(state, opts)
-        logger.debug("iteration %d KL %.6g", it, loss)
-        if on_iteration is not None:
-            try:
-                on_iteration(IterationRecord(it, loss, float("nan")))
-            except StopIteration:
-                state.stopped_by_callback = True
-                stop = True
-        if stop:
-            state.converged = not state.stopped_by_callback
-            break
+        if it >= 1 and _record(state, stats.out, opts, cv_on, on_iteration):
+            break  # the factors of iteration `it` are kept; this pass's updates are dropped
+        state.w, state.scale = _w_update(state.w, stats, zeros_missing, float(opts.L1[0]), float(opts.L2[0]))
+        state.ht = ht
+        state.iteration = it + 1
     state.runtime = time.perf_counter() - t0
     executor.release(blocks or [])
     final = [None if h is None else h * state.scale[None, :] for h in state.ht]
@@ -138,3 +179,31 @@ def fit_kl(blocked: BlockedMatrix, w0: np.ndarray, opts: ALSOptions, executor: E
         state.d = np.concatenate(final, axis=0).sum(axis=0) + 1e-15
         state.h_scale = 1.0 / state.d
     return state, final
+
+
+def _record(state: KLState, out: np.ndarray, opts: ALSOptions, cv_on: bool, on_iteration) -> bool:
+    """Record iteration ``state.iteration``'s objective (read by the pass after it): convergence,
+    callback; True when the fit stops here."""
+    it = state.iteration
+    total = float(out[0] + out[1])
+    state.n_train, state.n_test = int(out[2]), int(out[4])
+    if cv_on:
+        train = total / max(out[2], 1.0)
+        test = float(out[3] / out[4]) if out[4] > 0 else float("nan")
+        state.loss_history.append(train)
+        state.test_history.append(test)
+        stop = _cv_stop(state, opts)
+    else:
+        train, test = total, float("nan")
+        state.loss_history.append(train)
+        stop = check_convergence(state, opts)
+    logger.debug("iteration %d KL train %.6g test %.6g", it, train, test)
+    if on_iteration is not None:
+        try:
+            on_iteration(IterationRecord(it, train, test))
+        except StopIteration:
+            state.stopped_by_callback = True
+            stop = True
+    if stop:
+        state.converged = not state.stopped_by_callback
+    return stop or it >= opts.maxit
