@@ -8,7 +8,7 @@ import numpy as np
 
 from .models import NMFModel
 
-__all__ = ["fit", "uns_record"]
+__all__ = ["fit", "uns_record", "read_annotations"]
 
 
 def fit(adata: Any, k: int, *, layer: str | None = None, key: str = "nmf", **nmf_kwargs) -> NMFModel:
@@ -90,3 +90,33 @@ def uns_record(model: NMFModel, *, layer: str | None = None, **params: Any) -> d
         "L1": np.asarray(misc["L1"]),
         "L2": np.asarray(misc["L2"]),
     }
+
+
+def read_annotations(path: str):
+    """``(obs, var)`` of an .h5ad file or an AnnData Zarr store, without reading X.
+
+    None when ``path`` is a Zarr store that is not AnnData (or not a Zarr group at all). Used by
+    the pipelines to carry cell and gene annotations into their outputs.
+    """
+    if str(path).lower().endswith(".h5ad"):
+        import h5py
+
+        read_elem = _read_elem()
+        with h5py.File(path, "r") as f:
+            return read_elem(f["obs"]), read_elem(f["var"])
+    import zarr
+
+    try:
+        g = zarr.open_group(path, mode="r")
+    except Exception:  # noqa: BLE001 - not a group: not an AnnData store
+        return None
+    if g.attrs.get("encoding-type") != "anndata":
+        return None
+    read_elem = _read_elem()
+    return read_elem(g["obs"]), read_elem(g["var"])
+
+
+def _read_elem():
+    import anndata  # only for AnnData inputs
+
+    return getattr(getattr(anndata, "io", anndata), "read_elem", None) or anndata.experimental.read_elem

@@ -57,6 +57,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 import dnmf
+import dnmf.anndata
 import dnmf.datasets
 import dnmf.io
 import dnmf.params
@@ -214,32 +215,6 @@ class _Loaded:
     data: Any
     obs: Any = None
     var: Any = None
-
-
-def _anndata_annotations(path: str):
-    """obs and var of an .h5ad file or an AnnData Zarr store, without reading X (None otherwise)."""
-    if path.lower().endswith(".h5ad"):
-        import h5py
-
-        read_elem = _read_elem()
-        with h5py.File(path, "r") as f:
-            return read_elem(f["obs"]), read_elem(f["var"])
-    import zarr
-
-    try:
-        g = zarr.open_group(path, mode="r")
-    except Exception:  # noqa: BLE001 - not a group: not an AnnData store
-        return None
-    if g.attrs.get("encoding-type") != "anndata":
-        return None
-    read_elem = _read_elem()
-    return read_elem(g["obs"]), read_elem(g["var"])
-
-
-def _read_elem():
-    import anndata  # only for AnnData inputs
-
-    return getattr(getattr(anndata, "io", anndata), "read_elem", None) or anndata.experimental.read_elem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +376,7 @@ def _load_raw(inp: FactorizeInput, job, block_nnz: int | None = None) -> _Loaded
     if inp.synthetic is not None:
         _ensure_synthetic(inp.synthetic, path, job)
         return _Loaded(path)
-    ann = _anndata_annotations(path) if path.lower().endswith((".h5ad", ".zarr")) else None
+    ann = dnmf.anndata.read_annotations(path) if path.lower().endswith((".h5ad", ".zarr")) else None
     if inp.layer is not None:
         data = dnmf.io.as_blocked(path, layer=inp.layer)
     elif ann is None and path.lower().endswith(".zarr"):

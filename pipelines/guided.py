@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 
 import dnmf
+import dnmf.anndata
 import dnmf.datasets
 import dnmf.params
 from pipelines import factorize
@@ -138,7 +139,7 @@ def input_obs(inp: FactorizeInput) -> pd.DataFrame | None:
         return obs if isinstance(obs, pd.DataFrame) else None
     if inp.path is None or inp.synthetic is not None or not inp.path.lower().endswith((".h5ad", ".zarr")):
         return None
-    ann = factorize._anndata_annotations(inp.path)
+    ann = dnmf.anndata.read_annotations(inp.path)
     if ann is not None:
         return ann[0]
     return pd.DataFrame(index=pd.Index([], dtype=object))
