@@ -15,6 +15,7 @@ Public API (all importable from ``dnmf``):
   :func:`classify_rf`, :class:`ClassifierEvaluation`, :func:`nnls`, :func:`bipartition`,
   :class:`Bipartition`, :func:`dclust`, :class:`DClustResult`
 * losses (spec §6): :mod:`dnmf.losses` (the loss registry, ``evaluate``, ``mse``), :func:`suggest_loss`
+* penalties (spec §8): :func:`laplacian` (a graph Laplacian for ``nmf(graph_W=..., graph_H=...)``)
 * data: :mod:`dnmf.io` (``as_blocked``, ``write_zarr``), :mod:`dnmf.datasets`, :mod:`dnmf.anndata`,
   :mod:`dnmf.preprocess` (``normalize_total``, ``log1p``, ``select_features``, ``recipe``)
 * covariates / random effects: :func:`nmfkc`, :func:`nmfkc_inference`, :func:`nmfkc_ecv`,
@@ -90,6 +91,7 @@ _LAZY = {
     "dclust": "dnmf.guided",
     "DClustResult": "dnmf.guided",
     "suggest_loss": "dnmf.losses",
+    "laplacian": "dnmf.solvers.penalties",
     "losses": "dnmf.losses",
 }
 

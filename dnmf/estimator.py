@@ -87,6 +87,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     L1, L2 : float or (float, float), default (0.0, 0.0)
         Lasso / ridge penalties as (W side, H side); W is ``components_ᵀ``, H the sample side.
         L1 is in [0, 1).
+    L21, angular, upper_bound, graph_lambda : float or (float, float), default (0.0, 0.0)
+        RcppML's §8 penalties as (W side, H side): group sparsity, angular decorrelation, a box
+        bound (0: none) and the graph strength (the graphs themselves are :func:`dnmf.nmf`'s
+        ``graph_W`` / ``graph_H``); see :func:`dnmf.nmf`.
     nonneg : bool or (bool, bool), default (True, True)
         Non-negativity of (W, H).
     norm : {"L1", "L2", "none"}, default "L1"

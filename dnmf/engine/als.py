@@ -31,6 +31,7 @@ from ..kernels.column import ColumnTerms, column_terms
 from ..kernels.fused import csc_block_pass, csc_sq_norm
 from ..kernels.nnls import SOLVER_CHOLESKY
 from ..solvers.hstep import MODE_FIXED, MODE_NNLS, MODE_PROJECT, HStep, h_step, solve_dense_columns
+from ..solvers.penalties import Penalties, angular_matrix, apply_angular, apply_bound
 from ..solvers.targets import FitTargets
 from ..solvers.updates import cholesky_or_empty, scale_rows, update_factor
 from .executor import Executor
@@ -66,6 +67,7 @@ class ALSOptions:
     checkpoint_every: int = 10
     projective: bool = False  # H = diag(d)·WᵀA, no NNLS (RcppML §7)
     symmetric: bool = False  # A ≈ W diag(d) Wᵀ: H is W's transpose, only W is solved (RcppML §7)
+    penalties: Penalties = field(default_factory=Penalties)  # L21, angular, bounds, graphs (RcppML §8)
 
 
 @dataclass
@@ -82,6 +84,10 @@ class ALSState:
     below_tol: int = 0
     converged: bool = False
     stopped_by_callback: bool = False
+    # The current normalized Ĥ for the H side's penalty terms (solvers/penalties.py), kept on the
+    # client only when needed: its squared row norms (L21) and Ĥᵀ itself (n × k, graph_H).
+    h_sq: np.ndarray | None = None
+    h_hat: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +170,7 @@ def h_update_task(block, ht_prev, hs: HStep, terms: ColumnTerms | None = None):
         hsum = np.zeros(k)
         csc_block_pass(block.data, block.indices, block.indptr, w, hs.G, hs.L, hs.l1, ht, hs.warm_scale,
                        column_terms(k) if terms is None else terms, hs.solver, hs.nonneg, hs.cd_maxit, hs.cd_tol,
-                       warm, P, Q, hsum)
+                       warm, P, Q, hsum, hs.ub)
     else:
         a = block if block.dtype == np.float64 else block.astype(np.float64)
         ht, Q, hsum = solve_dense_columns(w.T @ a, hs, ht, warm, terms)
@@ -238,14 +244,16 @@ def _place_blocks(blocked: BlockedMatrix, executor: Executor, stream: bool) -> l
 
 
 def h_task_step(w: np.ndarray, h_scale: np.ndarray, opts: ALSOptions, targets: FitTargets | None = None,
-                d: np.ndarray | None = None) -> HStep:
+                d: np.ndarray | None = None, penalty: np.ndarray | None = None) -> HStep:
     """Step 1: the block tasks' shared arguments for the current W — its Gram
-    ``G = WᵀW + L2_H·I`` (then the H target's Gram term, guided spec §2.2) and G's Cholesky
-    factor, with the H-side penalties, warm-start scale and solver settings, as one
-    :class:`~dnmf.solvers.hstep.HStep`. Projective NMF projects with ``W·diag(d)`` instead;
-    symmetric NMF takes H as given (W's rows, see :func:`_h_inputs`)."""
+    ``G = WᵀW + L2_H·I`` (then ``penalty``, the H side's graph and L21 terms, then the H target's
+    Gram term, guided spec §2.2) and G's Cholesky factor, with the H-side penalties, upper
+    bound, warm-start scale and solver settings, as one :class:`~dnmf.solvers.hstep.HStep`.
+    Projective NMF projects with ``W·diag(d)`` instead; symmetric NMF takes H as given (W's
+    rows, see :func:`_h_inputs`)."""
     hs = h_step(w, l1=opts.L1[1], l2=opts.L2[1], solver=opts.solver, nonneg=opts.nonneg[1], cd_maxit=opts.cd_maxit,
-                cd_tol=opts.cd_tol, warm_scale=h_scale, ridge=1e-15)
+                cd_tol=opts.cd_tol, warm_scale=h_scale, ridge=1e-15, penalty=penalty,
+                ub=opts.penalties.upper_bound[1])
     if targets is not None and targets.h is not None:
         G = targets.h_gram(hs.G)
         hs = hs._replace(G=G, L=cholesky_or_empty(G, opts.solver))
@@ -257,8 +265,21 @@ def h_task_step(w: np.ndarray, h_scale: np.ndarray, opts: ALSOptions, targets: F
 
 
 def _h_task_args(state: ALSState, opts: ALSOptions, targets: FitTargets | None = None) -> tuple:
-    """:func:`h_task_step` for the current W, in a 1-tuple for ``map_blocks``."""
-    return (h_task_step(state.w, state.h_scale, opts, targets, state.d),)
+    """:func:`h_task_step` for the current W (and the current Ĥ's penalty terms), in a 1-tuple
+    for ``map_blocks``."""
+    penalty = opts.penalties.gram(1, state.h_hat, state.h_sq)
+    return (h_task_step(state.w, state.h_scale, opts, targets, state.d, penalty),)
+
+
+def angular_task(block, ht, M: np.ndarray):
+    """The H side's angular step on one block (``H_j ← max(0, H_j − M H_j)``, M from the whole new
+    H's Gram, ``solvers/penalties.py``) and the block's partials recomputed from the new H_j —
+    the second pass over A that an exact angular H costs (``docs/architecture.md``)."""
+    block = load_block(block)
+    ht = apply_angular(np.asarray(ht, dtype=np.float64), M)
+    a = block.to_scipy() if isinstance(block, CSCBlock) else np.asarray(block, dtype=np.float64)
+    P = np.asarray(a @ ht, dtype=np.float64)
+    return ht, BlockStats(np.ascontiguousarray(P), ht.T @ ht, np.abs(ht).sum(axis=0))
 
 
 def _h_inputs(state: ALSState, opts: ALSOptions, blocked: BlockedMatrix, ht: list) -> list:
@@ -276,6 +297,15 @@ def _solve_h(executor: Executor, blocks: list, ht: list, terms: list, h_args: tu
     return [o[0] for o in outs], [o[1] for o in outs]
 
 
+def _angular_h(executor: Executor, blocks: list, ht: list, stats: BlockStats, lam: float):
+    """The exact angular step of H (second pass): ``(new H handles, partial handles, summed stats)``;
+    the handles given are released."""
+    outs = executor.map_blocks(angular_task, blocks, ht, args=(angular_matrix(stats.Q, lam),), n_out=2)
+    new_ht, parts = [o[0] for o in outs], [o[1] for o in outs]
+    stats = executor.tree_reduce(combine_stats, parts)
+    return new_ht, parts, stats
+
+
 def _update_w(state: ALSState, stats: BlockStats, opts: ALSOptions, sq_norm_a: float, it: int,
               targets: FitTargets | None = None) -> float:
     """Step 4 (aggregate): normalize H into ``s``, update W, scale it into d; returns the loss.
@@ -290,15 +320,26 @@ def _update_w(state: ALSState, stats: BlockStats, opts: ALSOptions, sq_norm_a: f
     Gw = Qn.copy()
     Gw[np.diag_indices(opts.k)] += 1e-15
     Gs, Ps, l2 = Gw, Pn, opts.L2[0]
-    if targets is not None and targets.w is not None:  # L2, then the target (guided spec §2.2)
+    pen = opts.penalties
+    penalty = pen.gram(0, state.w)  # graph and L21 of the current W (solvers/penalties.py)
+    if penalty is not None or (targets is not None and targets.w is not None):
+        # L2, then graph and L21, then the target (RcppML §8, guided spec §2.2)
         Gs = Gw + l2 * np.eye(opts.k)
-        Gs, Ps = targets.w_problem(Gs, Pn)
+        if penalty is not None:
+            Gs = Gs + penalty
+        if targets is not None and targets.w is not None:
+            Gs, Ps = targets.w_problem(Gs, Pn)
         l2 = 0.0
     w_new = update_factor(Gs, Ps, opts.L1[0], l2, opts.solver, opts.nonneg[0], opts.cd_maxit, opts.cd_tol,
                           w_prev=state.w if it > 1 else None)
+    w_new = apply_bound(w_new, pen.upper_bound[0])
+    if pen.angular[0] > 0:
+        w_new = apply_angular(w_new, angular_matrix(w_new.T @ w_new, pen.angular[0]))
     w_new, d = scale_rows(w_new.T, opts.norm)
     w_new = np.ascontiguousarray(w_new.T)
     state.w, state.d, state.h_scale = w_new, d, inv_s
+    if pen.L21[1] > 0:
+        state.h_sq = np.diag(Qn).copy()
     cross = float(np.sum(d * np.einsum("ir,ir->r", w_new, Pn)))
     quad = float(np.sum(np.outer(d, d) * (w_new.T @ w_new) * Gw))
     return sq_norm_a - 2.0 * cross + quad
@@ -346,6 +387,11 @@ def fit_als(
     # Where H comes from when the blocks are (re-)placed: a resumed fit's arrays until its first
     # iteration; after that the task arguments that produced state.ht (to re-solve them cold).
     resumed_ht = state.ht if state.ht[0] is not None else None
+    pen = opts.penalties
+    ang_h = pen.angular[1] if not (opts.projective or opts.symmetric) else 0.0
+    if resumed_ht is not None and pen.gram_on(1):  # the H side's terms need the current Ĥ
+        state.h_hat = np.concatenate(resumed_ht, axis=0) * state.h_scale[None, :]
+        state.h_sq = None
     h_args = None
     h_state = state  # the W (for symmetric NMF) behind h_args
     blocks = None  # block handles; None until (re-)placed
@@ -365,6 +411,12 @@ def fit_als(
                     # A checkpoint or the result needs the lost H of the last iteration.
                     state.ht, parts = _solve_h(executor, blocks, _h_inputs(h_state, opts, blocked, [None] * n_blocks),
                                                terms, h_args)
+                    if ang_h > 0:
+                        first = state.ht
+                        state.ht, parts2, _ = _angular_h(executor, blocks, first, executor.tree_reduce(
+                            combine_stats, parts), ang_h)
+                        executor.release([*first, *parts])
+                        parts = parts2
                     executor.release(parts)
                 else:
                     state.ht = [None] * n_blocks  # the next iteration starts cold
@@ -389,10 +441,20 @@ def fit_als(
             executor.release(stale)
             # 3. deterministic tree reduction of the partials (combine).
             stats = executor.tree_reduce(combine_stats, parts)
+            if ang_h > 0:  # the exact angular step of H needs the whole new H's Gram: a second pass
+                first, first_parts = new_ht, parts
+                new_ht, parts, stats = _angular_h(executor, blocks, new_ht, stats, ang_h)
+                in_flight += new_ht + parts
+                executor.release([*first, *first_parts])
+            # graph_H needs the whole new H (n × k) on the client (n·k numbers per iteration):
+            # gathered before the client's step, so a lost worker cannot interrupt it half-way
+            h_raw = np.concatenate(executor.gather(new_ht), axis=0) if pen.graph(1) is not None else None
             stale = [*parts, *state.ht]
             state.ht, h_args, resumed_ht, in_flight = new_ht, args, None, []
             # 4. aggregate on the client: normalize H, update W, scale, loss, convergence.
             loss = _update_w(state, stats, opts, sq_norm_a, it, targets)
+            if h_raw is not None:
+                state.h_hat = h_raw * state.h_scale[None, :]
             state.loss_history.append(loss)
             state.iteration = it
             stop = check_convergence(state, opts)

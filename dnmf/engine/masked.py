@@ -43,6 +43,7 @@ from ..kernels.column import ColumnTerms, column_terms
 from ..kernels.masked import (NO_PATTERN, csc_masked_pass, csr_masked_pass, holdout_pattern, holdout_seed,
                               holdout_threshold)
 from ..solvers.hstep import HStep
+from ..solvers.penalties import angular_matrix, apply_angular
 from ..solvers.targets import FitTargets
 from ..solvers.updates import scale_rows
 from .als import (ALSOptions, ALSState, IterationRecord, _norms, block_terms, check_convergence, count_recovery,
@@ -167,12 +168,15 @@ def _mask_parts(mask, bounds: np.ndarray, axis: int) -> list:
 
 
 def masked_h_task(block: CSCBlock, mk: tuple, ht_prev, col0: int, terms: ColumnTerms | None, hs: HStep,
-                  ridge: float, kargs: tuple, removal: tuple = (np.zeros((0, 0)), 0.0), pattern: tuple = NO_PATTERN):
+                  ridge: float, kargs: tuple, removal: tuple = (np.zeros((0, 0)), 0.0), pattern: tuple = NO_PATTERN,
+                  gpen: np.ndarray | None = None):
     """Masked H update of one column block for one model: ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|)``.
 
     ``ridge`` is the diagonal ``hs.G`` carries beyond ``WᵀW`` (guard + L2_H, + λ_H of an
     enrichment target); ``removal`` a removal target's (Γ, |λ_H|) for the Grams a column forms;
-    ``pattern`` the block's held-out rows when several models share the pass (else hashed).
+    ``pattern`` the block's held-out rows when several models share the pass (else hashed);
+    ``gpen`` the H side's penalty Gram term that ``hs.G`` carries (graph, L21), for the Grams
+    built from observed rows; ``hs.ub`` bounds each solved column.
     """
     w = hs.w
     m, k = w.shape
@@ -184,18 +188,22 @@ def masked_h_task(block: CSCBlock, mk: tuple, ht_prev, col0: int, terms: ColumnT
     csc_masked_pass(block.data, block.indices, block.indptr, m, int(col0), w, hs.G, hs.L, ridge, hs.l1, ht,
                     hs.warm_scale, column_terms(k) if terms is None else terms, hs.solver, hs.nonneg, hs.cd_maxit,
                     hs.cd_tol, warm, *kargs, mk[0], mk[1], removal[0], float(removal[1]), pattern[0], pattern[1],
-                    Q, hsum)
+                    Q, hsum, gpen, hs.ub)
     return ht, Q, hsum
 
 
 def masked_w_task(block: CSRBlock, mk: tuple, wt_prev, row0: int, tw, hn: np.ndarray, Q: np.ndarray, wside: tuple,
-                  kargs: tuple, wtarget: tuple = (0.0, np.zeros((0, 0))), pattern: tuple = NO_PATTERN):
+                  kargs: tuple, wtarget: tuple = (0.0, np.zeros((0, 0))), pattern: tuple = NO_PATTERN,
+                  fixed: bool = False):
     """Masked W update of one row block for one model: ``(raw rows w_i d, [train SSE, n, test SSE, n])``.
 
     ``tw`` is the block's rows of a W target (None: none); ``wtarget`` its (λ_W, Γ); ``pattern``
     the block's held-out columns per row when several models share the pass (else hashed).
+    ``wside`` is ``(ridge, L1, L2, solver, nonneg, cd_maxit, cd_tol[, penalty Gram, upper bound])``;
+    ``fixed`` takes ``wt_prev`` as the rows and only scores them (the loss pass after angular W).
     """
-    ridge, l1, l2, solver, nonneg, cd_maxit, cd_tol = wside
+    ridge, l1, l2, solver, nonneg, cd_maxit, cd_tol = wside[:7]
+    gpen, ub = wside[7:9] if len(wside) > 7 else (None, 0.0)
     k = hn.shape[1]
     warm = wt_prev is not None
     wt = np.array(wt_prev, dtype=np.float64, copy=True) if warm else np.zeros((block.shape[0], k))
@@ -203,7 +211,7 @@ def masked_w_task(block: CSRBlock, mk: tuple, wt_prev, row0: int, tw, hn: np.nda
     tw = np.zeros((0, k)) if tw is None else np.ascontiguousarray(tw, dtype=np.float64)
     csr_masked_pass(block.data, block.indices, block.indptr, block.n_cols, int(row0), hn, Q, ridge, l1, l2, wt,
                     solver, nonneg, cd_maxit, cd_tol, warm, *kargs, mk[0], mk[1], tw, float(wtarget[0]),
-                    np.ascontiguousarray(wtarget[1], dtype=np.float64), pattern[0], pattern[1], sums)
+                    np.ascontiguousarray(wtarget[1], dtype=np.float64), pattern[0], pattern[1], sums, gpen, ub, fixed)
     return wt, sums
 
 
@@ -222,15 +230,17 @@ def masked_h_many(block: CSCBlock, mk: tuple, col0: int, per_model: list, kargs:
     ``per_model``: the block's ``(ht_prev, terms)`` of each model; ``shared``: each model's
     ``(hs, ridge, removal)`` (one object for all blocks, sent once)."""
     pattern = _block_pattern(block, col0, block.shape[0], False, kargs, len(per_model))
-    return [masked_h_task(block, mk, ht, col0, terms, hs, ridge, kargs, removal, pattern)
-            for (ht, terms), (hs, ridge, removal) in zip(per_model, shared)]
+    return [masked_h_task(block, mk, ht, col0, terms, hs, ridge, kargs, removal, pattern, *rest)
+            for (ht, terms), (hs, ridge, removal, *rest) in zip(per_model, shared)]
 
 
-def masked_w_many(block: CSRBlock, mk: tuple, row0: int, per_model: list, kargs: tuple, shared: list) -> list:
+def masked_w_many(block: CSRBlock, mk: tuple, row0: int, per_model: list, kargs: tuple, shared: list,
+                  fixed: bool = False) -> list:
     """One row block, every model of a shared pass (see :func:`masked_h_many`).
-    ``per_model``: the block's ``(wt_prev, tw)``; ``shared``: ``(hn, Q, wside, wtarget)`` per model."""
+    ``per_model``: the block's ``(wt_prev, tw)``; ``shared``: ``(hn, Q, wside, wtarget)`` per model;
+    ``fixed``: score the given rows only (:func:`masked_w_task`)."""
     pattern = _block_pattern(block, row0, block.n_cols, True, kargs, len(per_model))
-    return [masked_w_task(block, mk, wt, row0, tw, hn, Q, wside, kargs, wtarget, pattern)
+    return [masked_w_task(block, mk, wt, row0, tw, hn, Q, wside, kargs, wtarget, pattern, fixed)
             for (wt, tw), (hn, Q, wside, wtarget) in zip(per_model, shared)]
 
 
@@ -369,6 +379,7 @@ def fit_masked_many(
             outs = executor.map_blocks(masked_w_many, placed.rows, rmasks, row0s, per_block, args=(kargs, shared))
             wres = executor.gather(outs)
             executor.release(outs)
+            wres = _angular_w(executor, placed, rmasks, row0s, kargs, active, w_inputs, wres, rb)
         except WorkerLostError as exc:
             if placed is not None:
                 placed.release(executor)
@@ -388,26 +399,66 @@ def fit_masked_many(
     return out
 
 
+def _angular_w(executor: Executor, placed: _Placed, rmasks: list, row0s: list, kargs: tuple, active: list,
+               w_inputs: list, wres: list, rb: np.ndarray) -> list:
+    """The angular step of W (exact, on the whole new W on the client) for the models that have
+    one, and a second row pass that scores the mapped rows (the losses are of the final W).
+    Returns ``wres`` with those models' rows and sums replaced."""
+    which = [a for a, mdl in enumerate(active) if mdl.opts.penalties.angular[0] > 0]
+    if not which:
+        return wres
+    n_rb = len(rb) - 1
+    mapped = {}
+    for a in which:
+        wraw = np.concatenate([wres[r][a][0] for r in range(n_rb)], axis=0)
+        wraw = apply_angular(wraw, angular_matrix(wraw.T @ wraw, active[a].opts.penalties.angular[0]))
+        mapped[a] = [np.ascontiguousarray(wraw[int(rb[r]) - int(rb[0]):int(rb[r + 1]) - int(rb[0])])
+                     for r in range(n_rb)]
+    shared = [(w_inputs[a]["hn"], w_inputs[a]["Qn"], w_inputs[a]["wside"], w_inputs[a]["wtarget"]) for a in which]
+    per_block = [[(mapped[a][r], w_inputs[a]["tws"][r]) for a in which] for r in range(n_rb)]
+    outs = executor.map_blocks(masked_w_many, placed.rows, rmasks, row0s, per_block, args=(kargs, shared, True))
+    scored = executor.gather(outs)
+    executor.release(outs)
+    wres = [list(row) for row in wres]
+    for t, a in enumerate(which):
+        for r in range(n_rb):
+            wres[r][a] = scored[r][t]
+    return wres
+
+
 def _h_model_args(mdl: _Model) -> tuple:
-    """``(hs, ridge, removal)`` of a model's H step for its current W."""
-    opts, t = mdl.opts, mdl.targets
+    """``(hs, ridge, removal, gpen)`` of a model's H step for its current W (and current Ĥ's
+    penalty terms, ``solvers/penalties.py``)."""
+    opts, t, state = mdl.opts, mdl.targets, mdl.state
+    gpen = None
+    if opts.penalties.gram_on(1) and state.ht[0] is not None:
+        gpen = opts.penalties.gram(1, np.concatenate(state.ht, axis=0) * state.h_scale[None, :])
     # a removal target is applied per column by the kernel, to each column's own Gram
-    hs = h_task_step(mdl.state.w, mdl.state.h_scale, opts, None if t.lam_h < 0 else t)
+    hs = h_task_step(state.w, state.h_scale, opts, None if t.lam_h < 0 else t, penalty=gpen)
     ridge = 1e-15 + float(opts.L2[1]) + max(t.lam_h, 0.0)
     removal = (t.gamma_h, -t.lam_h) if t.lam_h < 0 else (np.zeros((0, 0)), 0.0)
-    return hs, ridge, removal
+    return hs, ridge, removal, gpen
 
 
 def _w_model_inputs(mdl: _Model, hres: list, rb: np.ndarray, row0s: list) -> dict:
     """A model's W-step inputs from its H results (block order): normalized H, its Gram, warm starts."""
     opts, state, t = mdl.opts, mdl.state, mdl.targets
     k = opts.k
+    pen = opts.penalties
     ht = [r[0] for r in hres]
     Q = np.zeros((k, k))
     hsum = np.zeros(k)
     for r in hres:  # block order: the same sums on any number of workers
         Q += r[1]
         hsum += r[2]
+    if pen.angular[1] > 0:  # exact angular step of H: the whole new H is here on the client
+        M = angular_matrix(Q, pen.angular[1])
+        ht = [apply_angular(h, M) for h in ht]
+        Q = np.zeros((k, k))
+        hsum = np.zeros(k)
+        for h in ht:
+            Q += h.T @ h
+            hsum += np.abs(h).sum(axis=0)
     s = _norms(hsum, Q, opts.norm)
     inv_s = 1.0 / s
     n_rb = len(rb) - 1
@@ -422,7 +473,7 @@ def _w_model_inputs(mdl: _Model, hres: list, rb: np.ndarray, row0s: list) -> dic
         "Qn": Q * np.outer(inv_s, inv_s),
         "tws": [None if t.w is None else t.w[int(rb[r]):int(rb[r + 1])] for r in range(n_rb)],
         "wside": (1e-15, float(opts.L1[0]), float(opts.L2[0]), int(opts.solver), bool(opts.nonneg[0]),
-                  int(opts.cd_maxit), float(opts.cd_tol)),
+                  int(opts.cd_maxit), float(opts.cd_tol), pen.gram(0, state.w), float(pen.upper_bound[0])),
         "wtarget": (t.lam_w, t.gamma_w if t.gamma_w is not None else np.zeros((0, 0))),
     }
 

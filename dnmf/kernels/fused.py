@@ -33,7 +33,7 @@ __all__ = ["csc_block_pass", "dense_block_solve", "csc_sq_norm"]
 
 
 def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol,
-                    warm, P, Q, hsum):
+                    warm, P, Q, hsum, ub):
     """Fused H update and partial statistics for one sparse block (see module docstring).
 
     Parameters
@@ -48,6 +48,8 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
     terms : ColumnTerms — per-column corrections of (G, b) (``kernels/column.py``); empty arrays
         when unused
     P : (m, k) float64, Q : (k, k) float64, hsum : (k,) float64 — accumulated in place
+    ub : float — upper bound of H (RcppML §8.6), applied right after each solve, before the
+        accumulation; 0: none
     """
     k = w.shape[1]
     n = indptr.shape[0] - 1
@@ -76,6 +78,10 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
             solve_column(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm)
         else:
             column_step(c, G, L, b, x, terms, Gc, Lc, solver, nonneg, cd_maxit, cd_tol, warm)
+        if ub > 0.0:
+            for r in range(k):
+                if x[r] > ub:
+                    x[r] = ub
         for r in range(k):
             ht[c, r] = x[r]
         for p in range(start, end):
@@ -112,18 +118,19 @@ _CSC_BLOCK_PASS = _variants(_csc_block_pass, "_csc_block_pass")
 
 
 def csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol,
-                   warm, P, Q, hsum):
+                   warm, P, Q, hsum, ub=0.0):
     """:func:`_csc_block_pass` (same arguments), compiled for ``solver`` and for whether
     ``terms`` holds corrections."""
     _CSC_BLOCK_PASS[int(solver), has_terms(terms)](data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver,
-                                                   nonneg, cd_maxit, cd_tol, warm, P, Q, hsum)
+                                                   nonneg, cd_maxit, cd_tol, warm, P, Q, hsum, float(ub))
 
 
-def _dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol, warm, Q, hsum):
+def _dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol, warm, Q, hsum, ub):
     """NNLS for the columns of a dense block's RHS ``B = WᵀA_j`` (k × n_j); fills ``ht``, Q, hsum.
 
     The arguments are those of :func:`csc_block_pass`; each column goes through the same column
-    step. Also the solve of ``NMFModel.predict`` (with throw-away Q, hsum).
+    step. Also the solve of ``NMFModel.predict`` (with throw-away Q, hsum). ``ub`` > 0 bounds
+    each solved column (as :func:`csc_block_pass`).
     """
     k = B.shape[0]
     n = B.shape[1]
@@ -145,6 +152,10 @@ def _dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_ma
             solve_column(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm)
         else:
             column_step(c, G, L, b, x, terms, Gc, Lc, solver, nonneg, cd_maxit, cd_tol, warm)
+        if ub > 0.0:
+            for r in range(k):
+                if x[r] > ub:
+                    x[r] = ub
         for r in range(k):
             ht[c, r] = x[r]
             hsum[r] += abs(x[r])
@@ -155,11 +166,11 @@ def _dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_ma
 _DENSE_BLOCK_SOLVE = _variants(_dense_block_solve, "_dense_block_solve")
 
 
-def dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol, warm, Q, hsum):
+def dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol, warm, Q, hsum, ub=0.0):
     """:func:`_dense_block_solve` (same arguments), compiled for ``solver`` and for whether
     ``terms`` holds corrections."""
     _DENSE_BLOCK_SOLVE[int(solver), has_terms(terms)](B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit,
-                                                      cd_tol, warm, Q, hsum)
+                                                      cd_tol, warm, Q, hsum, float(ub))
 
 
 def _csc_sq_norm(data):

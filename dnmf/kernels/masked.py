@@ -252,7 +252,7 @@ finish_lower = numba.njit(cache=True, nogil=True, inline="always")(_finish_lower
 
 def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg,
                      cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, gamma,
-                     lam_abs, ho_indices, ho_indptr, Q, hsum):
+                     lam_abs, ho_indices, ho_indptr, Q, hsum, gpen, ub):
     """Masked H update for one sparse column block (see module docstring).
 
     Parameters
@@ -274,9 +274,13 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
         of hashing when ``cv_on`` and ho_indptr is not empty: the same rows in the same order,
         so the result is bitwise that of hashing)
     Q : (k, k), hsum : (k,) — accumulated in place (``H_j H_jᵀ``, ``Σ|h|``)
+    gpen : (k, k) or (0, 0) — penalty Gram term (graph, L21; ``solvers/penalties.py``) that G
+        already carries; added here to the Grams built from the observed rows (``zeros_missing``)
+    ub : float — upper bound of each solved column, applied before accumulating (0: none)
     """
     k = w.shape[1]
     n = indptr.shape[0] - 1
+    has_pen = gpen.shape[0] > 0
     b = np.empty(k)
     x = np.empty(k)
     Gc = np.empty((k, k))
@@ -321,6 +325,10 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                     for s in range(r + 1):
                         Gc[r, s] += wrow[r] * wrow[s]
             finish_lower(Gc, ridge)
+            if has_pen:
+                for r in range(k):
+                    for s in range(k):
+                        Gc[r, s] += gpen[r, s]
             use_own = True
         else:
             if pattern:
@@ -367,6 +375,10 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
             column_step(c, Gc, Lc, b, x, terms, Gt, Lt, solver, nonneg, cd_maxit, cd_tol, warm)
         else:
             column_step(c, G, L, b, x, terms, Gt, Lt, solver, nonneg, cd_maxit, cd_tol, warm)
+        if ub > 0.0:
+            for r in range(k):
+                if x[r] > ub:
+                    x[r] = ub
         for r in range(k):
             ht[c, r] = x[r]
             hsum[r] += abs(x[r])
@@ -374,12 +386,23 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                 Q[r, s] += x[r] * x[s]
 
 
-csc_masked_pass = numba.njit(cache=True, nogil=True)(_csc_masked_pass)
+_csc_masked_pass_jit = numba.njit(cache=True, nogil=True)(_csc_masked_pass)
+
+_NO_PEN = np.zeros((0, 0))
+
+
+def csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg,
+                    cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, gamma,
+                    lam_abs, ho_indices, ho_indptr, Q, hsum, gpen=None, ub=0.0):
+    """:func:`_csc_masked_pass` (same arguments); ``gpen`` (None: no penalty term) and ``ub`` optional."""
+    _csc_masked_pass_jit(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg,
+                         cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, gamma,
+                         lam_abs, ho_indices, ho_indptr, Q, hsum, _NO_PEN if gpen is None else gpen, float(ub))
 
 
 def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
                      warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma, ho_indices,
-                     ho_indptr, sums):
+                     ho_indptr, sums, gpen, ub, fixed):
     """Masked W update for one sparse row block, and the block's squared errors.
 
     Parameters
@@ -399,9 +422,14 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
     sums : (4,) — accumulated in place: train SSE, train count, test SSE, test count. The train
         set is every observed entry (not missing, not held out); the test set the held-out
         entries that are otherwise observed.
+    gpen : (k, k) or (0, 0) — the W side's penalty Gram term (graph, L21), added after L2 and
+        before a target; ub : float — upper bound of the solved row (0: none)
+    fixed : bool — take the rows in ``wt`` as they are (no solve) and only accumulate the squared
+        errors: the loss pass after a post-solve map of the whole W (angular)
     """
     k = hn.shape[1]
     m_b = indptr.shape[0] - 1
+    has_pen = gpen.shape[0] > 0
     b = np.empty(k)
     p_full = np.empty(k)
     x = np.empty(k)
@@ -490,6 +518,10 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                 for r in range(k):
                     b[r] += a * hrow[r]
             masked_gram(Gc, Q, ridge + l2, hn, mcols, nmask, gbuf)
+        if has_pen:
+            for r in range(k):
+                for s in range(k):
+                    Gc[r, s] += gpen[r, s]
         if tw.shape[0] > 0:
             if lam_w > 0.0:
                 for r in range(k):
@@ -497,15 +529,20 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                     b[r] += lam_w * tw[r_, r]
             elif lam_w < 0.0:
                 proj_adv(Gc, gamma, -lam_w)
-        if warm:
+        if warm or fixed:
             for r in range(k):
                 x[r] = wt[r_, r]
         else:
             for r in range(k):
                 x[r] = 0.0
-        if solver == SOLVER_CHOLESKY:
-            chol_factor(Gc, Lc)
-        solve_column(Gc, Lc, b, x, solver, nonneg, cd_maxit, cd_tol, warm)
+        if not fixed:
+            if solver == SOLVER_CHOLESKY:
+                chol_factor(Gc, Lc)
+            solve_column(Gc, Lc, b, x, solver, nonneg, cd_maxit, cd_tol, warm)
+            if ub > 0.0:
+                for r in range(k):
+                    if x[r] > ub:
+                        x[r] = ub
         for r in range(k):
             wt[r_, r] = x[r]
         # This row's squared errors, from the raw row x = w_i d and Ĥ.
@@ -550,4 +587,13 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
             sums[1] += n - nmask
 
 
-csr_masked_pass = numba.njit(cache=True, nogil=True)(_csr_masked_pass)
+_csr_masked_pass_jit = numba.njit(cache=True, nogil=True)(_csr_masked_pass)
+
+
+def csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
+                    warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma, ho_indices,
+                    ho_indptr, sums, gpen=None, ub=0.0, fixed=False):
+    """:func:`_csr_masked_pass` (same arguments); ``gpen`` (None: none), ``ub`` and ``fixed`` optional."""
+    _csr_masked_pass_jit(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
+                         warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma,
+                         ho_indices, ho_indptr, sums, _NO_PEN if gpen is None else gpen, float(ub), bool(fixed))

@@ -40,6 +40,7 @@ class HStep(NamedTuple):
     cd_maxit: int
     cd_tol: float
     mode: int = 0  # MODE_NNLS; MODE_PROJECT: H = wᵀA (w = W·diag(d)); MODE_FIXED: H as given (ht_prev)
+    ub: float = 0.0  # upper bound of each solved h (RcppML §8.6, solvers/penalties.py); 0: none
 
 
 #: How a block task forms H: NNLS (the fit), a projection (projective NMF), or fixed (symmetric NMF).
@@ -47,17 +48,22 @@ MODE_NNLS, MODE_PROJECT, MODE_FIXED = 0, 1, 2
 
 
 def h_step(w: np.ndarray, *, l1: float, l2: float, solver: int, nonneg: bool, cd_maxit: int = 100,
-           cd_tol: float = 1e-8, warm_scale: np.ndarray | None = None, ridge: float = 0.0) -> HStep:
+           cd_tol: float = 1e-8, warm_scale: np.ndarray | None = None, ridge: float = 0.0,
+           penalty: np.ndarray | None = None, ub: float = 0.0) -> HStep:
     """Build the :class:`HStep` for W: ``G = WᵀW + (ridge + l2)·I`` and its Cholesky factor.
 
-    ``ridge`` is the fit's 1e-15 that keeps G definite; ``predict`` uses none.
+    ``ridge`` is the fit's 1e-15 that keeps G definite; ``predict`` uses none. ``penalty`` is a
+    k × k Gram term added after L2 (the H side's graph and L21 terms, ``solvers/penalties.py``);
+    ``ub`` the upper bound of every solved column (0: none).
     """
     k = w.shape[1]
     G = w.T @ w
     G[np.diag_indices(k)] += ridge + l2
+    if penalty is not None:
+        G = G + penalty
     L = cholesky_or_empty(G, solver)
     return HStep(w, G, L, float(l1), np.ones(k) if warm_scale is None else warm_scale, int(solver), bool(nonneg),
-                 int(cd_maxit), float(cd_tol))
+                 int(cd_maxit), float(cd_tol), ub=float(ub))
 
 
 def solve_dense_columns(B: np.ndarray, hs: HStep, ht: np.ndarray, warm: bool, terms: ColumnTerms | None = None):
@@ -71,9 +77,11 @@ def solve_dense_columns(B: np.ndarray, hs: HStep, ht: np.ndarray, warm: bool, te
     if hs.solver == SOLVER_CHOLESKY and not has_terms(terms):
         # Cholesky-clip ignores warm starts: solve all columns at once with LAPACK/BLAS.
         ht = cholesky_clip_columns(hs.L, B, hs.l1, hs.nonneg).T
+        if hs.ub > 0:
+            np.minimum(ht, hs.ub, out=ht)
         return ht, ht.T @ ht, np.abs(ht).sum(axis=0)
     Q = np.zeros((k, k))
     hsum = np.zeros(k)
     dense_block_solve(B, hs.G, hs.L, hs.l1, ht, hs.warm_scale, column_terms(k) if terms is None else terms,
-                      hs.solver, hs.nonneg, hs.cd_maxit, hs.cd_tol, warm, Q, hsum)
+                      hs.solver, hs.nonneg, hs.cd_maxit, hs.cd_tol, warm, Q, hsum, hs.ub)
     return ht, Q, hsum
