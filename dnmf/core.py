@@ -428,9 +428,13 @@ def nmf(
         The loss fitted. ``"kl"`` minimizes the generalized KL divergence (Poisson deviance / 2)
         ``Σ a log(a/μ) − a + μ`` by Lee–Seung multiplicative updates on the blocks: one pass over
         the stored entries per iteration, the zeros of sparse A entering in closed form through
-        ``Σμ``; ``misc["loss"]`` is then that divergence. It fits complete data without penalties
-        (a mask, test set, targets, L1/L2, projective/symmetric or ``norm`` other than "L1" are
-        refused).
+        ``Σμ``; ``misc["loss"]`` is then that divergence over the observed entries, of the factors
+        returned. Masks, NaN, ``mask="zeros"`` and test sets enter only H's and W's MU
+        denominators (still one pass per iteration); with a test set train/test losses are
+        means, as for "mse". L2 is the standard penalized MU (``+ L2·x`` in the denominators,
+        not RcppML's NNLS penalty). L1 (with W's unit-L1 columns it only rescales the Poisson
+        fit), targets, projective/symmetric, ``norm`` other than "L1", signed factors and
+        checkpoints are refused (docs/architecture.md, "Losses").
         ``"gp"`` (generalized Poisson), ``"nb"`` (negative binomial), ``"gamma"``,
         ``"inverse_gaussian"`` and ``"tweedie"`` are fitted by IRLS (RcppML §6): every column of
         H and row of W solves ``irls_max_iter`` weighted least-squares problems with the loss's

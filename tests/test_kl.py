@@ -278,3 +278,76 @@ def test_kl_refuses_what_it_does_not_fit(planted):
             dnmf.nmf(A, 3, loss="kl", client=False, **kw)
     with pytest.raises(InputError, match="'loss' parameter"):
         dnmf.nmf(A, 3, loss="poisson", client=False)
+
+
+class _LosesAWorker:
+    """A LocalExecutor whose ``n``-th ``map_blocks`` raises WorkerLostError (as a lost Dask worker)."""
+
+    def __init__(self, n: int):
+        from dnmf.engine.executor import LocalExecutor
+
+        self._ex, self._n, self.calls, self.max_recoveries = LocalExecutor(1), n, 0, 2
+
+    def map_blocks(self, *args, **kwargs):
+        from dnmf.exceptions import WorkerLostError
+
+        self.calls += 1
+        if self.calls == self._n:
+            raise WorkerLostError("A Dask worker was lost (tcp://test) during map_blocks", worker="tcp://test")
+        return self._ex.map_blocks(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._ex, name)
+
+
+def _engine_fit(A, mask, w0, executor, **opts):
+    """fit_kl with ``mask`` and a 10 % hold-out set (``mask`` None: complete data)."""
+    from dnmf.engine.als import ALSOptions
+    from dnmf.engine.kl import fit_kl
+    from dnmf.engine.masked import MaskOptions
+
+    blocked = dnmf.io.as_blocked(sp.csc_matrix(A), block_nnz=300)
+    mo = None if mask is None else MaskOptions(test_fraction=0.1, cv_seed=4, mask=sp.csc_matrix(mask))
+    return fit_kl(blocked, w0, ALSOptions(**dict(dict(k=3, tol=0, maxit=6, patience=100), **opts)), executor, mo=mo)
+
+
+def test_kl_lost_worker_redoes_the_pass(small):
+    from dnmf.engine.executor import LocalExecutor
+
+    A, mask, w0 = small
+    ref, ref_h = _engine_fit(A, mask, w0, LocalExecutor(1))
+    flaky = _LosesAWorker(5)  # map_blocks calls: 1 the CSC conversion, 2 the first pass, … 5 the fourth pass
+    state, h = _engine_fit(A, mask, w0, flaky)
+    assert flaky.calls > 5  # the blocks were placed again and the pass redone: the same fit
+    np.testing.assert_array_equal(state.w, ref.w)
+    np.testing.assert_array_equal(np.concatenate(h), np.concatenate(ref_h))
+    np.testing.assert_array_equal(state.test_history, ref.test_history)
+
+
+def test_kl_l1_would_only_rescale(small):
+    # Why nmf refuses L1 with loss="kl": with Σ_i w_ir = 1, KL(A‖WH) + λ·ΣH is KL against
+    # (1 + λ)·WH up to a constant, so the H step only shrinks H uniformly and the W step's
+    # normalization moves that scale back — the penalized updates give the unpenalized fit.
+    from dnmf.engine.executor import LocalExecutor
+
+    A, mask, w0 = small
+    plain, hp = _engine_fit(A, None, w0, LocalExecutor(1))
+    pen, hl = _engine_fit(A, None, w0, LocalExecutor(1), L1=(0.0, 0.9))
+    np.testing.assert_allclose(pen.w, plain.w, rtol=1e-12, atol=1e-16)  # rounding only
+    np.testing.assert_allclose(np.concatenate(hl), np.concatenate(hp), rtol=1e-12, atol=1e-14)
+
+
+def test_kl_scaled_data_with_l2_is_the_same_fit(small):
+    # A beyond the safe range is fitted as s·A (s a power of two, exact): the KL divergence and its
+    # means scale with s; L2 on H (which carries A's scale) scales as 1/f, on W (unit columns) as f,
+    # so fit(f·A, L2 = (f·λ_W, λ_H/f)) is fit(A, L2 = (λ_W, λ_H)) with d and the losses times f
+    A, mask, w0 = small
+    f = 2.0**400
+    kw = dict(mask=sp.csc_matrix(mask), maxit=10, test_fraction=0.1, cv_seed=2, patience=100)
+    model = _fit(A, 3, w0, L2=(0.2, 0.1), **kw)
+    big = _fit(A * f, 3, w0, L2=(0.2 * f, 0.1 / f), **kw)
+    assert big.misc["scale"] != 1.0
+    np.testing.assert_allclose(big.w, model.w, rtol=1e-12, atol=1e-16)  # rounding only
+    np.testing.assert_allclose(big.d, model.d * f, rtol=1e-12)
+    np.testing.assert_allclose(big.misc["loss_history"], model.misc["loss_history"] * f, rtol=1e-12)
+    np.testing.assert_allclose(big.misc["test_loss_history"], model.misc["test_loss_history"] * f, rtol=1e-12)
