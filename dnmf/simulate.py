@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._typing import SeedLike
-from ._validation import check_float, check_int, param_error
+from ._validation import check_float, check_int, check_option, param_error
 
 __all__ = ["SimulatedNMF", "simulate_nmf"]
 
@@ -47,6 +47,59 @@ def _block_factor(rng: np.random.Generator, size: int, k: int) -> np.ndarray:
     return f
 
 
+_DISTRIBUTIONS = ("gaussian", "poisson", "gp", "nb", "gamma", "inverse_gaussian", "tweedie")
+_DEFAULT_DISPERSION = {"gp": 0.3, "nb": 5.0, "gamma": 0.5, "inverse_gaussian": 0.5, "tweedie": 1.0}
+
+
+def _draw_gp(rng: np.random.Generator, mu: np.ndarray, theta: float) -> np.ndarray:
+    """Generalized Poisson draws by inversion: λ₁ = μ/(1+θ), λ₂ = θ/(1+θ),
+    ``P(y) = λ₁(λ₁ + λ₂y)^(y−1) e^(−λ₁−λ₂y) / y!``."""
+    from scipy.special import gammaln
+
+    l1 = mu / (1.0 + theta)
+    l2 = theta / (1.0 + theta)
+    u = rng.random(size=mu.shape)
+    out = np.zeros(mu.shape)
+    cdf = np.zeros(mu.shape)
+    done = np.zeros(mu.shape, dtype=bool)
+    y_max = int(np.ceil(10.0 * (mu.max() / (1.0 - l2) + 10.0) / (1.0 - l2)))
+    for y in range(y_max + 1):
+        with np.errstate(divide="ignore"):
+            logp = np.log(l1) + (y - 1) * np.log(l1 + l2 * y) - l1 - l2 * y - gammaln(y + 1.0)
+        cdf += np.exp(logp)
+        hit = ~done & (u <= cdf)
+        out[hit] = y
+        done |= hit
+        if done.all():
+            break
+    out[~done] = y_max
+    return out
+
+
+def _draw(rng: np.random.Generator, mu: np.ndarray, distribution: str, dispersion, power: float) -> np.ndarray:
+    """One draw per entry from ``distribution`` with mean ``mu`` (see :func:`simulate_nmf`)."""
+    disp = _DEFAULT_DISPERSION.get(distribution) if dispersion is None else float(dispersion)
+    if distribution == "poisson":
+        return rng.poisson(mu).astype(np.float64)
+    if distribution == "gp":
+        return _draw_gp(rng, mu, disp)
+    if distribution == "nb":
+        return rng.negative_binomial(disp, disp / (disp + mu)).astype(np.float64)
+    if distribution == "gamma":
+        return rng.gamma(1.0 / disp, mu * disp)
+    if distribution == "inverse_gaussian":
+        return rng.wald(mu, 1.0 / disp)
+    # Tweedie compound Poisson–gamma, 1 < p < 2
+    p = power
+    counts = rng.poisson(mu ** (2.0 - p) / (disp * (2.0 - p)))
+    shape = (2.0 - p) / (p - 1.0)
+    scale = disp * (p - 1.0) * mu ** (p - 1.0)
+    out = np.zeros(mu.shape)
+    pos = counts > 0
+    out[pos] = rng.gamma(counts[pos] * shape, scale[pos])
+    return out
+
+
 def simulate_nmf(
     m: int,
     n: int,
@@ -54,6 +107,10 @@ def simulate_nmf(
     noise: float = 0.5,
     dropout: float = 0.0,
     seed: SeedLike = None,
+    distribution: str = "gaussian",
+    mean: float = 5.0,
+    dispersion: float | None = None,
+    power: float = 1.5,
 ) -> SimulatedNMF:
     """Simulate non-negative data with k planted, block-structured factors.
 
@@ -70,11 +127,27 @@ def simulate_nmf(
         Probability that an entry is set to zero after the noise.
     seed : None, int, SeedSequence or Generator
         Seed of ``numpy.random.default_rng``.
+    distribution : {"gaussian", "poisson", "gp", "nb", "gamma", "inverse_gaussian", "tweedie"}
+        ``"gaussian"`` (default): the recipe below. Otherwise A is drawn entry-wise from that
+        distribution with mean ``μ = c·w h``, c chosen so that ``mean(μ) = mean`` (``noise``
+        is then not used; ``dropout`` still applies): Poisson; generalized Poisson with
+        dispersion θ (mean μ, variance μ/(1−λ₂)² with λ₂ = θ/(1+θ), the parametrization of
+        ``dnmf.losses``); negative binomial with size r (variance μ + μ²/r); gamma and inverse
+        Gaussian with dispersion φ (variance φμ², φμ³); Tweedie compound Poisson–gamma with
+        power ``power`` in (1, 2) and dispersion φ (variance φμ^p).
+    mean : float, default 5.0
+        Mean of μ for the non-Gaussian distributions.
+    dispersion : float, optional
+        θ (gp, default 0.3), r (nb, default 5), φ (gamma, inverse Gaussian, Tweedie; default
+        0.5, 0.5, 1).
+    power : float, default 1.5
+        Tweedie power, in (1, 2).
 
     Returns
     -------
     SimulatedNMF
-        ``A`` (m × n), ``w`` (m × k, columns sum to 1), ``h`` (k × n, rows sum to 1).
+        ``A`` (m × n), ``w`` (m × k, columns sum to 1), ``h`` (k × n, rows sum to 1). For the
+        non-Gaussian distributions ``E[A] = c·w h`` with ``c = mean / mean(w h)``.
 
     Notes
     -----
@@ -106,6 +179,13 @@ def simulate_nmf(
     if not (seed is None or isinstance(seed, (np.random.SeedSequence, np.random.Generator))
             or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0)):
         raise param_error("seed", func, "None, a non-negative int, a SeedSequence or a Generator", seed)
+    distribution = check_option(distribution, "distribution", func, _DISTRIBUTIONS)
+    if distribution != "gaussian":
+        mean = check_float(mean, "mean", func, low=0.0, low_open=True)
+        if dispersion is not None:
+            dispersion = check_float(dispersion, "dispersion", func, low=0.0, low_open=distribution != "gp")
+        if distribution == "tweedie":
+            power = check_float(power, "power", func, low=1.0, high=2.0, low_open=True, high_open=True)
     rng = np.random.default_rng(seed)
 
     w = _block_factor(rng, m, k)
@@ -113,7 +193,9 @@ def simulate_nmf(
     w /= w.sum(axis=0, keepdims=True)
     h /= h.sum(axis=1, keepdims=True)
     A = w @ h
-    if noise > 0:
+    if distribution != "gaussian":
+        A = _draw(rng, A * (mean / A.mean()), distribution, dispersion, power)
+    elif noise > 0:
         A += rng.normal(0.0, noise * A.mean(), size=A.shape)
         np.maximum(A, 0.0, out=A)
     if dropout > 0:
