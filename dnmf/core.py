@@ -22,7 +22,7 @@ from .engine.als import ALSOptions, fit_als
 from .engine.checkpoint import Checkpointer, fingerprint
 from .engine.executor import get_executor
 from .cv import auto_rank, cross_validate
-from .engine.irls import IRLSOptions, fit_irls
+from .engine.irls import IRLSCheckpointer, IRLSOptions, fit_irls
 from .engine.kl import fit_kl
 from .engine.masked import MaskOptions, fit_masked, fit_masked_many
 from .solvers.penalties import check_penalty_use, fit_penalties
@@ -987,14 +987,15 @@ def _check_irls(plan: _Plan, opts: dict, targets, func: str) -> IRLSOptions:
         raise param_error("zi", func, '"none" (zero-inflation is not implemented in dnmf yet)', opts["zi"])
     refused = [("target_lambda", targets is not None, (0.0, 0.0)),
                ("projective", opts["projective"], False), ("symmetric", opts["symmetric"], False),
-               ("checkpoint", opts["checkpoint"] is not None, None),
+               ("checkpoint", opts["checkpoint"] is not None and plan.masked is not None, None),
                ("solver", plan.solver == "cholesky", '"auto", "cd" or "exact"')]
     refused += [(name, any(opts[name]), (0.0, 0.0)) for name in ("L21", "angular", "upper_bound", "graph_lambda")
                 if name in opts]
     for name, bad, expected in refused:
         if bad:
             raise param_error(name, func, f"{expected} {why} (the IRLS fit has no targets, projective or symmetric "
-                              "variants, §8 penalties, checkpoints or Cholesky-clip solves)", opts.get(name))
+                              "variants, §8 penalties, Cholesky-clip solves, or checkpoints with missing entries)",
+                              opts.get(name))
     if plan.scale != 1.0:
         raise param_error("A", func, f"values within {SAFE_MAX_RANGE} {why} (a distribution loss is not scale "
                           "invariant, so A cannot be rescaled for the fit)", f"max |A| = {plan.summary.max:.3g}",
@@ -1060,11 +1061,21 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
         callback = opts["on_iteration"]
         if opts["verbose"]:
             callback = _progress_callback(callback, 1.0, func)
+        checkpointer = state = None
+        if opts["checkpoint"] is not None:
+            fp = fingerprint(blocked.shape, blocked.col_bounds,
+                             {**als.__dict__, **{f"irls_{key}": val for key, val in ro.__dict__.items()},
+                              "init": init_name, "seed": seed_int, "w0": float(np.sum(w0))})
+            checkpointer = IRLSCheckpointer(Checkpointer(os.fspath(opts["checkpoint"]), fp, blocked.n_blocks))
+            if opts["resume"]:
+                state = checkpointer.load()
+                if state is not None:
+                    logger.info("resuming from iteration %d (%s)", state.iteration, opts["checkpoint"])
         blas_limit = (threadpool_limits(limits=1, user_api="blas") if not plan.executor.distributed
                       and getattr(plan.executor, "n_threads", 1) > 1 else contextlib.nullcontext())
         with blas_limit:
             return fit_irls(plan.fit_blocked, w0, als, ro, plan.masked or MaskOptions(), plan.executor,
-                            on_iteration=callback)
+                            on_iteration=callback, checkpointer=checkpointer, state=state)
     if opts["loss"] == "kl":
         _check_kl(plan, opts, targets, func)
         callback = opts["on_iteration"]

@@ -296,3 +296,38 @@ def test_errors_name_the_parameter(kw, name):
     A = np.random.default_rng(0).poisson(2.0, (10, 8)).astype(float)
     with pytest.raises(InputError, match=f"'{name}'"):
         dnmf.nmf(A, 2, client=False, maxit=2, **kw)
+
+
+def test_checkpoint_resume_reproduces_the_uninterrupted_fit(tmp_path):
+    sim = dnmf.simulate_nmf(40, 30, 3, seed=13, distribution="nb", dispersion=5.0, mean=4.0)
+    kw = dict(loss="nb", dispersion="per_row", solver="cd", checkpoint_every=2)
+    full = _fit(sim.A, maxit=6, **kw)
+    ck = tmp_path / "ck"
+    _fit(sim.A, maxit=3, checkpoint=ck, **kw)
+    resumed = _fit(sim.A, maxit=6, checkpoint=ck, resume=True, **kw)
+    # the dispersion is restored from its side file: the resumed run is bitwise the uninterrupted one
+    np.testing.assert_array_equal(resumed.w, full.w)
+    np.testing.assert_array_equal(resumed.misc["loss_history"], full.misc["loss_history"])
+    np.testing.assert_array_equal(resumed.misc["dispersion"], full.misc["dispersion"])
+    np.testing.assert_array_equal(resumed.misc["dispersion_history"], full.misc["dispersion_history"])
+    # only the side files of the two slots are kept
+    assert len(list(tmp_path.glob("ck.dispersion-*.npz"))) <= 2
+
+
+def test_factorize_pipeline_with_a_loss_key(tmp_path):
+    from dnmf.config import JobConfig
+    from dnmf.jobs import RunStore, run_job
+
+    sim = dnmf.simulate_nmf(50, 40, 3, seed=14, distribution="nb", dispersion=5.0, mean=4.0)
+    np.save(tmp_path / "a.npy", sim.A)
+    data = {"pipeline": "factorize", "name": "nbfit", "input": {"path": str(tmp_path / "a.npy")},
+            "model": {"k": 3, "maxit": 4, "tol": 0, "seed": 3, "loss": "nb", "dispersion": "global",
+                      "robust": True},
+            "output": {"dir": str(tmp_path / "runs"), "plots": False, "performance_report": False},
+            "progress": "none"}
+    res = run_job(JobConfig.from_dict(data), client=False, echo=lambda msg: None)
+    model = RunStore.open(res.store).read_group("model")
+    ref = _fit(sim.A, seed=3, maxit=4, tol=0, loss="nb", dispersion="global", robust=True, solver="auto",
+               irls_tol=1e-4)
+    np.testing.assert_array_equal(model["w"], ref.w)
+    np.testing.assert_array_equal(model["loss_history"], ref.misc["loss_history"])

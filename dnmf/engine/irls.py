@@ -28,24 +28,26 @@ block order, so results do not depend on the number of workers.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
 
-from ..exceptions import WorkerLostError
+from ..exceptions import CheckpointError, WorkerLostError
 from ..io.blocks import BlockedMatrix
 from ..kernels.irls import DISP_INNER, DISP_NONE, DISP_OUTER, LOSS_CODES, csc_irls_pass, csr_irls_pass
 from ..solvers.updates import scale_rows
-from .als import ALSOptions, IterationRecord, _norms, check_convergence, count_recovery
+from .als import ALSOptions, ALSState, IterationRecord, _norms, check_convergence, count_recovery
+from .checkpoint import Checkpointer
 from .executor import Executor
 from .masked import MaskedState, MaskOptions, _cv_stop, _kernel_args, _mask_parts, _Placed, row_bounds_for
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IRLSOptions", "IRLSState", "fit_irls", "irls_h_task", "irls_w_task"]
+__all__ = ["IRLSOptions", "IRLSState", "IRLSCheckpointer", "fit_irls", "irls_h_task", "irls_w_task"]
 
 #: the dispersion parameter of each loss (θ, NB size r, φ)
 DISPERSION_PARAM = {"gp": "theta", "nb": "size", "gamma": "phi", "inverse_gaussian": "phi", "tweedie": "phi",
@@ -93,6 +95,57 @@ class IRLSState(MaskedState):
 
     dispersion: object = None
     dispersion_history: list = field(default_factory=list)
+
+
+class IRLSCheckpointer:
+    """Per-iteration checkpoints of an IRLS fit: the ALS state (W, d, H, histories) through
+    :class:`~dnmf.engine.checkpoint.Checkpointer`, and the dispersion with its history in a side
+    file ``<path>.dispersion-<iteration>.npz`` written (atomically) *before* the checkpoint's slot
+    is flipped, so every valid slot has its file. Only the files of the last two saves are kept
+    (the two slots)."""
+
+    def __init__(self, inner: Checkpointer):
+        self.inner = inner
+        self.saved: list = []
+
+    def _file(self, iteration: int) -> str:
+        return f"{self.inner.path}.dispersion-{int(iteration)}.npz"
+
+    def save(self, state: "IRLSState", executor: Executor) -> None:
+        path = self._file(state.iteration)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, dispersion=np.asarray(state.dispersion, dtype=np.float64),
+                 history=np.asarray(state.dispersion_history, dtype=np.float64))
+        os.replace(tmp, path)
+        self.inner.save(state, executor)
+        self.saved = [*self.saved, path][-2:]
+        import glob
+
+        for old in glob.glob(glob.escape(str(self.inner.path)) + ".dispersion-*.npz"):
+            if old not in self.saved:
+                os.remove(old)
+
+    def load(self) -> "IRLSState | None":
+        base = self.inner.load()
+        if base is None:
+            return None
+        path = self._file(base.iteration)
+        try:
+            with np.load(path) as f:
+                disp, hist = f["dispersion"], f["history"]
+        except (OSError, KeyError, ValueError) as e:
+            raise CheckpointError(f"The checkpoint at {self.inner.path!r} has no readable dispersion file for its "
+                                  f"iteration {base.iteration} ({path}: {e}). Start the fit again without resuming "
+                                  "from it.", path=self.inner.path, problems={"dispersion": str(e)}) from e
+        if hist.shape != (base.iteration,):
+            raise CheckpointError(f"The dispersion file {path} does not match the checkpoint's iteration "
+                                  f"{base.iteration}.", path=self.inner.path, problems={"dispersion": "history"})
+        self.saved = [path]
+        state = IRLSState(**{f.name: getattr(base, f.name) for f in fields(ALSState)})
+        state.dispersion = float(disp) if disp.ndim == 0 else disp
+        state.dispersion_history = [float(x) for x in hist]
+        return state
 
 
 def _side(ro: IRLSOptions) -> tuple:
@@ -173,8 +226,13 @@ def fit_irls(
     executor: Executor,
     *,
     on_iteration: Callable | None = None,
+    checkpointer: IRLSCheckpointer | None = None,
+    state: IRLSState | None = None,
 ):
     """Run the IRLS loop; returns ``(IRLSState, ht_blocks)`` as :func:`~dnmf.engine.masked.fit_masked`.
+
+    ``checkpointer`` saves the state every ``opts.checkpoint_every`` iterations and at the end
+    (fits without missing entries only); ``state`` is a state to resume from (its loaded checkpoint).
 
     ``loss_history`` holds the training loss in the fitted distribution: a sum (no test set) or
     a mean (with one, §4.3) over the observed entries the loss covers (all of them for GP, whose
@@ -206,12 +264,13 @@ def fit_irls(
              int(opts.cd_maxit), float(opts.cd_tol))
     wside = (1e-15 + float(opts.L2[0]), float(opts.L1[0]), int(opts.solver), bool(opts.nonneg[0]),
              int(opts.cd_maxit), float(opts.cd_tol))
-    state = IRLSState(w=np.ascontiguousarray(w0, dtype=np.float64), d=np.ones(k), ht=[None] * n_cb,
-                      h_scale=np.ones(k), dispersion=_initial_dispersion(ro, m, n))
+    if state is None:
+        state = IRLSState(w=np.ascontiguousarray(w0, dtype=np.float64), d=np.ones(k), ht=[None] * n_cb,
+                          h_scale=np.ones(k), dispersion=_initial_dispersion(ro, m, n))
     placed = None
     recoveries = 0
     t0 = time.perf_counter()
-    done = opts.maxit < 1
+    done = opts.maxit <= state.iteration or state.converged or state.stopped_by_callback
     while not done:
         try:
             if placed is None:
@@ -303,6 +362,8 @@ def fit_irls(
         if stop:
             state.converged = not state.stopped_by_callback
         done = stop or it >= opts.maxit
+        if checkpointer is not None and (done or it % opts.checkpoint_every == 0):
+            checkpointer.save(state, executor)
     state.runtime = time.perf_counter() - t0
     if placed is not None:
         placed.release(executor)
