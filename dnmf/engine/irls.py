@@ -18,7 +18,10 @@ Per iteration, with W (unit-norm columns), d, H's raw blocks and the dispersion 
 
 So an iteration is **two passes over A** (columns, then rows), each running ``irls_max_iter``
 weighted solves per column / row on the stored entries; weights are computed inside the block
-task and never stored. The dispersion found in iteration t is used from iteration t + 1 on (the
+task and never stored. Zeros are never visited: those of a column / row share one weight (the
+GP / NB weight at their mean prediction, or 1; ``kernels/irls.py``). A GP θ per column is
+estimated in the column pass (its μ uses the W the pass solved against); every other
+dispersion in the row pass, from μ = W·diag(d)·Ĥ of the new factors, as RcppML. The dispersion found in iteration t is used from iteration t + 1 on (the
 losses of iteration t use the dispersion its weights used). A lost worker costs a re-placement
 of the blocks and a redo of the iteration in progress (H, W and the dispersion live on the
 client). Column and row partitions are functions of the data only and every sum is taken in
