@@ -167,7 +167,7 @@ def _check_init(init, m: int, k: int, nonneg_w: bool, func: str) -> np.ndarray:
 
 
 def _check_factors(w, d, h, *, iteration: int, L1: tuple, nonneg: tuple, norm: str, solver: str, k: int,
-                   func: str) -> None:
+                   func: str, angular: tuple = (0.0, 0.0)) -> None:
     """The final check of a fit: no NaN/Inf, no all-zero model; warn about zero factors."""
     if not (np.all(np.isfinite(w)) and np.all(np.isfinite(d)) and np.all(np.isfinite(h))):
         causes = []
@@ -187,6 +187,10 @@ def _check_factors(w, d, h, *, iteration: int, L1: tuple, nonneg: tuple, norm: s
         return
     penalized = any(v > 0 for v in L1)
     if zero.all():
+        if any(v > 0 for v in angular):
+            raise InputError(f"All factors were zeroed by angular = {tuple(angular)}; lower angular. (The map "
+                             "X ← max(0, X − λ·diag(n)·C·X̂) removes from each factor λ times its cosine-weighted "
+                             "overlap with the others: strongly correlated factors need a small λ.)")
         if penalized:
             raise InputError(f"All factors were zeroed by L1 = {tuple(L1)}; lower L1. (L1 is subtracted from "
                              f"the NNLS right-hand side, which is of the order of the data's values.)")
@@ -1136,6 +1140,7 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
     w, d = state.w, state.d
     kl = opts.get("loss") == "kl"
     _check_factors(w, d, h, iteration=state.iteration, L1=opts["L1"], nonneg=opts["nonneg"], norm=opts["norm"],
+                   angular=opts.get("angular", (0.0, 0.0)),
                    solver=plan.solver, k=plan.k, func=func)
     d = d / plan.scale
     if opts["sort_model"]:

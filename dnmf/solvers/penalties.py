@@ -248,14 +248,11 @@ def check_penalty_use(opts: dict, func: str = "nmf") -> None:
 
 
 def refuse_penalties(opts: dict, why: str, func: str = "nmf", sides: tuple = (0, 1)) -> None:
-    """Raise the InputError naming the first penalty in use on ``sides`` (for fits that lack them)."""
+    """Raise the InputError naming the first penalty in use on ``sides`` (for fits that lack them;
+    a graph is in use only through its ``graph_lambda``)."""
     for name in ("L21", "angular", "upper_bound", "graph_lambda"):
         val = opts.get(name, (0.0, 0.0))
         if any(val[s] > 0 for s in sides):
             expected = "0" if sides == (0, 1) else f"0 on the {'WH'[sides[0]]} side"
             raise param_error(name, func, f"{expected} {why}", val)
-    for s in sides:
-        gname = ("graph_W", "graph_H")[s]
-        if opts.get(gname) is not None and opts.get("graph_lambda", (0.0, 0.0))[s] > 0:
-            raise param_error(gname, func, f"None {why}", "a graph matrix", described=True)
 
