@@ -126,8 +126,8 @@ def test_kl_is_the_same_on_two_workers(planted):
     distributed = pytest.importorskip("distributed")
     A, _, w0 = planted
     here = dnmf.nmf(A, 4, init=w0, loss="kl", tol=0, maxit=8, block_nnz=2000, client=False)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         there = dnmf.nmf(A, 4, init=w0, loss="kl", tol=0, maxit=8, block_nnz=2000, client=client)
     np.testing.assert_array_equal(here.w, there.w)  # block-order sums: bitwise
     np.testing.assert_array_equal(here.misc["loss_history"], there.misc["loss_history"])

@@ -69,7 +69,8 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
         (length 0) when there is none
     P : (m, k), hsum : (k,) — accumulated: Σ_c (a_ic/μ'_ic) h_c over observed stored entries, Σ_c h_c
     R : (m, k) or (0, k) — accumulated: Σ_c h_c over the column's missing rows (with
-        ``zeros_missing``: over its observed rows); (0, k): nothing is missing, not formed
+        ``zeros_missing``: over its observed rows); (0, k): nothing is missing (no mask, no
+        hold-out, no zeros missing and no NaN in the block) — the pass then skips every test
     out : (:data:`KL_OUT`,) — accumulated, for the incoming (W, H): Σ_obs,stored a log(a/μ) − a,
         Σ_obs μ, the number of observed entries, the test divergence Σ_test a log(a/μ) − a + μ,
         the number of test entries (held out and otherwise observed)
@@ -82,6 +83,7 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
     mark = np.full(m, -1, dtype=np.int64)  # = c: row missing or held out in column c (see kind)
     kind = np.zeros(m, dtype=np.int8)  # 1: held out (a test entry), 2: missing (user mask or NaN)
     mrows = np.empty(m, dtype=np.int64)
+    aval = np.zeros(m)  # a_ic of the held-out rows of column c (0 where not stored)
     has_mask = mk_indptr.shape[0] > 0
     track = R.shape[0] > 0
     for c in range(n):
@@ -111,6 +113,7 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
                 if cv_on and held_out(cv_seed, np.uint64(i), jg, cv_thr):
                     mark[i] = c
                     kind[i] = 1
+                    aval[i] = a
                     mrows[nmiss] = i
                     nmiss += 1
                     continue
@@ -119,12 +122,13 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
                     den[r] += wrow[r]
                 a_obs += a
                 n_obs += 1
-        else:
+        elif track:
             if cv_on:
                 for i in range(m):
                     if mark[i] != c and held_out(cv_seed, np.uint64(i), jg, cv_thr):
                         mark[i] = c
                         kind[i] = 1
+                        aval[i] = 0.0
                         mrows[nmiss] = i
                         nmiss += 1
             for p in range(start, end):
@@ -138,6 +142,8 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
                     kind[i] = 2
                 elif mark[i] != c:
                     a_obs += a
+                elif kind[i] == 1:
+                    aval[i] = a
             for r in range(k):
                 den[r] = colsum[r]
             for t in range(nmiss):
@@ -145,6 +151,13 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
                 for r in range(k):
                     den[r] -= wrow[r]
             n_obs = m - nmiss
+        else:  # nothing missing (and no NaN: the caller's contract)
+            for r in range(k):
+                den[r] = colsum[r]
+            if cold:
+                for p in range(start, end):
+                    a_obs += data[p]
+            n_obs = m
         # 2. the incoming h_c; the objective of (W, h_c) and the MU numerator in one read
         if cold:
             tot = 0.0
@@ -168,9 +181,7 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
                 continue
             i = indices[p]
             wrow = w[i]
-            if mark[i] == c:
-                if kind[i] == 1:  # a stored test entry (its μ term is added below)
-                    test += a * np.log(a / floored_mu(wrow, h)) - a
+            if track and mark[i] == c:
                 continue
             q = a / floored_mu(wrow, h)
             acc += a * np.log(q) - a
@@ -186,6 +197,9 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
                     mu += wrow[r] * h[r]
                 test += mu
                 n_test += 1
+                a = aval[i]
+                if a > 0.0:
+                    test += a * np.log(a / (mu if mu >= MU_FLOOR else MU_FLOOR)) - a
         out[0] += acc
         out[1] += mu_obs
         out[2] += n_obs
@@ -204,9 +218,9 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
             if a != a:
                 continue
             i = indices[p]
-            if mark[i] == c:
+            if track and mark[i] == c:
                 continue
-            if zeros_missing and track:
+            if zeros_missing:
                 rrow = R[i]
                 for r in range(k):
                     rrow[r] += h[r]
