@@ -127,7 +127,7 @@ def test_kl_is_the_same_on_two_workers(planted):
     A, _, w0 = planted
     here = dnmf.nmf(A, 4, init=w0, loss="kl", tol=0, maxit=8, block_nnz=2000, client=False)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
         there = dnmf.nmf(A, 4, init=w0, loss="kl", tol=0, maxit=8, block_nnz=2000, client=client)
     np.testing.assert_array_equal(here.w, there.w)  # block-order sums: bitwise
     np.testing.assert_array_equal(here.misc["loss_history"], there.misc["loss_history"])
@@ -261,7 +261,7 @@ def test_kl_masked_cv_is_the_same_on_two_workers(small):
     grid = dict(loss="kl", test_fraction=0.1, cv_seed=[1, 2], maxit=10, tol=0)
     cv_here = dnmf.nmf(A, [2, 3], client=False, **grid)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
         there = _fit(nan, 3, w0, **dict(kw, client=client))
         cv_there = dnmf.nmf(A, [2, 3], client=client, **grid)
     np.testing.assert_array_equal(here.w, there.w)  # block-order sums: bitwise

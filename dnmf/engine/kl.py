@@ -76,11 +76,11 @@ def combine_kl(a: KLStats, b: KLStats) -> KLStats:
     return KLStats(a.P + b.P, a.hsum + b.hsum, a.R + b.R, a.out + b.out)
 
 
-def kl_task(block, mk: tuple, ht_prev, col0: int, w: np.ndarray, scale: np.ndarray, hside: tuple, kargs: tuple,
-            track: bool):
+def kl_task(block, mk: tuple, ht_prev, col0: int, w: np.ndarray, colsum: np.ndarray, scale: np.ndarray, hside: tuple,
+            kargs: tuple, track: bool):
     """One column block (float64 CSC, :func:`~dnmf.engine.masked.as_csc64`): ``(new H_jᵀ, KLStats)``.
 
-    ``mk``: the block's user mask (CSC indices, indptr; empty: none); ``hside``: H's (L1, L2);
+    ``colsum``: W's column sums; ``mk``: the block's user mask (CSC indices, indptr; empty: none); ``hside``: H's (L1, L2);
     ``kargs``: the kernel's hold-out arguments (:func:`~dnmf.engine.masked._kernel_args`);
     ``track``: form the missing rows' partial R (a fit with missing entries). Without a
     previous H each column starts at the same value, scaled so that ``Σ_obs μ = Σ_obs a``.
@@ -92,7 +92,7 @@ def kl_task(block, mk: tuple, ht_prev, col0: int, w: np.ndarray, scale: np.ndarr
     hsum = np.zeros(k)
     R = np.zeros((m if track else 0, k))
     out = np.zeros(KL_OUT)
-    csc_kl_pass(block.data, block.indices, block.indptr, int(col0), w, w.sum(axis=0), ht,
+    csc_kl_pass(block.data, block.indices, block.indptr, int(col0), w, colsum, ht,
                 np.ones(k) if cold else scale, cold, float(hside[0]), float(hside[1]), *kargs, mk[0], mk[1],
                 P, hsum, R, out)
     return ht, KLStats(P, hsum, R, out)
@@ -158,7 +158,8 @@ def fit_kl(blocked: BlockedMatrix, w0: np.ndarray, opts: ALSOptions, executor: E
                 blocks = executor.map_blocks(as_csc64, raw)  # float64 CSC once, not in every iteration
                 executor.release(raw)
             outs = executor.map_blocks(kl_task, blocks, cmasks, state.ht, col0s,
-                                       args=(state.w, state.scale, hside, kargs, track), n_out=2)
+                                       args=(state.w, state.w.sum(axis=0), state.scale, hside, kargs, track),
+                                       n_out=2)
             stats = executor.tree_reduce(combine_kl, [o[1] for o in outs])
             ht = executor.gather([o[0] for o in outs])
             executor.release([h for o in outs for h in o])
