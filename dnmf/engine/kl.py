@@ -25,7 +25,9 @@ so the history is too.
 
 The penalties are those of the standard penalized multiplicative updates (L1 and L2 added to
 the MU denominators, ``+ L1 + L2·x``), applied to the factors as they are updated — H with the
-scale, W with unit-L1 columns — not RcppML's penalties applied inside an NNLS solve.
+scale, W with unit-L1 columns — not RcppML's penalties applied inside an NNLS solve. ``nmf``
+refuses L1 for this loss: with ``Σ_i w_ir = 1`` it only rescales H, which the W step's
+normalization moves back (docs/architecture.md, "Losses").
 
 H lives on the client between iterations (n·k numbers), so a lost worker costs a re-placement
 and a redo of the pass in progress.
