@@ -644,11 +644,12 @@ class NMFFitRecord:
     test_fraction, cv_seed : float, int or None
         The hold-out set (``test_fraction`` 0 and ``cv_seed`` None without one).
     test_loss, train_loss : float
-        Best test MSE and last train MSE of a fit with a test set (NaN otherwise).
+        Best test loss and last train loss of a fit with a test set, means over the entries in
+        ``loss_type``'s units (MSE, mean KL divergence, …; NaN without a test set).
     best_iter : int
         Iteration (1-based) of the best test loss (0 without a test set).
     test_loss_history : ndarray
-        Test MSE of every iteration (empty without a test set).
+        Test loss (a mean, as ``test_loss``) of every iteration (empty without a test set).
     n_test : int
         Held-out entries scored by the test loss.
     all_inits : pandas.DataFrame or None
