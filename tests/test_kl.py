@@ -177,10 +177,18 @@ def test_masked_kl_matches_numpy_and_nan(small, sparse):
     np.testing.assert_allclose(other.misc["loss_history"], model.misc["loss_history"], rtol=1e-13)
 
 
-def test_kl_mask_zeros_matches_numpy(small):
+@pytest.mark.parametrize("with_matrix", [False, True])
+def test_kl_mask_zeros_matches_numpy(small, with_matrix):
     A, mask, w0 = small
-    model = _fit(sp.csc_matrix(A), 3, w0, mask="zeros", maxit=12)
-    w, h, losses, _ = numpy_masked_mu(A, A > 0, w0, 12)  # only stored entries are observed
+    if with_matrix:  # zeros missing, plus a user mask and NaN entries
+        nan = np.zeros_like(mask)
+        nan[::7, ::5] = True
+        data, obs = np.where(nan, np.nan, A), (A > 0) & ~mask & ~nan
+        model = _fit(sp.csc_matrix(data), 3, w0, mask=("zeros", sp.csc_matrix(mask)), maxit=12)
+    else:
+        obs = A > 0  # only stored entries are observed
+        model = _fit(sp.csc_matrix(A), 3, w0, mask="zeros", maxit=12)
+    w, h, losses, _ = numpy_masked_mu(A, obs, w0, 12)
     np.testing.assert_allclose(model.w, w, rtol=1e-10, atol=1e-14)  # rounding only (as above)
     np.testing.assert_allclose(model.misc["loss_history"], losses, rtol=1e-10)
 
@@ -200,13 +208,16 @@ def test_kl_l2_matches_numpy_and_shrinks(small):
     assert ridge.misc["loss"] > plain.misc["loss"]
 
 
-def test_kl_cross_validation_losses(small):
+@pytest.mark.parametrize("zeros", [False, True])
+def test_kl_cross_validation_losses(small, zeros):
     A, mask, w0 = small
     frac, cv_seed = 0.1, 7
     nan = np.where(mask, np.nan, A)
-    model = _fit(sp.csc_matrix(nan), 3, w0, maxit=25, test_fraction=frac, cv_seed=cv_seed, patience=100)
+    extra = dict(mask="zeros") if zeros else {}
+    model = _fit(sp.csc_matrix(nan), 3, w0, maxit=25, test_fraction=frac, cv_seed=cv_seed, patience=100, **extra)
     held = _holdout(A.shape, cv_seed, frac)
-    test, train = held & ~mask, ~held & ~mask
+    observed = ~mask & (A > 0) if zeros else ~mask  # with mask="zeros" only stored entries (held out or not)
+    test, train = held & observed, ~held & observed
     w, h, losses, tests = numpy_masked_mu(A, train, w0, 25, test=test)
     misc = model.misc
     assert misc["n_test"] == test.sum()
@@ -221,7 +232,7 @@ def test_kl_cross_validation_losses(small):
     assert misc["test_loss"] == misc["test_loss_history"].min()
     assert misc["best_iter"] == int(np.argmin(misc["test_loss_history"])) + 1
     seen = []
-    _fit(sp.csc_matrix(nan), 3, w0, maxit=5, test_fraction=frac, cv_seed=cv_seed,
+    _fit(sp.csc_matrix(nan), 3, w0, maxit=5, test_fraction=frac, cv_seed=cv_seed, **extra,
          on_iteration=lambda r: seen.append((r.train_loss, r.test_loss)))
     np.testing.assert_allclose(seen, np.c_[losses[:5] / train.sum(), tests[:5]], rtol=1e-10)
 
