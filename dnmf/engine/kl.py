@@ -82,8 +82,8 @@ def kl_task(block, mk: tuple, ht_prev, col0: int, w: np.ndarray, colsum: np.ndar
             kargs: tuple, track: bool):
     """One column block (float64 CSC, :func:`~dnmf.engine.masked.as_csc64`): ``(new H_jᵀ, KLStats)``.
 
-    ``colsum``: W's column sums; ``mk``: the block's user mask (CSC indices, indptr; empty: none); ``hside``: H's (L1, L2);
-    ``kargs``: the kernel's hold-out arguments (:func:`~dnmf.engine.masked._kernel_args`);
+    ``colsum``: W's column sums; ``mk``: the block's user mask (CSC indices, indptr; empty: none);
+    ``hside``: H's (L1, L2); ``kargs``: the kernel's hold-out arguments (:func:`~dnmf.engine.masked._kernel_args`);
     ``track``: form the missing rows' partial R (a fit with missing entries). Without a
     previous H each column starts at the same value, scaled so that ``Σ_obs μ = Σ_obs a``.
     """
