@@ -36,7 +36,6 @@ and a redo of the pass in progress.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
