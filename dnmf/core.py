@@ -270,7 +270,7 @@ def _progress_callback(on_iteration, loss_scale: float, func: str):
             rel = abs(prev - record.train_loss) / (abs(prev) + 1e-15)
             logger.info("%s iter %4d  loss %.6e  rel %.3e", func, record.iteration, loss, rel)
         if on_iteration is not None:
-            on_iteration(record._replace(train_loss=loss))
+            on_iteration(record._replace(train_loss=loss, test_loss=record.test_loss * loss_scale))
 
     return callback
 
@@ -442,10 +442,10 @@ def nmf(
         ``"gp"`` (generalized Poisson), ``"nb"`` (negative binomial), ``"gamma"``,
         ``"inverse_gaussian"`` and ``"tweedie"`` are fitted by IRLS (RcppML §6): every column of
         H and row of W solves ``irls_max_iter`` weighted least-squares problems with the loss's
-        weights at the stored entries; the zeros of a column / row share one weight (for GP and NB
-        the loss's weight at their mean prediction, known in closed form; for the others 1, as
-        RcppML weights the zeros of sparse input), the same for sparse and dense input, so both
-        give the same fit, at the cost of the stored entries only. ``misc["loss"]`` is the loss in
+        weights at the stored entries; zeros are never visited (GP: their exact contribution to
+        the gradient in closed form; NB: taken at their mean prediction; Tweedie: weight 1, as
+        RcppML), the same for sparse and dense input, so both give the same fit, at the cost
+        of the stored entries only (docs/architecture.md, "IRLS losses"). ``misc["loss"]`` is the loss in
         the fitted distribution (a sum; with a test set train/test losses are means): over all
         entries for GP (its zeros have a closed form), over the stored non-zero entries for the
         others (``misc["loss_covers"]``); test losses cover every held-out entry in the loss's

@@ -19,29 +19,41 @@ from dnmf.kernels.nnls import SOLVER_EXACT
 NO_MASK = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
 
-def _weights(loss, y, mu, r):
-    """§6.2 weights from the registry at the non-zeros; every zero gets the weight at the mean
-    prediction over the zeros (the library's zero rule, docs/architecture.md)."""
+def _irls_system(F, a, x, loss, r, unit):
+    """One IRLS step's (G, b) with the library's zero rule (docs/architecture.md, "IRLS losses"):
+    §6.2 weights from the registry at the non-zeros; zeros weight 1 for the power losses; for GP
+    and NB curvature ω̄ = the weight at the zeros' mean prediction μ̄ and the exact-gradient RHS
+    ``ω̄·G_zero·x − g·Σ_zeros f`` with g = ω·μ at a zero (GP 1, NB r/(r + μ̄))."""
     spec = get_loss(loss)
     par = {"size": r} if loss == "nb" else {}
-    w = spec.weight(y, mu, **par)
-    zero = y == 0
-    if zero.any() and loss in ("gp", "nb"):  # Tweedie (and gamma / IG) zeros: weight 1
-        wz = spec.weight(0.0, max(mu[zero].mean(), 0.0), **par)
-        w = np.where(zero, wz, w)
-    else:
-        w = np.where(zero, 1.0, w)
-    return w
+    mu = F @ x
+    zero = a == 0
+    om = np.ones_like(a) if unit else spec.weight(a, mu, **par)
+    if unit or loss not in ("gp", "nb") or not zero.any():
+        om = np.where(zero, 1.0, om)
+        return (F * om[:, None]).T @ F, F.T @ (om * a)
+    mu_bar = max(mu[zero].mean(), 0.0)
+    wz = float(spec.weight(0.0, mu_bar, **par))
+    g = min(1.0, mu_bar / 1e-4) if loss == "gp" else r / (r + mu_bar)
+    nz = ~zero
+    Fz = F[zero]
+    G = (F[nz] * om[nz, None]).T @ F[nz] + wz * Fz.T @ Fz
+    b = F[nz].T @ (om[nz] * a[nz]) + wz * Fz.T @ (Fz @ x) - g * Fz.sum(axis=0)
+    return G, b
+
+
+def _nnls_quadratic(G, b):
+    """argmin_{x ≥ 0} ½ xᵀGx − bᵀx by scipy nnls on the Cholesky form ‖Lᵀx − L⁻¹b‖²."""
+    L = np.linalg.cholesky(G + 1e-15 * np.eye(len(b)))
+    return nnls(L.T, np.linalg.solve(L, b), maxiter=1000)[0]
 
 
 def _irls_column(F, a, x0, loss, r, n_iter, cold):
-    """Reference IRLS of one column: ``n_iter`` weighted NNLS solves (scipy nnls on the
-    √ω-scaled problem); the first one with ω = 1 when ``cold``."""
+    """Reference IRLS of one column: ``n_iter`` NNLS solves of the weighted system (scipy nnls);
+    the first one with unit weights when ``cold``."""
     x = np.array(x0, dtype=np.float64)
     for it in range(n_iter):
-        om = np.ones_like(a) if (cold and it == 0) else _weights(loss, a, F @ x, r)
-        s = np.sqrt(om)
-        x = nnls(F * s[:, None], a * s, maxiter=1000)[0]
+        x = _nnls_quadratic(*_irls_system(F, a, x, loss, r, cold and it == 0))
     return x
 
 

@@ -12,17 +12,24 @@ rows, or Ĥ's columns):
   missing — user mask, NaN, the §5.2 held-out set (hashed with
   :func:`~dnmf.kernels.masked.held_out`) — get weight 0: their rank-1 terms are removed from the
   shared Gram once per outer vector (:func:`~dnmf.kernels.masked.masked_gram`);
-* **zeros** (unstored entries, and stored entries equal to 0, treated alike) get weight 1 as in
-  RcppML [§14.7] for Tweedie (gamma / IG have no zeros), and for GP and NB one weight per outer
-  vector: the loss's weight at their *mean* prediction ``μ̄ = (Σ_all μ − Σ_missing μ −
-  Σ_stored μ) / n_zeros``, where ``Σ_all μ = (Σ_inner f)·x`` is closed form; their Gram is then
-  ``ω̄·(G − Σ_missing f fᵀ)`` minus the stored entries' terms, so a pass costs O(nnz·k²) per inner
-  iteration and never touches a zero. (RcppML gives zeros weight 1 [§14.7]; with NB weights
-  ≈ r/μ² that lets the zeros dominate and the estimated r collapse, measured on simulated NB
-  data: r → 0.9 instead of 5.) With ``zeros_missing`` zeros are missing instead;
+* **zeros** (unstored entries, and stored entries equal to 0, treated alike) are never visited.
+  For Tweedie (gamma / IG data have no zeros) they keep RcppML's weight 1 [§14.7]: the shared
+  Gram ``G = FᵀF`` already holds them. For GP and NB the solve is written in gradient form,
+  ``G_w x = G_w x_old − ∇`` with the *exact* zero part of the gradient where it has a closed form:
+  at a zero ``ω·μ = 1`` for the GP/KL weight (μ ≥ 1e-4), so ``Σ_zeros ω μ f = Σ_zeros f =
+  (Σ_inner f) − Σ_missing f − Σ_stored f``; for NB ``ω·μ = r/(r + μ)`` is taken at the zeros'
+  mean prediction ``μ̄ = ((Σ_inner f)·x − Σ_missing μ − Σ_stored μ) / n_zeros`` (exact in the
+  Poisson limit). The curvature of the zeros is ``ω̄·G_zero`` with ω̄ the weight at μ̄ and
+  ``G_zero = G_base − Σ_stored f fᵀ``. So the GP fit's fixed points are those of the exact
+  IRLS over all entries, at O(nnz·k²) per inner iteration. (RcppML's weight 1 for the zeros of
+  sparse input let them dominate NB fits, whose weights are ≈ r/μ², and collapsed the estimated
+  r; a single mean-field weight ω̄ on the zeros' values instead of on the gradient diverged on
+  pbmc3k, its error being largest for the zeros of highly expressed genes.) With
+  ``zeros_missing`` zeros are missing instead;
 * ``irls_max_iter`` inner iterations: ``μ_t = f_tᵀx`` at the stored observed entries, their
   weights ω_t (:func:`irls_weight`, one formula per loss code; times the Huber factor of §6.2
-  with ``robust``), ``G_w = G_base + Σ_t (ω_t − 1) f_t f_tᵀ``, ``b_w = Σ_t ω_t a_t f_t − L1``,
+  with ``robust``), ``G_w = ω̄·G_base + Σ_t (ω_t − ω̄) f_t f_tᵀ + (ε + L2)·I`` (ω̄ = 1 for Tweedie),
+  ``b_w = Σ_t ω_t a_t f_t − L1`` (+ the zeros' gradient-form terms for GP / NB),
   solved by the column solver (``kernels/column.py::solve_column``) warm from the previous inner
   iterate; stop when ``max |x − x_old| / (|x_old| + 1e-12) < irls_tol``. The first inner
   iteration of a cold start (no previous factor) uses ω = 1 (the masked least-squares solve), so
@@ -318,6 +325,7 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
     muv = np.empty(max_nnz)
     has_mask = mk_indptr.shape[0] > 0
     mfs = np.empty(k)
+    zf = np.empty(k)
     disp_mean = 0.0
     for i in range(n_inner):
         disp_mean += disp_in[i]
@@ -406,20 +414,38 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
             for t in range(ne):
                 muv[t] = dot(F[idx[t]], x)
                 s_mu += muv[t]
-            # zeros: the loss's weight at their mean prediction (Σ_zeros μ in closed form), one
-            # weight for all the zeros of this outer vector (RcppML: 1)
+            # zeros (see the module docstring): curvature ω̄ (GP / NB: the weight at their mean
+            # prediction μ̄; else 1, RcppML) and, for GP / NB, the exact-gradient form of the RHS
             wz = 0.0
+            gz = 0.0
+            cz = 0.0
+            grad_form = False
             if n_zero > 0:
                 if unit or (code != LOSS_GP and code != LOSS_NB):
-                    wz = 1.0  # RcppML's weight (mean-field μ̄^-p weights made Tweedie fits unstable)
+                    wz = 1.0
                 else:
+                    grad_form = True
                     mu_bar = max((dot(fsum, x) - dot(mfs, x) - s_mu) / n_zero, 0.0)
-                    wz = irls_weight(code, 0.0, mu_bar, dz, power, delta)
+                    wz = irls_weight(code, 0.0, mu_bar, dz, 0.0, 0.0)
+                    if code == LOSS_GP:
+                        gz = min(1.0, mu_bar / _KL_W_FLOOR)  # ω·μ at a zero: 1 unless μ < 1e-4
+                    else:
+                        # ω·μ = r/(r + μ), taken at μ̄ (exact in the Poisson limit μ ≪ r; the
+                        # first-order correction −G_zero x/(r + μ̄) is unbounded and diverged)
+                        gz = dz / (dz + mu_bar)
             for r in range(k):
                 b[r] = -l1
+                zf[r] = fsum[r] - mfs[r]
                 for s in range(k):
                     Gw[r, s] = wz * Gb[r, s]
                 Gw[r, r] += diag
+            if grad_form:
+                # b += (ω̄ + cz)·G_zero·x_old − gz·Σ_zeros f, G_zero = G_base − Σ_stored f fᵀ
+                for r in range(k):
+                    acc = 0.0
+                    for s in range(k):
+                        acc += Gb[r, s] * x[s]
+                    b[r] += (wz + cz) * acc
             for t in range(ne):
                 f = F[idx[t]]
                 y = yv[t]
@@ -431,9 +457,15 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
                 for r in range(k):
                     fr = f[r]
                     b[r] += w * y * fr
+                    zf[r] -= fr
+                    if grad_form:
+                        b[r] -= (wz + cz) * muv[t] * fr
                     cr = c * fr
                     for s in range(r + 1):
                         Gw[r, s] += cr * f[s]
+            if grad_form:
+                for r in range(k):
+                    b[r] -= gz * zf[r]
             for r in range(k):
                 for s in range(r):
                     Gw[s, r] = Gw[r, s]
