@@ -476,6 +476,8 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                     mcols[nmask] = j
                     nmask += 1
                     continue
+                if fixed:  # the scoring pass needs no Gram
+                    continue
                 hrow = hn[j]
                 for r in range(k):
                     b[r] += a * hrow[r]
@@ -517,12 +519,13 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                     continue
                 for r in range(k):
                     b[r] += a * hrow[r]
-            masked_gram(Gc, Q, ridge + l2, hn, mcols, nmask, gbuf)
-        if has_pen:
+            if not fixed:  # the scoring pass needs no Gram
+                masked_gram(Gc, Q, ridge + l2, hn, mcols, nmask, gbuf)
+        if has_pen and not fixed:
             for r in range(k):
                 for s in range(k):
                     Gc[r, s] += gpen[r, s]
-        if tw.shape[0] > 0:
+        if tw.shape[0] > 0 and not fixed:
             if lam_w > 0.0:
                 for r in range(k):
                     Gc[r, r] += lam_w
