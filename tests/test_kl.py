@@ -356,7 +356,10 @@ def test_kl_scaled_data_with_l2_is_the_same_fit(small):
     f = 2.0**400
     kw = dict(mask=sp.csc_matrix(mask), maxit=10, test_fraction=0.1, cv_seed=2, patience=100)
     model = _fit(A, 3, w0, L2=(0.2, 0.1), **kw)
-    big = _fit(A * f, 3, w0, L2=(0.2 * f, 0.1 / f), **kw)
+    seen = []
+    big = _fit(A * f, 3, w0, L2=(0.2 * f, 0.1 / f), on_iteration=lambda r: seen.append(r[1:]), **kw)
+    # on_iteration gets the losses in A's units too (train and test)
+    np.testing.assert_array_equal(seen, np.c_[big.misc["loss_history"], big.misc["test_loss_history"]])
     assert big.misc["scale"] != 1.0
     np.testing.assert_allclose(big.w, model.w, rtol=1e-12, atol=1e-16)  # rounding only
     np.testing.assert_allclose(big.d, model.d * f, rtol=1e-12)
