@@ -469,3 +469,23 @@ def test_lost_worker_in_the_penalized_loop_recovers_bitwise(verb, at):
     np.testing.assert_array_equal(state.d, ref_state.d)
     np.testing.assert_array_equal(np.concatenate(ht), np.concatenate(ref_ht))
     assert state.loss_history == ref_state.loss_history
+
+
+def test_yaml_model_section_carries_the_penalties(tmp_path):
+    """The factorize ``model:`` section accepts the pairs (a scalar recycled), refuses a negative
+    one naming the key, and what it hands to nmf (``config_kwargs``) is the direct call's fit."""
+    from dnmf.config import JobConfig
+    from dnmf.params import NMF_PARAMS, config_kwargs
+
+    A = _data(8)
+    np.save(tmp_path / "a.npy", A)
+    model = {"k": 3, "seed": 4, "maxit": 5, "L21": [0.1, 0.0], "angular": 0.2, "upper_bound": [0, 5]}
+    cfg = JobConfig.from_dict({"pipeline": "factorize", "input": {"path": str(tmp_path / "a.npy")}, "model": model})
+    kw = config_kwargs(NMF_PARAMS, cfg.section("model"))
+    assert kw["L21"] == (0.1, 0.0) and kw["angular"] == (0.2, 0.2) and kw["upper_bound"] == (0.0, 5.0)
+    via_yaml = dnmf.nmf(A, **{**kw, "client": False})
+    direct = dnmf.nmf(A, 3, seed=4, maxit=5, L21=(0.1, 0.0), angular=0.2, upper_bound=(0, 5), client=False)
+    np.testing.assert_array_equal(via_yaml.w, direct.w)
+    with pytest.raises(dnmf.ConfigError, match=r"'model.L21' must be a float in \[0.0, inf\)"):
+        JobConfig.from_dict({"pipeline": "factorize", "input": {"path": str(tmp_path / "a.npy")},
+                             "model": {"k": 3, "L21": -1}})
