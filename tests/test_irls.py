@@ -343,3 +343,47 @@ def test_factorize_pipeline_with_a_loss_key(tmp_path):
                irls_tol=1e-4)
     np.testing.assert_array_equal(model["w"], ref.w)
     np.testing.assert_array_equal(model["loss_history"], ref.misc["loss_history"])
+
+
+class _LosesAWorker:
+    """A LocalExecutor whose ``n``-th ``map_blocks`` raises WorkerLostError (as a lost Dask worker)."""
+
+    def __init__(self, n: int):
+        from dnmf.engine.executor import LocalExecutor
+
+        self._ex, self._n, self.calls, self.max_recoveries = LocalExecutor(1), n, 0, 2
+
+    def map_blocks(self, *args, **kwargs):
+        from dnmf.exceptions import WorkerLostError
+
+        self.calls += 1
+        if self.calls == self._n:
+            raise WorkerLostError("A Dask worker was lost (tcp://test) during map_blocks", worker="tcp://test")
+        return self._ex.map_blocks(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._ex, name)
+
+
+def test_lost_worker_redoes_the_iteration():
+    from dnmf.engine.als import ALSOptions
+    from dnmf.engine.executor import LocalExecutor
+    from dnmf.engine.irls import IRLSOptions, fit_irls
+    from dnmf.engine.masked import MaskOptions
+
+    sim = dnmf.simulate_nmf(40, 30, 3, seed=15, distribution="nb", dispersion=5.0, mean=4.0)
+    blocked = dnmf.io.as_blocked(sp.csc_matrix(sim.A), block_nnz=300)
+    w0 = np.random.default_rng(2).uniform(size=(40, 3))
+    opts = ALSOptions(k=3, tol=0, maxit=4, patience=100, solver=0)
+    ro = IRLSOptions(loss="nb", dispersion="per_row", init=10.0, low=0.01, high=1e6)
+    mo = MaskOptions(test_fraction=0.1, cv_seed=4)
+    ref, ref_h = fit_irls(blocked, w0, opts, ro, mo, LocalExecutor(1))
+    # map_blocks calls: 3 to place the blocks (CSC conversion, row split, row join), then two per
+    # iteration; call 8 is iteration 3's column pass
+    flaky = _LosesAWorker(8)
+    state, h = fit_irls(blocked, w0, opts, ro, mo, flaky)
+    assert flaky.calls == 3 + 2 * 4 + 1 + 3  # the failed call, then the blocks placed again
+    np.testing.assert_array_equal(state.w, ref.w)
+    np.testing.assert_array_equal(np.concatenate(h), np.concatenate(ref_h))
+    np.testing.assert_array_equal(state.test_history, ref.test_history)
+    np.testing.assert_array_equal(state.dispersion, ref.dispersion)
