@@ -627,6 +627,8 @@ class NMFFitRecord:
         The initialization ("user" for a matrix), the NNLS solver "auto" chose, the norm.
     L1, L2 : (float, float)
         The penalties, as (W side, H side).
+    L21, angular, upper_bound, graph_lambda : (float, float)
+        The §8 penalties as given (W side, H side); ``upper_bound`` in A's units.
     nonneg : (bool, bool)
         Non-negativity of (W, H).
     scale : float
@@ -707,6 +709,10 @@ class NMFFitRecord:
     dispersion: Any = None
     dispersion_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
     loss_covers: str = "all"
+    L21: tuple = (0.0, 0.0)
+    angular: tuple = (0.0, 0.0)
+    upper_bound: tuple = (0.0, 0.0)
+    graph_lambda: tuple = (0.0, 0.0)
 
 
 class FitRecordView(Mapping):
@@ -1194,6 +1200,7 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
         row_names=blocked.row_names,
         col_names=blocked.col_names,
         loss_type=opts.get("loss", "mse"),
+        **{name: tuple(opts.get(name, (0.0, 0.0))) for name in ("L21", "angular", "upper_bound", "graph_lambda")},
         **_irls_record(opts, state),
         **cv,
     )

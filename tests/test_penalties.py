@@ -168,6 +168,9 @@ def test_penalty_alone_matches_reference(case):
     # the penalty does something: the unpenalized reference is far from the penalized fit
     W0, d0, _ = reference_fit(A, _w0(), 4)
     assert np.max(np.abs(W0 - W)) > 1e-3 or np.max(np.abs(d0 - d) / d0) > 1e-3
+    for name, val in CASES[case].items():  # the record keeps what was asked
+        if name in model.misc:
+            assert model.misc[name] == tuple(val)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -357,6 +360,8 @@ def test_errors():
         dnmf.nmf(A, 2, loss="kl", graph_H=_graph(N_, 1), graph_lambda=(0.0, 1.0), client=False)
     with pytest.raises(InputError, match=r"All factors were zeroed by angular = \(0.0, 5.0\); lower angular"):
         dnmf.nmf(_planted(), 4, seed=1, maxit=5, angular=(0.0, 5.0), client=False)
+    with pytest.raises(InputError, match="'upper_bound' parameter of nmf must be 0 with loss='gp'"):
+        dnmf.nmf(A, 2, loss="gp", upper_bound=(1.0, 0.0), client=False)
     with pytest.raises(InputError, match="'L21' parameter of nmf must be 0 on the H side with projective=True"):
         dnmf.nmf(A, 2, projective=True, L21=(0.0, 0.1), client=False)
 
