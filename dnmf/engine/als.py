@@ -12,6 +12,12 @@ Per iteration, with W (unit-norm columns) and d on the client:
    P̂ᵀ − L1_W)``, d ← scaling of W, loss by the Gram identity, convergence check.
 
 Only m·k + k² + k numbers per block travel per iteration; A is read once.
+
+Penalties (RcppML §8, ``solvers/penalties.py``): the H side's graph and L21 terms join G in step
+1 (from the previous Ĥ: its norms from step 4's statistics, Ĥ itself gathered when graph_H is
+on), its upper bound is applied in the block pass; an angular H adds a second round of block
+tasks after step 3 (:func:`angular_task`: the map needs the whole new H's Gram) — A is then read
+twice. The W side's terms act in step 4.
 """
 
 from __future__ import annotations
@@ -310,7 +316,10 @@ def _update_w(state: ALSState, stats: BlockStats, opts: ALSOptions, sq_norm_a: f
               targets: FitTargets | None = None) -> float:
     """Step 4 (aggregate): normalize H into ``s``, update W, scale it into d; returns the loss.
 
-    Sets ``state.w``, ``state.d`` and ``state.h_scale``. The loss is the Gram identity
+    The W side's §8 penalties (``opts.penalties``): graph and L21 terms of the current W on the
+    Gram (after L2, before a target), then the upper bound and the angular map of the new W.
+    Sets ``state.w``, ``state.d`` and ``state.h_scale`` (and ``state.h_sq`` for an H-side L21).
+    The loss is the Gram identity
     ``‖A − W diag(d) Ĥ‖² = ‖A‖² − 2 Σ_r d_r ⟨w_r, (AĤᵀ)_r⟩ + Σ_rs d_r d_s (WᵀW)_rs (ĤĤᵀ)_rs``.
     """
     s = _norms(stats.hsum, stats.Q, opts.norm)
