@@ -14,6 +14,12 @@ pass of :mod:`dnmf.engine.als`. Per iteration:
    block's train/test squared errors;
 5. client: W's rows are stacked and scaled into ``d``; losses and convergence.
 
+Penalties (RcppML §8, ``solvers/penalties.py``) act on the same steps: the H side's graph and
+L21 terms (from the previous Ĥ, on the client) join G in step 1 and the Grams the kernel builds,
+its upper bound is applied in step 2 and its angular map in step 3 on the client; the W side's
+terms in step 4 (per row, after L2 and before a target), its angular map on the client after
+step 4, followed by a scoring row pass (no solve) so the losses are of the final W.
+
 H and W live on the client between iterations (n·k and m·k numbers), so a lost worker costs
 only the re-placement of the blocks and a redo of the iteration in progress. The column and row
 partitions are functions of the data only, and every sum is taken in block order, so results do
