@@ -4,6 +4,8 @@ per-loss descent and gain over the MSE fit, dispersion recovery, workers."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -19,11 +21,12 @@ from dnmf.kernels.nnls import SOLVER_EXACT
 NO_MASK = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
 
-def _irls_system(F, a, x, loss, r, unit):
+def _irls_system(F, a, x, loss, r, unit, zg=None):
     """One IRLS step's (G, b) with the library's zero rule (docs/architecture.md, "IRLS losses"):
     §6.2 weights from the registry at the non-zeros; zeros weight 1 for the power losses; for GP
     and NB curvature ω̄ = the weight at the zeros' mean prediction μ̄ and the exact-gradient RHS
-    ``ω̄·G_zero·x − g·Σ_zeros f`` with g = ω·μ at a zero (GP 1, NB r/(r + μ̄))."""
+    ``ω̄·G_zero·x − g·Σ_zeros f`` with g = ω·μ at a zero (GP 1, NB r/(r + μ̄)); ``zg``: NB's
+    per-row factors of the H step instead (``Σ_zeros zg_i f_i``)."""
     spec = get_loss(loss)
     par = {"size": r} if loss == "nb" else {}
     mu = F @ x
@@ -38,7 +41,8 @@ def _irls_system(F, a, x, loss, r, unit):
     nz = ~zero
     Fz = F[zero]
     G = (F[nz] * om[nz, None]).T @ F[nz] + wz * Fz.T @ Fz
-    b = F[nz].T @ (om[nz] * a[nz]) + wz * Fz.T @ (Fz @ x) - g * Fz.sum(axis=0)
+    grad = g * Fz.sum(axis=0) if zg is None else Fz.T @ zg[zero]
+    b = F[nz].T @ (om[nz] * a[nz]) + wz * Fz.T @ (Fz @ x) - grad
     return G, b
 
 
@@ -48,12 +52,12 @@ def _nnls_quadratic(G, b):
     return nnls(L.T, np.linalg.solve(L, b), maxiter=1000)[0]
 
 
-def _irls_column(F, a, x0, loss, r, n_iter, cold):
+def _irls_column(F, a, x0, loss, r, n_iter, cold, zg=None):
     """Reference IRLS of one column: ``n_iter`` NNLS solves of the weighted system (scipy nnls);
     the first one with unit weights when ``cold``."""
     x = np.array(x0, dtype=np.float64)
     for it in range(n_iter):
-        x = _nnls_quadratic(*_irls_system(F, a, x, loss, r, cold and it == 0))
+        x = _nnls_quadratic(*_irls_system(F, a, x, loss, r, cold and it == 0, zg))
     return x
 
 
@@ -69,19 +73,18 @@ def test_kernel_column_solve_matches_nnls_reference(loss):
     power = {"nb": 0.0, "gp": 1.0, "gamma": 2.0, "tweedie": 1.5}[loss]
     r = 7.0
     x0 = rng.uniform(0.5, 1.5, (n, k))
-    for warm in (True, False):
+    # NB's per-row zero-gradient factors (the H step's, from row means) and without them
+    zgs = [None, rng.uniform(0.3, 1.0, m)] if loss == "nb" else [None]
+    for warm, zg in itertools.product((True, False), zgs):
         ht = x0.copy() if warm else np.zeros((n, k))
         Q, hsum, hraw, dnew = np.zeros((k, k)), np.zeros(k), np.zeros(k), np.zeros(n)
         csc_irls_pass(csc.data, csc.indices.astype(np.int64), csc.indptr.astype(np.int64), m, 0, W, W.T @ W, 1e-15,
                       0.0, ht, warm, code, power, 0.0, np.full(m, r), np.full(n, r), True, 3, 0.0, SOLVER_EXACT,
                       True, 100, 1e-8, False, False, np.uint64(0), np.uint64(0), *NO_MASK, DISP_NONE, 0.0, 1.0,
-                      W.sum(axis=0), Q, hsum, hraw, dnew)
+                      W.sum(axis=0), np.zeros(0) if zg is None else zg, W.T @ (zg if zg is not None else np.zeros(m)),
+                      Q, hsum, hraw, dnew)
         for c in range(n):
-            ref_loss = "tweedie" if loss == "tweedie" else loss
-            if loss == "tweedie":  # the registry's tweedie weight is μ^-1.5
-                ref = _irls_column(W, A[:, c], x0[c] if warm else np.zeros(k), ref_loss, r, 3, not warm)
-            else:
-                ref = _irls_column(W, A[:, c], x0[c] if warm else np.zeros(k), ref_loss, r, 3, not warm)
+            ref = _irls_column(W, A[:, c], x0[c] if warm else np.zeros(k), loss, r, 3, not warm, zg)
             # the active-set solve and scipy's nnls agree to rounding on these 30 × 3 problems
             np.testing.assert_allclose(ht[c], ref, rtol=1e-7, atol=1e-9)
         np.testing.assert_allclose(Q, ht.T @ ht, rtol=1e-12)
@@ -101,10 +104,13 @@ def _reference_fit(A, w0, loss, r, maxit, n_irls, mask=None):
     spec = get_loss(loss)
     for _ in range(maxit):
         X = np.zeros((n, k))
+        zg = None
+        if loss == "nb" and hraw is not None:  # r/(r + μ̄_i), μ̄_i row i's mean μ from the warm start
+            zg = r / (r + w @ (hraw * inv_s * d).sum(axis=0) / n)
         for c in range(n):
             o = obs[:, c]
             x0 = np.zeros(k) if hraw is None else hraw[c] * inv_s * d
-            X[c] = _irls_column(w[o], A[o, c], x0, loss, r, n_irls, hraw is None)
+            X[c] = _irls_column(w[o], A[o, c], x0, loss, r, n_irls, hraw is None, None if zg is None else zg[o])
         hraw = X
         s = hraw.sum(axis=0) + 1e-15
         inv_s = 1.0 / s

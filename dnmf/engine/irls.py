@@ -156,11 +156,13 @@ def _side(ro: IRLSOptions) -> tuple:
 
 
 def irls_h_task(block, mk: tuple, ht_prev, col0: int, dcol: np.ndarray, w: np.ndarray, G: np.ndarray,
-                wsum: np.ndarray, warm_scale: np.ndarray, hside: tuple, side: tuple, disp: tuple, kargs: tuple):
+                wsum: np.ndarray, warm_scale: np.ndarray, hside: tuple, side: tuple, disp: tuple, kargs: tuple,
+                zg: tuple = (np.zeros(0), None)):
     """IRLS H update of one column block: ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|, new θ of its columns)``.
 
     ``dcol`` is the block's per-column dispersion; ``disp`` = (per-row dispersion (m,), whether
-    the dispersion is per row (else per column), whether this pass computes θ per column, lo, hi).
+    the dispersion is per row (else per column), whether this pass computes θ per column, lo, hi);
+    ``zg`` = (NB's zero-gradient factor per row (m,) or empty, Σ_i zg_i w_i).
     """
     m, k = w.shape
     n_j = block.shape[1]
@@ -175,7 +177,8 @@ def irls_h_task(block, mk: tuple, ht_prev, col0: int, dcol: np.ndarray, w: np.nd
     dnew = np.array(dcol, dtype=np.float64, copy=True)
     csc_irls_pass(block.data, block.indices, block.indptr, m, int(col0), w, G, diag, l1, ht, warm, code, power, delta,
                   drow, np.ascontiguousarray(dcol, dtype=np.float64), bool(on_rows), it_max, it_tol, solver, nonneg,
-                  cd_maxit, cd_tol, *kargs, mk[0], mk[1], mode, lo, hi, wsum, Q, hsum, hraw, dnew)
+                  cd_maxit, cd_tol, *kargs, mk[0], mk[1], mode, lo, hi, wsum, zg[0],
+                  np.zeros(k) if zg[1] is None else zg[1], Q, hsum, hraw, dnew)
     return ht, Q, hsum, dnew
 
 
@@ -286,8 +289,9 @@ def fit_irls(
             warm_scale = state.h_scale * state.d
             disp_h = (drow, ro.dispersion != "per_col", h_mode, lo, hi)
             dcols = [dcol[col0s[j]:int(cb[j + 1])] for j in range(n_cb)]
+            zg = _zero_gradient_rows(ro, state, w, warm_scale, drow, dcol, dcols, n)
             outs = executor.map_blocks(irls_h_task, placed.cols, cmasks, state.ht, col0s, dcols,
-                                       args=(w, G, wsum, warm_scale, hside, side, disp_h, kargs))
+                                       args=(w, G, wsum, warm_scale, hside, side, disp_h, kargs, zg))
             hres = executor.gather(outs)
             executor.release(outs)
             # 3. normalized H
@@ -371,6 +375,22 @@ def fit_irls(
     if placed is not None:
         placed.release(executor)
     return state, state.ht
+
+
+def _zero_gradient_rows(ro: IRLSOptions, state: IRLSState, w, warm_scale, drow, dcol, dcols, n: int) -> tuple:
+    """NB's zero-gradient factors for the column pass: ``ω·μ = r/(r + μ̄_i)`` at a zero of row i,
+    μ̄_i = row i's mean prediction over all columns from W and the warm-start H (the zeros of a
+    column span rows whose μ differ by orders of magnitude; one mean per column was far off).
+    Empty (the per-column μ̄ rule) for other losses and on the first iteration (no H yet)."""
+    if ro.loss != "nb" or state.ht[0] is None:
+        return (np.zeros(0), None)
+    hsum = np.zeros(w.shape[1])
+    for h in state.ht:  # block order
+        hsum += h.sum(axis=0)
+    mu_bar = np.maximum(w @ (hsum * warm_scale) / n, 0.0)
+    r = drow if ro.dispersion != "per_col" else np.full(w.shape[0], float(np.median(dcol)))
+    zg = r / (r + mu_bar)
+    return (np.ascontiguousarray(zg), np.ascontiguousarray(w.T @ zg))
 
 
 def _new_dispersion(ro: IRLSOptions, per_col_gp: bool, dcol, wres, colstat, XtX, xsum, hn, mo: MaskOptions):

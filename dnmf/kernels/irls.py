@@ -17,9 +17,11 @@ rows, or Ĥ's columns):
   Gram ``G = FᵀF`` already holds them. For GP and NB the solve is written in gradient form,
   ``G_w x = G_w x_old − ∇`` with the *exact* zero part of the gradient where it has a closed form:
   at a zero ``ω·μ = 1`` for the GP/KL weight (μ ≥ 1e-4), so ``Σ_zeros ω μ f = Σ_zeros f =
-  (Σ_inner f) − Σ_missing f − Σ_stored f``; for NB ``ω·μ = r/(r + μ)`` is taken at the zeros'
-  mean prediction ``μ̄ = ((Σ_inner f)·x − Σ_missing μ − Σ_stored μ) / n_zeros`` (exact in the
-  Poisson limit). The curvature of the zeros is ``ω̄·G_zero`` with ω̄ the weight at μ̄ and
+  (Σ_inner f) − Σ_missing f − Σ_stored f``; for NB ``ω·μ = r/(r + μ)`` is taken, in the column
+  pass, at each row's mean prediction μ̄_i (``zg_in``: ``Σ_zeros zg_i f_i = Σ_i zg_i f_i −
+  Σ_missing − Σ_stored``, exact in the Poisson limit), and in the row pass (and the first
+  iteration) at the zeros' mean prediction ``μ̄ = ((Σ_inner f)·x − Σ_missing μ − Σ_stored μ) /
+  n_zeros``. The curvature of the zeros is ``ω̄·G_zero`` with ω̄ the weight at μ̄ and
   ``G_zero = G_base − Σ_stored f fᵀ``. So the GP fit's fixed points are those of the exact
   IRLS over all entries, at O(nnz·k²) per inner iteration. (RcppML's weight 1 for the zeros of
   sparse input let them dominate NB fits, whose weights are ≈ r/μ², and collapsed the estimated
@@ -280,7 +282,7 @@ dot = numba.njit(cache=True, nogil=True, inline="always")(_dot)
 def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, xio, warm, code, power, delta,
                disp_in, disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol,
                zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, fsum, zc,
-               Qout, asum, xsum, sums, disp_new, colstat):
+               zg_in, zgsum, Qout, asum, xsum, sums, disp_new, colstat):
     """IRLS update of every outer vector of one compressed block (see the module docstring).
 
     Parameters
@@ -299,6 +301,9 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
     disp_mode : DISP_NONE, DISP_OUTER (a new value per outer vector into ``disp_new``, clamped to
         [disp_lo, disp_hi]; GP θ from disp_out), DISP_INNER (per-inner sums into ``colstat``)
     fsum : (k,) Σ_inner f; zc : (k,) Σ_inner f/(1 + θ_inner) (GP closed form with disp_on_inner)
+    zg_in : (n_inner,) or (0,) — NB: ω·μ = r/(r + μ̄_i) at a zero of inner index i, from the inner
+        index's mean prediction (used for the zeros' gradient instead of the outer vector's μ̄);
+        zgsum : (k,) Σ_inner zg_i f_i
     Qout, asum, xsum : (k, k), (k,), (k,) — accumulated: Σ x xᵀ, Σ|x|, Σ x
     sums : (4,) — accumulated (row pass): train loss, train count, test loss, test count
     disp_new : (n_outer,); colstat : (3, n_inner) accumulated (DISP_INNER)
@@ -326,6 +331,8 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
     has_mask = mk_indptr.shape[0] > 0
     mfs = np.empty(k)
     zf = np.empty(k)
+    zgm = np.empty(k)
+    use_zg = code == LOSS_NB and zg_in.shape[0] > 0
     disp_mean = 0.0
     for i in range(n_inner):
         disp_mean += disp_in[i]
@@ -390,6 +397,7 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
         n_zero = 0 if zeros_missing else n_inner - nmask - ne
         for r in range(k):
             mfs[r] = 0.0
+            zgm[r] = 0.0
         if zeros_missing:
             for r in range(k):
                 for s in range(k):
@@ -397,9 +405,13 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
         else:
             masked_gram(Gb, G, 0.0, F, mlist, nmask, gbuf)
             for t in range(nmask):
-                f = F[mlist[t]]
+                i = mlist[t]
+                f = F[i]
                 for r in range(k):
                     mfs[r] += f[r]
+                if use_zg:
+                    for r in range(k):
+                        zgm[r] += zg_in[i] * f[r]
         dz = disp_out[o] if not disp_on_inner else disp_mean
         # 3. IRLS
         if warm:
@@ -429,13 +441,15 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
                     wz = irls_weight(code, 0.0, mu_bar, dz, 0.0, 0.0)
                     if code == LOSS_GP:
                         gz = min(1.0, mu_bar / _KL_W_FLOOR)  # ω·μ at a zero: 1 unless μ < 1e-4
+                    elif use_zg:
+                        gz = 1.0  # zf holds Σ_zeros zg_i f_i
                     else:
                         # ω·μ = r/(r + μ), taken at μ̄ (exact in the Poisson limit μ ≪ r; the
                         # first-order correction −G_zero x/(r + μ̄) is unbounded and diverged)
                         gz = dz / (dz + mu_bar)
             for r in range(k):
                 b[r] = -l1
-                zf[r] = fsum[r] - mfs[r]
+                zf[r] = (zgsum[r] - zgm[r]) if use_zg else (fsum[r] - mfs[r])
                 for s in range(k):
                     Gw[r, s] = wz * Gb[r, s]
                 Gw[r, r] += diag
@@ -457,7 +471,7 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
                 for r in range(k):
                     fr = f[r]
                     b[r] += w * y * fr
-                    zf[r] -= fr
+                    zf[r] -= zg_in[idx[t]] * fr if use_zg else fr
                     if grad_form:
                         b[r] -= (wz + cz) * muv[t] * fr
                     cr = c * fr
@@ -607,16 +621,17 @@ irls_pass = numba.njit(cache=True, nogil=True)(_irls_pass)
 
 def _csc_irls_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
                    disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on,
-                   cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, Q, hsum, hraw_sum,
-                   disp_new):
+                   cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, zg_in, zgsum, Q, hsum,
+                   hraw_sum, disp_new):
     """IRLS H update of one CSC column block against W (m × k): :func:`irls_pass` with columns
-    outer. ``disp_mode`` DISP_OUTER computes a GP θ per column (``dispersion="per_col"``)."""
+    outer. ``disp_mode`` DISP_OUTER computes a GP θ per column (``dispersion="per_col"``);
+    ``zg_in`` / ``zgsum``: NB's per-row zero-gradient factors (empty: none)."""
     sums = np.zeros(4)
     colstat = np.zeros((3, 0))
     irls_pass(False, data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
               disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on, cv_seed,
-              cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, wsum, Q, hsum, hraw_sum, sums,
-              disp_new, colstat)
+              cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, wsum, zg_in, zgsum, Q, hsum, hraw_sum,
+              sums, disp_new, colstat)
 
 
 csc_irls_pass = numba.njit(cache=True, nogil=True)(_csc_irls_pass)
@@ -628,10 +643,11 @@ def _csr_irls_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, co
                    sums, disp_new, colstat):
     """IRLS W update of one CSR row block against Ĥ (n × k), with the row block's losses and
     dispersion statistics: :func:`irls_pass` with rows outer."""
+    k = hn.shape[1]
     irls_pass(True, data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in, disp_out,
               disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on, cv_seed,
-              cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, XtX, xabs, xsum, sums,
-              disp_new, colstat)
+              cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, np.zeros(0), np.zeros(k), XtX,
+              xabs, xsum, sums, disp_new, colstat)
 
 
 csr_irls_pass = numba.njit(cache=True, nogil=True)(_csr_irls_pass)
