@@ -1025,7 +1025,8 @@ def _check_irls(plan: _Plan, opts: dict, targets, func: str) -> IRLSOptions:
         names = ("gamma_phi_init", "gamma_phi_min", "gamma_phi_max")
     if low > high:
         raise param_error(names[1], func, f"at most {names[2]} = {high}", low)
-    return IRLSOptions(loss=loss, robust=float(delta), dispersion=opts["dispersion"], init=float(init),
+    return IRLSOptions(loss=loss, robust=float(delta), dispersion="none" if loss == "mse" else opts["dispersion"],
+                       init=float(init),
                        low=float(low), high=float(high), tweedie_power=float(opts["tweedie_power"]),
                        irls_max_iter=int(opts["irls_max_iter"]), irls_tol=float(opts["irls_tol"]))
 

@@ -289,6 +289,11 @@ def test_robust_and_estimator():
     assert rob.misc["loss_covers"] == "nonzero"
     # the outlier pulls the plain fit's μ there up much more than the Huber-weighted fit's
     assert _model_mu(rob)[0, 0] < _model_mu(plain)[0, 0]
+    # squared error with Huber weights runs the same loop (weights 1 · Huber factor)
+    mse_rob = _fit(A, loss="mse", maxit=8, solver="cd", robust=True)
+    mse = _fit(A, loss="mse", maxit=8, solver="cd")
+    assert mse_rob.misc["loss_type"] == "mse" and mse_rob.misc["loss_covers"] == "nonzero"
+    assert _model_mu(mse_rob)[0, 0] < _model_mu(mse)[0, 0]
     est = dnmf.NMF(n_components=3, loss="nb", dispersion="global", max_iter=3, random_state=1, client=False)
     import warnings
     with warnings.catch_warnings():

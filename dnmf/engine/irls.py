@@ -52,9 +52,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["IRLSOptions", "IRLSState", "IRLSCheckpointer", "fit_irls", "irls_h_task", "irls_w_task"]
 
-#: the dispersion parameter of each loss (θ, NB size r, φ)
-DISPERSION_PARAM = {"gp": "theta", "nb": "size", "gamma": "phi", "inverse_gaussian": "phi", "tweedie": "phi",
-                    "mse": None}
 _POWER = {"mse": 0.0, "gp": 1.0, "nb": 0.0, "gamma": 2.0, "inverse_gaussian": 3.0}
 
 
