@@ -200,13 +200,13 @@ def test_objective_descends_and_beats_mse(loss, dist, disp):
     fit = _fit(A, loss=loss, init=w0, maxit=15, dispersion="none", nb_size_max=5.0, solver="cd")
     hist = fit.misc["loss_history"]
     # IRLS is not a guaranteed descent: a few weighted solves per column with frozen weights, the
-    # zeros weighted by the rule (1, or the weight at their mean μ) rather than exactly, so the
-    # reported loss is not exactly the objective the solves descend. Measured: rises ≤ 0.11 % per
-    # iteration (GP), ≤ 0.12 % (NB, Tweedie) once past the start-up (NB rose 1.5 % at iteration 2
-    # from a random W), none for gamma / IG. We require non-increasing up to 0.5 % relative per step
-    # after the first three iterations, and a clear overall decrease.
+    # zeros handled by the rule (weight 1, or NB's gradient factor at a mean μ) rather than exactly,
+    # so the reported loss is not exactly the objective the solves descend. Measured on these data:
+    # from iteration 3 on the largest rise is 0.034 % (GP), none for NB, gamma, IG, Tweedie; NB
+    # rises 1 % at iteration 2 (the cold start from a random W). We require non-increasing up to
+    # 0.1 % relative per step from iteration 3 on, and an overall decrease.
     steps = np.diff(hist[3:]) / np.abs(hist[3:-1])
-    assert np.all(steps < 5e-3), (loss, steps.max())
+    assert np.all(steps < 1e-3), (loss, steps.max())
     assert hist[-1] < hist[1]
     mse = _fit(A, loss="mse", init=w0, maxit=15, solver="cd")
     disp_fit = fit.misc["dispersion"]
@@ -220,9 +220,10 @@ def test_objective_descends_and_beats_mse(loss, dist, disp):
 
 def test_dispersion_recovered():
     # 200 × 150 entries with mean 5: the moment / MM estimates have a relative standard error of a
-    # few percent; the fitted μ (k = 3, exact rank) absorbs a little of the noise, which biases the
-    # dispersion up slightly. 20 % on r and 0.08 on θ leave room for both and still fail for a
-    # wrong formula (Poisson data give r at its cap, θ ≈ 0).
+    # few percent, and the fitted μ (k = 3, exact rank) absorbs a little of the noise. Measured:
+    # r = 5.12 (truth 5), θ = 0.279 global and 0.274 median per row (truth 0.3). 20 % on r and
+    # 0.08 on θ leave room for both and still fail for a wrong formula or a collapsing fit
+    # (RcppML's weight 1 for the zeros gave r ≈ 1 on such data; Poisson data give r at its cap).
     sim = dnmf.simulate_nmf(200, 150, 3, seed=11, distribution="nb", dispersion=5.0, mean=5.0)
     nb = _fit(sim.A, loss="nb", dispersion="global", maxit=12, solver="cd")
     assert abs(nb.misc["dispersion"] - 5.0) / 5.0 < 0.2, nb.misc["dispersion"]
