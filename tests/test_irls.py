@@ -178,6 +178,16 @@ def test_masked_entries_are_removed():
     w, d, h, losses = _reference_fit(A, w0, "nb", 10.0, 3, 2, mask=mask)
     np.testing.assert_allclose(model.w, w, rtol=1e-6, atol=1e-10)
     np.testing.assert_allclose(model.misc["loss_history"], losses, rtol=1e-8)
+    # NaN entries are missing too: the same fit as the mask
+    C = A.copy()
+    C[mask] = np.nan
+    nan_fit = _fit(C, **kw)
+    np.testing.assert_allclose(nan_fit.w, model.w, rtol=1e-12, atol=1e-14)
+    # mask="zeros": every zero is missing (weight 0) — the reference with the zeros masked
+    zm = _fit(A, mask="zeros", **kw)
+    w, d, h, losses = _reference_fit(A, w0, "nb", 10.0, 3, 2, mask=A == 0)
+    np.testing.assert_allclose(zm.w, w, rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(zm.misc["loss_history"], losses, rtol=1e-8)
 
 
 def _dist_loss(loss, A, mu, disp, covers):
@@ -254,6 +264,14 @@ def test_cv_nb_test_loss_is_the_nb_loss_on_held_out_entries():
     train = (~held) & (A != 0)
     np.testing.assert_allclose(model.misc["loss_history"][-1],
                                get_loss("nb").value(A[train], mu[train], size=5.0).mean(), rtol=1e-9)
+    # mask_zeros: the held-out set is drawn among the stored (non-zero) entries only
+    zm = _fit(A, loss="nb", dispersion="none", nb_size_max=5.0, test_fraction=0.1, cv_seed=3, maxit=4,
+              patience=100, solver="cd", mask_zeros=True)
+    held_nz = held & (A != 0)
+    mu = _model_mu(zm)
+    np.testing.assert_allclose(zm.misc["test_loss_history"][-1],
+                               get_loss("nb").value(A[held_nz], mu[held_nz], size=5.0).mean(), rtol=1e-9)
+    assert zm.misc["n_test"] == held_nz.sum()
 
 
 def test_gp_loss_covers_all_entries():
