@@ -417,3 +417,21 @@ def test_lost_worker_redoes_the_iteration():
     np.testing.assert_array_equal(np.concatenate(h), np.concatenate(ref_h))
     np.testing.assert_array_equal(state.test_history, ref.test_history)
     np.testing.assert_array_equal(state.dispersion, ref.dispersion)
+
+
+@pytest.mark.parametrize("loss, dispersion, maxit", [
+    ("nb", "per_row", 3), ("nb", "per_col", 3), ("nb", "global", 3), ("gamma", "per_row", 3),
+    ("gamma", "per_col", 3), ("tweedie", "global", 3), ("gp", "per_row", 1), ("gp", "global", 1)])
+def test_dispersion_update_equals_the_registry(loss, dispersion, maxit):
+    # The last iteration's update comes from the returned model's μ = W diag(d) H, so it equals
+    # dnmf._losses.update_dispersion (dense, all entries) on that μ; GP's MM starts from the θ in
+    # effect, theta_init after one iteration. Rounding only (sums in a different order).
+    from dnmf._losses import update_dispersion
+
+    dist = {"nb": "nb", "gamma": "gamma", "tweedie": "tweedie", "gp": "gp"}[loss]
+    sim = dnmf.simulate_nmf(30, 25, 3, seed=16, distribution=dist, mean=4.0)
+    model = _fit(sim.A, loss=loss, dispersion=dispersion, maxit=maxit, solver="cd")
+    ref = update_dispersion(loss, sim.A, _model_mu(model), dispersion=dispersion, current=0.1,
+                            power=1.5)
+    got = model.misc["dispersion"]
+    np.testing.assert_allclose(np.ravel(got), np.ravel(ref), rtol=1e-9)
