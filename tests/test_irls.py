@@ -5,6 +5,7 @@ per-loss descent and gain over the MSE fit, dispersion recovery, workers."""
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -131,7 +132,6 @@ def _reference_fit(A, w0, loss, r, maxit, n_irls, mask=None):
 
 def _fit(A, k=3, **kw):
     kw = {"seed": 1, "client": False, "tol": 1e-12, "solver": "exact", "irls_tol": 0.0, **kw}
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return dnmf.nmf(A, k, **kw)
@@ -314,7 +314,6 @@ def test_robust_and_estimator():
     assert mse_rob.misc["loss_type"] == "mse" and mse_rob.misc["loss_covers"] == "nonzero"
     assert _model_mu(mse_rob)[0, 0] < _model_mu(mse)[0, 0]
     est = dnmf.NMF(n_components=3, loss="nb", dispersion="global", max_iter=3, random_state=1, client=False)
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         est.fit(sim.A.T)
@@ -435,3 +434,28 @@ def test_dispersion_update_equals_the_registry(loss, dispersion, maxit):
                             power=1.5)
     got = model.misc["dispersion"]
     np.testing.assert_allclose(np.ravel(got), np.ravel(ref), rtol=1e-9)
+
+
+def test_cv_pipeline_with_a_loss_key(tmp_path):
+    import pathlib
+
+    from dnmf.config import load_config
+    from dnmf.datasets import load_hawaiibirds
+    from dnmf.jobs import RunStore, run_job
+
+    distributed = pytest.importorskip("distributed")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "cv.yaml", [f"output.dir={tmp_path / 'runs'}", "progress=none", "cv.k=[2, 3]",
+                                                     "cv.cv_seed=[1]", "model.loss=gp", "model.maxit=4",
+                                                     "output.plots=false", "output.performance_report=false"])
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as lc, \
+            distributed.Client(lc) as client:
+        res = run_job(cfg, client=client, echo=lambda msg: None)
+    table = RunStore.open(res.store).read_table("cv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dnmf.ConvergenceWarning)
+        ref = dnmf.nmf(load_hawaiibirds().X, [2, 3], cv_seed=[1], test_fraction=cfg.cv.test_fraction, tol=cfg.model.tol,
+                       maxit=4, loss="gp", client=False)
+    # the same GP fits as the library's rank CV, scored by the held-out GP loss
+    for col in ("train_gp", "test_gp", "best_iter"):
+        np.testing.assert_array_equal(table[col].to_numpy(), ref.table[col].to_numpy())
