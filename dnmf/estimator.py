@@ -64,6 +64,16 @@ def _check_non_negative(X, func: str, *, need_positive: bool = False) -> None:
 _NMF_NAMES = {"A": "X", **estimator_names(NMF_PARAMS)}
 
 
+def _frobenius_error(A, model) -> float:
+    """``‖A − W diag(d) H‖_F`` by the Gram identity (A dense or sparse, never densified)."""
+    wd = model.w.astype(np.float64) * model.d.astype(np.float64)[None, :]
+    h = model.h.astype(np.float64)
+    aht = np.asarray(A @ h.T)
+    sq_a = float(A.multiply(A).sum()) if hasattr(A, "multiply") else float(np.sum(np.square(A)))
+    val = sq_a - 2.0 * float(np.sum(wd * aht)) + float(np.sum((wd.T @ wd) * (h @ h.T)))
+    return float(np.sqrt(max(val, 0.0)))
+
+
 class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Non-negative matrix factorization ``X ≈ Z · components_`` (scikit-learn interface).
 
@@ -130,7 +140,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         The rank used.
     reconstruction_err_ : float
         Frobenius norm ``‖X − fit_transform(X) @ components_‖_F`` of the fitted model (from the
-        fit's final sum of squared errors), as in scikit-learn.
+        fit's final sum of squared errors; computed from the factors when the fit's loss is
+        another one), as in scikit-learn.
     n_iter_ : int
         Iterations run.
     model_ : NMFModel
@@ -319,7 +330,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.components_ = np.ascontiguousarray(model.w.T)
         self.n_components_ = model.k
         self.n_iter_ = int(model.misc["iter"])
-        self.reconstruction_err_ = float(np.sqrt(max(float(model.misc["loss"]), 0.0)))
+        if model.misc["loss_type"] == "mse" and kwargs.get("robust", False) is False:
+            self.reconstruction_err_ = float(np.sqrt(max(float(model.misc["loss"]), 0.0)))
+        else:  # the fit's loss is another one: the Frobenius norm from the factors
+            self.reconstruction_err_ = _frobenius_error(X.T, model)
         return np.ascontiguousarray((model.h * model.d[:, None]).T)
 
     def transform(self, X) -> np.ndarray:

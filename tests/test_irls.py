@@ -318,6 +318,9 @@ def test_robust_and_estimator():
         warnings.simplefilter("ignore")
         est.fit(sim.A.T)
     assert est.model_.misc["loss_type"] == "nb"
+    # reconstruction_err_ is still the Frobenius norm of the fit (the NB loss is negative here)
+    resid = sim.A - est.model_.w @ np.diag(est.model_.d) @ est.model_.h  # the fit is of X.T = sim.A
+    np.testing.assert_allclose(est.reconstruction_err_, np.linalg.norm(resid), rtol=1e-8)
 
 
 @pytest.mark.parametrize("kw, name", [
