@@ -409,7 +409,7 @@ NMF_PARAMS: tuple[Param, ...] = (
     Param("loss", Options(("mse", "kl", "gp", "nb", "gamma", "inverse_gaussian", "tweedie")), "mse",
           "loss fitted: mse (squared error), kl (generalized KL / Poisson, multiplicative updates), or by IRLS "
           "gp (generalized Poisson), nb (negative binomial), gamma, inverse_gaussian, tweedie"),
-    Param("robust", Check(_check_robust, bool | str | float), False,
+    Param("robust", Check(_check_robust, bool | Literal["mae"] | float, {"min": 0.0, "min_open": True}), False,
           "Huber weights on Pearson residuals: false, true (δ = 1.345), \"mae\" (δ = 1e-4) or δ > 0 (IRLS)"),
     Param("dispersion", Options(("per_row", "per_col", "global", "none")), "per_row",
           "dispersion estimated for gp / nb / gamma / inverse_gaussian / tweedie (θ, r or φ)"),
