@@ -781,11 +781,13 @@ def _fit_shared(blocked, tasks: list, kwargs: dict, client) -> list:
     plan = _plan_blocks(blocked, opts_list[top], func)
     try:
         fits = []
-        for opts in opts_list:
+        for t, opts in enumerate(opts_list):
             seq, seed_int = _seed_sequence(opts["seed"])
             p = replace(plan, k=check_rank(opts["k"], blocked.shape, func),
                         solver=_resolve_solver(opts["solver"], opts["k"], opts["L1"]))
             p = replace(p, masked=_mask_options(opts, blocked, plan.summary, seed_int, func))
+            if t == 0:  # projective / symmetric: the same checks as a single fit (once: same A, options)
+                _check_variant(p, opts, func)
             w0, init_name = _initialize(p, opts, seq, func)
             fits.append((p, opts, seq, seed_int, w0, init_name))
         mos = {None if f[0].masked is None else (f[0].masked.zeros_missing, f[0].masked.test_fraction,
@@ -1032,14 +1034,14 @@ def _check_irls(plan: _Plan, opts: dict, targets, func: str) -> IRLSOptions:
 
 
 def _check_variant(plan: _Plan, opts: dict, func: str) -> None:
-    """Projective and symmetric NMF: a plain fit (no missing entries, no H target); symmetric NMF
-    needs a square symmetric A (checked on its blocks, assembled: a graph-sized matrix)."""
+    """Projective and symmetric NMF: no H target (H is not solved); symmetric NMF needs a square
+    A symmetric on its observed entries — ``a_ij = a_ji`` wherever both are observed (not NaN,
+    not in the mask, stored for ``mask="zeros"``); checked on its blocks, assembled (a
+    graph-sized matrix). Masks, NaN and test sets run the masked loop (docs/architecture.md,
+    "Variants")."""
     for name in ("projective", "symmetric"):
         if not opts[name]:
             continue
-        if plan.masked is not None:
-            raise param_error(name, func, "False for a fit with a mask, NaN entries or a test set (projective and "
-                              "symmetric NMF are fitted on complete data)", True)
         if opts["target_H"] is not None:
             raise param_error(name, func, "False with target_H (H is not solved)", True)
     if opts["symmetric"]:
@@ -1047,10 +1049,25 @@ def _check_variant(plan: _Plan, opts: dict, func: str) -> None:
         if m != n:
             raise param_error("symmetric", func, "False for a non-square A (symmetric NMF needs A square and "
                               "symmetric)", f"True with A of shape {m} × {n}", described=True)
-        a = plan.blocked.to_scipy()
-        diff = abs(a - a.T)
-        worst = float(diff.max()) if diff.shape[0] else 0.0
-        if worst > 1e-10 * max(abs(plan.summary.max), abs(plan.summary.min), 1e-300):
+        import scipy.sparse as sp
+
+        a = sp.csr_matrix(plan.blocked.to_scipy(), dtype=np.float64)
+        mo, missing = plan.masked, None
+        if mo is not None:  # compare only the pairs observed on both sides of the diagonal
+            nan = np.isnan(a.data)
+            missing = sp.csr_matrix((nan.astype(np.float64), a.indices.copy(), a.indptr.copy()), shape=a.shape)
+            if mo.mask is not None:
+                missing = missing + sp.csr_matrix(mo.mask, dtype=np.float64)
+            a.data[nan] = 0.0
+        diff = abs(a - a.T).tocsr()
+        if missing is not None:
+            if mo.zeros_missing:  # an unstored entry is missing too: pairs stored on both sides
+                stored = sp.csr_matrix((np.ones(a.nnz), a.indices, a.indptr), shape=a.shape)
+                diff = diff.multiply(stored.multiply(stored.T)).tocsr()
+            diff = (diff - diff.multiply((missing + missing.T) > 0)).tocsr()
+        worst = float(diff.max()) if diff.nnz else 0.0
+        scale = float(np.abs(a.data).max()) if a.nnz else 0.0
+        if worst > 1e-10 * max(float(scale), 1e-300):
             raise param_error("symmetric", func, "False for a non-symmetric A (symmetric NMF needs A = Aᵀ)",
                               f"True with max|A − Aᵀ| = {worst:.3g}", described=True)
 

@@ -108,8 +108,7 @@ def test_variants_refuse_bad_input(graph):
     B[5, 0] = 0.0
     with pytest.raises(InputError, match="'symmetric' parameter .*non-symmetric"):
         dnmf.nmf(B.tocsc(), 3, symmetric=True, client=False)
-    with pytest.raises(InputError, match="'projective' parameter .*mask"):
-        dnmf.nmf(A, 3, projective=True, test_fraction=0.1, client=False)
+    # masks, NaN and test sets: tests/test_variants_masked.py
 
 
 def test_variants_on_a_cluster_match_in_process(graph):

@@ -48,7 +48,7 @@ from ..io.blocks import BlockedMatrix, CSCBlock
 from ..kernels.column import ColumnTerms, column_terms
 from ..kernels.masked import (NO_PATTERN, csc_masked_pass, csr_masked_pass, holdout_pattern, holdout_seed,
                               holdout_threshold)
-from ..solvers.hstep import HStep
+from ..solvers.hstep import MODE_PROJECT, HStep
 from ..solvers.penalties import angular_matrix, apply_angular
 from ..solvers.targets import FitTargets
 from ..solvers.updates import scale_rows
@@ -182,7 +182,8 @@ def masked_h_task(block: CSCBlock, mk: tuple, ht_prev, col0: int, terms: ColumnT
     enrichment target); ``removal`` a removal target's (Γ, |λ_H|) for the Grams a column forms;
     ``pattern`` the block's held-out rows when several models share the pass (else hashed);
     ``gpen`` the H side's penalty Gram term that ``hs.G`` carries (graph, L21), for the Grams
-    built from observed rows; ``hs.ub`` bounds each solved column.
+    built from observed rows; ``hs.ub`` bounds each solved column. ``hs.mode`` MODE_PROJECT
+    (projective NMF, ``hs.w = W·diag(d)``) projects each column's observed entries instead.
     """
     w = hs.w
     m, k = w.shape
@@ -194,7 +195,7 @@ def masked_h_task(block: CSCBlock, mk: tuple, ht_prev, col0: int, terms: ColumnT
     csc_masked_pass(block.data, block.indices, block.indptr, m, int(col0), w, hs.G, hs.L, ridge, hs.l1, ht,
                     hs.warm_scale, column_terms(k) if terms is None else terms, hs.solver, hs.nonneg, hs.cd_maxit,
                     hs.cd_tol, warm, *kargs, mk[0], mk[1], removal[0], float(removal[1]), pattern[0], pattern[1],
-                    Q, hsum, gpen, hs.ub)
+                    Q, hsum, gpen, hs.ub, hs.mode == MODE_PROJECT)
     return ht, Q, hsum
 
 
@@ -373,13 +374,19 @@ def fit_masked_many(
         try:
             if placed is None:
                 placed = _Placed(blocked, executor, rb)
-            shared = [_h_model_args(mdl) for mdl in active]
-            per_block = [[(mdl.state.ht[j], mdl.terms[j]) for mdl in active] for j in range(n_cb)]
-            outs = executor.map_blocks(masked_h_many, placed.cols, cmasks, col0s, per_block, args=(kargs, shared))
-            hres = executor.gather(outs)
-            executor.release(outs)
-            w_inputs = [_w_model_inputs(mdl, [hres[j][a] for j in range(n_cb)], rb, row0s)
-                        for a, mdl in enumerate(active)]
+            solved = [mdl for mdl in active if not mdl.opts.symmetric]  # symmetric NMF: H = Wᵀ, no pass
+            hres = [[] for _ in range(n_cb)]
+            if solved:
+                shared = [_h_model_args(mdl) for mdl in solved]
+                per_block = [[(mdl.state.ht[j], mdl.terms[j]) for mdl in solved] for j in range(n_cb)]
+                outs = executor.map_blocks(masked_h_many, placed.cols, cmasks, col0s, per_block,
+                                           args=(kargs, shared))
+                hres = executor.gather(outs)
+                executor.release(outs)
+            slot = {id(mdl): a for a, mdl in enumerate(solved)}
+            w_inputs = [_w_model_inputs(mdl, [hres[j][slot[id(mdl)]] for j in range(n_cb)] if id(mdl) in slot
+                                        else _symmetric_h(mdl.state.w, cb), rb, row0s)
+                        for mdl in active]
             shared = [(wi["hn"], wi["Qn"], wi["wside"], wi["wtarget"]) for wi in w_inputs]
             per_block = [[(wi["wprev"][r], wi["tws"][r]) for wi in w_inputs] for r in range(n_rb)]
             outs = executor.map_blocks(masked_w_many, placed.rows, rmasks, row0s, per_block, args=(kargs, shared))
@@ -400,6 +407,9 @@ def fit_masked_many(
         placed.release(executor)
     out = []
     for mdl in models:
+        if mdl.opts.symmetric:  # H ← Wᵀ after the last W update (RcppML §7, as engine/als.py)
+            mdl.state.ht = [r[0] for r in _symmetric_h(mdl.state.w, cb)]
+            mdl.state.h_scale = np.ones(mdl.opts.k)
         mdl.state.runtime = runtime
         out.append((mdl.state, mdl.state.ht))
     return out
@@ -432,6 +442,16 @@ def _angular_w(executor: Executor, placed: _Placed, rmasks: list, row0s: list, k
     return wres
 
 
+def _symmetric_h(w: np.ndarray, cb: np.ndarray) -> list:
+    """Symmetric NMF's H step on the client (A square: ``H = Wᵀ``, nothing solved): per column
+    block the rows of W as ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|)``, the column pass's results."""
+    out = []
+    for j in range(len(cb) - 1):
+        ht = np.ascontiguousarray(w[int(cb[j]):int(cb[j + 1])], dtype=np.float64)
+        out.append((ht, ht.T @ ht, np.abs(ht).sum(axis=0)))
+    return out
+
+
 def _h_model_args(mdl: _Model) -> tuple:
     """``(hs, ridge, removal, gpen)`` of a model's H step for its current W (and current Ĥ's
     penalty terms, ``solvers/penalties.py``)."""
@@ -440,7 +460,7 @@ def _h_model_args(mdl: _Model) -> tuple:
     if opts.penalties.gram_on(1) and state.ht[0] is not None:
         gpen = opts.penalties.gram(1, np.concatenate(state.ht, axis=0) * state.h_scale[None, :])
     # a removal target is applied per column by the kernel, to each column's own Gram
-    hs = h_task_step(state.w, state.h_scale, opts, None if t.lam_h < 0 else t, penalty=gpen)
+    hs = h_task_step(state.w, state.h_scale, opts, None if t.lam_h < 0 else t, d=state.d, penalty=gpen)
     ridge = 1e-15 + float(opts.L2[1]) + max(t.lam_h, 0.0)
     removal = (t.gamma_h, -t.lam_h) if t.lam_h < 0 else (np.zeros((0, 0)), 0.0)
     return hs, ridge, removal, gpen

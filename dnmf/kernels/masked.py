@@ -253,7 +253,7 @@ finish_lower = numba.njit(cache=True, nogil=True, inline="always")(_finish_lower
 
 def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg,
                      cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, gamma,
-                     lam_abs, ho_indices, ho_indptr, Q, hsum, gpen, ub):
+                     lam_abs, ho_indices, ho_indptr, Q, hsum, gpen, ub, project):
     """Masked H update for one sparse column block (see module docstring).
 
     Parameters
@@ -278,6 +278,9 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
     gpen : (k, k) or (0, 0) — penalty Gram term (graph, L21; ``solvers/penalties.py``) that G
         already carries; added here to the Grams built from the observed rows (``zeros_missing``)
     ub : float — upper bound of each solved column, applied before accumulating (0: none)
+    project : bool — projective NMF: no solve, ``h_c = Σ_{i observed in c} a_ic w_i`` (``w`` is
+        then ``W·diag(d)``; no L1, bound, Gram or terms), the projection over the observed
+        entries only — held-out and missing entries never reach H
     """
     k = w.shape[1]
     n = indptr.shape[0] - 1
@@ -300,7 +303,7 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
             for p in range(ho_indptr[c], ho_indptr[c + 1]):
                 hmark[ho_indices[p]] = c
         for r in range(k):
-            b[r] = -l1
+            b[r] = 0.0 if project else -l1
         nmask = 0
         if has_mask:
             for p in range(mk_indptr[c], mk_indptr[c + 1]):
@@ -321,6 +324,10 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                 if cv_on and (hmark[i] == c if pattern else held_out(cv_seed, np.uint64(i), jg, cv_thr)):
                     continue
                 wrow = w[i]
+                if project:
+                    for r in range(k):
+                        b[r] += a * wrow[r]
+                    continue
                 for r in range(k):
                     b[r] += a * wrow[r]
                     for s in range(r + 1):
@@ -360,15 +367,20 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                 for r in range(k):
                     b[r] += a * wrow[r]
             use_own = nmask > 0 or lam_abs > 0.0
-            if use_own:
+            if use_own and not project:
                 masked_gram(Gc, G, 0.0, w, mrows, nmask, gbuf)
-        if warm:
+        if project:
+            for r in range(k):
+                x[r] = b[r]
+        elif warm:
             for r in range(k):
                 x[r] = ht[c, r] * warm_scale[r]
         else:
             for r in range(k):
                 x[r] = 0.0
-        if use_own:
+        if project:
+            pass
+        elif use_own:
             if lam_abs > 0.0:
                 proj_adv(Gc, gamma, lam_abs)
             if solver == SOLVER_CHOLESKY:
@@ -376,7 +388,7 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
             column_step(c, Gc, Lc, b, x, terms, Gt, Lt, solver, nonneg, cd_maxit, cd_tol, warm)
         else:
             column_step(c, G, L, b, x, terms, Gt, Lt, solver, nonneg, cd_maxit, cd_tol, warm)
-        if ub > 0.0:
+        if ub > 0.0 and not project:
             for r in range(k):
                 if x[r] > ub:
                     x[r] = ub
@@ -394,11 +406,13 @@ _NO_PEN = np.zeros((0, 0))
 
 def csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg,
                     cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, gamma,
-                    lam_abs, ho_indices, ho_indptr, Q, hsum, gpen=None, ub=0.0):
-    """:func:`_csc_masked_pass` (same arguments); ``gpen`` (None: no penalty term) and ``ub`` optional."""
+                    lam_abs, ho_indices, ho_indptr, Q, hsum, gpen=None, ub=0.0, project=False):
+    """:func:`_csc_masked_pass` (same arguments); ``gpen`` (None: no penalty term), ``ub`` and
+    ``project`` optional."""
     _csc_masked_pass_jit(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg,
                          cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, gamma,
-                         lam_abs, ho_indices, ho_indptr, Q, hsum, _NO_PEN if gpen is None else gpen, float(ub))
+                         lam_abs, ho_indices, ho_indptr, Q, hsum, _NO_PEN if gpen is None else gpen, float(ub),
+                         bool(project))
 
 
 def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
