@@ -55,6 +55,12 @@ def numpy_masked_variant(A, obs, test, w0, iters, mode):
     return w, d, model_h, np.array(train), np.array(tests)
 
 
+def _pairs(ordered):
+    """Symmetric NMF's held-out set: the unordered pair {i, j} by the hash of (min, max)."""
+    up = np.triu(ordered)
+    return up | up.T
+
+
 def _lowrank(m, n, k, seed):
     rng = np.random.default_rng(seed)
     return rng.gamma(1.0, 1.0, (m, k)) @ rng.gamma(1.0, 1.0, (k, n)), rng
@@ -151,9 +157,25 @@ def test_symmetric_test_set_matches_numpy():
     S, rng = _sym(32, 3, 5)
     w0 = rng.uniform(size=(32, 3))
     model = _fit(S, 3, w0, symmetric=True, test_fraction=0.2, cv_seed=3, maxit=6, block_nnz=300)
-    held = _held(32, 32, 3, 0.2)
-    assert not np.array_equal(held, held.T)  # the §5.2 hash is not symmetric in (i, j)
+    ordered = _held(32, 32, 3, 0.2)
+    assert not np.array_equal(ordered, ordered.T)  # the §5.2 hash is not symmetric in (i, j)
+    held = _pairs(ordered)
     _check(model, numpy_masked_variant(S, ~held, held, w0, 6, "symmetric"), cv=(~held).sum())
+
+
+def test_symmetric_cv_ignores_held_out_pairs():
+    # the pair set holds out a_ij with its twin a_ji: changing both leaves the fit unchanged
+    S, rng = _sym(30, 3, 11)
+    w0 = rng.uniform(size=(30, 3))
+    held = _pairs(_held(30, 30, 6, 0.2))
+    B = S.copy()
+    B[held] = 0.0
+    B += np.where(held, 1.0, 0.0) * 80.0
+    kw = dict(symmetric=True, test_fraction=0.2, cv_seed=6, maxit=5, block_nnz=300)
+    ma, mb = _fit(S, 3, w0, **kw), _fit(B, 3, w0, **kw)
+    np.testing.assert_array_equal(ma.w, mb.w)
+    np.testing.assert_array_equal(ma.h, mb.h)
+    assert np.all(np.asarray(mb.misc["test_loss_history"]) > 10 * np.asarray(ma.misc["test_loss_history"]))
 
 
 def test_symmetric_nan_on_one_side_is_accepted():
@@ -173,6 +195,15 @@ def _block_graph(seed, n_per=25, k=4):
     p = np.where(labels[:, None] == labels[None, :], 0.5, 0.05)
     up = np.triu(rng.uniform(size=p.shape) < p, 1)
     return (up | up.T).astype(float)
+
+
+def test_symmetric_cv_finds_the_planted_rank():
+    # 4 planted communities (p_in 0.5, p_out 0.05) of 25 nodes; rank CV of symmetric NMF on a
+    # 10 % held-out set, 2 replicates: the mean held-out MSE is lowest at k = 4
+    A = _block_graph(0)
+    cv = dnmf.nmf(A, [2, 3, 4, 5, 6], symmetric=True, test_fraction=0.1, cv_seed=[1, 2], seed=1, maxit=100,
+                  tol=1e-5, client=False)
+    assert cv.best_k == 4, cv.table
 
 
 @pytest.fixture(scope="module")

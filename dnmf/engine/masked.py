@@ -201,13 +201,14 @@ def masked_h_task(block: CSCBlock, mk: tuple, ht_prev, col0: int, terms: ColumnT
 
 def masked_w_task(block: CSRBlock, mk: tuple, wt_prev, row0: int, tw, hn: np.ndarray, Q: np.ndarray, wside: tuple,
                   kargs: tuple, wtarget: tuple = (0.0, np.zeros((0, 0))), pattern: tuple = NO_PATTERN,
-                  fixed: bool = False):
+                  fixed: bool = False, pair: bool = False):
     """Masked W update of one row block for one model: ``(raw rows w_i d, [train SSE, n, test SSE, n])``.
 
     ``tw`` is the block's rows of a W target (None: none); ``wtarget`` its (λ_W, Γ); ``pattern``
     the block's held-out columns per row when several models share the pass (else hashed).
     ``wside`` is ``(ridge, L1, L2, solver, nonneg, cd_maxit, cd_tol[, penalty Gram, upper bound])``;
-    ``fixed`` takes ``wt_prev`` as the rows and only scores them (the loss pass after angular W).
+    ``fixed`` takes ``wt_prev`` as the rows and only scores them (the loss pass after angular W);
+    ``pair`` holds out unordered pairs (symmetric NMF, :func:`~dnmf.kernels.masked.held_out_pair`).
     """
     ridge, l1, l2, solver, nonneg, cd_maxit, cd_tol = wside[:7]
     gpen, ub = wside[7:9] if len(wside) > 7 else (None, 0.0)
@@ -218,17 +219,19 @@ def masked_w_task(block: CSRBlock, mk: tuple, wt_prev, row0: int, tw, hn: np.nda
     tw = np.zeros((0, k)) if tw is None else np.ascontiguousarray(tw, dtype=np.float64)
     csr_masked_pass(block.data, block.indices, block.indptr, block.n_cols, int(row0), hn, Q, ridge, l1, l2, wt,
                     solver, nonneg, cd_maxit, cd_tol, warm, *kargs, mk[0], mk[1], tw, float(wtarget[0]),
-                    np.ascontiguousarray(wtarget[1], dtype=np.float64), pattern[0], pattern[1], sums, gpen, ub, fixed)
+                    np.ascontiguousarray(wtarget[1], dtype=np.float64), pattern[0], pattern[1], sums, gpen, ub, fixed,
+                    pair)
     return wt, sums
 
 
-def _block_pattern(block, offset: int, n_inner: int, by_row: bool, kargs: tuple, n_models: int) -> tuple:
+def _block_pattern(block, offset: int, n_inner: int, by_row: bool, kargs: tuple, n_models: int,
+                   pair: bool = False) -> tuple:
     """The block's held-out pattern when several models share the pass; hashing otherwise."""
     zeros_missing, cv_on, seed, thr = kargs
     if n_models < 2 or not cv_on:
         return NO_PATTERN
     return holdout_pattern(int(offset), block.shape[0 if by_row else 1], int(n_inner), by_row, seed, thr,
-                           zeros_missing, block.data, block.indices, block.indptr)
+                           zeros_missing, block.data, block.indices, block.indptr, pair)
 
 
 def masked_h_many(block: CSCBlock, mk: tuple, col0: int, per_model: list, kargs: tuple, shared: list) -> list:
@@ -242,12 +245,13 @@ def masked_h_many(block: CSCBlock, mk: tuple, col0: int, per_model: list, kargs:
 
 
 def masked_w_many(block: CSRBlock, mk: tuple, row0: int, per_model: list, kargs: tuple, shared: list,
-                  fixed: bool = False) -> list:
+                  fixed: bool = False, pair: bool = False) -> list:
     """One row block, every model of a shared pass (see :func:`masked_h_many`).
     ``per_model``: the block's ``(wt_prev, tw)``; ``shared``: ``(hn, Q, wside, wtarget)`` per model;
-    ``fixed``: score the given rows only (:func:`masked_w_task`)."""
-    pattern = _block_pattern(block, row0, block.n_cols, True, kargs, len(per_model))
-    return [masked_w_task(block, mk, wt, row0, tw, hn, Q, wside, kargs, wtarget, pattern, fixed)
+    ``fixed``: score the given rows only (:func:`masked_w_task`); ``pair``: the symmetric
+    held-out set of unordered pairs (every model of the pass is symmetric NMF)."""
+    pattern = _block_pattern(block, row0, block.n_cols, True, kargs, len(per_model), pair)
+    return [masked_w_task(block, mk, wt, row0, tw, hn, Q, wside, kargs, wtarget, pattern, fixed, pair)
             for (wt, tw), (hn, Q, wside, wtarget) in zip(per_model, shared)]
 
 
@@ -352,6 +356,10 @@ def fit_masked_many(
     cmasks = _mask_parts(mask, cb, axis=1)
     rmasks = _mask_parts(mask, rb, axis=0)
     kargs = _kernel_args(mo)
+    # symmetric NMF holds out unordered pairs (a_ji is a_ij): one held-out set for the whole pass
+    pair = mo.cv_on and any(o.symmetric for o in opts_list)
+    if pair and not all(o.symmetric for o in opts_list):  # a caller's bug, not an input error
+        raise ValueError("shared passes need one held-out set: symmetric and other fits cannot share them")
     col0s = [int(c) for c in cb[:-1]]
     row0s = [int(r) for r in rb[:-1]]
     n_models = len(w0s)
@@ -389,7 +397,8 @@ def fit_masked_many(
                         for mdl in active]
             shared = [(wi["hn"], wi["Qn"], wi["wside"], wi["wtarget"]) for wi in w_inputs]
             per_block = [[(wi["wprev"][r], wi["tws"][r]) for wi in w_inputs] for r in range(n_rb)]
-            outs = executor.map_blocks(masked_w_many, placed.rows, rmasks, row0s, per_block, args=(kargs, shared))
+            outs = executor.map_blocks(masked_w_many, placed.rows, rmasks, row0s, per_block,
+                                       args=(kargs, shared, False, pair))
             wres = executor.gather(outs)
             executor.release(outs)
             wres = _angular_w(executor, placed, rmasks, row0s, kargs, active, w_inputs, wres, rb)

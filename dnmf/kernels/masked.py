@@ -35,8 +35,8 @@ import numpy as np
 from .column import chol_factor, column_step, solve_column
 from .nnls import SOLVER_CHOLESKY
 
-__all__ = ["holdout_threshold", "holdout_seed", "holdout_mask", "held_out", "holdout_pattern", "csc_masked_pass",
-           "csr_masked_pass", "NO_PATTERN"]
+__all__ = ["holdout_threshold", "holdout_seed", "holdout_mask", "held_out", "held_out_pair", "holdout_pattern",
+           "csc_masked_pass", "csr_masked_pass", "NO_PATTERN"]
 
 #: ``(ho_indices, ho_indptr)`` meaning "hash the held-out entries" (no precomputed pattern).
 NO_PATTERN = (np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64))
@@ -82,6 +82,17 @@ def _held_out(seed, i, j, threshold):
 held_out = numba.njit(cache=True, nogil=True)(_held_out)
 
 
+def _held_out_pair(seed, i, j, threshold):
+    """Whether the unordered pair {i, j} is held out: the §5.2 hash of ``(min, max)`` — the
+    symmetric test set of symmetric NMF (``a_ij`` and its twin ``a_ji`` held out together)."""
+    if i <= j:
+        return held_out(seed, np.uint64(i), np.uint64(j), threshold)
+    return held_out(seed, np.uint64(j), np.uint64(i), threshold)
+
+
+held_out_pair = numba.njit(cache=True, nogil=True)(_held_out_pair)
+
+
 def holdout_mask(rows, cols, cv_seed: int, test_fraction: float) -> np.ndarray:
     """Vectorized §5.2 hash: a boolean array, True where (rows[t], cols[t]) is held out."""
     rows = np.asarray(rows, dtype=np.uint64)
@@ -110,7 +121,7 @@ def _mix_below(z, threshold):
 mix_below = numba.njit(cache=True, nogil=True)(_mix_below)
 
 
-def _holdout_pattern(outer0, n_outer, n_inner, by_row, seed, thr, zeros_missing, data, indices, indptr):
+def _holdout_pattern(outer0, n_outer, n_inner, by_row, seed, thr, zeros_missing, data, indices, indptr, pair):
     """The held-out entries of a block, listed per column (CSC block) or per row (CSR block).
 
     For each of the block's ``n_outer`` columns (rows with ``by_row``; global index ``outer0 + o``)
@@ -118,7 +129,8 @@ def _holdout_pattern(outer0, n_outer, n_inner, by_row, seed, thr, zeros_missing,
     inner index ascending, or with ``zeros_missing`` the stored non-NaN entries in stored order.
     Returns ``(indices (int32), indptr (int64))``. Several models sharing one pass over the
     block hash it once with this and hand the pattern to each model's pass. Two passes (count,
-    then fill) keep the hash loop free of appends, so it vectorizes.
+    then fill) keep the hash loop free of appends, so it vectorizes. ``pair``: the held-out set
+    of unordered pairs (:func:`held_out_pair`, symmetric NMF).
     """
     c_outer = _C_I if by_row else _C_J
     c_inner = _C_J if by_row else _C_I
@@ -129,12 +141,18 @@ def _holdout_pattern(outer0, n_outer, n_inner, by_row, seed, thr, zeros_missing,
         if zeros_missing:
             for p in range(indptr[o], indptr[o + 1]):
                 a = data[p]
-                if a == a and mix_below(base + np.uint64(indices[p]) * c_inner, thr):
+                if a == a and (held_out_pair(seed, outer0 + o, indices[p], thr) if pair
+                               else mix_below(base + np.uint64(indices[p]) * c_inner, thr)):
                     c += 1
         else:
-            for inner in range(n_inner):
-                if mix_below(base + np.uint64(inner) * c_inner, thr):
-                    c += 1
+            if pair:
+                for inner in range(n_inner):
+                    if held_out_pair(seed, outer0 + o, inner, thr):
+                        c += 1
+            else:
+                for inner in range(n_inner):
+                    if mix_below(base + np.uint64(inner) * c_inner, thr):
+                        c += 1
         counts[o + 1] = counts[o] + c
     out = np.empty(counts[n_outer], dtype=np.int32)
     for o in range(n_outer):
@@ -143,18 +161,26 @@ def _holdout_pattern(outer0, n_outer, n_inner, by_row, seed, thr, zeros_missing,
         if zeros_missing:
             for p in range(indptr[o], indptr[o + 1]):
                 a = data[p]
-                if a == a and mix_below(base + np.uint64(indices[p]) * c_inner, thr):
+                if a == a and (held_out_pair(seed, outer0 + o, indices[p], thr) if pair
+                               else mix_below(base + np.uint64(indices[p]) * c_inner, thr)):
                     out[t] = indices[p]
                     t += 1
         else:
             for inner in range(n_inner):
-                if mix_below(base + np.uint64(inner) * c_inner, thr):
+                if (held_out_pair(seed, outer0 + o, inner, thr) if pair
+                        else mix_below(base + np.uint64(inner) * c_inner, thr)):
                     out[t] = inner
                     t += 1
     return out, counts
 
 
-holdout_pattern = numba.njit(cache=True, nogil=True)(_holdout_pattern)
+_holdout_pattern_jit = numba.njit(cache=True, nogil=True)(_holdout_pattern)
+
+
+def holdout_pattern(outer0, n_outer, n_inner, by_row, seed, thr, zeros_missing, data, indices, indptr, pair=False):
+    """:func:`_holdout_pattern` (same arguments); ``pair`` optional (default: the ordered §5.2 set)."""
+    return _holdout_pattern_jit(outer0, n_outer, n_inner, by_row, seed, thr, zeros_missing, data, indices, indptr,
+                                bool(pair))
 
 
 def _proj_adv(Gc, gamma, lam_abs):
@@ -417,7 +443,7 @@ def csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm
 
 def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
                      warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma, ho_indices,
-                     ho_indptr, sums, gpen, ub, fixed):
+                     ho_indptr, sums, gpen, ub, fixed, pair):
     """Masked W update for one sparse row block, and the block's squared errors.
 
     Parameters
@@ -441,6 +467,8 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
         before a target; ub : float — upper bound of the solved row (0: none)
     fixed : bool — take the rows in ``wt`` as they are (no solve) and only accumulate the squared
         errors: the loss pass after a post-solve map of the whole W (angular)
+    pair : bool — hold out unordered pairs (:func:`held_out_pair`; symmetric NMF, where ``a_ji``
+        is ``a_ij``: the ordered set would let a held-out value in through its twin)
     """
     k = hn.shape[1]
     m_b = indptr.shape[0] - 1
@@ -485,7 +513,8 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                 j = indices[p]
                 if a != a or mark[j] == r_:
                     continue
-                if cv_on and (hmark[j] == r_ if pattern else held_out(cv_seed, ig, np.uint64(j), cv_thr)):
+                if cv_on and (hmark[j] == r_ if pattern else (held_out_pair(cv_seed, row0 + r_, j, cv_thr) if pair
+                                                               else held_out(cv_seed, ig, np.uint64(j), cv_thr))):
                     mark[j] = r_
                     kind[j] = 1
                     mcols[nmask] = j
@@ -510,7 +539,8 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                         nmask += 1
             elif cv_on:
                 for j in range(n):
-                    if mark[j] != r_ and held_out(cv_seed, ig, np.uint64(j), cv_thr):
+                    if mark[j] != r_ and (held_out_pair(cv_seed, row0 + r_, j, cv_thr) if pair
+                                          else held_out(cv_seed, ig, np.uint64(j), cv_thr)):
                         mark[j] = r_
                         kind[j] = 1
                         mcols[nmask] = j
@@ -610,8 +640,10 @@ _csr_masked_pass_jit = numba.njit(cache=True, nogil=True)(_csr_masked_pass)
 
 def csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
                     warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma, ho_indices,
-                    ho_indptr, sums, gpen=None, ub=0.0, fixed=False):
-    """:func:`_csr_masked_pass` (same arguments); ``gpen`` (None: none), ``ub`` and ``fixed`` optional."""
+                    ho_indptr, sums, gpen=None, ub=0.0, fixed=False, pair=False):
+    """:func:`_csr_masked_pass` (same arguments); ``gpen`` (None: none), ``ub``, ``fixed`` and ``pair``
+    optional."""
     _csr_masked_pass_jit(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
                          warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma,
-                         ho_indices, ho_indptr, sums, _NO_PEN if gpen is None else gpen, float(ub), bool(fixed))
+                         ho_indices, ho_indptr, sums, _NO_PEN if gpen is None else gpen, float(ub), bool(fixed),
+                         bool(pair))
