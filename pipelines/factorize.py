@@ -447,7 +447,20 @@ def _model_record(model, cfg: FactorizeModel, normalize: str = "none") -> dict:
         "solver": misc["solver"], "norm": misc["norm"], "init": str(misc["init"]), "n_blocks": int(misc["n_blocks"]),
         "out_of_core": bool(misc["out_of_core"]), "executor": misc["executor"],
         "L1": list(misc["L1"]), "L2": list(misc["L2"]), "nonneg": list(misc["nonneg"]),
+        "L21": list(misc["L21"]), "angular": list(misc["angular"]), "upper_bound": list(misc["upper_bound"]),
+        "graph_lambda": list(misc["graph_lambda"]),
+        "loss_type": str(misc["loss_type"]), "loss_covers": str(misc["loss_covers"]),
+        **_dispersion_record(misc["dispersion"]),
     }
+
+
+def _dispersion_record(dispersion) -> dict:
+    """The fitted dispersion (θ, r or φ of a gp / nb / gamma / inverse_gaussian / tweedie fit): a
+    per-feature or per-sample array, a global number, or nothing (mse, kl, dispersion "none")."""
+    if dispersion is None:
+        return {}
+    arr = np.asarray(dispersion, dtype=float)
+    return {"dispersion": float(arr) if arr.ndim == 0 else arr}
 
 
 def _write_anndata(loaded: _Loaded, model, job) -> None:
@@ -493,7 +506,11 @@ def run(config, job) -> None:
     record["feature"] = record["row_names"] if rows is not None else np.arange(m)
     record["sample"] = record["col_names"] if cols is not None else np.arange(n)
     record["factor"] = np.arange(k)
-    job.store.write_group("model", record, dims=MODEL_DIMS)
+    dims = dict(MODEL_DIMS)
+    disp = record.get("dispersion")
+    if isinstance(disp, np.ndarray):  # per_row: one per feature, per_col: one per sample
+        dims["dispersion"] = ("feature",) if cfg.dispersion == "per_row" else ("sample",)
+    job.store.write_group("model", record, dims=dims)
     job.save_figure(job.plots.convergence(record["loss_history"], tol=record["tol_history"],
                                           title=f"{config.name}: NMF k={model.k}"), "convergence")
     job.save_figure(job.plots.factor_heatmap(model.w, row_names=model.feature_names,

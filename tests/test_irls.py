@@ -358,23 +358,32 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_fit(tmp_path):
     assert len(list(tmp_path.glob("ck.dispersion-*.npz"))) <= 2
 
 
-def test_factorize_pipeline_with_a_loss_key(tmp_path):
+@pytest.mark.parametrize("dispersion", ["global", "per_row"])
+def test_factorize_pipeline_with_a_loss_key(tmp_path, dispersion):
+    import zarr
+
     from dnmf.config import JobConfig
     from dnmf.jobs import RunStore, run_job
 
     sim = dnmf.simulate_nmf(50, 40, 3, seed=14, distribution="nb", dispersion=5.0, mean=4.0)
     np.save(tmp_path / "a.npy", sim.A)
     data = {"pipeline": "factorize", "name": "nbfit", "input": {"path": str(tmp_path / "a.npy")},
-            "model": {"k": 3, "maxit": 4, "tol": 0, "seed": 3, "loss": "nb", "dispersion": "global",
+            "model": {"k": 3, "maxit": 4, "tol": 0, "seed": 3, "loss": "nb", "dispersion": dispersion,
                       "robust": True},
             "output": {"dir": str(tmp_path / "runs"), "plots": False, "performance_report": False},
             "progress": "none"}
     res = run_job(JobConfig.from_dict(data), client=False, echo=lambda msg: None)
     model = RunStore.open(res.store).read_group("model")
-    ref = _fit(sim.A, seed=3, maxit=4, tol=0, loss="nb", dispersion="global", robust=True, solver="auto",
+    ref = _fit(sim.A, seed=3, maxit=4, tol=0, loss="nb", dispersion=dispersion, robust=True, solver="auto",
                irls_tol=1e-4)
     np.testing.assert_array_equal(model["w"], ref.w)
     np.testing.assert_array_equal(model["loss_history"], ref.misc["loss_history"])
+    # the run store says what was fitted: the loss, what its value covers, the fitted dispersion
+    assert model["loss_type"] == "nb" and model["loss_covers"] == ref.misc["loss_covers"]
+    np.testing.assert_array_equal(model["dispersion"], ref.misc["dispersion"])
+    if dispersion == "per_row":  # one r per feature, on the feature axis of the model group
+        assert np.shape(model["dispersion"]) == (50,)
+        assert zarr.open_group(res.store, mode="r")["model/dispersion"].metadata.dimension_names == ("feature",)
 
 
 class _LosesAWorker:
