@@ -477,11 +477,15 @@ def nmf(
         Zero-inflation (RcppML §6.5) is not available: only ``zi="none"`` is accepted.
     projective : bool, default False
         Projective NMF (RcppML §7): each iteration sets ``H = diag(d)·WᵀA`` (no NNLS, no
-        H-side penalties) and solves only W; its W is more orthogonal than standard NMF's.
+        H-side penalties) and solves only W; its W is more orthogonal than standard NMF's. With
+        a mask, NaN or a test set, H's columns are projections over the observed entries only
+        (held-out values never reach H, unlike RcppML's CV).
     symmetric : bool, default False
         Symmetric NMF of a square symmetric A (a cell–cell kNN graph, a similarity matrix):
         ``A ≈ W·diag(d)·Wᵀ``. Each iteration solves W with W's transpose as H; the returned ``h``
-        is ``wᵀ``. Refuses ``projective=True`` and a non-square or non-symmetric A.
+        is ``wᵀ``. Refuses ``projective=True`` and a non-square or non-symmetric A (compared on
+        the pairs observed on both sides). A test set holds out unordered pairs ``{i, j}`` (both
+        ``a_ij`` and ``a_ji``; docs/architecture.md, "Variants").
     target_H, target_W : array of shape (k, n) / (m, k), optional
         Guided NMF (guided spec §2): targets of H's columns and of W's rows, e.g. from
         :func:`dnmf.compute_target`. With λ > 0 every column solves
@@ -786,8 +790,9 @@ def _fit_shared(blocked, tasks: list, kwargs: dict, client) -> list:
             p = replace(plan, k=check_rank(opts["k"], blocked.shape, func),
                         solver=_resolve_solver(opts["solver"], opts["k"], opts["L1"]))
             p = replace(p, masked=_mask_options(opts, blocked, plan.summary, seed_int, func))
-            if t == 0:  # projective / symmetric: the same checks as a single fit (once: same A, options)
+            if t == 0:  # projective / symmetric, penalties: the same checks as a single fit (same A, options)
                 _check_variant(p, opts, func)
+                check_penalty_use(opts, func)
             w0, init_name = _initialize(p, opts, seq, func)
             fits.append((p, opts, seq, seed_int, w0, init_name))
         mos = {None if f[0].masked is None else (f[0].masked.zeros_missing, f[0].masked.test_fraction,

@@ -259,3 +259,95 @@ def test_what_stays_refused(kwargs, match):
         kwargs["target_H"] = rng.uniform(size=(2, 12))
     with pytest.raises(InputError, match=match):
         dnmf.nmf(A, 2, seed=1, maxit=2, client=False, **kwargs)
+
+
+class _Flaky:
+    """A LocalExecutor whose ``verb`` raises WorkerLostError on its ``at``-th call, once."""
+
+    def __init__(self, verb: str, at: int):
+        from dnmf.engine.executor import LocalExecutor
+
+        self._ex = LocalExecutor(1)
+        self.verb, self.at, self.calls = verb, at, 0
+        self.max_recoveries = 2
+
+    def __getattr__(self, name):
+        fn = getattr(self._ex, name)
+        if name != self.verb:
+            return fn
+
+        def verb(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.at:
+                from dnmf.exceptions import WorkerLostError
+
+                raise WorkerLostError("worker lost (test)", worker="tcp://test")
+            return fn(*args, **kwargs)
+
+        return verb
+
+
+@pytest.mark.parametrize("variant", ["projective", "symmetric"])
+@pytest.mark.parametrize("verb, at", [("map_blocks", 6), ("gather", 4)])
+def test_lost_worker_recovers_bitwise(variant, verb, at):
+    # W and H stay on the client between iterations: a lost worker costs the re-placement of the
+    # blocks and a redo of the iteration from the same W and H — bitwise the undisturbed fit
+    from dnmf.engine.als import ALSOptions
+    from dnmf.engine.executor import LocalExecutor
+    from dnmf.engine.masked import MaskOptions, fit_masked
+    from dnmf.io import as_blocked
+
+    S, rng = _sym(30, 3, 12)
+    w0 = rng.uniform(size=(30, 3))
+    blocked = as_blocked(sp.csc_matrix(S), block_nnz=200)
+    opts = ALSOptions(k=3, tol=0.0, maxit=5, **{variant: True})
+    mo = MaskOptions(test_fraction=0.2, cv_seed=3)
+    ref, ref_ht = fit_masked(blocked, w0, opts, mo, LocalExecutor(1))
+    flaky = _Flaky(verb, at)
+    state, ht = fit_masked(blocked, w0, opts, mo, flaky)
+    assert flaky.calls >= at  # the failure happened
+    np.testing.assert_array_equal(state.w, ref.w)
+    np.testing.assert_array_equal(np.concatenate(ht), np.concatenate(ref_ht))
+    assert state.test_history == ref.test_history
+
+
+def test_symmetric_zeros_and_test_set_match_numpy():
+    # mask="zeros" on a sparse graph-like S: only stored entries are observed, the pairs are
+    # held out among them; the reference fits stored & not held, scores stored & held
+    S, rng = _sym(32, 3, 13)
+    up = np.triu(rng.uniform(size=S.shape) < 0.5)
+    S = S * (up | up.T)
+    w0 = rng.uniform(size=(32, 3))
+    model = _fit(sp.csc_matrix(S), 3, w0, symmetric=True, mask="zeros", test_fraction=0.2, cv_seed=8, maxit=5,
+                 block_nnz=200)
+    held = _pairs(_held(32, 32, 8, 0.2))
+    stored = S != 0
+    obs = stored & ~held
+    _check(model, numpy_masked_variant(S, obs, stored & held, w0, 5, "symmetric"), cv=obs.sum())
+    assert model.misc["n_test"] == (stored & held).sum()
+
+
+def test_symmetric_w_side_angular_scores_the_pair_set():
+    # the W side's angular map is followed by a scoring row pass: it must score the same pair set
+    S, rng = _sym(30, 3, 14)
+    model = dnmf.nmf(S, 3, symmetric=True, angular=(0.1, 0.0), test_fraction=0.2, cv_seed=2, seed=1, maxit=4,
+                     client=False)
+    assert model.misc["n_test"] == _pairs(_held(30, 30, 2, 0.2)).sum()
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_symmetric_shared_passes_equal_single_fits(zeros):
+    # the ranks of a replicate share each pass (the pair set listed once per block by
+    # holdout_pattern); each must be bitwise the single fit (which hashes the pairs in the kernel)
+    S, rng = _sym(36, 3, 15)
+    if zeros:
+        up = np.triu(rng.uniform(size=S.shape) < 0.5)
+        S = S * (up | up.T)
+    kw = dict(symmetric=True, test_fraction=0.2, maxit=6, tol=1e-6, block_nnz=300, mask="zeros" if zeros else None)
+    cv = dnmf.nmf(sp.csc_matrix(S), [2, 3], cv_seed=[4], seed=1, client=False, **kw)
+    for task in cv_tasks([2, 3], (4,)):
+        one = dnmf.nmf(sp.csc_matrix(S), task.k, init=engine_init(36, task.k, task.init_seed), seed=task.init_seed,
+                       cv_seed=4, client=False, **kw)
+        row = cv.table[cv.table.k == task.k]
+        assert float(row.test_mse.iloc[0]) == float(one.misc["test_loss"])
+        assert float(row.train_mse.iloc[0]) == float(one.misc["train_loss"])

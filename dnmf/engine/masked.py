@@ -20,6 +20,13 @@ its upper bound is applied in step 2 and its angular map in step 3 on the client
 terms in step 4 (per row, after L2 and before a target), its angular map on the client after
 step 4, followed by a scoring row pass (no solve) so the losses are of the final W.
 
+Projective and symmetric NMF (``opts.projective`` / ``opts.symmetric``, per model): step 2
+projects each column over its observed entries instead of solving (``HStep.mode`` MODE_PROJECT,
+``hs.w = W·diag(d)``); symmetric NMF skips step 2 — ``H = Wᵀ`` is formed on the client
+(:func:`_symmetric_h`) — and, with a test set, holds out unordered pairs
+(:func:`~dnmf.kernels.masked.held_out_pair`) so that no held-out ``a_ij`` enters W through its
+twin ``a_ji`` (``docs/architecture.md``, "Variants").
+
 H and W live on the client between iterations (n·k and m·k numbers), so a lost worker costs
 only the re-placement of the blocks and a redo of the iteration in progress. The column and row
 partitions are functions of the data only, and every sum is taken in block order, so results do
@@ -401,7 +408,7 @@ def fit_masked_many(
                                        args=(kargs, shared, False, pair))
             wres = executor.gather(outs)
             executor.release(outs)
-            wres = _angular_w(executor, placed, rmasks, row0s, kargs, active, w_inputs, wres, rb)
+            wres = _angular_w(executor, placed, rmasks, row0s, kargs, active, w_inputs, wres, rb, pair)
         except WorkerLostError as exc:
             if placed is not None:
                 placed.release(executor)
@@ -425,7 +432,7 @@ def fit_masked_many(
 
 
 def _angular_w(executor: Executor, placed: _Placed, rmasks: list, row0s: list, kargs: tuple, active: list,
-               w_inputs: list, wres: list, rb: np.ndarray) -> list:
+               w_inputs: list, wres: list, rb: np.ndarray, pair: bool = False) -> list:
     """The angular step of W (exact, on the whole new W on the client) for the models that have
     one, and a second row pass that scores the mapped rows (the losses are of the final W).
     Returns ``wres`` with those models' rows and sums replaced."""
@@ -441,7 +448,7 @@ def _angular_w(executor: Executor, placed: _Placed, rmasks: list, row0s: list, k
                      for r in range(n_rb)]
     shared = [(w_inputs[a]["hn"], w_inputs[a]["Qn"], w_inputs[a]["wside"], w_inputs[a]["wtarget"]) for a in which]
     per_block = [[(mapped[a][r], w_inputs[a]["tws"][r]) for a in which] for r in range(n_rb)]
-    outs = executor.map_blocks(masked_w_many, placed.rows, rmasks, row0s, per_block, args=(kargs, shared, True))
+    outs = executor.map_blocks(masked_w_many, placed.rows, rmasks, row0s, per_block, args=(kargs, shared, True, pair))
     scored = executor.gather(outs)
     executor.release(outs)
     wres = [list(row) for row in wres]

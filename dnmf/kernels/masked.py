@@ -22,6 +22,9 @@ The hold-out test set is RcppML's (spec/rcppml.md §5.2): a pure function of (i,
 computed wherever it is needed and never stored or sent. :func:`holdout_threshold` turns a
 ``test_fraction`` into the integer threshold of the hash (realised fraction ``1/⌊1/f⌋``);
 :func:`holdout_mask` evaluates the same hash vectorized (NumPy) for reference and evaluation.
+Symmetric NMF holds out unordered pairs instead (:func:`held_out_pair`: the hash of
+``(min(i, j), max(i, j))``; the row pass's and :func:`holdout_pattern`'s ``pair`` flag).
+Projective NMF uses the column pass's ``project`` flag: the projection over the observed entries.
 
 Functions are plain Python compiled with ``numba.njit(cache=True, nogil=True)`` so they also
 run under ``NUMBA_DISABLE_JIT=1``.
