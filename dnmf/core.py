@@ -1073,7 +1073,8 @@ def _check_variant(plan: _Plan, opts: dict, func: str) -> None:
         worst = float(diff.max()) if diff.nnz else 0.0
         scale = float(np.abs(a.data).max()) if a.nnz else 0.0
         if worst > 1e-10 * max(float(scale), 1e-300):
-            raise param_error("symmetric", func, "False for a non-symmetric A (symmetric NMF needs A = Aᵀ)",
+            raise param_error("symmetric", func, "False for a non-symmetric A (symmetric NMF needs a_ij = a_ji "
+                              "wherever both are observed)",
                               f"True with max|A − Aᵀ| = {worst:.3g}", described=True)
 
 

@@ -243,12 +243,13 @@ def test_symmetric_fit_on_a_cluster_equals_in_process(client2):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(projective=True, symmetric=True, test_fraction=0.1), "symmetric"),
-    (dict(symmetric=True, test_fraction=0.1, A="rect"), "non-square"),
-    (dict(symmetric=True, mask="M", A="asym"), "non-symmetric"),
-    (dict(projective=True, test_fraction=0.1, target_H="T"), "projective"),
-    (dict(projective=True, test_fraction=0.1, loss="kl"), "projective"),
-    (dict(symmetric=True, mask="zeros", loss="gp"), "symmetric"),
+    (dict(projective=True, symmetric=True, test_fraction=0.1), "'symmetric' parameter .*projective=True"),
+    (dict(symmetric=True, test_fraction=0.1, A="rect"), "'symmetric' parameter .*non-square.*12 × 10"),
+    (dict(symmetric=True, mask="M", A="asym"), "'symmetric' parameter .*non-symmetric.*both are observed"),
+    (dict(projective=True, test_fraction=0.1, target_H="T"), "'projective' parameter .*target_H"),
+    (dict(projective=True, test_fraction=0.1, loss="kl"), "'projective' parameter .*loss=\"kl\""),
+    (dict(symmetric=True, mask="zeros", loss="gp"), "'symmetric' parameter .*loss='gp'"),
+    (dict(projective=True, test_fraction=0.1, L21=0.1), "'L21' parameter .*projective=True"),
 ])
 def test_what_stays_refused(kwargs, match):
     S, rng = _sym(12, 2, 10)
@@ -351,3 +352,13 @@ def test_symmetric_shared_passes_equal_single_fits(zeros):
         row = cv.table[cv.table.k == task.k]
         assert float(row.test_mse.iloc[0]) == float(one.misc["test_loss"])
         assert float(row.train_mse.iloc[0]) == float(one.misc["train_loss"])
+
+
+def test_rank_cv_grid_refuses_what_a_single_fit_refuses():
+    # the shared passes of a CV grid run the single fit's checks (core._fit_shared)
+    S, _ = _sym(12, 2, 16)
+    with pytest.raises(InputError, match="'L21' parameter .*projective=True"):
+        dnmf.nmf(S, [2, 3], projective=True, L21=0.1, test_fraction=0.1, cv_seed=[1], maxit=2, client=False)
+    with pytest.raises(InputError, match="'symmetric' parameter .*non-symmetric"):
+        dnmf.nmf(S + np.triu(np.ones_like(S), 1), [2, 3], symmetric=True, test_fraction=0.1, cv_seed=[1], maxit=2,
+                 client=False)
