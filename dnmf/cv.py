@@ -271,8 +271,9 @@ def cross_validate(blocked, k: Sequence[int], fit, *, cv_seed=None, test_fractio
     ks = _check_ks(k, blocked.shape, func)
     kwargs = dict(kwargs, test_fraction=tf)
     tasks = cv_tasks(ks, cv_seeds)
-    if kwargs.get("loss", "mse") != "mse":
-        fit_shared = None  # the shared passes are the squared-error masked loop; other losses fit one by one
+    if kwargs.get("loss", "mse") != "mse" or any(kwargs.get(t) is not None for t in ("target_H", "target_W")):
+        # the shared passes are the squared-error masked loop without targets; these fit one by one
+        fit_shared = None
     executor = get_executor(client)
     try:
         if executor.distributed and blocked.in_memory:

@@ -344,3 +344,16 @@ def test_cv_table_names_its_loss_columns_after_the_fitted_loss():
     assert list(res.table.columns) == ["rep", "k", "cv_seed", "train_nb", "test_nb", "best_iter", "total_iter"]
     assert res.best_k == 3  # the lowest test_nb, not a missing test_mse column
     assert res.mean_test.loc[4] == 0.8
+
+
+def test_cv_grid_with_a_target_keeps_the_target():
+    """A grid fit with target_H runs as the single fit would (the shared passes have no targets)."""
+    sim = dnmf.simulate_nmf(60, 50, 3, noise=0.5, seed=3)
+    target = np.random.default_rng(0).uniform(size=(3, 50))
+    kw = dict(test_fraction=0.1, maxit=6, tol=0, client=False, target_H=target, target_lambda=0.5)
+    res = dnmf.nmf(sim.A, [3], cv_seed=[2], **kw)
+    alone = dnmf.nmf(sim.A, 3, init=engine_init(60, 3, 2 + 3), seed=2 + 3, cv_seed=2, **kw)
+    plain = dnmf.nmf(sim.A, 3, init=engine_init(60, 3, 2 + 3), seed=2 + 3, cv_seed=2,
+                     **{**kw, "target_H": None, "target_lambda": 0.0})
+    assert res.table["test_mse"].iloc[0] == alone.misc["test_loss"]
+    assert alone.misc["test_loss"] != plain.misc["test_loss"]  # the target did change the fit
