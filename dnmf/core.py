@@ -473,8 +473,14 @@ def nmf(
     irls_max_iter, irls_tol : int, float, default 5, 1e-4
         IRLS inner iterations per column / row and their stopping tolerance (largest relative
         change of the solution).
-    zi, zi_em_iters : str, int, default "none", 1
-        Zero-inflation (RcppML §6.5) is not available: only ``zi="none"`` is accepted.
+    zi, zi_em_iters : {"none", "row", "col"}, int, default "none", 1
+        Zero-inflation (RcppML §6.5; ``loss="gp"`` or ``"nb"``): a structural-zero probability π
+        per row or per column, updated by ``zi_em_iters`` EM steps after the dispersion every
+        iteration; from the next iteration on each observed zero enters the fit with the imputed
+        value ``z·μ`` (z its posterior of being structural), formed inside the passes (no dense
+        copy; O(m·n·k) per pass). ``misc["zi_pi"]`` is π, ``misc["zi_pi_history"]`` its mean per
+        iteration; ``misc["loss"]`` is then the zero-inflated loss (−log-likelihood, §6.1
+        constants) over every observed entry (docs/architecture.md, "IRLS losses").
     projective : bool, default False
         Projective NMF (RcppML §7): each iteration sets ``H = diag(d)·WᵀA`` (no NNLS, no
         H-side penalties) and solves only W; its W is more orthogonal than standard NMF's. With
@@ -672,6 +678,8 @@ class NMFFitRecord:
     loss_covers : {"all", "nonzero"}
         The entries the training loss sums over: every observed entry, or (IRLS losses without
         a closed form for their zeros) the stored non-zero observed entries.
+    zi_pi, zi_pi_history : ndarray or None, ndarray
+        Zero-inflation: π per row (m,) or per column (n,) and its mean after every iteration.
     rank_search : dict or None
         ``k="auto"``: k_optimal, k_low, k_high, overfitting_detected and the table of the search's
         fits (RcppML §5.7); None otherwise.
@@ -713,6 +721,8 @@ class NMFFitRecord:
     dispersion: Any = None
     dispersion_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
     loss_covers: str = "all"
+    zi_pi: Any = None
+    zi_pi_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
     L21: tuple = (0.0, 0.0)
     angular: tuple = (0.0, 0.0)
     upper_bound: tuple = (0.0, 0.0)
@@ -1004,7 +1014,14 @@ def _check_irls(plan: _Plan, opts: dict, targets, func: str) -> IRLSOptions:
     loss = opts["loss"]
     why = f"with loss={loss!r}" + (" and robust" if loss == "mse" else "")
     if opts["zi"] != "none":
-        raise param_error("zi", func, '"none" (zero-inflation is not implemented in dnmf yet)', opts["zi"])
+        if loss not in ("gp", "nb"):
+            raise param_error("zi", func, f'"none" with loss={loss!r} (zero-inflation needs loss="gp" or "nb")',
+                              opts["zi"])
+        if opts["robust"] is not False:
+            raise param_error("robust", func, "False with zero-inflation (zi)", opts["robust"])
+        if plan.masked is not None and plan.masked.zeros_missing:
+            raise param_error("zi", func, '"none" with mask="zeros" (every zero is missing: nothing to inflate)',
+                              opts["zi"])
     refused = [("target_lambda", targets is not None, (0.0, 0.0)),
                ("projective", opts["projective"], False), ("symmetric", opts["symmetric"], False),
                ("checkpoint", opts["checkpoint"] is not None and plan.masked is not None, None),
@@ -1035,7 +1052,8 @@ def _check_irls(plan: _Plan, opts: dict, targets, func: str) -> IRLSOptions:
     return IRLSOptions(loss=loss, robust=float(delta), dispersion="none" if loss == "mse" else opts["dispersion"],
                        init=float(init),
                        low=float(low), high=float(high), tweedie_power=float(opts["tweedie_power"]),
-                       irls_max_iter=int(opts["irls_max_iter"]), irls_tol=float(opts["irls_tol"]))
+                       irls_max_iter=int(opts["irls_max_iter"]), irls_tol=float(opts["irls_tol"]),
+                       zi=opts["zi"], zi_em_iters=int(opts["zi_em_iters"]))
 
 
 def _check_variant(plan: _Plan, opts: dict, func: str) -> None:
@@ -1091,8 +1109,9 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
     if opts["loss"] == "kl" and opts["robust"] is not False:
         raise param_error("robust", func, 'False with loss="kl" (for a robust Poisson fit use loss="gp", '
                           'dispersion="none")', opts["robust"])
-    if opts["loss"] == "kl" and opts["zi"] != "none":
-        raise param_error("zi", func, '"none" unless loss is "gp" or "nb"', opts["zi"])
+    if opts["zi"] != "none" and opts["loss"] not in ("gp", "nb"):
+        raise param_error("zi", func, f'"none" with loss={opts["loss"]!r} (zero-inflation needs loss="gp" or "nb")',
+                          opts["zi"])
     if _is_irls(opts):
         ro = _check_irls(plan, opts, targets, func)
         callback = opts["on_iteration"]
@@ -1240,12 +1259,17 @@ def _irls_record(opts: dict, state) -> dict:
     """The record's dispersion fields of an IRLS fit (empty for the other loops)."""
     if not hasattr(state, "dispersion_history"):
         return {}
-    covers = "all" if (opts["loss"] == "gp" and opts["robust"] is False) else "nonzero"
+    zi = getattr(state, "zi_pi", None) is not None
+    covers = "all" if ((opts["loss"] == "gp" and opts["robust"] is False) or zi) else "nonzero"
     if opts["loss"] == "mse":
         return {"loss_covers": covers}
     disp = state.dispersion
-    return {"dispersion": float(disp) if np.ndim(disp) == 0 else np.asarray(disp),
-            "dispersion_history": np.asarray(state.dispersion_history, dtype=np.float64), "loss_covers": covers}
+    out = {"dispersion": float(disp) if np.ndim(disp) == 0 else np.asarray(disp),
+           "dispersion_history": np.asarray(state.dispersion_history, dtype=np.float64), "loss_covers": covers}
+    if zi:
+        out.update(zi_pi=np.asarray(state.zi_pi, dtype=np.float64),
+                   zi_pi_history=np.asarray(state.zi_pi_history, dtype=np.float64))
+    return out
 
 
 def _nmf(A, values: dict, func: str) -> NMFModel:

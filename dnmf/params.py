@@ -426,7 +426,7 @@ NMF_PARAMS: tuple[Param, ...] = (
     Param("tweedie_power", Check(_check_tweedie_power, float), 1.5, "Tweedie variance power p (p <= 0 or p >= 1)"),
     Param("irls_max_iter", Interval(int, low=1), 5, "IRLS inner iterations per column / row"),
     Param("irls_tol", Interval(float, low=0.0), 1e-4, "IRLS inner tolerance (max relative change)"),
-    Param("zi", Options(("none", "row", "col")), "none", "zero-inflation (gp / nb; not available yet: none only)"),
+    Param("zi", Options(("none", "row", "col")), "none", "zero-inflation: π per row or column (gp / nb only)"),
     Param("zi_em_iters", Interval(int, low=1), 1, "EM iterations of the zero-inflation per outer iteration"),
     Param("projective", Flag(), False, "projective NMF: H = diag(d)·WᵀA, only W is solved", estimator=False,
           config=False),

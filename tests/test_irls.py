@@ -329,7 +329,7 @@ def test_robust_and_estimator():
     (dict(loss="nb", robust="huber"), "robust"),
     (dict(loss="nb", dispersion="row"), "dispersion"),
     (dict(loss="tweedie", tweedie_power=0.5), "tweedie_power"),
-    (dict(loss="nb", zi="row"), "zi"),
+    (dict(loss="gamma", zi="row"), "zi"),
     (dict(loss="nb", irls_max_iter=0), "irls_max_iter"),
     (dict(loss="nb", projective=True), "projective"),
     (dict(loss="gp", solver="cholesky"), "solver"),

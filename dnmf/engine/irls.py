@@ -41,7 +41,8 @@ import scipy.sparse as sp
 
 from ..exceptions import CheckpointError, WorkerLostError
 from ..io.blocks import BlockedMatrix
-from ..kernels.irls import DISP_INNER, DISP_NONE, DISP_OUTER, LOSS_CODES, csc_irls_pass, csr_irls_pass
+from ..kernels.irls import (DISP_INNER, DISP_NONE, DISP_OUTER, LOSS_CODES, ZI_INNER, ZI_NONE, ZI_OUTER,
+                            csc_irls_zi_pass, csr_irls_zi_pass, zi_estep_pass)
 from ..solvers.updates import scale_rows
 from .als import ALSOptions, ALSState, IterationRecord, _norms, check_convergence, count_recovery
 from .checkpoint import Checkpointer
@@ -68,6 +69,8 @@ class IRLSOptions:
     tweedie_power: float = 1.5
     irls_max_iter: int = 5
     irls_tol: float = 1e-4
+    zi: str = "none"  # zero-inflation (§6.5): none, row, col
+    zi_em_iters: int = 1
 
     @property
     def code(self) -> int:
@@ -95,6 +98,8 @@ class IRLSState(MaskedState):
 
     dispersion: object = None
     dispersion_history: list = field(default_factory=list)
+    zi_pi: object = None  # zero-inflation: π per row (m,) or per column (n,) after the last E-step
+    zi_pi_history: list = field(default_factory=list)  # mean π after each iteration
 
 
 class IRLSCheckpointer:
@@ -115,8 +120,10 @@ class IRLSCheckpointer:
         path = self._file(state.iteration)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp.npz"
+        zi = {} if state.zi_pi is None else {"zi_pi": np.asarray(state.zi_pi, dtype=np.float64),
+                                             "zi_history": np.asarray(state.zi_pi_history, dtype=np.float64)}
         np.savez(tmp, dispersion=np.asarray(state.dispersion, dtype=np.float64),
-                 history=np.asarray(state.dispersion_history, dtype=np.float64))
+                 history=np.asarray(state.dispersion_history, dtype=np.float64), **zi)
         os.replace(tmp, path)
         self.inner.save(state, executor)
         self.saved = [*self.saved, path][-2:]
@@ -134,6 +141,8 @@ class IRLSCheckpointer:
         try:
             with np.load(path) as f:
                 disp, hist = f["dispersion"], f["history"]
+                zi_pi = f["zi_pi"] if "zi_pi" in f else None
+                zi_hist = f["zi_history"] if "zi_history" in f else np.zeros(0)
         except (OSError, KeyError, ValueError) as e:
             raise CheckpointError(f"The checkpoint at {self.inner.path!r} has no readable dispersion file for its "
                                   f"iteration {base.iteration} ({path}: {e}). Start the fit again without resuming "
@@ -145,6 +154,7 @@ class IRLSCheckpointer:
         state = IRLSState(**{f.name: getattr(base, f.name) for f in fields(ALSState)})
         state.dispersion = float(disp) if disp.ndim == 0 else disp
         state.dispersion_history = [float(x) for x in hist]
+        state.zi_pi, state.zi_pi_history = zi_pi, [float(x) for x in zi_hist]
         return state
 
 
@@ -154,12 +164,14 @@ def _side(ro: IRLSOptions) -> tuple:
 
 def irls_h_task(block, mk: tuple, ht_prev, col0: int, dcol: np.ndarray, w: np.ndarray, G: np.ndarray,
                 wsum: np.ndarray, warm_scale: np.ndarray, hside: tuple, side: tuple, disp: tuple, kargs: tuple,
-                zg: tuple = (np.zeros(0), None)):
+                zg: tuple = (np.zeros(0), None), zi: tuple = (ZI_NONE, np.zeros(0))):
     """IRLS H update of one column block: ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|, new θ of its columns)``.
 
     ``dcol`` is the block's per-column dispersion; ``disp`` = (per-row dispersion (m,), whether
     the dispersion is per row (else per column), whether this pass computes θ per column, lo, hi);
-    ``zg`` = (NB's zero-gradient factor per row (m,) or empty, Σ_i zg_i w_i).
+    ``zg`` = (NB's zero-gradient factor per row (m,) or empty, Σ_i zg_i w_i); ``zi`` = (ZI mode
+    of this pass, π per row (m,) (ZI_INNER) or per column (n,) (ZI_OUTER, sliced to the block)):
+    the zeros' imputed values come from W and the warm start (the previous iteration's μ).
     """
     m, k = w.shape
     n_j = block.shape[1]
@@ -172,17 +184,23 @@ def irls_h_task(block, mk: tuple, ht_prev, col0: int, dcol: np.ndarray, w: np.nd
     hsum = np.zeros(k)
     hraw = np.zeros(k)
     dnew = np.array(dcol, dtype=np.float64, copy=True)
-    csc_irls_pass(block.data, block.indices, block.indptr, m, int(col0), w, G, diag, l1, ht, warm, code, power, delta,
-                  drow, np.ascontiguousarray(dcol, dtype=np.float64), bool(on_rows), it_max, it_tol, solver, nonneg,
-                  cd_maxit, cd_tol, *kargs, mk[0], mk[1], mode, lo, hi, wsum, zg[0],
-                  np.zeros(k) if zg[1] is None else zg[1], Q, hsum, hraw, dnew)
+    zi_mode = zi[0] if warm else ZI_NONE
+    zi_pi = zi[1] if zi_mode == ZI_INNER else zi[1][int(col0):int(col0) + n_j]
+    csc_irls_zi_pass(block.data, block.indices, block.indptr, m, int(col0), w, G, diag, l1, ht, warm, code, power,
+                     delta, drow, np.ascontiguousarray(dcol, dtype=np.float64), bool(on_rows), it_max, it_tol, solver,
+                     nonneg, cd_maxit, cd_tol, *kargs, mk[0], mk[1], mode, lo, hi, wsum, zg[0],
+                     np.zeros(k) if zg[1] is None else zg[1], Q, hsum, hraw, dnew, zi_mode,
+                     np.ascontiguousarray(zi_pi, dtype=np.float64), w)
     return ht, Q, hsum, dnew
 
 
 def irls_w_task(block, mk: tuple, wt_prev, row0: int, drow: np.ndarray, hn: np.ndarray, Qn: np.ndarray,
-                hsum_n: np.ndarray, zc: np.ndarray, wside: tuple, side: tuple, disp: tuple, kargs: tuple):
+                hsum_n: np.ndarray, zc: np.ndarray, wside: tuple, side: tuple, disp: tuple, kargs: tuple,
+                zi: tuple = (ZI_NONE, np.zeros(0), None)):
     """IRLS W update of one row block: ``(raw rows w_i d, [train loss, n, test loss, n], Σ x xᵀ,
-    Σ x, new per-row dispersion, per-column sums (3, n))``."""
+    Σ x, new per-row dispersion, per-column sums (3, n))``. ``zi`` = (ZI mode of this pass, π per
+    column (n,) (ZI_INNER) or per row (m,) (ZI_OUTER, sliced to the block), the previous
+    iteration's Ĥ (n × k): μ' = its rows · the warm start)."""
     n, k = hn.shape
     diag, l1, solver, nonneg, cd_maxit, cd_tol = wside
     code, power, delta, it_max, it_tol = side
@@ -196,11 +214,29 @@ def irls_w_task(block, mk: tuple, wt_prev, row0: int, drow: np.ndarray, hn: np.n
     xsum = np.zeros(k)
     dnew = np.array(drow, dtype=np.float64, copy=True)
     colstat = np.zeros((3, n if mode == DISP_INNER else 0))
-    csr_irls_pass(block.data, block.indices, block.indptr, n, int(row0), hn, Qn, diag, l1, wt, warm, code, power,
-                  delta, dcol, np.ascontiguousarray(drow, dtype=np.float64), bool(on_cols), it_max, it_tol, solver,
-                  nonneg, cd_maxit, cd_tol, *kargs, mk[0], mk[1], mode, lo, hi, hsum_n, zc, XtX, xabs, xsum, sums,
-                  dnew, colstat)
+    zi_mode = zi[0] if (warm and zi[2] is not None) else ZI_NONE
+    zi_pi = zi[1] if zi_mode == ZI_INNER else zi[1][int(row0):int(row0) + m_b]
+    zi_f = zi[2] if zi_mode != ZI_NONE else np.zeros((0, k))
+    csr_irls_zi_pass(block.data, block.indices, block.indptr, n, int(row0), hn, Qn, diag, l1, wt, warm, code, power,
+                     delta, dcol, np.ascontiguousarray(drow, dtype=np.float64), bool(on_cols), it_max, it_tol, solver,
+                     nonneg, cd_maxit, cd_tol, *kargs, mk[0], mk[1], mode, lo, hi, hsum_n, zc, XtX, xabs, xsum, sums,
+                     dnew, colstat, zi_mode, np.ascontiguousarray(zi_pi, dtype=np.float64), zi_f)
     return wt, sums, XtX, xsum, dnew, colstat
+
+
+def zi_estep_task(block, mk: tuple, x_blk, pi_blk, outer0: int, d_out, by_row: bool, F: np.ndarray,
+                  d_in: np.ndarray, on_inner: bool, code: int, init: bool, em_iters: int, kargs: tuple):
+    """The §6.5 E-step of one block whose outer index carries π (a CSR row block for ``zi="row"``,
+    a CSC column block for ``zi="col"``) at μ = ``F[i]·x_blk[o]``: ``(new π of its outer vectors,
+    [zero-inflated train loss, n, test loss, n])`` (:func:`~dnmf.kernels.irls.zi_estep_pass`)."""
+    pi = np.array(pi_blk, dtype=np.float64, copy=True)
+    sums = np.zeros(4)
+    zeros_missing, cv_on, cv_seed, cv_thr = kargs
+    zi_estep_pass(bool(by_row), block.data, block.indices, block.indptr, F.shape[0], int(outer0), F,
+                  np.ascontiguousarray(x_blk, dtype=np.float64), code, np.ascontiguousarray(d_in, dtype=np.float64),
+                  np.ascontiguousarray(d_out, dtype=np.float64), bool(on_inner), cv_on, cv_seed, cv_thr, mk[0], mk[1],
+                  bool(init), int(em_iters), pi, sums)
+    return pi, sums
 
 
 def _dispersion_arrays(ro: IRLSOptions, value, m: int, n: int) -> tuple:
@@ -272,6 +308,7 @@ def fit_irls(
                           h_scale=np.ones(k), dispersion=_initial_dispersion(ro, m, n))
     placed = None
     recoveries = 0
+    zi_on = ro.zi != "none"
     t0 = time.perf_counter()
     done = opts.maxit <= state.iteration or state.converged or state.stopped_by_callback
     while not done:
@@ -287,8 +324,10 @@ def fit_irls(
             disp_h = (drow, ro.dispersion != "per_col", h_mode, lo, hi)
             dcols = [dcol[col0s[j]:int(cb[j + 1])] for j in range(n_cb)]
             zg = _zero_gradient_rows(ro, state, w, warm_scale, drow, dcol, dcols, n)
+            zi_ready = zi_on and state.zi_pi is not None and state.ht[0] is not None
+            zi_h = ((ZI_INNER if ro.zi == "row" else ZI_OUTER, state.zi_pi) if zi_ready else (ZI_NONE, np.zeros(0)))
             outs = executor.map_blocks(irls_h_task, placed.cols, cmasks, state.ht, col0s, dcols,
-                                       args=(w, G, wsum, warm_scale, hside, side, disp_h, kargs, zg))
+                                       args=(w, G, wsum, warm_scale, hside, side, disp_h, kargs, zg, zi_h))
             hres = executor.gather(outs)
             executor.release(outs)
             # 3. normalized H
@@ -314,8 +353,13 @@ def fit_irls(
                 wprev = [None] * n_rb
             drows = [drow[row0s[r]:int(rb[r + 1])] for r in range(n_rb)]
             disp_w = (dcol, ro.dispersion == "per_col", w_mode, lo, hi)
+            if zi_ready:  # the zeros' imputed values: μ' = W d (previous) · the previous Ĥ
+                hn_prev = np.ascontiguousarray(np.concatenate(state.ht, axis=0) * state.h_scale[None, :])
+                zi_w = (ZI_OUTER if ro.zi == "row" else ZI_INNER, state.zi_pi, hn_prev)
+            else:
+                zi_w = (ZI_NONE, np.zeros(0), None)
             outs = executor.map_blocks(irls_w_task, placed.rows, rmasks, wprev, row0s, drows,
-                                       args=(hn, Qn, hsum_n, zc, wside, side, disp_w, kargs))
+                                       args=(hn, Qn, hsum_n, zc, wside, side, disp_w, kargs, zi_w))
             wres = executor.gather(outs)
             executor.release(outs)
         except WorkerLostError as exc:
@@ -344,6 +388,20 @@ def fit_irls(
             state.dispersion_history.append(float(val) if np.ndim(val) == 0 else float(np.median(val)))
         else:
             state.dispersion_history.append(float(state.dispersion))
+        if zi_on:  # §6.5: the E-step after the dispersion; the loss under the zero-inflated model
+            while True:
+                try:
+                    if placed is None:
+                        placed = _Placed(blocked, executor, rb)
+                    state.zi_pi, sums = _zi_estep(ro, state, hn, placed, cmasks, rmasks, cb, rb, kargs, executor)
+                    break
+                except WorkerLostError as exc:
+                    if placed is not None:
+                        placed.release(executor)
+                    placed = None
+                    recoveries = count_recovery(exc, recoveries, executor, "IRLS fit (zero-inflation)",
+                                                state.iteration)
+            state.zi_pi_history.append(float(np.mean(state.zi_pi)))
         it = state.iteration = state.iteration + 1
         state.n_train, state.n_test = int(sums[1]), int(sums[3])
         if mo.cv_on:
@@ -372,6 +430,35 @@ def fit_irls(
     if placed is not None:
         placed.release(executor)
     return state, state.ht
+
+
+def _zi_estep(ro: IRLSOptions, state: IRLSState, hn, placed, cmasks, rmasks, cb, rb, kargs, executor):
+    """The §6.5 E-step pass over the blocks whose outer index carries π (rows for ``zi="row"``,
+    columns for ``"col"``) at the iteration's μ = W·diag(d)·Ĥ and its new dispersion: ``(π, [ZI
+    train loss, n, test loss, n])``, sums in block order. π starts from ``min(0.5·zero rate,
+    0.3)`` at the first E-step."""
+    m, n = state.w.shape[0], hn.shape[0]
+    drow, dcol = _dispersion_arrays(ro, state.dispersion, m, n)
+    wd = np.ascontiguousarray(state.w * state.d[None, :])
+    init = state.zi_pi is None
+    if ro.zi == "row":
+        bounds, blocks, masks, X, F = rb, placed.rows, rmasks, wd, hn
+        d_out, d_in, on_inner = drow, dcol, ro.dispersion == "per_col"
+    else:
+        bounds, blocks, masks, X, F = cb, placed.cols, cmasks, hn, wd
+        d_out, d_in, on_inner = dcol, drow, ro.dispersion != "per_col"
+    pi = np.zeros(len(X)) if init else state.zi_pi
+    o0 = [int(b) for b in bounds[:-1]]
+    sl = [slice(int(bounds[j]), int(bounds[j + 1])) for j in range(len(o0))]
+    outs = executor.map_blocks(zi_estep_task, blocks, masks, [X[s] for s in sl], [pi[s] for s in sl], o0,
+                               [d_out[s] for s in sl],
+                               args=(ro.zi == "row", F, d_in, on_inner, ro.code, init, ro.zi_em_iters, kargs))
+    res = executor.gather(outs)
+    executor.release(outs)
+    sums = np.zeros(4)
+    for r in res:  # block order
+        sums += r[1]
+    return np.concatenate([r[0] for r in res]), sums
 
 
 def _zero_gradient_rows(ro: IRLSOptions, state: IRLSState, w, warm_scale, drow, dcol, dcols, n: int) -> tuple:

@@ -61,7 +61,8 @@ from .nnls import SOLVER_CHOLESKY
 
 __all__ = ["LOSS_CODES", "LOSS_MSE", "LOSS_GP", "LOSS_NB", "LOSS_GAMMA", "LOSS_IG", "LOSS_TWEEDIE", "irls_weight",
            "elem_loss", "elem_robust_loss", "irls_pass", "csc_irls_pass", "csr_irls_pass", "gp_theta_mm",
-           "DISP_NONE", "DISP_OUTER", "DISP_INNER"]
+           "DISP_NONE", "DISP_OUTER", "DISP_INNER", "ZI_NONE", "ZI_INNER", "ZI_OUTER", "zi_posterior",
+           "csc_irls_zi_pass", "csr_irls_zi_pass", "zi_estep_pass"]
 
 LOSS_MSE, LOSS_GP, LOSS_NB, LOSS_GAMMA, LOSS_IG, LOSS_TWEEDIE = 0, 1, 2, 3, 4, 5
 #: loss name → kernel code
@@ -264,6 +265,20 @@ def _gp_theta_mm(yv, muv, ne, s_y, s_mu, theta, theta_max, n_iter):
 gp_theta_mm = numba.njit(cache=True, nogil=True)(_gp_theta_mm)
 
 
+#: zero-inflation of a pass: none, π per inner index, π per outer vector
+ZI_NONE, ZI_INNER, ZI_OUTER = 0, 1, 2
+
+
+def _zi_posterior(code, pi, mu, disp):
+    """§6.5 posterior probability that a zero is structural: ``π/(π + (1−π)p0 + 1e-300)``, ``p0 =
+    exp(−ℓ(0, μ))`` = ``exp(−μ/(1+θ))`` (GP) or ``(r/(r+μ))^r`` (NB)."""
+    p0 = math.exp(-elem_loss(code, 0.0, mu, disp, 0.0))
+    return pi / (pi + (1.0 - pi) * p0 + 1e-300)
+
+
+zi_posterior = numba.njit(cache=True, nogil=True)(_zi_posterior)
+
+
 # ---------------------------------------------------------------------------------------------
 # The pass
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +297,7 @@ dot = numba.njit(cache=True, nogil=True, inline="always")(_dot)
 def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, xio, warm, code, power, delta,
                disp_in, disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol,
                zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, fsum, zc,
-               zg_in, zgsum, Qout, asum, xsum, sums, disp_new, colstat):
+               zg_in, zgsum, Qout, asum, xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F):
     """IRLS update of every outer vector of one compressed block (see the module docstring).
 
     Parameters
@@ -307,6 +322,12 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
     Qout, asum, xsum : (k, k), (k,), (k,) — accumulated: Σ x xᵀ, Σ|x|, Σ x
     sums : (4,) — accumulated (row pass): train loss, train count, test loss, test count
     disp_new : (n_outer,); colstat : (3, n_inner) accumulated (DISP_INNER)
+    zi_mode, zi_pi, zi_F : zero-inflation (§6.5; needs ``warm``): ZI_NONE, ZI_INNER (π per inner
+        index, ``zi_pi`` (n_inner,)) or ZI_OUTER (π per outer vector, (n_outer,)); every observed
+        zero of an outer vector then joins its entries with the imputed value ``z·μ'``, ``μ' =
+        zi_F[i]·x_warm`` (the previous iteration's prediction), ``z = π/(π + (1−π)p0(μ') +
+        1e-300)``: the weighted solves, losses and dispersion statistics of the pass see the
+        imputed matrix of §6.5 without it being stored (O(n_inner·k²) per inner iteration)
     """
     k = F.shape[1]
     n_outer = indptr.shape[0] - 1
@@ -317,6 +338,7 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
     Gw = np.empty((k, k))
     Lw = np.zeros((k, k))
     mark = np.full(n_inner, -1, dtype=np.int64)
+    seen = np.full(n_inner, -1, dtype=np.int64)
     kind = np.zeros(n_inner, dtype=np.int8)  # 1: held out, 2: missing
     aval = np.zeros(n_inner)
     mlist = np.empty(n_inner, dtype=np.int64)
@@ -324,6 +346,9 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
     max_nnz = 0
     for o in range(n_outer):
         max_nnz = max(max_nnz, indptr[o + 1] - indptr[o])
+    zi_on = zi_mode != ZI_NONE and warm and not zeros_missing
+    if zi_on:  # the observed zeros join the entries (with their imputed values)
+        max_nnz = n_inner
     idx = np.empty(max_nnz, dtype=np.int64)
     yv = np.empty(max_nnz)
     dv = np.empty(max_nnz)
@@ -391,7 +416,17 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
             idx[ne] = i
             yv[ne] = a
             dv[ne] = disp_in[i] if disp_on_inner else disp_out[o]
+            seen[i] = o
             ne += 1
+        if zi_on:  # zero-inflation: every observed zero is an entry with value z·μ' (μ' from the warm start)
+            for i in range(n_inner):
+                if mark[i] != o and seen[i] != o:
+                    th = disp_in[i] if disp_on_inner else disp_out[o]
+                    mu_p = max(dot(zi_F[i], xio[o]), 0.0)
+                    idx[ne] = i
+                    yv[ne] = zi_posterior(code, zi_pi[i] if zi_mode == ZI_INNER else zi_pi[o], mu_p, th) * mu_p
+                    dv[ne] = th
+                    ne += 1
         # 2. the base Gram: G without the missing entries (zeros_missing: 0), and Σ f over the
         # missing entries (for the mean prediction at the zeros)
         n_zero = 0 if zeros_missing else n_inner - nmask - ne
@@ -619,6 +654,22 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
 irls_pass = numba.njit(cache=True, nogil=True)(_irls_pass)
 
 
+def _csc_irls_zi_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in,
+                      disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing,
+                      cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, zg_in, zgsum, Q,
+                      hsum, hraw_sum, disp_new, zi_mode, zi_pi, zi_F):
+    """:func:`csc_irls_pass` with zero-inflation (``zi_mode``, ``zi_pi``, ``zi_F``: :func:`irls_pass`)."""
+    sums = np.zeros(4)
+    colstat = np.zeros((3, 0))
+    irls_pass(False, data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
+              disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on, cv_seed,
+              cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, wsum, zg_in, zgsum, Q, hsum, hraw_sum,
+              sums, disp_new, colstat, zi_mode, zi_pi, zi_F)
+
+
+csc_irls_zi_pass = numba.njit(cache=True, nogil=True)(_csc_irls_zi_pass)
+
+
 def _csc_irls_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
                    disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on,
                    cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, zg_in, zgsum, Q, hsum,
@@ -626,15 +677,28 @@ def _csc_irls_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, cod
     """IRLS H update of one CSC column block against W (m × k): :func:`irls_pass` with columns
     outer. ``disp_mode`` DISP_OUTER computes a GP θ per column (``dispersion="per_col"``);
     ``zg_in`` / ``zgsum``: NB's per-row zero-gradient factors (empty: none)."""
-    sums = np.zeros(4)
-    colstat = np.zeros((3, 0))
-    irls_pass(False, data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
-              disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on, cv_seed,
-              cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, wsum, zg_in, zgsum, Q, hsum, hraw_sum,
-              sums, disp_new, colstat)
+    csc_irls_zi_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
+                     disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on,
+                     cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, zg_in, zgsum, Q, hsum,
+                     hraw_sum, disp_new, ZI_NONE, np.zeros(0), np.zeros((0, w.shape[1])))
 
 
 csc_irls_pass = numba.njit(cache=True, nogil=True)(_csc_irls_pass)
+
+
+def _csr_irls_zi_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in,
+                      disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing,
+                      cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, XtX, xabs,
+                      xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F):
+    """:func:`csr_irls_pass` with zero-inflation (``zi_mode``, ``zi_pi``, ``zi_F``: :func:`irls_pass`)."""
+    k = hn.shape[1]
+    irls_pass(True, data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in, disp_out,
+              disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on, cv_seed,
+              cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, np.zeros(0), np.zeros(k), XtX,
+              xabs, xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F)
+
+
+csr_irls_zi_pass = numba.njit(cache=True, nogil=True)(_csr_irls_zi_pass)
 
 
 def _csr_irls_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in, disp_out,
@@ -643,11 +707,121 @@ def _csr_irls_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, co
                    sums, disp_new, colstat):
     """IRLS W update of one CSR row block against Ĥ (n × k), with the row block's losses and
     dispersion statistics: :func:`irls_pass` with rows outer."""
-    k = hn.shape[1]
-    irls_pass(True, data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in, disp_out,
-              disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on, cv_seed,
-              cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, np.zeros(0), np.zeros(k), XtX,
-              xabs, xsum, sums, disp_new, colstat)
+    csr_irls_zi_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in, disp_out,
+                     disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on,
+                     cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, XtX, xabs, xsum,
+                     sums, disp_new, colstat, ZI_NONE, np.zeros(0), np.zeros((0, hn.shape[1])))
 
 
 csr_irls_pass = numba.njit(cache=True, nogil=True)(_csr_irls_pass)
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-inflation (§6.5): the E-step pass
+# ---------------------------------------------------------------------------------------------
+
+
+def _zi_estep_pass(by_row, data, indices, indptr, n_inner, outer0, F, X, code, disp_in, disp_out, disp_on_inner,
+                   cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, init, em_iters, pi, sums):
+    """The §6.5 E-step of one compressed block whose outer index carries π (CSR row blocks for
+    ``zi="row"``, CSC column blocks for ``zi="col"``), at μ = ``F[i]·X[o]``.
+
+    For every outer vector: its observed zeros (not stored, or stored 0; not masked, NaN or held
+    out) are visited, ``π`` (``pi[o]``, in / out) starts from ``min(0.5·zero rate, 0.3)`` over its
+    observed entries when ``init``, then ``em_iters`` EM steps ``z = π/(π + (1−π)p0 + 1e-300)``,
+    ``π ← clamp(Σ z / n_observed, 0.001, 0.999)``. ``sums`` (4,) accumulates the zero-inflated
+    loss at the final π: train over every observed entry (a zero ``−log(π + (1−π)p0)``, a
+    non-zero ``−log(1−π) + ℓ(y, μ)``), count, test over the held-out entries, count.
+    O(n_inner·k) per outer vector."""
+    n_outer = indptr.shape[0] - 1
+    mark = np.full(n_inner, -1, dtype=np.int64)
+    kind = np.zeros(n_inner, dtype=np.int8)
+    aval = np.zeros(n_inner)
+    mlist = np.empty(n_inner, dtype=np.int64)
+    seen = np.full(n_inner, -1, dtype=np.int64)
+    p0 = np.empty(n_inner)
+    has_mask = mk_indptr.shape[0] > 0
+    for o in range(n_outer):
+        og = outer0 + o
+        x = X[o]
+        nmask = 0
+        if has_mask:
+            for p in range(mk_indptr[o], mk_indptr[o + 1]):
+                i = mk_indices[p]
+                if mark[i] != o:
+                    mark[i] = o
+                    kind[i] = 2
+                    mlist[nmask] = i
+                    nmask += 1
+        if cv_on:
+            for i in range(n_inner):
+                if mark[i] != o:
+                    ho = held_out(cv_seed, np.uint64(og), np.uint64(i), cv_thr) if by_row else \
+                        held_out(cv_seed, np.uint64(i), np.uint64(og), cv_thr)
+                    if ho:
+                        mark[i] = o
+                        kind[i] = 1
+                        mlist[nmask] = i
+                        nmask += 1
+        pos_loss = 0.0
+        n_pos = 0
+        for p in range(indptr[o], indptr[o + 1]):
+            a = data[p]
+            i = indices[p]
+            if a != a:
+                if mark[i] != o:
+                    mark[i] = o
+                    mlist[nmask] = i
+                    nmask += 1
+                kind[i] = 2
+                continue
+            if mark[i] == o:
+                if kind[i] == 1:
+                    aval[i] = a
+                continue
+            if a == 0.0:
+                continue
+            seen[i] = o
+            th = disp_in[i] if disp_on_inner else disp_out[o]
+            pos_loss += elem_loss(code, a, dot(F[i], x), th, 0.0)
+            n_pos += 1
+        n_obs = n_inner - nmask
+        nz = 0
+        for i in range(n_inner):
+            if mark[i] != o and seen[i] != o:
+                th = disp_in[i] if disp_on_inner else disp_out[o]
+                p0[nz] = math.exp(-elem_loss(code, 0.0, max(dot(F[i], x), 0.0), th, 0.0))
+                nz += 1
+        if n_obs == 0:
+            for t in range(nmask):
+                aval[mlist[t]] = 0.0
+            continue
+        p = pi[o]
+        if init:
+            p = min(0.5 * nz / n_obs, 0.3)
+        for _ in range(em_iters):
+            zs = 0.0
+            for t in range(nz):
+                zs += p / (p + (1.0 - p) * p0[t] + 1e-300)
+            p = min(max(zs / n_obs, 0.001), 0.999)
+        pi[o] = p
+        tr = pos_loss - n_pos * math.log(1.0 - p)
+        for t in range(nz):
+            tr -= math.log(p + (1.0 - p) * p0[t])
+        sums[0] += tr
+        sums[1] += n_obs
+        for t in range(nmask):
+            i = mlist[t]
+            if kind[i] == 1:
+                y = aval[i]
+                mu = max(dot(F[i], x), 0.0)
+                th = disp_in[i] if disp_on_inner else disp_out[o]
+                if y == 0.0:
+                    sums[2] -= math.log(p + (1.0 - p) * math.exp(-elem_loss(code, 0.0, mu, th, 0.0)))
+                else:
+                    sums[2] += elem_loss(code, y, mu, th, 0.0) - math.log(1.0 - p)
+                sums[3] += 1.0
+            aval[i] = 0.0
+
+
+zi_estep_pass = numba.njit(cache=True, nogil=True)(_zi_estep_pass)
