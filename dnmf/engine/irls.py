@@ -26,6 +26,11 @@ losses of iteration t use the dispersion its weights used). A lost worker costs 
 of the blocks and a redo of the iteration in progress (H, W and the dispersion live on the
 client). Column and row partitions are functions of the data only and every sum is taken in
 block order, so results do not depend on the number of workers.
+
+With zero-inflation (``zi``, §6.5) a third pass per iteration runs the E-step over the blocks
+whose outer index carries π (:func:`zi_estep_task`) and yields the zero-inflated losses; from
+the next iteration on both IRLS passes add every observed zero to their entries with the
+imputed value ``z·μ'`` (μ' from the previous factors), formed in the task.
 """
 
 from __future__ import annotations
