@@ -27,7 +27,10 @@ rows, or Ĥ's columns):
   sparse input let them dominate NB fits, whose weights are ≈ r/μ², and collapsed the estimated
   r; a single mean-field weight ω̄ on the zeros' values instead of on the gradient diverged on
   pbmc3k, its error being largest for the zeros of highly expressed genes.) With
-  ``zeros_missing`` zeros are missing instead;
+  ``zeros_missing`` zeros are missing instead. With zero-inflation (``zi_mode``, §6.5) the
+  observed zeros *are* visited: each joins the outer vector's entries with its imputed value
+  ``z·μ'`` (μ' from the previous factors), so the pass is the dense IRLS of §6.5's imputed
+  matrix without storing it; :func:`zi_estep_pass` is the E-step;
 * ``irls_max_iter`` inner iterations: ``μ_t = f_tᵀx`` at the stored observed entries, their
   weights ω_t (:func:`irls_weight`, one formula per loss code; times the Huber factor of §6.2
   with ``robust``), ``G_w = ω̄·G_base + Σ_t (ω_t − ω̄) f_t f_tᵀ + (ε + L2)·I`` (ω̄ = 1 for Tweedie),
