@@ -46,17 +46,23 @@ from dask.sizeof import sizeof
 
 from ..exceptions import WorkerLostError
 from ..io.blocks import BlockedMatrix
+from ..kernels.column import column_terms
 from ..kernels.kl import KL_OUT, csc_kl_pass
+from ..kernels.masked import NO_PATTERN, csc_masked_pass
+from ..kernels.nnls import SOLVER_EXACT
 from .als import ALSOptions, IterationRecord, check_convergence, count_recovery
 from .executor import Executor
 from .masked import MaskedState, MaskOptions, _cv_stop, _kernel_args, _mask_parts, as_csc64
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KLStats", "fit_kl", "kl_task"]
+__all__ = ["KLStats", "fit_kl", "kl_task", "lsq_start", "LSQ_FLOOR"]
 
 _NO_MASK = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 _NO_CV = (False, False, np.uint64(0), np.uint64(0))
+
+#: The first H's entries are floored at this fraction of their column's mean (see :func:`lsq_start`).
+LSQ_FLOOR = 0.01
 
 
 class KLStats(NamedTuple):
@@ -84,19 +90,43 @@ def kl_task(block, mk: tuple, ht_prev, col0: int, w: np.ndarray, colsum: np.ndar
     ``colsum``: W's column sums; ``mk``: the block's user mask (CSC indices, indptr; empty: none);
     ``hside``: H's (L1, L2); ``kargs``: the kernel's hold-out arguments (:func:`~dnmf.engine.masked._kernel_args`);
     ``track``: form the missing rows' partial R (a fit with missing entries). Without a
-    previous H each column starts at the same value, scaled so that ``Σ_obs μ = Σ_obs a``.
+    previous H the pass starts from :func:`lsq_start`.
     """
     m, k = w.shape
-    cold = ht_prev is None
-    ht = np.zeros((block.shape[1], k)) if cold else np.array(ht_prev, dtype=np.float64, copy=True)
+    ht = lsq_start(block, mk, col0, w, kargs) if ht_prev is None else np.array(ht_prev, dtype=np.float64, copy=True)
     P = np.zeros((m, k))
     hsum = np.zeros(k)
     R = np.zeros((m if track else 0, k))
     out = np.zeros(KL_OUT)
     csc_kl_pass(block.data, block.indices, block.indptr, int(col0), w, colsum, ht,
-                np.ones(k) if cold else scale, cold, float(hside[0]), float(hside[1]), *kargs, mk[0], mk[1],
-                P, hsum, R, out)
+                np.ones(k) if ht_prev is None else scale, False, float(hside[0]), float(hside[1]), *kargs, mk[0],
+                mk[1], P, hsum, R, out)
     return ht, KLStats(P, hsum, R, out)
+
+
+def lsq_start(block, mk: tuple, col0: int, w: np.ndarray, kargs: tuple) -> np.ndarray:
+    """The first H of a KL fit (H_jᵀ, n_j × k): each column's non-negative least squares on its
+    observed entries given W₀ (exact NNLS on the masked Gram, ``kernels/masked.py``), every entry
+    then raised to :data:`LSQ_FLOOR` × its column's mean.
+
+    Why not a flat start (every h_c constant): W₀'s random columns are nearly alike after
+    normalization, and from a flat H the multiplicative updates need many iterations to tell the
+    factors apart. Measured on a planted Poisson 300 × 400, k = 4: the loss moved < 0.5 % per
+    iteration for the first ~6, and the held-out loss rose over them, so CV's early stopping
+    (§3.2, patience 5, tol 1e-4) stopped fits at iteration ~6 with the best at 1 and ``k="auto"``
+    found no overfitting; from the least-squares H the held-out loss falls from the start (as an
+    ALS fit's, whose first H is this solve). The floor keeps every entry movable (the updates never
+    move a zero). Held-out and missing entries are not read.
+    """
+    m, k = w.shape
+    G = w.T @ w
+    ridge = 1e-12 * float(np.trace(G)) / k  # keeps a column with < k observed rows solvable
+    G = G + ridge * np.eye(k)
+    ht = np.zeros((block.shape[1], k))
+    csc_masked_pass(block.data, block.indices, block.indptr, m, int(col0), w, G, np.zeros((k, k)), ridge, 0.0, ht,
+                    np.ones(k), column_terms(k), SOLVER_EXACT, True, 100, 0.0, False, *kargs, mk[0], mk[1],
+                    np.zeros((0, 0)), 0.0, NO_PATTERN[0], NO_PATTERN[1], np.zeros((k, k)), np.zeros(k))
+    return np.maximum(ht, LSQ_FLOOR * ht.mean(axis=1, keepdims=True))
 
 
 @dataclass
