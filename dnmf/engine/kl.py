@@ -99,8 +99,8 @@ def kl_task(block, mk: tuple, ht_prev, col0: int, w: np.ndarray, colsum: np.ndar
     R = np.zeros((m if track else 0, k))
     out = np.zeros(KL_OUT)
     csc_kl_pass(block.data, block.indices, block.indptr, int(col0), w, colsum, ht,
-                np.ones(k) if ht_prev is None else scale, False, float(hside[0]), float(hside[1]), *kargs, mk[0],
-                mk[1], P, hsum, R, out)
+                np.ones(k) if ht_prev is None else scale, float(hside[0]), float(hside[1]), *kargs, mk[0], mk[1],
+                P, hsum, R, out)
     return ht, KLStats(P, hsum, R, out)
 
 

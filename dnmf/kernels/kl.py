@@ -49,7 +49,7 @@ def _floored_mu(wrow, h):
 floored_mu = numba.njit(cache=True, nogil=True, inline="always")(_floored_mu)
 
 
-def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2, zeros_missing, cv_on, cv_seed,
+def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, l1, l2, zeros_missing, cv_on, cv_seed,
                  cv_thr, mk_indices, mk_indptr, P, hsum, R, out):
     """One column block: the incoming objective, H's multiplicative update, the W update's statistics.
 
@@ -58,10 +58,9 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
     data, indices, indptr : CSC triplets of the block (m × n_j), values ≥ 0; NaN values are missing
     col0 : int — global index of the block's first column (for the §5.2 hash)
     w : (m, k) — W with unit-L1 columns; colsum : (k,) — its column sums
-    ht : (n_j, k) — in: H_jᵀ of the last iteration (carrying the scale), out: the updated H_jᵀ
+    ht : (n_j, k) — in: H_jᵀ of the last iteration (carrying the scale; the first pass gets
+        ``engine/kl.py::lsq_start``), out: the updated H_jᵀ
     scale : (k,) — multiplies the incoming H (the scale moved out of W's columns at the client)
-    cold : bool — no previous H: each column starts at ``(Σ_obs a_ic / Σ_r den_r)·1`` (so that
-        ``Σ_obs μ = Σ_obs a``; ``colsum/k`` for a complete column), ``ht`` and ``scale`` unread
     l1, l2 : float — H's L1 and L2 penalties (added to the MU denominator, ``l2`` times ``h``)
     zeros_missing : bool — only stored entries are observed
     cv_on, cv_seed, cv_thr — the §5.2 hold-out (``cv_on`` False: none)
@@ -100,7 +99,6 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
                     kind[i] = 2
                     mrows[nmiss] = i
                     nmiss += 1
-        a_obs = 0.0
         n_obs = 0
         if zeros_missing:
             for r in range(k):
@@ -120,7 +118,6 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
                 wrow = w[i]
                 for r in range(k):
                     den[r] += wrow[r]
-                a_obs += a
                 n_obs += 1
         elif track:
             if cv_on:
@@ -140,9 +137,7 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
                         mrows[nmiss] = i
                         nmiss += 1
                     kind[i] = 2
-                elif mark[i] != c:
-                    a_obs += a
-                elif kind[i] == 1:
+                elif mark[i] == c and kind[i] == 1:
                     aval[i] = a
             for r in range(k):
                 den[r] = colsum[r]
@@ -154,21 +149,10 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, cold, l1, l2
         else:  # nothing missing (and no NaN: the caller's contract)
             for r in range(k):
                 den[r] = colsum[r]
-            if cold:
-                for p in range(start, end):
-                    a_obs += data[p]
             n_obs = m
         # 2. the incoming h_c; the objective of (W, h_c) and the MU numerator in one read
-        if cold:
-            tot = 0.0
-            for r in range(k):
-                tot += den[r]
-            h0 = a_obs / tot if tot > 0.0 else 0.0
-            for r in range(k):
-                h[r] = h0
-        else:
-            for r in range(k):
-                h[r] = ht[c, r] * scale[r]
+        for r in range(k):
+            h[r] = ht[c, r] * scale[r]
         mu_obs = 0.0
         for r in range(k):
             num[r] = 0.0
