@@ -403,8 +403,9 @@ def nmf(
         :func:`dnmf.laplacian`. Used only where the matching ``graph_lambda`` is > 0.
     graph_lambda : float or (float, float), default 0
         Strength of the graph terms (W side, H side); > 0 needs the matching graph.
-        These four penalties need ``loss="mse"``; on the H side they are refused with
-        ``projective`` or ``symmetric``. They work with masks and cross-validation.
+        These four penalties work with ``loss="mse"`` and the IRLS losses (not ``loss="kl"``);
+        on the H side they are refused with ``projective`` or ``symmetric``. They work with
+        masks and cross-validation.
     nonneg : bool or (bool, bool), default True
         Non-negativity of (W, H). ``False`` on a side gives semi-NMF on that side.
     norm : {"L1", "L2", "none"}, default "L1"
@@ -450,7 +451,8 @@ def nmf(
         entries for GP (its zeros have a closed form), over the stored non-zero entries for the
         others (``misc["loss_covers"]``); test losses cover every held-out entry in the loss's
         support. Works with masks, NaN and cross-validation; refuses targets, projective /
-        symmetric, the §8 penalties and checkpoints (docs/architecture.md, "IRLS losses").
+        symmetric and checkpoints with missing entries; the §8 penalties join every weighted solve
+        (docs/architecture.md, "IRLS losses").
     robust : bool, "mae" or float, default False
         Huber weights on the Pearson residual (any IRLS loss, or ``"mse"``): True is δ = 1.345,
         ``"mae"`` δ = 1e-4, a positive number that δ. The reported loss is then the Huber loss of
@@ -478,7 +480,8 @@ def nmf(
         per row or per column, updated by ``zi_em_iters`` EM steps after the dispersion every
         iteration; from the next iteration on each observed zero enters the fit with the imputed
         value ``z·μ`` (z its posterior of being structural), formed inside the passes (no dense
-        copy; O(m·n·k) per pass). ``misc["zi_pi"]`` is π, ``misc["zi_pi_history"]`` its mean per
+        copy; every zero then enters the weighted Gram: O(m·n·k²) per IRLS inner iteration).
+        ``misc["zi_pi"]`` is π, ``misc["zi_pi_history"]`` its mean per
         iteration; ``misc["loss"]`` is then the zero-inflated loss (−log-likelihood, §6.1
         constants) over every observed entry (docs/architecture.md, "IRLS losses").
     projective : bool, default False
@@ -1026,13 +1029,14 @@ def _check_irls(plan: _Plan, opts: dict, targets, func: str) -> IRLSOptions:
                ("projective", opts["projective"], False), ("symmetric", opts["symmetric"], False),
                ("checkpoint", opts["checkpoint"] is not None and plan.masked is not None, None),
                ("solver", plan.solver == "cholesky", '"auto", "cd" or "exact"')]
-    refused += [(name, any(opts[name]), (0.0, 0.0)) for name in ("L21", "angular", "upper_bound", "graph_lambda")
-                if name in opts]
     for name, bad, expected in refused:
         if bad:
             raise param_error(name, func, f"{expected} {why} (the IRLS fit has no targets, projective or symmetric "
-                              "variants, §8 penalties, Cholesky-clip solves, or checkpoints with missing entries)",
+                              "variants, Cholesky-clip solves, or checkpoints with missing entries)",
                               opts.get(name))
+    if opts["zi"] != "none" and opts.get("angular", (0.0, 0.0))[0] > 0:
+        raise param_error("angular", func, "0 on the W side with zero-inflation (zi) (the angular map of W is "
+                          "rescored without a solve, which the zeros' imputed values cannot follow)", opts["angular"])
     if plan.scale != 1.0:
         raise param_error("A", func, f"values within {SAFE_MAX_RANGE} {why} (a distribution loss is not scale "
                           "invariant, so A cannot be rescaled for the fit)", f"max |A| = {plan.summary.max:.3g}",
@@ -1105,7 +1109,7 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
     blocked = plan.blocked
     _check_variant(plan, opts, func)
     targets = _targets(plan, opts, func)
-    check_penalty_use(opts, func)  # the §8 penalties need loss="mse" (and H solved)
+    check_penalty_use(opts, func)  # the §8 penalties: not with loss="kl" (and need H solved)
     if opts["loss"] == "kl" and opts["robust"] is not False:
         raise param_error("robust", func, 'False with loss="kl" (for a robust Poisson fit use loss="gp", '
                           'dispersion="none")', opts["robust"])

@@ -451,6 +451,8 @@ def _model_record(model, cfg: FactorizeModel, normalize: str = "none") -> dict:
         "graph_lambda": list(misc["graph_lambda"]),
         "loss_type": str(misc["loss_type"]), "loss_covers": str(misc["loss_covers"]),
         **_dispersion_record(misc["dispersion"]),
+        **({} if misc["zi_pi"] is None else {"zi_pi": np.asarray(misc["zi_pi"], dtype=float),
+                                             "zi_pi_history": np.asarray(misc["zi_pi_history"], dtype=float)}),
     }
 
 
@@ -510,6 +512,9 @@ def run(config, job) -> None:
     disp = record.get("dispersion")
     if isinstance(disp, np.ndarray):  # per_row: one per feature, per_col: one per sample
         dims["dispersion"] = ("feature",) if cfg.dispersion == "per_row" else ("sample",)
+    if "zi_pi" in record:  # zero-inflation: π per feature (zi "row") or per sample ("col")
+        dims["zi_pi"] = ("feature",) if cfg.zi == "row" else ("sample",)
+        dims["zi_pi_history"] = ("iteration",)
     job.store.write_group("model", record, dims=dims)
     job.save_figure(job.plots.convergence(record["loss_history"], tol=record["tol_history"],
                                           title=f"{config.name}: NMF k={model.k}"), "convergence")

@@ -217,3 +217,27 @@ def test_held_out_entries_excluded_and_checkpoint_resume(tmp_path):
     np.testing.assert_array_equal(resumed.misc["zi_pi"], full.misc["zi_pi"])
     np.testing.assert_array_equal(resumed.misc["zi_pi_history"], full.misc["zi_pi_history"])
     np.testing.assert_array_equal(resumed.misc["loss_history"], full.misc["loss_history"])
+
+
+def test_factorize_pipeline_stores_pi(tmp_path):
+    """A zi fit from a YAML job equals the library call, and the run store keeps π (per feature) and
+    its history beside the dispersion."""
+    import zarr
+
+    from dnmf.config import JobConfig
+    from dnmf.jobs import RunStore, run_job
+
+    A, _ = _zi_data(m=40, n=30, seed=5)
+    np.save(tmp_path / "a.npy", A)
+    model_cfg = {"k": 3, "maxit": 4, "tol": 0, "seed": 2, "loss": "nb", "zi": "row", "dispersion": "global"}
+    data = {"pipeline": "factorize", "name": "zi", "input": {"path": str(tmp_path / "a.npy")}, "model": model_cfg,
+            "output": {"dir": str(tmp_path / "runs"), "plots": False, "performance_report": False},
+            "progress": "none"}
+    res = run_job(JobConfig.from_dict(data), client=False, echo=lambda msg: None)
+    stored = RunStore.open(res.store).read_group("model")
+    ref = _fit(A, **model_cfg)
+    np.testing.assert_array_equal(stored["w"], ref.w)
+    np.testing.assert_array_equal(stored["zi_pi"], ref.misc["zi_pi"])
+    np.testing.assert_array_equal(stored["zi_pi_history"], ref.misc["zi_pi_history"])
+    assert stored["zi_pi"].shape == (40,)
+    assert zarr.open_group(res.store, mode="r")["model/zi_pi"].metadata.dimension_names == ("feature",)
