@@ -360,8 +360,6 @@ def test_errors():
         dnmf.nmf(A, 2, loss="kl", graph_H=_graph(N_, 1), graph_lambda=(0.0, 1.0), client=False)
     with pytest.raises(InputError, match=r"All factors were zeroed by angular = \(0.0, 5.0\); lower angular"):
         dnmf.nmf(_planted(), 4, seed=1, maxit=5, angular=(0.0, 5.0), client=False)
-    with pytest.raises(InputError, match="'upper_bound' parameter of nmf must be 0 with loss='gp'"):
-        dnmf.nmf(A, 2, loss="gp", upper_bound=(1.0, 0.0), client=False)
     with pytest.raises(InputError, match="'L21' parameter of nmf must be 0 on the H side with projective=True"):
         dnmf.nmf(A, 2, projective=True, L21=(0.0, 0.1), client=False)
 

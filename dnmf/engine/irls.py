@@ -27,6 +27,11 @@ of the blocks and a redo of the iteration in progress (H, W and the dispersion l
 client). Column and row partitions are functions of the data only and every sum is taken in
 block order, so results do not depend on the number of workers.
 
+The §8 penalties (``solvers/penalties.py``): each side's penalty Gram term (from the current W /
+the previous Ĥ, on the client) joins every weighted Gram of its pass, its upper bound clamps
+after every inner solve, and its angular map acts on the whole new factor on the client (W's
+followed by a scoring row pass with no solve, so the losses are of the final W).
+
 With zero-inflation (``zi``, §6.5) a third pass per iteration runs the E-step over the blocks
 whose outer index carries π (:func:`zi_estep_task`) and yields the zero-inflated losses; from
 the next iteration on both IRLS passes add every observed zero to their entries with the
@@ -48,6 +53,7 @@ from ..exceptions import CheckpointError, WorkerLostError
 from ..io.blocks import BlockedMatrix
 from ..kernels.irls import (DISP_INNER, DISP_NONE, DISP_OUTER, LOSS_CODES, ZI_INNER, ZI_NONE, ZI_OUTER,
                             csc_irls_zi_pass, csr_irls_zi_pass, zi_estep_pass)
+from ..solvers.penalties import angular_matrix, apply_angular
 from ..solvers.updates import scale_rows
 from .als import ALSOptions, ALSState, IterationRecord, _norms, check_convergence, count_recovery
 from .checkpoint import Checkpointer
@@ -169,14 +175,15 @@ def _side(ro: IRLSOptions) -> tuple:
 
 def irls_h_task(block, mk: tuple, ht_prev, col0: int, dcol: np.ndarray, w: np.ndarray, G: np.ndarray,
                 wsum: np.ndarray, warm_scale: np.ndarray, hside: tuple, side: tuple, disp: tuple, kargs: tuple,
-                zg: tuple = (np.zeros(0), None), zi: tuple = (ZI_NONE, np.zeros(0))):
+                zg: tuple = (np.zeros(0), None), zi: tuple = (ZI_NONE, np.zeros(0)), pen: tuple = (None, 0.0)):
     """IRLS H update of one column block: ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|, new θ of its columns)``.
 
     ``dcol`` is the block's per-column dispersion; ``disp`` = (per-row dispersion (m,), whether
     the dispersion is per row (else per column), whether this pass computes θ per column, lo, hi);
     ``zg`` = (NB's zero-gradient factor per row (m,) or empty, Σ_i zg_i w_i); ``zi`` = (ZI mode
     of this pass, π per row (m,) (ZI_INNER) or per column (n,) (ZI_OUTER, sliced to the block)):
-    the zeros' imputed values come from W and the warm start (the previous iteration's μ).
+    the zeros' imputed values come from W and the warm start (the previous iteration's μ);
+    ``pen`` = (the H side's §8 penalty Gram term (k × k) or None, its upper bound (0: none)).
     """
     m, k = w.shape
     n_j = block.shape[1]
@@ -195,17 +202,19 @@ def irls_h_task(block, mk: tuple, ht_prev, col0: int, dcol: np.ndarray, w: np.nd
                      delta, drow, np.ascontiguousarray(dcol, dtype=np.float64), bool(on_rows), it_max, it_tol, solver,
                      nonneg, cd_maxit, cd_tol, *kargs, mk[0], mk[1], mode, lo, hi, wsum, zg[0],
                      np.zeros(k) if zg[1] is None else zg[1], Q, hsum, hraw, dnew, zi_mode,
-                     np.ascontiguousarray(zi_pi, dtype=np.float64), w)
+                     np.ascontiguousarray(zi_pi, dtype=np.float64), w, _gpen(pen[0], k), float(pen[1]))
     return ht, Q, hsum, dnew
 
 
 def irls_w_task(block, mk: tuple, wt_prev, row0: int, drow: np.ndarray, hn: np.ndarray, Qn: np.ndarray,
                 hsum_n: np.ndarray, zc: np.ndarray, wside: tuple, side: tuple, disp: tuple, kargs: tuple,
-                zi: tuple = (ZI_NONE, np.zeros(0), None)):
+                zi: tuple = (ZI_NONE, np.zeros(0), None), pen: tuple = (None, 0.0)):
     """IRLS W update of one row block: ``(raw rows w_i d, [train loss, n, test loss, n], Σ x xᵀ,
     Σ x, new per-row dispersion, per-column sums (3, n))``. ``zi`` = (ZI mode of this pass, π per
     column (n,) (ZI_INNER) or per row (m,) (ZI_OUTER, sliced to the block), the previous
-    iteration's Ĥ (n × k): μ' = its rows · the warm start)."""
+    iteration's Ĥ (n × k): μ' = its rows · the warm start); ``pen`` = (the W side's §8 penalty
+    Gram term (k × k) or None, its upper bound (0: none)). With ``side``'s ``irls_max_iter`` 0 the
+    rows ``wt_prev`` are only scored (losses and dispersion statistics of fixed rows)."""
     n, k = hn.shape
     diag, l1, solver, nonneg, cd_maxit, cd_tol = wside
     code, power, delta, it_max, it_tol = side
@@ -225,8 +234,13 @@ def irls_w_task(block, mk: tuple, wt_prev, row0: int, drow: np.ndarray, hn: np.n
     csr_irls_zi_pass(block.data, block.indices, block.indptr, n, int(row0), hn, Qn, diag, l1, wt, warm, code, power,
                      delta, dcol, np.ascontiguousarray(drow, dtype=np.float64), bool(on_cols), it_max, it_tol, solver,
                      nonneg, cd_maxit, cd_tol, *kargs, mk[0], mk[1], mode, lo, hi, hsum_n, zc, XtX, xabs, xsum, sums,
-                     dnew, colstat, zi_mode, np.ascontiguousarray(zi_pi, dtype=np.float64), zi_f)
+                     dnew, colstat, zi_mode, np.ascontiguousarray(zi_pi, dtype=np.float64), zi_f, _gpen(pen[0], k),
+                     float(pen[1]))
     return wt, sums, XtX, xsum, dnew, colstat
+
+
+def _gpen(g, k: int) -> np.ndarray:
+    return np.zeros((k, k)) if g is None else np.ascontiguousarray(g, dtype=np.float64)
 
 
 def zi_estep_task(block, mk: tuple, x_blk, pi_blk, outer0: int, d_out, by_row: bool, F: np.ndarray,
@@ -314,6 +328,7 @@ def fit_irls(
     placed = None
     recoveries = 0
     zi_on = ro.zi != "none"
+    pen = opts.penalties
     t0 = time.perf_counter()
     done = opts.maxit <= state.iteration or state.converged or state.stopped_by_callback
     while not done:
@@ -331,19 +346,26 @@ def fit_irls(
             zg = _zero_gradient_rows(ro, state, w, warm_scale, drow, dcol, dcols, n)
             zi_ready = zi_on and state.zi_pi is not None and state.ht[0] is not None
             zi_h = ((ZI_INNER if ro.zi == "row" else ZI_OUTER, state.zi_pi) if zi_ready else (ZI_NONE, np.zeros(0)))
+            gpen_h = None  # §8: from the previous Ĥ (none in the first iteration), as engine/masked.py
+            if pen.gram_on(1) and state.ht[0] is not None:
+                gpen_h = pen.gram(1, np.concatenate(state.ht, axis=0) * state.h_scale[None, :])
             outs = executor.map_blocks(irls_h_task, placed.cols, cmasks, state.ht, col0s, dcols,
-                                       args=(w, G, wsum, warm_scale, hside, side, disp_h, kargs, zg, zi_h))
+                                       args=(w, G, wsum, warm_scale, hside, side, disp_h, kargs, zg, zi_h,
+                                             (gpen_h, float(pen.upper_bound[1]))))
             hres = executor.gather(outs)
             executor.release(outs)
-            # 3. normalized H
-            Q = np.zeros((k, k))
-            hsum = np.zeros(k)
-            for r in hres:  # block order
-                Q += r[1]
-                hsum += r[2]
+            # 3. normalized H (after §8's angular map of the whole new H, here on the client)
+            ht = [r[0] for r in hres]
+            if pen.angular[1] > 0:
+                M = angular_matrix(_sum_blocks([r[1] for r in hres], (k, k)), pen.angular[1])
+                ht = [apply_angular(h, M) for h in ht]
+                Q = _sum_blocks([h.T @ h for h in ht], (k, k))
+                hsum = _sum_blocks([np.abs(h).sum(axis=0) for h in ht], (k,))
+            else:
+                Q = _sum_blocks([r[1] for r in hres], (k, k))
+                hsum = _sum_blocks([r[2] for r in hres], (k,))
             s = _norms(hsum, Q, opts.norm)
             inv_s = 1.0 / s
-            ht = [r[0] for r in hres]
             hn = np.ascontiguousarray(np.concatenate(ht, axis=0) * inv_s[None, :])
             Qn = Q * np.outer(inv_s, inv_s)
             if per_col_gp:
@@ -363,10 +385,20 @@ def fit_irls(
                 zi_w = (ZI_OUTER if ro.zi == "row" else ZI_INNER, state.zi_pi, hn_prev)
             else:
                 zi_w = (ZI_NONE, np.zeros(0), None)
+            wpen = (pen.gram(0, w), float(pen.upper_bound[0]))
             outs = executor.map_blocks(irls_w_task, placed.rows, rmasks, wprev, row0s, drows,
-                                       args=(hn, Qn, hsum_n, zc, wside, side, disp_w, kargs, zi_w))
+                                       args=(hn, Qn, hsum_n, zc, wside, side, disp_w, kargs, zi_w, wpen))
             wres = executor.gather(outs)
             executor.release(outs)
+            if pen.angular[0] > 0:  # §8 angular map of the whole new W, then a scoring row pass (no solve)
+                wraw = np.concatenate([r[0] for r in wres], axis=0)
+                wraw = apply_angular(wraw, angular_matrix(wraw.T @ wraw, pen.angular[0]))
+                mapped = [np.ascontiguousarray(wraw[row0s[r]:int(rb[r + 1])]) for r in range(n_rb)]
+                outs = executor.map_blocks(irls_w_task, placed.rows, rmasks, mapped, row0s, drows,
+                                           args=(hn, Qn, hsum_n, zc, wside, side[:3] + (0,) + side[4:], disp_w,
+                                                 kargs, zi_w))
+                wres = executor.gather(outs)
+                executor.release(outs)
         except WorkerLostError as exc:
             if placed is not None:
                 placed.release(executor)
@@ -435,6 +467,14 @@ def fit_irls(
     if placed is not None:
         placed.release(executor)
     return state, state.ht
+
+
+def _sum_blocks(parts: list, shape: tuple) -> np.ndarray:
+    """Σ parts in block order (the same sum on any number of workers)."""
+    out = np.zeros(shape)
+    for p in parts:
+        out += p
+    return out
 
 
 def _zi_estep(ro: IRLSOptions, state: IRLSState, hn, placed, cmasks, rmasks, cb, rb, kargs, executor):

@@ -300,7 +300,7 @@ dot = numba.njit(cache=True, nogil=True, inline="always")(_dot)
 def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, xio, warm, code, power, delta,
                disp_in, disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol,
                zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, fsum, zc,
-               zg_in, zgsum, Qout, asum, xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F):
+               zg_in, zgsum, Qout, asum, xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F, gpen, ub):
     """IRLS update of every outer vector of one compressed block (see the module docstring).
 
     Parameters
@@ -331,6 +331,9 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
         zi_F[i]·x_warm`` (the previous iteration's prediction), ``z = π/(π + (1−π)p0(μ') +
         1e-300)``: the weighted solves, losses and dispersion statistics of the pass see the
         imputed matrix of §6.5 without it being stored (O(n_inner·k²) per inner iteration)
+    gpen : (k, k) — the §8 penalty Gram term (L21, graph; ``solvers/penalties.py``) added to every
+        weighted Gram ``G_w`` (zeros: none); ub : float — upper bound clamped after every inner
+        solve (0: none), so each next weight and the reported losses see the bounded solution
     """
     k = F.shape[1]
     n_outer = indptr.shape[0] - 1
@@ -489,7 +492,7 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
                 b[r] = -l1
                 zf[r] = (zgsum[r] - zgm[r]) if use_zg else (fsum[r] - mfs[r])
                 for s in range(k):
-                    Gw[r, s] = wz * Gb[r, s]
+                    Gw[r, s] = wz * Gb[r, s] + gpen[r, s]
                 Gw[r, r] += diag
             if grad_form:
                 # b += (ω̄ + cz)·G_zero·x_old − gz·Σ_zeros f, G_zero = G_base − Σ_stored f fᵀ
@@ -526,6 +529,10 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
             if solver == SOLVER_CHOLESKY:
                 chol_factor(Gw, Lw)
             solve_column(Gw, Lw, b, x, solver, nonneg, cd_maxit, cd_tol, True)
+            if ub > 0.0:
+                for r in range(k):
+                    if x[r] > ub:
+                        x[r] = ub
             change = 0.0
             for r in range(k):
                 ch = abs(x[r] - xold[r]) / (abs(xold[r]) + 1e-12)
@@ -660,14 +667,15 @@ irls_pass = numba.njit(cache=True, nogil=True)(_irls_pass)
 def _csc_irls_zi_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in,
                       disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing,
                       cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, zg_in, zgsum, Q,
-                      hsum, hraw_sum, disp_new, zi_mode, zi_pi, zi_F):
-    """:func:`csc_irls_pass` with zero-inflation (``zi_mode``, ``zi_pi``, ``zi_F``: :func:`irls_pass`)."""
+                      hsum, hraw_sum, disp_new, zi_mode, zi_pi, zi_F, gpen, ub):
+    """:func:`csc_irls_pass` with zero-inflation (``zi_mode``, ``zi_pi``, ``zi_F``) and the §8 penalty
+    Gram term / upper bound (``gpen`` (k, k), ``ub``): :func:`irls_pass`."""
     sums = np.zeros(4)
     colstat = np.zeros((3, 0))
     irls_pass(False, data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
               disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on, cv_seed,
               cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, wsum, zg_in, zgsum, Q, hsum, hraw_sum,
-              sums, disp_new, colstat, zi_mode, zi_pi, zi_F)
+              sums, disp_new, colstat, zi_mode, zi_pi, zi_F, gpen, ub)
 
 
 csc_irls_zi_pass = numba.njit(cache=True, nogil=True)(_csc_irls_zi_pass)
@@ -683,7 +691,8 @@ def _csc_irls_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, cod
     csc_irls_zi_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
                      disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on,
                      cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, zg_in, zgsum, Q, hsum,
-                     hraw_sum, disp_new, ZI_NONE, np.zeros(0), np.zeros((0, w.shape[1])))
+                     hraw_sum, disp_new, ZI_NONE, np.zeros(0), np.zeros((0, w.shape[1])),
+                     np.zeros((w.shape[1], w.shape[1])), 0.0)
 
 
 csc_irls_pass = numba.njit(cache=True, nogil=True)(_csc_irls_pass)
@@ -692,13 +701,14 @@ csc_irls_pass = numba.njit(cache=True, nogil=True)(_csc_irls_pass)
 def _csr_irls_zi_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in,
                       disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing,
                       cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, XtX, xabs,
-                      xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F):
-    """:func:`csr_irls_pass` with zero-inflation (``zi_mode``, ``zi_pi``, ``zi_F``: :func:`irls_pass`)."""
+                      xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F, gpen, ub):
+    """:func:`csr_irls_pass` with zero-inflation (``zi_mode``, ``zi_pi``, ``zi_F``) and the §8 penalty
+    Gram term / upper bound (``gpen`` (k, k), ``ub``): :func:`irls_pass`."""
     k = hn.shape[1]
     irls_pass(True, data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in, disp_out,
               disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on, cv_seed,
               cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, np.zeros(0), np.zeros(k), XtX,
-              xabs, xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F)
+              xabs, xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F, gpen, ub)
 
 
 csr_irls_zi_pass = numba.njit(cache=True, nogil=True)(_csr_irls_zi_pass)
@@ -713,7 +723,8 @@ def _csr_irls_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, co
     csr_irls_zi_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in, disp_out,
                      disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on,
                      cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, XtX, xabs, xsum,
-                     sums, disp_new, colstat, ZI_NONE, np.zeros(0), np.zeros((0, hn.shape[1])))
+                     sums, disp_new, colstat, ZI_NONE, np.zeros(0), np.zeros((0, hn.shape[1])),
+                     np.zeros((hn.shape[1], hn.shape[1])), 0.0)
 
 
 csr_irls_pass = numba.njit(cache=True, nogil=True)(_csr_irls_pass)

@@ -236,12 +236,14 @@ def fit_penalties(opts: dict, shape: tuple, scale: float = 1.0, func: str = "nmf
 
 
 def check_penalty_use(opts: dict, func: str = "nmf") -> None:
-    """Refuse the penalties where the fit lacks them: any loss but squared error, and the H side
-    of projective and symmetric NMF (H is not solved there)."""
+    """Refuse the penalties where the fit lacks them: loss="kl" (multiplicative updates, no NNLS
+    Gram to add the L21 / graph terms to; the squared-error and IRLS fits have them all), and the H
+    side of projective and symmetric NMF (H is not solved there)."""
     loss = opts.get("loss", "mse")
-    if loss != "mse":
-        refuse_penalties(opts, f'with loss={loss!r} (the L21, angular, upper_bound and graph penalties need '
-                         'loss="mse")', func)
+    if loss == "kl":
+        refuse_penalties(opts, f'with loss={loss!r} (its multiplicative updates have no NNLS Gram for the L21, '
+                         'angular, upper_bound and graph penalties; use loss="mse" or an IRLS loss such as '
+                         'loss="gp")', func)
     for variant in ("projective", "symmetric"):
         if opts.get(variant):
             refuse_penalties(opts, f"with {variant}=True (H is not solved; W-side penalties apply)", func, sides=(1,))
