@@ -245,3 +245,18 @@ def test_kl_with_penalty_refused():
             dnmf.nmf(A, 2, loss="kl", **{name: val}, client=False)
     with pytest.raises(InputError, match="'angular' parameter of nmf must be 0 on the W side with zero-inflation"):
         dnmf.nmf(A, 2, loss="gp", zi="row", angular=(0.1, 0.0), client=False)
+
+
+def test_checkpoint_resume_with_penalties_is_bitwise(tmp_path):
+    """The H side's Gram term comes from the previous Ĥ and W's from the current W, both restored
+    from the checkpoint: a resumed penalized fit is bitwise the uninterrupted one."""
+    A = _data(seed=5)
+    kw = dict(loss="nb", checkpoint_every=2, L21=0.2, angular=0.2, upper_bound=4.0, graph_lambda=(0.0, 0.5),
+              graph_H=_graph(N_, 4))
+    full = _fit(A, maxit=6, **kw)
+    ck = tmp_path / "ck"
+    _fit(A, maxit=3, checkpoint=ck, **kw)
+    resumed = _fit(A, maxit=6, checkpoint=ck, resume=True, **kw)
+    np.testing.assert_array_equal(resumed.w, full.w)
+    np.testing.assert_array_equal(resumed.h, full.h)
+    np.testing.assert_array_equal(resumed.misc["loss_history"], full.misc["loss_history"])
