@@ -354,7 +354,7 @@ def test_errors():
         with pytest.raises(InputError, match=f"'{name}' parameter of nmf must be a float in"):
             dnmf.nmf(A, 2, **{name: -1.0}, client=False)
     for name, val in (("L21", 0.1), ("angular", (0.0, 0.2)), ("upper_bound", 3.0)):
-        with pytest.raises(InputError, match=f"'{name}' parameter of nmf must be 0 with loss='kl'.*loss=\"mse\""):
+        with pytest.raises(InputError, match=f"'{name}' parameter of nmf must be 0 with loss='kl'.*loss=\"mse\".*dispersion=\"none\""):
             dnmf.nmf(A, 2, loss="kl", **{name: val}, client=False)
     with pytest.raises(InputError, match="'graph_lambda' parameter of nmf must be 0 with loss='kl'"):
         dnmf.nmf(A, 2, loss="kl", graph_H=_graph(N_, 1), graph_lambda=(0.0, 1.0), client=False)

@@ -242,8 +242,8 @@ def check_penalty_use(opts: dict, func: str = "nmf") -> None:
     loss = opts.get("loss", "mse")
     if loss == "kl":
         refuse_penalties(opts, f'with loss={loss!r} (its multiplicative updates have no NNLS Gram for the L21, '
-                         'angular, upper_bound and graph penalties; use loss="mse" or an IRLS loss such as '
-                         'loss="gp")', func)
+                         'angular, upper_bound and graph penalties; use loss="mse", or loss="gp" with '
+                         'dispersion="none" for a penalized Poisson fit by IRLS)', func)
     for variant in ("projective", "symmetric"):
         if opts.get(variant):
             refuse_penalties(opts, f"with {variant}=True (H is not solved; W-side penalties apply)", func, sides=(1,))
