@@ -1,17 +1,32 @@
-"""The loss registry of :mod:`dnmf.losses` (spec §6): pure NumPy, imported by the layers below
-the public helpers (``NMFModel.evaluate``, ``nmfkc``), so that :mod:`dnmf.losses` itself (which
-also fits models for ``suggest_loss``) stays on top and no import cycle forms. See
-:mod:`dnmf.losses` for the table of losses.
+"""The loss registry of :mod:`dnmf.losses` (spec §6), imported by the layers below the public
+helpers (``NMFModel.evaluate``, ``nmfkc``), so that :mod:`dnmf.losses` itself (which also fits
+models for ``suggest_loss``) stays on top and no import cycle forms. See :mod:`dnmf.losses` for
+the table of losses.
+
+Each per-entry formula is defined once, here, as a scalar plain-Python function
+(section "Scalar formulas"): the elementwise values of mse, kl, gp, nb, gamma, inverse Gaussian
+and Tweedie, the IRLS weights, the variance functions, the Huber weight factor and the Huber
+loss of the Pearson residual, with their floors (:data:`FLOOR`, ``_W_MU_FLOOR``, ``_W_CAP``,
+``_KL_W_FLOOR``). The IRLS kernel (``kernels/irls.py``) compiles these functions with
+``numba.njit`` and calls them (it only dispatches on a loss code), and the registry's array
+functions apply the same Python functions as numba ufuncs compiled on first use, so the kernel
+and :meth:`NMFModel.evaluate` agree bitwise. This module never imports ``dnmf.kernels``, and
+imports numba only when an array function first runs. Plain NumPy remains where the kernel has
+no twin: the closed-form totals over the zeros (``*_zero_total``), the nmfkc objectives and
+multiplicative terms (``_mse_objective``, ``_kl_objective``, ``_*_mu_terms``, with their own
+ε = :data:`KL_OBJECTIVE_EPS`), ``zero_in_support`` and the dispersion updates of §6.4 (the GP θ
+MM step here is vectorized over groups with ``bincount``, the kernel's ``gp_theta_mm`` loops
+over one group's entries: the same recurrence, two summation orders).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from scipy.special import gammaln, xlogy
 
 from ._validation import check_float, check_int, check_option, param_error
 
@@ -29,6 +44,157 @@ _KL_W_FLOOR = 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
+# Scalar formulas: the one definition of each elementwise loss, IRLS weight, variance and Huber
+# factor. Plain Python (``math``, ``max``, ``min``): the IRLS kernel (``kernels/irls.py``)
+# compiles them with numba.njit, and the array functions below apply the same Python functions
+# as numba ufuncs, so both evaluate one formula with one operation order.
+# Uniform signatures ``(y, mu, disp, power)`` (values, weights) and ``(mu, disp, power)``
+# (variances): ``disp`` = GP θ or NB r, ``power`` = the variance power; unused arguments are
+# ignored. Values are unit losses (φ = 1; the array functions divide by φ).
+# ---------------------------------------------------------------------------------------------
+
+
+def _mse_elem(y, mu, disp, power):
+    return (y - mu) * (y - mu)
+
+
+def _kl_elem(y, mu, disp, power):
+    # y log(y/μ) − y + μ with μ floored at 1e-10 where y > 0; 0·log 0 = 0, so ℓ(0, μ) = μ exactly
+    # (which keeps the total over the zeros of sparse data in closed form)
+    if y > 0.0:
+        mf = max(mu, FLOOR)
+        return y * math.log(y / mf) - y + mf
+    return mu
+
+
+def _gp_elem(y, mu, disp, power):
+    # Generalized Poisson with mean μ and dispersion θ = disp: λ₁ = μ/(1+θ), λ₂ = θ/(1+θ),
+    # P(y) = λ₁ (λ₁ + λ₂ y)^(y−1) exp(−λ₁ − λ₂ y) / y!;  ℓ = −log P(y) − log y!.
+    # y < 1 (y = 0, or a fraction): P(0) = exp(−λ₁), ℓ = λ₁ (spec §6.1's table writes −log λ₁ + λ₁
+    # there [quirk]; that is not a log-likelihood, and it would leave Σ over the zeros without a
+    # closed form)
+    one_t = 1.0 + disp
+    if y >= 1.0:
+        mu_f = max(mu, FLOOR)
+        lin = (mu_f + disp * y) / one_t
+        return -math.log(mu_f / one_t) - (y - 1.0) * math.log(max(lin, FLOOR)) + lin
+    return mu / one_t
+
+
+def _nb_elem(y, mu, disp, power):
+    # ℓ = −lgamma(y+r) + lgamma(r) − r log(r/(r+μ)) − y log(μ/(r+μ))  (= −log P_NB(y) − log y!),
+    # r = disp; y log x is 0 at y = 0
+    r = disp
+    mu_f = max(mu, FLOOR)
+    ylog_mu = 0.0 if y == 0.0 else y * math.log(mu_f)
+    ylog_rmu = 0.0 if y == 0.0 else y * math.log(r + mu_f)
+    return -math.lgamma(y + r) + math.lgamma(r) + r * math.log1p(mu / r) - ylog_mu + ylog_rmu
+
+
+def _gamma_elem(y, mu, disp, power):
+    yf = max(y, FLOOR)
+    mf = max(mu, FLOOR)
+    return 2.0 * (-math.log(yf / mf) + (yf - mf) / mf)
+
+
+def _ig_elem(y, mu, disp, power):
+    yf = max(y, FLOOR)
+    mf = max(mu, FLOOR)
+    r = yf - mf
+    return r * r / (mf * mf * yf)
+
+
+def _tweedie_elem(y, mu, disp, power):
+    # unit Tweedie deviance of power p ∉ {0, 1, 2} (those are the squared error, 2·KL and the
+    # gamma deviance: callers take _mse_elem, 2·_kl_elem, _gamma_elem there)
+    p = power
+    mf = max(mu, FLOOR)
+    if p < 2.0:
+        y_term = max(y, 0.0) ** (2.0 - p)
+    else:
+        y_term = max(y, FLOOR) ** (2.0 - p)
+    return 2.0 * (y_term / ((1.0 - p) * (2.0 - p)) - y * mf ** (1.0 - p) / (1.0 - p) + mf ** (2.0 - p) / (2.0 - p))
+
+
+
+def _weight_unit(y, mu, disp, power):
+    return 1.0
+
+
+def _weight_kl(y, mu, disp, power):
+    # KL / GP IRLS weight 1/μ, μ floored at 1e-4 (§6.2)
+    return 1.0 / max(mu, _KL_W_FLOOR)
+
+
+def _weight_nb(y, mu, disp, power):
+    # NB weight r/(μ(r + μ)), r = disp, μ floored at 1e-15, capped at 1e6 (§6.2)
+    mu = max(mu, _W_MU_FLOOR)
+    return min(disp / (mu * (disp + mu)), _W_CAP)
+
+
+def _weight_power(y, mu, disp, power):
+    # gamma (p = 2) / inverse Gaussian (p = 3) / Tweedie weight μ^−p, μ floored at 1e-15, capped at 1e6
+    mu = max(mu, _W_MU_FLOOR)
+    return min(mu ** (-power), _W_CAP)
+
+
+def _variance_unit(mu, disp, power):
+    return 1.0
+
+
+def _variance_mu(mu, disp, power):
+    return mu
+
+
+def _variance_nb(mu, disp, power):
+    return mu + mu * mu / disp
+
+
+def _variance_gamma(mu, disp, power):
+    return mu * mu
+
+
+def _variance_ig(mu, disp, power):
+    return mu * mu * mu
+
+
+def _variance_power(mu, disp, power):
+    return mu ** power if mu > 0.0 else 0.0
+
+
+def _huber_weight(w, y, mu, delta):
+    # IRLS weight w times the Huber factor h(ρ) = min(1, δ/ρ), ρ = |y − μ|·√max(w, 1e-15) (§6.2)
+    rho = abs((y - mu) * math.sqrt(max(w, 1e-15)))
+    if rho > delta:
+        w *= delta / (rho + 1e-15)
+    return w
+
+
+def _huber_pearson(y, mu, v, delta):
+    # Huber (δ) of the Pearson residual ρ = |y − μ|/√max(V, 1e-10): ½ρ² for ρ ≤ δ, else δρ − ½δ²
+    v = max(v, FLOOR)
+    rho = abs(y - mu) / math.sqrt(v)
+    if rho <= delta:
+        return 0.5 * rho * rho
+    return delta * rho - 0.5 * delta * delta
+
+
+_UFUNCS: dict = {}
+
+
+def _ufunc(fn):
+    """The array form of the scalar formula ``fn``: a numba ufunc (broadcasting its inputs),
+    compiled on first use and cached on disk. numba is imported only then, so that importing the
+    registry stays light (``pipelines.nmfre`` validation imports it without numba)."""
+    u = _UFUNCS.get(fn)
+    if u is None:
+        import numba
+
+        u = _UFUNCS[fn] = numba.vectorize(cache=True, nopython=True)(fn)
+    return u
+
+
+# ---------------------------------------------------------------------------------------------
 # Elementwise values, weights, variances
 # ---------------------------------------------------------------------------------------------
 
@@ -38,8 +204,7 @@ def _f(x) -> np.ndarray:
 
 
 def _mse_value(y, mu):
-    r = _f(y) - _f(mu)
-    return r * r
+    return _ufunc(_mse_elem)(_f(y), _f(mu), 0.0, 0.0)
 
 
 def _mse_zero_total(wd, h):
@@ -48,14 +213,7 @@ def _mse_zero_total(wd, h):
 
 
 def _kl_value(y, mu):
-    # y log(y/μ) − y + μ with μ floored at 1e-10 where y > 0; 0·log 0 = 0, so ℓ(0, μ) = μ exactly
-    # (which keeps the total over the zeros of sparse data in closed form).
-    y, mu = np.broadcast_arrays(_f(y), _f(mu))
-    out = np.array(mu, dtype=np.float64)
-    pos = y > 0
-    yp, mu_pos = y[pos], np.maximum(mu[pos], FLOOR)
-    out[pos] = yp * np.log(yp / mu_pos) - yp + mu_pos
-    return out
+    return _ufunc(_kl_elem)(_f(y), _f(mu), 0.0, 0.0)
 
 
 def _kl_zero_total(wd, h):
@@ -88,21 +246,11 @@ def _kl_mu_terms(y, mu, w):
 
 
 def _kl_weight(y, mu):
-    return 1.0 / np.maximum(_f(mu), _KL_W_FLOOR)
+    return _ufunc(_weight_kl)(_f(y), _f(mu), 0.0, 0.0)
 
 
 def _gp_value(y, mu, theta=0.1):
-    # Generalized Poisson with mean μ and dispersion θ: λ₁ = μ/(1+θ), λ₂ = θ/(1+θ),
-    # P(y) = λ₁ (λ₁ + λ₂ y)^(y−1) exp(−λ₁ − λ₂ y) / y!;  ℓ = −log P(y) − log y!.
-    y, mu, theta = np.broadcast_arrays(_f(y), _f(mu), _f(theta))
-    one_t = 1.0 + theta
-    mu_f = np.maximum(mu, FLOOR)
-    pos = y >= 1
-    lin = (mu_f + theta * y) / one_t
-    log_term = np.where(pos, (y - 1.0) * np.log(np.maximum(lin, FLOOR)), 0.0)
-    # y = 0: P(0) = exp(−λ₁), ℓ = λ₁ (spec §6.1's table writes −log λ₁ + λ₁ there [quirk]; that is
-    # not a log-likelihood, and it would leave Σ over the zeros without a closed form)
-    return np.where(pos, -np.log(mu_f / one_t) - log_term + lin, mu / one_t)
+    return _ufunc(_gp_elem)(_f(y), _f(mu), _f(theta), 0.0)
 
 
 def _gp_zero_total(wd, h, theta=0.1):
@@ -118,59 +266,43 @@ def _gp_zero_total(wd, h, theta=0.1):
 
 
 def _nb_value(y, mu, size=10.0):
-    # ℓ = −lgamma(y+r) + lgamma(r) − r log(r/(r+μ)) − y log(μ/(r+μ))  (= −log P_NB(y) − log y!)
-    y, mu, r = np.broadcast_arrays(_f(y), _f(mu), _f(size))
-    mu_f = np.maximum(mu, FLOOR)
-    return (-gammaln(y + r) + gammaln(r) + r * np.log1p(mu / r)
-            - xlogy(y, mu_f) + xlogy(y, r + mu_f))
+    return _ufunc(_nb_elem)(_f(y), _f(mu), _f(size), 0.0)
 
 
 def _nb_weight(y, mu, size=10.0):
-    mu = np.maximum(_f(mu), _W_MU_FLOOR)
-    r = _f(size)
-    return np.minimum(r / (mu * (r + mu)), _W_CAP)
+    return _ufunc(_weight_nb)(_f(y), _f(mu), _f(size), 0.0)
 
 
 def _gamma_value(y, mu, phi=1.0):
-    y = np.maximum(_f(y), FLOOR)
-    mu = np.maximum(_f(mu), FLOOR)
-    return 2.0 * (-np.log(y / mu) + (y - mu) / mu) / _f(phi)
+    return _ufunc(_gamma_elem)(_f(y), _f(mu), 0.0, 0.0) / _f(phi)
 
 
 def _ig_value(y, mu, phi=1.0):
-    y = np.maximum(_f(y), FLOOR)
-    mu = np.maximum(_f(mu), FLOOR)
-    r = y - mu
-    return r * r / (mu * mu * y) / _f(phi)
+    return _ufunc(_ig_elem)(_f(y), _f(mu), 0.0, 0.0) / _f(phi)
 
 
 def _tweedie_value(y, mu, power=1.5, phi=1.0):
     p = float(power)
-    y, mu = np.broadcast_arrays(_f(y), _f(mu))
+    y, mu = _f(y), _f(mu)
     if p == 0:
-        dev = (y - mu) ** 2
+        dev = _ufunc(_mse_elem)(y, mu, 0.0, p)
     elif p == 1:
-        dev = 2.0 * _kl_value(y, mu)
+        dev = 2.0 * _ufunc(_kl_elem)(y, mu, 0.0, p)
     elif p == 2:
-        dev = _gamma_value(y, mu)
+        dev = _ufunc(_gamma_elem)(y, mu, 0.0, p)
     else:
-        mu = np.maximum(mu, FLOOR)
-        y_term = np.power(np.maximum(y, 0.0), 2.0 - p) if p < 2 else np.power(np.maximum(y, FLOOR), 2.0 - p)
-        dev = 2.0 * (y_term / ((1.0 - p) * (2.0 - p)) - y * np.power(mu, 1.0 - p) / (1.0 - p)
-                     + np.power(mu, 2.0 - p) / (2.0 - p))
+        dev = _ufunc(_tweedie_elem)(y, mu, 0.0, p)
     return dev / _f(phi)
 
 
 def _power_weight(power):
     def weight(y, mu, **params):
-        p = float(params.get("power", power))
-        mu = np.maximum(_f(mu), _W_MU_FLOOR)
-        return np.minimum(np.power(mu, -p), _W_CAP)
+        return _ufunc(_weight_power)(_f(y), _f(mu), 0.0, float(params.get("power", power)))
     return weight
 
 
 def _unit_weight(y, mu, **params):
-    return np.ones(np.broadcast_shapes(np.shape(y), np.shape(mu)))
+    return _ufunc(_weight_unit)(_f(y), _f(mu), 0.0, 0.0)
 
 
 def _check_param_array(value, name, func, *, low=None, low_open=False):
@@ -260,19 +392,19 @@ class Loss:
 
 
 LOSSES: dict[str, Loss] = {
-    "mse": Loss("mse", {}, _mse_value, _unit_weight, lambda mu: np.ones_like(_f(mu)), _mse_zero_total,
+    "mse": Loss("mse", {}, _mse_value, _unit_weight, lambda mu: _ufunc(_variance_unit)(_f(mu), 0.0, 0.0), _mse_zero_total,
                 objective=_mse_objective, mu_terms=_mse_mu_terms),
-    "kl": Loss("kl", {}, _kl_value, _kl_weight, lambda mu: _f(mu), _kl_zero_total, objective=_kl_objective,
+    "kl": Loss("kl", {}, _kl_value, _kl_weight, lambda mu: _ufunc(_variance_mu)(_f(mu), 0.0, 0.0), _kl_zero_total, objective=_kl_objective,
                 mu_terms=_kl_mu_terms),
     "gp": Loss("gp", {"theta": 0.1}, _gp_value, lambda y, mu, theta=0.1: _kl_weight(y, mu),
-               lambda mu, theta=0.1: _f(mu), _gp_zero_total),  # V = μ for Pearson residuals (§6.1)
-    "nb": Loss("nb", {"size": 10.0}, _nb_value, _nb_weight, lambda mu, size=10.0: _f(mu) + _f(mu) ** 2 / _f(size)),
+               lambda mu, theta=0.1: _ufunc(_variance_mu)(_f(mu), 0.0, 0.0), _gp_zero_total),  # V = μ for Pearson residuals (§6.1)
+    "nb": Loss("nb", {"size": 10.0}, _nb_value, _nb_weight, lambda mu, size=10.0: _ufunc(_variance_nb)(_f(mu), _f(size), 0.0)),
     "gamma": Loss("gamma", {"phi": 1.0}, _gamma_value, _power_weight(2.0),
-                  lambda mu, phi=1.0: _f(mu) ** 2, zero_in_support=lambda **p: False),
+                  lambda mu, phi=1.0: _ufunc(_variance_gamma)(_f(mu), 0.0, 0.0), zero_in_support=lambda **p: False),
     "inverse_gaussian": Loss("inverse_gaussian", {"phi": 1.0}, _ig_value, _power_weight(3.0),
-                             lambda mu, phi=1.0: _f(mu) ** 3, zero_in_support=lambda **p: False),
+                             lambda mu, phi=1.0: _ufunc(_variance_ig)(_f(mu), 0.0, 0.0), zero_in_support=lambda **p: False),
     "tweedie": Loss("tweedie", {"power": 1.5, "phi": 1.0}, _tweedie_value, _power_weight(1.5),
-                    lambda mu, power=1.5, phi=1.0: np.power(_f(mu), float(power)),
+                    lambda mu, power=1.5, phi=1.0: _ufunc(_variance_power)(_f(mu), 0.0, float(power)),
                     zero_in_support=lambda power=1.5, **p: float(power) < 2),
 }
 
@@ -296,9 +428,7 @@ def get_loss(name: str, func: str = "get_loss") -> Loss:
 
 def _huber_values(spec: Loss, y, mu, delta: float, params: dict) -> np.ndarray:
     pars = {key: val for key, val in params.items() if key != "phi"}
-    v = np.maximum(spec.variance(mu, **pars), FLOOR)
-    rho = np.abs(_f(y) - _f(mu)) / np.sqrt(v)
-    return np.where(rho <= delta, 0.5 * rho * rho, delta * rho - 0.5 * delta * delta)
+    return _ufunc(_huber_pearson)(_f(y), _f(mu), _f(spec.variance(mu, **pars)), float(delta))
 
 
 def huber(y, mu, delta: float, loss: str = "mse", **params) -> np.ndarray:
@@ -335,9 +465,7 @@ def robust_loss(spec: Loss, delta: float) -> Loss:
 
 def robust_weight(w, y, mu, delta: float) -> np.ndarray:
     """IRLS weight times the Huber factor: ``w·h(ρ)``, ``ρ = (y − μ)√max(w, 1e-15)``, spec §6.2."""
-    w = _f(w)
-    rho = np.abs((_f(y) - _f(mu)) * np.sqrt(np.maximum(w, 1e-15)))
-    return w * np.where(rho <= delta, 1.0, delta / (rho + 1e-15))
+    return _ufunc(_huber_weight)(_f(w), _f(y), _f(mu), float(delta))
 
 
 # ---------------------------------------------------------------------------------------------

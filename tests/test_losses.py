@@ -379,3 +379,70 @@ def test_sparse_dispersion_updates_equal_the_dense_ones():
                 np.testing.assert_allclose(got, dense, rtol=1e-9, err_msg=f"{loss} {mode}")
     with pytest.raises(InputError, match="'A' parameter of update_dispersion_sparse must be a scipy.sparse"):
         update_dispersion_sparse("nb", Y, wd, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# One definition per formula: the registry's array functions and the IRLS kernel's scalar
+# functions are the same numba-compiled Python functions (dnmf/_losses.py)
+# ---------------------------------------------------------------------------------------------
+
+_GRID_Y = (0.0, 1e-12, 0.3, 1.0, 2.0, 7.0, 50.0)
+#: μ = 0, below / at the floors 1e-15 (weights), 1e-10 (values), 1e-4 (KL weight), and O(1)-O(10)
+_GRID_MU = (0.0, 1e-20, 1e-15, 1e-12, 1e-10, 1e-5, 1e-4, 0.5, 3.0, 40.0)
+
+
+def _registry_cases():
+    """(loss name, registry params, kernel code, kernel disp, kernel power) over the dispersion grid."""
+    from dnmf.kernels.irls import LOSS_CODES
+    for disp in (0.0, 0.5, 10.0):
+        yield "gp", {"theta": disp}, LOSS_CODES["gp"], disp, 0.0
+    for disp in (0.01, 0.5, 10.0):
+        yield "nb", {"size": disp}, LOSS_CODES["nb"], disp, 0.0
+    yield "mse", {}, LOSS_CODES["mse"], 0.0, 0.0
+    yield "gamma", {}, LOSS_CODES["gamma"], 0.0, 2.0
+    yield "inverse_gaussian", {}, LOSS_CODES["inverse_gaussian"], 0.0, 3.0
+    for p in (0.0, 1.0, 1.5, 2.0, 2.5, 3.0):
+        yield "tweedie", {"power": p}, LOSS_CODES["tweedie"], 0.0, p
+
+
+def test_registry_arrays_equal_kernel_scalars_bitwise():
+    from dnmf.kernels.irls import elem_loss, elem_robust_loss, irls_weight
+    Y, M = np.meshgrid(np.array(_GRID_Y), np.array(_GRID_MU), indexing="ij")
+    for name, pars, code, disp, power in _registry_cases():
+        spec = LOSSES[name]
+        ref_val = np.array([[elem_loss(code, y, mu, disp, power) for mu in _GRID_MU] for y in _GRID_Y])
+        ref_w = np.array([[irls_weight(code, y, mu, disp, power, 0.0) for mu in _GRID_MU] for y in _GRID_Y])
+        ref_rw = np.array([[irls_weight(code, y, mu, disp, power, 1.345) for mu in _GRID_MU] for y in _GRID_Y])
+        ref_hub = np.array([[elem_robust_loss(code, y, mu, disp, power, 1.345) for mu in _GRID_MU]
+                            for y in _GRID_Y])
+        # the same compiled formula on the same float64 inputs, no reordering: bitwise equal
+        # (assert_array_equal treats NaN = NaN and compares ±inf exactly)
+        np.testing.assert_array_equal(spec.value(Y, M, **pars), ref_val, err_msg=f"{name} {pars} value")
+        w = spec.weight(Y, M, **pars)
+        np.testing.assert_array_equal(w, ref_w, err_msg=f"{name} {pars} weight")
+        np.testing.assert_array_equal(robust_weight(w, Y, M, 1.345), ref_rw, err_msg=f"{name} {pars} robust weight")
+        np.testing.assert_array_equal(huber(Y, M, 1.345, name, **pars), ref_hub, err_msg=f"{name} {pars} huber")
+    # per-row dispersion broadcasts as before: row i of the value uses θ_i
+    theta = np.array([[0.0], [0.5], [2.0]])
+    got = LOSSES["gp"].value(np.array([[0.0, 3.0]]), np.array([[1.5, 2.5]]), theta=theta)
+    ref = np.array([[elem_loss(1, y, mu, t, 0.0) for y, mu in ((0.0, 1.5), (3.0, 2.5))] for t in theta[:, 0]])
+    np.testing.assert_array_equal(got, ref)
+    # φ divides the unit deviance: gamma with φ = 4 is exactly the φ = 1 value / 4 (a power of 2)
+    np.testing.assert_array_equal(LOSSES["gamma"].value(Y + 1, M + 1, phi=4.0), LOSSES["gamma"].value(Y + 1, M + 1) / 4)
+
+
+def test_kernel_defines_no_loss_formula():
+    """kernels/irls.py compiles the registry's functions; it does not define its own formulas."""
+    import dnmf._losses as reg
+    import dnmf.kernels.irls as irls
+    used = ("mse_elem", "kl_elem", "gp_elem", "nb_elem", "gamma_elem", "ig_elem", "tweedie_elem", "weight_unit",
+            "weight_kl", "weight_nb", "weight_power", "variance_unit", "variance_mu", "variance_nb", "variance_gamma",
+            "variance_ig", "variance_power", "huber_weight", "huber_pearson")
+    for name in used:
+        assert getattr(irls, name).py_func is getattr(reg, "_" + name), name
+    for twin in ("_weight_unit", "_weight_kl", "_weight_nb", "_weight_power", "_xlogy", "xlogy"):
+        assert not hasattr(irls, twin), twin
+    # the floors exist once: the kernel's are the registry's objects
+    assert irls._FLOOR is reg.FLOOR and irls._KL_W_FLOOR is reg._KL_W_FLOOR
+    for name in ("_W_MU_FLOOR", "_W_CAP"):
+        assert not hasattr(irls, name), name

@@ -58,6 +58,9 @@ import math
 import numba
 import numpy as np
 
+from .. import _losses
+from .._losses import FLOOR as _FLOOR
+from .._losses import _KL_W_FLOOR
 from .column import chol_factor, solve_column
 from .masked import held_out, masked_gram
 from .nnls import SOLVER_CHOLESKY
@@ -74,39 +77,26 @@ LOSS_CODES = {"mse": LOSS_MSE, "gp": LOSS_GP, "nb": LOSS_NB, "gamma": LOSS_GAMMA
 #: what a pass computes of the dispersion: nothing, one value per outer vector, sums per inner index
 DISP_NONE, DISP_OUTER, DISP_INNER = 0, 1, 2
 
-_FLOOR = 1e-10  # §6.1 floor of y and μ in logs and ratios
-_W_MU_FLOOR = 1e-15  # §6.2 floor of μ in the NB / power weights
-_W_CAP = 1e6
-_KL_W_FLOOR = 1e-4
-
-
 # ---------------------------------------------------------------------------------------------
-# Weights (§6.2): one function per formula, selected by the loss code
+# Per-entry formulas (§6.1–6.2), selected by the loss code. The formulas themselves — values,
+# weights, variances, Huber factors and their floors — are defined once, in dnmf/_losses.py
+# as plain Python; they are compiled here, and these functions only dispatch on the code.
 # ---------------------------------------------------------------------------------------------
 
 
-def _weight_unit(y, mu, disp, power):
-    return 1.0
+def _compile_scalar(fn):
+    return numba.njit(cache=True, nogil=True, inline="always")(fn)
 
 
-def _weight_kl(y, mu, disp, power):
-    return 1.0 / max(mu, _KL_W_FLOOR)
-
-
-def _weight_nb(y, mu, disp, power):
-    mu = max(mu, _W_MU_FLOOR)
-    return min(disp / (mu * (disp + mu)), _W_CAP)
-
-
-def _weight_power(y, mu, disp, power):
-    mu = max(mu, _W_MU_FLOOR)
-    return min(mu ** (-power), _W_CAP)
-
-
-weight_unit = numba.njit(cache=True, nogil=True, inline="always")(_weight_unit)
-weight_kl = numba.njit(cache=True, nogil=True, inline="always")(_weight_kl)
-weight_nb = numba.njit(cache=True, nogil=True, inline="always")(_weight_nb)
-weight_power = numba.njit(cache=True, nogil=True, inline="always")(_weight_power)
+mse_elem, kl_elem, gp_elem, nb_elem, gamma_elem, ig_elem, tweedie_elem = map(_compile_scalar, (
+    _losses._mse_elem, _losses._kl_elem, _losses._gp_elem, _losses._nb_elem, _losses._gamma_elem, _losses._ig_elem,
+    _losses._tweedie_elem))
+weight_unit, weight_kl, weight_nb, weight_power = map(_compile_scalar, (
+    _losses._weight_unit, _losses._weight_kl, _losses._weight_nb, _losses._weight_power))
+variance_unit, variance_mu, variance_nb, variance_gamma, variance_ig, variance_power = map(_compile_scalar, (
+    _losses._variance_unit, _losses._variance_mu, _losses._variance_nb, _losses._variance_gamma,
+    _losses._variance_ig, _losses._variance_power))
+huber_weight, huber_pearson = map(_compile_scalar, (_losses._huber_weight, _losses._huber_pearson))
 
 
 def _irls_weight(code, y, mu, disp, power, delta):
@@ -122,72 +112,34 @@ def _irls_weight(code, y, mu, disp, power, delta):
     else:
         w = weight_power(y, mu, disp, power)
     if delta > 0.0:
-        rho = abs((y - mu) * math.sqrt(max(w, 1e-15)))
-        if rho > delta:
-            w *= delta / (rho + 1e-15)
+        w = huber_weight(w, y, mu, delta)
     return w
 
 
 irls_weight = numba.njit(cache=True, nogil=True)(_irls_weight)
 
 
-# ---------------------------------------------------------------------------------------------
-# Elementwise losses (§6.1; the numba twins of dnmf/_losses.py, φ = 1)
-# ---------------------------------------------------------------------------------------------
-
-
-def _xlogy(y, x):
-    return 0.0 if y == 0.0 else y * math.log(x)
-
-
-xlogy = numba.njit(cache=True, nogil=True, inline="always")(_xlogy)
-
-
 def _elem_loss(code, y, mu, disp, power):
     """ℓ(y, μ) of spec §6.1 as ``dnmf/_losses.py`` defines it (``disp`` = GP θ or NB r; the
     gamma / IG / Tweedie losses are unit deviances, φ = 1)."""
     if code == LOSS_MSE:
-        return (y - mu) * (y - mu)
+        return mse_elem(y, mu, disp, power)
     if code == LOSS_GP:
-        one_t = 1.0 + disp
-        if y >= 1.0:
-            mu_f = max(mu, _FLOOR)
-            lin = (mu_f + disp * y) / one_t
-            return -math.log(mu_f / one_t) - (y - 1.0) * math.log(max(lin, _FLOOR)) + lin
-        return mu / one_t  # y < 1 (y = 0, or a fraction as _losses): ℓ = μ/(1+θ)
+        return gp_elem(y, mu, disp, power)
     if code == LOSS_NB:
-        r = disp
-        mu_f = max(mu, _FLOOR)
-        return (-math.lgamma(y + r) + math.lgamma(r) + r * math.log1p(mu / r) - xlogy(y, mu_f)
-                + xlogy(y, r + mu_f))
+        return nb_elem(y, mu, disp, power)
     if code == LOSS_GAMMA:
-        yf = max(y, _FLOOR)
-        mf = max(mu, _FLOOR)
-        return 2.0 * (-math.log(yf / mf) + (yf - mf) / mf)
+        return gamma_elem(y, mu, disp, power)
     if code == LOSS_IG:
-        yf = max(y, _FLOOR)
-        mf = max(mu, _FLOOR)
-        r = yf - mf
-        return r * r / (mf * mf * yf)
-    # Tweedie
-    p = power
-    if p == 0.0:
-        return (y - mu) * (y - mu)
-    if p == 1.0:
-        if y > 0.0:
-            mf = max(mu, _FLOOR)
-            return 2.0 * (y * math.log(y / mf) - y + mf)
-        return 2.0 * mu
-    if p == 2.0:
-        yf = max(y, _FLOOR)
-        mf = max(mu, _FLOOR)
-        return 2.0 * (-math.log(yf / mf) + (yf - mf) / mf)
-    mf = max(mu, _FLOOR)
-    if p < 2.0:
-        y_term = max(y, 0.0) ** (2.0 - p)
-    else:
-        y_term = max(y, _FLOOR) ** (2.0 - p)
-    return 2.0 * (y_term / ((1.0 - p) * (2.0 - p)) - y * mf ** (1.0 - p) / (1.0 - p) + mf ** (2.0 - p) / (2.0 - p))
+        return ig_elem(y, mu, disp, power)
+    # Tweedie: p = 0, 1, 2 are the squared error, 2·KL and the gamma deviance
+    if power == 0.0:
+        return mse_elem(y, mu, disp, power)
+    if power == 1.0:
+        return 2.0 * kl_elem(y, mu, disp, power)
+    if power == 2.0:
+        return gamma_elem(y, mu, disp, power)
+    return tweedie_elem(y, mu, disp, power)
 
 
 elem_loss = numba.njit(cache=True, nogil=True)(_elem_loss)
@@ -195,16 +147,16 @@ elem_loss = numba.njit(cache=True, nogil=True)(_elem_loss)
 
 def _variance(code, mu, disp, power):
     if code == LOSS_MSE:
-        return 1.0
+        return variance_unit(mu, disp, power)
     if code == LOSS_GP:
-        return mu
+        return variance_mu(mu, disp, power)
     if code == LOSS_NB:
-        return mu + mu * mu / disp
+        return variance_nb(mu, disp, power)
     if code == LOSS_GAMMA:
-        return mu * mu
+        return variance_gamma(mu, disp, power)
     if code == LOSS_IG:
-        return mu * mu * mu
-    return mu ** power if mu > 0.0 else 0.0
+        return variance_ig(mu, disp, power)
+    return variance_power(mu, disp, power)
 
 
 variance = numba.njit(cache=True, nogil=True, inline="always")(_variance)
@@ -212,11 +164,7 @@ variance = numba.njit(cache=True, nogil=True, inline="always")(_variance)
 
 def _elem_robust_loss(code, y, mu, disp, power, delta):
     """Huber (δ) of the Pearson residual ``(y − μ)/√max(V(μ), 1e-10)`` (the reported loss with ``robust``)."""
-    v = max(variance(code, mu, disp, power), _FLOOR)
-    rho = abs(y - mu) / math.sqrt(v)
-    if rho <= delta:
-        return 0.5 * rho * rho
-    return delta * rho - 0.5 * delta * delta
+    return huber_pearson(y, mu, variance(code, mu, disp, power), delta)
 
 
 elem_robust_loss = numba.njit(cache=True, nogil=True)(_elem_robust_loss)
