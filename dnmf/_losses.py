@@ -7,16 +7,16 @@ Each per-entry formula is defined once, here, as a scalar plain-Python function
 (section "Scalar formulas"): the elementwise values of mse, kl, gp, nb, gamma, inverse Gaussian
 and Tweedie, the IRLS weights, the variance functions, the Huber weight factor and the Huber
 loss of the Pearson residual, with their floors (:data:`FLOOR`, ``_W_MU_FLOOR``, ``_W_CAP``,
-``_KL_W_FLOOR``). The IRLS kernel (``kernels/irls.py``) compiles these functions with
+``_KL_W_FLOOR``), and the GP θ MM step of §6.4 (``_gp_eta``, ``_gp_theta_root``). The IRLS kernel (``kernels/irls.py``) compiles these functions with
 ``numba.njit`` and calls them (it only dispatches on a loss code), and the registry's array
 functions apply the same Python functions as numba ufuncs compiled on first use, so the kernel
 and :meth:`NMFModel.evaluate` agree bitwise. This module never imports ``dnmf.kernels``, and
 imports numba only when an array function first runs. Plain NumPy remains where the kernel has
 no twin: the closed-form totals over the zeros (``*_zero_total``), the nmfkc objectives and
 multiplicative terms (``_mse_objective``, ``_kl_objective``, ``_*_mu_terms``, with their own
-ε = :data:`KL_OBJECTIVE_EPS`), ``zero_in_support`` and the dispersion updates of §6.4 (the GP θ
-MM step here is vectorized over groups with ``bincount``, the kernel's ``gp_theta_mm`` loops
-over one group's entries: the same recurrence, two summation orders).
+ε = :data:`KL_OBJECTIVE_EPS`), ``zero_in_support``, the NB r and φ moment updates of §6.4, and the GP θ
+step's sums α, γ (vectorized over groups with ``bincount`` here, a loop over one group's
+entries in the kernel's ``gp_theta_mm``: two summation orders of the same sums).
 """
 
 from __future__ import annotations
@@ -177,6 +177,25 @@ def _huber_pearson(y, mu, v, delta):
     if rho <= delta:
         return 0.5 * rho * rho
     return delta * rho - 0.5 * delta * delta
+
+
+def _gp_eta(y, mu, theta):
+    # η = μ/(μ + θy) of the GP θ MM step (§6.4), for an entry with y ≥ 1 (μ where μ + θy ≤ 0)
+    den = mu + theta * y
+    return mu / den if den > 0.0 else mu
+
+
+def _gp_theta_root(alpha, gamma, s_y, s_mu, theta, theta_max):
+    # one GP θ MM step of a group (§6.4): the root (−β + √(β² + 4αγ))/(2α), β = Σy − Σμ − γ + α,
+    # with α = n₊ + Σ₊(y − 1)η and γ = Σ₊(y − 1)(1 − η) over the entries y ≥ 1; capped at
+    # theta_max; θ is kept where α ≤ 1e-15, the discriminant is ≤ 0 or the root is not finite ≥ 0
+    beta = s_y - s_mu - gamma + alpha
+    disc = beta * beta + 4.0 * alpha * gamma
+    if alpha > 1e-15 and disc > 0.0:
+        new = (-beta + math.sqrt(disc)) / (2.0 * alpha)
+        if math.isfinite(new) and new >= 0.0:
+            return min(theta_max, new)
+    return theta
 
 
 _UFUNCS: dict = {}
@@ -497,17 +516,12 @@ def _dispersion_from_entries(loss, g, y, mu, n_groups, s_mu, s_mu2, *, dispersio
         ym1 = yp - 1.0
         n_pos = np.bincount(gp, minlength=n_groups)
         s_y = np.bincount(g, y, minlength=n_groups)
+        eta_of, root_of = _ufunc(_gp_eta), _ufunc(_gp_theta_root)
         for _ in range(n_iter):
-            den = mp + theta[gp] * yp
-            eta = mp / np.where(den > 0, den, 1.0)
+            eta = eta_of(yp, mp, theta[gp])
             alpha = n_pos + np.bincount(gp, ym1 * eta, minlength=n_groups)
             gamma_ = np.bincount(gp, ym1 * (1.0 - eta), minlength=n_groups)
-            beta = s_y - s_mu - gamma_ + alpha
-            disc = beta * beta + 4.0 * alpha * gamma_
-            with np.errstate(divide="ignore", invalid="ignore"):
-                new = (-beta + np.sqrt(np.maximum(disc, 0.0))) / (2.0 * alpha)
-            ok = (alpha > 1e-15) & (disc > 0) & np.isfinite(new) & (new >= 0)
-            theta = np.where(ok, np.minimum(theta_max, new), theta)
+            theta = root_of(alpha, gamma_, _f(s_y), _f(s_mu), theta, float(theta_max))
         theta = np.maximum(theta, theta_min)
         return _shape_back(theta, dispersion, np.mean)
     if loss == "nb":

@@ -97,6 +97,7 @@ variance_unit, variance_mu, variance_nb, variance_gamma, variance_ig, variance_p
     _losses._variance_unit, _losses._variance_mu, _losses._variance_nb, _losses._variance_gamma,
     _losses._variance_ig, _losses._variance_power))
 huber_weight, huber_pearson = map(_compile_scalar, (_losses._huber_weight, _losses._huber_pearson))
+gp_eta, gp_theta_root = map(_compile_scalar, (_losses._gp_eta, _losses._gp_theta_root))
 
 
 def _irls_weight(code, y, mu, disp, power, delta):
@@ -200,16 +201,10 @@ def _gp_theta_mm(yv, muv, ne, s_y, s_mu, theta, theta_max, n_iter):
         for t in range(ne):
             y = yv[t]
             if y >= 1.0:
-                den = muv[t] + theta * y
-                eta = muv[t] / den if den > 0.0 else muv[t]
+                eta = gp_eta(y, muv[t], theta)
                 alpha += (y - 1.0) * eta
                 gamma += (y - 1.0) * (1.0 - eta)
-        beta = s_y - s_mu - gamma + alpha
-        disc = beta * beta + 4.0 * alpha * gamma
-        if alpha > 1e-15 and disc > 0.0:
-            new = (-beta + math.sqrt(disc)) / (2.0 * alpha)
-            if math.isfinite(new) and new >= 0.0:
-                theta = min(theta_max, new)
+        theta = gp_theta_root(alpha, gamma, s_y, s_mu, theta, theta_max)
     return theta
 
 
