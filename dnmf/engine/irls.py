@@ -55,10 +55,10 @@ from ..kernels.irls import (DISP_INNER, DISP_NONE, DISP_OUTER, LOSS_CODES, ZI_IN
                             csc_irls_zi_pass, csr_irls_zi_pass, zi_estep_pass)
 from ..solvers.penalties import angular_matrix, apply_angular
 from ..solvers.updates import scale_rows
-from .als import ALSOptions, ALSState, IterationRecord, _norms, check_convergence, count_recovery
+from .als import ALSOptions, ALSState, _norms, count_recovery
 from .checkpoint import Checkpointer
 from .executor import Executor
-from .masked import MaskedState, MaskOptions, _cv_stop, _kernel_args, _mask_parts, _Placed, row_bounds_for
+from .masked import MaskedState, MaskOptions, _kernel_args, _mask_parts, _Placed, record_iteration, row_bounds_for
 
 logger = logging.getLogger(__name__)
 
@@ -440,27 +440,7 @@ def fit_irls(
                                                 state.iteration)
             state.zi_pi_history.append(float(np.mean(state.zi_pi)))
         it = state.iteration = state.iteration + 1
-        state.n_train, state.n_test = int(sums[1]), int(sums[3])
-        if mo.cv_on:
-            train = sums[0] / max(sums[1], 1.0)
-            test = sums[2] / sums[3] if sums[3] > 0 else float("nan")
-            state.loss_history.append(train)
-            state.test_history.append(test)
-            stop = _cv_stop(state, opts)
-        else:
-            train, test = float(sums[0]), float("nan")
-            state.loss_history.append(train)
-            stop = check_convergence(state, opts)
-        logger.debug("iteration %d train %.6g test %.6g", it, train, test)
-        if on_iteration is not None:
-            try:
-                on_iteration(IterationRecord(it, train, test))
-            except StopIteration:
-                state.stopped_by_callback = True
-                stop = True
-        if stop:
-            state.converged = not state.stopped_by_callback
-        done = stop or it >= opts.maxit
+        done = record_iteration(state, opts, sums[0], sums[1], sums[2], sums[3], mo.cv_on, on_iteration)
         if checkpointer is not None and (done or it % opts.checkpoint_every == 0):
             checkpointer.save(state, executor)
     state.runtime = time.perf_counter() - t0

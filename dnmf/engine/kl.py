@@ -50,9 +50,9 @@ from ..kernels.column import column_terms
 from ..kernels.kl import KL_OUT, csc_kl_pass
 from ..kernels.masked import NO_PATTERN, csc_masked_pass
 from ..kernels.nnls import SOLVER_EXACT
-from .als import ALSOptions, IterationRecord, check_convergence, count_recovery
+from .als import ALSOptions, count_recovery
 from .executor import Executor
-from .masked import MaskedState, MaskOptions, _cv_stop, _kernel_args, _mask_parts, as_csc64
+from .masked import MaskedState, MaskOptions, _kernel_args, _mask_parts, as_csc64, record_iteration
 
 logger = logging.getLogger(__name__)
 
@@ -216,26 +216,4 @@ def fit_kl(blocked: BlockedMatrix, w0: np.ndarray, opts: ALSOptions, executor: E
 def _record(state: KLState, out: np.ndarray, opts: ALSOptions, cv_on: bool, on_iteration) -> bool:
     """Record iteration ``state.iteration``'s objective (read by the pass after it): convergence,
     callback; True when the fit stops here."""
-    it = state.iteration
-    total = float(out[0] + out[1])
-    state.n_train, state.n_test = int(out[2]), int(out[4])
-    if cv_on:
-        train = total / max(out[2], 1.0)
-        test = float(out[3] / out[4]) if out[4] > 0 else float("nan")
-        state.loss_history.append(train)
-        state.test_history.append(test)
-        stop = _cv_stop(state, opts)
-    else:
-        train, test = total, float("nan")
-        state.loss_history.append(train)
-        stop = check_convergence(state, opts)
-    logger.debug("iteration %d KL train %.6g test %.6g", it, train, test)
-    if on_iteration is not None:
-        try:
-            on_iteration(IterationRecord(it, train, test))
-        except StopIteration:
-            state.stopped_by_callback = True
-            stop = True
-    if stop:
-        state.converged = not state.stopped_by_callback
-    return stop or it >= opts.maxit
+    return record_iteration(state, opts, float(out[0] + out[1]), out[2], out[3], out[4], cv_on, on_iteration)

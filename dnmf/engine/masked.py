@@ -281,6 +281,40 @@ def _cv_stop(state: MaskedState, opts: ALSOptions) -> bool:
     return rel < opts.tol
 
 
+def record_iteration(state: MaskedState, opts: ALSOptions, train_total: float, n_train, test_total: float, n_test,
+                     cv_on: bool, on_iteration: Callable | None) -> bool:
+    """Record iteration ``state.iteration``'s losses and decide whether the fit stops there.
+
+    With a hold-out set the losses are means (``train_total / n_train``, ``test_total / n_test``)
+    and the stop is :func:`_cv_stop`; otherwise the train loss is the total and the stop
+    :func:`~dnmf.engine.als.check_convergence`. Then ``on_iteration`` (StopIteration stops the
+    fit). Returns True when the fit ends here (stopped, or ``maxit`` reached). Shared by the
+    masked, KL and IRLS loops.
+    """
+    it = state.iteration
+    state.n_train, state.n_test = int(n_train), int(n_test)
+    if cv_on:
+        train = train_total / max(n_train, 1.0)
+        test = float(test_total / n_test) if n_test > 0 else float("nan")
+        state.loss_history.append(train)
+        state.test_history.append(test)
+        stop = _cv_stop(state, opts)
+    else:
+        train, test = float(train_total), float("nan")
+        state.loss_history.append(train)
+        stop = check_convergence(state, opts)
+    logger.debug("iteration %d train %.6g test %.6g", it, train, test)
+    if on_iteration is not None:
+        try:
+            on_iteration(IterationRecord(it, train, test))
+        except StopIteration:
+            state.stopped_by_callback = True
+            stop = True
+    if stop:
+        state.converged = not state.stopped_by_callback
+    return stop or it >= opts.maxit
+
+
 class _Placed:
     """Column and row blocks on the executor (rebuilt after a lost worker)."""
 
@@ -529,25 +563,7 @@ def _finish_iteration(mdl: _Model, wi: dict, wres: list, mo: MaskOptions) -> Non
     wraw = np.concatenate([r[0] for r in wres], axis=0)
     w_new, d = scale_rows(wraw.T, opts.norm)
     state.w, state.d, state.h_scale, state.ht = np.ascontiguousarray(w_new.T), d, wi["inv_s"], wi["ht"]
-    it = state.iteration = state.iteration + 1
-    state.n_train, state.n_test = int(sums[1]), int(sums[3])
-    if mo.cv_on:
-        train = max(sums[0], 0.0) / max(sums[1], 1.0)
-        test = sums[2] / sums[3] if sums[3] > 0 else float("nan")
-        state.loss_history.append(train)
-        state.test_history.append(test)
-        stop = _cv_stop(state, opts)
-    else:
-        train, test = float(sums[0]), float("nan")
-        state.loss_history.append(train)
-        stop = check_convergence(state, opts)
-    logger.debug("iteration %d train %.6g test %.6g", it, train, test)
-    if mdl.on_iteration is not None:
-        try:
-            mdl.on_iteration(IterationRecord(it, train, test))
-        except StopIteration:
-            state.stopped_by_callback = True
-            stop = True
-    if stop:
-        state.converged = not state.stopped_by_callback
-    mdl.done = stop or it >= opts.maxit
+    state.iteration += 1
+    # a mean SSE from the Gram identity can round below 0: floored (the total is kept as it is)
+    mdl.done = record_iteration(state, opts, max(sums[0], 0.0) if mo.cv_on else sums[0], sums[1], sums[2], sums[3],
+                                mo.cv_on, mdl.on_iteration)
