@@ -10,7 +10,6 @@ import warnings
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from scipy.optimize import nnls
 
 import dnmf
 from dnmf._losses import get_loss
@@ -19,38 +18,9 @@ from dnmf.kernels.irls import DISP_NONE, LOSS_CODES, csc_irls_pass
 from dnmf.kernels.masked import holdout_mask
 from dnmf.kernels.nnls import SOLVER_EXACT
 
+from references import irls_system, nnls_quadratic
+
 NO_MASK = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-
-
-def _irls_system(F, a, x, loss, r, unit, zg=None):
-    """One IRLS step's (G, b) with the library's zero rule (docs/architecture.md, "IRLS losses"):
-    §6.2 weights from the registry at the non-zeros; zeros weight 1 for the power losses; for GP
-    and NB curvature ω̄ = the weight at the zeros' mean prediction μ̄ and the exact-gradient RHS
-    ``ω̄·G_zero·x − g·Σ_zeros f`` with g = ω·μ at a zero (GP 1, NB r/(r + μ̄)); ``zg``: NB's
-    per-row factors of the H step instead (``Σ_zeros zg_i f_i``)."""
-    spec = get_loss(loss)
-    par = {"size": r} if loss == "nb" else {}
-    mu = F @ x
-    zero = a == 0
-    om = np.ones_like(a) if unit else spec.weight(a, mu, **par)
-    if unit or loss not in ("gp", "nb") or not zero.any():
-        om = np.where(zero, 1.0, om)
-        return (F * om[:, None]).T @ F, F.T @ (om * a)
-    mu_bar = max(mu[zero].mean(), 0.0)
-    wz = float(spec.weight(0.0, mu_bar, **par))
-    g = min(1.0, mu_bar / 1e-4) if loss == "gp" else r / (r + mu_bar)
-    nz = ~zero
-    Fz = F[zero]
-    G = (F[nz] * om[nz, None]).T @ F[nz] + wz * Fz.T @ Fz
-    grad = g * Fz.sum(axis=0) if zg is None else Fz.T @ zg[zero]
-    b = F[nz].T @ (om[nz] * a[nz]) + wz * Fz.T @ (Fz @ x) - grad
-    return G, b
-
-
-def _nnls_quadratic(G, b):
-    """argmin_{x ≥ 0} ½ xᵀGx − bᵀx by scipy nnls on the Cholesky form ‖Lᵀx − L⁻¹b‖²."""
-    L = np.linalg.cholesky(G + 1e-15 * np.eye(len(b)))
-    return nnls(L.T, np.linalg.solve(L, b), maxiter=1000)[0]
 
 
 def _irls_column(F, a, x0, loss, r, n_iter, cold, zg=None):
@@ -58,7 +28,7 @@ def _irls_column(F, a, x0, loss, r, n_iter, cold, zg=None):
     the first one with unit weights when ``cold``."""
     x = np.array(x0, dtype=np.float64)
     for it in range(n_iter):
-        x = _nnls_quadratic(*_irls_system(F, a, x, loss, r, cold and it == 0, zg))
+        x = nnls_quadratic(*irls_system(F, a, x, loss, r, cold and it == 0, zg))
     return x
 
 

@@ -10,44 +10,15 @@ import warnings
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from scipy.optimize import nnls
 
 import dnmf
 from dnmf._losses import get_loss
 from dnmf.exceptions import InputError
 
+from references import irls_system, nnls_quadratic
+
 M_, N_, K_ = 30, 24, 3
 R_ = 10.0  # NB size r, held fixed (dispersion="none", nb_size_max=R_)
-
-
-def _system(F, a, x, loss, r, unit, zg=None):
-    """One IRLS step's (G_w, b) with the library's zero rule (as tests/test_irls.py): §6.2 weights
-    at the non-zeros; for GP / NB the zeros' curvature at their mean prediction μ̄ and the
-    exact-gradient right-hand side; ``zg`` NB's per-row zero-gradient factors of the H step."""
-    spec = get_loss(loss)
-    par = {"size": r} if loss == "nb" else {}
-    mu = F @ x
-    zero = a == 0
-    om = np.ones_like(a) if unit else spec.weight(a, mu, **par)
-    if unit or loss not in ("gp", "nb") or not zero.any():
-        om = np.where(zero, 1.0, om)
-        return (F * om[:, None]).T @ F, F.T @ (om * a)
-    mu_bar = max(mu[zero].mean(), 0.0)
-    wz = float(spec.weight(0.0, mu_bar, **par))
-    g = min(1.0, mu_bar / 1e-4) if loss == "gp" else r / (r + mu_bar)
-    nz = ~zero
-    Fz = F[zero]
-    G = (F[nz] * om[nz, None]).T @ F[nz] + wz * Fz.T @ Fz
-    grad = g * Fz.sum(axis=0) if zg is None else Fz.T @ zg[zero]
-    b = F[nz].T @ (om[nz] * a[nz]) + wz * Fz.T @ (Fz @ x) - grad
-    return G, b
-
-
-def _nnls_quadratic(G, b):
-    """argmin_{x ≥ 0} ½ xᵀGx − bᵀx by scipy nnls on the Cholesky form."""
-    G = 0.5 * (G + G.T) + 1e-15 * np.eye(len(b))
-    L = np.linalg.cholesky(G)
-    return nnls(L.T, np.linalg.solve(L, b), maxiter=2000)[0]
 
 
 def _pen_gram(F, l21, lam, Lap):
@@ -78,8 +49,8 @@ def _irls_vec(F, a, x0, r, n_iter, cold, P, ub, zg=None):
     ``P``, each solve clamped at ``ub`` (0: none); the first solve unit-weight when ``cold``."""
     x = np.array(x0, dtype=np.float64)
     for it in range(n_iter):
-        G, b = _system(F, a, x, "nb", r, cold and it == 0, zg)
-        x = _nnls_quadratic(G + P, b)
+        G, b = irls_system(F, a, x, "nb", r, cold and it == 0, zg)
+        x = nnls_quadratic(G + P, b)
         if ub > 0:
             x = np.minimum(x, ub)
     return x
