@@ -240,6 +240,37 @@ def _dot(f, x):
 dot = numba.njit(cache=True, nogil=True, inline="always")(_dot)
 
 
+def _mark_missing(o, og, by_row, has_mask, mk_indices, mk_indptr, hash_all, cv_seed, cv_thr, n_inner, mark, kind,
+                  mlist):
+    """Mark outer vector o's (global index og) user-masked inner indices (kind 2) and, with
+    ``hash_all``, its §5.2 held-out ones among all ``n_inner`` (kind 1): ``mark[i] = o``, listed in
+    ``mlist``; returns how many. NaN entries are marked by the caller's pass over the stored
+    entries. Shared by the IRLS pass and the zero-inflation E-step (inlined)."""
+    nmask = 0
+    if has_mask:
+        for p in range(mk_indptr[o], mk_indptr[o + 1]):
+            i = mk_indices[p]
+            if mark[i] != o:
+                mark[i] = o
+                kind[i] = 2
+                mlist[nmask] = i
+                nmask += 1
+    if hash_all:
+        for i in range(n_inner):
+            if mark[i] != o:
+                ho = held_out(cv_seed, np.uint64(og), np.uint64(i), cv_thr) if by_row else \
+                    held_out(cv_seed, np.uint64(i), np.uint64(og), cv_thr)
+                if ho:
+                    mark[i] = o
+                    kind[i] = 1
+                    mlist[nmask] = i
+                    nmask += 1
+    return nmask
+
+
+mark_missing = numba.njit(cache=True, nogil=True, inline="always")(_mark_missing)
+
+
 def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, xio, warm, code, power, delta,
                disp_in, disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol,
                zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, fsum, zc,
@@ -316,25 +347,8 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
     for o in range(n_outer):
         og = outer0 + o
         # 1. the missing / held-out inner indices, and the stored observed non-zeros
-        nmask = 0
-        if has_mask:
-            for p in range(mk_indptr[o], mk_indptr[o + 1]):
-                i = mk_indices[p]
-                if mark[i] != o:
-                    mark[i] = o
-                    kind[i] = 2
-                    mlist[nmask] = i
-                    nmask += 1
-        if cv_on and not zeros_missing:
-            for i in range(n_inner):
-                if mark[i] != o:
-                    ho = held_out(cv_seed, np.uint64(og), np.uint64(i), cv_thr) if by_row else \
-                        held_out(cv_seed, np.uint64(i), np.uint64(og), cv_thr)
-                    if ho:
-                        mark[i] = o
-                        kind[i] = 1
-                        mlist[nmask] = i
-                        nmask += 1
+        nmask = mark_missing(o, og, by_row, has_mask, mk_indices, mk_indptr, cv_on and not zeros_missing, cv_seed,
+                             cv_thr, n_inner, mark, kind, mlist)
         ne = 0
         for p in range(indptr[o], indptr[o + 1]):
             a = data[p]
@@ -701,25 +715,8 @@ def _zi_estep_pass(by_row, data, indices, indptr, n_inner, outer0, F, X, code, d
     for o in range(n_outer):
         og = outer0 + o
         x = X[o]
-        nmask = 0
-        if has_mask:
-            for p in range(mk_indptr[o], mk_indptr[o + 1]):
-                i = mk_indices[p]
-                if mark[i] != o:
-                    mark[i] = o
-                    kind[i] = 2
-                    mlist[nmask] = i
-                    nmask += 1
-        if cv_on:
-            for i in range(n_inner):
-                if mark[i] != o:
-                    ho = held_out(cv_seed, np.uint64(og), np.uint64(i), cv_thr) if by_row else \
-                        held_out(cv_seed, np.uint64(i), np.uint64(og), cv_thr)
-                    if ho:
-                        mark[i] = o
-                        kind[i] = 1
-                        mlist[nmask] = i
-                        nmask += 1
+        nmask = mark_missing(o, og, by_row, has_mask, mk_indices, mk_indptr, cv_on, cv_seed, cv_thr, n_inner, mark,
+                             kind, mlist)
         pos_loss = 0.0
         n_pos = 0
         for p in range(indptr[o], indptr[o + 1]):
