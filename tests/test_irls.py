@@ -18,6 +18,7 @@ from dnmf.kernels.irls import DISP_NONE, LOSS_CODES, csc_irls_pass
 from dnmf.kernels.masked import holdout_mask
 from dnmf.kernels.nnls import SOLVER_EXACT
 
+from flaky import FlakyExecutor
 from references import irls_system, nnls_quadratic
 
 NO_MASK = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
@@ -356,26 +357,6 @@ def test_factorize_pipeline_with_a_loss_key(tmp_path, dispersion):
         assert zarr.open_group(res.store, mode="r")["model/dispersion"].metadata.dimension_names == ("feature",)
 
 
-class _LosesAWorker:
-    """A LocalExecutor whose ``n``-th ``map_blocks`` raises WorkerLostError (as a lost Dask worker)."""
-
-    def __init__(self, n: int):
-        from dnmf.engine.executor import LocalExecutor
-
-        self._ex, self._n, self.calls, self.max_recoveries = LocalExecutor(1), n, 0, 2
-
-    def map_blocks(self, *args, **kwargs):
-        from dnmf.exceptions import WorkerLostError
-
-        self.calls += 1
-        if self.calls == self._n:
-            raise WorkerLostError("A Dask worker was lost (tcp://test) during map_blocks", worker="tcp://test")
-        return self._ex.map_blocks(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._ex, name)
-
-
 def test_lost_worker_redoes_the_iteration():
     from dnmf.engine.als import ALSOptions
     from dnmf.engine.executor import LocalExecutor
@@ -391,7 +372,7 @@ def test_lost_worker_redoes_the_iteration():
     ref, ref_h = fit_irls(blocked, w0, opts, ro, mo, LocalExecutor(1))
     # map_blocks calls: 3 to place the blocks (CSC conversion, row split, row join), then two per
     # iteration; call 8 is iteration 3's column pass
-    flaky = _LosesAWorker(8)
+    flaky = FlakyExecutor("map_blocks", 8)
     state, h = fit_irls(blocked, w0, opts, ro, mo, flaky)
     assert flaky.calls == 3 + 2 * 4 + 1 + 3  # the failed call, then the blocks placed again
     np.testing.assert_array_equal(state.w, ref.w)

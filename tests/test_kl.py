@@ -13,6 +13,8 @@ import scipy.sparse as sp
 import dnmf
 from dnmf.exceptions import InputError
 
+from flaky import FlakyExecutor
+
 pytestmark = pytest.mark.filterwarnings("ignore::dnmf.exceptions.ConvergenceWarning")
 
 
@@ -304,26 +306,6 @@ def test_kl_refuses_what_it_does_not_fit(planted):
         dnmf.nmf(A, 3, loss="poisson", client=False)
 
 
-class _LosesAWorker:
-    """A LocalExecutor whose ``n``-th ``map_blocks`` raises WorkerLostError (as a lost Dask worker)."""
-
-    def __init__(self, n: int):
-        from dnmf.engine.executor import LocalExecutor
-
-        self._ex, self._n, self.calls, self.max_recoveries = LocalExecutor(1), n, 0, 2
-
-    def map_blocks(self, *args, **kwargs):
-        from dnmf.exceptions import WorkerLostError
-
-        self.calls += 1
-        if self.calls == self._n:
-            raise WorkerLostError("A Dask worker was lost (tcp://test) during map_blocks", worker="tcp://test")
-        return self._ex.map_blocks(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._ex, name)
-
-
 def _engine_fit(A, mask, w0, executor, **opts):
     """fit_kl with ``mask`` and a 10 % hold-out set (``mask`` None: complete data)."""
     from dnmf.engine.als import ALSOptions
@@ -340,7 +322,7 @@ def test_kl_lost_worker_redoes_the_pass(small):
 
     A, mask, w0 = small
     ref, ref_h = _engine_fit(A, mask, w0, LocalExecutor(1))
-    flaky = _LosesAWorker(5)  # map_blocks calls: 1 the CSC conversion, 2 the first pass, … 5 the fourth pass
+    flaky = FlakyExecutor("map_blocks", 5)  # map_blocks calls: 1 the CSC conversion, 2 the first pass, … 5 the fourth pass
     state, h = _engine_fit(A, mask, w0, flaky)
     assert flaky.calls > 5  # the blocks were placed again and the pass redone: the same fit
     np.testing.assert_array_equal(state.w, ref.w)

@@ -22,6 +22,8 @@ import dnmf
 from dnmf.exceptions import ConvergenceWarning, InputError
 from dnmf.kernels.masked import holdout_mask
 
+from flaky import FlakyExecutor
+
 pytestmark = pytest.mark.filterwarnings("ignore::dnmf.exceptions.ConvergenceWarning")
 
 M_, N_, K_ = 24, 30, 3
@@ -424,33 +426,6 @@ def test_resume_with_h_side_penalties(tmp_path):
         dnmf.nmf(A, K_, maxit=6, checkpoint=str(tmp_path / "b"), resume=True, **other)
 
 
-class _Flaky:
-    """A LocalExecutor whose ``verb`` raises WorkerLostError on its ``at``-th call (1-based), once:
-    a worker lost at a chosen moment of the penalized loop, deterministically and in-process."""
-
-    def __init__(self, verb: str, at: int):
-        from dnmf.engine.executor import LocalExecutor
-
-        self._ex = LocalExecutor(1)
-        self.verb, self.at, self.calls = verb, at, 0
-        self.max_recoveries = 2
-
-    def __getattr__(self, name):
-        fn = getattr(self._ex, name)
-        if name != self.verb:
-            return fn
-
-        def verb(*args, **kwargs):
-            self.calls += 1
-            if self.calls == self.at:
-                from dnmf.exceptions import WorkerLostError
-
-                raise WorkerLostError("worker lost (test)", worker="tcp://test")
-            return fn(*args, **kwargs)
-
-        return verb
-
-
 @pytest.mark.parametrize("verb, at", [("map_blocks", 9), ("gather", 5), ("gather", 7), ("tree_reduce", 6)])
 def test_lost_worker_in_the_penalized_loop_recovers_bitwise(verb, at):
     """A lost worker during the angular second pass, the graph_H gather, the final gather (H of
@@ -465,7 +440,7 @@ def test_lost_worker_in_the_penalized_loop_recovers_bitwise(verb, at):
     blocked = as_blocked(A, block_nnz=150)
     opts = ALSOptions(k=K_, tol=0.0, maxit=6, penalties=fit_penalties(_combined(), A.shape))
     ref_state, ref_ht = fit_als(blocked, _w0(), opts, LocalExecutor(1))
-    flaky = _Flaky(verb, at)
+    flaky = FlakyExecutor(verb, at)
     state, ht = fit_als(blocked, _w0(), opts, flaky)
     assert flaky.calls >= at  # the failure happened
     np.testing.assert_array_equal(state.w, ref_state.w)

@@ -20,6 +20,8 @@ from dnmf.cv import cv_tasks, engine_init
 from dnmf.exceptions import InputError
 from dnmf.kernels.masked import holdout_mask
 
+from flaky import FlakyExecutor
+
 pytestmark = pytest.mark.filterwarnings("ignore::dnmf.exceptions.ConvergenceWarning")
 
 # Closed-form steps and Cholesky solves of k × k Grams (condition ≲ 1e4 here) computed in another
@@ -262,32 +264,6 @@ def test_what_stays_refused(kwargs, match):
         dnmf.nmf(A, 2, seed=1, maxit=2, client=False, **kwargs)
 
 
-class _Flaky:
-    """A LocalExecutor whose ``verb`` raises WorkerLostError on its ``at``-th call, once."""
-
-    def __init__(self, verb: str, at: int):
-        from dnmf.engine.executor import LocalExecutor
-
-        self._ex = LocalExecutor(1)
-        self.verb, self.at, self.calls = verb, at, 0
-        self.max_recoveries = 2
-
-    def __getattr__(self, name):
-        fn = getattr(self._ex, name)
-        if name != self.verb:
-            return fn
-
-        def verb(*args, **kwargs):
-            self.calls += 1
-            if self.calls == self.at:
-                from dnmf.exceptions import WorkerLostError
-
-                raise WorkerLostError("worker lost (test)", worker="tcp://test")
-            return fn(*args, **kwargs)
-
-        return verb
-
-
 @pytest.mark.parametrize("variant", ["projective", "symmetric"])
 @pytest.mark.parametrize("verb, at", [("map_blocks", 6), ("gather", 4)])
 def test_lost_worker_recovers_bitwise(variant, verb, at):
@@ -304,7 +280,7 @@ def test_lost_worker_recovers_bitwise(variant, verb, at):
     opts = ALSOptions(k=3, tol=0.0, maxit=5, **{variant: True})
     mo = MaskOptions(test_fraction=0.2, cv_seed=3)
     ref, ref_ht = fit_masked(blocked, w0, opts, mo, LocalExecutor(1))
-    flaky = _Flaky(verb, at)
+    flaky = FlakyExecutor(verb, at)
     state, ht = fit_masked(blocked, w0, opts, mo, flaky)
     assert flaky.calls >= at  # the failure happened
     np.testing.assert_array_equal(state.w, ref.w)
