@@ -36,6 +36,7 @@ import numpy as np
 from .nnls import SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT, active_set_solve, cd_solve, chol_solve, compile_variant
 
 __all__ = ["ColumnTerms", "column_terms", "has_terms", "any_terms", "form_column", "column_step", "chol_factor",
+           "bound_column", "accumulate_column",
            "solve_column", "SOLVE_COLUMN_BY_SOLVER", "compile_variant"]
 
 
@@ -191,3 +192,26 @@ def _column_step(c, G, L, b, x, terms, Gc, Lc, solver, nonneg, cd_maxit, cd_tol,
 
 
 column_step = numba.njit(cache=True, nogil=True)(_column_step)
+
+
+def _bound_column(x, ub):
+    """§8's upper bound on a solved column (row), in place: ``x ← min(x, ub)``; ``ub`` 0 is none."""
+    if ub > 0.0:
+        for r in range(x.shape[0]):
+            if x[r] > ub:
+                x[r] = ub
+
+
+bound_column = numba.njit(cache=True, nogil=True, inline="always")(_bound_column)
+
+
+def _accumulate_column(x, hsum, Q):
+    """A block pass's statistics of a solved column: ``hsum += |x|``, ``Q += x xᵀ`` (in place)."""
+    k = x.shape[0]
+    for r in range(k):
+        hsum[r] += abs(x[r])
+        for s in range(k):
+            Q[r, s] += x[r] * x[s]
+
+
+accumulate_column = numba.njit(cache=True, nogil=True, inline="always")(_accumulate_column)

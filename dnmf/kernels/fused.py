@@ -27,7 +27,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .column import SOLVE_COLUMN_BY_SOLVER, any_terms, column_step, compile_variant, has_terms, solve_column
+from .column import (SOLVE_COLUMN_BY_SOLVER, accumulate_column, any_terms, bound_column, column_step, compile_variant,
+                     has_terms, solve_column)
 
 __all__ = ["csc_block_pass", "dense_block_solve", "csc_sq_norm"]
 
@@ -78,10 +79,7 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
             solve_column(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm)
         else:
             column_step(c, G, L, b, x, terms, Gc, Lc, solver, nonneg, cd_maxit, cd_tol, warm)
-        if ub > 0.0:
-            for r in range(k):
-                if x[r] > ub:
-                    x[r] = ub
+        bound_column(x, ub)
         for r in range(k):
             ht[c, r] = x[r]
         for p in range(start, end):
@@ -89,10 +87,7 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
             prow = P[indices[p]]
             for r in range(k):
                 prow[r] += a * x[r]
-        for r in range(k):
-            hsum[r] += abs(x[r])
-            for s in range(k):
-                Q[r, s] += x[r] * x[s]
+        accumulate_column(x, hsum, Q)
 
 
 def _column_step_unused(c, G, L, b, x, terms, Gc, Lc, solver, nonneg, cd_maxit, cd_tol, warm):
@@ -152,15 +147,10 @@ def _dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_ma
             solve_column(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm)
         else:
             column_step(c, G, L, b, x, terms, Gc, Lc, solver, nonneg, cd_maxit, cd_tol, warm)
-        if ub > 0.0:
-            for r in range(k):
-                if x[r] > ub:
-                    x[r] = ub
+        bound_column(x, ub)
         for r in range(k):
             ht[c, r] = x[r]
-            hsum[r] += abs(x[r])
-            for s in range(k):
-                Q[r, s] += x[r] * x[s]
+        accumulate_column(x, hsum, Q)
 
 
 _DENSE_BLOCK_SOLVE = _variants(_dense_block_solve, "_dense_block_solve")

@@ -61,7 +61,7 @@ import numpy as np
 from .. import _losses
 from .._losses import FLOOR as _FLOOR
 from .._losses import _KL_W_FLOOR
-from .column import chol_factor, solve_column
+from .column import bound_column, chol_factor, solve_column
 from .masked import held_out, masked_gram
 from .nnls import SOLVER_CHOLESKY
 
@@ -486,10 +486,7 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
             if solver == SOLVER_CHOLESKY:
                 chol_factor(Gw, Lw)
             solve_column(Gw, Lw, b, x, solver, nonneg, cd_maxit, cd_tol, True)
-            if ub > 0.0:
-                for r in range(k):
-                    if x[r] > ub:
-                        x[r] = ub
+            bound_column(x, ub)
             change = 0.0
             for r in range(k):
                 ch = abs(x[r] - xold[r]) / (abs(xold[r]) + 1e-12)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .column import chol_factor, column_step, solve_column
+from .column import accumulate_column, bound_column, chol_factor, column_step, solve_column
 from .nnls import SOLVER_CHOLESKY
 
 __all__ = ["holdout_threshold", "holdout_seed", "holdout_mask", "held_out", "held_out_pair", "holdout_pattern",
@@ -417,15 +417,11 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
             column_step(c, Gc, Lc, b, x, terms, Gt, Lt, solver, nonneg, cd_maxit, cd_tol, warm)
         else:
             column_step(c, G, L, b, x, terms, Gt, Lt, solver, nonneg, cd_maxit, cd_tol, warm)
-        if ub > 0.0 and not project:
-            for r in range(k):
-                if x[r] > ub:
-                    x[r] = ub
+        if not project:
+            bound_column(x, ub)
         for r in range(k):
             ht[c, r] = x[r]
-            hsum[r] += abs(x[r])
-            for s in range(k):
-                Q[r, s] += x[r] * x[s]
+        accumulate_column(x, hsum, Q)
 
 
 _csc_masked_pass_jit = numba.njit(cache=True, nogil=True)(_csc_masked_pass)
@@ -590,10 +586,7 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
             if solver == SOLVER_CHOLESKY:
                 chol_factor(Gc, Lc)
             solve_column(Gc, Lc, b, x, solver, nonneg, cd_maxit, cd_tol, warm)
-            if ub > 0.0:
-                for r in range(k):
-                    if x[r] > ub:
-                        x[r] = ub
+            bound_column(x, ub)
         for r in range(k):
             wt[r_, r] = x[r]
         # This row's squared errors, from the raw row x = w_i d and Ĥ.
