@@ -50,9 +50,22 @@ def a_tall():
 def client():
     # A LocalCluster closes the nanny of a worker that has not come back after
     # lost-worker-timeout (15 s); on a loaded 2-core machine a restart can take longer.
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "300s"}), distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="2GiB",
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        yield client
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "300s"}):
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="2GiB",
+                                           dashboard_address=None)
+        client = distributed.Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+            try:
+                cluster.close()
+            except KeyError:
+                # distributed's SpecCluster closes its scheduler and workers first, then its status
+                # watcher may meet the removal of a worker it no longer lists (a replacement the
+                # nanny started for a worker these tests killed): KeyError in _update_worker_status.
+                # Everything is closed by then; seen once in CI (test_kl_fit_killed_at_a_random_moment).
+                pass
 
 
 @pytest.fixture
