@@ -1131,9 +1131,7 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
                 state = checkpointer.load()
                 if state is not None:
                     logger.info("resuming from iteration %d (%s)", state.iteration, opts["checkpoint"])
-        blas_limit = (threadpool_limits(limits=1, user_api="blas") if not plan.executor.distributed
-                      and getattr(plan.executor, "n_threads", 1) > 1 else contextlib.nullcontext())
-        with blas_limit:
+        with _one_blas_thread(plan.executor):
             return fit_irls(plan.fit_blocked, w0, als, ro, plan.masked or MaskOptions(), plan.executor,
                             on_iteration=callback, checkpointer=checkpointer, state=state)
     if opts["loss"] == "kl":
@@ -1144,7 +1142,8 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
         # the fit of s·A: W (unit columns) and its denominators Σh carry s, H's denominators do not
         L1, L2, s = opts["L1"], opts["L2"], plan.scale
         als = replace(als, L1=(L1[0] * s, L1[1]), L2=(L2[0] * s, L2[1] / s))
-        return fit_kl(plan.fit_blocked, w0, als, plan.executor, mo=plan.masked, on_iteration=callback)
+        with _one_blas_thread(plan.executor):
+            return fit_kl(plan.fit_blocked, w0, als, plan.executor, mo=plan.masked, on_iteration=callback)
     if plan.masked is not None:
         if opts["checkpoint"] is not None:
             raise param_error("checkpoint", func, "None for a fit with a mask, NaN entries or a test set (such fits "
@@ -1153,9 +1152,7 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
         callback = opts["on_iteration"]
         if opts["verbose"] or plan.scale != 1.0:
             callback = _progress_callback(callback, 1.0 / plan.scale / plan.scale, func)
-        blas_limit = (threadpool_limits(limits=1, user_api="blas") if not plan.executor.distributed
-                      and getattr(plan.executor, "n_threads", 1) > 1 else contextlib.nullcontext())
-        with blas_limit:
+        with _one_blas_thread(plan.executor):
             return fit_masked(plan.fit_blocked, w0, als, plan.masked, plan.executor, on_iteration=callback,
                               targets=targets)
     checkpointer = state = None
@@ -1175,16 +1172,28 @@ def _fit(plan: _Plan, opts: dict, w0: np.ndarray, init_name: str, seed_int: int 
     if opts["verbose"] or plan.scale != 1.0:
         callback = _progress_callback(callback, 1.0 / plan.scale / plan.scale, func)
     executor = plan.executor
-    # Block tasks already run in parallel (threads here, workers on a cluster, whose nannies set
-    # OMP/OPENBLAS/MKL_NUM_THREADS=1): pin BLAS to one thread in-process so dense blocks do not
-    # oversubscribe the cores (DESIGN §3).
-    blas_limit = (threadpool_limits(limits=1, user_api="blas")
-                  if not executor.distributed and getattr(executor, "n_threads", 1) > 1 else contextlib.nullcontext())
-    with blas_limit:
+    with _one_blas_thread(executor):
         return fit_als(plan.fit_blocked, w0, als, executor,
                        sq_norm_a=plan.summary.sq_norm if plan.scale == 1.0 else None,
                        on_iteration=callback, checkpointer=checkpointer, state=state, stream=plan.stream,
                        targets=targets)
+
+
+def _one_blas_thread(executor):
+    """BLAS pinned to one thread in this process around a fit loop (DESIGN §3), unless the loop
+    runs alone on a one-thread executor.
+
+    In-process, the block tasks already run in parallel threads, so BLAS threads (dense blocks)
+    would oversubscribe the cores. With a Dask client, this process only does the small client
+    steps (the W update on m × k statistics), and an idle OpenBLAS thread busy-waits after each
+    call: on a LocalCluster it took a third of a core from the workers' kernels (issue 12,
+    docs/architecture.md "Cluster overhead"). Workers are pinned by their nannies
+    (OMP/OPENBLAS/MKL_NUM_THREADS=1). The client's steps then use one BLAS thread on every
+    path, in-process or distributed, as the bitwise comparisons of the cluster tests assume.
+    """
+    if executor.distributed or getattr(executor, "n_threads", 1) > 1:
+        return threadpool_limits(limits=1, user_api="blas")
+    return contextlib.nullcontext()
 
 
 def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, seq: np.random.SeedSequence,
