@@ -391,6 +391,9 @@ def fit_als(
     if state is None:
         if executor.distributed:
             warm_up_kernels(blocked.sources[0], opts.k, opts, with_terms=any(t is not None for t in terms))
+            from .kernel_cache import ship_kernels  # imports distributed: only with a client
+
+            ship_kernels(executor.client)  # workers without this cache load the compiled variant
         state = ALSState(w=np.ascontiguousarray(w0, dtype=np.float64), d=np.ones(opts.k), ht=[None] * n_blocks,
                          h_scale=np.ones(opts.k))
     # Where H comes from when the blocks are (re-)placed: a resumed fit's arrays until its first

@@ -1,0 +1,326 @@
+"""Ship the client's compiled numba kernels to Dask workers whose cache lacks them (issue 12).
+
+Kernels are ``numba.njit(cache=True)``; before a distributed fit the client compiles (or loads)
+the variant the fit uses, which writes numba's on-disk cache. Workers on this machine or on a
+shared file system load it from there. A worker on another node — its own install, or its own
+``NUMBA_CACHE_DIR`` — would compile each kernel itself (~2.5 s and ~150 MB of LLVM memory per
+worker). :func:`ship_kernels` sends the client's cache entries (numba's index ``.nbi`` and data
+``.nbc`` files) of the dnmf dispatchers compiled in this process to every worker, present and
+future, through a :class:`KernelCachePlugin`. Each worker writes them where *its own* numba looks
+for the same function, and only when its dnmf kernel sources have the same contents as the
+client's; otherwise it installs nothing and compiles as before.
+
+Why this is safe: numba keys each cache entry on the signature, the CPU target (triple, CPU name
+and features) and a hash of the function's bytecode, and stamps the index with its source file.
+A worker on another CPU model misses and compiles. numba's cache of a kernel that inlines
+others (``kernels/irls.py`` inlines ``kernels/masked.py``, ``kernels/column.py`` and
+``_losses.py``) is keyed on its own file only, so entries are installed only when one hash over
+every source file the kernels come from (all of ``dnmf/kernels/*.py`` and ``dnmf/_losses.py``)
+matches; the index is then written with the worker's own source stamp, so a node with its own
+copy of the same dnmf version hits.
+
+numba has no public API for cache files; the few internals used (``Dispatcher._cache``,
+``FunctionCache._cache_file``, ``_impl``, ``IndexDataCacheFile`` paths and writers, all of numba
+0.5x–0.6x) are wrapped so that any exception — another numba version — logs a debug message and
+leaves the worker to compile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import itertools
+import logging
+import os
+import pickle
+import sys
+import weakref
+
+import numba
+from distributed.diagnostics.plugin import WorkerPlugin
+
+__all__ = ["KernelCachePlugin", "collect_entries", "install_entries", "kernel_source_hash", "ship_kernels"]
+
+logger = logging.getLogger(__name__)
+
+#: Modules whose ``numba.njit(cache=True)`` dispatchers are shipped (module globals, and values of
+#: module-level dicts of variants such as ``fused._CSC_BLOCK_PASS``).
+KERNEL_MODULES = ("dnmf.kernels.column", "dnmf.kernels.nnls", "dnmf.kernels.fused", "dnmf.kernels.masked",
+                  "dnmf.kernels.irls", "dnmf.kernels.kl", "dnmf._losses")
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Plugin names already registered per client (so a fit registers once per client and kernel set).
+_SHIPPED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _source_files(package_dir: str = _PACKAGE_DIR) -> list[str]:
+    """The dnmf source files the shipped kernels may be compiled from: ``kernels/*.py`` and
+    ``_losses.py`` of the package at ``package_dir``, sorted."""
+    kdir = os.path.join(package_dir, "kernels")
+    files = [os.path.join(kdir, f) for f in os.listdir(kdir) if f.endswith(".py")]
+    return sorted(files) + [os.path.join(package_dir, "_losses.py")]
+
+
+def kernel_source_hash(package_dir: str = _PACKAGE_DIR) -> str:
+    """SHA-256 over the names and contents of every kernel source file of the dnmf package at
+    ``package_dir`` (default: this process's). Two installs with the same hash compile the
+    same kernels; mtimes do not enter.
+
+    Parameters
+    ----------
+    package_dir : str, optional
+        Directory of a ``dnmf`` package.
+
+    Returns
+    -------
+    str
+        Hex digest.
+    """
+    h = hashlib.sha256()
+    for path in _source_files(package_dir):
+        with open(path, "rb") as f:
+            content = f.read()
+        h.update(os.path.relpath(path, package_dir).encode())
+        h.update(len(content).to_bytes(8, "little"))
+        h.update(content)
+    return h.hexdigest()
+
+
+def _dispatchers():
+    """(module name, dispatcher) of every numba dispatcher of :data:`KERNEL_MODULES` loaded in
+    this process, in a fixed order."""
+    from numba.core.dispatcher import Dispatcher
+
+    for modname in KERNEL_MODULES:
+        mod = sys.modules.get(modname)
+        if mod is None:
+            continue
+        seen = set()
+        for value in vars(mod).values():
+            for d in (value.values() if isinstance(value, dict) else (value,)):
+                if isinstance(d, Dispatcher) and id(d) not in seen:
+                    seen.add(id(d))
+                    yield modname, d
+
+
+def _find_dispatcher(modname: str, qualname: str):
+    """The dispatcher of module ``modname`` whose Python function is named ``qualname``."""
+    importlib.import_module(modname)
+    for mod, d in _dispatchers():
+        if mod == modname and d.py_func.__qualname__ == qualname:
+            return d
+    return None
+
+
+def _read_index(cache_file) -> tuple:
+    """``(stamp, overloads)`` of a numba index file, or ``(None, {})`` if missing or of another
+    numba version."""
+    try:
+        with open(cache_file._index_path, "rb") as f:
+            version = pickle.load(f)
+            rest = f.read()
+    except FileNotFoundError:
+        return None, {}
+    if version != numba.__version__:
+        return None, {}
+    return pickle.loads(rest)
+
+
+def _collect_entry(modname: str, dispatcher) -> dict | None:
+    """The cache entry of one dispatcher: its index's overloads for the signatures compiled or
+    loaded in this process on this CPU target, and their data files' bytes."""
+    from numba.core.caching import FunctionCache
+
+    cache = getattr(dispatcher, "_cache", None)
+    if not isinstance(cache, FunctionCache) or not dispatcher.signatures:
+        return None
+    source = os.path.realpath(inspect.getfile(dispatcher.py_func))
+    if source not in {os.path.realpath(p) for p in _source_files()}:
+        return None  # not a file the source hash covers
+    cache_file = cache._cache_file
+    stamp, overloads = _read_index(cache_file)
+    if stamp != cache_file._source_stamp:
+        return None  # stale index: numba itself would not load it
+    magic = dispatcher.targetctx.codegen().magic_tuple()
+    sigs = set(dispatcher.signatures)
+    keep = {key: name for key, name in overloads.items() if key[0] in sigs and key[1] == magic}
+    if not keep:
+        return None
+    data = {}
+    for name in sorted(set(keep.values())):
+        with open(cache_file._data_path(name), "rb") as f:
+            data[name] = f.read()
+    return {"module": modname, "qualname": dispatcher.py_func.__qualname__,
+            "filename_base": cache._impl.filename_base, "overloads": pickle.dumps(keep, protocol=-1),
+            "data": data}
+
+
+def collect_entries() -> list[dict]:
+    """numba cache entries of the dnmf kernels compiled (or loaded from the cache) in this
+    process, for :func:`install_entries` elsewhere.
+
+    Only dispatchers of :data:`KERNEL_MODULES` defined in the files :func:`kernel_source_hash`
+    covers, only the signatures this process holds, only for this CPU target.
+
+    Returns
+    -------
+    list of dict
+        One entry per dispatcher (module, qualified name, numba's file name base, pickled index
+        overloads, data file bytes by name). Empty when nothing is cached or numba's internals
+        differ from those this module knows (logged at debug level).
+    """
+    entries = []
+    for modname, d in _dispatchers():
+        try:
+            entry = _collect_entry(modname, d)
+        except Exception as exc:  # another numba version: ship nothing of this kernel
+            logger.debug("kernel cache: cannot read numba's cache of %s: %r", d.py_func.__qualname__, exc)
+            continue
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
+def _install_entry(entry: dict) -> int:
+    """Write one shipped entry where this process's numba looks for its dispatcher; returns the
+    number of overloads added (0 if all were present)."""
+    d = _find_dispatcher(entry["module"], entry["qualname"])
+    if d is None or getattr(d, "_cache", None) is None:
+        return 0
+    cache = d._cache
+    if cache._impl.filename_base != entry["filename_base"]:  # other Python version or line number
+        return 0
+    cache_file = cache._cache_file
+    existing = cache_file._load_index()  # {} when missing, stale or of another numba version
+    new = {key: name for key, name in pickle.loads(entry["overloads"]).items() if key not in existing}
+    if not new:
+        return 0
+    cache._impl.locator.ensure_cache_path()
+    used = set(existing.values())
+    free = (n for n in (cache_file._data_name(i) for i in itertools.count(1)) if n not in used)
+    for key, name in new.items():
+        target = next(free)
+        with cache_file._open_for_write(cache_file._data_path(target)) as f:
+            f.write(entry["data"][name])
+        existing[key] = target
+    cache_file._save_index(existing)  # with this process's own source stamp
+    return len(new)
+
+
+def install_entries(entries: list[dict], source_hash: str, numba_version: str) -> int:
+    """Install entries from :func:`collect_entries` of another process into this process's numba
+    cache, if this process's dnmf kernel sources and numba version are the same as theirs.
+
+    Parameters
+    ----------
+    entries : list of dict
+        From :func:`collect_entries`.
+    source_hash : str
+        :func:`kernel_source_hash` of the process that collected them.
+    numba_version : str
+        Its ``numba.__version__``.
+
+    Returns
+    -------
+    int
+        Overloads added (0 when sources or numba differ, or everything was present). Never
+        raises: a failure is logged at debug level and numba compiles as without the entries.
+    """
+    try:
+        if numba_version != numba.__version__:
+            logger.debug("kernel cache: numba %s here, %s on the client; nothing installed",
+                         numba.__version__, numba_version)
+            return 0
+        if kernel_source_hash() != source_hash:
+            logger.debug("kernel cache: dnmf kernel sources here differ from the client's; nothing installed")
+            return 0
+    except Exception as exc:
+        logger.debug("kernel cache: cannot hash the kernel sources here: %r", exc)
+        return 0
+    added = 0
+    for entry in entries:
+        try:
+            added += _install_entry(entry)
+        except Exception as exc:  # another numba version, unwritable cache: compile as before
+            logger.debug("kernel cache: cannot install %s: %r", entry.get("qualname"), exc)
+    return added
+
+
+class KernelCachePlugin(WorkerPlugin):
+    """Worker plugin installing the client's numba cache entries on each worker when it starts
+    (and on every worker that joins later).
+
+    Parameters
+    ----------
+    entries : list of dict
+        From :func:`collect_entries`.
+    source_hash : str
+        :func:`kernel_source_hash` of the client.
+    numba_version : str
+        The client's ``numba.__version__``.
+
+    Attributes
+    ----------
+    installed : int or None
+        Overloads the plugin added on this worker (set by ``setup``).
+    """
+
+    idempotent = True  # the name carries a digest of the entries: registering it again is a no-op
+
+    def __init__(self, entries: list[dict], source_hash: str, numba_version: str):
+        self.entries = entries
+        self.source_hash = source_hash
+        self.numba_version = numba_version
+        self.installed = None
+
+    def setup(self, worker) -> None:
+        self.installed = install_entries(self.entries, self.source_hash, self.numba_version)
+        logger.debug("kernel cache: %d overloads installed on %s", self.installed, worker.address)
+
+
+def _plugin_name(entries: list[dict], source_hash: str) -> str:
+    h = hashlib.sha256(source_hash.encode())
+    for entry in entries:
+        h.update(entry["filename_base"].encode())
+        h.update(entry["overloads"])
+        for name in sorted(entry["data"]):
+            h.update(hashlib.sha256(entry["data"][name]).digest())
+    return "dnmf-kernel-cache-" + h.hexdigest()[:16]
+
+
+def ship_kernels(client) -> str | None:
+    """Send the numba cache entries of the dnmf kernels compiled in this process to every
+    worker of ``client``, present and future (a :class:`KernelCachePlugin`).
+
+    Call after compiling the kernels a fit uses (``engine/als.py::warm_up_kernels``). Once per
+    client and set of kernels; a few hundred kB per worker. A worker installs the entries only
+    where its dnmf kernel sources and numba version equal the client's, writing them where its
+    own numba looks (``NUMBA_CACHE_DIR``, the in-tree ``__pycache__`` or the user-wide cache).
+
+    Parameters
+    ----------
+    client : distributed.Client
+
+    Returns
+    -------
+    str or None
+        The plugin's name, or None when nothing was shipped (no cache entries, already shipped
+        to this client, or a failure, logged at debug level: workers then compile as before).
+    """
+    try:
+        entries = collect_entries()
+        if not entries:
+            return None
+        source_hash = kernel_source_hash()
+        name = _plugin_name(entries, source_hash)
+        shipped = _SHIPPED.setdefault(client, set())
+        if name in shipped:
+            return None
+        client.register_plugin(KernelCachePlugin(entries, source_hash, numba.__version__), name=name)
+        shipped.add(name)
+        return name
+    except Exception as exc:  # never fail a fit for this: the workers compile instead
+        logger.debug("kernel cache: not shipped to the workers: %r", exc)
+        return None

@@ -1,0 +1,164 @@
+"""The client ships its compiled numba kernels to workers whose cache lacks them (issue 12).
+
+Each test starts a real 2-worker LocalCluster of processes whose numba cache is empty (their own
+``NUMBA_CACHE_DIR``, or their own copy of the dnmf package with its empty in-tree cache), fits,
+and reads numba's per-dispatcher counters on the workers: a cache hit and no miss means the
+worker loaded the client's compiled kernel instead of compiling it.
+"""
+
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import dnmf
+from dnmf.engine import kernel_cache
+
+distributed = pytest.importorskip("distributed")
+
+# 300 × 400 at 10 %: 12,000 nonzeros in blocks of ≤ 3,000 ⇒ ≥ 4 blocks, so both workers run the
+# block pass; 5 iterations are enough to exercise it several times per worker.
+A = sp.random(300, 400, density=0.1, random_state=0, format="csc")
+FIT = dict(k=5, seed=1, maxit=5, block_nnz=3000)
+
+
+def _block_pass_stats():
+    """On a worker: which dnmf kernel dispatchers hold compiled code, with numba's cache hit and
+    miss counts, and where dnmf and numba's cache live."""
+    import dnmf as worker_dnmf
+    from dnmf.kernels import fused
+
+    out = {"dnmf": worker_dnmf.__file__, "compiled": {}}
+    for name, d in kernel_cache._dispatchers():
+        if d.signatures:
+            out["compiled"][d.py_func.__qualname__] = (sum(d.stats.cache_hits.values()),
+                                                       sum(d.stats.cache_misses.values()))
+    out["cache_path"] = fused._CSC_BLOCK_PASS[1, False]._cache.cache_path
+    return out
+
+
+def _installed(dask_worker):
+    return {n: p.installed for n, p in dask_worker.plugins.items() if n.startswith("dnmf-kernel-cache-")}
+
+
+def _fit(env, preload=None):
+    """A fit on a fresh 2-worker process cluster with ``env``; returns the model, the workers'
+    kernel statistics, what the plugin installed on each, and the cluster fit's wall time."""
+    kernel_cache._SHIPPED.clear()  # a new cluster's client is a new key anyway; be explicit
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  env=env, preload=preload) as cluster, distributed.Client(cluster) as client:
+        t0 = time.perf_counter()
+        with pytest.warns(dnmf.exceptions.ConvergenceWarning):
+            model = dnmf.nmf(A, client=client, **FIT)
+        wall = time.perf_counter() - t0
+        stats = client.run(_block_pass_stats)
+        installed = client.run(_installed)
+    return model, stats, installed, wall
+
+
+@pytest.fixture(scope="module")
+def local_model():
+    with pytest.warns(dnmf.exceptions.ConvergenceWarning):
+        return dnmf.nmf(A, client=False, **FIT)
+
+
+def _assert_same_fit(model, local_model):
+    # the workers run the same compiled code on the same blocks, reduced in fixed block order
+    # (engine/executor.py::tree_reduce) ⇒ bitwise equal to the in-process fit
+    np.testing.assert_array_equal(model.w, local_model.w)
+    np.testing.assert_array_equal(model.h, local_model.h)
+    np.testing.assert_array_equal(model.d, local_model.d)
+
+
+def _package_copy(tmp_path, mtime, append=None):
+    """A copy of the dnmf package (no caches) under ``tmp_path/pkg`` with every file's mtime set
+    to ``mtime``, and a worker preload putting it first on ``sys.path``."""
+    root = tmp_path / "pkg"
+    src = os.path.dirname(dnmf.__file__)
+    shutil.copytree(src, root / "dnmf", ignore=shutil.ignore_patterns("__pycache__"))
+    if append is not None:
+        with open(root / "dnmf" / "kernels" / "fused.py", "a") as f:
+            f.write(append)
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            os.utime(os.path.join(dirpath, f), (mtime, mtime))
+    preload = tmp_path / "preload_pkg.py"
+    preload.write_text(f"import sys\nsys.path.insert(0, {str(root)!r})\n")
+    return root, str(preload)
+
+
+def _own_cache_env(tmp_path):
+    """Keep the workers off a NUMBA_CACHE_DIR this process may have: a fresh empty one."""
+    if "NUMBA_CACHE_DIR" in os.environ:
+        d = tmp_path / "numba_cache"
+        d.mkdir()
+        return {"NUMBA_CACHE_DIR": str(d)}
+    return {}
+
+
+def test_workers_with_empty_cache_dir_load_the_clients_kernel(tmp_path, local_model):
+    cache = tmp_path / "worker_cache"
+    cache.mkdir()
+    model, stats, installed, _ = _fit({"NUMBA_CACHE_DIR": str(cache)})
+    assert len(stats) == 2
+    for s in stats.values():
+        assert s["cache_path"].startswith(str(cache))
+        # the block pass was loaded from the cache (hits) and nothing was compiled: no misses,
+        # and none of the kernels it inlines (chol_solve, column steps) holds compiled code
+        assert list(s["compiled"]) == ["_csc_block_pass_s1"]
+        hits, misses = s["compiled"]["_csc_block_pass_s1"]
+        assert hits >= 1 and misses == 0
+    # both workers share this cache dir: one wrote the entry, the other found it there
+    assert sorted(v for w in installed.values() for v in w.values()) == [0, 1]
+    assert any(f.endswith(".nbc") for f in os.listdir(next(iter(stats.values()))["cache_path"]))
+    _assert_same_fit(model, local_model)
+
+
+def test_worker_with_same_source_other_mtime_hits(tmp_path, local_model):
+    root, preload = _package_copy(tmp_path, mtime=1_000_000_000)
+    model, stats, installed, _ = _fit(_own_cache_env(tmp_path), preload=[preload])
+    for s in stats.values():
+        assert s["dnmf"].startswith(str(root))  # the worker really runs its own copy
+        assert list(s["compiled"]) == ["_csc_block_pass_s1"]
+        hits, misses = s["compiled"]["_csc_block_pass_s1"]
+        assert hits >= 1 and misses == 0
+    assert sum(v for w in installed.values() for v in w.values()) >= 1
+    _assert_same_fit(model, local_model)
+
+
+def test_worker_with_other_source_compiles(tmp_path, local_model):
+    root, preload = _package_copy(tmp_path, mtime=time.time(), append="# a local change\n")
+    model, stats, installed, _ = _fit(_own_cache_env(tmp_path), preload=[preload])
+    for s in stats.values():
+        assert s["dnmf"].startswith(str(root))
+        hits, misses = s["compiled"]["_csc_block_pass_s1"]
+        assert hits == 0 and misses == 1  # compiled here: the client's entry was not installed
+    assert all(v == 0 for w in installed.values() for v in w.values())
+    _assert_same_fit(model, local_model)
+
+
+def test_source_hash_covers_kernels_and_losses(tmp_path):
+    root = tmp_path / "dnmf"
+    src = os.path.dirname(dnmf.__file__)
+    shutil.copytree(os.path.join(src, "kernels"), root / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(src, "_losses.py"), root / "_losses.py")
+    base = kernel_cache.kernel_source_hash(str(root))
+    assert base == kernel_cache.kernel_source_hash(src)
+    os.utime(root / "_losses.py", (1, 1))
+    assert kernel_cache.kernel_source_hash(str(root)) == base  # contents only, not mtimes
+    with open(root / "_losses.py", "a") as f:
+        f.write("\n")
+    assert kernel_cache.kernel_source_hash(str(root)) != base
+
+
+def test_install_refuses_other_numba_or_sources():
+    entries = [{"module": "dnmf.kernels.fused", "qualname": "nope", "filename_base": "x", "overloads": b"",
+                "data": {}}]
+    assert kernel_cache.install_entries(entries, kernel_cache.kernel_source_hash(), "0.0.0") == 0
+    assert kernel_cache.install_entries(entries, "0" * 64, kernel_cache.numba.__version__) == 0
+    # a malformed entry is skipped (logged), never raised
+    assert kernel_cache.install_entries(entries, kernel_cache.kernel_source_hash(),
+                                        kernel_cache.numba.__version__) == 0
