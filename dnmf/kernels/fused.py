@@ -69,11 +69,28 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
         end = indptr[c + 1]
         for r in range(k):
             b[r] = -l1
-        for p in range(start, end):
+        # b += Σ_p a_p w_{i_p}, four nonzeros per round: b[r] is loaded and stored once per four
+        # products instead of once per product, and the additions keep their order, so b is
+        # bitwise the one-at-a-time sum (~10 % less time on this sweep, bench_nmf.py --kernel).
+        p = start
+        while p + 3 < end:
+            a0 = data[p]
+            a1 = data[p + 1]
+            a2 = data[p + 2]
+            a3 = data[p + 3]
+            w0 = w[indices[p]]  # row views: let LLVM keep the addressing out of the r loop
+            w1 = w[indices[p + 1]]
+            w2 = w[indices[p + 2]]
+            w3 = w[indices[p + 3]]
+            for r in range(k):
+                b[r] = (((b[r] + a0 * w0[r]) + a1 * w1[r]) + a2 * w2[r]) + a3 * w3[r]
+            p += 4
+        while p < end:
             a = data[p]
-            wrow = w[indices[p]]  # a row view: lets LLVM keep the addressing out of the r loop
+            wrow = w[indices[p]]
             for r in range(k):
                 b[r] += a * wrow[r]
+            p += 1
         if warm:
             for r in range(k):
                 x[r] = ht[c, r] * warm_scale[r]
