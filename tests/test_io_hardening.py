@@ -583,8 +583,8 @@ def test_garbage_h5ad_and_missing_anndata(tmp_path, monkeypatch):
 
 
 def test_io_modules_import_one_way():
-    """blocks ← validate ← memory ← zarr_store ← hdf5 ← tenx ← readers ← writers: no module imports a later one."""
-    order = ["blocks", "validate", "memory", "zarr_store", "hdf5", "tenx", "readers", "writers"]
+    """blocks ← validate ← memory ← chunks ← zarr_store ← hdf5 ← tenx ← readers ← writers: no module imports a later one."""
+    order = ["blocks", "validate", "memory", "chunks", "zarr_store", "hdf5", "tenx", "readers", "writers"]
     folder = Path(dnmf.io.__file__).parent
     for i, name in enumerate(order):
         tree = ast.parse((folder / f"{name}.py").read_text())

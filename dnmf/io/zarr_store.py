@@ -95,6 +95,7 @@ from dask.sizeof import sizeof
 from .._validation import check_int, param_error
 from ..exceptions import InputError
 from .blocks import BlockedMatrix, CSCBlock, _StoredCSCRange
+from .chunks import read_range
 from .memory import (
     _canonical_csc,
     _check_dtype_param,
@@ -176,19 +177,21 @@ class ZarrBlockSource(_StoredCSCRange):
         foreign stores): its ``indptr`` against the entries recorded when the store was opened,
         and its row indices against ``n_rows`` (a min/max over the indices, a few per cent of
         the read itself), so no kernel ever sees an index outside the block.
-        """
-        import zarr
 
-        g = zarr.open_group(self.path, mode="r", path=self.group or None)
-        indptr = np.asarray(g["indptr"][self.col_start : self.col_stop + 1], dtype=np.int64)
+        The three ranges are read by :func:`dnmf.io.chunks.read_range`: straight from the chunk
+        files for stores in dnmf's own layouts (raw or Blosc chunks), by zarr otherwise.
+        """
+        member = f"{self.group.strip('/')}/" if self.group.strip("/") else ""
+        indptr = np.asarray(read_range(self.path, member + "indptr", self.col_start, self.col_stop + 1),
+                            dtype=np.int64)
         indptr = indptr - indptr[0]
         if int(indptr[-1]) != self.nnz:
             raise InputError(
                 f"The Zarr store {self.path!r} changed after it was opened: block {self.j} "
                 f"(columns {self.col_start}:{self.col_stop}) holds {int(indptr[-1])} entries, expected {self.nnz}."
             )
-        data = g["data"][self.entry_start : self.entry_stop]
-        indices = g["indices"][self.entry_start : self.entry_stop]
+        data = read_range(self.path, member + "data", self.entry_start, self.entry_stop)
+        indices = read_range(self.path, member + "indices", self.entry_start, self.entry_stop)
         check_compressed(indptr, indices, data, (self.n_rows, self.n_cols), fmt="csc",
                          what=f"The Zarr store {self.path!r} (block of columns {self.col_start}:{self.col_stop})",
                          col0=self.col_start)
