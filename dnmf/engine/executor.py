@@ -11,15 +11,23 @@ these verbs, so the same code runs on a cluster and in a notebook without one:
 ``map_blocks(fn, *per_block, args=(), n_out=1)``
     run ``fn(*per_block_j, *args)`` for every block j; returns one handle per block (or a tuple
     of ``n_out`` handles per block when ``fn`` returns a tuple). Handles of the distributed
-    executor are futures that stay on the worker that computed them; a task preferably runs
-    on the worker holding its first per-block argument (a handle from ``put_blocks``), or
-    anywhere when that argument is a plain value (a small picklable object, e.g. a lazy
-    block source).
+    executor designate results that stay on the worker that computed them. When every first
+    per-block argument lives on a worker (a handle from ``put_blocks``, or a result of an
+    earlier ``map_blocks`` on them), the blocks of each worker — a contiguous run — are split
+    into at most as many contiguous chunks as that worker has threads, and each chunk is one
+    task there calling ``fn`` on its blocks in block order: a round costs a scheduler hop per
+    chunk instead of per block, and a worker's kernels run back to back. The results are those
+    of one call per block, so nothing numerical depends on the chunking. Otherwise — a lazy
+    block source streamed from disk, or a plain value as first argument — there is one task
+    per block, which the scheduler places and balances.
 ``tree_reduce(combine, handles)``
     combine per-block results with a fixed binary tree in block order, so the result does not
     depend on which task finished first nor on the number of workers.
 ``gather(handles)`` / ``map(fn, items)``
     fetch results; run independent tasks (sweeps, bootstrap chunks) and return them in order.
+``standalone(handles)``
+    handles that a ``distributed.Client`` fetches by itself (``client.gather``), one per block,
+    for results handed to users (``nmfre_blocked``'s ``U_blocks``); the values locally.
 
 Handles are opaque: only pass them back into the executor that made them.
 
@@ -38,7 +46,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import operator
 import os
 import uuid
 from concurrent.futures import CancelledError, ThreadPoolExecutor
@@ -95,6 +102,10 @@ class Executor(abc.ABC):
 
     def release(self, handles: Sequence) -> None:
         """Drop handles so a cluster can free their memory (no-op locally)."""
+
+    def standalone(self, handles: Sequence) -> list:
+        """See the module docstring."""
+        return list(handles)
 
     def available_memory(self) -> float:
         """Bytes of memory of one worker: here, this machine's available memory."""
@@ -205,6 +216,7 @@ class DaskExecutor(Executor):
                             f"{wait_timeout:.0f} s). Start workers or pass client=False.") from exc
         self.n_workers = len(self._workers)
         self._home: dict = {}  # future key -> address of the worker its block task is pinned to
+        self._lazy: set = set()  # keys of placed lazy block sources (one task per block)
 
     # -- talking to the cluster, with bounded waits and typed worker losses --------------------
 
@@ -247,16 +259,18 @@ class DaskExecutor(Executor):
                                worker=worker)
 
     def _live_workers(self) -> list[str]:
-        """Addresses of the workers alive now, waiting up to ``wait_timeout`` for a first one."""
+        """Addresses of the workers alive now, waiting up to ``wait_timeout`` for a first one;
+        their thread counts are kept in ``_nthreads`` (the chunks of ``map_blocks``)."""
         try:
-            workers = sorted(scheduler_workers(self.client))
-            if not workers:
+            info = scheduler_workers(self.client)
+            if not info:
                 self.client.wait_for_workers(1, timeout=self.wait_timeout)
-                workers = sorted(scheduler_workers(self.client))
+                info = scheduler_workers(self.client)
         except OSError as exc:  # TimeoutError is an OSError
             raise WorkerLostError(f"No Dask worker is left (waited {self.wait_timeout:.0f} s for one): "
                                   f"{type(exc).__name__}: {exc}") from exc
-        return workers
+        self._nthreads = {addr: max(1, int(w.get("nthreads") or 1)) for addr, w in info.items()}
+        return sorted(info)
 
     def _scatter(self, values: list, workers: list | None = None) -> list:
         # Never broadcast=True: the scheduler's replicate loop never ends when a target worker
@@ -296,30 +310,63 @@ class DaskExecutor(Executor):
             for j, fut in zip(js, self._scatter([values[j] for j in js], workers=[addr])):
                 handles[j] = fut
                 self._home[fut.key] = addr
+                if hasattr(values[j], "load"):  # a lazy source: its tasks read from disk
+                    self._lazy.add(fut.key)
         return handles
 
     def map_blocks(self, fn, *per_block, args=(), n_out=1):
-        from distributed import Future
-
         homes = [self._home_of(h) for h in per_block[0]]
         shared = self._put_near(tuple(args), homes)
-        out = []
-        for j, home in enumerate(homes):
-            # Run where the block is (a loose restriction: elsewhere if that worker is gone),
+        out: list = [None] * len(homes)
+        for js in self._chunks(per_block[0], homes):
+            home = homes[js[0]]
+            # Run where the blocks are (a loose restriction: elsewhere if that worker is gone),
             # rather than where a large shared argument happens to be.
-            fut = self._submit(fn, (*(p[j] for p in per_block), *shared.get(home, shared[None])), home,
-                               key=_key(fn, j))
+            near = shared.get(home, shared[None])
+            if len(js) == 1:
+                fut = self._submit(fn, (*(p[js[0]] for p in per_block), *near), home, key=_key(fn, js[0]))
+                out[js[0]] = self._result_handles(fut, home, (), n_out, 1)
+            else:
+                flat = tuple(p[j] for j in js for p in per_block)
+                fut = self._submit(_run_chunk, (fn, len(per_block), len(js), *flat, *near), home,
+                                   key=_key(fn, js[0]))
+                for pos, j in enumerate(js):
+                    out[j] = self._result_handles(fut, home, (pos,), n_out, len(js))
+            if out[js[0]] is not fut:
+                fut.release()  # the handles hold their own references
+        return out
+
+    def _chunks(self, firsts: Sequence, homes: list) -> list[list[int]]:
+        """The blocks of each task of a ``map_blocks`` round: per worker, its blocks in at most
+        that worker's thread count of contiguous chunks (sizes differing by at most one); one
+        block per task when a block has no home or its first argument is a lazy source."""
+        if any(h is None for h in homes) or any(getattr(f, "key", None) in self._lazy for f in firsts):
+            return [[j] for j in range(len(homes))]
+        runs: dict[str, list[int]] = {}
+        for j, home in enumerate(homes):
+            runs.setdefault(home, []).append(j)
+        chunks = []
+        for home, js in runs.items():
+            c = min(len(js), self._nthreads.get(home, 1))
+            cuts = [len(js) * i // c for i in range(c + 1)]
+            chunks.extend(js[cuts[i]:cuts[i + 1]] for i in range(c))
+        return chunks
+
+    def _result_handles(self, fut, home, path: tuple, n_out: int, size: int):
+        """The handle(s) of one block's result: ``fut`` itself (a one-block task, ``n_out == 1``),
+        else parts designating item ``path`` (its position in a chunk's tuple) of ``fut``'s
+        result, then each of its ``n_out`` items. Parts have no task of their own: the tasks that
+        take a part index the result themselves (a getitem task per part would cost a scheduler
+        round each; docs/architecture.md, "Cluster overhead")."""
+        from distributed import Future
+
+        if n_out == 1 and not path:
             if home is not None:
                 self._home[fut.key] = home
-            if n_out == 1:
-                out.append(fut)
-            else:
-                # One handle per item of the result, with no task of its own: the tasks that
-                # take a part index the tuple themselves (n_out getitem tasks per block cost
-                # a scheduler round each; docs/architecture.md, "Cluster overhead").
-                out.append(tuple(_Part(Future(fut.key, self.client), i, home) for i in range(n_out)))
-                fut.release()
-        return out
+            return fut
+        if n_out == 1:
+            return _Part(Future(fut.key, self.client), path, home, size)
+        return tuple(_Part(Future(fut.key, self.client), (*path, i), home, 0) for i in range(n_out))
 
     def _put_near(self, args: tuple, homes: list) -> dict:
         """The shared ``args`` of one round of block tasks, by worker: each large one (W in the
@@ -353,8 +400,8 @@ class DaskExecutor(Executor):
 
     def _submit(self, fn, values: tuple, home, *, key=None):
         """``client.submit(fn, *values)`` preferring worker ``home``; part handles among
-        ``values`` are passed as their task's future and indexed inside the task."""
-        picks = tuple(v.index if isinstance(v, _Part) else None for v in values)
+        ``values`` are passed as their task's future and indexed (along their path) inside the task."""
+        picks = tuple(v.path if isinstance(v, _Part) else None for v in values)
         if any(p is not None for p in picks):
             values = (fn, picks, *(v.future if isinstance(v, _Part) else v for v in values))
             fn = _call_picking
@@ -397,18 +444,55 @@ class DaskExecutor(Executor):
 
     def gather(self, handles):
         handles = list(handles)
-        # A part is fetched alone (a small indexing task where it lives), not with its tuple.
-        picked = [self._submit(operator.getitem, (h.future, h.index), h.home) if isinstance(h, _Part) else h
-                  for h in handles]
+        # The parts of one task's result are fetched together: the whole result when they are
+        # all of it (every block of a chunk), else the items asked for, picked by one small task
+        # where the result lives (not the rest of it, e.g. a block's partials with its H).
+        fetch: list = []  # futures to fetch
+        where: list = []  # per handle: (index into fetch, path into what it fetches)
+        parts: dict = {}
+        for i, h in enumerate(handles):
+            if isinstance(h, _Part):
+                parts.setdefault(h.key, []).append(i)
+                where.append(None)
+            else:
+                where.append((len(fetch), ()))
+                fetch.append(h)
+        made = []
+        for idx in parts.values():
+            first = handles[idx[0]]
+            paths = list(dict.fromkeys(handles[i].path for i in idx))
+            if first.size and sorted(paths) == [(q,) for q in range(first.size)]:
+                for i in idx:
+                    where[i] = (len(fetch), handles[i].path)
+                fetch.append(first.future)
+            else:
+                for i in idx:
+                    where[i] = (len(fetch), (paths.index(handles[i].path),))
+                made.append(self._submit(_pick_paths, (first.future, tuple(paths)), first.home))
+                fetch.append(made[-1])
         try:
-            return self._results(picked, self.timeout, "a gather of block results")
+            got = self._results(fetch, self.timeout, "a gather of block results")
         finally:
-            self.release([p for p, h in zip(picked, handles) if p is not h])
+            self.release(made)
+        return [_index_path(got[f], path) for f, path in where]
 
     def map(self, fn, items, *, args=()):
         args = tuple(self.put(a) for a in args)
         futs = [self._submit(fn, (it, *args), None) for it in items]
         return self._results(futs, None, "independent tasks")
+
+    def standalone(self, handles):
+        # A part designates an item of a chunk's result: a small task where it lives picks it
+        # into a future of its own (once, for results that outlive a fit).
+        out = []
+        for h in handles:
+            if isinstance(h, _Part):
+                fut = self._submit(_index_path, (h.future, h.path), h.home)
+                if h.home is not None:
+                    self._home[fut.key] = h.home
+                h = fut
+            out.append(h)
+        return out
 
     def release(self, handles):
         for h in handles:
@@ -418,6 +502,7 @@ class DaskExecutor(Executor):
                 h.future.release()
             elif hasattr(h, "release"):
                 self._home.pop(h.key, None)
+                self._lazy.discard(h.key)
                 h.release()
 
     def available_memory(self):
@@ -430,19 +515,24 @@ class DaskExecutor(Executor):
 
     def close(self):
         self._home.clear()
+        self._lazy.clear()
 
 
 class _Part:
-    """Handle of item ``index`` of a task's tuple result (``map_blocks(..., n_out=...)``).
+    """Handle of one item of a task's tuple result: ``result[path[0]][path[1]]...`` — a block's
+    result in a chunk's tuple (``(pos,)``), or item ``i`` of it with ``n_out > 1`` (``(pos, i)``,
+    or ``(i,)`` for a one-block task).
 
-    Holds its own reference to the task's future, so the tuple stays on its worker until every
-    part is released; the tasks that take a part index the tuple themselves.
+    Holds its own reference to the task's future, so the result stays on its worker until every
+    part is released; the tasks that take a part index the result themselves. ``size`` is the
+    number of items of the result when ``path`` has one level over a chunk's tuple (so that
+    ``gather`` fetches a whole chunk at once), else 0.
     """
 
-    __slots__ = ("future", "index", "home")
+    __slots__ = ("future", "path", "home", "size")
 
-    def __init__(self, future, index: int, home: str | None):
-        self.future, self.index, self.home = future, index, home
+    def __init__(self, future, path: tuple, home: str | None, size: int = 0):
+        self.future, self.path, self.home, self.size = future, tuple(path), home, int(size)
 
     @property
     def key(self):
@@ -458,9 +548,30 @@ def _shared_value(value):
     return value
 
 
+def _index_path(value, path: tuple):
+    """``value[path[0]][path[1]]...``."""
+    for i in path:
+        value = value[i]
+    return value
+
+
 def _call_picking(fn, picks, *args):
-    """``fn(*args)`` with ``args[i][picks[i]]`` for each part handle (``picks[i]`` not None)."""
-    return fn(*(a if p is None else a[p] for a, p in zip(args, picks)))
+    """``fn(*args)`` with ``args[i]`` indexed along ``picks[i]`` for each part handle (``picks[i]``
+    not None)."""
+    return fn(*(a if p is None else _index_path(a, p) for a, p in zip(args, picks)))
+
+
+def _pick_paths(value, paths):
+    """Task: the items of ``value`` at ``paths``, as a tuple (what ``gather`` fetches of a result)."""
+    return tuple(_index_path(value, p) for p in paths)
+
+
+def _run_chunk(fn, n_per: int, n_blocks: int, *values):
+    """Task: ``fn(*per_block_j, *shared)`` for each block of a chunk, in block order; ``values``
+    holds the ``n_per`` per-block arguments of each block, then the shared ones. Returns the
+    tuple of the blocks' results."""
+    shared = values[n_per * n_blocks:]
+    return tuple(fn(*values[b * n_per:(b + 1) * n_per], *shared) for b in range(n_blocks))
 
 
 def _tree_shape(n: int):

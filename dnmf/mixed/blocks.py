@@ -403,7 +403,7 @@ def _result(res, data: BlockedData, Yb, A, rate, prefix, covariate_names, maxit,
     X, C, P, N, Q, K, r2b, r2f, lam, dfu = _blocked_final_stats(st, data, Yb)
     cap = max(rate * N * Q, 1.0)
     return NMFREBlockedResult(
-        X=X, C=C, U=None, U_blocks=data.U, col_bounds=np.asarray(data.bounds),
+        X=X, C=C, U=None, U_blocks=data.ex.standalone(data.U), col_bounds=np.asarray(data.bounds),
         sigma2=float(st.sigma2), tau2=float(st.tau2), lambda_=float(lam), dfU=dfu, dfU_cap=cap, dfU_cap_rate=rate,
         dfU_frac=dfu / (N * Q), dfU_cap_frac=cap / (N * Q), lambda_enforced=float(lam),
         dfU_hit_cap=bool(st.hit_iter), dfU_hit_iter=tuple(st.hit_iter), converged=st.converged,

@@ -128,7 +128,7 @@ def ecm_blocked_result(st: ECMState, opt: ECMOptions, data: ECMBlockedData, Yb, 
     X_prob = X / (X.sum(axis=1, keepdims=True) + 1e-10)
     nan = float("nan")
     return NMFREBlockedResult(
-        X=X, C=C, U=None, U_blocks=data.U, col_bounds=np.asarray(data.bounds),
+        X=X, C=C, U=None, U_blocks=data.ex.standalone(data.U), col_bounds=np.asarray(data.bounds),
         sigma2=float(st.sigma2), tau2=float(st.tau2), lambda_=float(lam), dfU=dfu, dfU_cap=nan, dfU_cap_rate=None,
         dfU_frac=dfu / (N * Q), dfU_cap_frac=nan, lambda_enforced=float(lam), dfU_hit_cap=False, dfU_hit_iter=(),
         converged=st.converged, stop_reason=st.stop_reason, n_iter=st.total_iter, maxit=opt.maxit,
