@@ -8,6 +8,8 @@ worker loaded the client's compiled kernel instead of compiling it.
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -41,22 +43,49 @@ def _block_pass_stats():
 
 
 def _installed(dask_worker):
-    return {n: p.installed for n, p in dask_worker.plugins.items() if n.startswith("dnmf-kernel-cache-")}
+    return {n: p.installed for n, p in dask_worker.plugins.items() if n == "dnmf-kernel-cache"}
 
 
-def _fit(env, preload=None):
+def _local_fit_stats():
+    """On a worker: an in-process fit (the block pass runs here), then :func:`_block_pass_stats`."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dnmf.nmf(A, client=False, **FIT)
+    return _block_pass_stats()
+
+
+def _fit(env, preload=None, late_worker_cache=None):
     """A fit on a fresh 2-worker process cluster with ``env``; returns the model, the workers'
-    kernel statistics, what the plugin installed on each, and the cluster fit's wall time."""
-    kernel_cache._SHIPPED.clear()  # a new cluster's client is a new key anyway; be explicit
+    kernel statistics and what the plugin installed on each. With ``late_worker_cache``, a third
+    worker with that ``NUMBA_CACHE_DIR`` joins after the fit; its entry in the statistics is
+    ``(installed, stats of an in-process fit run on it)``."""
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   env=env, preload=preload) as cluster, distributed.Client(cluster) as client:
-        t0 = time.perf_counter()
         with pytest.warns(dnmf.exceptions.ConvergenceWarning):
             model = dnmf.nmf(A, client=client, **FIT)
-        wall = time.perf_counter() - t0
         stats = client.run(_block_pass_stats)
         installed = client.run(_installed)
-    return model, stats, installed, wall
+        late = None
+        if late_worker_cache is not None:
+            # the same kernels through the same client are not shipped again ...
+            assert kernel_cache.ship_kernels(client) is None
+            # ... and a worker that joins later gets them from the scheduler's plugin
+            proc = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
+                                     "--nthreads", "1", "--no-nanny", "--no-dashboard"],
+                                    env={**os.environ, "NUMBA_CACHE_DIR": str(late_worker_cache),
+                                         "PYTHONPATH": os.path.dirname(__file__)},  # imports this module
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                client.wait_for_workers(3, timeout=60)
+                new = sorted(set(client.scheduler_info()["workers"]) - set(stats))
+                late = (client.run(_installed, workers=new)[new[0]],
+                        client.submit(_local_fit_stats, workers=new, pure=False).result(timeout=120))
+            finally:
+                proc.kill()  # a worker without a nanny, started here; nothing of it is needed now
+                proc.wait(timeout=30)
+    return model, stats, installed, late
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +129,10 @@ def _own_cache_env(tmp_path):
 
 
 def test_workers_with_empty_cache_dir_load_the_clients_kernel(tmp_path, local_model):
-    cache = tmp_path / "worker_cache"
+    cache, late_cache = tmp_path / "worker_cache", tmp_path / "late_worker_cache"
     cache.mkdir()
-    model, stats, installed, _ = _fit({"NUMBA_CACHE_DIR": str(cache)})
+    late_cache.mkdir()
+    model, stats, installed, late = _fit({"NUMBA_CACHE_DIR": str(cache)}, late_worker_cache=late_cache)
     assert len(stats) == 2
     for s in stats.values():
         assert s["cache_path"].startswith(str(cache))
@@ -115,6 +145,12 @@ def test_workers_with_empty_cache_dir_load_the_clients_kernel(tmp_path, local_mo
     assert sorted(v for w in installed.values() for v in w.values()) == [0, 1]
     assert any(f.endswith(".nbc") for f in os.listdir(next(iter(stats.values()))["cache_path"]))
     _assert_same_fit(model, local_model)
+    # the late worker, with a cache of its own, installed the entry and ran the pass without compiling
+    late_installed, late_stats = late
+    assert late_installed == {"dnmf-kernel-cache": 1}
+    assert late_stats["cache_path"].startswith(str(late_cache))
+    assert list(late_stats["compiled"]) == ["_csc_block_pass_s1"]
+    assert late_stats["compiled"]["_csc_block_pass_s1"][1] == 0
 
 
 def test_worker_with_same_source_other_mtime_hits(tmp_path, local_model):
@@ -122,6 +158,7 @@ def test_worker_with_same_source_other_mtime_hits(tmp_path, local_model):
     model, stats, installed, _ = _fit(_own_cache_env(tmp_path), preload=[preload])
     for s in stats.values():
         assert s["dnmf"].startswith(str(root))  # the worker really runs its own copy
+        assert s["cache_path"].startswith(str(tmp_path))  # with its own, initially empty, cache
         assert list(s["compiled"]) == ["_csc_block_pass_s1"]
         hits, misses = s["compiled"]["_csc_block_pass_s1"]
         assert hits >= 1 and misses == 0
@@ -134,6 +171,7 @@ def test_worker_with_other_source_compiles(tmp_path, local_model):
     model, stats, installed, _ = _fit(_own_cache_env(tmp_path), preload=[preload])
     for s in stats.values():
         assert s["dnmf"].startswith(str(root))
+        assert s["cache_path"].startswith(str(tmp_path))
         hits, misses = s["compiled"]["_csc_block_pass_s1"]
         assert hits == 0 and misses == 1  # compiled here: the client's entry was not installed
     assert all(v == 0 for w in installed.values() for v in w.values())

@@ -126,7 +126,8 @@ def warm_up_kernels(source, k: int, opts: "ALSOptions", with_terms: bool = False
 
     numba writes the compiled code to its on-disk cache, so Dask workers on this machine (or on a
     shared file system) load it instead of each compiling it — a fresh worker otherwise spends
-    seconds and ~150 MB of LLVM memory per kernel signature. Costs milliseconds once cached.
+    seconds and ~150 MB of LLVM memory per kernel signature; ``fit_als`` then ships the cache
+    entries to workers on other nodes (``engine/kernel_cache.py``). Costs milliseconds once cached.
     The kernel is compiled for the fit's solver only, and for blocks with per-column terms when
     ``with_terms`` (docs/architecture.md, "Kernel compilation").
     """

@@ -51,7 +51,7 @@ KERNEL_MODULES = ("dnmf.kernels.column", "dnmf.kernels.nnls", "dnmf.kernels.fuse
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Plugin names already registered per client (so a fit registers once per client and kernel set).
+# Digest of the entries last registered per client (so a fit registers once per client and kernel set).
 _SHIPPED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -267,7 +267,10 @@ class KernelCachePlugin(WorkerPlugin):
         Overloads the plugin added on this worker (set by ``setup``).
     """
 
-    idempotent = True  # the name carries a digest of the entries: registering it again is a no-op
+    #: One name for all of them: a client that compiled more kernels registers a superset which
+    #: replaces the scheduler's copy (re-running ``setup``, which skips entries already present)
+    #: instead of piling up one plugin per kernel set.
+    name = "dnmf-kernel-cache"
 
     def __init__(self, entries: list[dict], source_hash: str, numba_version: str):
         self.entries = entries
@@ -280,14 +283,15 @@ class KernelCachePlugin(WorkerPlugin):
         logger.debug("kernel cache: %d overloads installed on %s", self.installed, worker.address)
 
 
-def _plugin_name(entries: list[dict], source_hash: str) -> str:
+def _digest(entries: list[dict], source_hash: str) -> str:
+    """What identifies a set of shipped entries (so a client receives each set once)."""
     h = hashlib.sha256(source_hash.encode())
     for entry in entries:
         h.update(entry["filename_base"].encode())
         h.update(entry["overloads"])
         for name in sorted(entry["data"]):
             h.update(hashlib.sha256(entry["data"][name]).digest())
-    return "dnmf-kernel-cache-" + h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def ship_kernels(client) -> str | None:
@@ -306,21 +310,22 @@ def ship_kernels(client) -> str | None:
     Returns
     -------
     str or None
-        The plugin's name, or None when nothing was shipped (no cache entries, already shipped
-        to this client, or a failure, logged at debug level: workers then compile as before).
+        The plugin's name, or None when nothing was shipped (no cache entries, the same entries
+        already shipped through this client, or a failure, logged at debug level: workers then
+        compile as before).
     """
     try:
         entries = collect_entries()
         if not entries:
             return None
         source_hash = kernel_source_hash()
-        name = _plugin_name(entries, source_hash)
-        shipped = _SHIPPED.setdefault(client, set())
-        if name in shipped:
+        digest = _digest(entries, source_hash)
+        if _SHIPPED.get(client) == digest:
             return None
-        client.register_plugin(KernelCachePlugin(entries, source_hash, numba.__version__), name=name)
-        shipped.add(name)
-        return name
+        plugin = KernelCachePlugin(entries, source_hash, numba.__version__)
+        client.register_plugin(plugin, name=plugin.name)
+        _SHIPPED[client] = digest
+        return plugin.name
     except Exception as exc:  # never fail a fit for this: the workers compile instead
         logger.debug("kernel cache: not shipped to the workers: %r", exc)
         return None
