@@ -195,3 +195,30 @@ def test_streamed_fit_equals_in_memory_fit(tmp_path):
     for model in (local, streamed):  # same blocks, same seed: the same fit to the bit
         assert np.array_equal(model.w, memory.w) and np.array_equal(model.h, memory.h)
         assert np.array_equal(model.d, memory.d)
+
+
+def test_dot_separated_chunk_keys_and_foreign_blosc_settings(tmp_path, monkeypatch):
+    # Chunk files "c.<i>", Blosc blosclz with bit shuffle, a non-default block size and typesize 2.
+    values = np.arange(1000, dtype=np.uint16) * 7
+    path = str(tmp_path / "dots.zarr")
+    arr = zarr.create_array(path, shape=values.shape, chunks=(96,), dtype=values.dtype,
+                            chunk_key_encoding={"name": "default", "separator": "."},
+                            compressors=(BloscCodec(cname="blosclz", clevel=9, shuffle="bitshuffle", blocksize=64),))
+    arr[:] = values
+    assert os.path.exists(os.path.join(path, "c.3")) and chunks.chunk_layout(path).separator == "."
+    _no_zarr(monkeypatch)
+    for a, b in ((0, 1000), (95, 97), (500, 501), (960, 1000)):
+        assert _same(chunks.read_range(path, "", a, b), values[a:b])
+
+
+def test_corrupt_chunk_is_left_to_zarr(tmp_path):
+    path = _write(tmp_path, "lz4")
+    chunk = os.path.join(path, "data", "c", "2")
+    with open(chunk, "r+b") as f:  # keep the Blosc header (sizes), garble the compressed stream
+        f.seek(16)
+        f.write(b"\xff" * 64)
+    with pytest.raises(Exception) as fast:
+        chunks.read_range(path, "data", 0, 1000)
+    with pytest.raises(Exception) as slow:
+        zarr.open_group(path, mode="r")["data"][0:1000]
+    assert type(fast.value) is type(slow.value) and str(fast.value) == str(slow.value)
