@@ -200,3 +200,20 @@ def test_install_refuses_other_numba_or_sources():
     # a malformed entry is skipped (logged), never raised
     assert kernel_cache.install_entries(entries, kernel_cache.kernel_source_hash(),
                                         kernel_cache.numba.__version__) == 0
+
+
+def test_plugin_loads_and_does_nothing_on_a_worker_without_dnmf(tmp_path):
+    """A worker of a shared cluster without dnmf must still start: the plugin is pickled by value
+    and its setup does nothing there (a plugin that cannot be unpickled stops a worker starting)."""
+    from distributed.protocol.pickle import dumps
+
+    entries = kernel_cache.collect_entries()
+    plugin = kernel_cache.kernel_cache_plugin(entries, kernel_cache.kernel_source_hash(),
+                                              kernel_cache.numba.__version__)
+    blob = tmp_path / "plugin.pkl"
+    blob.write_bytes(dumps(plugin))
+    code = ("import sys, pickle; sys.modules['dnmf'] = None\n"  # any import of dnmf fails
+            f"p = pickle.loads(open({str(blob)!r}, 'rb').read()); p.setup(None); print(p.name, p.installed)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["dnmf-kernel-cache", "0"]

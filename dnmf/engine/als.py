@@ -41,6 +41,7 @@ from ..solvers.penalties import Penalties, angular_matrix, apply_angular, apply_
 from ..solvers.targets import FitTargets
 from ..solvers.updates import cholesky_or_empty, scale_rows, update_factor
 from .executor import Executor
+from .kernel_cache import ship_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -392,8 +393,6 @@ def fit_als(
     if state is None:
         if executor.distributed:
             warm_up_kernels(blocked.sources[0], opts.k, opts, with_terms=any(t is not None for t in terms))
-            from .kernel_cache import ship_kernels  # imports distributed: only with a client
-
             ship_kernels(executor.client)  # workers without this cache load the compiled variant
         state = ALSState(w=np.ascontiguousarray(w0, dtype=np.float64), d=np.ones(opts.k), ht=[None] * n_blocks,
                          h_scale=np.ones(opts.k))

@@ -6,7 +6,7 @@ shared file system load it from there. A worker on another node — its own inst
 ``NUMBA_CACHE_DIR`` — would compile each kernel itself (~2.5 s and ~150 MB of LLVM memory per
 worker). :func:`ship_kernels` sends the client's cache entries (numba's index ``.nbi`` and data
 ``.nbc`` files) of the dnmf dispatchers compiled in this process to every worker, present and
-future, through a :class:`KernelCachePlugin`. Each worker writes them where *its own* numba looks
+future, through a worker plugin (:func:`kernel_cache_plugin`). Each worker writes them where *its own* numba looks
 for the same function, and only when its dnmf kernel sources have the same contents as the
 client's; otherwise it installs nothing and compiles as before.
 
@@ -38,9 +38,8 @@ import sys
 import weakref
 
 import numba
-from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["KernelCachePlugin", "collect_entries", "install_entries", "kernel_source_hash", "ship_kernels"]
+__all__ = ["collect_entries", "install_entries", "kernel_cache_plugin", "kernel_source_hash", "ship_kernels"]
 
 logger = logging.getLogger(__name__)
 
@@ -248,9 +247,15 @@ def install_entries(entries: list[dict], source_hash: str, numba_version: str) -
     return added
 
 
-class KernelCachePlugin(WorkerPlugin):
-    """Worker plugin installing the client's numba cache entries on each worker when it starts
-    (and on every worker that joins later).
+def kernel_cache_plugin(entries: list[dict], source_hash: str, numba_version: str):
+    """A ``distributed.WorkerPlugin`` installing the client's numba cache entries on each worker
+    when it starts (and on every worker that joins later), with :func:`install_entries`.
+
+    The plugin's class is made here rather than at module level so that ``distributed`` pickles
+    it by value (cloudpickle; a class local to a function cannot be pickled by reference), and
+    its ``setup`` imports dnmf only when it runs: a worker of a shared cluster without dnmf, or
+    with a dnmf lacking this module, then unpickles it and does nothing, instead of failing to
+    start (a worker fails to start when a registered plugin cannot be unpickled).
 
     Parameters
     ----------
@@ -261,26 +266,34 @@ class KernelCachePlugin(WorkerPlugin):
     numba_version : str
         The client's ``numba.__version__``.
 
-    Attributes
-    ----------
-    installed : int or None
-        Overloads the plugin added on this worker (set by ``setup``).
+    Returns
+    -------
+    distributed.WorkerPlugin
+        With attributes ``name`` (``"dnmf-kernel-cache"``: a client that compiled more kernels
+        registers a superset that replaces the scheduler's copy, re-running ``setup``, which
+        skips entries already present) and ``installed`` (overloads added on this worker, set by
+        ``setup``; None before).
     """
+    from distributed.diagnostics.plugin import WorkerPlugin
 
-    #: One name for all of them: a client that compiled more kernels registers a superset which
-    #: replaces the scheduler's copy (re-running ``setup``, which skips entries already present)
-    #: instead of piling up one plugin per kernel set.
-    name = "dnmf-kernel-cache"
+    class KernelCachePlugin(WorkerPlugin):
+        name = "dnmf-kernel-cache"
 
-    def __init__(self, entries: list[dict], source_hash: str, numba_version: str):
-        self.entries = entries
-        self.source_hash = source_hash
-        self.numba_version = numba_version
-        self.installed = None
+        def __init__(self, entries, source_hash, numba_version):
+            self.entries = entries
+            self.source_hash = source_hash
+            self.numba_version = numba_version
+            self.installed = None
 
-    def setup(self, worker) -> None:
-        self.installed = install_entries(self.entries, self.source_hash, self.numba_version)
-        logger.debug("kernel cache: %d overloads installed on %s", self.installed, worker.address)
+        def setup(self, worker) -> None:
+            try:
+                from dnmf.engine.kernel_cache import install_entries
+            except ImportError:  # no dnmf, or one without this module, on this worker
+                self.installed = 0
+                return
+            self.installed = install_entries(self.entries, self.source_hash, self.numba_version)
+
+    return KernelCachePlugin(entries, source_hash, numba_version)
 
 
 def _digest(entries: list[dict], source_hash: str) -> str:
@@ -296,7 +309,7 @@ def _digest(entries: list[dict], source_hash: str) -> str:
 
 def ship_kernels(client) -> str | None:
     """Send the numba cache entries of the dnmf kernels compiled in this process to every
-    worker of ``client``, present and future (a :class:`KernelCachePlugin`).
+    worker of ``client``, present and future (a :func:`kernel_cache_plugin`).
 
     Call after compiling the kernels a fit uses (``engine/als.py::warm_up_kernels``). Once per
     client and set of kernels; a few hundred kB per worker. A worker installs the entries only
@@ -322,7 +335,7 @@ def ship_kernels(client) -> str | None:
         digest = _digest(entries, source_hash)
         if _SHIPPED.get(client) == digest:
             return None
-        plugin = KernelCachePlugin(entries, source_hash, numba.__version__)
+        plugin = kernel_cache_plugin(entries, source_hash, numba.__version__)
         client.register_plugin(plugin, name=plugin.name)
         _SHIPPED[client] = digest
         return plugin.name
