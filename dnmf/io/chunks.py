@@ -19,12 +19,13 @@ The fast path is taken only for arrays whose ``zarr.json`` has exactly a form dn
 
 Everything else — another codec (Zarr's default Zstandard, a checksum), a remote or fsspec
 path, a Zarr v2 array, a big-endian host — and every surprise while reading (a missing chunk
-file, which Zarr reads as the fill value; a chunk whose size is not the chunk shape's; a
-range outside the array) is read through zarr itself, so results are always Zarr's.
+file, which Zarr reads as the fill value; a chunk whose size is not the chunk shape's; a chunk
+that fails to decode; a range outside the array) is read through zarr itself, so results (and
+errors) are always Zarr's.
 
-The parsed metadata is cached per process, keyed by the path, modification time and size of
-``zarr.json`` (sources are small dataclasses shipped to workers, so the cache cannot live in
-them): a load costs one ``stat`` of ``zarr.json`` per array besides its chunk reads.
+The parsed metadata is cached per process, keyed by the path, inode, modification time and
+size of ``zarr.json`` (sources are small dataclasses shipped to workers, so the cache cannot
+live in them): a load costs one ``stat`` of ``zarr.json`` per array besides its chunk reads.
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ def _parse_layout(directory: str, meta: dict) -> ChunkLayout | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_layout(directory: str, mtime_ns: int, size: int) -> ChunkLayout | None:
-    # mtime_ns and size are part of the key only: a rewritten zarr.json is parsed again.
+def _cached_layout(directory: str, inode: int, mtime_ns: int, size: int) -> ChunkLayout | None:
+    # inode, mtime_ns and size are part of the key only: a rewritten zarr.json is parsed again.
     try:
         with open(os.path.join(directory, "zarr.json"), "rb") as f:
             meta = json.loads(f.read())
@@ -147,7 +148,7 @@ def chunk_layout(directory: str) -> ChunkLayout | None:
 
     None for a path that is not a local directory with a ``zarr.json`` (a URL, an fsspec path, a
     Zarr v2 array) and for metadata outside the forms listed in the module notes. Parsed once
-    per process and version of ``zarr.json`` (keyed by its modification time and size).
+    per process and version of ``zarr.json`` (keyed by its inode, modification time and size).
     """
     directory = os.fspath(directory)
     if sys.byteorder != "little" or "://" in directory or "::" in directory:
@@ -156,7 +157,7 @@ def chunk_layout(directory: str) -> ChunkLayout | None:
         st = os.stat(os.path.join(directory, "zarr.json"))
     except OSError:
         return None
-    return _cached_layout(os.path.abspath(directory), st.st_mtime_ns, st.st_size)
+    return _cached_layout(os.path.abspath(directory), st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class _Unreadable(Exception):
