@@ -289,9 +289,10 @@ def kernel_cache_plugin(entries: list[dict], source_hash: str, numba_version: st
             try:
                 from dnmf.engine.kernel_cache import install_entries
             except ImportError:  # no dnmf, or one without this module, on this worker
-                self.installed = 0
+                self.installed, self.entries = 0, None
                 return
             self.installed = install_entries(self.entries, self.source_hash, self.numba_version)
+            self.entries = None  # written out; the scheduler keeps its copy for later workers
 
     return KernelCachePlugin(entries, source_hash, numba_version)
 
