@@ -123,10 +123,11 @@ def _parse_layout(directory: str, meta: dict) -> ChunkLayout | None:
                 return None
             if set(second.get("configuration") or {}) - _BLOSC_KEYS:
                 return None
+            import numcodecs.blosc  # noqa: F401  (a numcodecs built without Blosc: zarr reads)
         length, chunk_length = int(shape[0]), int(chunk_shape[0])
         if length < 0 or chunk_length < 1:
             return None
-    except (KeyError, TypeError, AttributeError, ValueError):
+    except (KeyError, TypeError, AttributeError, ValueError, ImportError):
         return None
     return ChunkLayout(directory=directory, dtype=dtype, length=length, chunk_length=chunk_length,
                        separator=separator, blosc=blosc)
