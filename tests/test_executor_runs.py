@@ -116,7 +116,11 @@ def test_verbs_on_part_handles_match_local(client22, cluster22):
         assert np.array_equal(g, e)
 
     # tree_reduce: the fixed tree in block order — the same as locally and as one plain concatenation.
-    sums = ex.tree_reduce(_joined, [o[1] for o in outs])
+    with distributed.get_task_stream(client22) as stream:
+        sums = ex.tree_reduce(_joined, [o[1] for o in outs])
+    # The tree of 9 leaves cut at the workers' runs (blocks 0-4 | 5-8) leaves 2 subtrees on the
+    # first worker and 3 on the second: one task per worker evaluates its subtrees.
+    assert len(stream.data) == 2
     assert np.array_equal(sums, LocalExecutor(1).tree_reduce(_joined, [o[1] for o in ref_outs]))
     assert np.array_equal(sums, np.concatenate([b.sum(axis=0) for b in blocks]))
 

@@ -411,16 +411,15 @@ class DaskExecutor(Executor):
 
     def tree_reduce(self, combine, handles):
         # The fixed tree of _tree_reduce_local, cut where its leaves stop sharing a worker:
-        # every largest subtree whose blocks live on one worker is combined by one task there
-        # (its leaves are already local), and the few subtree results are combined here by the
-        # rest of the tree. The same additions in the same order for any number of workers;
-        # one task per worker instead of one per tree node (docs/architecture.md, "Cluster
-        # overhead").
+        # every largest subtree whose blocks live on one worker is combined there (its leaves
+        # are already local) — all of one worker's subtrees by one task — and the few subtree
+        # results are combined here by the rest of the tree. The same additions in the same
+        # order for any number of workers; one task per worker instead of one per tree node
+        # (docs/architecture.md, "Cluster overhead").
         handles = list(handles)
         tree = _tree_shape(len(handles))
         homes = [self._home_of(h) for h in handles]
-        tops: list = []
-        made: list = []  # the subtree tasks submitted here (released once fetched)
+        tops: list = []  # a handle fetched as it is, or (home, subtree, its leaves)
 
         def cut(node):
             leaves = _tree_leaves(node)
@@ -428,19 +427,36 @@ class DaskExecutor(Executor):
                 if len(leaves) == 1 and not isinstance(handles[leaves[0]], _Part):
                     tops.append(handles[leaves[0]])
                 else:
-                    local = _relabel(node, {i: t for t, i in enumerate(leaves)})
-                    made.append(self._submit(_combine_subtree, (combine, local, *(handles[i] for i in leaves)),
-                                             homes[leaves[0]]))
-                    tops.append(made[-1])
+                    tops.append((homes[leaves[0]], node, leaves))
                 return len(tops) - 1
             return (cut(node[0]), cut(node[1]))
 
         top = cut(tree)
-        futs = [t for t in tops if hasattr(t, "key")]
+        by_home: dict = {}
+        for t, spec in enumerate(tops):
+            if isinstance(spec, tuple):
+                by_home.setdefault(spec[0], []).append(t)
+        fetch: list = []
+        where: list = [None] * len(tops)  # per top: (index into fetch, item of it or None)
+        made: list = []  # the subtree tasks submitted here (released once fetched)
+        for home, ts in by_home.items():
+            nodes, leaf_handles = [], []
+            for q, t in enumerate(ts):
+                _, node, leaves = tops[t]
+                nodes.append(_relabel(node, {i: len(leaf_handles) + r for r, i in enumerate(leaves)}))
+                leaf_handles.extend(handles[i] for i in leaves)
+                where[t] = (len(fetch), q)
+            made.append(self._submit(_combine_subtrees, (combine, tuple(nodes), *leaf_handles), home))
+            fetch.append(made[-1])
+        for t, spec in enumerate(tops):
+            if not isinstance(spec, tuple):
+                where[t] = (len(fetch), None)
+                fetch.append(spec)
+        futs = [f for f in fetch if hasattr(f, "key")]
         got = iter(self._results(futs, self.timeout, "a reduction of block results") if futs else ())
-        values = [next(got) if hasattr(t, "key") else t for t in tops]
+        fetched = [next(got) if hasattr(f, "key") else f for f in fetch]
         self.release(made)
-        return _eval_tree(combine, top, values)
+        return _eval_tree(combine, top, [fetched[f] if q is None else fetched[f][q] for f, q in where])
 
     def gather(self, handles):
         handles = list(handles)
@@ -600,9 +616,10 @@ def _eval_tree(combine, node, values):
     return combine(_eval_tree(combine, node[0], values), _eval_tree(combine, node[1], values))
 
 
-def _combine_subtree(combine, node, *values):
-    """Task: one subtree of the reduction over values already on this worker."""
-    return _eval_tree(combine, node, values)
+def _combine_subtrees(combine, nodes, *values):
+    """Task: the subtrees ``nodes`` of the reduction over values already on this worker (each a
+    nested pair of indices into ``values``), as a tuple."""
+    return tuple(_eval_tree(combine, node, values) for node in nodes)
 
 
 def scheduler_workers(client) -> dict:
