@@ -217,3 +217,41 @@ def test_plugin_loads_and_does_nothing_on_a_worker_without_dnmf(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["dnmf-kernel-cache", "0"]
+
+
+_MERGE_SCRIPT = """
+import os, pickle, sys, warnings
+import numpy as np, scipy.sparse as sp
+import dnmf
+from dnmf.engine import kernel_cache
+from dnmf.kernels import fused
+warnings.simplefilter("ignore")
+A = sp.random(300, 400, density=0.1, random_state=0, format="csc")
+dnmf.nmf(A.astype(np.float32), 5, seed=1, maxit=2, client=False)  # compiles the float32 pass here
+entries, source_hash, version = pickle.load(open(sys.argv[1], "rb"))
+added = kernel_cache.install_entries(entries, source_hash, version)
+dnmf.nmf(A, 5, seed=1, maxit=2, client=False)  # the float64 pass: the installed entry
+d = fused._CSC_BLOCK_PASS[1, False]
+base = d._cache._impl.filename_base
+files = sorted(f[len(base):] for f in os.listdir(d._cache.cache_path) if f.startswith(base + "."))
+print(added, files, sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values()))
+"""
+
+
+def test_install_merges_with_a_workers_own_entries(tmp_path, local_model):
+    """A worker that compiled another signature itself (float32) keeps it: the shipped float64
+    entry gets the next free data file and both are in the index; a process that already holds
+    the dispatcher loads the entry installed after its import."""
+    import pickle
+
+    entries = [e for e in kernel_cache.collect_entries() if e["qualname"] == "_csc_block_pass_s1"]
+    assert len(entries) == 1  # the float64 pass of local_model's fit
+    payload = tmp_path / "entries.pkl"
+    payload.write_bytes(pickle.dumps((entries, kernel_cache.kernel_source_hash(), kernel_cache.numba.__version__)))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    res = subprocess.run([sys.executable, "-c", _MERGE_SCRIPT, str(payload)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env={**os.environ, "NUMBA_CACHE_DIR": str(cache)})
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.strip().splitlines()[-1]
+    assert out == "1 ['.1.nbc', '.2.nbc', '.nbi'] 1 1"  # float32 compiled (miss), float64 loaded (hit)
