@@ -300,6 +300,21 @@ def test_masked_fit_on_the_cluster_engine_matches_in_process(small, cluster_clie
     assert there.misc["executor"] == "distributed"
 
 
+def test_masked_w_side_spreads_over_the_workers(cluster_client):
+    distributed = pytest.importorskip("distributed")
+    # The W side of a masked fit runs on row blocks; each must be joined and solved on the worker
+    # its anchor column block lives on, not all on the worker of column block 0 (where they used
+    # to gather: one worker held every row block and ran every W-side task).
+    A = sp.random(600, 800, density=0.05, random_state=5, format="csc")
+    kw = dict(seed=2, test_fraction=0.1, cv_seed=1, tol=0, maxit=3, block_nnz=2_000)
+    with distributed.get_task_stream(client=cluster_client) as ts:
+        there = dnmf.nmf(A, 3, client=cluster_client, **kw)
+    w_side = {t["worker"] for t in ts.data if t["key"].startswith(("masked_w_many", "_join_rows_at"))}
+    assert len(w_side) == 2
+    here = dnmf.nmf(A, 3, client=False, **kw)
+    np.testing.assert_array_equal(here.w, there.w)  # placement only: bitwise the same fit
+
+
 def test_auto_rank_follows_rcppml_on_aml():
     # RcppML 1.0 (run once): nmf(aml, k = "auto", threads = 2) → k_optimal 50, overfitting not
     # detected (its k_low/k_high are -1): the train loss never flattens below 1 % per doubling.

@@ -165,6 +165,11 @@ def join_rows(*pieces) -> CSRBlock:
                     csr.indptr.astype(np.int64), csr.shape[1])
 
 
+def _join_rows_at(anchor, *pieces) -> CSRBlock:
+    """:func:`join_rows` of ``pieces``; ``anchor`` (one of them) only says where the task runs."""
+    return join_rows(*pieces)
+
+
 def _mask_parts(mask, bounds: np.ndarray, axis: int) -> list:
     """The user mask cut into column (axis 1, CSC) or row (axis 0, CSR) blocks: (indices, indptr)."""
     n_parts = len(bounds) - 1
@@ -328,7 +333,14 @@ class _Placed:
             pieces = [(p,) for p in executor.map_blocks(_whole_rows, self.cols)]
         else:
             pieces = executor.map_blocks(split_rows, self.cols, args=(rb,), n_out=n_rb)
-        self.rows = executor.map_blocks(join_rows, *[[pieces[j][r] for r in range(n_rb)] for j in range(len(pieces))])
+        # Row block r is joined where column block ⌊r·n_cols/n_rows⌋ lives (its first argument,
+        # which map_blocks runs beside): the row blocks spread over the workers as the column
+        # blocks do, instead of all joining — and every W-side task then running — on the worker
+        # of column block 0. Placement only: each row block's arithmetic is the same anywhere.
+        n_cb = len(pieces)
+        anchors = [pieces[r * n_cb // n_rb][r] for r in range(n_rb)]
+        self.rows = executor.map_blocks(_join_rows_at, anchors,
+                                        *[[pieces[j][r] for r in range(n_rb)] for j in range(n_cb)])
         executor.release([p for ps in pieces for p in ps])
 
     def release(self, executor: Executor) -> None:
