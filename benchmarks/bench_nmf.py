@@ -24,7 +24,10 @@ Run: ``python benchmarks/bench_nmf.py [--large] [--small] [--w-side] [--m 20000 
   in-process, dnmf / scikit-learn); then dnmf's seconds per iteration against k (10, 30, 50)
   and, with ``--scale``, against nnz (5 M, 20 M, 80 M at 2 %; long), in-process and on the
   2-worker cluster. Run it pinned, e.g. ``taskset -c 0,1 python benchmarks/bench_nmf.py --compare``.
-  ``--reps N`` takes the best of N runs on each side (this machine is shared).
+  ``--reps N`` takes the best of N rounds, each running every side once (this machine is shared
+  and its speed drifts). RcppML 1.0 (``Rscript`` with the library of /work/shared/tools/rcppml,
+  ``--r-libs`` or ``$R_LIBS``) joins each round when it is installed: the same matrix and start W,
+  ``maxit`` = ``--iters``, all cores; its s/iter is marginal (a 1-iteration call subtracted).
 * ``--kernel`` (issue 12): the sparse block pass on one thread, per stored nonzero, on one block of the
   ``--large`` matrix's shape (m × n/8): dnmf's pass (``kernels/fused.py::csc_block_pass``, two sweeps:
   WᵀA_j with the solves, then A_j H_jᵀ), the same arithmetic in one sweep per column (the pass before
@@ -36,7 +39,9 @@ Timings print as one table; nothing here is asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import tempfile
 import time
 import warnings
 
@@ -246,7 +251,7 @@ def _clusters(n_cores):
             ("LocalCluster(2 workers x 1 thread)", dict(processes=True, n_workers=2, threads_per_worker=1)))
 
 
-def run_compare(m, n, density, k, iters, scale, sweep=True, reps=2):
+def run_compare(m, n, density, k, iters, scale, sweep=True, reps=2, r_libs=None):
     from distributed import Client, LocalCluster
     from sklearn.decomposition import NMF as SkNMF
 
@@ -259,28 +264,49 @@ def run_compare(m, n, density, k, iters, scale, sweep=True, reps=2):
     avg = np.sqrt(A.sum() / (m * n) / k)
     w0 = avg * np.abs(rng.standard_normal((m, k)))
     h0 = avg * np.abs(rng.standard_normal((n, k)))
-    rows = []
     Xt = sp.csr_matrix(A.T)
-    with warnings.catch_warnings():
+
+    def sklearn_fit():
+        t = time.perf_counter()
+        sk = SkNMF(n_components=k, solver="cd", init="custom", max_iter=iters, tol=0)
+        sk.fit(Xt, W=h0.copy(), H=np.ascontiguousarray(w0.T))
+        total = time.perf_counter() - t
+        return total, total / iters, float(sk.reconstruction_err_) ** 2
+
+    # The runs are interleaved — one of each side per round, best of `reps` rounds — because this
+    # machine's speed drifts over minutes (other tenants): separate blocks of runs gave ratios that
+    # moved by ±25 % between blocks. Each cluster is started for its own run and closed after it,
+    # so no idle cluster takes CPU from the other sides.
+    labels = ["scikit-learn NMF(solver='cd')", "dnmf in-process, threads"] + ["dnmf " + lb for lb, _ in
+                                                                            _clusters(n_cores)]
+    from bench_cv import find_rcppml
+
+    r_env = find_rcppml(r_libs)
+    if r_env is not None:
+        labels.append(f"RcppML 1.0 ({n_cores} threads; s/iter marginal)")
+    runs: dict = {label: [] for label in labels}
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.simplefilter("ignore")
-        t_sk = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
-            sk = SkNMF(n_components=k, solver="cd", init="custom", max_iter=iters, tol=0)
-            sk.fit(Xt, W=h0.copy(), H=np.ascontiguousarray(w0.T))
-            t_sk = min(t_sk, time.perf_counter() - t)
-        rows.append(("scikit-learn NMF(solver='cd')", t_sk, t_sk / iters, float(sk.reconstruction_err_) ** 2))
-        del Xt
+        r_dir = write_csc_for_r(A, w0, stack.enter_context(tempfile.TemporaryDirectory())) if r_env else None
         dnmf.nmf(A[:, :2000], k, maxit=2, client=False)  # JIT warm-up (or cache load)
-        rows.append(("dnmf in-process, threads", *_dnmf_fixed(A, k, iters, w0, False, reps)))
-        for label, kw in _clusters(n_cores):
-            with LocalCluster(dashboard_address=None, **kw) as cluster, Client(cluster) as client:
-                dnmf.nmf(A, k, init=w0, maxit=2, tol=0.0, client=client)  # workers load kernels, blocks
-                rows.append(("dnmf " + label, *_dnmf_fixed(A, k, iters, w0, client, reps)))
-    t_in = rows[1][1]
-    print(f"{'run':52s} {'seconds':>8s} {'s/iter':>7s} {'SSE':>14s} {'/ in-process':>12s} {'/ scikit-learn':>14s}")
-    for name, total, per, sse in rows:
-        print(f"{name:52s} {total:8.2f} {per:7.3f} {sse:14.8g} {total / t_in:12.2f} {total / t_sk:14.2f}")
+        for _ in range(reps):
+            runs[labels[0]].append(sklearn_fit())
+            runs[labels[1]].append(_dnmf_fixed(A, k, iters, w0, False, 1))
+            for label, (_, kw) in zip(labels[2:], _clusters(n_cores)):
+                with LocalCluster(dashboard_address=None, **kw) as cluster, Client(cluster) as client:
+                    dnmf.nmf(A, k, init=w0, maxit=2, tol=0.0, client=client)  # workers load the kernels
+                    runs[label].append(_dnmf_fixed(A, k, iters, w0, client, 1))
+            if r_env is not None:
+                runs[labels[-1]].append(time_rcppml_fixed(r_env, r_dir, A.shape, k, A.nnz, iters, n_cores))
+    best = {label: (min(r[0] for r in rs), min(r[1] for r in rs), rs[0][2]) for label, rs in runs.items()}
+    t_sk, per_sk = best[labels[0]][:2]
+    t_in, per_in = best[labels[1]][:2]
+    print("seconds: the whole call (a cluster's includes sending the in-memory matrix to the workers); "
+          "s/iter: median time between iterations; ratios of s/iter, then of seconds")
+    print(f"{'run':52s} {'seconds':>8s} {'s/iter':>7s} {'SSE':>14s} {'/ in-process':>13s} {'/ scikit-learn':>15s}")
+    for name, (total, per, sse) in best.items():
+        print(f"{name:52s} {total:8.2f} {per:7.3f} {sse:14.8g} {per / per_in:6.2f} {total / t_in:6.2f} "
+              f"{per / per_sk:7.2f} {total / t_sk:7.2f}")
     print("Goals: in-process <= 0.5x scikit-learn; threads-only cluster <= 1.15x in-process; "
           "2 worker processes <= 1.3x in-process and <= 0.5x scikit-learn.")
 
@@ -295,6 +321,49 @@ def run_compare(m, n, density, k, iters, scale, sweep=True, reps=2):
             cases.append((f"nnz {nnz / 1e6:.0f} M ({mm} x {int(2.5 * mm)})", mm, int(2.5 * mm)))
         print(f"\ndnmf seconds per iteration against nnz (density {density}, k={k}; median of 5 iterations)")
         _per_iteration_table([(label, (mm, nn), k) for label, mm, nn in cases], n_cores, density=density)
+
+
+# ---- RcppML 1.0 through Rscript, for --compare (the tool in /work/shared/tools/rcppml) -------------
+
+_R_FIXED = r"""
+suppressPackageStartupMessages({library(Matrix); library(RcppML)})
+a <- commandArgs(trailingOnly = TRUE)
+d <- a[1]; m <- as.integer(a[2]); n <- as.integer(a[3]); k <- as.integer(a[4]); nnz <- as.numeric(a[5])
+iters <- as.integer(a[6]); threads <- as.integer(a[7])
+A <- new("dgCMatrix", i = readBin(file.path(d, "indices.bin"), "integer", n = nnz),
+         p = readBin(file.path(d, "indptr.bin"), "integer", n = n + 1),
+         x = readBin(file.path(d, "data.bin"), "double", n = nnz), Dim = c(m, n))
+w0 <- matrix(readBin(file.path(d, "w0.bin"), "double", n = m * k), m, k)
+one <- system.time(nmf(A, k, seed = w0, tol = 1e-30, maxit = 1, threads = threads, verbose = FALSE))[["elapsed"]]
+full <- system.time(r <- nmf(A, k, seed = w0, tol = 1e-30, maxit = iters, threads = threads,
+                             verbose = FALSE))[["elapsed"]]
+cat(one, full, "\n")
+"""
+
+
+def write_csc_for_r(A, w0, folder):
+    """A (CSC, int32 indices) and the start W as raw files that ``_R_FIXED`` reads with readBin."""
+    a = sp.csc_matrix(A)
+    a.data.astype("<f8").tofile(os.path.join(folder, "data.bin"))
+    a.indices.astype("<i4").tofile(os.path.join(folder, "indices.bin"))
+    a.indptr.astype("<i4").tofile(os.path.join(folder, "indptr.bin"))
+    np.asarray(w0, dtype="<f8").ravel(order="F").tofile(os.path.join(folder, "w0.bin"))  # R: column-major
+    return folder
+
+
+def time_rcppml_fixed(env, folder, shape, k, nnz, iters, threads=2):
+    """(seconds of one ``maxit = iters`` RcppML call, its marginal seconds per iteration)."""
+    import subprocess
+
+    script = os.path.join(folder, "fixed.R")
+    with open(script, "w") as f:
+        f.write(_R_FIXED)
+    proc = subprocess.run(["Rscript", script, folder, str(shape[0]), str(shape[1]), str(k), str(nnz), str(iters),
+                           str(threads)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Rscript failed:\n{proc.stderr[-2000:]}")
+    one, full = (float(x) for x in proc.stdout.split())
+    return full, (full - one) / max(iters - 1, 1), float("nan")
 
 
 def _per_iteration_table(cases, n_cores, density=None):
@@ -632,6 +701,8 @@ def main():
     ap.add_argument("--no-sweep", action="store_true", help="with --compare: no s/iter tables against k or nnz")
     ap.add_argument("--test-fraction", type=float, default=0.05)
     ap.add_argument("--kernel", action="store_true", help="issue 12: one block pass per nonzero against scipy")
+    ap.add_argument("--r-libs", default=None, help="R library with RcppML for --compare (default: $R_LIBS or "
+                    "the path /work/shared/tools/rcppml/setup prints)")
     ap.add_argument("--reps", type=int, default=2, help="best of how many runs per side (--compare, --kernel)")
     args = ap.parse_args()
     if not (args.small or args.large or args.w_side or args.compare or args.kernel):
@@ -645,7 +716,7 @@ def main():
         run_kernel(args.m, args.n, args.density, args.k, max(args.reps, 3))
     if args.compare:
         run_compare(args.m, args.n, args.density, args.k, args.iters, args.scale, sweep=not args.no_sweep,
-                    reps=args.reps)
+                    reps=args.reps, r_libs=args.r_libs)
     if args.w_side:
         run_w_side(args.m, args.n, args.density, (10, 50), args.test_fraction)
 

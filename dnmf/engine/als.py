@@ -11,7 +11,7 @@ Per iteration, with W (unit-norm columns) and d on the client:
 4. client (aggregate): H is normalized implicitly (``s`` = its row norms), ``W ← NNLS(Q̂ + L2_W,
    P̂ᵀ − L1_W)``, d ← scaling of W, loss by the Gram identity, convergence check.
 
-Only m·k + k² + k numbers per block travel per iteration; A is read once.
+Only m·k + k² + k numbers per block travel per iteration; each block is read by one task.
 
 Penalties (RcppML §8, ``solvers/penalties.py``): the H side's graph and L21 terms join G in step
 1 (from the previous Ĥ: its norms from step 4's statistics, Ĥ itself gathered when graph_H is
