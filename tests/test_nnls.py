@@ -169,3 +169,32 @@ def test_batch_with_l1(solver):
             assert (x >= 0).all()
             assert grad.min() > -1e-7 * np.abs(B[:, c]).max()  # dual feasibility to CD accuracy
             assert abs(x @ grad) < 1e-7 * np.abs(B[:, c]).max() * max(x.sum(), 1)
+
+
+@pytest.mark.parametrize("solver", [SOLVER_CD, SOLVER_EXACT])
+def test_w_update_on_threads_is_bitwise_one_thread(monkeypatch, solver):
+    # The W update solves its rows in ranges on a thread pool (solvers/updates.py::_solve_rows);
+    # rows are independent, so W must equal the one-call solve bit for bit, warm start included.
+    import dnmf.engine.executor as executor
+    import dnmf.solvers.updates as updates
+
+    rng = np.random.default_rng(8)
+    k, m = 7, 2_003  # ranges of uneven sizes
+    H = np.abs(rng.standard_normal((k, 300)))
+    A = np.abs(rng.standard_normal((m, 300)))
+    G, P = H @ H.T, A @ H.T
+    w_prev = np.abs(rng.standard_normal((m, k)))
+    B = np.ascontiguousarray(P.T)
+    one = np.ascontiguousarray(w_prev.T)
+    nnls_batch(G, np.zeros((0, 0)), B, one, solver, True, 50, 1e-8, True, 0.01)
+    monkeypatch.setattr(updates, "_THREADED_MIN_ROWS", 100)
+    monkeypatch.setattr(executor, "usable_cores", lambda: 3)
+    threaded = updates.update_factor(G, P, 0.01, 0.0, solver, True, 50, 1e-8, w_prev=w_prev)
+    np.testing.assert_array_equal(threaded, one.T)
+    # and it is the NNLS solution: scipy on a few rows (G = HHᵀ, p_i − l1 ⇔ the normal equations)
+    if solver == SOLVER_EXACT:
+        Lh = np.linalg.cholesky(G)
+        for i in (0, 1000, m - 1):
+            rhs = np.linalg.solve(Lh, P[i] - 0.01)
+            ref, _ = scipy_nnls(Lh.T, rhs)
+            np.testing.assert_allclose(threaded[i], ref, rtol=1e-8, atol=1e-10)  # two exact NNLS methods

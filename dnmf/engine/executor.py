@@ -55,7 +55,7 @@ from ..exceptions import DnmfError, WorkerLostError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Executor", "LocalExecutor", "DaskExecutor", "get_executor", "scheduler_workers",
+__all__ = ["Executor", "LocalExecutor", "DaskExecutor", "get_executor", "scheduler_workers", "usable_cores",
            "DEFAULT_TIMEOUT", "DEFAULT_MAX_RECOVERIES"]
 
 #: Longest wait (seconds) for one call to the cluster: a scatter, or the results of one round
@@ -123,7 +123,7 @@ class Executor(abc.ABC):
         self.close()
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity, e.g. under ``taskset``), else all."""
     try:
         return len(os.sched_getaffinity(0)) or 1
@@ -149,7 +149,7 @@ class LocalExecutor(Executor):
     """
 
     def __init__(self, n_threads: int | None = None):
-        self.n_threads = n_threads or _usable_cores()
+        self.n_threads = n_threads or usable_cores()
         self.n_workers = 1
         self._pool = ThreadPoolExecutor(self.n_threads) if self.n_threads > 1 else None
 

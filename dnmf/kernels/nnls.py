@@ -281,16 +281,17 @@ def active_set_solve(G, b, x, nonneg, warm):
     return solves
 
 
-def _nnls_batch(G, L, B, X, solver, nonneg, maxit, tol, warm, l1):
-    """Solve every column of ``B − l1`` (k × n) into ``X`` (k × n) in place.
+def _nnls_batch(G, L, B, X, solver, nonneg, maxit, tol, warm, l1, c0, c1):
+    """Solve columns ``c0:c1`` of ``B − l1`` (k × n) into those of ``X`` (k × n) in place.
 
     ``L`` is the lower Cholesky factor of ``G`` for ``SOLVER_CHOLESKY`` (ignored otherwise);
-    ``X`` holds the warm start when ``warm`` is True.
+    ``X`` holds the warm start when ``warm`` is True. Columns are independent, so ranges may be
+    solved by concurrent threads (the kernel releases the GIL).
     """
-    k, n = B.shape
+    k = B.shape[0]
     b = np.empty(k)
     x = np.empty(k)
-    for c in range(n):
+    for c in range(c0, c1):
         for r in range(k):
             b[r] = B[r, c] - l1
             x[r] = X[r, c]
@@ -324,7 +325,8 @@ _NNLS_BATCH = {
 }
 
 
-def nnls_batch(G, L, B, X, solver, nonneg, maxit, tol, warm, l1):
-    """:func:`_nnls_batch` (same arguments), compiled for ``solver`` alone (docs/architecture.md,
-    "Kernel compilation")."""
-    _NNLS_BATCH[int(solver)](G, L, B, X, solver, nonneg, maxit, tol, warm, l1)
+def nnls_batch(G, L, B, X, solver, nonneg, maxit, tol, warm, l1, c0=0, c1=None):
+    """:func:`_nnls_batch` (same arguments; all columns by default), compiled for ``solver``
+    alone (docs/architecture.md, "Kernel compilation")."""
+    _NNLS_BATCH[int(solver)](G, L, B, X, solver, nonneg, maxit, tol, warm, l1, int(c0),
+                             B.shape[1] if c1 is None else int(c1))

@@ -74,8 +74,39 @@ def update_factor(G, P, l1, l2, solver, nonneg, cd_maxit, cd_tol, w_prev=None) -
     else:
         X = np.zeros_like(B)
         warm = False
-    nnls_batch(G, L, B, X, solver, nonneg, cd_maxit, cd_tol, warm, l1)
+    _solve_rows(G, L, B, X, solver, nonneg, cd_maxit, cd_tol, warm, l1)
     return X.T
+
+
+#: Rows of W below which one thread solves them all (a thread hand-off costs more than the work).
+_THREADED_MIN_ROWS = 2048
+_POOL: list = []  # the W update's thread pool, made on first use
+
+
+def _solve_rows(G, L, B, X, solver, nonneg, cd_maxit, cd_tol, warm, l1) -> None:
+    """``nnls_batch`` over the columns of B (the rows of W) on this process's usable cores.
+
+    The W update runs here, on the client, while the block tasks wait for it: with the CD or
+    exact solver it was one thread's work (1.05 s per iteration at m = 20,000, k = 50, against
+    0.47 s for the H pass on two threads). Rows are independent and each is solved by the same
+    arithmetic in whichever range it falls, so W is bitwise the same for any number of threads.
+    Ranges are several per thread (CD's sweeps differ between rows) and run on one module-level
+    pool (the kernel releases the GIL).
+    """
+    from ..engine.executor import usable_cores
+
+    m = B.shape[1]
+    n_threads = min(usable_cores(), m // _THREADED_MIN_ROWS)
+    if n_threads <= 1:
+        nnls_batch(G, L, B, X, solver, nonneg, cd_maxit, cd_tol, warm, l1)
+        return
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(usable_cores(), thread_name_prefix="dnmf-w-update"))
+    cuts = np.linspace(0, m, 4 * n_threads + 1).astype(int)
+    list(_POOL[0].map(lambda r: nnls_batch(G, L, B, X, solver, nonneg, cd_maxit, cd_tol, warm, l1, cuts[r],
+                                           cuts[r + 1]), range(len(cuts) - 1)))
 
 
 def scale_rows(F: np.ndarray, norm: str):
