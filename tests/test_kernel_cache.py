@@ -141,13 +141,16 @@ def test_workers_with_empty_cache_dir_load_the_clients_kernel(tmp_path, local_mo
         assert list(s["compiled"]) == ["_csc_block_pass_s1"]
         hits, misses = s["compiled"]["_csc_block_pass_s1"]
         assert hits >= 1 and misses == 0
-    # both workers share this cache dir: one wrote the entry, the other found it there
-    assert sorted(v for w in installed.values() for v in w.values()) == [0, 1]
+    # both workers share this cache dir: one wrote the entries, the other found them there. The
+    # client ships every dnmf kernel this process holds — the block pass at least, more after
+    # other tests of the same session compiled theirs — so the writer's count is ≥ 1.
+    first, second = sorted(v for w in installed.values() for v in w.values())
+    assert first == 0 and second >= 1
     assert any(f.endswith(".nbc") for f in os.listdir(next(iter(stats.values()))["cache_path"]))
     _assert_same_fit(model, local_model)
     # the late worker, with a cache of its own, installed the entry and ran the pass without compiling
     late_installed, late_stats = late
-    assert late_installed == {"dnmf-kernel-cache": 1}
+    assert list(late_installed) == ["dnmf-kernel-cache"] and late_installed["dnmf-kernel-cache"] == second
     assert late_stats["cache_path"].startswith(str(late_cache))
     assert list(late_stats["compiled"]) == ["_csc_block_pass_s1"]
     assert late_stats["compiled"]["_csc_block_pass_s1"][1] == 0
