@@ -50,6 +50,7 @@ import scipy.sparse as sp
 
 import dnmf
 from dnmf.io.blocks import CSCBlock
+from dnmf.kernels.nnls import chol_solve
 
 
 def structured_sparse(m, n, density, k, seed):
@@ -615,16 +616,7 @@ def _one_sweep_pass_py(data, indices, indptr, w, G, L, ht, P):
             wrow = w[indices[p]]
             for r in range(k):
                 b[r] += a * wrow[r]
-        for i in range(k):  # forward then backward substitution with L (G = L Lᵀ), then clip
-            acc = b[i]
-            for t in range(i):
-                acc -= L[i, t] * x[t]
-            x[i] = acc / L[i, i]
-        for i in range(k - 1, -1, -1):
-            acc = x[i]
-            for t in range(i + 1, k):
-                acc -= L[t, i] * x[t]
-            x[i] = max(acc / L[i, i], 0.0)
+        chol_solve(L, b, x, True)  # the Cholesky-clip solve of the library's pass
         for r in range(k):
             ht[c, r] = x[r]
         for p in range(indptr[c], indptr[c + 1]):
