@@ -141,11 +141,12 @@ def test_workers_with_empty_cache_dir_load_the_clients_kernel(tmp_path, local_mo
         assert list(s["compiled"]) == ["_csc_block_pass_s1"]
         hits, misses = s["compiled"]["_csc_block_pass_s1"]
         assert hits >= 1 and misses == 0
-    # both workers share this cache dir: one wrote the entries, the other found them there. The
+    # both workers share this cache dir and install at the same time: one or both wrote the
+    # entries (an index is replaced whole, so a second writer rewrites the same content). The
     # client ships every dnmf kernel this process holds — the block pass at least, more after
-    # other tests of the same session compiled theirs — so the writer's count is ≥ 1.
+    # other tests of the same session compiled theirs.
     first, second = sorted(v for w in installed.values() for v in w.values())
-    assert first == 0 and second >= 1
+    assert second >= 1 and first in (0, second)
     assert any(f.endswith(".nbc") for f in os.listdir(next(iter(stats.values()))["cache_path"]))
     _assert_same_fit(model, local_model)
     # the late worker, with a cache of its own, installed the entry and ran the pass without compiling
@@ -241,6 +242,17 @@ print(added, files, sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.v
 """
 
 
+def _merge_result(stdout: str):
+    """What ``_MERGE_SCRIPT`` printed: overloads added, data-file suffixes, cache hits, misses."""
+    import ast
+
+    line = stdout.strip().splitlines()[-1]
+    added, rest = line.split(" ", 1)
+    files = ast.literal_eval(rest[:rest.index("]") + 1])
+    hits, misses = (int(x) for x in rest[rest.index("]") + 1:].split())
+    return int(added), files, hits, misses
+
+
 def test_install_merges_with_a_workers_own_entries(tmp_path, local_model):
     """A worker that compiled another signature itself (float32) keeps it: the shipped float64
     entry gets the next free data file and both are in the index; a process that already holds
@@ -256,5 +268,10 @@ def test_install_merges_with_a_workers_own_entries(tmp_path, local_model):
     res = subprocess.run([sys.executable, "-c", _MERGE_SCRIPT, str(payload)], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path, env={**os.environ, "NUMBA_CACHE_DIR": str(cache)})
     assert res.returncode == 0, res.stderr
-    out = res.stdout.strip().splitlines()[-1]
-    assert out == "1 ['.1.nbc', '.2.nbc', '.nbi'] 1 1"  # float32 compiled (miss), float64 loaded (hit)
+    added, files, hits, misses = _merge_result(res.stdout)
+    # the worker's own float32 entry keeps data file 1; the shipped signatures (float64, and the
+    # float32 one too when an earlier test of this session compiled it here) take the next ones;
+    # float32 compiled there (one miss), float64 loaded (one hit)
+    assert added >= 1
+    assert files == [f".{i}.nbc" for i in range(1, added + 2)] + [".nbi"]
+    assert (hits, misses) == (1, 1)
