@@ -141,17 +141,20 @@ def test_workers_with_empty_cache_dir_load_the_clients_kernel(tmp_path, local_mo
         assert list(s["compiled"]) == ["_csc_block_pass_s1"]
         hits, misses = s["compiled"]["_csc_block_pass_s1"]
         assert hits >= 1 and misses == 0
-    # both workers share this cache dir and install at the same time: one or both wrote the
-    # entries (an index is replaced whole, so a second writer rewrites the same content). The
-    # client ships every dnmf kernel this process holds — the block pass at least, more after
-    # other tests of the same session compiled theirs.
-    first, second = sorted(v for w in installed.values() for v in w.values())
-    assert second >= 1 and first in (0, second)
+    # both workers share this cache dir and install at the same time, one index file per kernel:
+    # each entry is written by whichever worker gets to it first, or by both (an index is
+    # replaced whole, so a second writer rewrites the same content). The client ships every dnmf
+    # kernel this process holds — the block pass at least, more after other tests of the same
+    # session compiled theirs — so the counts split in any way; what matters is asserted above
+    # (both workers loaded the pass without compiling) and that some worker wrote.
+    most = max(v for w in installed.values() for v in w.values())
+    assert most >= 1
     assert any(f.endswith(".nbc") for f in os.listdir(next(iter(stats.values()))["cache_path"]))
     _assert_same_fit(model, local_model)
     # the late worker, with a cache of its own, installed the entry and ran the pass without compiling
     late_installed, late_stats = late
-    assert list(late_installed) == ["dnmf-kernel-cache"] and late_installed["dnmf-kernel-cache"] == second
+    # it installs all it was sent: at least what either first worker wrote
+    assert list(late_installed) == ["dnmf-kernel-cache"] and late_installed["dnmf-kernel-cache"] >= most
     assert late_stats["cache_path"].startswith(str(late_cache))
     assert list(late_stats["compiled"]) == ["_csc_block_pass_s1"]
     assert late_stats["compiled"]["_csc_block_pass_s1"][1] == 0
