@@ -271,6 +271,28 @@ def _mark_missing(o, og, by_row, has_mask, mk_indices, mk_indptr, hash_all, cv_s
 mark_missing = numba.njit(cache=True, nogil=True, inline="always")(_mark_missing)
 
 
+def _stored_missing(o, i, a, mark, kind, mlist, nmask, aval):
+    """A stored entry ``a`` at inner index i of outer index o that is not observed: a NaN is
+    missing (kind 2, added to ``mlist``); an entry :func:`mark_missing` already marked keeps its
+    value in ``aval`` when held out (kind 1). Returns ``(handled, nmask)``; ``handled`` False: an
+    observed entry. Shared by the IRLS pass and the zero-inflation E-step (inlined)."""
+    if a != a:
+        if mark[i] != o:
+            mark[i] = o
+            mlist[nmask] = i
+            nmask += 1
+        kind[i] = 2
+        return True, nmask
+    if mark[i] == o:
+        if kind[i] == 1:
+            aval[i] = a
+        return True, nmask
+    return False, nmask
+
+
+stored_missing = numba.njit(cache=True, nogil=True, inline="always")(_stored_missing)
+
+
 def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, xio, warm, code, power, delta,
                disp_in, disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol,
                zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, fsum, zc,
@@ -353,16 +375,8 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
         for p in range(indptr[o], indptr[o + 1]):
             a = data[p]
             i = indices[p]
-            if a != a:
-                if mark[i] != o:
-                    mark[i] = o
-                    mlist[nmask] = i
-                    nmask += 1
-                kind[i] = 2
-                continue
-            if mark[i] == o:
-                if kind[i] == 1:
-                    aval[i] = a
+            done, nmask = stored_missing(o, i, a, mark, kind, mlist, nmask, aval)
+            if done:
                 continue
             if a == 0.0:  # a stored zero is a zero (weight 1, or missing with zeros_missing)
                 continue
@@ -719,16 +733,8 @@ def _zi_estep_pass(by_row, data, indices, indptr, n_inner, outer0, F, X, code, d
         for p in range(indptr[o], indptr[o + 1]):
             a = data[p]
             i = indices[p]
-            if a != a:
-                if mark[i] != o:
-                    mark[i] = o
-                    mlist[nmask] = i
-                    nmask += 1
-                kind[i] = 2
-                continue
-            if mark[i] == o:
-                if kind[i] == 1:
-                    aval[i] = a
+            done, nmask = stored_missing(o, i, a, mark, kind, mlist, nmask, aval)
+            if done:
                 continue
             if a == 0.0:
                 continue
