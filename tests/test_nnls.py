@@ -175,7 +175,6 @@ def test_batch_with_l1(solver):
 def test_w_update_on_threads_is_bitwise_one_thread(monkeypatch, solver):
     # The W update solves its rows in ranges on a thread pool (solvers/updates.py::_solve_rows);
     # rows are independent, so W must equal the one-call solve bit for bit, warm start included.
-    import dnmf.engine.executor as executor
     import dnmf.solvers.updates as updates
 
     rng = np.random.default_rng(8)
@@ -188,8 +187,7 @@ def test_w_update_on_threads_is_bitwise_one_thread(monkeypatch, solver):
     one = np.ascontiguousarray(w_prev.T)
     nnls_batch(G, np.zeros((0, 0)), B, one, solver, True, 50, 1e-8, True, 0.01)
     monkeypatch.setattr(updates, "_THREADED_MIN_ROWS", 100)
-    monkeypatch.setattr(executor, "usable_cores", lambda: 3)
-    threaded = updates.update_factor(G, P, 0.01, 0.0, solver, True, 50, 1e-8, w_prev=w_prev)
+    threaded = updates.update_factor(G, P, 0.01, 0.0, solver, True, 50, 1e-8, w_prev=w_prev, n_threads=3)
     np.testing.assert_array_equal(threaded, one.T)
     # and it is the NNLS solution: scipy on a few rows (G = HHᵀ, p_i − l1 ⇔ the normal equations)
     if solver == SOLVER_EXACT:

@@ -40,7 +40,7 @@ from ..solvers.hstep import MODE_FIXED, MODE_NNLS, MODE_PROJECT, HStep, h_step, 
 from ..solvers.penalties import Penalties, angular_matrix, apply_angular, apply_bound
 from ..solvers.targets import FitTargets
 from ..solvers.updates import cholesky_or_empty, scale_rows, update_factor
-from .executor import Executor
+from .executor import Executor, usable_cores
 from .kernel_cache import ship_kernels
 
 logger = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ def _update_w(state: ALSState, stats: BlockStats, opts: ALSOptions, sq_norm_a: f
             Gs, Ps = targets.w_problem(Gs, Pn)
         l2 = 0.0
     w_new = update_factor(Gs, Ps, opts.L1[0], l2, opts.solver, opts.nonneg[0], opts.cd_maxit, opts.cd_tol,
-                          w_prev=state.w if it > 1 else None)
+                          w_prev=state.w if it > 1 else None, n_threads=usable_cores())
     w_new = apply_bound(w_new, pen.upper_bound[0])
     if pen.angular[0] > 0:
         w_new = apply_angular(w_new, angular_matrix(w_new.T @ w_new, pen.angular[0]))
