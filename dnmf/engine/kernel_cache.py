@@ -113,20 +113,6 @@ def _find_dispatcher(modname: str, qualname: str):
     return None
 
 
-def _read_index(cache_file) -> tuple:
-    """``(stamp, overloads)`` of a numba index file, or ``(None, {})`` if missing or of another
-    numba version."""
-    try:
-        with open(cache_file._index_path, "rb") as f:
-            version = pickle.load(f)
-            rest = f.read()
-    except FileNotFoundError:
-        return None, {}
-    if version != numba.__version__:
-        return None, {}
-    return pickle.loads(rest)
-
-
 def _collect_entry(modname: str, dispatcher) -> dict | None:
     """The cache entry of one dispatcher: its index's overloads for the signatures compiled or
     loaded in this process on this CPU target, and their data files' bytes."""
@@ -139,9 +125,7 @@ def _collect_entry(modname: str, dispatcher) -> dict | None:
     if source not in {os.path.realpath(p) for p in _source_files()}:
         return None  # not a file the source hash covers
     cache_file = cache._cache_file
-    stamp, overloads = _read_index(cache_file)
-    if stamp != cache_file._source_stamp:
-        return None  # stale index: numba itself would not load it
+    overloads = cache_file._load_index()  # numba's own read: {} when missing, stale or of another version
     magic = dispatcher.targetctx.codegen().magic_tuple()
     sigs = set(dispatcher.signatures)
     keep = {key: name for key, name in overloads.items() if key[0] in sigs and key[1] == magic}
