@@ -529,6 +529,18 @@ def _best(f, reps=3):
     return best
 
 
+def _best_interleaved(fns, reps):
+    """Best time of each of ``fns`` over ``reps`` rounds, one run of each per round, so a drift of
+    the machine's speed (±25 % over minutes here) hits every side alike."""
+    best = [float("inf")] * len(fns)
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            t = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
 def run_w_side(m, n, density, ks, test_fraction, n_cols=1000, n_rows=400):
     """Time the two W-side layouts on slices (n_cols columns, n_rows rows) and extrapolate."""
     global _chol_factor, _chol_solve
@@ -663,12 +675,12 @@ def run_kernel(m, n, density, k, reps):
     with threadpool_limits(1):
         ht = ours()
         before()
-        rows = [("dnmf pass (two sweeps), float64", _best(ours, reps)),
-                ("one sweep per column (before issue 12)", _best(before, reps)),
-                ("scipy A_j^T W (csr, one thread)", _best(lambda: a_t @ w, reps)),
-                ("scipy A_j H_j^T (csc, one thread)", _best(lambda: a_c @ ht, reps))]
+        names = ["dnmf pass (two sweeps), float64", "one sweep per column (before issue 12)",
+                 "scipy A_j^T W (csr, one thread)", "scipy A_j H_j^T (csc, one thread)"]
+        rows = list(zip(names, _best_interleaved([ours, before, lambda: a_t @ w, lambda: a_c @ ht], reps)))
     nnz = blk.nnz
-    print(f"\nOne block pass on one thread: {m} x {nj} at {density}, nnz {nnz:,}, k={k} (best of {reps})")
+    print(f"\nOne block pass on one thread: {m} x {nj} at {density}, nnz {nnz:,}, k={k} (best of {reps} "
+          "interleaved rounds)")
     print(f"{'kernel':44s} {'ms':>8s} {'ns/nnz':>7s}")
     for name, t in rows:
         print(f"{name:44s} {1e3 * t:8.2f} {1e9 * t / nnz:7.2f}")

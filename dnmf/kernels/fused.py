@@ -17,6 +17,13 @@ k = 10 that is 3.2 MB against a 2 MB L2 per core, and the pass ran 1.3× slower 
 the block's triplets costs less than the cache misses. P is accumulated in the same column
 order either way, so the results are bitwise the same.
 
+Positions and row indices are cast to unsigned (``np.uintp``) before they index an array. With a
+signed index numba emits a wrap-around branch for negative values on every access, which also
+keeps LLVM from hoisting the row addressing; unsigned indices drop it. The values are the same,
+so results are bitwise unchanged, and the pass runs ~15 % faster (k = 10, one thread: the
+``WᵀA_j`` sweep 6.9 → 6.1 ns per nonzero, the ``P`` sweep 7.0 → 5.7; ``bench_nmf.py --kernel``).
+CSC blocks never hold negative indices (``io/blocks.py`` builds them from scipy's).
+
 Each column's problem is formed and solved by the one column step
 (``kernels/column.py::column_step``), shared with ``NMFModel.predict``: per-column corrections
 (masked entries, IRLS weights, targets, penalties) arrive in ``terms`` (a
@@ -36,6 +43,9 @@ from .column import (SOLVE_COLUMN_BY_SOLVER, accumulate_column, any_terms, bound
                      has_terms, solve_column)
 
 __all__ = ["csc_block_pass", "dense_block_solve", "csc_sq_norm"]
+
+# Unsigned steps for unsigned positions: numba types uintp + an int literal as float64.
+_U1, _U2, _U3, _U4 = (np.uintp(i) for i in range(1, 5))
 
 
 def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol,
@@ -65,32 +75,31 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
     Lc = np.zeros((k, k))
     plain = not any_terms(terms)
     for c in range(n):
-        start = indptr[c]
-        end = indptr[c + 1]
+        end = np.uintp(indptr[c + 1])  # unsigned positions and indices (module docstring)
         for r in range(k):
             b[r] = -l1
         # b += Σ_p a_p w_{i_p}, four nonzeros per round: b[r] is loaded and stored once per four
         # products instead of once per product, and the additions keep their order, so b is
         # bitwise the one-at-a-time sum (~10 % less time on this sweep, bench_nmf.py --kernel).
-        p = start
-        while p + 3 < end:
+        p = np.uintp(indptr[c])
+        while p + _U3 < end:
             a0 = data[p]
-            a1 = data[p + 1]
-            a2 = data[p + 2]
-            a3 = data[p + 3]
-            w0 = w[indices[p]]  # row views: let LLVM keep the addressing out of the r loop
-            w1 = w[indices[p + 1]]
-            w2 = w[indices[p + 2]]
-            w3 = w[indices[p + 3]]
+            a1 = data[p + _U1]
+            a2 = data[p + _U2]
+            a3 = data[p + _U3]
+            w0 = w[np.uintp(indices[p])]  # row views: let LLVM keep the addressing out of the r loop
+            w1 = w[np.uintp(indices[p + _U1])]
+            w2 = w[np.uintp(indices[p + _U2])]
+            w3 = w[np.uintp(indices[p + _U3])]
             for r in range(k):
                 b[r] = (((b[r] + a0 * w0[r]) + a1 * w1[r]) + a2 * w2[r]) + a3 * w3[r]
-            p += 4
+            p += _U4
         while p < end:
             a = data[p]
-            wrow = w[indices[p]]
+            wrow = w[np.uintp(indices[p])]
             for r in range(k):
                 b[r] += a * wrow[r]
-            p += 1
+            p += _U1
         if warm:
             for r in range(k):
                 x[r] = ht[c, r] * warm_scale[r]
@@ -110,9 +119,9 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
     # column order as a fused sweep, so P is bitwise unchanged.
     for c in range(n):
         hrow = ht[c]
-        for p in range(indptr[c], indptr[c + 1]):
+        for p in range(np.uintp(indptr[c]), np.uintp(indptr[c + 1])):
             a = data[p]
-            prow = P[indices[p]]
+            prow = P[np.uintp(indices[p])]
             for r in range(k):
                 prow[r] += a * hrow[r]
 
