@@ -230,13 +230,13 @@ def _cores():
         return os.cpu_count() or 1
 
 
-def _dnmf_fixed(A, k, iters, w0, client, reps=2):
+def _dnmf_fixed(A, k, iters, w0, client, reps=2, dtype=None):
     """Best of ``reps`` fits of exactly ``iters`` iterations from ``w0``: (s, s/iter median, SSE)."""
     best = None
     for _ in range(reps):
         stamps = []
         t = time.perf_counter()
-        model = dnmf.nmf(A, k, init=w0, maxit=iters, tol=0.0, client=client,
+        model = dnmf.nmf(A, k, init=w0, maxit=iters, tol=0.0, client=client, dtype=dtype,
                          on_iteration=lambda rec: stamps.append(time.perf_counter()))
         total = time.perf_counter() - t
         per = float(np.median(np.diff(stamps))) if len(stamps) > 2 else total / iters
@@ -278,8 +278,10 @@ def run_compare(m, n, density, k, iters, scale, sweep=True, reps=2, r_libs=None)
     # machine's speed drifts over minutes (other tenants): separate blocks of runs gave ratios that
     # moved by ±25 % between blocks. Each cluster is started for its own run and closed after it,
     # so no idle cluster takes CPU from the other sides.
-    labels = ["scikit-learn NMF(solver='cd')", "dnmf in-process, threads"] + ["dnmf " + lb for lb, _ in
-                                                                            _clusters(n_cores)]
+    clusters = [(lb, kw, None) for lb, kw in _clusters(n_cores)]
+    clusters.append((clusters[-1][0] + ', dtype="float32"', clusters[-1][1], "float32"))
+    labels = (["scikit-learn NMF(solver='cd')", "dnmf in-process, threads", 'dnmf in-process, dtype="float32"']
+              + ["dnmf " + lb for lb, _, _ in clusters])
     from bench_cv import find_rcppml
 
     r_env = find_rcppml(r_libs)
@@ -289,14 +291,17 @@ def run_compare(m, n, density, k, iters, scale, sweep=True, reps=2, r_libs=None)
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.simplefilter("ignore")
         r_dir = write_csc_for_r(A, w0, stack.enter_context(tempfile.TemporaryDirectory())) if r_env else None
-        dnmf.nmf(A[:, :2000], k, maxit=2, client=False)  # JIT warm-up (or cache load)
+        for dt in (None, "float32"):  # JIT warm-up (or cache load)
+            dnmf.nmf(A[:, :2000], k, maxit=2, client=False, dtype=dt)
         for _ in range(reps):
             runs[labels[0]].append(sklearn_fit())
             runs[labels[1]].append(_dnmf_fixed(A, k, iters, w0, False, 1))
-            for label, (_, kw) in zip(labels[2:], _clusters(n_cores)):
+            runs[labels[2]].append(_dnmf_fixed(A, k, iters, w0, False, 1, dtype="float32"))
+            for label, (_, kw, dtype) in zip(labels[3:], clusters):
                 with LocalCluster(dashboard_address=None, **kw) as cluster, Client(cluster) as client:
-                    dnmf.nmf(A, k, init=w0, maxit=2, tol=0.0, client=client)  # workers load the kernels
-                    runs[label].append(_dnmf_fixed(A, k, iters, w0, client, 1))
+                    # workers load the kernels
+                    dnmf.nmf(A, k, init=w0, maxit=2, tol=0.0, client=client, dtype=dtype)
+                    runs[label].append(_dnmf_fixed(A, k, iters, w0, client, 1, dtype=dtype))
             if r_env is not None:
                 runs[labels[-1]].append(time_rcppml_fixed(r_env, r_dir, A.shape, k, A.nnz, iters, n_cores))
     best = {label: (min(r[0] for r in rs), min(r[1] for r in rs), rs[0][2]) for label, rs in runs.items()}

@@ -112,15 +112,20 @@ def data_scale(max_abs: float) -> float:
 
 @dataclass(frozen=True)
 class ScaledSource(_WrappedSource):
-    """A block source whose blocks are multiplied by ``scale`` (a power of two: exact)."""
+    """A block source whose blocks are multiplied by ``scale`` (a power of two: exact) and
+    stored in ``dtype`` (None: the source's; float32 for ``dtype="float32"`` on float64 input)."""
 
     source: Any
     scale: float
+    dtype: Any = None
 
     def _times(self, x: np.ndarray) -> np.ndarray:
-        # in float64, then back to x's dtype: a float32 scale could overflow (2**130 for
+        out = x.dtype if self.dtype is None else self.dtype
+        if self.scale == 1.0:
+            return x.astype(out, copy=False)
+        # in float64, then to the stored dtype: a float32 scale could overflow (2**130 for
         # subnormal float32 data) although the scaled values are in [0.5, 1)
-        return np.multiply(x, self.scale, dtype=np.float64).astype(x.dtype, copy=False)
+        return np.multiply(x, self.scale, dtype=np.float64).astype(out, copy=False)
 
     def load(self):
         block = self.source.load()
@@ -134,11 +139,13 @@ def _sizeof_scaled(src: ScaledSource) -> int:
     return sizeof(src.source) + 64
 
 
-def _scaled(blocked, scale: float):
-    """``blocked`` with every block multiplied by ``scale`` when it is not 1 (lazily, per load)."""
-    if scale == 1.0:
+def _scaled(blocked, scale: float, dtype=None):
+    """``blocked`` with every block multiplied by ``scale`` when it is not 1, and stored in
+    ``dtype`` when given (lazily, per load)."""
+    dtype = blocked.dtype if dtype is None else np.dtype(dtype)
+    if scale == 1.0 and dtype == blocked.dtype:
         return blocked
-    return replace(blocked, sources=tuple(ScaledSource(src, scale) for src in blocked.sources))
+    return replace(blocked, sources=tuple(ScaledSource(src, scale, dtype) for src in blocked.sources), dtype=dtype)
 
 
 def _check_init(init, m: int, k: int, nonneg_w: bool, func: str) -> np.ndarray:
@@ -346,6 +353,7 @@ def nmf(
     client: Any = None,
     block_nnz: int | None = None,
     out_of_core: bool | None = None,
+    dtype: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
@@ -537,6 +545,19 @@ def nmf(
     out_of_core : bool or None
         ``True`` streams each block from disk in every iteration; ``None`` decides from the
         matrix size and the workers' memory (lazy Zarr/h5ad inputs that do not fit stream).
+    dtype : {None, "float32", "float64"}
+        Precision of A's stored values and of the block pass's products with W. ``"float32"``
+        stores A's values in float32 (rounded, relative error ≤ 6e-8, for float64 input; half
+        the memory) and multiplies them with a float32 copy of W in the fused pass of the ALS
+        loop, which reads half the bytes per stored entry (~1.2× faster per iteration,
+        ``benchmarks/bench_nmf.py``); every sum, Gram, solve and the loss stay float64, so the
+        fit differs from float64's by rounding only (final loss 1e-11 relative on the benchmark
+        matrix). The factors are returned in the input's dtype (float64 input: float64, also
+        when its magnitudes exceed float32's range: A is then scaled by a power of two before
+        it is stored, see Notes). ``"float64"`` multiplies with W in float64
+        (float32 input stays stored in float32: exact). ``None`` (default): ``"float32"`` for
+        float32 input, else ``"float64"``. The masked, IRLS and KL loops store A as chosen and
+        multiply in float64.
     checkpoint : path, optional
         Zarr group where W, d, H and the loop state are saved every ``checkpoint_every``
         iterations (default 10, and at the end).
@@ -775,6 +796,7 @@ class _Plan:
     executor: Any
     stream: bool  # blocks read from disk in every iteration
     masked: MaskOptions | None = None  # missing or held-out entries (the masked loop), else None
+    float32: bool = False  # dtype="float32": float32 storage and products with W (fit_blocked holds float32)
 
 
 def _fit_shared(blocked, tasks: list, kwargs: dict, client) -> list:
@@ -912,7 +934,14 @@ def _plan_blocks(A, opts: dict, func: str) -> _Plan:
         raise
     # Out-of-range magnitudes (overflow of ‖A‖², or values swamped by the 1e-15 guards) are fit
     # as s·A with s a power of two; s·L1 keeps the problem the same, and d is divided by s.
-    scale = data_scale(max(abs(summary.max), abs(summary.min)))
+    max_abs = max(abs(summary.max), abs(summary.min))
+    scale = data_scale(max_abs)
+    # dtype="float32" multiplies with a float32 W (fused pass); float64 input is then stored in
+    # float32 too, scaled into [0.5, 1) first (exact) when its magnitudes exceed float32's range.
+    float32 = opts["dtype"] == "float32" or (opts["dtype"] is None and np.dtype(blocked.dtype) == np.float32)
+    to32 = np.float32 if float32 and np.dtype(blocked.dtype) != np.float32 else None
+    if to32 is not None and scale == 1.0 and max_abs > 2.0 ** 100:
+        scale = math.ldexp(1.0, -math.frexp(max_abs)[1])
     if scale != 1.0:
         logger.info("%s: max|A| = %.3g is outside [%.3g, %.3g]; fitting %.17g·A (exact) and rescaling d", func,
                     summary.max, *SAFE_MAX_RANGE, scale)
@@ -920,9 +949,9 @@ def _plan_blocks(A, opts: dict, func: str) -> _Plan:
         stream = (not blocked.in_memory) and _block_bytes(blocked) > _available_memory(executor)
     else:
         stream = bool(opts["out_of_core"]) and not blocked.in_memory
-    return _Plan(blocked=blocked, fit_blocked=_scaled(blocked, scale), summary=summary, k=k,
+    return _Plan(blocked=blocked, fit_blocked=_scaled(blocked, scale, to32), summary=summary, k=k,
                  solver=_resolve_solver(opts["solver"], k, opts["L1"], _is_irls(opts)), scale=scale, executor=executor,
-                 stream=stream)
+                 stream=stream, float32=float32)
 
 
 def _initialize(plan: _Plan, opts: dict, seq: np.random.SeedSequence, func: str) -> tuple[np.ndarray, str]:
@@ -983,7 +1012,8 @@ def _als_options(plan: _Plan, opts: dict) -> ALSOptions:
                       L2=opts["L2"], nonneg=opts["nonneg"], norm=opts["norm"], solver=SOLVERS[plan.solver],
                       cd_maxit=opts["cd_maxit"], cd_tol=opts["cd_tol"], patience=opts["patience"],
                       checkpoint_every=opts["checkpoint_every"], projective=bool(opts["projective"]),
-                      symmetric=bool(opts["symmetric"]), penalties=fit_penalties(opts, plan.blocked.shape, plan.scale))
+                      symmetric=bool(opts["symmetric"]), penalties=fit_penalties(opts, plan.blocked.shape, plan.scale),
+                      float32=plan.float32)
 
 
 def _check_kl(plan: _Plan, opts: dict, targets, func: str) -> None:
@@ -1264,7 +1294,7 @@ def _build_model(plan: _Plan, opts: dict, state, ht_blocks, *, init_name: str, s
                 "converged" if state.converged else ("stopped by on_iteration" if state.stopped_by_callback
                                                      else "reached maxit"),
                 record.iter, record.loss, record.runtime)
-    out_dtype = np.float32 if np.dtype(blocked.dtype) == np.float32 else np.float64
+    out_dtype = np.float32 if np.dtype(blocked.dtype) == np.float32 else np.float64  # the input's
     return NMFModel(w=w.astype(out_dtype), d=d.astype(out_dtype), h=h.astype(out_dtype), misc=FitRecordView(record))
 
 

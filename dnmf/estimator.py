@@ -124,6 +124,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Cloning the estimator shares the client (it is not copied).
     block_nnz : int or None, default None
         Stored entries per column block (blocks are groups of samples).
+    dtype : {None, "float32", "float64"}, default None
+        Precision of X's stored values and of the products with the factors (as
+        :func:`dnmf.nmf`; None follows X: float32 for float32 input, as scikit-learn).
     target_lambda : float, default 0.0
         Guided NMF: strength of the class target of the samples, built from ``y`` in ``fit``
         (H side; :func:`dnmf.nmf`'s ``target_lambda``). 0 fits without labels (``y`` is

@@ -317,6 +317,21 @@ def _check_out_of_core(value, name: str, func: str):
     return value
 
 
+def _check_dtype(value, name: str, func: str):
+    """None, "float32" or "float64" (numpy's float32 / float64 types and dtypes as well)."""
+    if value is None:
+        return None
+    dt = None
+    if isinstance(value, (str, np.dtype)) or (isinstance(value, type) and issubclass(value, np.generic)):
+        try:
+            dt = np.dtype(value)
+        except TypeError:  # an unknown name
+            pass
+    if dt is None or dt.name not in ("float32", "float64"):  # (a dtype equals None: float64)
+        raise param_error(name, func, 'None, "float32" or "float64"', value)
+    return dt.name
+
+
 # ---------------------------------------------------------------------------------------------
 # The declaration
 # ---------------------------------------------------------------------------------------------
@@ -460,6 +475,9 @@ NMF_PARAMS: tuple[Param, ...] = (
     Param("out_of_core", Check(_check_out_of_core, Literal["auto"] | bool), None,
           "stream blocks from disk every iteration (auto: when the matrix does not fit the workers)",
           estimator=False, config_default="auto", from_config=lambda v: None if v == "auto" else v),
+    Param("dtype", Check(_check_dtype, Literal["float32", "float64"] | None), None,
+          "precision of A's stored values and of the products with W (null: float32 for float32 input, "
+          "else float64); sums, Grams and solves are float64 either way"),
     Param("checkpoint", Check(_check_path), None, "Zarr group of the checkpoints", estimator=False, config=False),
     Param("checkpoint_every", Interval(int, low=1), 10, "iterations between checkpoints", estimator=False,
           config=False),

@@ -75,6 +75,7 @@ class ALSOptions:
     projective: bool = False  # H = diag(d)·WᵀA, no NNLS (RcppML §7)
     symmetric: bool = False  # A ≈ W diag(d) Wᵀ: H is W's transpose, only W is solved (RcppML §7)
     penalties: Penalties = field(default_factory=Penalties)  # L21, angular, bounds, graphs (RcppML §8)
+    float32: bool = False  # dtype="float32": the fused pass multiplies with a float32 copy of W
 
 
 @dataclass
@@ -139,8 +140,8 @@ def warm_up_kernels(source, k: int, opts: "ALSOptions", with_terms: bool = False
     else:
         tiny = np.ones((1, 1), dtype=block.dtype)
     G = np.eye(k)
-    hs = HStep(np.ones((1, k)), G, cholesky_or_empty(G, opts.solver), 0.0, np.ones(k), int(opts.solver), True,
-               int(opts.cd_maxit), float(opts.cd_tol))
+    hs = HStep(np.ones((1, k), dtype=np.float32 if opts.float32 else np.float64), G, cholesky_or_empty(G, opts.solver),
+               0.0, np.ones(k), int(opts.solver), True, int(opts.cd_maxit), float(opts.cd_tol))
     h_update_task(tiny, None, hs)
     if with_terms:
         h_update_task(tiny, None, hs, column_terms(k, rhs=np.zeros((tiny.shape[1], k))))
@@ -274,9 +275,14 @@ def h_task_step(w: np.ndarray, h_scale: np.ndarray, opts: ALSOptions, targets: F
 
 def _h_task_args(state: ALSState, opts: ALSOptions, targets: FitTargets | None = None) -> tuple:
     """:func:`h_task_step` for the current W (and the current Ĥ's penalty terms), in a 1-tuple
-    for ``map_blocks``."""
+    for ``map_blocks``. With ``opts.float32`` the block tasks get W rounded to float32 for their
+    products ``WᵀA_j`` (half the bytes per stored entry gathered, half sent to each worker); G, its
+    factor and every sum stay float64 (docs/architecture.md, "One iteration")."""
     penalty = opts.penalties.gram(1, state.h_hat, state.h_sq)
-    return (h_task_step(state.w, state.h_scale, opts, targets, state.d, penalty),)
+    hs = h_task_step(state.w, state.h_scale, opts, targets, state.d, penalty)
+    if opts.float32 and hs.mode == MODE_NNLS:
+        hs = hs._replace(w=hs.w.astype(np.float32))
+    return (hs,)
 
 
 def angular_task(block, ht, M: np.ndarray):

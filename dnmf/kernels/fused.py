@@ -55,7 +55,8 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
     Parameters
     ----------
     data, indices, indptr : CSC triplets of the block (m × n_j)
-    w : (m, k) float64 — current W (unit-norm columns, RcppML's ``Wt``ᵀ)
+    w : (m, k) float64, or float32 (``dtype="float32"``: half the bytes gathered per stored entry;
+        each product is formed in float64 from the float32 values, exactly)
     G : (k, k) float64 — penalized Gram ``WᵀW + L2·I``
     L : (k, k) float64 — lower Cholesky factor of G (used by the cholesky solver only)
     l1 : float — L1 penalty subtracted from every RHS entry
@@ -83,10 +84,10 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
         # bitwise the one-at-a-time sum (~10 % less time on this sweep, bench_nmf.py --kernel).
         p = np.uintp(indptr[c])
         while p + _U3 < end:
-            a0 = data[p]
-            a1 = data[p + _U1]
-            a2 = data[p + _U2]
-            a3 = data[p + _U3]
+            a0 = np.float64(data[p])  # float64 products also of float32 values and W (exact)
+            a1 = np.float64(data[p + _U1])
+            a2 = np.float64(data[p + _U2])
+            a3 = np.float64(data[p + _U3])
             w0 = w[np.uintp(indices[p])]  # row views: let LLVM keep the addressing out of the r loop
             w1 = w[np.uintp(indices[p + _U1])]
             w2 = w[np.uintp(indices[p + _U2])]
@@ -95,7 +96,7 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
                 b[r] = (((b[r] + a0 * w0[r]) + a1 * w1[r]) + a2 * w2[r]) + a3 * w3[r]
             p += _U4
         while p < end:
-            a = data[p]
+            a = np.float64(data[p])
             wrow = w[np.uintp(indices[p])]
             for r in range(k):
                 b[r] += a * wrow[r]

@@ -30,7 +30,7 @@ __all__ = ["HStep", "h_step", "solve_dense_columns", "MODE_NNLS", "MODE_PROJECT"
 class HStep(NamedTuple):
     """Arguments shared by every H solve of one iteration (or one ``predict``)."""
 
-    w: np.ndarray  # (m, k) float64 C-contiguous — W (unit-norm columns in a fit)
+    w: np.ndarray  # (m, k) float64 C-contiguous — W (unit-norm columns in a fit); float32 for dtype="float32"
     G: np.ndarray  # (k, k) — WᵀW + (ridge + L2)·I
     L: np.ndarray  # (k, k) lower Cholesky factor of G for the Cholesky-clip solver; (0, 0) otherwise
     l1: float  # L1 penalty subtracted from every RHS entry
