@@ -47,6 +47,11 @@ side's Gram, the norms and the closed forms), and — when asked — the losses 
 statistics (§6.4): per outer vector (θ by 5 MM steps, NB r by moments, φ) or accumulated per
 inner index (NB r and φ per column, finished on the client).
 
+Positions and inner indices are cast to unsigned (``np.uintp``) before they index an array, and
+the pass's lists of inner indices are ``uintp`` arrays, as in ``kernels/fused.py`` (its module
+docstring): numba drops the wrap-around branch for negative indices. The values are the same,
+so the results are bitwise unchanged.
+
 Loss codes: :data:`LOSS_CODES`. Functions are plain Python compiled with
 ``numba.njit(cache=True, nogil=True)`` so they also run under ``NUMBA_DISABLE_JIT=1``.
 """
@@ -248,8 +253,8 @@ def _mark_missing(o, og, by_row, has_mask, mk_indices, mk_indptr, hash_all, cv_s
     entries. Shared by the IRLS pass and the zero-inflation E-step (inlined)."""
     nmask = 0
     if has_mask:
-        for p in range(mk_indptr[o], mk_indptr[o + 1]):
-            i = mk_indices[p]
+        for p in range(np.uintp(mk_indptr[o]), np.uintp(mk_indptr[o + 1])):  # unsigned (module docstring)
+            i = np.uintp(mk_indices[p])
             if mark[i] != o:
                 mark[i] = o
                 kind[i] = 2
@@ -343,7 +348,7 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
     seen = np.full(n_inner, -1, dtype=np.int64)
     kind = np.zeros(n_inner, dtype=np.int8)  # 1: held out, 2: missing
     aval = np.zeros(n_inner)
-    mlist = np.empty(n_inner, dtype=np.int64)
+    mlist = np.empty(n_inner, dtype=np.uintp)  # inner indices: unsigned (module docstring)
     gbuf = np.empty((n_inner, k))
     max_nnz = 0
     for o in range(n_outer):
@@ -351,7 +356,7 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
     zi_on = zi_mode != ZI_NONE and warm and not zeros_missing
     if zi_on:  # the observed zeros join the entries (with their imputed values)
         max_nnz = n_inner
-    idx = np.empty(max_nnz, dtype=np.int64)
+    idx = np.empty(max_nnz, dtype=np.uintp)
     yv = np.empty(max_nnz)
     dv = np.empty(max_nnz)
     muv = np.empty(max_nnz)
@@ -372,9 +377,9 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
         nmask = mark_missing(o, og, by_row, has_mask, mk_indices, mk_indptr, cv_on and not zeros_missing, cv_seed,
                              cv_thr, n_inner, mark, kind, mlist)
         ne = 0
-        for p in range(indptr[o], indptr[o + 1]):
+        for p in range(np.uintp(indptr[o]), np.uintp(indptr[o + 1])):
             a = data[p]
-            i = indices[p]
+            i = np.uintp(indices[p])
             done, nmask = stored_missing(o, i, a, mark, kind, mlist, nmask, aval)
             if done:
                 continue
@@ -719,7 +724,7 @@ def _zi_estep_pass(by_row, data, indices, indptr, n_inner, outer0, F, X, code, d
     mark = np.full(n_inner, -1, dtype=np.int64)
     kind = np.zeros(n_inner, dtype=np.int8)
     aval = np.zeros(n_inner)
-    mlist = np.empty(n_inner, dtype=np.int64)
+    mlist = np.empty(n_inner, dtype=np.uintp)  # inner indices: unsigned (module docstring)
     seen = np.full(n_inner, -1, dtype=np.int64)
     p0 = np.empty(n_inner)
     has_mask = mk_indptr.shape[0] > 0
@@ -730,9 +735,9 @@ def _zi_estep_pass(by_row, data, indices, indptr, n_inner, outer0, F, X, code, d
                              kind, mlist)
         pos_loss = 0.0
         n_pos = 0
-        for p in range(indptr[o], indptr[o + 1]):
+        for p in range(np.uintp(indptr[o]), np.uintp(indptr[o + 1])):
             a = data[p]
-            i = indices[p]
+            i = np.uintp(indices[p])
             done, nmask = stored_missing(o, i, a, mark, kind, mlist, nmask, aval)
             if done:
                 continue

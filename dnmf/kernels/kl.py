@@ -18,6 +18,11 @@ for the column's missing rows, so that ``Σ_{j obs in row i} h_j = hsum − R_i`
 held-out entries (stored or not). The cost is nnz·k per iteration plus, with a hold-out set,
 the §5.2 hash of every row of every column (as the masked squared-error passes).
 
+Positions and row indices are cast to unsigned (``np.uintp``) before they index an array, and
+the list of a column's missing rows is a ``uintp`` array, as in ``kernels/fused.py`` (its module
+docstring): numba drops the wrap-around branch for negative indices. The values are the same,
+so the results are bitwise unchanged.
+
 Functions are plain Python compiled with ``numba.njit(cache=True, nogil=True)``.
 """
 
@@ -81,19 +86,19 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, l1, l2, zero
     h = np.empty(k)
     mark = np.full(m, -1, dtype=np.int64)  # = c: row missing or held out in column c (see kind)
     kind = np.zeros(m, dtype=np.int8)  # 1: held out (a test entry), 2: missing (user mask or NaN)
-    mrows = np.empty(m, dtype=np.int64)
+    mrows = np.empty(m, dtype=np.uintp)  # row indices: unsigned (module docstring)
     aval = np.zeros(m)  # a_ic of the held-out rows of column c (0 where not stored)
     has_mask = mk_indptr.shape[0] > 0
     track = R.shape[0] > 0
     for c in range(n):
         jg = np.uint64(col0 + c)
-        start = indptr[c]
-        end = indptr[c + 1]
+        start = np.uintp(indptr[c])  # positions and row indices unsigned (module docstring)
+        end = np.uintp(indptr[c + 1])
         # 1. the column's missing and held-out rows, its MU denominator and observed sum
         nmiss = 0
         if has_mask:
-            for p in range(mk_indptr[c], mk_indptr[c + 1]):
-                i = mk_indices[p]
+            for p in range(np.uintp(mk_indptr[c]), np.uintp(mk_indptr[c + 1])):
+                i = np.uintp(mk_indices[p])
                 if mark[i] != c:
                     mark[i] = c
                     kind[i] = 2
@@ -105,7 +110,7 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, l1, l2, zero
                 den[r] = 0.0
             for p in range(start, end):
                 a = data[p]
-                i = indices[p]
+                i = np.uintp(indices[p])
                 if a != a or mark[i] == c:
                     continue
                 if cv_on and held_out(cv_seed, np.uint64(i), jg, cv_thr):
@@ -130,7 +135,7 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, l1, l2, zero
                         nmiss += 1
             for p in range(start, end):
                 a = data[p]
-                i = indices[p]
+                i = np.uintp(indices[p])
                 if a != a:
                     if mark[i] != c:
                         mark[i] = c
@@ -163,7 +168,7 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, l1, l2, zero
             a = data[p]
             if a != a or a == 0.0:
                 continue
-            i = indices[p]
+            i = np.uintp(indices[p])
             wrow = w[i]
             if track and mark[i] == c:
                 continue
@@ -201,7 +206,7 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, l1, l2, zero
             a = data[p]
             if a != a:
                 continue
-            i = indices[p]
+            i = np.uintp(indices[p])
             if track and mark[i] == c:
                 continue
             if zeros_missing:

@@ -26,6 +26,10 @@ Symmetric NMF holds out unordered pairs instead (:func:`held_out_pair`: the hash
 ``(min(i, j), max(i, j))``; the row pass's and :func:`holdout_pattern`'s ``pair`` flag).
 Projective NMF uses the column pass's ``project`` flag: the projection over the observed entries.
 
+Positions and row / column indices are cast to unsigned (``np.uintp``) before they index an
+array, as in ``kernels/fused.py`` (its module docstring): numba drops the wrap-around branch for
+negative indices. The values are the same, so the results are bitwise unchanged.
+
 Functions are plain Python compiled with ``numba.njit(cache=True, nogil=True)`` so they also
 run under ``NUMBA_DISABLE_JIT=1``.
 """
@@ -88,9 +92,11 @@ held_out = numba.njit(cache=True, nogil=True)(_held_out)
 def _held_out_pair(seed, i, j, threshold):
     """Whether the unordered pair {i, j} is held out: the §5.2 hash of ``(min, max)`` — the
     symmetric test set of symmetric NMF (``a_ij`` and its twin ``a_ji`` held out together)."""
+    i = np.uint64(i)  # unsigned first: a signed i against an unsigned j would compare as float64
+    j = np.uint64(j)
     if i <= j:
-        return held_out(seed, np.uint64(i), np.uint64(j), threshold)
-    return held_out(seed, np.uint64(j), np.uint64(i), threshold)
+        return held_out(seed, i, j, threshold)
+    return held_out(seed, j, i, threshold)
 
 
 held_out_pair = numba.njit(cache=True, nogil=True)(_held_out_pair)
@@ -142,7 +148,7 @@ def _holdout_pattern(outer0, n_outer, n_inner, by_row, seed, thr, zeros_missing,
         base = seed + np.uint64(outer0 + o) * c_outer
         c = 0
         if zeros_missing:
-            for p in range(indptr[o], indptr[o + 1]):
+            for p in range(np.uintp(indptr[o]), np.uintp(indptr[o + 1])):  # unsigned (module docstring)
                 a = data[p]
                 if a == a and (held_out_pair(seed, outer0 + o, indices[p], thr) if pair
                                else mix_below(base + np.uint64(indices[p]) * c_inner, thr)):
@@ -162,7 +168,7 @@ def _holdout_pattern(outer0, n_outer, n_inner, by_row, seed, thr, zeros_missing,
         base = seed + np.uint64(outer0 + o) * c_outer
         t = counts[o]
         if zeros_missing:
-            for p in range(indptr[o], indptr[o + 1]):
+            for p in range(np.uintp(indptr[o]), np.uintp(indptr[o + 1])):  # unsigned (module docstring)
                 a = data[p]
                 if a == a and (held_out_pair(seed, outer0 + o, indices[p], thr) if pair
                                else mix_below(base + np.uint64(indices[p]) * c_inner, thr)):
@@ -243,7 +249,7 @@ def _masked_gram(Gc, G, diag, F, idx, n_idx, buf):
                 Gc[s, r] = G[r, s]
             Gc[r, r] += diag
         for t in range(n_idx):
-            frow = F[idx[t]]
+            frow = F[np.uintp(idx[t])]  # unsigned index (module docstring)
             for r in range(k):
                 fr = frow[r]
                 Gr = Gc[r]
@@ -251,7 +257,7 @@ def _masked_gram(Gc, G, diag, F, idx, n_idx, buf):
                     Gr[s] -= fr * frow[s]
         return
     for t in range(n_idx):
-        frow = F[idx[t]]
+        frow = F[np.uintp(idx[t])]
         brow = buf[t]
         for r in range(k):
             brow[r] = frow[r]
@@ -328,15 +334,16 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
     pattern = cv_on and ho_indptr.shape[0] > 0
     for c in range(n):
         jg = np.uint64(col0 + c)
+        # positions and row indices unsigned (module docstring)
         if pattern and zeros_missing:
-            for p in range(ho_indptr[c], ho_indptr[c + 1]):
-                hmark[ho_indices[p]] = c
+            for p in range(np.uintp(ho_indptr[c]), np.uintp(ho_indptr[c + 1])):
+                hmark[np.uintp(ho_indices[p])] = c
         for r in range(k):
             b[r] = 0.0 if project else -l1
         nmask = 0
         if has_mask:
-            for p in range(mk_indptr[c], mk_indptr[c + 1]):
-                i = mk_indices[p]
+            for p in range(np.uintp(mk_indptr[c]), np.uintp(mk_indptr[c + 1])):
+                i = np.uintp(mk_indices[p])
                 if mark[i] != c:
                     mark[i] = c
                     mrows[nmask] = i
@@ -345,9 +352,9 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
             for r in range(k):
                 for s in range(r + 1):
                     Gc[r, s] = 0.0
-            for p in range(indptr[c], indptr[c + 1]):
+            for p in range(np.uintp(indptr[c]), np.uintp(indptr[c + 1])):
                 a = data[p]
-                i = indices[p]
+                i = np.uintp(indices[p])
                 if a != a or mark[i] == c:
                     continue
                 if cv_on and (hmark[i] == c if pattern else held_out(cv_seed, np.uint64(i), jg, cv_thr)):
@@ -369,8 +376,8 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
             use_own = True
         else:
             if pattern:
-                for p in range(ho_indptr[c], ho_indptr[c + 1]):
-                    i = ho_indices[p]
+                for p in range(np.uintp(ho_indptr[c]), np.uintp(ho_indptr[c + 1])):
+                    i = np.uintp(ho_indices[p])
                     if mark[i] != c:
                         mark[i] = c
                         mrows[nmask] = i
@@ -381,9 +388,9 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                         mark[i] = c
                         mrows[nmask] = i
                         nmask += 1
-            for p in range(indptr[c], indptr[c + 1]):
+            for p in range(np.uintp(indptr[c]), np.uintp(indptr[c + 1])):
                 a = data[p]
-                i = indices[p]
+                i = np.uintp(indices[p])
                 if a != a:
                     if mark[i] != c:
                         mark[i] = c
@@ -487,13 +494,14 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
     pattern = cv_on and ho_indptr.shape[0] > 0
     for r_ in range(m_b):
         ig = np.uint64(row0 + r_)
+        # positions and column indices unsigned (module docstring)
         if pattern and zeros_missing:
-            for p in range(ho_indptr[r_], ho_indptr[r_ + 1]):
-                hmark[ho_indices[p]] = r_
+            for p in range(np.uintp(ho_indptr[r_]), np.uintp(ho_indptr[r_ + 1])):
+                hmark[np.uintp(ho_indices[p])] = r_
         nmask = 0
         if has_mask:
-            for p in range(mk_indptr[r_], mk_indptr[r_ + 1]):
-                j = mk_indices[p]
+            for p in range(np.uintp(mk_indptr[r_]), np.uintp(mk_indptr[r_ + 1])):
+                j = np.uintp(mk_indices[p])
                 if mark[j] != r_:
                     mark[j] = r_
                     kind[j] = 2
@@ -507,9 +515,9 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
             for r in range(k):
                 for s in range(r + 1):
                     Gc[r, s] = 0.0
-            for p in range(indptr[r_], indptr[r_ + 1]):
+            for p in range(np.uintp(indptr[r_]), np.uintp(indptr[r_ + 1])):
                 a = data[p]
-                j = indices[p]
+                j = np.uintp(indices[p])
                 if a != a or mark[j] == r_:
                     continue
                 if cv_on and (hmark[j] == r_ if pattern else (held_out_pair(cv_seed, row0 + r_, j, cv_thr) if pair
@@ -529,8 +537,8 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
             finish_lower(Gc, ridge + l2)
         else:
             if pattern:
-                for p in range(ho_indptr[r_], ho_indptr[r_ + 1]):
-                    j = ho_indices[p]
+                for p in range(np.uintp(ho_indptr[r_]), np.uintp(ho_indptr[r_ + 1])):
+                    j = np.uintp(ho_indices[p])
                     if mark[j] != r_:
                         mark[j] = r_
                         kind[j] = 1
@@ -544,9 +552,9 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                         kind[j] = 1
                         mcols[nmask] = j
                         nmask += 1
-            for p in range(indptr[r_], indptr[r_ + 1]):
+            for p in range(np.uintp(indptr[r_]), np.uintp(indptr[r_ + 1])):
                 a = data[p]
-                j = indices[p]
+                j = np.uintp(indices[p])
                 if a != a:
                     if mark[j] != r_:
                         mark[j] = r_
@@ -591,9 +599,9 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
             wt[r_, r] = x[r]
         # This row's squared errors, from the raw row x = w_i d and Ĥ.
         if zeros_missing:
-            for p in range(indptr[r_], indptr[r_ + 1]):
+            for p in range(np.uintp(indptr[r_]), np.uintp(indptr[r_ + 1])):
                 a = data[p]
-                j = indices[p]
+                j = np.uintp(indices[p])
                 if a != a or (mark[j] == r_ and kind[j] == 2):
                     continue
                 pred = 0.0
@@ -616,7 +624,7 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                     full += x[r] * Q[r, s] * x[s]
             masked_sse = 0.0
             for t in range(nmask):
-                j = mcols[t]
+                j = np.uintp(mcols[t])
                 pred = 0.0
                 hrow = hn[j]
                 for r in range(k):
