@@ -1,14 +1,15 @@
-"""One Dask task per worker thread over a contiguous run of blocks (issue 12, cluster overhead).
+"""One Dask task per worker over its contiguous run of blocks (issue 12, cluster overhead).
 
-``DaskExecutor.map_blocks`` runs the blocks placed on a worker as at most ``nthreads`` chunk
-tasks there (each calling the block function on its blocks in order); the handles designate a
-block's item of the chunk's tuple. Checked on real ``LocalCluster``s: fits bitwise equal to the
+``DaskExecutor.map_blocks`` runs the blocks placed on a worker as one chunk task there, whose
+``nthreads`` threads take the blocks in turn (each calls the block function on one block); the
+handles designate a block's item of the chunk's tuple (block order). Checked on real ``LocalCluster``s: fits bitwise equal to the
 in-process fit, the number of tasks per round, and the verbs on part handles against
 :class:`LocalExecutor` and plain NumPy.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -23,7 +24,7 @@ distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.filterwarnings("ignore::dnmf.exceptions.ConvergenceWarning")
 
 #: 400 × 300 at 5 % with block_nnz=700: 9 column blocks, so 2 workers hold runs of 5 and 4
-#: blocks (block j on worker ⌊2j/9⌋) and 2 threads each split them into chunks of 2 + 3 and 2 + 2.
+#: blocks (block j on worker ⌊2j/9⌋), one chunk task each, whose 2 threads take the blocks in turn.
 KW = dict(seed=11, maxit=4, tol=0, block_nnz=700, solver="cd")
 N_BLOCKS = 9
 
@@ -66,8 +67,8 @@ def test_fits_bitwise_equal_in_process_with_uneven_chunks(a, client22):
         assert np.array_equal(other.d, local.d)
         assert np.array_equal(other.h, local.h)
         assert np.array_equal(other.misc["loss_history"], local.misc["loss_history"])
-    # One H-step round per iteration, 4 chunk tasks each (2 workers × 2 threads) instead of 9.
-    assert len(_keys(stream, "_h_task")) == 4 * KW["maxit"]
+    # One H-step round per iteration, 2 chunk tasks each (one per worker) instead of 9.
+    assert len(_keys(stream, "_h_task")) == 2 * KW["maxit"]
 
 
 def _twice_and_sums(block, scale):
@@ -78,6 +79,26 @@ def _twice_and_sums(block, scale):
 def _joined(x, y):
     # Concatenation is not commutative: any change of order or grouping of the leaves shows.
     return np.concatenate([x, y])
+
+
+def _slow_where(block, j, delays):
+    """A block function that takes ``delays[j]`` seconds and reports the thread that ran it."""
+    time.sleep(delays[j])
+    return j, threading.get_ident()
+
+
+def test_a_workers_threads_take_its_blocks_in_turn(client22):
+    # Worker 0 holds blocks 0-4. Block 0 takes 0.4 s, the others 0.05 s: with the blocks split
+    # 2 + 3 between the two threads (as before) one thread ran blocks 0 and 1; taken in turn, the
+    # other thread runs blocks 1-4 while the first runs block 0.
+    ex = DaskExecutor(client22)
+    handles = ex.put_blocks(_blocks())
+    delays = [0.4] + [0.05] * (N_BLOCKS - 1)
+    got = ex.gather(ex.map_blocks(_slow_where, handles, list(range(N_BLOCKS)), args=(delays,)))
+    assert [j for j, _ in got] == list(range(N_BLOCKS))  # results in block order
+    first = [tid for j, tid in got[:5]]  # worker 0's run
+    assert first[0] not in first[1:5] and len(set(first[1:5])) == 1  # one thread took all four
+    ex.release(handles)
 
 
 def _blocks():
@@ -103,9 +124,9 @@ def test_verbs_on_part_handles_match_local(client22, cluster22):
     with distributed.get_task_stream(client22) as stream:
         outs = ex.map_blocks(_twice_and_sums, handles, args=(2.0,), n_out=2)
         distributed.wait([p.future for o in outs for p in o])
-    assert len(_keys(stream, "_twice_and_sums")) == 4  # chunks of 2 + 3 and 2 + 2 blocks
+    assert len(_keys(stream, "_twice_and_sums")) == 2  # one chunk per worker: 5 and 4 blocks
     chunk_keys = {p.key for o in outs for p in o}
-    assert len(chunk_keys) == 4
+    assert len(chunk_keys) == 2
 
     # gather: the items asked for, in the order asked (here reversed, one twice).
     want = [o[0] for o in reversed(outs)] + [outs[4][1]]
@@ -165,8 +186,8 @@ def test_lazy_sources_run_one_task_per_block(client22):
         chunked = ex.map_blocks(_scaled, placed, args=(3.0,))
         got_streamed, got_chunked = ex.gather(streamed), ex.gather(chunked)
     # A block read from disk by its task stays one task (the scheduler balances them); blocks
-    # held by the workers go in one chunk per worker thread.
-    assert len(_keys(stream, "_scaled")) == N_BLOCKS + 4
+    # held by the workers go in one chunk per worker.
+    assert len(_keys(stream, "_scaled")) == N_BLOCKS + 2
     for s, c, b in zip(got_streamed, got_chunked, blocks):
         assert np.array_equal(s, b * 3.0) and np.array_equal(c, b * 3.0)
     ex.release([*streamed, *chunked, *sources, *placed])

@@ -1,8 +1,9 @@
 """A Dask worker lost at any moment of a fit (issue 11): the fit recovers, or fails typed.
 
 Real worker processes are SIGKILLed (the nanny restarts them) between iterations, while W is
-put on the cluster, while block tasks run, during a checkpoint save and the final gather, and
-at seeded random moments. Every fit must end within a bounded time with the factors of the
+put on the cluster, while block tasks run, at increasing delays into an iteration, in the last
+iteration of a fit stopped by tol, during a checkpoint save and the final gather, and at seeded
+random moments. Every fit must end within a bounded time with the factors of the
 undisturbed fit — bitwise, since the default Cholesky solver ignores the warm starts that a
 recovery loses — or, when recoveries are exhausted, raise WorkerLostError naming the worker.
 """
@@ -163,6 +164,43 @@ def test_killed_while_block_tasks_run(a, ref, client, workers):
             timer[0].start()
 
     model = within(lambda: dnmf.nmf(a, 4, client=client, on_iteration=on_iteration, **KW))
+    timer[0].join()
+    assert_same_fit(model, ref)
+
+
+def test_killed_in_the_last_iteration_of_a_fit_stopped_by_tol(a, client, workers):
+    # A fit that stops on tol (not maxit): a worker lost in the callback of its last iteration
+    # takes H blocks with it, and the final gather of H recovers them (re-solved from the W that
+    # produced them) without running another iteration.
+    kw = {**KW, "tol": 1e-2, "maxit": 100}
+    ref = dnmf.nmf(a, 4, client=False, **kw)
+    n = ref.misc["iter"]
+    assert ref.misc["converged"] and n < kw["maxit"]
+    killed = []
+
+    def on_iteration(rec):
+        if rec.iteration == n:
+            killed.append(kill(workers))
+
+    model = within(lambda: dnmf.nmf(a, 4, client=client, on_iteration=on_iteration, **kw))
+    assert killed and model.misc["iter"] == n and model.misc["converged"]
+    assert_same_fit(model, ref)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.003, 0.01, 0.02, 0.04])
+def test_killed_at_increasing_delays_into_an_iteration(a_tall, client, workers, delay):
+    # After the callback of iteration 2, iteration 3 puts W, runs its block tasks, reduces the
+    # partials on the workers and fetches them: kills at increasing delays land in each.
+    kw = {**KW, "block_nnz": 3000}
+    ref = dnmf.nmf(a_tall, 4, client=False, **kw)
+    timer = []
+
+    def on_iteration(rec):
+        if rec.iteration == 2:
+            timer.append(threading.Timer(delay, kill, (workers, 1)))
+            timer[0].start()
+
+    model = within(lambda: dnmf.nmf(a_tall, 4, client=client, on_iteration=on_iteration, **kw))
     timer[0].join()
     assert_same_fit(model, ref)
 

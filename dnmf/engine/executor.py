@@ -13,11 +13,11 @@ these verbs, so the same code runs on a cluster and in a notebook without one:
     of ``n_out`` handles per block when ``fn`` returns a tuple). Handles of the distributed
     executor designate results that stay on the worker that computed them. When every first
     per-block argument lives on a worker (a handle from ``put_blocks``, or a result of an
-    earlier ``map_blocks`` on them), the blocks of each worker — a contiguous run — are split
-    into at most as many contiguous chunks as that worker has threads, and each chunk is one
-    task there calling ``fn`` on its blocks in block order: a round costs a scheduler hop per
-    chunk instead of per block, and a worker's kernels run back to back. The results are those
-    of one call per block, so nothing numerical depends on the chunking. Otherwise — a lazy
+    earlier ``map_blocks`` on them), the blocks of each worker — a contiguous run — are one
+    chunk task there, whose threads (as many as the worker has) take the next block of the run
+    as each finishes: a round costs a scheduler hop per worker instead of per block, and a
+    thread that runs faster takes more blocks. The results are those of one call per block, so
+    nothing numerical depends on the chunking. Otherwise — a lazy
     block source streamed from disk, or a plain value as first argument — there is one task
     per block, which the scheduler places and balances.
 ``tree_reduce(combine, handles)``
@@ -45,6 +45,7 @@ redo the lost work, at most ``max_recoveries`` times.
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 import os
 import uuid
@@ -328,8 +329,8 @@ class DaskExecutor(Executor):
                 out[js[0]] = self._result_handles(fut, home, (), n_out, 1)
             else:
                 flat = tuple(p[j] for j in js for p in per_block)
-                fut = self._submit(_run_chunk, (fn, len(per_block), len(js), *flat, *near), home,
-                                   key=_key(fn, js[0]))
+                fut = self._submit(_run_chunk, (fn, len(per_block), len(js), self._nthreads.get(home, 1), *flat,
+                                                *near), home, key=_key(fn, js[0]))
                 for pos, j in enumerate(js):
                     out[j] = self._result_handles(fut, home, (pos,), n_out, len(js))
             if out[js[0]] is not fut:
@@ -337,20 +338,15 @@ class DaskExecutor(Executor):
         return out
 
     def _chunks(self, firsts: Sequence, homes: list) -> list[list[int]]:
-        """The blocks of each task of a ``map_blocks`` round: per worker, its blocks in at most
-        that worker's thread count of contiguous chunks (sizes differing by at most one); one
-        block per task when a block has no home or its first argument is a lazy source."""
+        """The blocks of each task of a ``map_blocks`` round: per worker, its blocks (one chunk,
+        run by the worker's threads, :func:`_run_chunk`); one block per task when a block has
+        no home or its first argument is a lazy source."""
         if any(h is None for h in homes) or any(getattr(f, "key", None) in self._lazy for f in firsts):
             return [[j] for j in range(len(homes))]
         runs: dict[str, list[int]] = {}
         for j, home in enumerate(homes):
             runs.setdefault(home, []).append(j)
-        chunks = []
-        for home, js in runs.items():
-            c = min(len(js), self._nthreads.get(home, 1))
-            cuts = [len(js) * i // c for i in range(c + 1)]
-            chunks.extend(js[cuts[i]:cuts[i + 1]] for i in range(c))
-        return chunks
+        return list(runs.values())
 
     def _result_handles(self, fut, home, path: tuple, n_out: int, size: int):
         """The handle(s) of one block's result: ``fut`` itself (a one-block task, ``n_out == 1``),
@@ -582,12 +578,29 @@ def _pick_paths(value, paths):
     return tuple(_index_path(value, p) for p in paths)
 
 
-def _run_chunk(fn, n_per: int, n_blocks: int, *values):
-    """Task: ``fn(*per_block_j, *shared)`` for each block of a chunk, in block order; ``values``
-    holds the ``n_per`` per-block arguments of each block, then the shared ones. Returns the
-    tuple of the blocks' results."""
+def _run_chunk(fn, n_per: int, n_blocks: int, n_threads: int, *values):
+    """Task: ``fn(*per_block_j, *shared)`` for each block of a chunk; ``values`` holds the
+    ``n_per`` per-block arguments of each block, then the shared ones. Returns the tuple of the
+    blocks' results in block order.
+
+    With ``n_threads`` > 1 (the worker's threads) the blocks go to a pool of that many threads,
+    each taking the next block when it finishes one (the block kernels release the GIL), as the
+    in-process executor does. A fixed split of a worker's blocks among its threads made a round
+    as slow as its slowest thread: on the 2-core development machine two busy cores ran at
+    unequal speeds (the same 4-block loop alone 142 ms, on both cores at once 145 and 240 ms),
+    and a 1 × 2-thread cluster's two chunks of the same size took 155–179 and 229–269 ms
+    (docs/architecture.md, "Cluster overhead")."""
     shared = values[n_per * n_blocks:]
-    return tuple(fn(*values[b * n_per:(b + 1) * n_per], *shared) for b in range(n_blocks))
+    calls = [values[b * n_per:(b + 1) * n_per] for b in range(n_blocks)]
+    if n_threads <= 1 or n_blocks <= 1:
+        return tuple(fn(*c, *shared) for c in calls)
+    return tuple(_chunk_pool(min(n_threads, n_blocks)).map(lambda c: fn(*c, *shared), calls))
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_pool(n_threads: int) -> ThreadPoolExecutor:
+    """The thread pool of a worker's chunk tasks (one per thread count, made on first use)."""
+    return ThreadPoolExecutor(n_threads, thread_name_prefix="dnmf-chunk")
 
 
 def _tree_shape(n: int):
