@@ -19,8 +19,9 @@ Run: ``python benchmarks/bench_nmf.py [--large] [--small] [--w-side] [--m 20000 
   CSR copy) that forms each row's Gram and solves its NNLS on the spot.
 * ``--compare`` (issue 12): the same fixed number of iterations (``--iters``, default 30) from one
   random start on the ``--large`` matrix, side by side in one run: scikit-learn ``NMF(solver="cd")``,
-  dnmf in-process (threads), dnmf on ``LocalCluster(processes=False, 1 worker × all cores)`` and on
-  ``LocalCluster(2 workers × 1 thread)``, with times, SSEs and the ratios of the issue (cluster /
+  dnmf in-process (threads, and with ``dtype="float32"``), dnmf on ``LocalCluster(processes=False,
+  1 worker × all cores)`` and on ``LocalCluster(2 workers × 1 thread)`` (also with ``dtype="float32"``),
+  with times, SSEs and the ratios of the issue (cluster /
   in-process, dnmf / scikit-learn); then dnmf's seconds per iteration against k (10, 30, 50)
   and, with ``--scale``, against nnz (5 M, 20 M, 80 M at 2 %; long), in-process and on the
   2-worker cluster. Run it pinned, e.g. ``taskset -c 0,1 python benchmarks/bench_nmf.py --compare``.
@@ -32,7 +33,7 @@ Run: ``python benchmarks/bench_nmf.py [--large] [--small] [--w-side] [--m 20000 
   ``--large`` matrix's shape (m × n/8): dnmf's pass (``kernels/fused.py::csc_block_pass``, two sweeps:
   WᵀA_j with the solves, then A_j H_jᵀ), the same arithmetic in one sweep per column (the pass before
   issue 12, kept here as a reference), and scipy's two sparse products that scikit-learn's
-  ``NMF(solver="cd")`` computes per iteration (``A_jᵀ W`` and ``A_j H_jᵀ``).
+  ``NMF(solver="cd")`` computes per iteration (``A_jᵀ W`` and ``A_j H_jᵀ``), in interleaved rounds.
 Timings print as one table; nothing here is asserted.
 """
 
