@@ -132,3 +132,16 @@ def test_float32_in_config_model_section():
     (p,) = [p for p in NMF_PARAMS if p.name == "dtype"]
     assert p.config and p.estimator and p.default is None
     assert dnmf.NMF(dtype="float32").get_params()["dtype"] == "float32"
+
+
+def test_float32_fit_resumes_bitwise_and_refuses_another_dtype(A, tmp_path):
+    path = str(tmp_path / "ck.zarr")
+    kw = dict(seed=1, tol=0.0, client=False, dtype="float32")
+    full = _quiet_fit(A, 4, maxit=12, **kw)
+    _quiet_fit(A, 4, maxit=6, checkpoint=path, checkpoint_every=3, **kw)
+    resumed = _quiet_fit(A, 4, maxit=12, checkpoint=path, resume=True, **kw)
+    assert resumed.misc["iter"] == 12
+    for x in ("w", "d", "h"):
+        np.testing.assert_array_equal(getattr(resumed, x), getattr(full, x))
+    with pytest.raises(InputError, match="another matrix, block layout or set of options"):
+        _quiet_fit(A, 4, maxit=12, checkpoint=path, resume=True, **{**kw, "dtype": "float64"})
