@@ -58,7 +58,9 @@ from ..solvers.updates import scale_rows
 from .als import ALSOptions, ALSState, _norms, count_recovery
 from .checkpoint import Checkpointer
 from .executor import Executor
-from .masked import MaskedState, MaskOptions, _kernel_args, _mask_parts, _Placed, record_iteration, row_bounds_for
+from .kernel_cache import ship_kernels
+from .masked import (MaskedState, MaskOptions, _kernel_args, _mask_parts, _Placed, record_iteration, row_bounds_for,
+                     run_for_compilation, tiny_blocks)
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +260,35 @@ def zi_estep_task(block, mk: tuple, x_blk, pi_blk, outer0: int, d_out, by_row: b
     return pi, sums
 
 
+def warm_up_kernels(k: int, ro: IRLSOptions, kargs: tuple, hside: tuple, wside: tuple, modes: tuple,
+                    ub: tuple) -> None:
+    """Compile here, before any worker needs them, the kernels this fit's block tasks call: one
+    :func:`irls_h_task` and one :func:`irls_w_task` (and with zero-inflation one
+    :func:`zi_estep_task`) on a 1 × 1 block (:func:`~dnmf.engine.masked.tiny_blocks`,
+    :func:`~dnmf.engine.masked.run_for_compilation`) with the fit's loss, dispersion modes,
+    solver and hold-out arguments. Later iterations pass the same
+    numba types (warm starts, NB's zero-gradient factors, π and penalty Grams are float64 arrays
+    of the same dimensions), so these are all the signatures. The results are dropped.
+    ``fit_irls`` then ships numba's cache entries to the workers (``engine/kernel_cache.py``;
+    docs/architecture.md, "Kernel compilation").
+
+    ``modes``: the (H, W) passes' dispersion modes; ``ub``: the (W, H) upper bounds.
+    """
+    col, row, mk = tiny_blocks()
+    side = _side(ro)
+    lo, hi = float(ro.low), float(ro.high)
+    one, f = np.ones(1), np.full((1, k), 1.0 / k)
+    run_for_compilation(irls_h_task, col, mk, None, 0, one, f, np.eye(k), np.ones(k), np.ones(k), hside, side,
+                        (one, ro.dispersion != "per_col", modes[0], lo, hi), kargs, pen=(None, float(ub[1])))
+    run_for_compilation(irls_w_task, row, mk, None, 0, one, f, f.T @ f + np.eye(k), f[0], f[0], wside, side,
+                        (one, ro.dispersion == "per_col", modes[1], lo, hi), kargs, pen=(None, float(ub[0])))
+    if ro.zi != "none":
+        by_row = ro.zi == "row"
+        run_for_compilation(zi_estep_task, row if by_row else col, mk, f, np.zeros(1), 0, one, by_row, f, one,
+                            ro.dispersion == "per_col" if by_row else ro.dispersion != "per_col", ro.code, True,
+                            ro.zi_em_iters, kargs)
+
+
 def _dispersion_arrays(ro: IRLSOptions, value, m: int, n: int) -> tuple:
     """(per-row values (m,), per-column values (n,)) in effect; the unused side is ones."""
     if ro.dispersion == "per_row":
@@ -331,6 +362,9 @@ def fit_irls(
     pen = opts.penalties
     t0 = time.perf_counter()
     done = opts.maxit <= state.iteration or state.converged or state.stopped_by_callback
+    if executor.distributed and not done:
+        warm_up_kernels(k, ro, kargs, hside, wside, (h_mode, w_mode), tuple(pen.upper_bound))
+        ship_kernels(executor.client)  # workers without this cache load the compiled kernels
     while not done:
         try:
             if placed is None:

@@ -52,7 +52,9 @@ from ..kernels.masked import NO_PATTERN, csc_masked_pass
 from ..kernels.nnls import SOLVER_EXACT
 from .als import ALSOptions, count_recovery
 from .executor import Executor
-from .masked import MaskedState, MaskOptions, _kernel_args, _mask_parts, as_csc64, record_iteration
+from .kernel_cache import ship_kernels
+from .masked import (MaskedState, MaskOptions, _kernel_args, _mask_parts, as_csc64, record_iteration,
+                     run_for_compilation, tiny_blocks)
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +131,19 @@ def lsq_start(block, mk: tuple, col0: int, w: np.ndarray, kargs: tuple) -> np.nd
     return np.maximum(ht, LSQ_FLOOR * ht.mean(axis=1, keepdims=True))
 
 
+def warm_up_kernels(k: int, hside: tuple, kargs: tuple, track: bool) -> None:
+    """Compile here, before any worker needs them, the kernels :func:`kl_task` calls in this fit
+    (:func:`lsq_start`'s masked solve, then the KL pass, with the fit's hold-out arguments): its
+    first and a later iteration on a 1 × 1 block (:func:`~dnmf.engine.masked.tiny_blocks`,
+    :func:`~dnmf.engine.masked.run_for_compilation`). The results are dropped. ``fit_kl`` then
+    ships numba's cache entries to the workers (``engine/kernel_cache.py``; docs/architecture.md,
+    "Kernel compilation")."""
+    col, _, mk = tiny_blocks()
+    w = np.full((1, k), 1.0 / k)
+    run_for_compilation(kl_task, col, mk, None, 0, w, w.sum(axis=0), np.ones(k), hside, kargs, track)
+    run_for_compilation(kl_task, col, mk, np.ones((1, k)), 0, w, w.sum(axis=0), np.ones(k), hside, kargs, track)
+
+
 @dataclass
 class KLState(MaskedState):
     """:class:`~dnmf.engine.masked.MaskedState` with the scale H takes at its next update."""
@@ -177,6 +192,9 @@ def fit_kl(blocked: BlockedMatrix, w0: np.ndarray, opts: ALSOptions, executor: E
     w = np.ascontiguousarray(w0, dtype=np.float64)
     w = w / (w.sum(axis=0) + 1e-300)[None, :]
     state = KLState(w=w, d=np.ones(k), ht=[None] * n_blocks, h_scale=np.ones(k), scale=np.ones(k))
+    if executor.distributed and opts.maxit >= 1:
+        warm_up_kernels(k, hside, kargs, track)
+        ship_kernels(executor.client)  # workers without this cache load the compiled kernels
     blocks = None
     recoveries = 0
     t0 = time.perf_counter()

@@ -62,6 +62,7 @@ from ..solvers.updates import scale_rows
 from .als import (ALSOptions, ALSState, IterationRecord, _norms, block_terms, check_convergence, count_recovery,
                   h_task_step, load_block)
 from .executor import Executor
+from .kernel_cache import ship_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,50 @@ def _mask_parts(mask, bounds: np.ndarray, axis: int) -> list:
         piece.sort_indices()
         parts.append((piece.indices.astype(np.int64), piece.indptr.astype(np.int64)))
     return parts
+
+
+def tiny_blocks() -> tuple:
+    """A 1 × 1 column block and the same entry as a row block, with the dtypes every block of
+    the masked, IRLS and KL loops has (float64 values, int64 indices; :func:`as_csc64`,
+    :func:`join_rows`), and an empty user mask for one outer vector: ``(CSCBlock, CSRBlock,
+    (indices, indptr))``. The kernel warm-ups run the loops' block tasks on them."""
+    col = as_csc64(CSCBlock(np.ones(1), np.zeros(1, dtype=np.int64), np.array([0, 1], dtype=np.int64), 1))
+    return col, join_rows(_whole_rows(col)), (_EMPTY_IDX, np.zeros(2, dtype=np.int64))
+
+
+def run_for_compilation(task: Callable, *args, **kwargs) -> None:
+    """Call a block task on tiny inputs only to compile (or load) the kernels it calls; its
+    result is dropped. numba compiles a kernel before running it, so an arithmetic error the
+    tiny numbers raise (a Gram with nothing observed) comes after the compilation and is ignored."""
+    try:
+        task(*args, **kwargs)
+    except ArithmeticError as exc:
+        logger.debug("kernel warm-up of %s: %r on the tiny input (compiled before)", task.__name__, exc)
+
+
+def warm_up_kernels(models: list, kargs: tuple, pair: bool) -> None:
+    """Compile here, before any worker needs them, the kernels the block tasks of
+    :func:`fit_masked_many` call for these models (``_Model`` list): one column-block and one
+    row-block task of the first iteration on :func:`tiny_blocks`, with the models' own task
+    arguments (later iterations pass the same numba types: warm starts and penalty Grams are
+    float64 arrays of the same dimensions). Nothing of the results is kept.
+
+    With the kernels in numba's on-disk cache, workers on this machine load them;
+    ``fit_masked_many`` then ships the cache entries to workers elsewhere
+    (``engine/kernel_cache.py``; docs/architecture.md, "Kernel compilation").
+    """
+    col, row, mk = tiny_blocks()
+    solved = [mdl for mdl in models if not mdl.opts.symmetric]
+    if solved:
+        run_for_compilation(masked_h_many, col, mk, 0, [(None, mdl.terms[0]) for mdl in solved], kargs,
+                            [_h_model_args(mdl) for mdl in solved])
+    w_inputs = []
+    for mdl in models:  # a made-up H of one column whose Gram stays positive definite when it is masked
+        k = mdl.opts.k
+        h = np.full((1, k), 1.0 / k)
+        w_inputs.append(_w_model_inputs(mdl, [(h, h.T @ h + np.eye(k), h[0])], np.array([0, 1]), [0]))
+    run_for_compilation(masked_w_many, row, mk, 0, [(None, wi["tws"][0]) for wi in w_inputs], kargs,
+                        [(wi["hn"], wi["Qn"], wi["wside"], wi["wtarget"]) for wi in w_inputs], False, pair)
 
 
 def masked_h_task(block: CSCBlock, mk: tuple, ht_prev, col0: int, terms: ColumnTerms | None, hs: HStep,
@@ -425,6 +470,9 @@ def fit_masked_many(
         models.append(_Model(opts=opts, state=state, targets=tg if tg is not None else FitTargets(),
                              terms=block_terms(blocked, opts.k, tg), on_iteration=cb_fn,
                              done=opts.maxit < 1))
+    if executor.distributed and not all(mdl.done for mdl in models):
+        warm_up_kernels([mdl for mdl in models if not mdl.done], kargs, pair)
+        ship_kernels(executor.client)  # workers without this cache load the compiled kernels
     placed = None
     recoveries = 0
     t0 = time.perf_counter()

@@ -1,0 +1,110 @@
+"""The masked, IRLS and KL loops compile their kernels in the client and ship them (issue 12).
+
+For each loop a fresh Python process (so that it holds no kernel but those its fit loads) starts
+a 2-worker LocalCluster of processes whose ``NUMBA_CACHE_DIR`` is empty, runs one fit through it —
+masked (mask="zeros" with a test set), rank cross-validation of a matrix on disk (the masked
+loop's shared pass of several ranks), negative binomial (IRLS) or KL — and reads numba's
+per-dispatcher counters on the workers: a cache miss is a compilation. Before the fit the client
+holds only what its loop's ``warm_up_kernels`` compiled or loaded, so a worker that compiled
+nothing got every signature it called from the client. The same process then repeats the fit in-process for the comparison.
+Being separate processes, the checks do not depend on what other tests compiled in this one.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("distributed")
+
+_SCRIPT = r"""
+import json, sys, warnings
+import numpy as np, scipy.sparse as sp
+import distributed
+import dnmf
+from dnmf.engine import kernel_cache
+
+warnings.simplefilter("ignore")
+
+
+def worker_stats():
+    out = {}
+    for _, d in kernel_cache._dispatchers():
+        if d.signatures:
+            out[d.py_func.__qualname__] = (sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values()))
+    return out
+
+
+rng = np.random.default_rng(0)
+A = sp.random(120, 160, density=0.15, random_state=0, format="csc")
+counts = sp.csc_matrix((rng.poisson(3.0, A.nnz) + 1.0, A.indices, A.indptr), shape=A.shape)
+X, kw = {
+    "masked": (A, dict(k=3, mask="zeros", test_fraction=0.1)),
+    # from disk: the ranks share each pass on the cluster (in memory, each CV fit is one task)
+    "rank_cv": (dnmf.io.write_zarr(A, sys.argv[3], block_nnz=800), dict(k=[2, 3], test_fraction=0.1)),
+    "nb": (counts, dict(k=3, loss="nb")),
+    "kl": (counts, dict(k=3, loss="kl")),
+}[sys.argv[2]]
+kw.update(seed=1, maxit=3, block_nnz=800)  # >= 4 column blocks: both workers run tasks
+
+
+def result(model):
+    if hasattr(model, "table"):  # rank CV: the table and the per-iteration losses
+        return {"table": model.table.to_dict("list"),
+                "histories": [list(map(list, v)) for v in model.histories.values()]}
+    return {"w": model.w.tolist(), "h": model.h.tolist(), "d": model.d.tolist()}
+
+
+with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                              env={"NUMBA_CACHE_DIR": sys.argv[1]}) as cluster, distributed.Client(cluster) as client:
+    report = {"cluster": result(dnmf.nmf(X, client=client, **kw)), "workers": list(client.run(worker_stats).values())}
+report["local"] = result(dnmf.nmf(X, client=False, **kw))
+print(json.dumps(report))
+"""
+
+
+LOOPS = ["masked", "rank_cv", "nb", "kl"]
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """The script's report per loop, run on first use."""
+    done = {}
+
+    def get(loop):
+        if loop not in done:
+            cache = tmp_path_factory.mktemp(f"worker_numba_cache_{loop}")  # empty
+            zarr = str(tmp_path_factory.mktemp("zarr") / "a.zarr")
+            res = subprocess.run([sys.executable, "-c", _SCRIPT, str(cache), loop, zarr], capture_output=True,
+                                 text=True, timeout=300)
+            assert res.returncode == 0, res.stderr[-4000:]
+            done[loop] = json.loads(res.stdout.strip().splitlines()[-1])
+        return done[loop]
+
+    return get
+
+
+# The kernel each loop's block tasks call (each worker runs at least one column block).
+MAIN_KERNEL = {"masked": "_csc_masked_pass", "rank_cv": "_csc_masked_pass", "nb": "_csc_irls_zi_pass",
+               "kl": "_csc_kl_pass"}
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_workers_compile_nothing(reports, loop):
+    workers = reports(loop)["workers"]
+    assert len(workers) == 2
+    for stats in workers:
+        # numba counts a compilation as a cache miss: none on any dnmf dispatcher
+        assert {name: hm for name, hm in stats.items() if hm[1] > 0} == {}
+        hits, misses = stats[MAIN_KERNEL[loop]]
+        assert hits >= 1 and misses == 0  # the kernel ran here, loaded from the shipped entry
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_cluster_fit_equals_in_process_fit(reports, loop):
+    # the loops sum every partial in block order and results do not depend on the number of
+    # workers (module docstrings of engine/masked.py, engine/irls.py, engine/kl.py); the workers
+    # run the client's compiled code: bitwise equal (JSON keeps every float64 bit: repr round trip)
+    report = reports(loop)
+    assert report["cluster"] == report["local"]
