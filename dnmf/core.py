@@ -556,8 +556,8 @@ def nmf(
         when its magnitudes exceed float32's range: A is then scaled by a power of two before
         it is stored, see Notes). ``"float64"`` multiplies with W in float64
         (float32 input stays stored in float32: exact). ``None`` (default): ``"float32"`` for
-        float32 input, else ``"float64"``. The masked, IRLS and KL loops store A as chosen and
-        multiply in float64.
+        float32 input, else ``"float64"``. The masked, IRLS and KL loops fit the values as
+        rounded to the chosen dtype, widened to float64 when their blocks are placed.
     checkpoint : path, optional
         Zarr group where W, d, H and the loop state are saved every ``checkpoint_every``
         iterations (default 10, and at the end).
