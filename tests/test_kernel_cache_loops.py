@@ -2,11 +2,12 @@
 
 For each loop a fresh Python process (so that it holds no kernel but those its fit loads) starts
 a 2-worker LocalCluster of processes whose ``NUMBA_CACHE_DIR`` is empty, runs one fit through it —
-masked (mask="zeros" with a test set), rank cross-validation of a matrix on disk (the masked
-loop's shared pass of several ranks), negative binomial (IRLS) or KL — and reads numba's
-per-dispatcher counters on the workers: a cache miss is a compilation. Before the fit the client
-holds only what its loop's ``warm_up_kernels`` compiled or loaded, so a worker that compiled
-nothing got every signature it called from the client. The same process then repeats the fit in-process for the comparison.
+masked (mask="zeros" with a test set; a user mask with penalties), rank cross-validation of a
+matrix on disk (the masked loop's shared pass of several ranks), negative binomial (IRLS; with
+zero-inflation and a user mask) or KL — and reads numba's per-dispatcher counters on the
+workers: a cache miss is a compilation. Before the fit the client holds only what its loop's
+``warm_up_kernels`` compiled or loaded, so a worker that compiled nothing got every signature it
+called from the client. The same process then repeats the fit in-process for the comparison.
 Being separate processes, the checks do not depend on what other tests compiled in this one.
 """
 
@@ -39,11 +40,16 @@ def worker_stats():
 rng = np.random.default_rng(0)
 A = sp.random(120, 160, density=0.15, random_state=0, format="csc")
 counts = sp.csc_matrix((rng.poisson(3.0, A.nnz) + 1.0, A.indices, A.indptr), shape=A.shape)
+mask = sp.random(120, 160, density=0.05, random_state=3, format="csc") != 0
 X, kw = {
     "masked": (A, dict(k=3, mask="zeros", test_fraction=0.1)),
     # from disk: the ranks share each pass on the cluster (in memory, each CV fit is one task)
     "rank_cv": (dnmf.io.write_zarr(A, sys.argv[3], block_nnz=800), dict(k=[2, 3], test_fraction=0.1)),
+    # a user mask, and the penalties' per-row terms and client-side steps
+    "masked_penalties": (A, dict(k=3, mask=mask, test_fraction=0.1, L21=[0.01, 0.01], angular=[0.1, 0.1],
+                                 upper_bound=[5.0, 5.0])),
     "nb": (counts, dict(k=3, loss="nb")),
+    "nb_zi": (counts, dict(k=3, loss="nb", zi="col", mask=mask)),  # + the zero-inflation E-step's kernel
     "kl": (counts, dict(k=3, loss="kl")),
 }[sys.argv[2]]
 kw.update(seed=1, maxit=3, block_nnz=800)  # >= 4 column blocks: both workers run tasks
@@ -64,7 +70,7 @@ print(json.dumps(report))
 """
 
 
-LOOPS = ["masked", "rank_cv", "nb", "kl"]
+LOOPS = ["masked", "rank_cv", "masked_penalties", "nb", "nb_zi", "kl"]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +92,8 @@ def reports(tmp_path_factory):
 
 
 # The kernel each loop's block tasks call (each worker runs at least one column block).
-MAIN_KERNEL = {"masked": "_csc_masked_pass", "rank_cv": "_csc_masked_pass", "nb": "_csc_irls_zi_pass",
-               "kl": "_csc_kl_pass"}
+MAIN_KERNEL = {"masked": "_csc_masked_pass", "rank_cv": "_csc_masked_pass", "masked_penalties": "_csc_masked_pass",
+               "nb": "_csc_irls_zi_pass", "nb_zi": "_zi_estep_pass", "kl": "_csc_kl_pass"}
 
 
 @pytest.mark.parametrize("loop", LOOPS)
