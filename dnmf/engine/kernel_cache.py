@@ -296,7 +296,8 @@ def ship_kernels(client) -> str | None:
     """Send the numba cache entries of the dnmf kernels compiled in this process to every
     worker of ``client``, present and future (a :func:`kernel_cache_plugin`).
 
-    Call after compiling the kernels a fit uses (``engine/als.py::warm_up_kernels``). Once per
+    Call after compiling the kernels a fit uses (``warm_up_kernels`` of ``engine/als.py``,
+    ``engine/masked.py``, ``engine/irls.py``, ``engine/kl.py``). Once per
     client and set of kernels; a few hundred kB per worker. A worker installs the entries only
     where its dnmf kernel sources and numba version equal the client's, writing them where its
     own numba looks (``NUMBA_CACHE_DIR``, the in-tree ``__pycache__`` or the user-wide cache).
