@@ -672,6 +672,13 @@ def run_kernel(m, n, density, k, reps):
                        100, 1e-8, True, np.zeros((m, k)), np.zeros((k, k)), np.zeros(k))
         return ht
 
+    data32, w32 = data.astype(np.float32), w.astype(np.float32)
+
+    def ours32():  # dtype="float32": float32 values and W, float64 products and sums
+        ht = ht0.copy()
+        csc_block_pass(data32, indices, indptr, w32, G, L, 0.0, ht, np.ones(k), column_terms(k), SOLVER_CHOLESKY,
+                       True, 100, 1e-8, True, np.zeros((m, k)), np.zeros((k, k)), np.zeros(k))
+
     def before():
         ht = ht0.copy()
         one_sweep(data, indices, indptr, w, G, L, ht, np.zeros((m, k)))
@@ -680,10 +687,12 @@ def run_kernel(m, n, density, k, reps):
     a_c = sp.csc_matrix(blk)
     with threadpool_limits(1):
         ht = ours()
+        ours32()
         before()
         names = ["dnmf pass (two sweeps), float64", "one sweep per column (before issue 12)",
-                 "scipy A_j^T W (csr, one thread)", "scipy A_j H_j^T (csc, one thread)"]
-        rows = list(zip(names, _best_interleaved([ours, before, lambda: a_t @ w, lambda: a_c @ ht], reps)))
+                 "scipy A_j^T W (csr, one thread)", "scipy A_j H_j^T (csc, one thread)",
+                 'dnmf pass, dtype="float32"']
+        rows = list(zip(names, _best_interleaved([ours, before, lambda: a_t @ w, lambda: a_c @ ht, ours32], reps)))
     nnz = blk.nnz
     print(f"\nOne block pass on one thread: {m} x {nj} at {density}, nnz {nnz:,}, k={k} (best of {reps} "
           "interleaved rounds)")
@@ -692,7 +701,8 @@ def run_kernel(m, n, density, k, reps):
         print(f"{name:44s} {1e3 * t:8.2f} {1e9 * t / nnz:7.2f}")
     sk = rows[2][1] + rows[3][1]
     print(f"{'scipy products together':44s} {1e3 * sk:8.2f} {1e9 * sk / nnz:7.2f}")
-    print(f"dnmf pass / scipy products: {rows[0][1] / sk:.2f}; one sweep / two sweeps: {rows[1][1] / rows[0][1]:.2f}")
+    print(f"dnmf pass / scipy products: {rows[0][1] / sk:.2f} (float32: {rows[4][1] / sk:.2f}); "
+          f"one sweep / two sweeps: {rows[1][1] / rows[0][1]:.2f}")
 
 
 def main():
