@@ -549,8 +549,9 @@ def nmf(
         Precision of A's stored values and of the block pass's products with W. ``"float32"``
         stores A's values in float32 (rounded, relative error ≤ 6e-8, for float64 input; half
         the memory) and multiplies them with a float32 copy of W in the fused pass of the ALS
-        loop, which reads half the bytes per stored entry (~1.2× faster per iteration,
-        ``benchmarks/bench_nmf.py``); every sum, Gram, solve and the loss stay float64, so the
+        loop, which reads half the bytes per stored entry (the pass ~1.25× faster on one thread,
+        ``benchmarks/bench_nmf.py --kernel``; whole iterations gain less); every sum, Gram, solve
+        and the loss stay float64, so the
         fit differs from float64's by rounding only (final loss 1e-11 relative on the benchmark
         matrix). The factors are returned in the input's dtype (float64 input: float64, also
         when its magnitudes exceed float32's range: A is then scaled by a power of two before
