@@ -597,12 +597,15 @@ def nmf(
     are normalized into d, then W solves the same problem with ``ĤĤᵀ`` and ``AĤᵀ``. The loss is
     ``‖A‖² − 2 tr(diag(d)Wᵀ(AĤᵀ)) + tr(diag(d)WᵀW diag(d) ĤĤᵀ)``, from the same statistics, so
     A is read once per iteration. Differences from RcppML 1.0: float64 arithmetic (RcppML
-    uses float32), and ``patience`` is honoured (RcppML hard-codes 5).
+    uses float32; ``dtype="float32"`` rounds A and W to float32 but keeps float64 sums), and
+    ``patience`` is honoured (RcppML hard-codes 5).
 
     When max|A| is outside :data:`SAFE_MAX_RANGE` the fit runs on ``s·A`` with ``s`` a power of
     two (:func:`data_scale`; exact, no rounding) and ``s·L1``, and ``d``, the losses and the
     losses given to ``on_iteration`` are divided by ``s`` (``s²``): the model is that of A,
-    without overflow of ‖A‖² near 1e160 or the 1e-15 guards swamping values near 1e-6.
+    without overflow of ‖A‖² near 1e160 or the 1e-15 guards swamping values near 1e-6. With
+    ``dtype="float32"`` float64 input whose max|A| exceeds 2**100 is scaled the same way into
+    [0.5, 1) before it is rounded to float32, so no value overflows.
 
     Examples
     --------
