@@ -222,3 +222,72 @@ def test_corrupt_chunk_is_left_to_zarr(tmp_path):
     with pytest.raises(Exception) as slow:
         zarr.open_group(path, mode="r")["data"][0:1000]
     assert type(fast.value) is type(slow.value) and str(fast.value) == str(slow.value)
+
+
+@pytest.mark.parametrize("codec", ["lz4", "raw"])
+def test_transient_reads_reuse_buffers_per_thread_and_never_alias_within_one(tmp_path, codec):
+    # io/chunks.py, "Reused buffers": inside transient_reads the arrays are views of the thread's
+    # buffers, kept from one activation to the next; each read of an activation has its own.
+    path = _write(tmp_path, codec)
+    g = zarr.open_group(path, mode="r")
+    ranges = {"data": (3, 700), "indices": (100, 1_000), "indptr": (10, 300)}  # mid-chunk ends
+    want = {name: g[name][a:b] for name, (a, b) in ranges.items()}
+
+    def read_all():
+        return {name: chunks.read_range(path, name, a, b) for name, (a, b) in ranges.items()}
+
+    chunks.release_read_buffers()
+    with chunks.transient_reads():
+        first = read_all()
+        with chunks.transient_reads():  # nested: part of the outer activation
+            inner = chunks.read_range(path, "data", *ranges["data"])
+    arrays = [*first.values(), inner]
+    assert all(_same(first[name], want[name]) for name in ranges) and _same(inner, want["data"])
+    assert not any(np.shares_memory(x, y) for i, x in enumerate(arrays) for y in arrays[i + 1:])
+    with chunks.transient_reads():
+        second = read_all()
+    for name in ranges:  # the same buffers again, refilled
+        assert np.shares_memory(first[name], second[name]) and _same(second[name], want[name])
+    plain = read_all()  # outside an activation: arrays of their own
+    assert not any(np.shares_memory(plain[name], second[name]) for name in ranges)
+    assert chunks.release_read_buffers() >= sum(w.nbytes for w in want.values()) + want["data"].nbytes
+    with chunks.transient_reads():
+        third = read_all()
+    assert not any(np.shares_memory(third[name], second[name]) for name in ranges)
+    assert all(_same(third[name], want[name]) for name in ranges)
+
+
+def test_streamed_block_task_results_do_not_view_the_read_buffers(tmp_path):
+    # A block task reads its block into the reused buffers (engine/als.py::loaded): what it
+    # returns must survive the next task on the same thread.
+    from dnmf.engine.als import h_update_task
+    from dnmf.kernels.nnls import SOLVER_CHOLESKY
+    from dnmf.solvers.hstep import HStep
+
+    path = _write(tmp_path, "lz4", block_nnz=400)
+    sources = dnmf.io.as_blocked(path).sources
+    k = 3
+    w = np.random.default_rng(0).uniform(size=(60, k))
+    G = w.T @ w
+    hs = HStep(w, G, np.linalg.cholesky(G), 0.0, np.ones(k), SOLVER_CHOLESKY, True, 100, 1e-8)
+    chunks.release_read_buffers()
+    first = h_update_task(sources[0], None, hs)
+    kept = (first[0].copy(), first[1].P.copy(), first[1].Q.copy())
+    h_update_task(sources[1], None, hs)  # the same thread's buffers, other values
+    assert np.array_equal(first[0], kept[0]) and np.array_equal(first[1].P, kept[1])
+    assert np.array_equal(first[1].Q, kept[2])
+    # and the results are those of the block read into arrays of its own
+    again = h_update_task(sources[0].load(), None, hs)
+    assert np.array_equal(again[0], kept[0]) and np.array_equal(again[1].P, kept[1])
+
+
+def test_dnmf_stores_use_64k_blosc_blocks(tmp_path):
+    # default_compressors: 64 KiB Blosc blocks (a whole-chunk block made each decode allocate a
+    # chunk-sized scratch buffer; zarr_store.py). The header's bytes 8:12 hold the block size.
+    A = sp.random(2_000, 3_000, density=0.05, random_state=0, format="csc")
+    path = tmp_path / "big.zarr"
+    dnmf.io.write_zarr(A, str(path), block_nnz=300_000)  # chunks of 65,536 entries
+    for name, itemsize in (("data", 8), ("indices", 4)):
+        frame = (path / name / "c" / "0").read_bytes()
+        assert int.from_bytes(frame[4:8], "little") == 65_536 * itemsize  # the whole chunk
+        assert int.from_bytes(frame[8:12], "little") == 65_536

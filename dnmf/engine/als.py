@@ -22,6 +22,7 @@ twice. The W side's terms act in step 4.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import time
@@ -33,6 +34,7 @@ from dask.sizeof import sizeof
 
 from ..exceptions import WorkerLostError
 from ..io.blocks import BlockedMatrix, CSCBlock
+from ..io.chunks import transient_reads
 from ..kernels.column import ColumnTerms, column_terms
 from ..kernels.fused import csc_block_pass, csc_sq_norm
 from ..kernels.nnls import SOLVER_CHOLESKY
@@ -123,6 +125,21 @@ def load_block(source):
     return source.load() if hasattr(source, "load") else source
 
 
+@contextlib.contextmanager
+def loaded(source):
+    """The block of ``source``, for a task that drops it before it returns.
+
+    A lazy source (a block streamed from disk) is read into this thread's reused buffers
+    (``io/chunks.py``, "Reused buffers"): no fresh pages per block and iteration. What the task
+    returns must not be, or view, the block's arrays.
+    """
+    if not hasattr(source, "load"):
+        yield source
+        return
+    with transient_reads():
+        yield source.load()
+
+
 def warm_up_kernels(source, k: int, opts: "ALSOptions", with_terms: bool = False) -> None:
     """Compile the block kernel for this fit's dtypes here, before any worker needs it.
 
@@ -149,10 +166,10 @@ def warm_up_kernels(source, k: int, opts: "ALSOptions", with_terms: bool = False
 
 def block_sq_norm(block) -> float:
     """‖A_j‖²_F in float64."""
-    block = load_block(block)
-    if isinstance(block, CSCBlock):
-        return float(csc_sq_norm(block.data))
-    return float(np.einsum("ij,ij->", block, block, dtype=np.float64))
+    with loaded(block) as block:
+        if isinstance(block, CSCBlock):
+            return float(csc_sq_norm(block.data))
+        return float(np.einsum("ij,ij->", block, block, dtype=np.float64))
 
 
 def h_update_task(block, ht_prev, hs: HStep, terms: ColumnTerms | None = None):
@@ -162,7 +179,11 @@ def h_update_task(block, ht_prev, hs: HStep, terms: ColumnTerms | None = None):
     ``terms`` the block's per-column corrections (none in a plain fit). Returns
     ``(ht, BlockStats)``: the new raw H_jᵀ (n_j × k) and the partials.
     """
-    block = load_block(block)
+    with loaded(block) as block:
+        return _h_update(block, ht_prev, hs, terms)
+
+
+def _h_update(block, ht_prev, hs: HStep, terms: ColumnTerms | None):
     w = hs.w
     m, k = w.shape
     n_j = block.shape[1]
@@ -289,10 +310,10 @@ def angular_task(block, ht, M: np.ndarray):
     """The H side's angular step on one block (``H_j ← max(0, H_j − M H_j)``, M from the whole new
     H's Gram, ``solvers/penalties.py``) and the block's partials recomputed from the new H_j —
     the second pass over A that an exact angular H costs (``docs/architecture.md``)."""
-    block = load_block(block)
     ht = apply_angular(np.asarray(ht, dtype=np.float64), M)
-    a = block.to_scipy() if isinstance(block, CSCBlock) else np.asarray(block, dtype=np.float64)
-    P = np.asarray(a @ ht, dtype=np.float64)
+    with loaded(block) as block:
+        a = block.to_scipy() if isinstance(block, CSCBlock) else np.asarray(block, dtype=np.float64)
+        P = np.asarray(a @ ht, dtype=np.float64)
     return ht, BlockStats(np.ascontiguousarray(P), ht.T @ ht, np.abs(ht).sum(axis=0))
 
 
@@ -493,6 +514,8 @@ def fit_als(
             recoveries = count_recovery(exc, recoveries, executor, "fit", state.iteration,
                                         "; `dnmf run CONFIG --resume` continues from the last checkpoint (in "
                                         "Python: nmf(..., checkpoint=PATH, resume=True))")
+    if stream:
+        executor.release_read_buffers()
     if opts.symmetric:  # H ← Wᵀ after the last W update (RcppML §7)
         ht_blocks = _h_inputs(state, opts, blocked, ht_blocks)
         state.h_scale = np.ones(opts.k)

@@ -108,6 +108,13 @@ class Executor(abc.ABC):
         """See the module docstring."""
         return list(handles)
 
+    def release_read_buffers(self) -> None:
+        """Free the threads' reused block-read buffers (``io/chunks.py``, "Reused buffers"),
+        here or on every worker: called when an out-of-core fit ends."""
+        from ..io.chunks import release_read_buffers
+
+        release_read_buffers()
+
     def available_memory(self) -> float:
         """Bytes of memory of one worker: here, this machine's available memory."""
         import psutil
@@ -516,6 +523,14 @@ class DaskExecutor(Executor):
                 self._home.pop(h.key, None)
                 self._lazy.discard(h.key)
                 h.release()
+
+    def release_read_buffers(self):
+        from ..io.chunks import release_read_buffers
+
+        try:  # hygiene, not results: a worker lost meanwhile has freed its buffers anyway
+            self.client.run(release_read_buffers)
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("release_read_buffers on the workers failed: %r", exc)
 
     def available_memory(self):
         """Bytes of memory of the smallest worker (its ``memory_limit``); this machine's
