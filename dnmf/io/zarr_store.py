@@ -645,10 +645,18 @@ def default_compressors() -> tuple:
     thread, best of 3) reading all blocks took 0.26 s with Zarr's default Zstandard (level 0,
     94.7 MB), 0.14 s with Blosc LZ4 + shuffle (89.4 MB) and 0.08 s uncompressed (126.6 MB;
     ``compressors=None``); Blosc Zstandard level 1 + shuffle 0.17 s (87.4 MB).
+
+    Blosc blocks of 64 KiB (``blocksize=8192``, which Blosc scales by the item size and floors
+    at 64 KiB: 64 KiB for 2-, 4- and 8-byte items). Left at 0, Blosc makes each chunk one block
+    (1 MiB for a float64 chunk of 131,072 entries), and its decoder allocates a scratch buffer
+    of the block's size per call: above glibc's 128 KiB mmap threshold, which Dask's workers
+    pin (``MALLOC_TRIM_THRESHOLD_``), that is ~257 page faults per chunk. With 64 KiB blocks a
+    block read (1 M entries) took 0.09–0.10 s instead of 0.13–0.16 s on one thread with ~10×
+    fewer faults, for a store 2 % larger (87.1 against 85.3 MiB).
     """
     from zarr.codecs import BloscCodec
 
-    return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
+    return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", blocksize=8192),)
 
 
 def write_blocked(blocked: BlockedMatrix, path: str, *, block_nnz: int, compressors: Any = "auto") -> str:
