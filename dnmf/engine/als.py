@@ -42,6 +42,7 @@ from ..solvers.hstep import MODE_FIXED, MODE_NNLS, MODE_PROJECT, HStep, h_step, 
 from ..solvers.penalties import Penalties, angular_matrix, apply_angular, apply_bound
 from ..solvers.targets import FitTargets
 from ..solvers.updates import cholesky_or_empty, scale_rows, update_factor
+from . import buffers as _buf
 from .executor import Executor, usable_cores
 from .kernel_cache import ship_kernels
 
@@ -117,7 +118,7 @@ def _sizeof_block_stats(stats: BlockStats) -> int:
 
 def combine_stats(a: BlockStats, b: BlockStats) -> BlockStats:
     """Sum two partials (the combine step of the tree reduction)."""
-    return BlockStats(a.P + b.P, a.Q + b.Q, a.hsum + b.hsum)
+    return BlockStats(np.add(a.P, b.P, out=_buf.empty(a.P.shape)), a.Q + b.Q, a.hsum + b.hsum)
 
 
 def load_block(source):
@@ -193,9 +194,14 @@ def _h_update(block, ht_prev, hs: HStep, terms: ColumnTerms | None):
               else np.array(ht_prev, dtype=np.float64, copy=True))
         return ht, BlockStats(np.asarray(a @ ht, dtype=np.float64), ht.T @ ht, np.abs(ht).sum(axis=0))
     warm = ht_prev is not None
-    ht = np.array(ht_prev, dtype=np.float64, copy=True) if warm else np.zeros((n_j, k))
+    # pooled (engine/buffers.py): no fresh pages per block and iteration on a Dask worker
+    ht = _buf.empty((n_j, k))
+    if warm:
+        ht[...] = ht_prev
+    else:
+        ht.fill(0)
     if isinstance(block, CSCBlock):
-        P = np.zeros((m, k))
+        P = _buf.zeros((m, k))
         Q = np.zeros((k, k))
         hsum = np.zeros(k)
         csc_block_pass(block.data, block.indices, block.indptr, w, hs.G, hs.L, hs.l1, ht, hs.warm_scale,
@@ -514,8 +520,7 @@ def fit_als(
             recoveries = count_recovery(exc, recoveries, executor, "fit", state.iteration,
                                         "; `dnmf run CONFIG --resume` continues from the last checkpoint (in "
                                         "Python: nmf(..., checkpoint=PATH, resume=True))")
-    if stream:
-        executor.release_read_buffers()
+    executor.release_buffers()
     if opts.symmetric:  # H ← Wᵀ after the last W update (RcppML §7)
         ht_blocks = _h_inputs(state, opts, blocked, ht_blocks)
         state.h_scale = np.ones(opts.k)

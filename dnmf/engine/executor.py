@@ -108,12 +108,11 @@ class Executor(abc.ABC):
         """See the module docstring."""
         return list(handles)
 
-    def release_read_buffers(self) -> None:
-        """Free the threads' reused block-read buffers (``io/chunks.py``, "Reused buffers"),
-        here or on every worker: called when an out-of-core fit ends."""
-        from ..io.chunks import release_read_buffers
-
-        release_read_buffers()
+    def release_buffers(self) -> None:
+        """Free the pooled task outputs (``engine/buffers.py``) and the threads' reused
+        block-read buffers (``io/chunks.py``, "Reused buffers") here, or on every worker:
+        called when a fit ends."""
+        release_pooled_buffers()
 
     def available_memory(self) -> float:
         """Bytes of memory of one worker: here, this machine's available memory."""
@@ -524,13 +523,12 @@ class DaskExecutor(Executor):
                 self._lazy.discard(h.key)
                 h.release()
 
-    def release_read_buffers(self):
-        from ..io.chunks import release_read_buffers
-
+    def release_buffers(self):
+        release_pooled_buffers()  # a processes=False cluster's workers share this process
         try:  # hygiene, not results: a worker lost meanwhile has freed its buffers anyway
-            self.client.run(release_read_buffers)
+            self.client.run(release_pooled_buffers)
         except Exception as exc:  # noqa: BLE001
-            logger.debug("release_read_buffers on the workers failed: %r", exc)
+            logger.debug("release_buffers on the workers failed: %r", exc)
 
     def available_memory(self):
         """Bytes of memory of the smallest worker (its ``memory_limit``); this machine's
@@ -568,6 +566,14 @@ class _Part:
     @property
     def status(self) -> str:
         return self.future.status
+
+
+def release_pooled_buffers() -> int:
+    """Free this process's pooled task outputs and reused read buffers; returns the bytes."""
+    from ..io.chunks import release_read_buffers
+    from . import buffers
+
+    return buffers.release() + release_read_buffers()
 
 
 def _shared_value(value):
