@@ -38,7 +38,7 @@ compressed chunk frames and the decode scratch are views of this thread's buffer
 read to the next; the engine's block tasks use it for blocks they drop before returning
 (``engine/als.py::loaded``). Each output buffer is handed out once per activation, so the
 arrays of one task never share memory. :func:`release_read_buffers` frees them (the engine calls
-it on every worker when a streamed fit ends).
+it on every worker when a fit ends, ``Executor.release_buffers``).
 """
 
 from __future__ import annotations
