@@ -155,6 +155,11 @@ def _run_restarts(A, ks, seeds, nmf_kwargs, client, func, summary=None, knn=10, 
     with get_executor(client, func=func) as ex:
         logger.info("%s: %d restarts (%d ranks × %d) on %s", func, len(items), len(ks), len(seeds),
                     type(ex).__name__)
+        if ex.distributed:  # the restarts run whole on the workers: compile their kernels here first
+            from .engine.kernel_cache import compile_for_workers, quiet_kwargs
+
+            compile_for_workers(ex.client, lambda small: _restart_task(items[0], small, quiet_kwargs(nmf_kwargs), None,
+                                                                       knn, axis), A, items[0][0])
         out = ex.map(_restart_task, items, args=(A, nmf_kwargs, summary, knn, axis))
     reps = len(seeds)
     return {q: out[i * reps:(i + 1) * reps] for i, q in enumerate(ks)}

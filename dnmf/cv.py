@@ -12,7 +12,6 @@ does not depend on where it ran, so the table is the same on any number of worke
 from __future__ import annotations
 
 import numbers
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -93,40 +92,6 @@ def fit_task(task: CVTask, A, kwargs: Mapping, fit, client=False) -> dict:
     model = fit(A, task.k, init=engine_init(A.shape[0], task.k, task.init_seed), seed=task.init_seed,
                 cv_seed=task.cv_seed, client=client, **kwargs)
     return task_row(task, model)
-
-
-def compile_for_workers(blocked, tasks: Sequence[CVTask], kwargs: Mapping, fit, client) -> bool:
-    """Compile here the kernels of the grid's fits and ship them to the workers.
-
-    On a cluster an in-memory matrix's grid runs each fit whole, in-process on a worker, where
-    a worker without numba's cache would compile the loop's kernels (~20 s for the masked loop,
-    issue 12). One iteration of the first task's fit on the matrix's first columns (all m rows,
-    so arguments with m rows still fit) compiles the same signatures here; ``ship_kernels`` then
-    sends them (``engine/kernel_cache.py``). Best effort: arguments tied to the number of
-    columns (a mask, an H target) make the small fit fail, and the workers compile as before.
-    Returns whether the kernels were compiled and shipped.
-    """
-    import logging
-
-    from .engine.kernel_cache import ship_kernels
-    from .io.blocks import CSCBlock
-
-    task = tasks[0]
-    try:
-        first = blocked.sources[0].load()
-        cols = min(first.shape[1], max(64, 4 * task.k))
-        small = first.to_scipy()[:, :cols] if isinstance(first, CSCBlock) else np.asarray(first)[:, :cols]
-        quiet = dict(kwargs, maxit=1)  # no callback, checkpoint or progress of the user's
-        quiet.update({key: None for key in ("on_iteration", "checkpoint") if key in quiet})
-        quiet.update({key: False for key in ("resume", "verbose") if key in quiet})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # one iteration does not converge
-            fit_task(task, small, quiet, fit)
-    except Exception as exc:  # noqa: BLE001 - a speed-up only: the grid's own fits report errors
-        logging.getLogger(__name__).debug("no kernels compiled for the workers: %r", exc)
-        return False
-    ship_kernels(client)
-    return True
 
 
 def task_row(task: CVTask, model) -> dict:
@@ -312,7 +277,10 @@ def cross_validate(blocked, k: Sequence[int], fit, *, cv_seed=None, test_fractio
     executor = get_executor(client)
     try:
         if executor.distributed and blocked.in_memory:
-            compile_for_workers(blocked, tasks, kwargs, fit, executor.client)
+            from .engine.kernel_cache import compile_for_workers, quiet_kwargs
+
+            compile_for_workers(executor.client, lambda small: fit_task(tasks[0], small, quiet_kwargs(kwargs), fit),
+                                blocked, tasks[0].k)
             rows = executor.map(fit_task, tasks, args=(blocked, kwargs, fit))
         elif fit_shared is not None:  # per replicate, its ranks sharing each pass over A
 

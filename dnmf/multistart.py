@@ -63,6 +63,11 @@ def multi_start(blocked, fit: Callable, args: dict, *, func: str, r_rng_init: Ca
     executor = get_executor(client, func=func)
     try:
         if executor.distributed and blocked.in_memory:
+            from .engine.kernel_cache import compile_for_workers, quiet_kwargs
+
+            compile_for_workers(executor.client,  # the starts run whole on the workers: compile here first
+                                lambda small: _start_task(starts[0], small, quiet_kwargs(kwargs), fit), blocked,
+                                args["k"])
             models = executor.map(_start_task, starts, args=(blocked, kwargs, fit))
         else:
             models = [_start_task(s, blocked, kwargs, fit, client) for s in starts]

@@ -4,10 +4,12 @@ For each loop a fresh Python process (so that it holds no kernel but those its f
 a 2-worker LocalCluster of processes whose ``NUMBA_CACHE_DIR`` is empty, runs one fit through it —
 masked (mask="zeros" with a test set; a user mask with penalties), rank cross-validation of a
 matrix on disk (the masked loop's shared pass of several ranks), negative binomial (IRLS; with
-zero-inflation and a user mask) or KL — and reads numba's per-dispatcher counters on the
-workers: a cache miss is a compilation. Before the fit the client holds only what its loop's
-``warm_up_kernels`` compiled or loaded, so a worker that compiled nothing got every signature it
-called from the client. The same process then repeats the fit in-process for the comparison.
+zero-inflation and a user mask) or KL; or a grid whose fits run whole, one task each, on the
+workers (rank CV, multi-start and consensus NMF of a matrix in memory, which the client compiles
+first on the matrix's first columns: ``engine/kernel_cache.py::compile_for_workers``) — and reads
+numba's per-dispatcher counters on the workers: a cache miss is a compilation. Before the fit the
+client holds only what its loop's ``warm_up_kernels`` compiled or loaded, so a worker that
+compiled nothing got every signature it called from the client. The same process then repeats the fit in-process for the comparison.
 Being separate processes, the checks do not depend on what other tests compiled in this one.
 """
 
@@ -53,12 +55,18 @@ X, kw = {
     "nb": (counts, dict(k=3, loss="nb")),
     "nb_zi": (counts, dict(k=3, loss="nb", zi="col", mask=mask)),  # + the zero-inflation E-step's kernel
     "kl": (counts, dict(k=3, loss="kl")),
+    # whole fits as tasks on the workers (engine/kernel_cache.py::compile_for_workers)
+    "multistart_memory": (A, dict(k=3, seed=[1, 2, 3])),
+    "consensus_memory": (A, dict(k=3, reps=3)),
 }[sys.argv[2]]
-kw.update(seed=1, maxit=3, block_nnz=800)  # >= 4 column blocks: both workers run tasks
+kw = {"seed": 1, "maxit": 3, "block_nnz": 800, **kw}  # >= 4 column blocks: both workers run tasks
+fit = dnmf.consensus_nmf if sys.argv[2] == "consensus_memory" else dnmf.nmf
 
 
 def result(model):
-    if hasattr(model, "table"):  # rank CV: the table and the per-iteration losses
+    if hasattr(model, "consensus"):  # consensus NMF: its matrix
+        return {"consensus": np.asarray(model.consensus).tolist()}
+    if hasattr(model, "table") and hasattr(model, "histories"):  # rank CV: the table and the per-iteration losses
         return {"table": model.table.to_dict("list"),
                 "histories": [list(map(list, v)) for v in model.histories.values()]}
     return {"w": model.w.tolist(), "h": model.h.tolist(), "d": model.d.tolist()}
@@ -66,13 +74,15 @@ def result(model):
 
 with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                               env={"NUMBA_CACHE_DIR": sys.argv[1]}) as cluster, distributed.Client(cluster) as client:
-    report = {"cluster": result(dnmf.nmf(X, client=client, **kw)), "workers": list(client.run(worker_stats).values())}
-report["local"] = result(dnmf.nmf(X, client=False, **kw))
+    report = {"cluster": result(fit(X, client=client, **kw)), "workers": list(client.run(worker_stats).values())}
+report["local"] = result(fit(X, client=False, **kw))
 print(json.dumps(report))
 """
 
 
-LOOPS = ["masked", "rank_cv", "rank_cv_memory", "masked_penalties", "nb", "nb_zi", "kl"]
+LOOPS = ["masked", "rank_cv", "rank_cv_memory", "masked_penalties", "nb", "nb_zi", "kl", "multistart_memory",
+         "consensus_memory"]
+WHOLE_FITS = {"rank_cv_memory", "multistart_memory", "consensus_memory"}  # each fit one task on a worker
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +106,9 @@ def reports(tmp_path_factory):
 # The kernel each loop's block tasks call (each worker runs at least one column block).
 MAIN_KERNEL = {"masked": "_csc_masked_pass", "rank_cv": "_csc_masked_pass", "rank_cv_memory": "_csc_masked_pass",
                "masked_penalties": "_csc_masked_pass",
-               "nb": "_csc_irls_zi_pass", "nb_zi": "_zi_estep_pass", "kl": "_csc_kl_pass"}
+               "nb": "_csc_irls_zi_pass", "nb_zi": "_zi_estep_pass", "kl": "_csc_kl_pass",
+               # the ALS pass compiled for the Cholesky solver (kernels/fused.py::_variants)
+               "multistart_memory": "_csc_block_pass_s1", "consensus_memory": "_csc_block_pass_s1"}
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -110,9 +122,9 @@ def test_workers_compile_nothing(reports, loop):
         hits, misses = stats.get(MAIN_KERNEL[loop], (0, 0))
         assert misses == 0
         ran += hits >= 1  # the kernel ran here, loaded from the shipped entry
-    # the block tasks of one fit run on both workers; the grid's whole fits (rank_cv_memory)
-    # go where the scheduler puts them: at least one worker
-    assert ran >= 1 if loop == "rank_cv_memory" else ran == 2
+    # the block tasks of one fit run on both workers; whole fits go where the scheduler puts
+    # them: at least one worker
+    assert ran >= 1 if loop in WHOLE_FITS else ran == 2
 
 
 @pytest.mark.parametrize("loop", LOOPS)

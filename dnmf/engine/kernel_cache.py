@@ -38,8 +38,10 @@ import sys
 import weakref
 
 import numba
+import numpy as np
 
-__all__ = ["collect_entries", "install_entries", "kernel_cache_plugin", "kernel_source_hash", "ship_kernels"]
+__all__ = ["collect_entries", "compile_for_workers", "install_entries", "kernel_cache_plugin", "kernel_source_hash",
+           "ship_kernels"]
 
 logger = logging.getLogger(__name__)
 
@@ -328,3 +330,56 @@ def ship_kernels(client) -> str | None:
     except Exception as exc:  # never fail a fit for this: the workers compile instead
         logger.debug("kernel cache: not shipped to the workers: %r", exc)
         return None
+
+
+def first_columns(A, n_cols: int):
+    """The first ``n_cols`` columns (all rows) of A — a BlockedMatrix's first block, a scipy
+    sparse matrix or a NumPy array — in A's own kind and dtype."""
+    import scipy.sparse as sp
+
+    from ..io.blocks import BlockedMatrix, CSCBlock
+
+    if isinstance(A, BlockedMatrix):
+        A = A.sources[0].load()
+        if isinstance(A, CSCBlock):
+            A = A.to_scipy()
+    if sp.issparse(A):
+        return sp.csc_array(A)[:, :n_cols]
+    return np.asarray(A)[:, :n_cols]
+
+
+def compile_for_workers(client, fit_small, A, k: int) -> bool:
+    """Compile here the kernels of fits that run whole on workers, and ship them.
+
+    The grids of rank cross-validation, consensus NMF and multi-start fits of an in-memory
+    matrix send each fit, whole and in-process, as one task to a worker, where a worker
+    without numba's cache compiles the fit's kernels (~20 s for the masked loop). This runs
+    ``fit_small(small)`` — the grid's first fit with one iteration, without the user's callback,
+    checkpoint or progress — on ``small``, the first columns of A with all its rows (so
+    arguments with one row per row of A still fit), which compiles the same signatures here, then
+    :func:`ship_kernels`. Best effort: arguments tied to A's columns (a mask, an H target) make
+    the small fit fail, logged at debug level, and the workers compile as before.
+
+    Returns whether the kernels were compiled and shipped.
+    """
+    import warnings
+
+    try:
+        small = first_columns(A, max(64, 4 * int(k)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one iteration does not converge
+            fit_small(small)
+    except Exception as exc:  # noqa: BLE001 - a speed-up only: the grid's own fits report errors
+        logger.debug("kernel cache: nothing compiled for the workers: %r", exc)
+        return False
+    ship_kernels(client)
+    return True
+
+
+def quiet_kwargs(kwargs) -> dict:
+    """``kwargs`` of a fit for :func:`compile_for_workers`: one iteration, and none of the user's
+    callback, checkpoint, resume or progress output."""
+    out = dict(kwargs, maxit=1)
+    out.update({key: None for key in ("on_iteration", "checkpoint") if key in out})
+    out.update({key: False for key in ("resume", "verbose") if key in out})
+    return out
