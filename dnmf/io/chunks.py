@@ -31,8 +31,8 @@ live in them): a load costs one ``stat`` of ``zarr.json`` per array besides its 
 block in every iteration. Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``,
 which also fixes glibc's mmap threshold at 128 KiB: every larger array is a fresh ``mmap`` whose
 pages fault in on first touch and go back to the system when it is freed. Reading a block of 1 M
-entries (Blosc LZ4) cost ~9,000 page faults, and a 2-worker streamed fit spent ~40 % of its
-workers' CPU time in the kernel (1.25 s of system time against 2.2 s of user time per worker over
+entries (Blosc LZ4) cost ~9,000 page faults, and a 2-worker streamed fit spent over a third of
+its workers' CPU time in the kernel (1.25 s of system time against 2.2 s of user time per worker over
 11 iterations; 0.13 s without the variable). Inside :func:`transient_reads` the outputs, the
 compressed chunk frames and the decode scratch are views of this thread's buffers, kept from one
 read to the next; the engine's block tasks use it for blocks they drop before returning
@@ -49,6 +49,7 @@ import json
 import os
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,7 +208,7 @@ class _Buffers:
 
 
 _LOCAL = threading.local()
-_ALL_BUFFERS: list[_Buffers] = []  # every thread's, for release_read_buffers
+_ALL_BUFFERS: "weakref.WeakSet[_Buffers]" = weakref.WeakSet()  # every live thread's, for release_read_buffers
 _ALL_LOCK = threading.Lock()
 
 
@@ -216,7 +217,7 @@ def _buffers() -> _Buffers:
     if bufs is None:
         bufs = _LOCAL.buffers = _Buffers()
         with _ALL_LOCK:
-            _ALL_BUFFERS.append(bufs)
+            _ALL_BUFFERS.add(bufs)
     return bufs
 
 
@@ -251,7 +252,7 @@ def release_read_buffers() -> int:
     """
     freed = 0
     with _ALL_LOCK:
-        for bufs in _ALL_BUFFERS:
+        for bufs in list(_ALL_BUFFERS):
             if not bufs.active:
                 freed += sum(b.nbytes for b in bufs.outputs)
                 freed += sum(b.nbytes for b in (bufs.frame, bufs.scratch) if b is not None)
