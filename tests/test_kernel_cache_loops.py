@@ -9,7 +9,8 @@ workers (rank CV, multi-start and consensus NMF of a matrix in memory, which the
 first on the matrix's first columns: ``engine/kernel_cache.py::compile_for_workers``) — and reads
 numba's per-dispatcher counters on the workers: a cache miss is a compilation. Before the fit the
 client holds only what its loop's ``warm_up_kernels`` compiled or loaded, so a worker that
-compiled nothing got every signature it called from the client. The same process then repeats the fit in-process for the comparison.
+compiled nothing got every signature it called from the client. The same process then repeats
+the fit in-process for the comparison.
 Being separate processes, the checks do not depend on what other tests compiled in this one.
 """
 
