@@ -56,6 +56,9 @@ from ..exceptions import DnmfError, WorkerLostError
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a fit's end waits for its workers to free their pooled buffers.
+RELEASE_TIMEOUT = 10.0
+
 __all__ = ["Executor", "LocalExecutor", "DaskExecutor", "get_executor", "scheduler_workers", "usable_cores",
            "DEFAULT_TIMEOUT", "DEFAULT_MAX_RECOVERIES"]
 
@@ -525,8 +528,11 @@ class DaskExecutor(Executor):
 
     def release_buffers(self):
         release_pooled_buffers()  # a processes=False cluster's workers share this process
-        try:  # hygiene, not results: a worker lost meanwhile has freed its buffers anyway
-            self.client.run(release_pooled_buffers)
+        # Hygiene, not results: bounded (a fit must not hang on a stuck worker at its very end),
+        # and a worker lost meanwhile has freed its buffers anyway.
+        try:
+            self._bounded(lambda: self.client.run(release_pooled_buffers, asynchronous=True),
+                          min(self.timeout, RELEASE_TIMEOUT), "releasing the workers' buffers")
         except Exception as exc:  # noqa: BLE001
             logger.debug("release_buffers on the workers failed: %r", exc)
 
