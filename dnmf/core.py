@@ -841,6 +841,7 @@ def _fit_shared(blocked, tasks: list, kwargs: dict, client) -> list:
         results = fit_masked_many(plan.fit_blocked, [f[4] for f in fits], [_als_options(f[0], f[1]) for f in fits],
                                   fits[0][0].masked, plan.executor)
     finally:
+        plan.executor.release_buffers()  # pooled task outputs, here or on the workers
         if not plan.executor.distributed:
             plan.executor.close()
     return [_build_model(p, opts, state, ht, init_name=init_name, seq=seq, seed_int=seed_int, t_start=t_start,
@@ -1330,6 +1331,7 @@ def _nmf(A, values: dict, func: str) -> NMFModel:
         w0, init_name = _initialize(plan, opts, seq, func)
         state, ht_blocks = _fit(plan, opts, w0, init_name, seed_int, func)
     finally:  # the in-process thread pool is ours to close; a cluster is left as it was
+        plan.executor.release_buffers()  # pooled task outputs and read buffers, here or on the workers
         if not plan.executor.distributed:
             plan.executor.close()
     return _build_model(plan, opts, state, ht_blocks, init_name=init_name, seq=seq, seed_int=seed_int,

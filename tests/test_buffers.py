@@ -65,3 +65,13 @@ def test_at_most_max_per_size_free_buffers_are_kept(monkeypatch):
     arrays = [buffers.empty(SHAPE) for _ in range(4)]
     del arrays
     assert buffers.pooled_bytes() == 2 * 400 * 100 * 8
+
+
+def test_copy_of_is_a_float64_copy_from_the_pool():
+    x = np.arange(400 * 100, dtype=np.float32).reshape(SHAPE) / 3
+    c = buffers.copy_of(x)
+    assert c.dtype == np.float64 and c.flags.c_contiguous and not np.shares_memory(c, x)
+    assert np.array_equal(c, np.array(x, dtype=np.float64))  # what the tasks computed before
+    addr = c.ctypes.data
+    del c
+    assert buffers.copy_of(x).ctypes.data == addr

@@ -520,7 +520,6 @@ def fit_als(
             recoveries = count_recovery(exc, recoveries, executor, "fit", state.iteration,
                                         "; `dnmf run CONFIG --resume` continues from the last checkpoint (in "
                                         "Python: nmf(..., checkpoint=PATH, resume=True))")
-    executor.release_buffers()
     if opts.symmetric:  # H ← Wᵀ after the last W update (RcppML §7)
         ht_blocks = _h_inputs(state, opts, blocked, ht_blocks)
         state.h_scale = np.ones(opts.k)

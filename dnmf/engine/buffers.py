@@ -1,5 +1,8 @@
 """Pooled arrays for what block tasks return (the H_j and the m × k partials).
 
+Used by the block tasks of the ALS, masked, IRLS and KL loops (``engine/als.py``, ``masked.py``,
+``irls.py``, ``kl.py``).
+
 Every iteration each block task returns a new H_j (n_j × k) and an m × k partial, and the
 reduction adds partials into new m × k sums; the previous iteration's are dropped. Dask's nanny
 starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins glibc's mmap threshold at
@@ -16,7 +19,7 @@ later step are all safe. Buffers are matched by exact size (a fit's arrays recur
 shapes every iteration). :func:`release` empties the pool, and the arrays handed out before it
 are not taken back when dropped: the engine calls it in every process of the fit when a fit
 ends (``Executor.release_buffers``), so a finished fit's H_j and partials go back to the system
-rather than stay pooled.
+rather than stay pooled (``core.py``, around every engine loop).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import weakref
 
 import numpy as np
 
-__all__ = ["empty", "zeros", "release", "pooled_bytes"]
+__all__ = ["empty", "zeros", "copy_of", "release", "pooled_bytes"]
 
 #: Smaller arrays come from NumPy as usual (below glibc's default mmap threshold).
 MIN_BYTES = 1 << 17
@@ -80,6 +83,14 @@ def zeros(shape, dtype=np.float64) -> np.ndarray:
     """:func:`empty`, filled with zeros."""
     out = empty(shape, dtype)
     out.fill(0)
+    return out
+
+
+def copy_of(x) -> np.ndarray:
+    """A float64 C-contiguous copy of ``x``, from the pool (``np.array(x, dtype=np.float64)``)."""
+    x = np.asarray(x)
+    out = empty(x.shape, np.float64)
+    out[...] = x
     return out
 
 

@@ -57,6 +57,7 @@ from ..solvers.penalties import angular_matrix, apply_angular
 from ..solvers.updates import scale_rows
 from .als import ALSOptions, ALSState, _norms, count_recovery
 from .checkpoint import Checkpointer
+from . import buffers as _buf
 from .executor import Executor
 from .kernel_cache import ship_kernels
 from .masked import (MaskedState, MaskOptions, _kernel_args, _mask_parts, _Placed, record_iteration, row_bounds_for,
@@ -193,7 +194,8 @@ def irls_h_task(block, mk: tuple, ht_prev, col0: int, dcol: np.ndarray, w: np.nd
     code, power, delta, it_max, it_tol = side
     drow, on_rows, mode, lo, hi = disp
     warm = ht_prev is not None
-    ht = np.ascontiguousarray(ht_prev * warm_scale[None, :]) if warm else np.zeros((n_j, k))
+    # pooled (engine/buffers.py); the same products as ht_prev * warm_scale
+    ht = np.multiply(ht_prev, warm_scale[None, :], out=_buf.empty((n_j, k))) if warm else _buf.zeros((n_j, k))
     Q = np.zeros((k, k))
     hsum = np.zeros(k)
     hraw = np.zeros(k)

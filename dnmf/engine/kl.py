@@ -51,6 +51,7 @@ from ..kernels.kl import KL_OUT, csc_kl_pass
 from ..kernels.masked import NO_PATTERN, csc_masked_pass
 from ..kernels.nnls import SOLVER_EXACT
 from .als import ALSOptions, count_recovery
+from . import buffers as _buf
 from .executor import Executor
 from .kernel_cache import ship_kernels
 from .masked import (MaskedState, MaskOptions, _kernel_args, _mask_parts, as_csc64, record_iteration,
@@ -95,10 +96,10 @@ def kl_task(block, mk: tuple, ht_prev, col0: int, w: np.ndarray, colsum: np.ndar
     previous H the pass starts from :func:`lsq_start`.
     """
     m, k = w.shape
-    ht = lsq_start(block, mk, col0, w, kargs) if ht_prev is None else np.array(ht_prev, dtype=np.float64, copy=True)
-    P = np.zeros((m, k))
+    ht = lsq_start(block, mk, col0, w, kargs) if ht_prev is None else _buf.copy_of(ht_prev)
+    P = _buf.zeros((m, k))  # pooled: engine/buffers.py
     hsum = np.zeros(k)
-    R = np.zeros((m if track else 0, k))
+    R = _buf.zeros((m if track else 0, k))
     out = np.zeros(KL_OUT)
     csc_kl_pass(block.data, block.indices, block.indptr, int(col0), w, colsum, ht,
                 np.ones(k) if ht_prev is None else scale, float(hside[0]), float(hside[1]), *kargs, mk[0], mk[1],

@@ -61,6 +61,7 @@ from ..solvers.targets import FitTargets
 from ..solvers.updates import scale_rows
 from .als import (ALSOptions, ALSState, IterationRecord, _norms, block_terms, check_convergence, count_recovery,
                   h_task_step, load_block)
+from . import buffers as _buf
 from .executor import Executor
 from .kernel_cache import ship_kernels
 
@@ -246,7 +247,7 @@ def masked_h_task(block: CSCBlock, mk: tuple, ht_prev, col0: int, terms: ColumnT
     m, k = w.shape
     n_j = block.shape[1]
     warm = ht_prev is not None
-    ht = np.array(ht_prev, dtype=np.float64, copy=True) if warm else np.zeros((n_j, k))
+    ht = _buf.copy_of(ht_prev) if warm else _buf.zeros((n_j, k))  # pooled: engine/buffers.py
     Q = np.zeros((k, k))
     hsum = np.zeros(k)
     csc_masked_pass(block.data, block.indices, block.indptr, m, int(col0), w, hs.G, hs.L, ridge, hs.l1, ht,
