@@ -44,9 +44,9 @@ def write_zarr(
         Replace an existing ``path`` (only once the new store is complete).
     compressors : default "auto"
         Codecs of the stored arrays, passed to ``zarr.create_array``. "auto": Blosc LZ4 with byte
-        shuffle, chosen for decoding speed, since an out-of-core fit decodes every block in every
-        iteration (:func:`dnmf.io.zarr_store.default_compressors` has the measurements); None
-        stores the arrays uncompressed (fastest to read, about 1.4× the size).
+        shuffle in 64 KiB blocks, chosen for decoding speed, since an out-of-core fit decodes every
+        block in every iteration (:func:`dnmf.io.zarr_store.default_compressors` has the
+        measurements); None stores the arrays uncompressed (fastest to read, about 1.4× the size).
     layer : str, optional
         AnnData layer, when ``A`` is AnnData or an AnnData file.
 
