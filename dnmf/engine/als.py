@@ -195,11 +195,7 @@ def _h_update(block, ht_prev, hs: HStep, terms: ColumnTerms | None):
         return ht, BlockStats(np.asarray(a @ ht, dtype=np.float64), ht.T @ ht, np.abs(ht).sum(axis=0))
     warm = ht_prev is not None
     # pooled (engine/buffers.py): no fresh pages per block and iteration on a Dask worker
-    ht = _buf.empty((n_j, k))
-    if warm:
-        ht[...] = ht_prev
-    else:
-        ht.fill(0)
+    ht = _buf.copy_of(ht_prev) if warm else _buf.zeros((n_j, k))
     if isinstance(block, CSCBlock):
         P = _buf.zeros((m, k))
         Q = np.zeros((k, k))
