@@ -621,13 +621,14 @@ def _run_chunk(fn, n_per: int, n_blocks: int, n_threads: int, *values):
     calls = [values[b * n_per:(b + 1) * n_per] for b in range(n_blocks)]
     if n_threads <= 1 or n_blocks <= 1:
         return tuple(fn(*c, *shared) for c in calls)
-    return tuple(_chunk_pool(min(n_threads, n_blocks)).map(lambda c: fn(*c, *shared), calls))
+    return tuple(thread_pool(min(n_threads, n_blocks), "dnmf-chunk").map(lambda c: fn(*c, *shared), calls))
 
 
 @functools.lru_cache(maxsize=None)
-def _chunk_pool(n_threads: int) -> ThreadPoolExecutor:
-    """The thread pool of a worker's chunk tasks (one per thread count, made on first use)."""
-    return ThreadPoolExecutor(n_threads, thread_name_prefix="dnmf-chunk")
+def thread_pool(n_threads: int, name: str) -> ThreadPoolExecutor:
+    """This process's thread pool of ``n_threads`` threads for ``name`` (a worker's chunk tasks,
+    the client's W update), made on first use and kept."""
+    return ThreadPoolExecutor(n_threads, thread_name_prefix=name)
 
 
 def _tree_shape(n: int):

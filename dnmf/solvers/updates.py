@@ -82,7 +82,6 @@ def update_factor(G, P, l1, l2, solver, nonneg, cd_maxit, cd_tol, w_prev=None, n
 
 #: Rows of W below which one thread solves them all (a thread hand-off costs more than the work).
 _THREADED_MIN_ROWS = 2048
-_POOLS: dict = {}  # thread count -> the W update's thread pool, made on first use
 
 
 def _solve_rows(G, L, B, X, solver, nonneg, cd_maxit, cd_tol, warm, l1, n_threads) -> None:
@@ -92,21 +91,20 @@ def _solve_rows(G, L, B, X, solver, nonneg, cd_maxit, cd_tol, warm, l1, n_thread
     solver it was one thread's work (1.05 s per iteration at m = 20,000, k = 50, against ~1.6 s
     for the H pass on two threads). Rows are independent and each is solved by the same
     arithmetic in whichever range it falls, so W is bitwise the same for any number of threads.
-    Ranges are several per thread (CD's sweeps differ between rows) and run on a module-level
-    pool (the kernel releases the GIL).
+    Ranges are several per thread (CD's sweeps differ between rows) and run on a kept pool
+    (``engine/executor.py::thread_pool``; the kernel releases the GIL).
     """
+    from ..engine.executor import thread_pool
+
     m = B.shape[1]
     n_threads = min(int(n_threads), m // _THREADED_MIN_ROWS)
     if n_threads <= 1:
         nnls_batch(G, L, B, X, solver, nonneg, cd_maxit, cd_tol, warm, l1)
         return
-    if n_threads not in _POOLS:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOLS[n_threads] = ThreadPoolExecutor(n_threads, thread_name_prefix="dnmf-w-update")
     cuts = np.linspace(0, m, 4 * n_threads + 1).astype(int)
-    list(_POOLS[n_threads].map(lambda r: nnls_batch(G, L, B, X, solver, nonneg, cd_maxit, cd_tol, warm, l1,
-                                                    cuts[r], cuts[r + 1]), range(len(cuts) - 1)))
+    pool = thread_pool(n_threads, "dnmf-w-update")
+    list(pool.map(lambda r: nnls_batch(G, L, B, X, solver, nonneg, cd_maxit, cd_tol, warm, l1, cuts[r], cuts[r + 1]),
+                  range(len(cuts) - 1)))
 
 
 def scale_rows(F: np.ndarray, norm: str):
