@@ -202,7 +202,7 @@ def _h_update(block, ht_prev, hs: HStep, terms: ColumnTerms | None):
         hsum = np.zeros(k)
         csc_block_pass(block.data, block.indices, block.indptr, w, hs.G, hs.L, hs.l1, ht, hs.warm_scale,
                        column_terms(k) if terms is None else terms, hs.solver, hs.nonneg, hs.cd_maxit, hs.cd_tol,
-                       warm, P, Q, hsum, hs.ub)
+                       warm, P, Q, hsum, hs.ub, _buf.empty)
     else:
         a = block if block.dtype == np.float64 else block.astype(np.float64)
         ht, Q, hsum = solve_dense_columns(w.T @ a, hs, ht, warm, terms)
