@@ -45,6 +45,7 @@ redo the lost work, at most ``max_recoveries`` times.
 from __future__ import annotations
 
 import abc
+import asyncio
 import functools
 import logging
 import os
@@ -67,6 +68,10 @@ __all__ = ["Executor", "LocalExecutor", "DaskExecutor", "get_executor", "schedul
 DEFAULT_TIMEOUT = 600.0
 #: How many lost-worker recoveries a fit attempts before it raises WorkerLostError.
 DEFAULT_MAX_RECOVERIES = 3
+
+# Seconds to wait for a worker's reply over a direct connection before this client sends its data
+# through the scheduler instead (DaskExecutor._direct).
+DIRECT_PROBE_TIMEOUT = 5.0
 
 
 class Executor(abc.ABC):
@@ -227,6 +232,7 @@ class DaskExecutor(Executor):
         self.n_workers = len(self._workers)
         self._home: dict = {}  # future key -> address of the worker its block task is pinned to
         self._lazy: set = set()  # keys of placed lazy block sources (one task per block)
+        self._reachable: dict = {}  # worker address -> whether this client reaches it directly
 
     # -- talking to the cluster, with bounded waits and typed worker losses --------------------
 
@@ -285,16 +291,54 @@ class DaskExecutor(Executor):
     def _scatter(self, values: list, workers: list | None = None) -> list:
         # Never broadcast=True: the scheduler's replicate loop never ends when a target worker
         # dies during it (and holds its replica lock while looping).
+        # Straight to the workers when this client reaches them (not through the scheduler).
+        direct = self._direct(workers if workers is not None else self._workers)
+
         def call():
-            return self.client.scatter(values, workers=workers, hash=False, asynchronous=True)
+            return self.client.scatter(values, workers=workers, hash=False, asynchronous=True, direct=direct)
 
         return self._bounded(call, self.timeout, "a scatter", scatter=True)
 
     def _results(self, futures: list, timeout: float | None, what: str) -> list:
+        # Straight from the workers that hold them when this client reaches those workers, not
+        # through the scheduler (docs/architecture.md, "Cluster overhead": "Direct transfers");
+        # keys a worker no longer has are asked of the scheduler then (distributed's fallback).
+        direct = self._direct(self._workers)
+
         def call():
-            return self.client.gather(futures, asynchronous=True)
+            return self.client.gather(futures, asynchronous=True, direct=direct)
 
         return self._bounded(call, timeout, what, futures)
+
+    def _direct(self, addresses) -> bool:
+        """Whether data may go between this client and the workers at ``addresses`` directly.
+
+        The client's own ``direct_to_workers`` decides when set. Otherwise each worker is asked
+        for its identity over a direct connection, once per executor and worker, with a short
+        timeout: a client that cannot reach the workers (a laptop outside the cluster's network,
+        behind the scheduler's address only) keeps sending through the scheduler, as Dask does.
+        """
+        chosen = getattr(self.client, "direct_to_workers", None)
+        if chosen is not None:
+            return bool(chosen)
+        new = sorted({a for a in addresses if a not in self._reachable})
+        if new:
+            async def probe(addr):
+                try:
+                    await asyncio.wait_for(self.client.rpc(addr).identity(), DIRECT_PROBE_TIMEOUT)
+                    return True
+                except Exception:  # unreachable, refused, or gone: not direct
+                    return False
+
+            async def probe_all():
+                return await asyncio.gather(*(probe(a) for a in new))
+
+            try:
+                got = self.client.sync(probe_all)
+            except Exception:
+                got = [False] * len(new)
+            self._reachable.update(zip(new, got))
+        return all(self._reachable.get(a, False) for a in addresses)
 
     # -- the verbs -----------------------------------------------------------------------------
 
@@ -378,24 +422,44 @@ class DaskExecutor(Executor):
         H step) sent once to each worker that runs a task, small ones inline.
 
         Inline, a large argument would be pickled into every task and pass through the
-        scheduler once per block. Here it is the inline argument of one small task per worker
-        (``_shared_value``, loosely pinned there), which the block tasks depend on: one message
-        per worker, no round trip for the client to wait on (a scatter is one), and a task the
-        scheduler recomputes elsewhere if its worker is lost (docs/architecture.md, "Cluster
-        overhead"). Returns ``{address: args, None: args}``.
+        scheduler once per block. Where this client reaches the workers (:meth:`_direct`) it is
+        scattered to each of them over direct connections, all at once: it never passes through
+        the scheduler, which on a LocalCluster shares the client's event-loop thread (and, on a
+        real cluster, serves every client and worker). Otherwise it is the inline argument of one
+        small task per worker (``_shared_value``, loosely pinned there), which the block tasks
+        depend on. A worker lost with its copy loses the round's blocks with it: the fit's
+        recovery re-places them (docs/architecture.md, "Cluster overhead"). Returns
+        ``{address: args, None: args}``.
         """
         large = [i for i, a in enumerate(args) if not _is_small(a)]
         targets = sorted({h for h in homes if h is not None})
         if not large or not targets:
             return {None: tuple(self.put(a) for a in args)}
         out = {}
-        for addr in targets:
-            full = list(args)
-            for i in large:
-                full[i] = self._submit(_shared_value, (args[i],), addr)
-            out[addr] = tuple(full)
+        if self._direct(targets):
+            placed = self._scatter_direct([args[i] for i in large], targets)
+            for addr, futs in zip(targets, placed):
+                full = list(args)
+                for i, fut in zip(large, futs):
+                    full[i] = fut
+                out[addr] = tuple(full)
+        else:
+            for addr in targets:
+                full = list(args)
+                for i in large:
+                    full[i] = self._submit(_shared_value, (args[i],), addr)
+                out[addr] = tuple(full)
         out[None] = out[targets[0]]
         return out
+
+    def _scatter_direct(self, values: list, targets: list) -> list:
+        """``values`` sent to each worker of ``targets`` over direct connections, all at once:
+        per target, the futures of its copies."""
+        async def call():
+            return await asyncio.gather(*(self.client.scatter(values, workers=[addr], direct=True, hash=False,
+                                                              asynchronous=True) for addr in targets))
+
+        return self._bounded(call, self.timeout, "a scatter of shared arguments", scatter=True)
 
     def _home_of(self, handle):
         """Worker the handle's data lives on (None for a plain value or an unplaced result)."""

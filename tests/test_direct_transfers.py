@@ -1,0 +1,77 @@
+"""Large shared arguments and results between the client and the workers directly (issue 12).
+
+W (the H step's shared argument) is scattered to each worker over a direct connection, and block
+results are gathered from the workers directly, when this client reaches them; else both go
+through the scheduler as before (a ``_shared_value`` task per worker). Checked on a real
+2-process ``LocalCluster``: which path a fit takes (its task stream), bitwise equality of both
+paths with the in-process fit, and the reachability probe against a live worker and a closed port.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import dnmf
+from dnmf.engine.executor import DaskExecutor
+
+distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.filterwarnings("ignore::dnmf.exceptions.ConvergenceWarning")
+
+#: m · k · 8 = 120 kB: W is over the 100 kB under which shared arguments travel inline.
+M, N, K = 3000, 400, 5
+KW = dict(seed=5, maxit=3, tol=0, block_nnz=6000)
+
+
+@pytest.fixture(scope="module")
+def a():
+    return sp.random(M, N, density=0.03, random_state=4, format="csc")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as c:
+        yield c
+
+
+def _count(stream, prefix):
+    return sum(str(t["key"]).startswith(prefix + "-") for t in stream.data)
+
+
+@pytest.mark.parametrize("direct", [None, False])
+def test_shared_w_path_and_bitwise_results(a, cluster, direct):
+    local = dnmf.nmf(a, K, client=False, **KW)
+    with distributed.Client(cluster, direct_to_workers=direct) as client:
+        with distributed.get_task_stream(client) as stream:
+            fit = dnmf.nmf(a, K, client=client, **KW)
+    assert fit.misc["executor"] == "distributed"
+    shared = _count(stream, "_shared_value")
+    if direct is None:  # the probe finds the workers reachable: W is scattered, no task carries it
+        assert shared == 0
+    else:  # through the scheduler: one small task per worker and H-step round (3 iterations)
+        assert shared >= KW["maxit"] * 2
+    assert _count(stream, "_h_task") >= KW["maxit"] * 2
+    # Bitwise: the same block calls and the same fixed reduction tree, whichever way W travels
+    for name in ("w", "d", "h"):
+        assert np.array_equal(getattr(fit, name), getattr(local, name))
+    assert np.array_equal(fit.misc["loss_history"], local.misc["loss_history"])
+
+
+def test_probe_reaches_live_workers_and_not_a_closed_port(cluster):
+    with socket.socket() as s:  # a port nothing listens on: bound, never listened to
+        s.bind(("127.0.0.1", 0))
+        closed = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        with distributed.Client(cluster) as client:
+            ex = DaskExecutor(client)
+            assert ex._direct(ex._workers) is True
+            assert ex._direct([closed]) is False
+            assert ex._direct([*ex._workers, closed]) is False
+            assert ex._direct(ex._workers) is True  # each address probed once, remembered
+    with distributed.Client(cluster, direct_to_workers=False) as client:
+        ex = DaskExecutor(client)
+        assert ex._direct(ex._workers) is False  # the client's own setting decides
+        assert ex._reachable == {}  # without probing
