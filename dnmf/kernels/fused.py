@@ -22,7 +22,7 @@ entries of rows [0, m/nb) of every column, then the next band's, and so on (:fun
 One band of W (the first sweep) or of P (the second) is then at most half a core's L2 cache
 (``BAND_BYTES``, read from sysfs) and stays there while its entries are swept, instead of W's or
 P's rows coming from L3 for every stored entry. The first sweep keeps each column's partial
-``b`` in a scratch (n_j × k) between bands and solves the columns after the last band. Rows are
+``b`` in a scratch B (n_j × k, also with one band) and solves the columns after the last band. Rows are
 sorted within a column and each row lies in one band, so every ``b_c`` and every row of P get the
 same additions in the same order as in one sweep: results are bitwise those of the one-band
 pass. A band keeps at least ``BAND_MIN_ENTRIES`` entries per column on average (short columns:
@@ -30,7 +30,8 @@ fewer bands); ``tests/test_row_bands.py`` checks the bitwise equality. Measured 
 against the one-band pass, best of 7 interleaved runs on gamma-planted blocks: m = 20,000 at 2 %,
 k = 10 (2 bands) 13.0 → 11.9 ns per stored entry; m = 30,000 at 3 %, k = 30 (7 bands) 29.2 → 21.0;
 k = 50 (12 bands) 48.9 → 29.7. At 150 entries per column (k = 30, 4 bands) the solves dominate
-and the pass moved by ~2 %.
+and the pass moved by ~2 %. The first fit on an empty numba cache compiles this pass in about the
+time the one-band pass took (the loops are written once; see the comment in the pass).
 
 Positions and row indices are cast to unsigned (``np.uintp``) before they index an array. With a
 signed index numba emits a wrap-around branch for negative values on every access, which also
@@ -60,95 +61,7 @@ from .column import (SOLVE_COLUMN_BY_SOLVER, accumulate_column, any_terms, bound
 __all__ = ["csc_block_pass", "dense_block_solve", "csc_sq_norm"]
 
 # Unsigned steps for unsigned positions: numba types uintp + an int literal as float64.
-_U1, _U2, _U3, _U4, _U5, _U6, _U7, _U8 = (np.uintp(i) for i in range(1, 9))
-
-
-def _gather_rows(data, indices, w, p, end, b):
-    """``b += Σ_{p ≤ q < end} data[q] · w[indices[q]]``, the additions in position order.
-
-    Eight nonzeros per round (then four, then one at a time): b[r] is loaded and stored once per
-    eight products instead of once per product, and the additions keep their order, so b is
-    bitwise the one-at-a-time sum. Products are formed in float64, also of float32 values and W
-    (exact). Eight against four per round: the W sweep −10 % at k = 10, −20 % at k = 30 on one
-    thread (interleaved runs of the two on gamma-planted blocks).
-    """
-    k = b.shape[0]
-    while p + _U7 < end:
-        a0 = np.float64(data[p])
-        a1 = np.float64(data[p + _U1])
-        a2 = np.float64(data[p + _U2])
-        a3 = np.float64(data[p + _U3])
-        a4 = np.float64(data[p + _U4])
-        a5 = np.float64(data[p + _U5])
-        a6 = np.float64(data[p + _U6])
-        a7 = np.float64(data[p + _U7])
-        w0 = w[np.uintp(indices[p])]  # row views: let LLVM keep the addressing out of the r loop
-        w1 = w[np.uintp(indices[p + _U1])]
-        w2 = w[np.uintp(indices[p + _U2])]
-        w3 = w[np.uintp(indices[p + _U3])]
-        w4 = w[np.uintp(indices[p + _U4])]
-        w5 = w[np.uintp(indices[p + _U5])]
-        w6 = w[np.uintp(indices[p + _U6])]
-        w7 = w[np.uintp(indices[p + _U7])]
-        for r in range(k):
-            b[r] = (((((((b[r] + a0 * w0[r]) + a1 * w1[r]) + a2 * w2[r]) + a3 * w3[r]) + a4 * w4[r]) + a5 * w5[r])
-                    + a6 * w6[r]) + a7 * w7[r]
-        p += _U8
-    if p + _U3 < end:
-        a0 = np.float64(data[p])
-        a1 = np.float64(data[p + _U1])
-        a2 = np.float64(data[p + _U2])
-        a3 = np.float64(data[p + _U3])
-        w0 = w[np.uintp(indices[p])]
-        w1 = w[np.uintp(indices[p + _U1])]
-        w2 = w[np.uintp(indices[p + _U2])]
-        w3 = w[np.uintp(indices[p + _U3])]
-        for r in range(k):
-            b[r] = (((b[r] + a0 * w0[r]) + a1 * w1[r]) + a2 * w2[r]) + a3 * w3[r]
-        p += _U4
-    while p < end:
-        a = np.float64(data[p])
-        wrow = w[np.uintp(indices[p])]
-        for r in range(k):
-            b[r] += a * wrow[r]
-        p += _U1
-
-
-gather_rows = numba.njit(cache=True, nogil=True, inline="always")(_gather_rows)
-
-
-def _band_positions(indices, indptr, bounds, pos):
-    """``pos[t - 1, c]``: the first position of column c whose row is ≥ ``bounds[t]``, for the
-    inner band boundaries t = 1 … nb − 1 (rows are sorted within a column: a binary search)."""
-    nb = bounds.shape[0] - 1
-    for c in range(indptr.shape[0] - 1):
-        lo = np.uintp(indptr[c])
-        hi = np.uintp(indptr[c + 1])
-        for t in range(1, nb):
-            row = bounds[t]
-            a = lo
-            z = hi
-            while a < z:
-                mid = (a + z) >> _U1
-                if indices[mid] < row:
-                    a = mid + _U1
-                else:
-                    z = mid
-            pos[t - 1, c] = a
-            lo = a
-
-
-band_positions = numba.njit(cache=True, nogil=True, inline="always")(_band_positions)
-
-
-def _segment(indptr, pos, nb, t, c):
-    """Positions ``[lo, hi)`` of column c's entries in row band t (of nb)."""
-    lo = np.uintp(indptr[c]) if t == 0 else np.uintp(pos[t - 1, c])
-    hi = np.uintp(indptr[c + 1]) if t == nb - 1 else np.uintp(pos[t, c])
-    return lo, hi
-
-
-segment = numba.njit(cache=True, nogil=True, inline="always")(_segment)
+_U1, _U2, _U3, _U4 = (np.uintp(i) for i in range(1, 5))
 
 
 def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol,
@@ -171,38 +84,64 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
     ub : float — upper bound of H (RcppML §8.6), applied right after each solve, before the
         accumulation; 0: none
     bounds : (nb + 1,) int64 — the row bands' boundaries, 0 … m (:func:`row_bands`)
-    pos : (nb − 1, n_j) uintp, B : (n_j, k) float64 — scratch, used with nb > 1 only
+    pos : (nb − 1, n_j) uintp, B : (n_j, k) float64 — scratch (pos: with nb > 1 only)
     """
     k = w.shape[1]
     n = indptr.shape[0] - 1
     nb = bounds.shape[0] - 1
-    b = np.empty(k)
     x = np.empty(k)
     Gc = np.empty((k, k))  # scratch for a per-column Gram (used only with a Gram correction)
     Lc = np.zeros((k, k))
     plain = not any_terms(terms)
-    if nb > 1:  # b = Wᵀa_c − L1 of every column, band by band (module docstring, "Row bands")
-        band_positions(indices, indptr, bounds, pos)
-        for t in range(nb):
-            for c in range(n):
-                lo, hi = segment(indptr, pos, nb, t, c)
-                if t == 0:
-                    for r in range(k):
-                        b[r] = -l1
+    # pos[t - 1, c]: column c's first entry in row band t (rows are sorted: a binary search)
+    for c in range(n if nb > 1 else 0):
+        lo = np.uintp(indptr[c])
+        hi = np.uintp(indptr[c + 1])
+        for t in range(1, nb):
+            row = bounds[t]
+            z = hi
+            while lo < z:
+                mid = (lo + z) >> _U1
+                if indices[mid] < row:
+                    lo = mid + _U1
                 else:
-                    for r in range(k):
-                        b[r] = B[c, r]
-                gather_rows(data, indices, w, lo, hi, b)
+                    z = mid
+            pos[t - 1, c] = lo
+    # b_c = Wᵀa_c − L1 of every column into row c of B, band by band (module docstring, "Row
+    # bands"); one band is one sweep. The code is written once, inline: a second copy of this
+    # loop (one for one band, one for several) or a helper function per step cost ~0.5 s more
+    # to compile on a fresh install, and eight entries per round instead of four ~1–2 s more.
+    for t in range(nb):
+        for c in range(n):
+            p = np.uintp(indptr[c]) if t == 0 else np.uintp(pos[t - 1, c])
+            end = np.uintp(indptr[c + 1]) if t == nb - 1 else np.uintp(pos[t, c])
+            bc = B[c]
+            if t == 0:
                 for r in range(k):
-                    B[c, r] = b[r]
+                    bc[r] = -l1
+            # b += Σ_p a_p w_{i_p}, four entries per round: b[r] is loaded and stored once per four
+            # products instead of once per product, and the additions keep their order, so b is
+            # bitwise the one-at-a-time sum (~10 % less time on this sweep, bench_nmf.py --kernel).
+            while p + _U3 < end:
+                a0 = np.float64(data[p])  # float64 products also of float32 values and W (exact)
+                a1 = np.float64(data[p + _U1])
+                a2 = np.float64(data[p + _U2])
+                a3 = np.float64(data[p + _U3])
+                w0 = w[np.uintp(indices[p])]  # row views: let LLVM keep the addressing out of the r loop
+                w1 = w[np.uintp(indices[p + _U1])]
+                w2 = w[np.uintp(indices[p + _U2])]
+                w3 = w[np.uintp(indices[p + _U3])]
+                for r in range(k):
+                    bc[r] = (((bc[r] + a0 * w0[r]) + a1 * w1[r]) + a2 * w2[r]) + a3 * w3[r]
+                p += _U4
+            while p < end:
+                a = np.float64(data[p])
+                wrow = w[np.uintp(indices[p])]
+                for r in range(k):
+                    bc[r] += a * wrow[r]
+                p += _U1
     for c in range(n):
-        if nb > 1:
-            for r in range(k):
-                b[r] = B[c, r]
-        else:
-            for r in range(k):
-                b[r] = -l1
-            gather_rows(data, indices, w, np.uintp(indptr[c]), np.uintp(indptr[c + 1]), b)
+        b = B[c]  # the column's RHS (the column step may add its corrections in place)
         if warm:
             for r in range(k):
                 x[r] = ht[c, r] * warm_scale[r]
@@ -222,7 +161,8 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
     # gets its additions in the same column order as in one sweep: P is bitwise unchanged.
     for t in range(nb):
         for c in range(n):
-            lo, hi = segment(indptr, pos, nb, t, c)
+            lo = np.uintp(indptr[c]) if t == 0 else np.uintp(pos[t - 1, c])
+            hi = np.uintp(indptr[c + 1]) if t == nb - 1 else np.uintp(pos[t, c])
             hrow = ht[c]
             for p in range(lo, hi):
                 a = data[p]
@@ -302,14 +242,13 @@ def csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, so
     bounds = row_bands(m, k, w.dtype.itemsize, data.shape[0], n)
     nb = bounds.shape[0] - 1
     pos = empty((nb - 1, n), np.uintp) if nb > 1 else _NO_POS
-    B = empty((n, k), np.float64) if nb > 1 else _NO_B
+    B = empty((n, k), np.float64)
     _CSC_BLOCK_PASS[int(solver), has_terms(terms)](data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver,
                                                    nonneg, cd_maxit, cd_tol, warm, P, Q, hsum, float(ub), bounds,
                                                    pos, B)
 
 
 _NO_POS = np.empty((0, 0), np.uintp)
-_NO_B = np.empty((0, 0), np.float64)
 
 
 def _dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol, warm, Q, hsum, ub):
