@@ -295,7 +295,9 @@ class DaskExecutor(Executor):
         direct = self._direct(workers if workers is not None else self._workers)
 
         def call():
-            return self.client.scatter(values, workers=workers, hash=False, asynchronous=True, direct=direct)
+            # timeout: how long a direct scatter waits for a paused target worker to run again
+            return self.client.scatter(values, workers=workers, hash=False, asynchronous=True, direct=direct,
+                                       timeout=self.timeout)
 
         return self._bounded(call, self.timeout, "a scatter", scatter=True)
 
@@ -454,10 +456,12 @@ class DaskExecutor(Executor):
 
     def _scatter_direct(self, values: list, targets: list) -> list:
         """``values`` sent to each worker of ``targets`` over direct connections, all at once:
-        per target, the futures of its copies."""
+        per target, the futures of its copies. A target paused for memory is waited for (the
+        scatter's check of running workers) as long as a round of tasks would be, ``timeout``."""
         async def call():
             return await asyncio.gather(*(self.client.scatter(values, workers=[addr], direct=True, hash=False,
-                                                              asynchronous=True) for addr in targets))
+                                                              asynchronous=True, timeout=self.timeout)
+                                          for addr in targets))
 
         return self._bounded(call, self.timeout, "a scatter of shared arguments", scatter=True)
 
