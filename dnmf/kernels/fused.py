@@ -93,20 +93,20 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
     Gc = np.empty((k, k))  # scratch for a per-column Gram (used only with a Gram correction)
     Lc = np.zeros((k, k))
     plain = not any_terms(terms)
-    # pos[t - 1, c]: column c's first entry in row band t (rows are sorted: a binary search)
-    for c in range(n if nb > 1 else 0):
-        lo = np.uintp(indptr[c])
-        hi = np.uintp(indptr[c + 1])
-        for t in range(1, nb):
-            row = bounds[t]
-            z = hi
-            while lo < z:
-                mid = (lo + z) >> _U1
-                if indices[mid] < row:
-                    lo = mid + _U1
-                else:
-                    z = mid
-            pos[t - 1, c] = lo
+    if nb > 1:  # pos[t - 1, c]: column c's first entry in row band t (rows are sorted: a binary search)
+        for c in range(n):
+            lo = np.uintp(indptr[c])
+            hi = np.uintp(indptr[c + 1])
+            for t in range(1, nb):
+                row = bounds[t]
+                z = hi
+                while lo < z:
+                    mid = (lo + z) >> _U1
+                    if indices[mid] < row:
+                        lo = mid + _U1
+                    else:
+                        z = mid
+                pos[t - 1, c] = lo
     # b_c = Wᵀa_c − L1 of every column into row c of B, band by band (module docstring, "Row
     # bands"); one band is one sweep. The code is written once, inline: a second copy of this
     # loop (one for one band, one for several) or a helper function per step cost ~0.5 s more
@@ -232,6 +232,9 @@ def row_bands(m: int, k: int, itemsize: int, nnz: int, n_cols: int) -> np.ndarra
     return (np.arange(nb + 1, dtype=np.int64) * m) // nb
 
 
+_NO_POS = np.empty((0, 0), np.uintp)  # the band positions of a one-band pass: none
+
+
 def csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol,
                    warm, P, Q, hsum, ub=0.0, empty=np.empty):
     """:func:`_csc_block_pass` (same arguments), compiled for ``solver`` and for whether
@@ -247,8 +250,6 @@ def csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, so
                                                    nonneg, cd_maxit, cd_tol, warm, P, Q, hsum, float(ub), bounds,
                                                    pos, B)
 
-
-_NO_POS = np.empty((0, 0), np.uintp)
 
 
 def _dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol, warm, Q, hsum, ub):
