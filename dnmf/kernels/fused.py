@@ -30,8 +30,10 @@ fewer bands); ``tests/test_row_bands.py`` checks the bitwise equality. Measured 
 against the one-band pass, best of 7 interleaved runs on gamma-planted blocks: m = 20,000 at 2 %,
 k = 10 (2 bands) 13.0 → 11.9 ns per stored entry; m = 30,000 at 3 %, k = 30 (7 bands) 29.2 → 21.0;
 k = 50 (12 bands) 48.9 → 29.7. At 150 entries per column (k = 30, 4 bands) the solves dominate
-and the pass moved by ~2 %. The first fit on an empty numba cache compiles this pass in about the
-time the one-band pass took (the loops are written once; see the comment in the pass).
+and the pass moved by ~2 %. Compiling it costs more: the first fit on an empty numba cache took
+a median 3.24 s against 2.83 s for the one-band pass (5 runs each, alternating, 300 × 400 at
+10 %), with the loops written once (see the comment in the pass); two copies of the W sweep and
+eight entries per round cost 1–2 s more still.
 
 Positions and row indices are cast to unsigned (``np.uintp``) before they index an array. With a
 signed index numba emits a wrap-around branch for negative values on every access, which also
