@@ -572,21 +572,61 @@ def test_write_zarr_sparse_round_trip(birds, tmp_path):
     assert all(not (a & b) for i, a in enumerate(chunks) for b in chunks[i + 1 :])
 
 
-@pytest.mark.parametrize("compressors", ["auto", None])
-def test_write_zarr_codecs(birds, tmp_path, compressors):
-    """dnmf's stores default to Blosc LZ4 + shuffle (fast to decode every iteration out of core);
-    ``compressors=None`` stores raw arrays. Both read back exactly."""
+def _codec_names(arr) -> list[str]:
+    return [f"{c.cname.value}+{c.shuffle.value}" for c in arr.compressors]
+
+
+LZ4 = ["lz4+shuffle"]  # dnmf's codec, zarr_store.default_compressors()
+
+
+@pytest.mark.parametrize("compressors", ["auto", "lz4", None])
+def test_write_zarr_codecs(tmp_path, compressors):
+    """compressors="auto" chooses per array: Blosc LZ4 + shuffle where it saves ≥ 20 % of a
+    sample's bytes (integer counts, row indices), raw where it does not (continuous float64
+    values, which it shrinks ~1.05×: decoding them every iteration out of core costs ~7× a raw
+    copy). An explicit codec goes on every array; None stores all raw. All read back exactly."""
     import zarr
 
-    path = write_zarr(birds, tmp_path / "b.zarr", block_nnz=3_000, compressors=compressors)
-    g = zarr.open_group(path, mode="r")
-    for name in ("data", "indices"):
-        codecs = g[name].compressors
+    from dnmf.io.zarr_store import default_compressors
+
+    rng = np.random.default_rng(0)
+    smooth = sp.random(2_000, 1_500, density=0.05, random_state=1, format="csc")  # uniform (0, 1) values
+    counts = smooth.copy()
+    counts.data = rng.poisson(3.0, counts.nnz) + 1.0
+    given = default_compressors() if compressors == "lz4" else compressors
+    for A, data_auto in ((smooth, []), (counts, LZ4)):
+        path = write_zarr(A, tmp_path / "s.zarr", block_nnz=40_000, compressors=given, overwrite=True)
+        g = zarr.open_group(path, mode="r")
+        got = {name: _codec_names(g[name]) for name in ("data", "indices")}
         if compressors is None:
-            assert codecs == ()
+            assert got == {"data": [], "indices": []}
+        elif compressors == "lz4":
+            assert got == {"data": LZ4, "indices": LZ4}
         else:
-            assert len(codecs) == 1 and codecs[0].cname.value == "lz4" and codecs[0].shuffle.value == "shuffle"
-    assert_same_matrix(as_blocked(path), birds)
+            assert got == {"data": data_auto, "indices": LZ4}
+        assert_same_matrix(as_blocked(path), A)
+        dense = write_zarr(A.toarray(), tmp_path / "d.zarr", block_nnz=40_000, compressors=given, overwrite=True)
+        # a dense store of these matrices is 95 % zeros: every codec shrinks it
+        assert _codec_names(zarr.open_array(dense, mode="r")) == ([] if compressors is None else LZ4)
+        assert_same_matrix(as_blocked(dense), A)
+    # a dense store of continuous values is stored raw by "auto"
+    full = rng.uniform(size=(300, 200))
+    dense = write_zarr(full, tmp_path / "f.zarr", block_nnz=10_000, compressors=given, overwrite=True)
+    assert _codec_names(zarr.open_array(dense, mode="r")) == (LZ4 if compressors == "lz4" else [])
+    assert_same_matrix(as_blocked(dense), full)
+
+
+def test_auto_compressors_rule():
+    """resolve_compressors' rule on samples whose Blosc LZ4 + shuffle frame size is known in
+    kind: constant values shrink ~100×, random bytes not at all; the threshold sits between."""
+    from dnmf.io.zarr_store import AUTO_MIN_SAVING, default_compressors, resolve_compressors
+
+    assert 0 < AUTO_MIN_SAVING < 1
+    assert resolve_compressors("auto", np.ones(50_000), np.float64) == default_compressors()
+    noise = np.random.default_rng(3).integers(0, 2**63, 50_000).view(np.float64)
+    assert resolve_compressors("auto", noise, np.float64) == ()
+    assert resolve_compressors("auto", np.empty(0), np.float64) == default_compressors()
+    assert resolve_compressors(None, noise, np.float64) is None  # anything but "auto" passes through
 
 
 def test_write_zarr_dense_round_trip_float32(birds, tmp_path):

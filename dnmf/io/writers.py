@@ -43,10 +43,13 @@ def write_zarr(
     overwrite : bool, default False
         Replace an existing ``path`` (only once the new store is complete).
     compressors : default "auto"
-        Codecs of the stored arrays, passed to ``zarr.create_array``. "auto": Blosc LZ4 with byte
-        shuffle in 64 KiB blocks, chosen for decoding speed, since an out-of-core fit decodes every
-        block in every iteration (:func:`dnmf.io.zarr_store.default_compressors` has the
-        measurements); None stores the arrays uncompressed (fastest to read, about 1.4× the size).
+        Codecs of the stored arrays, passed to ``zarr.create_array``. "auto" chooses per array,
+        since an out-of-core fit decodes every block in every iteration: Blosc LZ4 with byte
+        shuffle in 64 KiB blocks (fast to decode) where it saves at least a fifth of a sample's
+        bytes — row indices, integer counts — and no codec where it does not, as for continuous
+        values (:func:`dnmf.io.zarr_store.resolve_compressors` has the rule and the
+        measurements). None stores every array uncompressed; ``zarr_store.default_compressors()``
+        puts Blosc LZ4 on every array.
     layer : str, optional
         AnnData layer, when ``A`` is AnnData or an AnnData file.
 
