@@ -12,14 +12,14 @@ these verbs, so the same code runs on a cluster and in a notebook without one:
     run ``fn(*per_block_j, *args)`` for every block j; returns one handle per block (or a tuple
     of ``n_out`` handles per block when ``fn`` returns a tuple). Handles of the distributed
     executor designate results that stay on the worker that computed them. When every first
-    per-block argument lives on a worker (a handle from ``put_blocks``, or a result of an
-    earlier ``map_blocks`` on them), the blocks of each worker — a contiguous run — are one
-    chunk task there, whose threads (as many as the worker has) take the next block of the run
-    as each finishes: a round costs a scheduler hop per worker instead of per block, and a
-    thread that runs faster takes more blocks. The results are those of one call per block, so
-    nothing numerical depends on the chunking. Otherwise — a lazy
-    block source streamed from disk, or a plain value as first argument — there is one task
-    per block, which the scheduler places and balances.
+    per-block argument lives on a worker (a handle from ``put_blocks`` — a block held in
+    memory or a lazy source its task streams from disk — or a result of an earlier
+    ``map_blocks`` on them), the blocks of each worker — a contiguous run — are one chunk task
+    there, whose threads (as many as the worker has) take the next block of the run as each
+    finishes: a round costs a scheduler hop per worker instead of per block, and a thread that
+    runs faster takes more blocks. The results are those of one call per block, so nothing
+    numerical depends on the chunking. Otherwise — a plain value as first argument — there is
+    one task per block, which the scheduler places and balances.
 ``tree_reduce(combine, handles)``
     combine per-block results with a fixed binary tree in block order, so the result does not
     depend on which task finished first nor on the number of workers.
@@ -231,7 +231,6 @@ class DaskExecutor(Executor):
                             f"{wait_timeout:.0f} s). Start workers or pass client=False.") from exc
         self.n_workers = len(self._workers)
         self._home: dict = {}  # future key -> address of the worker its block task is pinned to
-        self._lazy: set = set()  # keys of placed lazy block sources (one task per block)
         self._reachable: dict = {}  # worker address -> whether this client reaches it directly
 
     # -- talking to the cluster, with bounded waits and typed worker losses --------------------
@@ -366,15 +365,13 @@ class DaskExecutor(Executor):
             for j, fut in zip(js, self._scatter([values[j] for j in js], workers=[addr])):
                 handles[j] = fut
                 self._home[fut.key] = addr
-                if hasattr(values[j], "load"):  # a lazy source: its tasks read from disk
-                    self._lazy.add(fut.key)
         return handles
 
     def map_blocks(self, fn, *per_block, args=(), n_out=1):
         homes = [self._home_of(h) for h in per_block[0]]
         shared = self._put_near(tuple(args), homes)
         out: list = [None] * len(homes)
-        for js in self._chunks(per_block[0], homes):
+        for js in self._chunks(homes):
             home = homes[js[0]]
             # Run where the blocks are (a loose restriction: elsewhere if that worker is gone),
             # rather than where a large shared argument happens to be.
@@ -392,11 +389,11 @@ class DaskExecutor(Executor):
                 fut.release()  # the handles hold their own references
         return out
 
-    def _chunks(self, firsts: Sequence, homes: list) -> list[list[int]]:
+    def _chunks(self, homes: list) -> list[list[int]]:
         """The blocks of each task of a ``map_blocks`` round: per worker, its blocks (one chunk,
-        run by the worker's threads, :func:`_run_chunk`); one block per task when a block has
-        no home or its first argument is a lazy source."""
-        if any(h is None for h in homes) or any(getattr(f, "key", None) in self._lazy for f in firsts):
+        run by the worker's threads, :func:`_run_chunk`), lazy sources streamed from disk
+        included; one block per task when a block has no home."""
+        if any(h is None for h in homes):
             return [[j] for j in range(len(homes))]
         runs: dict[str, list[int]] = {}
         for j, home in enumerate(homes):
@@ -591,7 +588,6 @@ class DaskExecutor(Executor):
                 h.future.release()
             elif hasattr(h, "release"):
                 self._home.pop(h.key, None)
-                self._lazy.discard(h.key)
                 h.release()
 
     def release_buffers(self):
@@ -614,7 +610,6 @@ class DaskExecutor(Executor):
 
     def close(self):
         self._home.clear()
-        self._lazy.clear()
 
 
 class _Part:
