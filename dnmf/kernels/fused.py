@@ -35,6 +35,18 @@ a median 3.24 s against 2.83 s for the one-band pass (5 runs each, alternating, 
 10 %), with the loops written once (see the comment in the pass); two copies of the W sweep and
 eight entries per round cost 1–2 s more still.
 
+Fewer functions to compile. numba spends ~0.1–0.2 s on every function it compiles, however small
+(the pipeline, an LLVM module, its finalization), so the pass compiles as few as it can: its
+scratch (``x``, and the column step's ``Gc``, ``Lc``) comes from the wrapper instead of
+``np.empty``/``np.zeros`` inside (four array-constructor implementations); whether a block has
+terms is the compile-time constant ``NO_TERMS`` of the variant, so numba prunes the other branch
+(no ``any_terms``, no stand-in column step); and the per-solver column solves are inlined
+(``kernels/column.py``). The default variant now compiles itself and ``chol_solve`` only. First
+fit on an empty cache (300 × 400 at 10 %, 6 runs each, alternating with the code before): median
+3.93 → 3.22 s (range 3.27–5.25 → 2.40–3.94) in a slow phase of the machine, 5 of 6 pairs faster;
+the pass's own compile time, median 3.26 → 2.68 s for the first two changes and 2.32 → 2.01 s
+for the inlining (6 pairs each). Results are bitwise unchanged.
+
 Positions and row indices are cast to unsigned (``np.uintp``) before they index an array. With a
 signed index numba emits a wrap-around branch for negative values on every access, which also
 keeps LLVM from hoisting the row addressing; unsigned indices drop it. The values are the same,
@@ -57,8 +69,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .column import (SOLVE_COLUMN_BY_SOLVER, accumulate_column, any_terms, bound_column, column_step, compile_variant,
-                     has_terms, solve_column)
+from .column import (SOLVE_COLUMN_BY_SOLVER, accumulate_column, bound_column, column_step, compile_variant, has_terms,
+                     solve_column)
 
 __all__ = ["csc_block_pass", "dense_block_solve", "csc_sq_norm"]
 
@@ -67,7 +79,7 @@ _U1, _U2, _U3, _U4 = (np.uintp(i) for i in range(1, 5))
 
 
 def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol,
-                    warm, P, Q, hsum, ub, bounds, pos, B):
+                    warm, P, Q, hsum, ub, bounds, pos, B, x, Gc, Lc):
     """Fused H update and partial statistics for one sparse block (see module docstring).
 
     Parameters
@@ -86,15 +98,13 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
     ub : float — upper bound of H (RcppML §8.6), applied right after each solve, before the
         accumulation; 0: none
     bounds : (nb + 1,) int64 — the row bands' boundaries, 0 … m (:func:`row_bands`)
-    pos : (nb − 1, n_j) uintp, B : (n_j, k) float64 — scratch (pos: with nb > 1 only)
+    pos : (nb − 1, n_j) uintp, B : (n_j, k) float64, x : (k,) float64 — scratch (pos: with
+        nb > 1 only)
+    Gc, Lc : (k, k) float64 — scratch of the column step (terms only; Lc zeroed)
     """
     k = w.shape[1]
     n = indptr.shape[0] - 1
     nb = bounds.shape[0] - 1
-    x = np.empty(k)
-    Gc = np.empty((k, k))  # scratch for a per-column Gram (used only with a Gram correction)
-    Lc = np.zeros((k, k))
-    plain = not any_terms(terms)
     if nb > 1:  # pos[t - 1, c]: column c's first entry in row band t (rows are sorted: a binary search)
         for c in range(n):
             lo = np.uintp(indptr[c])
@@ -150,7 +160,7 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
         else:
             for r in range(k):
                 x[r] = 0.0
-        if plain:  # = column_step with no terms, without its per-column call (module docstring)
+        if NO_TERMS:  # = column_step with no terms, without its per-column call (module docstring)
             solve_column(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm)
         else:
             column_step(c, G, L, b, x, terms, Gc, Lc, solver, nonneg, cd_maxit, cd_tol, warm)
@@ -173,12 +183,9 @@ def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, s
                     prow[r] += a * hrow[r]
 
 
-def _column_step_unused(c, G, L, b, x, terms, Gc, Lc, solver, nonneg, cd_maxit, cd_tol, warm):
-    """Stands in for column_step in the passes compiled for blocks without terms (never called)."""
-    raise RuntimeError("column terms given to a pass compiled without them")
-
-
-_column_step_unused_jit = numba.njit(cache=True, nogil=True)(_column_step_unused)
+#: Bound per compiled variant (:func:`_variants`): True in the passes compiled for blocks without
+#: column terms, where numba prunes the column step's branch, so that nothing of it is compiled.
+NO_TERMS = True
 
 
 def _variants(fn, name):
@@ -186,9 +193,8 @@ def _variants(fn, name):
     column step only where terms are used (docs/architecture.md, "Kernel compilation")."""
     out = {}
     for solver, solve in SOLVE_COLUMN_BY_SOLVER.items():
-        out[solver, False] = compile_variant(fn, f"{name}_s{solver}", solve_column=solve,
-                                             column_step=_column_step_unused_jit)
-        out[solver, True] = compile_variant(fn, f"{name}_s{solver}_terms", solve_column=solve)
+        out[solver, False] = compile_variant(fn, f"{name}_s{solver}", solve_column=solve, NO_TERMS=True)
+        out[solver, True] = compile_variant(fn, f"{name}_s{solver}_terms", solve_column=solve, NO_TERMS=False)
     return out
 
 
@@ -248,9 +254,12 @@ def csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, so
     nb = bounds.shape[0] - 1
     pos = empty((nb - 1, n), np.uintp) if nb > 1 else _NO_POS
     B = empty((n, k), np.float64)
+    x = empty((k,), np.float64)
+    Gc = np.empty((k, k))  # the column step's per-column Gram (with a Gram correction only)
+    Lc = np.zeros((k, k))
     _CSC_BLOCK_PASS[int(solver), has_terms(terms)](data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver,
                                                    nonneg, cd_maxit, cd_tol, warm, P, Q, hsum, float(ub), bounds,
-                                                   pos, B)
+                                                   pos, B, x, Gc, Lc)
 
 
 
@@ -267,7 +276,6 @@ def _dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_ma
     x = np.empty(k)
     Gc = np.empty((k, k))
     Lc = np.zeros((k, k))
-    plain = not any_terms(terms)
     for c in range(n):
         for r in range(k):
             b[r] = B[r, c] - l1
@@ -277,7 +285,7 @@ def _dense_block_solve(B, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_ma
         else:
             for r in range(k):
                 x[r] = 0.0
-        if plain:  # = column_step with no terms, without its per-column call (module docstring)
+        if NO_TERMS:  # = column_step with no terms, without its per-column call (module docstring)
             solve_column(G, L, b, x, solver, nonneg, cd_maxit, cd_tol, warm)
         else:
             column_step(c, G, L, b, x, terms, Gc, Lc, solver, nonneg, cd_maxit, cd_tol, warm)
