@@ -12,14 +12,14 @@ The corrections travel as :class:`ColumnTerms`, a NamedTuple of arrays built by
 that numba sees one static type whatever is in use (None would make a second type). The
 sparse pass, the dense pass (``kernels/fused.py``) and ``NMFModel.predict`` all call
 :func:`column_step`; later capabilities (masks, IRLS weights, targets, penalties) add members to
-``ColumnTerms`` and lines to :func:`form_column` (and :func:`any_terms`) only, never to the
+``ColumnTerms`` and lines to :func:`form_column` (and :func:`has_terms`) only, never to the
 passes' loops.
 
 With no corrections the step is exactly the solve the passes did before (same arithmetic on the
 same ``G``, ``L`` and ``b``), so today's fits are bitwise unchanged; the passes then call
-:func:`solve_column` directly (checked once per block with :func:`any_terms`), which saves the
-step's per-column call (numba does not inline it). A member added to ``ColumnTerms`` is added to
-:func:`any_terms` too. With a Gram correction and the Cholesky-clip solver the corrected Gram is
+:func:`solve_column` directly (their variant compiled for blocks without terms, chosen per block
+with :func:`has_terms`), which saves the step's per-column call (numba does not inline it). A
+member added to ``ColumnTerms`` is added to :func:`has_terms` too. With a Gram correction and the Cholesky-clip solver the corrected Gram is
 factorized per column (:func:`chol_factor`).
 
 Functions are written as plain Python and compiled with ``numba.njit(cache=True, nogil=True)``
@@ -35,7 +35,7 @@ import numpy as np
 
 from .nnls import SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT, active_set_solve, cd_solve, chol_solve, compile_variant
 
-__all__ = ["ColumnTerms", "column_terms", "has_terms", "any_terms", "form_column", "column_step", "chol_factor",
+__all__ = ["ColumnTerms", "column_terms", "has_terms", "form_column", "column_step", "chol_factor",
            "bound_column", "accumulate_column",
            "solve_column", "SOLVE_COLUMN_BY_SOLVER", "compile_variant"]
 
@@ -143,14 +143,6 @@ SOLVE_COLUMN_BY_SOLVER = {
     SOLVER_CHOLESKY: numba.njit(cache=True, nogil=True, inline="always")(_solve_column_cholesky),
     SOLVER_EXACT: numba.njit(cache=True, nogil=True, inline="always")(_solve_column_exact),
 }
-
-
-def _any_terms(terms):
-    """Whether any member of ``terms`` holds corrections (numba twin of :func:`has_terms`)."""
-    return terms.gram.shape[0] > 0 or terms.rhs.shape[0] > 0
-
-
-any_terms = numba.njit(cache=True, nogil=True)(_any_terms)
 
 
 def _form_column(c, G, b, Gc, terms):
