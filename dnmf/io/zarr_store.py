@@ -33,7 +33,8 @@ We chose padding with plain chunks over sharding: Zarr's chunk grid is regular, 
 block is impossible for blocks of unequal size, and padding to a whole shard would waste more
 space than padding to a chunk. The chunk length is about an eighth of ``block_nnz`` (a power of
 two between 256 and 2**22), which bounds the padding to ~1/8 of a block (~6 % on average)
-before compression; compressed, the constant padding costs almost nothing.
+before compression; in a compressed array the constant padding costs almost nothing (a raw one,
+see :func:`resolve_compressors`, stores it).
 
 Root attributes: ``{"dnmf_format": "csc-blocked", "version": 1, "shape": [m, n], "nnz": ...,
 "chunk_length": ...}``.
@@ -62,7 +63,8 @@ protected twice, at no cost to a streaming read:
   checks of every block load).
 
 Checksums were not chosen: they would need a second read of every chunk, and a corrupted
-(rather than missing) chunk already fails to decompress.
+(rather than missing) compressed chunk mostly fails to decompress already; a truncated raw chunk
+has the wrong size, which the reader rejects.
 
 Stores written by others: for a sparse group (``data``/``indices``/``indptr``, also the
 ``X`` or layer of an AnnData store) every chunk must exist too; a writer that skips chunks equal
