@@ -697,8 +697,9 @@ def resolve_compressors(compressors: Any, sample: Any, dtype: Any) -> Any:
         return default_compressors()
     from numcodecs import Blosc
 
-    # the encoder of default_compressors(): LZ4 level 5, byte shuffle of the item size, 64 KiB blocks
-    frame = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=65_536).encode(sample)
+    # the encoder of default_compressors(): LZ4 level 5, byte shuffle of the item size, the same
+    # blocksize argument (which Blosc scales by the item size: 64 KiB blocks of float64)
+    frame = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=8192).encode(sample)
     return default_compressors() if len(frame) <= (1.0 - AUTO_MIN_SAVING) * sample.nbytes else ()
 
 
