@@ -314,6 +314,16 @@ def run_compare(m, n, density, k, iters, scale, sweep=True, reps=2, r_libs=None)
     for name, (total, per, sse) in best.items():
         print(f"{name:52s} {total:8.2f} {per:7.3f} {sse:14.8g} {per / per_in:6.2f} {total / t_in:6.2f} "
               f"{per / per_sk:7.2f} {total / t_sk:7.2f}")
+    # The same ratios within each round (the sides of a round ran minutes apart at most): their
+    # median and range say how much of the best-of ratios above is the machine's drift.
+    print(f"per round (s/iter ratios within each of the {reps} rounds): median [min, max]")
+    for name, rs in runs.items():
+        if name == labels[0]:
+            continue
+        to_in = [r[1] / i[1] for r, i in zip(rs, runs[labels[1]])]
+        to_sk = [r[1] / q[1] for r, q in zip(rs, runs[labels[0]])]
+        print(f"  {name:58s} / in-process {np.median(to_in):5.2f} [{min(to_in):.2f}, {max(to_in):.2f}]   "
+              f"/ scikit-learn {np.median(to_sk):5.2f} [{min(to_sk):.2f}, {max(to_sk):.2f}]")
     print("Goals: in-process <= 0.5x scikit-learn; threads-only cluster <= 1.15x in-process; "
           "2 worker processes <= 1.3x in-process and <= 0.5x scikit-learn.")
 
