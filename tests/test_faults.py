@@ -3,9 +3,10 @@
 Real worker processes are SIGKILLed (the nanny restarts them) between iterations, while W is
 put on the cluster, while block tasks run, at increasing delays into an iteration, in the last
 iteration of a fit stopped by tol, during a checkpoint save and the final gather, and at seeded
-random moments. Every fit must end within a bounded time with the factors of the
-undisturbed fit — bitwise, since the default Cholesky solver ignores the warm starts that a
-recovery loses — or, when recoveries are exhausted, raise WorkerLostError naming the worker.
+random moments, also in fits that stream their blocks from a Zarr store every iteration. Every
+fit must end within a bounded time with the factors of the undisturbed fit — bitwise, since the
+default Cholesky solver ignores the warm starts that a recovery loses — or, when recoveries are
+exhausted, raise WorkerLostError naming the worker.
 """
 
 from __future__ import annotations
@@ -235,6 +236,44 @@ def test_killed_at_a_random_moment(a, ref, client, workers, seed, tmp_path):
     timer = threading.Timer(delay, kill, (workers, rnd.randrange(2)))
     timer.start()
     model = within(lambda: dnmf.nmf(a, 4, client=client, **ck, **KW))
+    timer.join()
+    assert_same_fit(model, ref)
+
+
+@pytest.fixture(scope="module")
+def store(a, tmp_path_factory):
+    """``a`` as a dnmf Zarr store with the fits' blocks (the streamed fits read it every iteration)."""
+    return dnmf.io.write_zarr(a, tmp_path_factory.mktemp("faults") / "a.zarr", block_nnz=KW["block_nnz"])
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.04])
+def test_streamed_fit_killed_while_block_tasks_run(store, ref, client, workers, delay, caplog):
+    # out_of_core=True: each worker's chunk task reads its run of blocks from the store in every
+    # iteration; a worker killed before, while or after it reads re-places the sources and redoes
+    # the iteration: the factors are the in-memory fit's, bitwise (same blocks, same tree).
+    timer = []
+
+    def on_iteration(rec):
+        if rec.iteration == 3:
+            timer.append(threading.Timer(delay, kill, (workers, 1)))
+            timer[0].start()
+
+    with caplog.at_level("WARNING", logger="dnmf.engine.als"):
+        model = within(lambda: dnmf.nmf(store, 4, client=client, out_of_core=True, on_iteration=on_iteration, **KW))
+    timer[0].join()
+    assert model.misc["out_of_core"] is True
+    assert any("re-placing the blocks" in r.getMessage() for r in caplog.records)  # the kill was met
+    assert_same_fit(model, ref)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_streamed_fit_killed_at_a_random_moment(store, ref, client, workers, seed):
+    rnd = random.Random(100 + seed)
+    t0 = time.perf_counter()
+    within(lambda: dnmf.nmf(store, 4, client=client, out_of_core=True, **KW))  # undisturbed: its time now
+    timer = threading.Timer(rnd.uniform(0.0, 0.9 * (time.perf_counter() - t0)), kill, (workers, rnd.randrange(2)))
+    timer.start()
+    model = within(lambda: dnmf.nmf(store, 4, client=client, out_of_core=True, **KW))
     timer.join()
     assert_same_fit(model, ref)
 
