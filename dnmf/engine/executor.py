@@ -434,20 +434,16 @@ class DaskExecutor(Executor):
         targets = sorted({h for h in homes if h is not None})
         if not large or not targets:
             return {None: tuple(self.put(a) for a in args)}
-        out = {}
-        if self._direct(targets):
-            placed = self._scatter_direct([args[i] for i in large], targets)
-            for addr, futs in zip(targets, placed):
-                full = list(args)
-                for i, fut in zip(large, futs):
-                    full[i] = fut
-                out[addr] = tuple(full)
+        if self._direct(targets):  # per target, the handles of its copies of the large arguments
+            copies = self._scatter_direct([args[i] for i in large], targets)
         else:
-            for addr in targets:
-                full = list(args)
-                for i in large:
-                    full[i] = self._submit(_shared_value, (args[i],), addr)
-                out[addr] = tuple(full)
+            copies = [[self._submit(_shared_value, (args[i],), addr) for i in large] for addr in targets]
+        out = {}
+        for addr, handles in zip(targets, copies):
+            full = list(args)
+            for i, handle in zip(large, handles):
+                full[i] = handle
+            out[addr] = tuple(full)
         out[None] = out[targets[0]]
         return out
 

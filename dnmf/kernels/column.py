@@ -19,8 +19,8 @@ With no corrections the step is exactly the solve the passes did before (same ar
 same ``G``, ``L`` and ``b``), so today's fits are bitwise unchanged; the passes then call
 :func:`solve_column` directly (their variant compiled for blocks without terms, chosen per block
 with :func:`has_terms`), which saves the step's per-column call (numba does not inline it). A
-member added to ``ColumnTerms`` is added to :func:`has_terms` too. With a Gram correction and the Cholesky-clip solver the corrected Gram is
-factorized per column (:func:`chol_factor`).
+member added to ``ColumnTerms`` is added to :func:`has_terms` too. With a Gram correction and the
+Cholesky-clip solver the corrected Gram is factorized per column (:func:`chol_factor`).
 
 Functions are written as plain Python and compiled with ``numba.njit(cache=True, nogil=True)``
 so they also run under ``NUMBA_DISABLE_JIT=1``.
