@@ -14,14 +14,14 @@ import scipy.sparse as sp
 import dnmf
 from dnmf._losses import get_loss
 from dnmf.exceptions import InputError
-from dnmf.kernels.irls import DISP_NONE, LOSS_CODES, csc_irls_pass
+from dnmf.engine.irls import irls_h_task
+from dnmf.engine.masked import CSCBlock, as_csc64
+from dnmf.kernels.irls import DISP_NONE, LOSS_CODES
 from dnmf.kernels.masked import holdout_mask
 from dnmf.kernels.nnls import SOLVER_EXACT
 
 from flaky import FlakyExecutor
 from references import irls_system, nnls_quadratic
-
-NO_MASK = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
 
 def _irls_column(F, a, x0, loss, r, n_iter, cold, zg=None):
@@ -47,14 +47,17 @@ def test_kernel_column_solve_matches_nnls_reference(loss):
     x0 = rng.uniform(0.5, 1.5, (n, k))
     # NB's per-row zero-gradient factors (the H step's, from row means) and without them
     zgs = [None, rng.uniform(0.3, 1.0, m)] if loss == "nb" else [None]
+    # the engine's H task on one CSC block: the kernel specialization every IRLS fit compiles
+    block = as_csc64(CSCBlock(csc.data, csc.indices.astype(np.int64), csc.indptr.astype(np.int64), m))
+    no_mask = (np.zeros(0, dtype=np.int64), np.zeros(n + 1, dtype=np.int64))
+    hside = (1e-15, 0.0, SOLVER_EXACT, True, 100, 1e-8)
+    side = (code, power, 0.0, 3, 0.0)
+    kargs = (False, False, np.uint64(0), np.uint64(0))  # no zeros_missing, no hold-out
     for warm, zg in itertools.product((True, False), zgs):
-        ht = x0.copy() if warm else np.zeros((n, k))
-        Q, hsum, hraw, dnew = np.zeros((k, k)), np.zeros(k), np.zeros(k), np.zeros(n)
-        csc_irls_pass(csc.data, csc.indices.astype(np.int64), csc.indptr.astype(np.int64), m, 0, W, W.T @ W, 1e-15,
-                      0.0, ht, warm, code, power, 0.0, np.full(m, r), np.full(n, r), True, 3, 0.0, SOLVER_EXACT,
-                      True, 100, 1e-8, False, False, np.uint64(0), np.uint64(0), *NO_MASK, DISP_NONE, 0.0, 1.0,
-                      W.sum(axis=0), np.zeros(0) if zg is None else zg, W.T @ (zg if zg is not None else np.zeros(m)),
-                      Q, hsum, hraw, dnew)
+        ht, Q, hsum, dnew = irls_h_task(block, no_mask, x0.copy() if warm else None, 0, np.full(n, r), W, W.T @ W,
+                                        W.sum(axis=0), np.ones(k), hside, side, (np.full(m, r), True, DISP_NONE,
+                                                                                 0.0, 1.0), kargs,
+                                        zg=(np.zeros(0), None) if zg is None else (zg, W.T @ zg))
         for c in range(n):
             ref = _irls_column(W, A[:, c], x0[c] if warm else np.zeros(k), loss, r, 3, not warm, zg)
             # the active-set solve and scipy's nnls agree to rounding on these 30 × 3 problems

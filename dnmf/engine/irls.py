@@ -5,11 +5,11 @@ Per iteration, with W (unit-norm columns), d, H's raw blocks and the dispersion 
 
 1. client: ``G = WᵀW`` and ``Σ_i w_i``;
 2. one task per **column block** (CSC): the IRLS H update of every column
-   (:func:`~dnmf.kernels.irls.csc_irls_pass`), returning ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|)`` and, for
+   (:func:`~dnmf.kernels.irls.csc_irls_zi_pass`), returning ``(H_jᵀ, H_j H_jᵀ, Σ|H_j|)`` and, for
    a GP θ per column, the block's new θ;
 3. client: H is gathered, normalized (row norms → ``s``) and sent with ``ĤĤᵀ``;
 4. one task per **row block** (CSR, built once on the workers from the column blocks): the IRLS
-   update of every row of W (:func:`~dnmf.kernels.irls.csr_irls_pass`), right after each row's
+   update of every row of W (:func:`~dnmf.kernels.irls.csr_irls_zi_pass`), right after each row's
    solve its train / test losses in the fitted distribution and its dispersion statistics;
 5. client: W's rows are stacked and scaled into ``d``; the dispersion is updated from the
    statistics (per row: the rows' own values; per column: per-column sums finished with

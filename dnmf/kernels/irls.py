@@ -71,7 +71,7 @@ from .masked import held_out, masked_gram
 from .nnls import SOLVER_CHOLESKY
 
 __all__ = ["LOSS_CODES", "LOSS_MSE", "LOSS_GP", "LOSS_NB", "LOSS_GAMMA", "LOSS_IG", "LOSS_TWEEDIE", "irls_weight",
-           "elem_loss", "elem_robust_loss", "irls_pass", "csc_irls_pass", "csr_irls_pass", "gp_theta_mm",
+           "elem_loss", "elem_robust_loss", "irls_pass", "gp_theta_mm",
            "DISP_NONE", "DISP_OUTER", "DISP_INNER", "ZI_NONE", "ZI_INNER", "ZI_OUTER", "zi_posterior",
            "csc_irls_zi_pass", "csr_irls_zi_pass", "zi_estep_pass"]
 
@@ -641,8 +641,11 @@ def _csc_irls_zi_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, 
                       disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing,
                       cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, zg_in, zgsum, Q,
                       hsum, hraw_sum, disp_new, zi_mode, zi_pi, zi_F, gpen, ub):
-    """:func:`csc_irls_pass` with zero-inflation (``zi_mode``, ``zi_pi``, ``zi_F``) and the §8 penalty
-    Gram term / upper bound (``gpen`` (k, k), ``ub``): :func:`irls_pass`."""
+    """IRLS H update of one CSC column block against W (m × k): :func:`irls_pass` with columns
+    outer. ``disp_mode`` DISP_OUTER computes a GP θ per column (``dispersion="per_col"``);
+    ``zg_in`` / ``zgsum``: NB's per-row zero-gradient factors (empty: none); zero-inflation
+    (``zi_mode``, ``zi_pi``, ``zi_F``) and the §8 penalty Gram term / upper bound (``gpen`` (k, k),
+    ``ub``) as :func:`irls_pass`'s. The engine's ``irls_h_task`` calls it."""
     sums = np.zeros(4)
     colstat = np.zeros((3, 0))
     irls_pass(False, data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
@@ -654,29 +657,13 @@ def _csc_irls_zi_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, 
 csc_irls_zi_pass = numba.njit(cache=True, nogil=True)(_csc_irls_zi_pass)
 
 
-def _csc_irls_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
-                   disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on,
-                   cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, zg_in, zgsum, Q, hsum,
-                   hraw_sum, disp_new):
-    """IRLS H update of one CSC column block against W (m × k): :func:`irls_pass` with columns
-    outer. ``disp_mode`` DISP_OUTER computes a GP θ per column (``dispersion="per_col"``);
-    ``zg_in`` / ``zgsum``: NB's per-row zero-gradient factors (empty: none)."""
-    csc_irls_zi_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in, disp_out,
-                     disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on,
-                     cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, zg_in, zgsum, Q, hsum,
-                     hraw_sum, disp_new, ZI_NONE, np.zeros(0), np.zeros((0, w.shape[1])),
-                     np.zeros((w.shape[1], w.shape[1])), 0.0)
-
-
-csc_irls_pass = numba.njit(cache=True, nogil=True)(_csc_irls_pass)
-
-
 def _csr_irls_zi_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in,
                       disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing,
                       cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, XtX, xabs,
                       xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F, gpen, ub):
-    """:func:`csr_irls_pass` with zero-inflation (``zi_mode``, ``zi_pi``, ``zi_F``) and the §8 penalty
-    Gram term / upper bound (``gpen`` (k, k), ``ub``): :func:`irls_pass`."""
+    """IRLS W update of one CSR row block against Ĥ (n × k), with the row block's losses and
+    dispersion statistics: :func:`irls_pass` with rows outer; zero-inflation and the penalty
+    terms as :func:`irls_pass`'s. The engine's ``irls_w_task`` calls it."""
     k = hn.shape[1]
     irls_pass(True, data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in, disp_out,
               disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on, cv_seed,
@@ -685,22 +672,6 @@ def _csr_irls_zi_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm,
 
 
 csr_irls_zi_pass = numba.njit(cache=True, nogil=True)(_csr_irls_zi_pass)
-
-
-def _csr_irls_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in, disp_out,
-                   disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on,
-                   cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, XtX, xabs, xsum,
-                   sums, disp_new, colstat):
-    """IRLS W update of one CSR row block against Ĥ (n × k), with the row block's losses and
-    dispersion statistics: :func:`irls_pass` with rows outer."""
-    csr_irls_zi_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in, disp_out,
-                     disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on,
-                     cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, XtX, xabs, xsum,
-                     sums, disp_new, colstat, ZI_NONE, np.zeros(0), np.zeros((0, hn.shape[1])),
-                     np.zeros((hn.shape[1], hn.shape[1])), 0.0)
-
-
-csr_irls_pass = numba.njit(cache=True, nogil=True)(_csr_irls_pass)
 
 
 # ---------------------------------------------------------------------------------------------
