@@ -6,6 +6,7 @@ and reads numba's per-dispatcher counters on the workers: a cache hit and no mis
 worker loaded the client's compiled kernel instead of compiling it.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -278,3 +279,50 @@ def test_install_merges_with_a_workers_own_entries(tmp_path, local_model):
     assert added >= 1
     assert files == [f".{i}.nbc" for i in range(1, added + 2)] + [".nbi"]
     assert (hits, misses) == (1, 1)
+
+
+# One column solve (kernels/column.py) that calls chol_solve (kernels/nnls.py): x = [10, -10]
+# before the clip, so the clip's value shows which chol_solve the cached code runs.
+_GUARD_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])  # the copy of dnmf under test
+import numpy as np
+from dnmf.kernels import column
+from dnmf.kernels.nnls import SOLVER_CHOLESKY
+
+f = column.SOLVE_COLUMN_BY_SOLVER[SOLVER_CHOLESKY]
+G = np.array([[1.0, 0.9], [0.9, 1.0]])
+x = np.zeros(2)
+f(G, np.linalg.cholesky(G), np.array([1.0, -1.0]), x, SOLVER_CHOLESKY, True, 10, 1e-8, False)
+print(json.dumps({"x": x.tolist(), "file": column.__file__, "hits": sum(f.stats.cache_hits.values()),
+                  "misses": sum(f.stats.cache_misses.values())}))
+"""
+
+
+def test_cached_kernel_is_recompiled_when_a_callee_file_changes(tmp_path):
+    # numba stamps a cache entry with its own file only: column.py's entry, with nnls.py's
+    # chol_solve compiled into it, would load unchanged after nnls.py changed (an editable
+    # install after `git pull`). kernels/_sources.py::guard_cache drops it.
+    root = tmp_path / "pkg"
+    shutil.copytree(os.path.dirname(dnmf.__file__), root / "dnmf", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run():
+        res = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT, str(root)], capture_output=True, text=True,
+                             timeout=120, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        assert out["file"].startswith(str(root))
+        # x[0] = 1.9 / 0.19 = 10 to rounding (the Cholesky substitutions); x[1] is the clip's value
+        assert out["x"][0] == pytest.approx(10.0, rel=1e-12)
+        return out["hits"], out["misses"], out["x"][1]
+
+    assert run() == (0, 1, 0.0)  # compiled
+    assert run() == (1, 0, 0.0)  # same sources: the entry loads
+    nnls = root / "dnmf" / "kernels" / "nnls.py"
+    text = nnls.read_text()
+    clip = "            if x[i] < 0.0:\n                x[i] = 0.0\n"
+    assert text.count(clip) == 1, "chol_solve's clip changed: update this test's edit"
+    nnls.write_text(text.replace(clip, "            if x[i] < 0.0:\n                x[i] = -7.0\n"))
+    assert run() == (0, 1, -7.0)  # recompiled: the new clip (a stale entry would give 0.0 from a hit)
+    assert run() == (1, 0, -7.0)  # and cached again under the new sources

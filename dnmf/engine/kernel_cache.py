@@ -40,6 +40,8 @@ import weakref
 import numba
 import numpy as np
 
+from ..kernels._sources import kernel_source_hash, module_dispatchers, source_files
+
 __all__ = ["collect_entries", "compile_for_workers", "install_entries", "kernel_cache_plugin", "kernel_source_hash",
            "ship_kernels"]
 
@@ -50,60 +52,18 @@ logger = logging.getLogger(__name__)
 KERNEL_MODULES = ("dnmf.kernels.column", "dnmf.kernels.nnls", "dnmf.kernels.fused", "dnmf.kernels.masked",
                   "dnmf.kernels.irls", "dnmf.kernels.kl", "dnmf._losses")
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # Digest of the entries last registered per client (so a fit registers once per client and kernel set).
 _SHIPPED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _source_files(package_dir: str = _PACKAGE_DIR) -> list[str]:
-    """The dnmf source files the shipped kernels may be compiled from: ``kernels/*.py`` and
-    ``_losses.py`` of the package at ``package_dir``, sorted."""
-    kdir = os.path.join(package_dir, "kernels")
-    files = [os.path.join(kdir, f) for f in os.listdir(kdir) if f.endswith(".py")]
-    return sorted(files) + [os.path.join(package_dir, "_losses.py")]
-
-
-def kernel_source_hash(package_dir: str = _PACKAGE_DIR) -> str:
-    """SHA-256 over the names and contents of every kernel source file of the dnmf package at
-    ``package_dir`` (default: this process's). Two installs with the same hash compile the
-    same kernels; mtimes do not enter.
-
-    Parameters
-    ----------
-    package_dir : str, optional
-        Directory of a ``dnmf`` package.
-
-    Returns
-    -------
-    str
-        Hex digest.
-    """
-    h = hashlib.sha256()
-    for path in _source_files(package_dir):
-        with open(path, "rb") as f:
-            content = f.read()
-        h.update(os.path.relpath(path, package_dir).encode())
-        h.update(len(content).to_bytes(8, "little"))
-        h.update(content)
-    return h.hexdigest()
 
 
 def _dispatchers():
     """(module name, dispatcher) of every numba dispatcher of :data:`KERNEL_MODULES` loaded in
     this process, in a fixed order."""
-    from numba.core.dispatcher import Dispatcher
-
     for modname in KERNEL_MODULES:
         mod = sys.modules.get(modname)
-        if mod is None:
-            continue
-        seen = set()
-        for value in vars(mod).values():
-            for d in (value.values() if isinstance(value, dict) else (value,)):
-                if isinstance(d, Dispatcher) and id(d) not in seen:
-                    seen.add(id(d))
-                    yield modname, d
+        if mod is not None:
+            for d in module_dispatchers(vars(mod)):
+                yield modname, d
 
 
 def _find_dispatcher(modname: str, qualname: str):
@@ -124,7 +84,7 @@ def _collect_entry(modname: str, dispatcher) -> dict | None:
     if not isinstance(cache, FunctionCache) or not dispatcher.signatures:
         return None
     source = os.path.realpath(inspect.getfile(dispatcher.py_func))
-    if source not in {os.path.realpath(p) for p in _source_files()}:
+    if source not in {os.path.realpath(p) for p in source_files()}:
         return None  # not a file the source hash covers
     cache_file = cache._cache_file
     overloads = cache_file._load_index()  # numba's own read: {} when missing, stale or of another version

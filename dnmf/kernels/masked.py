@@ -39,6 +39,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ._sources import guard_cache
 from .column import accumulate_column, bound_column, chol_factor, column_step, solve_column
 from .nnls import SOLVER_CHOLESKY
 
@@ -651,3 +652,6 @@ def csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, so
                          warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma,
                          ho_indices, ho_indptr, sums, _NO_PEN if gpen is None else gpen, float(ub), bool(fixed),
                          bool(pair))
+
+
+guard_cache(__name__, globals())  # drop cache entries compiled from other kernel sources (kernels/_sources.py)

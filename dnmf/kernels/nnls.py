@@ -27,6 +27,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ._sources import guard_cache
+
 __all__ = [
     "SOLVER_CD",
     "SOLVER_CHOLESKY",
@@ -330,3 +332,6 @@ def nnls_batch(G, L, B, X, solver, nonneg, maxit, tol, warm, l1, c0=0, c1=None):
     alone (docs/architecture.md, "Kernel compilation")."""
     _NNLS_BATCH[int(solver)](G, L, B, X, solver, nonneg, maxit, tol, warm, l1, int(c0),
                              B.shape[1] if c1 is None else int(c1))
+
+
+guard_cache(__name__, globals())  # drop cache entries compiled from other kernel sources (kernels/_sources.py)
