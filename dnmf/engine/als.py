@@ -122,8 +122,17 @@ def combine_stats(a: BlockStats, b: BlockStats) -> BlockStats:
 
 
 def load_block(source):
-    """Materialize a block from its source (a lazy Zarr source or an in-memory one)."""
-    return source.load() if hasattr(source, "load") else source
+    """Materialize a block from its source (a lazy Zarr source or an in-memory one), with its
+    values as stored: a store's float64 values held exactly in float32 stay float32
+    (``io/zarr_store.py``, "Values"), since the ALS passes form every product in float64 from
+    each value (``kernels/fused.py``); loops that need float64 blocks convert them
+    (``engine/masked.py::as_csc64``)."""
+    return _load_stored(source) if hasattr(source, "load") else source
+
+
+def _load_stored(source):
+    stored = getattr(source, "load_stored", None)
+    return stored() if stored is not None else source.load()
 
 
 @contextlib.contextmanager
@@ -138,7 +147,7 @@ def loaded(source):
         yield source
         return
     with transient_reads():
-        yield source.load()
+        yield _load_stored(source)
 
 
 def warm_up_kernels(source, k: int, opts: "ALSOptions", with_terms: bool = False) -> None:

@@ -53,6 +53,11 @@ def write_zarr(
     layer : str, optional
         AnnData layer, when ``A`` is AnnData or an AnnData file.
 
+    Float64 values that float32 holds exactly (counts) are stored in float32 when ``A`` is in
+    memory: the store still reads as the float64 matrix, and fits on it are bitwise those of
+    the float64 matrix, with half the value bytes to read per out-of-core iteration
+    (:mod:`dnmf.io.zarr_store`, "Values").
+
     Returns
     -------
     str

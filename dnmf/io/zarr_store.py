@@ -37,7 +37,20 @@ before compression; in a compressed array the constant padding costs almost noth
 see :func:`resolve_compressors`, stores it).
 
 Root attributes: ``{"dnmf_format": "csc-blocked", "version": 1, "shape": [m, n], "nnz": ...,
-"chunk_length": ...}``.
+"chunk_length": ...}``, and ``"value_dtype": "float64"`` when float64 values are stored in float32
+(below).
+
+Values. Float64 values that float32 holds exactly — counts, the usual single-cell and omics
+data — are stored in float32 when the written matrix is in memory (every value checked, NaN
+included, and a largest magnitude the fit does not rescale): half the bytes to read and decode
+in every iteration of an out-of-core fit, and a third less memory for blocks held by workers. The
+``value_dtype`` attribute says the matrix is float64: :func:`read_zarr` opens it as float64, and
+its blocks load as float64 (``ZarrBlockSource.load``: what preprocessing, exports and every other
+reader see), except in the ALS passes, which read the values as stored
+(``ZarrBlockSource.load_stored``: streamed, or held by the workers) and form every product in
+float64 from each value (exact). Fits are bitwise those of the float64 matrix
+(``tests/test_float32_values.py``). Values that float32 would round, and lazy sources (not read
+twice to check), stay float64.
 
 Dense layout (``dnmf_format = "dense-blocked"``)
 ------------------------------------------------
@@ -158,6 +171,9 @@ class ZarrBlockSource(_StoredCSCRange):
         dtype of the row indices returned.
     canonicalize : bool
         Sort row indices and sum duplicates on load (for stores not written by dnmf).
+    exact : bool
+        The stored values are float64 values held exactly in float32 (module docstring,
+        "Values"): :meth:`load` casts them to ``dtype``, :meth:`load_stored` keeps them.
     """
 
     path: str
@@ -171,8 +187,15 @@ class ZarrBlockSource(_StoredCSCRange):
     dtype: str | None = None
     index_dtype: str = "int32"
     canonicalize: bool = False
+    exact: bool = False
 
-    def load(self) -> CSCBlock:
+    def load_stored(self) -> CSCBlock:
+        """:meth:`load` without the cast of values stored exactly in float32 (``exact``): for
+        the passes that form every product in float64 from each value (``engine/als.py``), half
+        the value bytes to read, decode and hold."""
+        return self.load(cast=not self.exact)
+
+    def load(self, cast: bool = True) -> CSCBlock:
         """Read the block: a :class:`CSCBlock` of shape (n_rows, n_cols) with indptr from 0.
 
         The block's structure is checked before it is returned (before canonicalization, for
@@ -197,7 +220,7 @@ class ZarrBlockSource(_StoredCSCRange):
         check_compressed(indptr, indices, data, (self.n_rows, self.n_cols), fmt="csc",
                          what=f"The Zarr store {self.path!r} (block of columns {self.col_start}:{self.col_stop})",
                          col0=self.col_start)
-        if self.dtype is not None:
+        if self.dtype is not None and cast:
             data = data.astype(self.dtype, copy=False)
         indices = indices.astype(self.index_dtype, copy=False)
         if self.canonicalize:
@@ -354,13 +377,16 @@ def _read_own_sparse(path: str, g, dtype: Any) -> BlockedMatrix:
             f"dnmf.io.write_zarr) from the original data to rewrite it."
         )
     stored = np.dtype(g["data"].dtype)
-    dt = _check_dtype_param(dtype) if dtype is not None else stored
+    # float64 values stored exactly in float32 ("value_dtype"): the matrix is float64; its blocks
+    # load as float64, and as stored for the ALS passes (load_stored; module docstring, "Values")
+    logical = np.dtype(attrs.get("value_dtype", stored.name))
+    dt = _check_dtype_param(dtype) if dtype is not None else logical
     idx = str(np.dtype(g["indices"].dtype))
     sources = tuple(
         ZarrBlockSource(
             path=path, j=j, col_start=int(bounds[j]), col_stop=int(bounds[j + 1]),
             entry_start=int(offsets[j]), entry_stop=int(offsets[j] + counts[j]), n_rows=m,
-            dtype=None if dt == stored else str(dt), index_dtype=idx,
+            dtype=None if dt == stored else str(dt), index_dtype=idx, exact=stored != logical and dt == logical,
         )
         for j in range(len(offsets))
     )
@@ -537,6 +563,9 @@ def _write_sparse(blocked: BlockedMatrix, tmp: str, block_nnz: int, compressors)
 
     m, n = blocked.shape
     dt = np.dtype(blocked.dtype)
+    logical = dt  # the values' dtype when read back (the "value_dtype" attribute when dt differs)
+    if dt == np.float64 and _exact_in_float32(blocked):
+        dt = np.dtype(np.float32)
     declared = int(blocked.nnz)
     idx = index_dtype(declared, m)
     clen = chunk_length(block_nnz)
@@ -591,6 +620,25 @@ def _write_sparse(blocked: BlockedMatrix, tmp: str, block_nnz: int, compressors)
     _write_names(root, blocked)
     root.attrs.update({"dnmf_format": SPARSE_FORMAT, "version": FORMAT_VERSION, "shape": [m, n], "nnz": nnz,
                        "chunk_length": clen})
+    if dt != logical:
+        root.attrs["value_dtype"] = logical.name
+
+
+def _exact_in_float32(blocked: BlockedMatrix) -> bool:
+    """Whether float64 values may be stored in float32 without changing a fit (module docstring,
+    "Values"): an in-memory sparse matrix every stored value of which — counts, NaN for missing —
+    float32 holds exactly, with a largest magnitude a fit does not rescale (``[2**-10, 2**300]``,
+    ``core.SAFE_MAX_RANGE``; or all zero). Lazy sources are not read twice: they keep float64."""
+    if not (blocked.in_memory and blocked.sparse):
+        return False
+    top = 0.0
+    for block in blocked.iter_blocks():
+        d = np.asarray(block.data)
+        if d.size:
+            if not np.array_equal(d.astype(np.float32), d, equal_nan=True):
+                return False
+            top = max(top, float(np.nanmax(np.abs(d), initial=0.0)))
+    return top == 0.0 or 2.0 ** -10 <= top <= 2.0 ** 300
 
 
 def _write_names(root, blocked: BlockedMatrix) -> None:
