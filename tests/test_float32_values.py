@@ -47,7 +47,7 @@ def counts_store(tmp_path_factory):
 def test_counts_are_stored_in_float32_and_read_back_as_float64(tmp_path):
     A = _counts()
     path, g = _stored(str(tmp_path), A)
-    assert g["data"].dtype == np.float32 and g.attrs["value_dtype"] == "float64"
+    assert g["data"].dtype == np.float32 and g.attrs["value_dtype"] == "float64" and g.attrs["version"] == 2
     B = as_blocked(path)
     # a float64 matrix whose blocks load as float64 (every reader), or as stored (the ALS passes)
     assert B.dtype == np.float64 and B.load_block(0).data.dtype == np.float64
@@ -78,7 +78,7 @@ def test_values_float32_would_change_stay_float64(tmp_path, case):
         A = as_blocked(_stored(str(tmp_path), _counts(), "counts")[0])
         assert not A.in_memory and A.dtype == np.float64
     path, g = _stored(str(tmp_path), A, "b")
-    assert g["data"].dtype == np.float64 and "value_dtype" not in g.attrs
+    assert g["data"].dtype == np.float64 and "value_dtype" not in g.attrs and g.attrs["version"] == 1
     assert as_blocked(path).dtype == np.float64
 
 

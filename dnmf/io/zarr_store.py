@@ -37,8 +37,9 @@ before compression; in a compressed array the constant padding costs almost noth
 see :func:`resolve_compressors`, stores it).
 
 Root attributes: ``{"dnmf_format": "csc-blocked", "version": 1, "shape": [m, n], "nnz": ...,
-"chunk_length": ...}``, and ``"value_dtype": "float64"`` when float64 values are stored in float32
-(below).
+"chunk_length": ...}``; with ``"version": 2`` and ``"value_dtype": "float64"`` when float64 values
+are stored in float32 (below; a reader of version 1 only refuses such a store rather than take it
+for a float32 matrix).
 
 Values. Float64 values that float32 holds exactly — counts, the usual single-cell and omics
 data — are stored in float32 when the written matrix is in memory (every value checked, NaN
@@ -132,6 +133,9 @@ __all__ = ["read_zarr", "write_blocked", "chunk_length", "ZarrBlockSource", "Zar
 SPARSE_FORMAT = "csc-blocked"
 DENSE_FORMAT = "dense-blocked"
 FORMAT_VERSION = 1
+#: Version of a sparse store whose float64 values are stored in float32 ("value_dtype", module
+#: docstring, "Values"): a reader of version 1 only would take it for a float32 matrix, so it refuses it.
+VALUE_DTYPE_VERSION = 2
 _MIN_CHUNK = 256
 _MAX_CHUNK = 2**22
 #: Zarr 3 skips chunks equal to the fill value by default; ours are all written, so that a
@@ -356,10 +360,10 @@ def _nan_fill(arr) -> bool:
 
 def _read_own_sparse(path: str, g, dtype: Any) -> BlockedMatrix:
     attrs = dict(g.attrs)
-    if attrs.get("version") != FORMAT_VERSION:
+    if attrs.get("version") not in (FORMAT_VERSION, VALUE_DTYPE_VERSION):
         raise InputError(
             f"The Zarr store {path!r} has dnmf_format version {attrs.get('version')!r}; "
-            f"this dnmf reads version {FORMAT_VERSION}."
+            f"this dnmf reads versions {FORMAT_VERSION} and {VALUE_DTYPE_VERSION}."
         )
     for name in ("block_bounds", "block_offsets", "indptr", "data", "indices"):
         _check_chunks(path, g[name], name, own=True)
@@ -621,7 +625,7 @@ def _write_sparse(blocked: BlockedMatrix, tmp: str, block_nnz: int, compressors)
     root.attrs.update({"dnmf_format": SPARSE_FORMAT, "version": FORMAT_VERSION, "shape": [m, n], "nnz": nnz,
                        "chunk_length": clen})
     if dt != logical:
-        root.attrs["value_dtype"] = logical.name
+        root.attrs.update({"version": VALUE_DTYPE_VERSION, "value_dtype": logical.name})
 
 
 def _exact_in_float32(blocked: BlockedMatrix) -> bool:
