@@ -30,6 +30,7 @@ from .solvers.targets import FitTargets
 from .engine.svd import truncated_svd
 from .exceptions import ConvergenceWarning, DnmfError, InputError
 from .io.blocks import CSCBlock, _WrappedSource
+from .io.validate import SAFE_MAX_RANGE, data_scale
 from .kernels.nnls import SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT
 from .models import NMFModel
 from .params import INITS, NMF_PARAMS, SOLVER_NAMES
@@ -87,27 +88,6 @@ def default_block_nnz(A) -> int:
     if stored is None:
         return MIN_BLOCK_NNZ
     return int(min(MAX_BLOCK_NNZ, max(MIN_BLOCK_NNZ, -(-stored // 8))))
-
-
-#: max|A| outside this range is brought to [0.5, 1) by an exact power-of-two scaling before the
-#: fit. Above 2**300 the squared norm and the loss terms (~max²·m·n) overflow; below 2**-10 the
-#: absolute 1e-15 guards of RcppML's scaling step (d = Σ|h| + 1e-15) are no longer negligible:
-#: at max|A| = 1e-6 they move the factors by ~1 % (1e-15 / max|A| relative).
-SAFE_MAX_RANGE = (2.0 ** -10, 2.0 ** 300)
-
-
-def data_scale(max_abs: float) -> float:
-    """The power of two ``s`` the fit multiplies A by: 1 inside :data:`SAFE_MAX_RANGE`.
-
-    Otherwise ``s = 2**-e`` with ``max_abs = f·2**e``, f in [0.5, 1), so ``s·max_abs`` is in
-    [0.5, 1). Multiplying by a power of two is exact in floating point (no rounding), so the
-    fit of ``s·A`` with ``s·L1`` is the fit of A, with ``d`` scaled by ``s``.
-    """
-    lo, hi = SAFE_MAX_RANGE
-    if not max_abs > 0 or lo <= max_abs <= hi:
-        return 1.0
-    _, e = math.frexp(max_abs)
-    return math.ldexp(1.0, min(-e, 1023))  # 2**-1024 is subnormal but exact; 2**1024 would overflow
 
 
 @dataclass(frozen=True)

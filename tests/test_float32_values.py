@@ -72,7 +72,7 @@ def test_values_float32_would_change_stay_float64(tmp_path, case):
         A = _counts(lambda rng, n: rng.random(n))
     elif case == "past_2_24":  # 2**24 + 1 is the first integer float32 rounds
         A = _counts(lambda rng, n: np.where(np.arange(n) == 5, 2.0 ** 24 + 1, 1.0))
-    elif case == "tiny":  # exact in float32, but a fit rescales max|A| < 2**-10 (core.SAFE_MAX_RANGE)
+    elif case == "tiny":  # exact in float32, but a fit rescales max|A| < 2**-10 (io/validate.py::SAFE_MAX_RANGE)
         A = _counts(lambda rng, n: np.full(n, 2.0 ** -12))
     else:  # a lazy source (the counts' own store, written again) is not read twice to check
         A = as_blocked(_stored(str(tmp_path), _counts(), "counts")[0])

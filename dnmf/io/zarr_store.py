@@ -125,7 +125,7 @@ from .memory import (
     index_dtype,
     rebalance_blocks,
 )
-from .validate import check_compressed, check_indptr
+from .validate import check_compressed, check_indptr, data_scale
 
 __all__ = ["read_zarr", "write_blocked", "chunk_length", "ZarrBlockSource", "ZarrDenseSource", "SPARSE_FORMAT",
            "DENSE_FORMAT"]
@@ -631,8 +631,8 @@ def _write_sparse(blocked: BlockedMatrix, tmp: str, block_nnz: int, compressors)
 def _exact_in_float32(blocked: BlockedMatrix) -> bool:
     """Whether float64 values may be stored in float32 without changing a fit (module docstring,
     "Values"): an in-memory sparse matrix every stored value of which — counts, NaN for missing —
-    float32 holds exactly, with a largest magnitude a fit does not rescale (``[2**-10, 2**300]``,
-    ``core.SAFE_MAX_RANGE``; or all zero). Lazy sources are not read twice: they keep float64."""
+    float32 holds exactly, with a largest magnitude the fit does not rescale
+    (:func:`~dnmf.io.validate.data_scale` 1). Lazy sources are not read twice: they keep float64."""
     if not (blocked.in_memory and blocked.sparse):
         return False
     top = 0.0
@@ -642,8 +642,8 @@ def _exact_in_float32(blocked: BlockedMatrix) -> bool:
             with np.errstate(over="ignore"):  # a value past float32's range casts to inf: not exact
                 if not np.array_equal(d.astype(np.float32), d, equal_nan=True):
                     return False
-            top = max(top, float(np.nanmax(np.abs(d), initial=0.0)))
-    return top == 0.0 or 2.0 ** -10 <= top <= 2.0 ** 300
+            top = max(top, float(np.nanmax(d, initial=0.0)), -float(np.nanmin(d, initial=0.0)))
+    return data_scale(top) == 1.0
 
 
 def _write_names(root, blocked: BlockedMatrix) -> None:
