@@ -175,9 +175,6 @@ class ZarrBlockSource(_StoredCSCRange):
         dtype of the row indices returned.
     canonicalize : bool
         Sort row indices and sum duplicates on load (for stores not written by dnmf).
-    exact : bool
-        The stored values are float64 values held exactly in float32 (module docstring,
-        "Values"): :meth:`load` casts them to ``dtype``, :meth:`load_stored` keeps them.
     """
 
     path: str
@@ -191,15 +188,14 @@ class ZarrBlockSource(_StoredCSCRange):
     dtype: str | None = None
     index_dtype: str = "int32"
     canonicalize: bool = False
-    exact: bool = False
 
     def load_stored(self) -> CSCBlock:
-        """:meth:`load` without the cast of values stored exactly in float32 (``exact``): for
-        the passes that form every product in float64 from each value (``engine/als.py``), half
-        the value bytes to read, decode and hold."""
-        return self.load(cast=not self.exact)
+        """:meth:`load`, except that float32 values are not widened to a float64 ``dtype`` (an
+        exact cast; module docstring, "Values"): for the passes that form every product in
+        float64 from each value (``engine/als.py``), half the value bytes to read, decode and hold."""
+        return self.load(widen=False)
 
-    def load(self, cast: bool = True) -> CSCBlock:
+    def load(self, widen: bool = True) -> CSCBlock:
         """Read the block: a :class:`CSCBlock` of shape (n_rows, n_cols) with indptr from 0.
 
         The block's structure is checked before it is returned (before canonicalization, for
@@ -224,7 +220,9 @@ class ZarrBlockSource(_StoredCSCRange):
         check_compressed(indptr, indices, data, (self.n_rows, self.n_cols), fmt="csc",
                          what=f"The Zarr store {self.path!r} (block of columns {self.col_start}:{self.col_stop})",
                          col0=self.col_start)
-        if self.dtype is not None and cast:
+        # widened before canonicalization, whose sums of duplicates must be float64 ones
+        exact = data.dtype == np.float32 and self.dtype == "float64" and not self.canonicalize
+        if self.dtype is not None and (widen or not exact):
             data = data.astype(self.dtype, copy=False)
         indices = indices.astype(self.index_dtype, copy=False)
         if self.canonicalize:
@@ -382,7 +380,7 @@ def _read_own_sparse(path: str, g, dtype: Any) -> BlockedMatrix:
         )
     stored = np.dtype(g["data"].dtype)
     # float64 values stored exactly in float32 ("value_dtype"): the matrix is float64; its blocks
-    # load as float64, and as stored for the ALS passes (load_stored; module docstring, "Values")
+    # load as float64, and as stored in the ALS passes (load_stored; module docstring, "Values")
     logical = np.dtype(attrs.get("value_dtype", stored.name))
     dt = _check_dtype_param(dtype) if dtype is not None else logical
     idx = str(np.dtype(g["indices"].dtype))
@@ -390,7 +388,7 @@ def _read_own_sparse(path: str, g, dtype: Any) -> BlockedMatrix:
         ZarrBlockSource(
             path=path, j=j, col_start=int(bounds[j]), col_stop=int(bounds[j + 1]),
             entry_start=int(offsets[j]), entry_stop=int(offsets[j] + counts[j]), n_rows=m,
-            dtype=None if dt == stored else str(dt), index_dtype=idx, exact=stored != logical and dt == logical,
+            dtype=None if dt == stored else str(dt), index_dtype=idx,
         )
         for j in range(len(offsets))
     )
