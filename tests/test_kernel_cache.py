@@ -326,3 +326,43 @@ def test_cached_kernel_is_recompiled_when_a_callee_file_changes(tmp_path):
     nnls.write_text(text.replace(clip, "            if x[i] < 0.0:\n                x[i] = -7.0\n"))
     assert run() == (0, 1, -7.0)  # recompiled: the new clip (a stale entry would give 0.0 from a hit)
     assert run() == (1, 0, -7.0)  # and cached again under the new sources
+
+
+def test_constant_arguments_share_one_specialization():
+    # kernels/_sources.py, "Constant arguments": compiled code calling a dispatcher with a
+    # constant made numba compile the callee once per literal value (the IRLS pass twice, ~14 s
+    # each). A plain numba dispatcher shows the behaviour; one passed through
+    # plain_argument_calls compiles once, for the plain type, and returns the same values.
+    import numba
+
+    from dnmf.kernels._sources import plain_argument_calls
+
+    def callee(flag, x):
+        return x + 1.0 if flag else x - 1.0
+
+    def make_caller(fn):
+        def caller(x):
+            return fn(True, x) * 10.0 + fn(False, x)
+
+        return caller
+
+    plain = numba.njit(callee)
+    patched = numba.njit(callee)
+    assert plain_argument_calls({"callee": patched}) == 1
+    assert plain_argument_calls({"callee": patched}) == 0  # once per dispatcher
+    for fn in (plain, patched):
+        assert numba.njit(make_caller(fn))(2.0) == 31.0  # 3·10 + 1
+    assert len(plain.signatures) == 2  # Literal[bool](True), Literal[bool](False): numba's own behaviour
+    assert [str(t) for t in patched.signatures[0]] == ["bool", "float64"]
+    assert len(patched.signatures) == 1
+
+
+def test_every_kernel_resolves_calls_with_plain_types():
+    # Each kernel module ends with finish_module, so every dispatcher it defines is patched.
+    from dnmf.kernels import _sources, column, fused, irls, kl, masked, nnls
+
+    for mod in (column, fused, irls, kl, masked, nnls):
+        ds = _sources.module_dispatchers(vars(mod))
+        assert ds, mod.__name__
+        own = [d for d in ds if d.py_func.__module__ == mod.__name__]
+        assert own and all(getattr(d, "_dnmf_plain_calls", False) for d in own), mod.__name__
