@@ -232,7 +232,7 @@ def _kmns(a, c, iter_max, imaxqtr):
             an1[l] = aa / (aa - 1.0)
         itran[l] = 1
         ncp[l] = -1
-    indx = 0
+    indx = np.int64(0)  # not the literal 0: numba would compile _optra once more for Literal[int](0)
     ifault = 2
     for _ij in range(iter_max):
         indx = _optra(a, c, ic1, ic2, nc, an1, an2, ncp, d, itran, live, indx)
