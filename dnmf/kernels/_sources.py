@@ -1,5 +1,4 @@
-"""The kernels' source files, their hash, a guard against numba cache entries of other sources,
-and one compiled specialization per kernel whatever constants its callers pass.
+"""The kernels' source files, their hash, and a guard against numba cache entries of other sources.
 
 numba stamps each ``cache=True`` entry with its *own* source file only (modification time and
 size). A kernel that calls or inlines functions of another file — the fused pass inlines
@@ -12,22 +11,9 @@ entries, the hash of all kernel sources (:func:`kernel_source_hash`) they were c
 drops the module's entries (numba's own ``flush``: an empty index) when the hash differs, so they
 are compiled anew and the stamp is rewritten.
 
-numba has no public API for cache locations or call resolution; the internals used
-(``Dispatcher._cache``, ``Cache._cache_path``, ``Cache.flush``, ``Dispatcher.get_call_template``)
-are wrapped so that any exception — another numba version — logs a debug message and leaves numba's
-own behaviour.
-
-Constant arguments. When compiled code calls another dispatcher with a constant — the IRLS pass's
-``solve_column(…, True)`` and ``gp_theta_mm(…, 5)``, and until issue 12's last round the IRLS pass's
-two compiled wrappers, one calling it with ``by_row=True``, the other with ``False`` — numba types
-that argument as a literal (``Literal[bool](True)``) and compiles the callee once per literal value,
-besides the plain type it gets from Python: a first negative-binomial fit compiled the 330-line IRLS
-pass twice, ~14 s each, and the column solve (all three solvers) twice. :func:`plain_argument_calls`
-makes each of a module's dispatchers resolve such calls with the arguments' plain types
-(``types.unliteral``), so one specialization serves every caller; the constant is then an ordinary
-value, branches on it are taken at run time, and the arithmetic — hence every result — is the same.
-No kernel asks for literal dispatch (``numba.literally``). Every kernel module ends with
-:func:`finish_module`, which does both.
+numba has no public API for cache locations; the internals used (``Dispatcher._cache``,
+``Cache._cache_path``, ``Cache.flush``) are wrapped so that any exception — another numba version —
+logs a debug message and leaves numba's own behaviour.
 """
 
 from __future__ import annotations
@@ -36,8 +22,7 @@ import functools
 import logging
 import os
 
-__all__ = ["finish_module", "guard_cache", "kernel_source_hash", "module_dispatchers", "plain_argument_calls",
-           "source_files"]
+__all__ = ["guard_cache", "kernel_source_hash", "module_dispatchers", "source_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,35 +134,3 @@ def guard_cache(module: str, namespace: dict) -> int:
     if flushed:
         logger.debug("kernel cache guard: %d entries of %s compiled from other sources dropped", flushed, module)
     return flushed
-
-
-def plain_argument_calls(namespace: dict) -> int:
-    """Make every dispatcher of a module (its ``globals()``) compile calls from compiled code for
-    the arguments' plain types, not for literal constants (module docstring, "Constant
-    arguments"). Returns the number of dispatchers changed."""
-    changed = 0
-    try:
-        from numba.core import types
-
-        for d in module_dispatchers(namespace):
-            if getattr(d, "_dnmf_plain_calls", False):
-                continue
-            resolve = d.get_call_template
-
-            def get_call_template(args, kws, _resolve=resolve):
-                return _resolve(tuple(types.unliteral(a) for a in args),
-                                {key: types.unliteral(v) for key, v in kws.items()})
-
-            d.get_call_template = get_call_template
-            d._dnmf_plain_calls = True
-            changed += 1
-    except Exception as exc:  # noqa: BLE001 — another numba version: its own behaviour stays
-        logger.debug("plain argument calls: %r", exc)
-    return changed
-
-
-def finish_module(module: str, namespace: dict) -> None:
-    """The last line of every kernel module: :func:`plain_argument_calls` and :func:`guard_cache`
-    on its dispatchers (module docstring)."""
-    plain_argument_calls(namespace)
-    guard_cache(module, namespace)

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from ._sources import finish_module
+from ._sources import guard_cache
 from .nnls import SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT, active_set_solve, cd_solve, chol_solve, compile_variant
 
 __all__ = ["ColumnTerms", "column_terms", "has_terms", "form_column", "column_step", "chol_factor",
@@ -212,4 +212,4 @@ def _accumulate_column(x, hsum, Q):
 accumulate_column = numba.njit(cache=True, nogil=True, inline="always")(_accumulate_column)
 
 
-finish_module(__name__, globals())  # one specialization per kernel; stale cache entries dropped (kernels/_sources.py)
+guard_cache(__name__, globals())  # drop cache entries compiled from other kernel sources (kernels/_sources.py)

@@ -69,7 +69,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._sources import finish_module
+from ._sources import guard_cache
 from .column import (SOLVE_COLUMN_BY_SOLVER, accumulate_column, bound_column, column_step, compile_variant, has_terms,
                      solve_column)
 
@@ -331,4 +331,4 @@ def _csc_sq_norm(data):
 csc_sq_norm = numba.njit(cache=True, nogil=True)(_csc_sq_norm)
 
 
-finish_module(__name__, globals())  # one specialization per kernel; stale cache entries dropped (kernels/_sources.py)
+guard_cache(__name__, globals())  # drop cache entries compiled from other kernel sources (kernels/_sources.py)

@@ -66,7 +66,7 @@ import numpy as np
 from .. import _losses
 from .._losses import FLOOR as _FLOOR
 from .._losses import _KL_W_FLOOR
-from ._sources import finish_module
+from ._sources import guard_cache
 from .column import bound_column, chol_factor, solve_column
 from .masked import held_out, masked_gram
 from .nnls import SOLVER_CHOLESKY
@@ -758,4 +758,4 @@ def _zi_estep_pass(by_row, data, indices, indptr, n_inner, outer0, F, X, code, d
 zi_estep_pass = numba.njit(cache=True, nogil=True)(_zi_estep_pass)
 
 
-finish_module(__name__, globals())  # one specialization per kernel; stale cache entries dropped (kernels/_sources.py)
+guard_cache(__name__, globals())  # drop cache entries compiled from other kernel sources (kernels/_sources.py)

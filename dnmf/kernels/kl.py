@@ -31,7 +31,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._sources import finish_module
+from ._sources import guard_cache
 from .masked import held_out
 
 __all__ = ["csc_kl_pass", "MU_FLOOR", "KL_OUT"]
@@ -230,4 +230,4 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, l1, l2, zero
 csc_kl_pass = numba.njit(cache=True, nogil=True)(_csc_kl_pass)
 
 
-finish_module(__name__, globals())  # one specialization per kernel; stale cache entries dropped (kernels/_sources.py)
+guard_cache(__name__, globals())  # drop cache entries compiled from other kernel sources (kernels/_sources.py)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._sources import finish_module
+from ._sources import guard_cache
 from .column import accumulate_column, bound_column, chol_factor, column_step, solve_column
 from .nnls import SOLVER_CHOLESKY
 
@@ -654,4 +654,4 @@ def csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, so
                          bool(pair))
 
 
-finish_module(__name__, globals())  # one specialization per kernel; stale cache entries dropped (kernels/_sources.py)
+guard_cache(__name__, globals())  # drop cache entries compiled from other kernel sources (kernels/_sources.py)

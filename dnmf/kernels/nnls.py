@@ -27,7 +27,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._sources import finish_module
+from ._sources import guard_cache
 
 __all__ = [
     "SOLVER_CD",
@@ -334,4 +334,4 @@ def nnls_batch(G, L, B, X, solver, nonneg, maxit, tol, warm, l1, c0=0, c1=None):
                              B.shape[1] if c1 is None else int(c1))
 
 
-finish_module(__name__, globals())  # one specialization per kernel; stale cache entries dropped (kernels/_sources.py)
+guard_cache(__name__, globals())  # drop cache entries compiled from other kernel sources (kernels/_sources.py)
