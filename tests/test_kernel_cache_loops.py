@@ -107,7 +107,7 @@ def reports(tmp_path_factory):
 # The kernel each loop's block tasks call (each worker runs at least one column block).
 MAIN_KERNEL = {"masked": "_csc_masked_pass", "rank_cv": "_csc_masked_pass", "rank_cv_memory": "_csc_masked_pass",
                "masked_penalties": "_csc_masked_pass",
-               "nb": "_irls_pass", "nb_zi": "_zi_estep_pass", "kl": "_csc_kl_pass",
+               "nb": "_csc_irls_zi_pass", "nb_zi": "_zi_estep_pass", "kl": "_csc_kl_pass",
                # the ALS pass compiled for the Cholesky solver (kernels/fused.py::_variants)
                "multistart_memory": "_csc_block_pass_s1", "consensus_memory": "_csc_block_pass_s1"}
 

@@ -638,13 +638,10 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
 irls_pass = numba.njit(cache=True, nogil=True)(_irls_pass)
 
 
-# The two entry points below are plain Python, called once per block: compiled, each linked the
-# whole IRLS pass into its own module and had LLVM optimize it again (~3.5 s each on a first fit,
-# issue 12), and their constant by_row made numba compile the pass twice (kernels/_sources.py).
-def csc_irls_zi_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in,
-                     disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing,
-                     cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, zg_in, zgsum, Q,
-                     hsum, hraw_sum, disp_new, zi_mode, zi_pi, zi_F, gpen, ub):
+def _csc_irls_zi_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in,
+                      disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing,
+                      cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, wsum, zg_in, zgsum, Q,
+                      hsum, hraw_sum, disp_new, zi_mode, zi_pi, zi_F, gpen, ub):
     """IRLS H update of one CSC column block against W (m × k): :func:`irls_pass` with columns
     outer. ``disp_mode`` DISP_OUTER computes a GP θ per column (``dispersion="per_col"``);
     ``zg_in`` / ``zgsum``: NB's per-row zero-gradient factors (empty: none); zero-inflation
@@ -658,10 +655,13 @@ def csc_irls_zi_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, c
               sums, disp_new, colstat, zi_mode, zi_pi, zi_F, gpen, ub)
 
 
-def csr_irls_zi_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in,
-                     disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing,
-                     cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, XtX, xabs,
-                     xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F, gpen, ub):
+csc_irls_zi_pass = numba.njit(cache=True, nogil=True)(_csc_irls_zi_pass)
+
+
+def _csr_irls_zi_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in,
+                      disp_out, disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing,
+                      cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, XtX, xabs,
+                      xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F, gpen, ub):
     """IRLS W update of one CSR row block against Ĥ (n × k), with the row block's losses and
     dispersion statistics: :func:`irls_pass` with rows outer; zero-inflation and the penalty
     terms as :func:`irls_pass`'s. The engine's ``irls_w_task`` calls it."""
@@ -670,6 +670,9 @@ def csr_irls_zi_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, 
               disp_on_inner, irls_maxit, irls_tol, solver, nonneg, cd_maxit, cd_tol, zeros_missing, cv_on, cv_seed,
               cv_thr, mk_indices, mk_indptr, disp_mode, disp_lo, disp_hi, hsum_n, zc, np.zeros(0), np.zeros(k), XtX,
               xabs, xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F, gpen, ub)
+
+
+csr_irls_zi_pass = numba.njit(cache=True, nogil=True)(_csr_irls_zi_pass)
 
 
 # ---------------------------------------------------------------------------------------------
