@@ -15,7 +15,8 @@ import dnmf
 from dnmf._losses import get_loss
 from dnmf.exceptions import InputError
 from dnmf.engine.irls import irls_h_task
-from dnmf.engine.masked import CSCBlock, as_csc64
+from dnmf.engine.masked import as_csc64
+from dnmf.io.blocks import CSCBlock
 from dnmf.kernels.irls import DISP_NONE, LOSS_CODES
 from dnmf.kernels.masked import holdout_mask
 from dnmf.kernels.nnls import SOLVER_EXACT
