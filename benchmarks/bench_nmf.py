@@ -603,7 +603,7 @@ def run_w_side(m, n, density, ks, test_fraction, n_cols=1000, n_rows=400):
         ht_full = np.abs(rng.standard_normal((n, k)))
         Q = ht_full.T @ ht_full
         idx = Acol.indices.astype(np.int32)
-        ptr = Acol.indptr.astype(np.int32)
+        ptr = Acol.indptr.astype(np.int64)  # the library's index layout (kernels/fused.py::csc_block_pass)
         terms = column_terms(k)
 
         def fused():
@@ -666,7 +666,8 @@ def run_kernel(m, n, density, k, reps):
 
     nj = max(n // 8, 1)
     blk = structured_sparse(m, nj, density, k, seed=0)
-    data, indices, indptr = blk.data, blk.indices.astype(np.int32), blk.indptr.astype(np.int32)
+    # the library's index layout (int32 rows, int64 indptr), which the pass is compiled for
+    data, indices, indptr = blk.data, blk.indices.astype(np.int32), blk.indptr.astype(np.int64)
     rng = np.random.default_rng(0)
     w = np.abs(rng.standard_normal((m, k)))
     w /= np.linalg.norm(w, axis=0)

@@ -257,14 +257,24 @@ def row_bands(m: int, k: int, itemsize: int, nnz: int, n_cols: int) -> np.ndarra
 
 
 _NO_POS = np.empty((0, 0), np.uintp)  # the band positions of a one-band pass: none
+_INT32_MAX = np.iinfo(np.int32).max
 
 
 def csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol,
                    warm, P, Q, hsum, ub=0.0, empty=np.empty):
     """:func:`_csc_block_pass` (same arguments), compiled for ``solver`` and for whether
     ``terms`` holds corrections; the row bands chosen by :func:`row_bands`, their scratch from
-    ``empty(shape, dtype)`` (e.g. a pool's)."""
+    ``empty(shape, dtype)`` (e.g. a pool's).
+
+    The pass is compiled for one index layout, the one every block of the library has (int32 row
+    indices, int64 ``indptr``; ``io/memory.py::index_dtype``): other index dtypes are converted
+    here, so that they do not each compile the whole pass again (~1.5 s apiece). Row indices stay
+    int64 only for m ≥ 2³¹ rows."""
     m, k = w.shape
+    if indptr.dtype != np.int64:
+        indptr = indptr.astype(np.int64)
+    if indices.dtype != np.int32 and m <= _INT32_MAX:
+        indices = indices.astype(np.int32)
     n = indptr.shape[0] - 1
     bounds = row_bands(m, k, w.dtype.itemsize, data.shape[0], n)
     nb = bounds.shape[0] - 1
