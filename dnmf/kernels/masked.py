@@ -40,7 +40,8 @@ import numba
 import numpy as np
 
 from ._sources import guard_cache
-from .column import accumulate_column, bound_column, chol_factor, column_step, solve_column
+from .column import (COLUMN_STEP_BY_SOLVER, SOLVE_COLUMN_BY_SOLVER, accumulate_column, bound_column, chol_factor,
+                     column_step, compile_variant, solve_column)
 from .nnls import SOLVER_CHOLESKY
 
 __all__ = ["holdout_threshold", "holdout_seed", "holdout_mask", "held_out", "held_out_pair", "holdout_pattern",
@@ -432,7 +433,11 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
         accumulate_column(x, hsum, Q)
 
 
-_csc_masked_pass_jit = numba.njit(cache=True, nogil=True)(_csc_masked_pass)
+# Compiled per solver, each calling the column step of its solver alone (kernels/column.py,
+# COLUMN_STEP_BY_SOLVER): a fit compiles neither of the other solvers (docs/architecture.md,
+# "Kernel compilation").
+_CSC_MASKED_PASS = {solver: compile_variant(_csc_masked_pass, f"_csc_masked_pass_s{solver}", column_step=step)
+                    for solver, step in COLUMN_STEP_BY_SOLVER.items()}
 
 _NO_PEN = np.zeros((0, 0))
 
@@ -442,10 +447,10 @@ def csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm
                     lam_abs, ho_indices, ho_indptr, Q, hsum, gpen=None, ub=0.0, project=False):
     """:func:`_csc_masked_pass` (same arguments); ``gpen`` (None: no penalty term), ``ub`` and
     ``project`` optional."""
-    _csc_masked_pass_jit(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg,
-                         cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, gamma,
-                         lam_abs, ho_indices, ho_indptr, Q, hsum, _NO_PEN if gpen is None else gpen, float(ub),
-                         bool(project))
+    _CSC_MASKED_PASS[int(solver)](data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver,
+                                  nonneg, cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices,
+                                  mk_indptr, gamma, lam_abs, ho_indices, ho_indptr, Q, hsum,
+                                  _NO_PEN if gpen is None else gpen, float(ub), bool(project))
 
 
 def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
@@ -640,7 +645,9 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
             sums[1] += n - nmask
 
 
-_csr_masked_pass_jit = numba.njit(cache=True, nogil=True)(_csr_masked_pass)
+# Compiled per solver, each inlining its solver's column solve alone (as the block pass).
+_CSR_MASKED_PASS = {solver: compile_variant(_csr_masked_pass, f"_csr_masked_pass_s{solver}", solve_column=solve)
+                    for solver, solve in SOLVE_COLUMN_BY_SOLVER.items()}
 
 
 def csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
@@ -648,10 +655,10 @@ def csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, so
                     ho_indptr, sums, gpen=None, ub=0.0, fixed=False, pair=False):
     """:func:`_csr_masked_pass` (same arguments); ``gpen`` (None: none), ``ub``, ``fixed`` and ``pair``
     optional."""
-    _csr_masked_pass_jit(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
-                         warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma,
-                         ho_indices, ho_indptr, sums, _NO_PEN if gpen is None else gpen, float(ub), bool(fixed),
-                         bool(pair))
+    _CSR_MASKED_PASS[int(solver)](data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit,
+                                  cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw,
+                                  lam_w, gamma, ho_indices, ho_indptr, sums, _NO_PEN if gpen is None else gpen,
+                                  float(ub), bool(fixed), bool(pair))
 
 
 guard_cache(__name__, globals())  # drop cache entries compiled from other kernel sources (kernels/_sources.py)
