@@ -67,9 +67,9 @@ from .. import _losses
 from .._losses import FLOOR as _FLOOR
 from .._losses import _KL_W_FLOOR
 from ._sources import guard_cache
-from .column import SOLVE_COLUMN_BY_SOLVER, bound_column, chol_factor, solve_column
+from .column import bound_column, chol_factor, solve_column
 from .masked import held_out, masked_gram
-from .nnls import SOLVER_CHOLESKY, by_solver, compile_variant
+from .nnls import SOLVER_CHOLESKY
 
 __all__ = ["LOSS_CODES", "LOSS_MSE", "LOSS_GP", "LOSS_NB", "LOSS_GAMMA", "LOSS_IG", "LOSS_TWEEDIE", "irls_weight",
            "elem_loss", "elem_robust_loss", "irls_pass", "gp_theta_mm",
@@ -635,13 +635,7 @@ def _irls_pass(by_row, data, indices, indptr, n_inner, outer0, F, G, diag, l1, x
                     colstat[2, i] -= mu
 
 
-irls_pass = numba.njit(cache=True, nogil=True)(_irls_pass)  # every solver (compiled only if called)
-
-# Compiled per solver, each inlining its solver's column solve alone: a fit compiles neither of
-# the other solvers (docs/architecture.md, "Kernel compilation"). The entry points below are
-# compiled per solver too, each calling its solver's pass.
-_IRLS_PASS = {solver: compile_variant(_irls_pass, f"_irls_pass_s{solver}", solve_column=solve)
-              for solver, solve in SOLVE_COLUMN_BY_SOLVER.items()}
+irls_pass = numba.njit(cache=True, nogil=True)(_irls_pass)
 
 
 def _csc_irls_zi_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, code, power, delta, disp_in,
@@ -661,9 +655,7 @@ def _csc_irls_zi_pass(data, indices, indptr, m, col0, w, G, diag, l1, ht, warm, 
               sums, disp_new, colstat, zi_mode, zi_pi, zi_F, gpen, ub)
 
 
-_CSC_IRLS_ZI_PASS = {solver: compile_variant(_csc_irls_zi_pass, f"_csc_irls_zi_pass_s{solver}", irls_pass=p)
-                     for solver, p in _IRLS_PASS.items()}
-csc_irls_zi_pass = by_solver(_CSC_IRLS_ZI_PASS, _csc_irls_zi_pass)
+csc_irls_zi_pass = numba.njit(cache=True, nogil=True)(_csc_irls_zi_pass)
 
 
 def _csr_irls_zi_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm, code, power, delta, disp_in,
@@ -680,9 +672,7 @@ def _csr_irls_zi_pass(data, indices, indptr, n, row0, hn, Q, diag, l1, wt, warm,
               xabs, xsum, sums, disp_new, colstat, zi_mode, zi_pi, zi_F, gpen, ub)
 
 
-_CSR_IRLS_ZI_PASS = {solver: compile_variant(_csr_irls_zi_pass, f"_csr_irls_zi_pass_s{solver}", irls_pass=p)
-                     for solver, p in _IRLS_PASS.items()}
-csr_irls_zi_pass = by_solver(_CSR_IRLS_ZI_PASS, _csr_irls_zi_pass)
+csr_irls_zi_pass = numba.njit(cache=True, nogil=True)(_csr_irls_zi_pass)
 
 
 # ---------------------------------------------------------------------------------------------

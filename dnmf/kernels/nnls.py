@@ -38,7 +38,6 @@ __all__ = [
     "active_set_solve",
     "nnls_batch",
     "compile_variant",
-    "by_solver",
 ]
 
 SOLVER_CD = 0
@@ -63,22 +62,6 @@ def compile_variant(fn, name: str, **fixed):
     copy.__module__ = fn.__module__
     copy.__doc__ = fn.__doc__
     return numba.njit(cache=True, nogil=True)(copy)
-
-
-def by_solver(variants: dict, fn):
-    """A plain-Python entry point with ``fn``'s parameters that calls ``variants[solver]`` (the
-    variant of ``fn`` compiled for its ``solver`` argument, :func:`compile_variant`)."""
-    import functools
-    import inspect
-
-    at = list(inspect.signature(fn).parameters).index("solver")
-
-    @functools.wraps(fn)
-    def call(*args):
-        return variants[int(args[at])](*args)
-
-    call.__name__ = call.__qualname__ = fn.__name__.lstrip("_")
-    return call
 
 
 @_jit
