@@ -105,10 +105,10 @@ def reports(tmp_path_factory):
 
 
 # The kernel each loop's block tasks call (each worker runs at least one column block).
-# The passes compiled per solver are named by it (kernels/nnls.py): _s1 is the Cholesky solver's.
-MAIN_KERNEL = {"masked": "_csc_masked_pass_s1", "rank_cv": "_csc_masked_pass_s1",
-               "rank_cv_memory": "_csc_masked_pass_s1", "masked_penalties": "_csc_masked_pass_s1",
+MAIN_KERNEL = {"masked": "_csc_masked_pass", "rank_cv": "_csc_masked_pass", "rank_cv_memory": "_csc_masked_pass",
+               "masked_penalties": "_csc_masked_pass",
                "nb": "_csc_irls_zi_pass", "nb_zi": "_zi_estep_pass", "kl": "_csc_kl_pass",
+               # the ALS pass compiled for the Cholesky solver (kernels/fused.py::_variants)
                "multistart_memory": "_csc_block_pass_s1", "consensus_memory": "_csc_block_pass_s1"}
 
 

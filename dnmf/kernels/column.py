@@ -36,8 +36,7 @@ import numpy as np
 from ._sources import guard_cache
 from .nnls import SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT, active_set_solve, cd_solve, chol_solve, compile_variant
 
-__all__ = ["ColumnTerms", "column_terms", "has_terms", "form_column", "column_step", "COLUMN_STEP_BY_SOLVER",
-           "chol_factor",
+__all__ = ["ColumnTerms", "column_terms", "has_terms", "form_column", "column_step", "chol_factor",
            "bound_column", "accumulate_column",
            "solve_column", "SOLVE_COLUMN_BY_SOLVER", "compile_variant"]
 
@@ -188,13 +187,6 @@ def _column_step(c, G, L, b, x, terms, Gc, Lc, solver, nonneg, cd_maxit, cd_tol,
 
 
 column_step = numba.njit(cache=True, nogil=True)(_column_step)
-
-#: solver code -> the column step compiled with that solver's column solve alone: the passes that
-#: are compiled per solver (the block pass with terms, the masked pass) call these, so a fit
-#: compiles neither of the other two solvers (the active-set solver alone ~2.8 s on a fresh
-#: install; docs/architecture.md, "Kernel compilation").
-COLUMN_STEP_BY_SOLVER = {solver: compile_variant(_column_step, f"_column_step_s{solver}", solve_column=solve)
-                         for solver, solve in SOLVE_COLUMN_BY_SOLVER.items()}
 
 
 def _bound_column(x, ub):

@@ -70,8 +70,8 @@ import numba
 import numpy as np
 
 from ._sources import guard_cache
-from .column import (COLUMN_STEP_BY_SOLVER, SOLVE_COLUMN_BY_SOLVER, accumulate_column, bound_column, column_step,
-                     compile_variant, has_terms, solve_column)
+from .column import (SOLVE_COLUMN_BY_SOLVER, accumulate_column, bound_column, column_step, compile_variant, has_terms,
+                     solve_column)
 
 __all__ = ["csc_block_pass", "dense_block_solve", "csc_sq_norm"]
 
@@ -206,13 +206,11 @@ NO_TERMS = True
 
 def _variants(fn, name):
     """Compiled variants of a pass, by (solver, with terms): each compiles one solver, and the
-    column step (of that solver alone) only where terms are used (docs/architecture.md, "Kernel
-    compilation")."""
+    column step only where terms are used (docs/architecture.md, "Kernel compilation")."""
     out = {}
     for solver, solve in SOLVE_COLUMN_BY_SOLVER.items():
         out[solver, False] = compile_variant(fn, f"{name}_s{solver}", solve_column=solve, NO_TERMS=True)
-        out[solver, True] = compile_variant(fn, f"{name}_s{solver}_terms", solve_column=solve,
-                                            column_step=COLUMN_STEP_BY_SOLVER[solver], NO_TERMS=False)
+        out[solver, True] = compile_variant(fn, f"{name}_s{solver}_terms", solve_column=solve, NO_TERMS=False)
     return out
 
 

@@ -40,8 +40,7 @@ import numba
 import numpy as np
 
 from ._sources import guard_cache
-from .column import (COLUMN_STEP_BY_SOLVER, SOLVE_COLUMN_BY_SOLVER, accumulate_column, bound_column, chol_factor,
-                     column_step, compile_variant, solve_column)
+from .column import accumulate_column, bound_column, chol_factor, column_step, solve_column
 from .nnls import SOLVER_CHOLESKY
 
 __all__ = ["holdout_threshold", "holdout_seed", "holdout_mask", "held_out", "held_out_pair", "holdout_pattern",
@@ -419,9 +418,8 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
         if project:
             pass
         elif use_own:
-            if ADV:  # a compile-time constant of the variant: proj_adv is compiled only where used
-                if lam_abs > 0.0:
-                    proj_adv(Gc, gamma, lam_abs)
+            if lam_abs > 0.0:
+                proj_adv(Gc, gamma, lam_abs)
             if solver == SOLVER_CHOLESKY:
                 chol_factor(Gc, Lc)
             column_step(c, Gc, Lc, b, x, terms, Gt, Lt, solver, nonneg, cd_maxit, cd_tol, warm)
@@ -434,17 +432,7 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
         accumulate_column(x, hsum, Q)
 
 
-#: Bound per compiled variant: True in the passes compiled for a removal target (λ < 0), False in
-#: the others, where numba prunes the branch and compiles nothing of proj_adv and its
-#: eigendecomposition (~1.5 s of a first masked fit).
-ADV = True
-
-# Compiled per solver, each calling the column step of its solver alone (kernels/column.py,
-# COLUMN_STEP_BY_SOLVER): a fit compiles neither of the other solvers (docs/architecture.md,
-# "Kernel compilation"); and with or without target removal (ADV).
-_CSC_MASKED_PASS = {(solver, adv): compile_variant(_csc_masked_pass, f"_csc_masked_pass_s{solver}{'_adv' * adv}",
-                                                   column_step=step, ADV=adv)
-                    for solver, step in COLUMN_STEP_BY_SOLVER.items() for adv in (False, True)}
+_csc_masked_pass_jit = numba.njit(cache=True, nogil=True)(_csc_masked_pass)
 
 _NO_PEN = np.zeros((0, 0))
 
@@ -454,10 +442,10 @@ def csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm
                     lam_abs, ho_indices, ho_indptr, Q, hsum, gpen=None, ub=0.0, project=False):
     """:func:`_csc_masked_pass` (same arguments); ``gpen`` (None: no penalty term), ``ub`` and
     ``project`` optional."""
-    variant = _CSC_MASKED_PASS[int(solver), bool(lam_abs > 0.0)]
-    variant(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol,
-            warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, gamma, lam_abs, ho_indices, ho_indptr,
-            Q, hsum, _NO_PEN if gpen is None else gpen, float(ub), bool(project))
+    _csc_masked_pass_jit(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, warm_scale, terms, solver, nonneg,
+                         cd_maxit, cd_tol, warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, gamma,
+                         lam_abs, ho_indices, ho_indptr, Q, hsum, _NO_PEN if gpen is None else gpen, float(ub),
+                         bool(project))
 
 
 def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
@@ -595,7 +583,7 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                 for r in range(k):
                     Gc[r, r] += lam_w
                     b[r] += lam_w * tw[r_, r]
-            elif ADV and lam_w < 0.0:  # ADV: as in the column pass
+            elif lam_w < 0.0:
                 proj_adv(Gc, gamma, -lam_w)
         if warm or fixed:
             for r in range(k):
@@ -652,11 +640,7 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
             sums[1] += n - nmask
 
 
-# Compiled per solver, each inlining its solver's column solve alone (as the block pass), and with
-# or without target removal (ADV).
-_CSR_MASKED_PASS = {(solver, adv): compile_variant(_csr_masked_pass, f"_csr_masked_pass_s{solver}{'_adv' * adv}",
-                                                   solve_column=solve, ADV=adv)
-                    for solver, solve in SOLVE_COLUMN_BY_SOLVER.items() for adv in (False, True)}
+_csr_masked_pass_jit = numba.njit(cache=True, nogil=True)(_csr_masked_pass)
 
 
 def csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
@@ -664,10 +648,10 @@ def csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, so
                     ho_indptr, sums, gpen=None, ub=0.0, fixed=False, pair=False):
     """:func:`_csr_masked_pass` (same arguments); ``gpen`` (None: none), ``ub``, ``fixed`` and ``pair``
     optional."""
-    variant = _CSR_MASKED_PASS[int(solver), bool(tw.shape[0] > 0 and lam_w < 0.0)]
-    variant(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol, warm,
-            zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma, ho_indices, ho_indptr, sums,
-            _NO_PEN if gpen is None else gpen, float(ub), bool(fixed), bool(pair))
+    _csr_masked_pass_jit(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, solver, nonneg, cd_maxit, cd_tol,
+                         warm, zeros_missing, cv_on, cv_seed, cv_thr, mk_indices, mk_indptr, tw, lam_w, gamma,
+                         ho_indices, ho_indptr, sums, _NO_PEN if gpen is None else gpen, float(ub), bool(fixed),
+                         bool(pair))
 
 
 guard_cache(__name__, globals())  # drop cache entries compiled from other kernel sources (kernels/_sources.py)
