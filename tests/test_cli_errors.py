@@ -334,8 +334,8 @@ def test_readme_commands_are_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -e . && dnmf run configs/quickstart.yaml" in readme
-    assert 'pip install -e ".[test]" && python -m pytest -q' in readme
-    assert "configs/quickstart.yaml" in ci and "python -m pytest -q" in ci and ".venv-bare" in ci
+    assert 'pip install -e ".[test]" && python -m pytest -q -n 2' in readme
+    assert "configs/quickstart.yaml" in ci and "\npython -m pytest -q -n 2\n" in ci and ".venv-bare" in ci
     assert "set -euo pipefail" in ci
 
 
