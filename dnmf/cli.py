@@ -154,15 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
-#: Loggers of the cluster machinery, silenced while an interrupted run shuts its cluster down.
-SHUTDOWN_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh", "dask_jobqueue")
-
-
 def _setup_logging(quiet: bool = False):
     """dnmf's log records on stderr, through the progress bar's handler; returns an undo function.
 
     distributed's own stderr handler is swapped for one that cooperates with the bar too.
     """
+    from .jobs.cluster import SHUTDOWN_LOGGERS
     from .jobs.progress import ProgressHandler
 
     level = logging.WARNING if quiet else logging.INFO
@@ -200,12 +197,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     write(f"{PROG}: warning: {' '.join(str(message).split())} ({category.__name__})")
 
 
-def _quiet_shutdown_logs() -> None:
-    """Silence the cluster's loggers: an interrupted run's shutdown is not the user's business."""
-    for name in SHUTDOWN_LOGGERS:
-        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
-
-
 def _on_sigint(signum, frame):
     """Ctrl-C: silence the cluster's shutdown chatter, here and on the workers, then stop the run.
 
@@ -216,11 +207,12 @@ def _on_sigint(signum, frame):
     lost worker, letting the run go on.
     """
     try:
-        _quiet_shutdown_logs()
         from distributed import default_client
 
-        client = default_client()
-        client.sync(client._run, _quiet_shutdown_logs, on_error="ignore", callback_timeout=2)
+        from .jobs.cluster import quiet_shutdown_logs, quiet_workers_shutdown
+
+        quiet_shutdown_logs()
+        quiet_workers_shutdown(default_client())
     except BaseException:  # noqa: BLE001 - no client yet, or it is gone, or the call was cut short
         pass
     raise KeyboardInterrupt

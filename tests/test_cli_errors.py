@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+import distributed
 import numpy as np
 import pytest
 import scipy.io
@@ -281,6 +282,37 @@ def test_ctrl_c_stops_a_run_quietly_with_exit_130(workdir):
     assert rc == 130, rest
     assert "dnmf: Interrupted; `dnmf run CONFIG --resume` continues from the last checkpoint." in after
     assert "Traceback" not in rest and len(after) < 5, rest
+
+
+class _LevelAtTeardown(distributed.WorkerPlugin):
+    """Worker plugin: writes the worker's ``distributed`` logger level to a file when the worker
+    closes, i.e. while the cluster shuts down."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def teardown(self, worker):
+        level = logging.getLogger("distributed").getEffectiveLevel()
+        name = re.sub(r"\W", "_", worker.address)
+        pathlib.Path(self.folder, f"{name}.level").write_text(str(level))
+
+
+def test_a_cluster_started_for_a_run_closes_with_its_loggers_silenced(tmp_path):
+    """A run that fails (a damaged checkpoint) closed its LocalCluster while a worker's heartbeat
+    met the closed scheduler, and the worker's traceback reached the run's stderr (a loaded CI
+    run). The cluster ``connect`` started is closed with the cluster machinery's loggers silenced
+    on its workers and here; this process's levels are restored afterwards."""
+    from dnmf.config import LocalClusterConfig
+    from dnmf.jobs.cluster import SHUTDOWN_LOGGERS, connect
+
+    before = {name: logging.getLogger(name).level for name in SHUTDOWN_LOGGERS}
+    cfg = LocalClusterConfig(n_workers=2, threads_per_worker=1, dashboard_address=None)
+    with connect(cfg, echo=lambda msg: None) as client:
+        client.register_plugin(_LevelAtTeardown(str(tmp_path)), name="dnmf-test-level-at-teardown")
+        assert len(client.scheduler_info()["workers"]) == 2
+    levels = sorted(int(p.read_text()) for p in tmp_path.glob("*.level"))
+    assert len(levels) == 2 and all(level > logging.CRITICAL for level in levels), levels
+    assert {name: logging.getLogger(name).level for name in SHUTDOWN_LOGGERS} == before
 
 
 # ---------------------------------------------------------------------------------------------

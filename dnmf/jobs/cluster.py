@@ -17,7 +17,26 @@ from ..config import AddressClusterConfig, JobqueueClusterConfig, LocalClusterCo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["jobqueue_cluster", "local_cluster", "connect", "dashboard_link", "quiet_sizeof_probe"]
+__all__ = ["jobqueue_cluster", "local_cluster", "connect", "dashboard_link", "quiet_sizeof_probe", "SHUTDOWN_LOGGERS",
+           "quiet_shutdown_logs", "quiet_workers_shutdown"]
+
+#: Loggers of the cluster machinery, silenced while a cluster dnmf started shuts down (or an
+#: interrupted run stops it): its chatter then is not the user's business.
+SHUTDOWN_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh", "dask_jobqueue")
+
+
+def quiet_shutdown_logs() -> None:
+    """Silence :data:`SHUTDOWN_LOGGERS` in this process."""
+    for name in SHUTDOWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+def quiet_workers_shutdown(client, timeout: float = 2.0) -> None:
+    """:func:`quiet_shutdown_logs` on every worker of ``client``, best effort (``timeout`` seconds;
+    workers that are gone or do not answer are skipped). A worker whose heartbeat meets a closed
+    scheduler would otherwise log a traceback on the run's stderr: seen on a loaded machine when
+    a run that failed (a damaged checkpoint) closed its LocalCluster."""
+    client.sync(client._run, quiet_shutdown_logs, on_error="ignore", callback_timeout=timeout)
 
 
 def local_cluster(cfg: LocalClusterConfig):
@@ -137,14 +156,20 @@ def dashboard_link(client, cfg=None) -> str | None:
 def connect(cfg, echo: Callable[[str], None] = logger.info) -> Iterator:
     """Start (or reach) the cluster of ``cfg`` and yield a connected ``distributed.Client``.
 
-    Everything started here is closed on exit.
+    Everything started here is closed on exit, with the cluster machinery's loggers silenced on
+    its workers and in this process while it closes (restored here afterwards): whatever the run
+    had to report is reported by then. A cluster only reached (``address``) is left as it is.
     """
     from distributed import Client
 
     with contextlib.ExitStack() as stack:
+        if not isinstance(cfg, AddressClusterConfig):  # closed here: restore this process's levels last
+            levels = {name: logging.getLogger(name).level for name in SHUTDOWN_LOGGERS}
+            stack.callback(lambda: [logging.getLogger(n).setLevel(lvl) for n, lvl in levels.items()])
         if isinstance(cfg, LocalClusterConfig):
             cluster = stack.enter_context(local_cluster(cfg))
             client = stack.enter_context(Client(cluster))
+            stack.callback(_closing, client)
             what = f"LocalCluster with {len(cluster.workers)} workers"
         elif isinstance(cfg, AddressClusterConfig):
             client = stack.enter_context(Client(cfg.address))
@@ -153,9 +178,19 @@ def connect(cfg, echo: Callable[[str], None] = logger.info) -> Iterator:
             cluster = stack.enter_context(jobqueue_cluster(cfg))
             cluster.scale(jobs=cfg.jobs)
             client = stack.enter_context(Client(cluster))
+            stack.callback(_closing, client)
             what = f"{cfg.kind.upper()} cluster, {cfg.jobs} job(s) of {cfg.cores} cores / {cfg.memory}"
             echo(f"waiting for {cfg.kind} workers (jobs submitted: {cfg.jobs})")
             client.wait_for_workers(1)
         link = dashboard_link(client, cfg)
         echo(f"cluster: {what}; dashboard: {link or 'disabled'}")
         yield client
+
+
+def _closing(client) -> None:
+    """Before :func:`connect` closes the cluster it started: its loggers silenced, there and here."""
+    try:
+        quiet_workers_shutdown(client)
+    except Exception as exc:  # noqa: BLE001 - best effort: the cluster is closed either way
+        logger.debug("could not silence the workers' shutdown logs: %s", exc)
+    quiet_shutdown_logs()
