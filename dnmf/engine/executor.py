@@ -758,16 +758,34 @@ def _key(fn, j) -> str:
 
 
 def _is_small(value) -> bool:
-    """Whether ``value`` travels inline in a task (under 100 kB by dask's ``sizeof``: arrays,
-    and tuples of them such as the H step's arguments)."""
+    """Whether ``value`` travels inline in a task (under 100 kB: arrays, and tuples of them such
+    as the H step's arguments, :func:`_inline_nbytes`)."""
     import numpy as np
-    from dask.sizeof import sizeof
 
     if isinstance(value, np.ndarray):
         return value.nbytes < 100_000
     if isinstance(value, tuple):
-        return sizeof(value) < 100_000
+        return _inline_nbytes(value) < 100_000
     return not hasattr(value, "nbytes")
+
+
+def _inline_nbytes(value) -> int:
+    """The bytes of ``value``, every item of a tuple or list counted (recursively).
+
+    Not dask's ``sizeof`` of the tuple: it estimates a collection of more than 10 items from 10
+    drawn at random, and the H step's arguments (:class:`~dnmf.solvers.hstep.HStep`, 11 fields)
+    missed W in about 1 draw in 11. W, the one large field, then went inline in that round's
+    tasks, through the scheduler, on either transfer path (docs/architecture.md, "Cluster
+    overhead"); which rounds did was random.
+    """
+    import numpy as np
+    from dask.sizeof import sizeof
+
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (tuple, list)):
+        return sum(_inline_nbytes(v) for v in value)
+    return sizeof(value)
 
 
 def get_executor(client=None, n_threads: int | None = None, *, func: str = "nmf", timeout: float = DEFAULT_TIMEOUT,
