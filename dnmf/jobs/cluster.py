@@ -189,8 +189,11 @@ def connect(cfg, echo: Callable[[str], None] = logger.info) -> Iterator:
 
 def _closing(client) -> None:
     """Before :func:`connect` closes the cluster it started: its loggers silenced, there and here."""
+    import asyncio
+
     try:
         quiet_workers_shutdown(client)
-    except Exception as exc:  # noqa: BLE001 - best effort: the cluster is closed either way
+    except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - best effort, and never in
+        # place of the error the run is closing on: the cluster is closed either way
         logger.debug("could not silence the workers' shutdown logs: %s", exc)
     quiet_shutdown_logs()
