@@ -44,7 +44,7 @@ def test_row_bands_split_rows_evenly_by_the_cache_budget(monkeypatch):
 
 def test_l2_cache_bytes_is_positive():
     assert fused.l2_cache_bytes() > 0
-    assert fused.BAND_BYTES >= 256 * 1024
+    assert fused.BAND_BYTES >= 1 << 20  # the floor (kernels/fused.py, docs/architecture.md "On another CPU")
 
 
 def _block(rng, m, n, density, skew=False):

@@ -19,8 +19,8 @@ order either way, so the results are bitwise the same.
 
 Row bands. Each sweep goes band by band over the block's rows: with nb bands, first the
 entries of rows [0, m/nb) of every column, then the next band's, and so on (:func:`row_bands`).
-One band of W (the first sweep) or of P (the second) is then at most half a core's L2 cache
-(``BAND_BYTES``, read from sysfs) and stays there while its entries are swept, instead of W's or
+One band of W (the first sweep) or of P (the second) is then at most half a core's L2 cache,
+but at least 1 MiB (``BAND_BYTES``, the L2 read from sysfs), and stays near the core while its entries are swept, instead of W's or
 P's rows coming from L3 for every stored entry. The first sweep keeps each column's partial
 ``b`` in a scratch B (n_j × k, also with one band) and solves the columns after the last band. Rows are
 sorted within a column and each row lies in one band, so every ``b_c`` and every row of P get the
@@ -241,10 +241,14 @@ def l2_cache_bytes(default: int = 2 * 1024 * 1024) -> int:
 
 
 # Row bands (module docstring, "Row bands"): one band of W's rows takes at most half a core's L2
-# cache, so it stays there while the block's entries of that band are swept; and a band keeps at
-# least BAND_MIN_ENTRIES stored entries per column on average, so that the per-column work of a
-# band (b loaded and stored, a segment found) stays small beside its products.
-BAND_BYTES = max(256 * 1024, l2_cache_bytes() // 2)
+# cache, and never less than 1 MiB, so it stays near the core while the block's entries of that
+# band are swept; and a band keeps at least BAND_MIN_ENTRIES stored entries per column on
+# average, so that the per-column work of a band (b loaded and stored, a segment found) stays
+# small beside its products. The 1 MiB floor: on a CPU with 512 KiB of L2 (and a large L3) half
+# the L2 gave 7 bands at k = 10, 25-45 % slower than 1-3; bands of ~1 MiB were the best measured
+# there at k = 10, 30 and 50, and are what 2 MiB L2 gave before (docs/architecture.md, "On
+# another CPU").
+BAND_BYTES = max(1024 * 1024, l2_cache_bytes() // 2)
 BAND_MIN_ENTRIES = 32
 
 
