@@ -762,9 +762,7 @@ def _is_small(value) -> bool:
     as the H step's arguments, :func:`_inline_nbytes`)."""
     import numpy as np
 
-    if isinstance(value, np.ndarray):
-        return value.nbytes < 100_000
-    if isinstance(value, tuple):
+    if isinstance(value, (np.ndarray, tuple)):
         return _inline_nbytes(value) < 100_000
     return not hasattr(value, "nbytes")
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Callable, Iterator
@@ -163,9 +164,8 @@ def connect(cfg, echo: Callable[[str], None] = logger.info) -> Iterator:
     from distributed import Client
 
     with contextlib.ExitStack() as stack:
-        if not isinstance(cfg, AddressClusterConfig):  # closed here: restore this process's levels last
-            levels = {name: logging.getLogger(name).level for name in SHUTDOWN_LOGGERS}
-            stack.callback(lambda: [logging.getLogger(n).setLevel(lvl) for n, lvl in levels.items()])
+        if not isinstance(cfg, AddressClusterConfig):  # closed here: this process's levels restored last
+            stack.callback(_set_levels, {name: logging.getLogger(name).level for name in SHUTDOWN_LOGGERS})
         if isinstance(cfg, LocalClusterConfig):
             cluster = stack.enter_context(local_cluster(cfg))
             client = stack.enter_context(Client(cluster))
@@ -187,10 +187,13 @@ def connect(cfg, echo: Callable[[str], None] = logger.info) -> Iterator:
         yield client
 
 
+def _set_levels(levels: dict) -> None:
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def _closing(client) -> None:
     """Before :func:`connect` closes the cluster it started: its loggers silenced, there and here."""
-    import asyncio
-
     try:
         quiet_workers_shutdown(client)
     except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - best effort, and never in

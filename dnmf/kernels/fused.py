@@ -20,8 +20,8 @@ order either way, so the results are bitwise the same.
 Row bands. Each sweep goes band by band over the block's rows: with nb bands, first the
 entries of rows [0, m/nb) of every column, then the next band's, and so on (:func:`row_bands`).
 One band of W (the first sweep) or of P (the second) is then at most half a core's L2 cache,
-but at least 1 MiB (``BAND_BYTES``, the L2 read from sysfs), and stays near the core while its entries are swept, instead of W's or
-P's rows coming from L3 for every stored entry. The first sweep keeps each column's partial
+but at least 1 MiB (``BAND_BYTES``, the L2 read from sysfs), and stays near the core while its
+entries are swept, instead of W's or P's rows coming from L3 for every stored entry. The first sweep keeps each column's partial
 ``b`` in a scratch B (n_j × k, also with one band) and solves the columns after the last band. Rows are
 sorted within a column and each row lies in one band, so every ``b_c`` and every row of P get the
 same additions in the same order as in one sweep: results are bitwise those of the one-band
