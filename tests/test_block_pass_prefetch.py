@@ -1,13 +1,18 @@
-"""Row bands of the sparse block pass (kernels/fused.py, "Row bands").
+"""Prefetching in the sparse block pass (kernels/fused.py, "Prefetching W's and P's rows").
 
-The pass sweeps a block band by band so that one band of W (and of P) stays in a core's L2 cache.
-Rows are sorted within each column and every row lies in one band, so each b_c and each row of P
-get the same additions in the same order as in one sweep: the banded pass must be *bitwise* the
-one-band pass, whatever the number of bands. Both are also checked against NumPy.
+Both sweeps of the pass prefetch the rows of W and P that the entries a few positions ahead will
+need (kernels/_prefetch.py). A prefetch must change no value: the pass is checked *bitwise*
+against the same pass compiled with the prefetches bound to no-ops, on blocks whose columns are
+longer and shorter than the prefetch distance (and empty), where the prefetched positions run
+into the next columns and up to the block's last entry. The pass is also checked against NumPy
+and against the dense solve, for every solver, with and without column terms.
 """
 
+import functools
+import types
 from types import SimpleNamespace
 
+import numba
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -16,35 +21,11 @@ from dnmf.engine import buffers
 from dnmf.engine.als import h_update_task
 from dnmf.io.blocks import CSCBlock
 from dnmf.kernels import fused
-from dnmf.kernels.column import column_terms
-from dnmf.kernels.fused import csc_block_pass, dense_block_solve, row_bands
+from dnmf.kernels.column import SOLVE_COLUMN_BY_SOLVER, column_terms
+from dnmf.kernels.fused import csc_block_pass, dense_block_solve
 from dnmf.kernels.nnls import SOLVER_CD, SOLVER_CHOLESKY, SOLVER_EXACT
 from dnmf.solvers.hstep import h_step
 from dnmf.solvers.updates import cholesky_or_empty
-
-
-def test_row_bands_split_rows_evenly_by_the_cache_budget(monkeypatch):
-    monkeypatch.setattr(fused, "BAND_BYTES", 1 << 20)
-    monkeypatch.setattr(fused, "BAND_MIN_ENTRIES", 32)
-    # W of 20,000 × 10 float64 = 1.6 MB: two bands of 10,000 rows
-    np.testing.assert_array_equal(row_bands(20000, 10, 8, 2_500_000, 6250), [0, 10000, 20000])
-    # float32 W (0.8 MB) fits one band
-    np.testing.assert_array_equal(row_bands(20000, 10, 4, 2_500_000, 6250), [0, 20000])
-    # 30,000 × 30 float64 = 7.2 MB: ⌈7.2 MB / 1 MiB⌉ = 7 bands, boundaries ⌊t·m/7⌋
-    b = row_bands(30000, 30, 8, 4_000_000, 4000)
-    np.testing.assert_array_equal(b, (np.arange(8) * 30000) // 7)
-    # short columns cap the count: 150 entries per column allow ⌊150/32⌋ = 4 bands
-    assert len(row_bands(30000, 30, 8, 150 * 4000, 4000)) - 1 == 4
-    # fewer than 32 entries per column: one band
-    np.testing.assert_array_equal(row_bands(30000, 30, 8, 20 * 4000, 4000), [0, 30000])
-    # never more bands than rows
-    monkeypatch.setattr(fused, "BAND_BYTES", 1)
-    np.testing.assert_array_equal(row_bands(3, 1000, 8, 10**6, 10), [0, 1, 2, 3])
-
-
-def test_l2_cache_bytes_is_positive():
-    assert fused.l2_cache_bytes() > 0
-    assert fused.BAND_BYTES >= 1 << 20  # the floor (kernels/fused.py, docs/architecture.md "On another CPU")
 
 
 def _block(rng, m, n, density, skew=False):
@@ -72,12 +53,11 @@ def _pass(A, W, solver, l1, terms, warm, ht0, ub):
     return ht, P, Q, hsum, G, L
 
 
-@pytest.mark.parametrize("solver", [SOLVER_CHOLESKY, SOLVER_CD, SOLVER_EXACT])
-@pytest.mark.parametrize("case", ["plain", "terms_l1_ub", "float32_skew"])
-def test_banded_pass_is_bitwise_the_one_band_pass(monkeypatch, solver, case):
+def _inputs(case, solver):
     rng = np.random.default_rng(solver * 10 + len(case))
-    m, n, k = 997, 120, 6  # m prime: bands of unequal size
-    A = _block(rng, m, n, 0.3, skew=case == "float32_skew")
+    m, n, k = 997, 120, 6
+    # "short": ~5 entries per column, fewer than the prefetch distance (AHEAD = 8)
+    A = _block(rng, m, n, 0.005 if case == "short" else 0.3, skew=case == "float32_skew")
     W = np.ascontiguousarray(rng.random((m, k)))
     if case == "float32_skew":
         W = W.astype(np.float32)
@@ -88,47 +68,71 @@ def test_banded_pass_is_bitwise_the_one_band_pass(monkeypatch, solver, case):
         terms = column_terms(k, gram=np.broadcast_to(0.01 * np.eye(k), (n, k, k)).copy(),
                              rhs=rng.standard_normal((n, k)) * 0.1)
         l1, ub = 0.05, 0.8
-    ht0 = rng.random((n, k))
-    monkeypatch.setattr(fused, "BAND_MIN_ENTRIES", 1)
-    outs = {}
-    for band_bytes in (1 << 30, m * k * W.itemsize // 2 + 1, m * k * W.itemsize // 7 + 1, 1):
-        monkeypatch.setattr(fused, "BAND_BYTES", band_bytes)
-        nb = len(row_bands(m, k, W.itemsize, A.nnz, n)) - 1
-        outs[nb] = _pass(A, W, solver, l1, terms, True, ht0, ub)
-    # up to as many bands as a column's mean count of entries (BAND_MIN_ENTRIES = 1)
-    assert sorted(outs) == [1, 2, 7, A.nnz // n]
-    one = outs[1]
-    for nb, out in outs.items():
-        for a, b in zip(out[:4], one[:4]):
-            assert np.array_equal(a, b), f"{nb} bands differ from one band"
-    # and the one-band pass against NumPy: P = A H (same additions up to order: 1e-12 relative),
-    # H against the dense pass on Wᵀa computed by BLAS (the RHS summed in another order, ~1e-15
-    # relative, times cond(G) ≲ 1e3 for this W: 1e-10)
-    ht, P, Q, hsum, G, L = one
+    return A, W, terms, l1, ub, rng.random((n, k))
+
+
+@functools.lru_cache(maxsize=None)
+def _no_prefetch_pass():
+    """The pass's default variant (cholesky, no terms) with both prefetches bound to no-ops."""
+    def noop(a, i):
+        pass
+
+    fn = fused._csc_block_pass
+    g = dict(fn.__globals__, prefetch_read=numba.njit(noop), prefetch_write=numba.njit(noop), NO_TERMS=True,
+             solve_column=SOLVE_COLUMN_BY_SOLVER[SOLVER_CHOLESKY])
+    return numba.njit(nogil=True)(types.FunctionType(fn.__code__, g, "no_prefetch_pass"))
+
+
+@pytest.mark.parametrize("case", ["plain", "short", "float32_skew"])
+def test_prefetching_changes_no_value(case):
+    A, W, terms, l1, ub, ht0 = _inputs(case, SOLVER_CHOLESKY)
+    A.indices = A.indices.astype(np.int32)
+    A.indptr = A.indptr.astype(np.int64)
+    ref = _pass(A, W, SOLVER_CHOLESKY, l1, terms, True, ht0, ub)
+    m, k = W.shape
+    ht = ht0.copy()
+    P, Q, hsum = np.zeros((m, k)), np.zeros((k, k)), np.zeros(k)
+    _no_prefetch_pass()(A.data, A.indices, A.indptr, W, ref[4], ref[5], l1, ht, np.full(k, 0.9), terms,
+                        SOLVER_CHOLESKY, True, 200, 1e-12, True, P, Q, hsum, ub, np.empty((len(ht), k)), np.empty(k),
+                        np.empty((k, k)), np.zeros((k, k)))
+    for a, b in zip((ht, P, Q, hsum), ref[:4]):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("solver", [SOLVER_CHOLESKY, SOLVER_CD, SOLVER_EXACT])
+@pytest.mark.parametrize("case", ["plain", "terms_l1_ub", "float32_skew", "short"])
+def test_pass_matches_numpy_and_the_dense_solve(solver, case):
+    A, W, terms, l1, ub, ht0 = _inputs(case, solver)
+    ht, P, Q, hsum, G, L = _pass(A, W, solver, l1, terms, True, ht0, ub)
+    # P = A H and Q = HᵀH: the same additions up to order (1e-12 relative); H against the dense
+    # pass on Wᵀa computed by BLAS (the RHS summed in another order, ~1e-15 relative, times
+    # cond(G) ≲ 1e3 for this W: 1e-10)
     Ad = A.toarray().astype(np.float64)
     np.testing.assert_allclose(P, Ad @ ht, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(Q, ht.T @ ht, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(hsum, np.abs(ht).sum(axis=0), rtol=1e-12, atol=1e-12)
     ht_d = ht0.copy()
-    dense_block_solve(np.ascontiguousarray(W.astype(np.float64).T @ Ad), G, L, l1, ht_d, np.full(k, 0.9), terms,
-                      solver, True, 200, 1e-12, True, np.zeros((k, k)), np.zeros(k), ub)
+    dense_block_solve(np.ascontiguousarray(W.astype(np.float64).T @ Ad), G, L, l1, ht_d, np.full(k := W.shape[1], 0.9),
+                      terms, solver, True, 200, 1e-12, True, np.zeros((k, k)), np.zeros(k), ub)
     np.testing.assert_allclose(ht, ht_d, rtol=1e-10, atol=1e-10 * np.abs(ht_d).max())
 
 
-def test_h_update_task_with_pooled_scratch_matches_one_band(monkeypatch):
-    """The engine's task passes pooled scratch (engine/buffers.py) to the banded pass."""
+def test_h_update_task_with_pooled_buffers_is_the_direct_pass():
+    """The engine's task takes H and P from the pool (engine/buffers.py); reused buffers give
+    bitwise the pass on fresh arrays."""
     rng = np.random.default_rng(7)
     m, n, k = 4000, 300, 8
     A = _block(rng, m, n, 0.2)
     W = np.ascontiguousarray(rng.random((m, k)))
     block = CSCBlock(A.data, A.indices, A.indptr, m)
     hs = h_step(W, l1=0.0, l2=0.0, solver=SOLVER_CHOLESKY, nonneg=True)
-    monkeypatch.setattr(fused, "BAND_BYTES", 1 << 30)
-    ht1, s1 = h_update_task(block, None, hs)
-    monkeypatch.setattr(fused, "BAND_BYTES", m * k * 8 // 5)
-    assert len(row_bands(m, k, 8, A.nnz, n)) - 1 == 5
+    ht = np.zeros((n, k))
+    P, Q, hsum = np.zeros((m, k)), np.zeros((k, k)), np.zeros(k)
+    csc_block_pass(A.data, A.indices, A.indptr, W, hs.G, hs.L, hs.l1, ht, hs.warm_scale, column_terms(k), hs.solver,
+                   True, hs.cd_maxit, hs.cd_tol, False, P, Q, hsum, hs.ub)
     for _ in range(3):  # the pool's buffers reused across calls
         ht5, s5 = h_update_task(block, None, hs)
-        assert np.array_equal(ht1, ht5) and np.array_equal(s1.P, s5.P) and np.array_equal(s1.Q, s5.Q)
+        assert np.array_equal(ht, ht5) and np.array_equal(P, s5.P) and np.array_equal(Q, s5.Q)
         del ht5, s5
     buffers.release()
 
