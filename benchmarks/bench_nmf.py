@@ -34,6 +34,12 @@ Run: ``python benchmarks/bench_nmf.py [--large] [--small] [--w-side] [--m 20000 
   WᵀA_j with the solves, then A_j H_jᵀ), the same arithmetic in one sweep per column (the pass before
   issue 12, kept here as a reference), and scipy's two sparse products that scikit-learn's
   ``NMF(solver="cd")`` computes per iteration (``A_jᵀ W`` and ``A_j H_jᵀ``), in interleaved rounds.
+* ``--first-fit`` (issue 12): the first fit on a fresh install, in fresh processes with an empty
+  numba cache (``NUMBA_CACHE_DIR`` a new folder per run): ``import dnmf``, the first in-process fit
+  (300 × 400 sparse at 10 %, k = 5, default solver; compilation included) and a second fit of the
+  same data in the same process (no compilation); then the first fit on a fresh 2-worker
+  ``LocalCluster`` whose workers and client all start with an empty cache (the client compiles
+  and ships the kernels, ``engine/kernel_cache.py``). Medians and ranges of ``--reps`` runs.
 Timings print as one table; nothing here is asserted.
 """
 
@@ -716,6 +722,53 @@ def run_kernel(m, n, density, k, reps):
           f"one sweep / two sweeps: {rows[1][1] / rows[0][1]:.2f}")
 
 
+_FIRST_FIT = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+import numpy as np, scipy.sparse as sp
+import dnmf
+t1 = time.perf_counter()
+A = sp.random(300, 400, density=0.1, format="csc", random_state=0)
+client = None
+if sys.argv[1] == "cluster":
+    from distributed import Client, LocalCluster
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = Client(cluster)
+t2 = time.perf_counter()
+dnmf.nmf(A, 5, seed=1, maxit=20, client=client)
+t3 = time.perf_counter()
+dnmf.nmf(A, 5, seed=2, maxit=20, client=client)
+t4 = time.perf_counter()
+print(json.dumps(dict(imp=t1 - t0, first=t3 - t2, second=t4 - t3)))
+if client is not None:
+    client.close(); cluster.close()
+"""
+
+
+def run_first_fit(reps):
+    """``--first-fit``: fresh processes, each with an empty numba cache (module docstring)."""
+    import json
+    import subprocess
+    import sys
+
+    print(f"\nFirst fit on an empty numba cache (300 x 400 at 10 %, k = 5, 20 iterations; {reps} fresh "
+          "processes each)")
+    print(f"{'run':34s} {'import s':>9s} {'first fit s':>18s} {'second fit s':>13s} {'first - second':>15s}")
+    for mode in ("in-process", "cluster"):
+        rows = []
+        for _ in range(reps):
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+                out = subprocess.run([sys.executable, "-c", _FIRST_FIT, mode], env=env, capture_output=True,
+                                     text=True, check=True).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+        med = {key: float(np.median([r[key] for r in rows])) for key in rows[0]}
+        lo, hi = min(r["first"] for r in rows), max(r["first"] for r in rows)
+        name = "in-process" if mode == "in-process" else "LocalCluster(2 workers x 1 thread)"
+        print(f"{name:34s} {med['imp']:9.2f} {med['first']:6.2f} ({lo:.2f}-{hi:.2f}) {med['second']:13.2f} "
+              f"{med['first'] - med['second']:15.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true")
@@ -732,11 +785,13 @@ def main():
     ap.add_argument("--no-sweep", action="store_true", help="with --compare: no s/iter tables against k or nnz")
     ap.add_argument("--test-fraction", type=float, default=0.05)
     ap.add_argument("--kernel", action="store_true", help="issue 12: one block pass per nonzero against scipy")
+    ap.add_argument("--first-fit", action="store_true", help="issue 12: first fit on an empty numba cache")
     ap.add_argument("--r-libs", default=None, help="R library with RcppML for --compare (default: $R_LIBS or "
                     "the path /work/shared/tools/rcppml/setup prints)")
     ap.add_argument("--reps", type=int, default=2, help="best of how many runs per side (--compare, --kernel)")
     args = ap.parse_args()
-    if not (args.small or args.large or args.w_side or args.compare or args.kernel):
+    if not (args.small or args.large or args.w_side or args.compare or args.kernel
+            or args.first_fit):
         args.small = args.large = True
     print(f"cores: {os.cpu_count()} (usable here: {_cores()})")
     if args.small:
@@ -748,6 +803,8 @@ def main():
     if args.compare:
         run_compare(args.m, args.n, args.density, args.k, args.iters, args.scale, sweep=not args.no_sweep,
                     reps=args.reps, r_libs=args.r_libs)
+    if args.first_fit:
+        run_first_fit(max(args.reps, 3))
     if args.w_side:
         run_w_side(args.m, args.n, args.density, (10, 50), args.test_fraction)
 

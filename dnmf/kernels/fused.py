@@ -24,14 +24,15 @@ few of them in flight. Both sweeps therefore prefetch every cache line of the ro
 ``AHEAD`` (8) positions on will need (``kernels/_prefetch.py``: ``llvm.prefetch``). A prefetch
 changes no value: results are bitwise those of the pass without it
 (``tests/test_block_pass_prefetch.py``). On one thread of an AMD EPYC (512 KiB L2, 32 MiB L3),
-20,000 × 6,250 blocks at 2 %, medians of 20 interleaved rounds, the pass took 0.57–0.59 of the
-time of the pass before it (k = 10), 0.67 (k = 30) and 0.79 (k = 50), and k = 30 at m = 30,000
-0.69 (docs/architecture.md, "Prefetching W's and P's rows"). The pass before swept W and P in
-row bands sized to the L2 cache instead (issue 12): with prefetching, one band was faster at
-every k measured, so the bands are gone, and with them a scratch of n_j × k and a compile cost
-of ~0.4 s on a fresh install. The first sweep still keeps every column's ``b`` in a scratch B
-(n_j × k) and solves the columns after it: solving each column right after its ``b`` was as fast
-at k = 10 and 7 % slower at k = 50 with the CD solver (RcppML's choice for k ≥ 32).
+20,000 × 6,250 blocks at 2 %, medians of 20 interleaved rounds, the pass takes 0.66–0.71 of the
+time of the pass before it at k = 10 and 0.70 at k = 30 (0.81–0.87× scipy's two products at
+k = 10, against 1.28× before); at k = 50, where the CD solves set the time, and at 900 entries a
+column it is unchanged (docs/architecture.md, "Prefetching W's and P's rows"). The pass before
+swept W and P in row bands sized to the L2 cache instead (issue 12): with prefetching, one band
+was the fastest at every k measured, so the bands are gone. The first sweep still keeps every
+column's ``b`` in a scratch B (n_j × k) and solves the columns after it: solving each column
+right after its ``b`` was as fast at k = 10 and 7 % slower at k = 50 with the CD solver
+(RcppML's choice for k ≥ 32).
 
 Fewer functions to compile. numba spends ~0.1–0.2 s on every function it compiles, however small
 (the pipeline, an LLVM module, its finalization), so the pass compiles as few as it can: its
