@@ -68,7 +68,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._prefetch import prefetch_read, prefetch_write
+from ._prefetch import AHEAD, prefetch_read, prefetch_write
 from ._sources import guard_cache
 from .column import (SOLVE_COLUMN_BY_SOLVER, accumulate_column, bound_column, column_step, compile_variant, has_terms,
                      solve_column)
@@ -78,10 +78,6 @@ __all__ = ["csc_block_pass", "dense_block_solve", "csc_sq_norm"]
 # Unsigned steps for unsigned positions: numba types uintp + an int literal as float64.
 _U1, _U2, _U3, _U4 = (np.uintp(i) for i in range(1, 5))
 
-#: How many stored entries ahead the block pass prefetches rows of W and P (``_prefetch.py``;
-#: docs/architecture.md, "Prefetching W's and P's rows": 8 and 16 measured alike, both far better
-#: than none).
-AHEAD = np.uintp(8)
 
 
 def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol,

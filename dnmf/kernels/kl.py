@@ -31,6 +31,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ._prefetch import AHEAD, prefetch_read, prefetch_write
 from ._sources import guard_cache
 from .masked import held_out
 
@@ -82,6 +83,7 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, l1, l2, zero
     """
     m, k = w.shape
     n = indptr.shape[0] - 1
+    last = np.uintp(indices.shape[0])  # entries prefetched ahead stay below it
     num = np.empty(k)
     den = np.empty(k)
     h = np.empty(k)
@@ -166,6 +168,9 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, l1, l2, zero
         acc = 0.0
         test = 0.0
         for p in range(start, end):
+            q = p + AHEAD  # prefetched rows (kernels/_prefetch.py): as in the fused pass
+            if q < last:
+                prefetch_read(w, np.uintp(indices[q]))
             a = data[p]
             if a != a or a == 0.0:
                 continue
@@ -204,6 +209,10 @@ def _csc_kl_pass(data, indices, indptr, col0, w, colsum, ht, scale, l1, l2, zero
             hsum[r] += h[r]
         # 4. the W update's statistics with the new h_c
         for p in range(start, end):
+            q = p + AHEAD
+            if q < last:
+                prefetch_read(w, np.uintp(indices[q]))
+                prefetch_write(P, np.uintp(indices[q]))
             a = data[p]
             if a != a:
                 continue

@@ -39,6 +39,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ._prefetch import AHEAD, prefetch_read
 from ._sources import guard_cache
 from .column import accumulate_column, bound_column, chol_factor, column_step, solve_column
 from .nnls import SOLVER_CHOLESKY
@@ -319,6 +320,7 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
         entries only — held-out and missing entries never reach H
     """
     k = w.shape[1]
+    last = np.uintp(indices.shape[0])  # entries prefetched ahead stay below it
     n = indptr.shape[0] - 1
     has_pen = gpen.shape[0] > 0
     b = np.empty(k)
@@ -354,6 +356,9 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                 for s in range(r + 1):
                     Gc[r, s] = 0.0
             for p in range(np.uintp(indptr[c]), np.uintp(indptr[c + 1])):
+                q = p + AHEAD  # rows prefetched ahead (kernels/_prefetch.py), as in the fused pass
+                if q < last:
+                    prefetch_read(w, np.uintp(indices[q]))
                 a = data[p]
                 i = np.uintp(indices[p])
                 if a != a or mark[i] == c:
@@ -390,6 +395,9 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                         mrows[nmask] = i
                         nmask += 1
             for p in range(np.uintp(indptr[c]), np.uintp(indptr[c + 1])):
+                q = p + AHEAD  # rows prefetched ahead (kernels/_prefetch.py), as in the fused pass
+                if q < last:
+                    prefetch_read(w, np.uintp(indices[q]))
                 a = data[p]
                 i = np.uintp(indices[p])
                 if a != a:
@@ -478,6 +486,7 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
         is ``a_ij``: the ordered set would let a held-out value in through its twin)
     """
     k = hn.shape[1]
+    last = np.uintp(indices.shape[0])  # entries prefetched ahead stay below it
     m_b = indptr.shape[0] - 1
     has_pen = gpen.shape[0] > 0
     b = np.empty(k)
@@ -517,6 +526,9 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                 for s in range(r + 1):
                     Gc[r, s] = 0.0
             for p in range(np.uintp(indptr[r_]), np.uintp(indptr[r_ + 1])):
+                q = p + AHEAD  # rows prefetched ahead (kernels/_prefetch.py), as in the fused pass
+                if q < last:
+                    prefetch_read(hn, np.uintp(indices[q]))
                 a = data[p]
                 j = np.uintp(indices[p])
                 if a != a or mark[j] == r_:
@@ -554,6 +566,9 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                         mcols[nmask] = j
                         nmask += 1
             for p in range(np.uintp(indptr[r_]), np.uintp(indptr[r_ + 1])):
+                q = p + AHEAD  # rows prefetched ahead (kernels/_prefetch.py), as in the fused pass
+                if q < last:
+                    prefetch_read(hn, np.uintp(indices[q]))
                 a = data[p]
                 j = np.uintp(indices[p])
                 if a != a:
@@ -601,6 +616,9 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
         # This row's squared errors, from the raw row x = w_i d and Ĥ.
         if zeros_missing:
             for p in range(np.uintp(indptr[r_]), np.uintp(indptr[r_ + 1])):
+                q = p + AHEAD  # rows prefetched ahead (kernels/_prefetch.py), as in the fused pass
+                if q < last:
+                    prefetch_read(hn, np.uintp(indices[q]))
                 a = data[p]
                 j = np.uintp(indices[p])
                 if a != a or (mark[j] == r_ and kind[j] == 2):
