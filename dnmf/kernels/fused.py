@@ -36,7 +36,7 @@ right after its ``b`` was as fast at k = 10 and 7 % slower at k = 50 with the CD
 
 Fewer functions to compile. numba spends ~0.1–0.2 s on every function it compiles, however small
 (the pipeline, an LLVM module, its finalization), so the pass compiles as few as it can: its
-scratch (``b``, ``x``, and the column step's ``Gc``, ``Lc``) comes from the wrapper instead of
+scratch (``B``, ``x``, and the column step's ``Gc``, ``Lc``) comes from the wrapper instead of
 ``np.empty``/``np.zeros`` inside (four array-constructor implementations); whether a block has
 terms is the compile-time constant ``NO_TERMS`` of the variant, so numba prunes the other branch
 (no ``any_terms``, no stand-in column step); and the per-solver column solves are inlined
