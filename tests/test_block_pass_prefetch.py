@@ -112,8 +112,9 @@ def test_pass_matches_numpy_and_the_dense_solve(solver, case):
     np.testing.assert_allclose(Q, ht.T @ ht, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(hsum, np.abs(ht).sum(axis=0), rtol=1e-12, atol=1e-12)
     ht_d = ht0.copy()
-    dense_block_solve(np.ascontiguousarray(W.astype(np.float64).T @ Ad), G, L, l1, ht_d, np.full(k := W.shape[1], 0.9),
-                      terms, solver, True, 200, 1e-12, True, np.zeros((k, k)), np.zeros(k), ub)
+    k = W.shape[1]
+    dense_block_solve(np.ascontiguousarray(W.astype(np.float64).T @ Ad), G, L, l1, ht_d, np.full(k, 0.9), terms,
+                      solver, True, 200, 1e-12, True, np.zeros((k, k)), np.zeros(k), ub)
     np.testing.assert_allclose(ht, ht_d, rtol=1e-10, atol=1e-10 * np.abs(ht_d).max())
 
 

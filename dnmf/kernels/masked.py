@@ -320,8 +320,10 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
         entries only — held-out and missing entries never reach H
     """
     k = w.shape[1]
-    last = np.uintp(indices.shape[0])  # entries prefetched ahead stay below it
     n = indptr.shape[0] - 1
+    # the sweeps over stored entries prefetch the rows of the entry AHEAD positions on (kernels/
+    # _prefetch.py, as in the fused pass), below the block's last entry
+    last = np.uintp(indices.shape[0])
     has_pen = gpen.shape[0] > 0
     b = np.empty(k)
     x = np.empty(k)
@@ -356,7 +358,7 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                 for s in range(r + 1):
                     Gc[r, s] = 0.0
             for p in range(np.uintp(indptr[c]), np.uintp(indptr[c + 1])):
-                q = p + AHEAD  # rows prefetched ahead (kernels/_prefetch.py), as in the fused pass
+                q = p + AHEAD
                 if q < last:
                     prefetch_read(w, np.uintp(indices[q]))
                 a = data[p]
@@ -395,7 +397,7 @@ def _csc_masked_pass(data, indices, indptr, m, col0, w, G, L, ridge, l1, ht, war
                         mrows[nmask] = i
                         nmask += 1
             for p in range(np.uintp(indptr[c]), np.uintp(indptr[c + 1])):
-                q = p + AHEAD  # rows prefetched ahead (kernels/_prefetch.py), as in the fused pass
+                q = p + AHEAD
                 if q < last:
                     prefetch_read(w, np.uintp(indices[q]))
                 a = data[p]
@@ -486,7 +488,7 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
         is ``a_ij``: the ordered set would let a held-out value in through its twin)
     """
     k = hn.shape[1]
-    last = np.uintp(indices.shape[0])  # entries prefetched ahead stay below it
+    last = np.uintp(indices.shape[0])  # prefetches as in _csc_masked_pass
     m_b = indptr.shape[0] - 1
     has_pen = gpen.shape[0] > 0
     b = np.empty(k)
@@ -526,7 +528,7 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                 for s in range(r + 1):
                     Gc[r, s] = 0.0
             for p in range(np.uintp(indptr[r_]), np.uintp(indptr[r_ + 1])):
-                q = p + AHEAD  # rows prefetched ahead (kernels/_prefetch.py), as in the fused pass
+                q = p + AHEAD
                 if q < last:
                     prefetch_read(hn, np.uintp(indices[q]))
                 a = data[p]
@@ -566,7 +568,7 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
                         mcols[nmask] = j
                         nmask += 1
             for p in range(np.uintp(indptr[r_]), np.uintp(indptr[r_ + 1])):
-                q = p + AHEAD  # rows prefetched ahead (kernels/_prefetch.py), as in the fused pass
+                q = p + AHEAD
                 if q < last:
                     prefetch_read(hn, np.uintp(indices[q]))
                 a = data[p]
@@ -616,7 +618,7 @@ def _csr_masked_pass(data, indices, indptr, n, row0, hn, Q, ridge, l1, l2, wt, s
         # This row's squared errors, from the raw row x = w_i d and Ĥ.
         if zeros_missing:
             for p in range(np.uintp(indptr[r_]), np.uintp(indptr[r_ + 1])):
-                q = p + AHEAD  # rows prefetched ahead (kernels/_prefetch.py), as in the fused pass
+                q = p + AHEAD
                 if q < last:
                     prefetch_read(hn, np.uintp(indices[q]))
                 a = data[p]
