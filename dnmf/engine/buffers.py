@@ -20,6 +20,10 @@ shapes every iteration). :func:`release` empties the pool, and the arrays handed
 are not taken back when dropped: the engine calls it in every process of the fit when a fit
 ends (``Executor.release_buffers``), so a finished fit's H_j and partials go back to the system
 rather than stay pooled (``core.py``, around every engine loop).
+
+Pooled arrays start on a 64-byte boundary (a cache line; :data:`~dnmf.io.blocks.ALIGN`), as do
+the copies :func:`aligned` makes of arrays that arrive elsewhere (``docs/architecture.md``,
+"Aligned arrays on workers").
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import weakref
 
 import numpy as np
 
-__all__ = ["empty", "zeros", "copy_of", "release", "pooled_bytes"]
+from ..io.blocks import ALIGN, realigned
+
+__all__ = ["empty", "zeros", "copy_of", "aligned", "release", "pooled_bytes"]
 
 #: Smaller arrays come from NumPy as usual (below glibc's default mmap threshold).
 MIN_BYTES = 1 << 17
@@ -48,8 +54,8 @@ class _Held:
 
     def __init__(self, raw: np.ndarray, shape: tuple, dtype: np.dtype):
         self.raw = raw
-        self.__array_interface__ = {"shape": shape, "typestr": dtype.str, "data": (raw.ctypes.data, False),
-                                    "version": 3}
+        start = raw.ctypes.data + (-raw.ctypes.data % ALIGN)  # raw has ALIGN bytes to spare
+        self.__array_interface__ = {"shape": shape, "typestr": dtype.str, "data": (start, False), "version": 3}
 
 
 def _give_back(nbytes: int, raw: np.ndarray, generation: int) -> None:
@@ -73,7 +79,7 @@ def empty(shape, dtype=np.float64) -> np.ndarray:
         raw = free.pop() if free else None
         generation = _GENERATION[0]
     if raw is None:
-        raw = np.empty(nbytes, dtype=np.uint8)
+        raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
     held = _Held(raw, shape, dtype)
     weakref.finalize(held, _give_back, nbytes, raw, generation).atexit = False
     return np.asarray(held)
@@ -94,17 +100,28 @@ def copy_of(x) -> np.ndarray:
     return out
 
 
+def aligned(x: np.ndarray) -> np.ndarray:
+    """``x``, or a pooled copy of it (same dtype) when ``x`` is large and C-contiguous but its data
+    does not start on a 64-byte boundary (:func:`~dnmf.io.blocks.realigned`)."""
+    return realigned(x, empty) if x.nbytes >= MIN_BYTES else realigned(x)  # smaller: not pooled
+
+
 def release() -> int:
     """Drop every free buffer of this process, and let the arrays handed out so far go back to
     the system when dropped (not to the pool); returns the bytes dropped."""
     with _LOCK:
-        freed = sum(b.nbytes for free in _FREE.values() for b in free)
+        freed = _free_bytes()
         _FREE.clear()
         _GENERATION[0] += 1
     return freed
 
 
 def pooled_bytes() -> int:
-    """Bytes held by free buffers of this process."""
+    """Bytes held by free buffers of this process (the sizes of the arrays they back)."""
     with _LOCK:
-        return sum(b.nbytes for free in _FREE.values() for b in free)
+        return _free_bytes()
+
+
+def _free_bytes() -> int:
+    # the arrays' bytes (each buffer has ALIGN bytes more, to start an array on a boundary)
+    return sum(nbytes * len(free) for nbytes, free in _FREE.items())

@@ -377,7 +377,8 @@ class DaskExecutor(Executor):
             # rather than where a large shared argument happens to be.
             near = shared.get(home, shared[None])
             if len(js) == 1:
-                fut = self._submit(fn, (*(p[js[0]] for p in per_block), *near), home, key=_key(fn, js[0]))
+                fut = self._submit(_run_block, (fn, len(per_block), *(p[js[0]] for p in per_block), *near), home,
+                                   key=_key(fn, js[0]))
                 out[js[0]] = self._result_handles(fut, home, (), n_out, 1)
             else:
                 flat = tuple(p[j] for j in js for p in per_block)
@@ -676,11 +677,41 @@ def _run_chunk(fn, n_per: int, n_blocks: int, n_threads: int, *values):
     unequal speeds (the same 4-block loop alone 142 ms, on both cores at once 145 and 240 ms),
     and a 1 × 2-thread cluster's two chunks of the same size took 155–179 and 229–269 ms
     (docs/architecture.md, "Cluster overhead")."""
-    shared = values[n_per * n_blocks:]
+    shared = _realigned_args(values[n_per * n_blocks:])
     calls = [values[b * n_per:(b + 1) * n_per] for b in range(n_blocks)]
     if n_threads <= 1 or n_blocks <= 1:
         return tuple(fn(*c, *shared) for c in calls)
     return tuple(thread_pool(min(n_threads, n_blocks), "dnmf-chunk").map(lambda c: fn(*c, *shared), calls))
+
+
+def _run_block(fn, n_per: int, *values):
+    """Task: ``fn(*values)`` for one block; ``values`` holds its ``n_per`` per-block arguments,
+    then the shared ones (realigned as in :func:`_run_chunk`)."""
+    return fn(*values[:n_per], *_realigned_args(values[n_per:]))
+
+
+def _realigned_args(values: tuple, depth: int = 3) -> tuple:
+    """The shared arguments of a round of block tasks with their large arrays realigned (W in
+    the H step's arguments; ``io/blocks.py::realigned``), in (named) tuples and lists too.
+
+    They come anew with every round, and ``distributed`` may deliver them at any byte offset;
+    the block kernels read W's rows once per stored entry. Placed blocks are realigned once, on
+    arrival (``CSCBlock.__reduce__``); per-block arguments are results computed where they are
+    used, or blocks."""
+    from .buffers import aligned
+
+    return tuple(_realigned(v, depth, aligned) for v in values)
+
+
+def _realigned(value, depth: int, aligned: Callable):
+    if hasattr(value, "__array_interface__"):
+        return aligned(value)
+    if depth and isinstance(value, (tuple, list)):
+        items = [_realigned(v, depth - 1, aligned) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return value._make(items) if hasattr(value, "_make") else type(value)(items)
+    return value
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,6 +22,8 @@ import numpy as np
 from dask.sizeof import sizeof
 
 __all__ = [
+    "ALIGN",
+    "realigned",
     "CSCBlock",
     "Block",
     "BlockSource",
@@ -30,6 +32,44 @@ __all__ = [
     "block_nnz",
     "block_shape",
 ]
+
+
+#: Byte alignment (a cache line) of the arrays the block kernels read: see :func:`realigned`.
+ALIGN = 64
+#: Arrays smaller than this are left where they are by :func:`realigned`.
+ALIGN_MIN_BYTES = 1 << 16
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on an :data:`ALIGN` boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def realigned(a, empty=_aligned_empty):
+    """``a`` itself, or a copy from ``empty(shape, dtype)`` when ``a`` is a C-contiguous array of
+    at least 64 KiB whose data does not start on an :data:`ALIGN` (64-byte) boundary.
+
+    Arrays that reach a Dask worker can start anywhere: ``distributed`` reads the first large
+    buffer of a message into the same receive buffer as the message's header, right after it, so
+    its address is the header's length away from an allocation — on a 2-worker fit, W arrived 4
+    bytes off an 8-byte boundary. The block kernels then read every row of W across cache lines
+    (a 4-byte offset: one double in eight straddles two lines) and ran 15–20 % slower; a copy
+    costs one pass over the array (docs/architecture.md, "Aligned arrays on workers")."""
+    if (not isinstance(a, np.ndarray) or a.nbytes < ALIGN_MIN_BYTES or not a.flags.c_contiguous
+            or a.ctypes.data % ALIGN == 0):
+        return a
+    out = empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def _unpickled_block(data, indices, indptr, n_rows) -> "CSCBlock":
+    """A :class:`CSCBlock` as it arrives in another process: its arrays realigned (:func:`realigned`)."""
+    return CSCBlock(realigned(data), realigned(indices), realigned(indptr), n_rows)
 
 
 @dataclass(frozen=True)
@@ -72,6 +112,10 @@ class CSCBlock:
 
     def toarray(self) -> np.ndarray:
         return self.to_scipy().toarray()
+
+    def __reduce__(self):
+        # Blocks are placed on workers once and read in every iteration: realigned on arrival.
+        return _unpickled_block, (self.data, self.indices, self.indptr, self.n_rows)
 
 
 Block = Union[CSCBlock, np.ndarray]
