@@ -103,6 +103,8 @@ def copy_of(x) -> np.ndarray:
 def aligned(x: np.ndarray) -> np.ndarray:
     """``x``, or a pooled copy of it (same dtype) when ``x`` is large and C-contiguous but its data
     does not start on a 64-byte boundary (:func:`~dnmf.io.blocks.realigned`)."""
+    if not isinstance(x, np.ndarray):
+        return x
     return realigned(x, empty) if x.nbytes >= MIN_BYTES else realigned(x)  # smaller: not pooled
 
 

@@ -695,9 +695,11 @@ def _realigned_args(values: tuple, depth: int = 3) -> tuple:
     the H step's arguments; ``io/blocks.py::realigned``), in (named) tuples and lists too.
 
     They come anew with every round, and ``distributed`` may deliver them at any byte offset;
-    the block kernels read W's rows once per stored entry. Placed blocks are realigned once, on
-    arrival (``CSCBlock.__reduce__``); per-block arguments are results computed where they are
-    used, or blocks."""
+    the block kernels read W's rows at random, once per stored entry. Placed blocks are realigned
+    once, on arrival (``CSCBlock.__reduce__``). The other per-block arguments are left as they
+    are: mostly results computed on the worker (the ALS loop's H_j, the NMF-RE loop's U_j), which
+    a copy here would duplicate in every round whenever they are not 64-byte aligned; the H_j the
+    masked, KL and IRLS loops send from the client, read column after column, were not measured."""
     from .buffers import aligned
 
     return tuple(_realigned(v, depth, aligned) for v in values)

@@ -56,9 +56,10 @@ def realigned(a, empty=_aligned_empty):
     Arrays that reach a Dask worker can start anywhere: ``distributed`` reads the first large
     buffer of a message into the same receive buffer as the message's header, right after it, so
     its address is the header's length away from an allocation — on a 2-worker fit, W arrived 4
-    bytes off an 8-byte boundary. The block kernels then read every row of W across cache lines
-    (a 4-byte offset: one double in eight straddles two lines) and ran 15–20 % slower; a copy
-    costs one pass over the array (docs/architecture.md, "Aligned arrays on workers")."""
+    bytes off an 8-byte boundary. The block kernels, which read W's rows at random, then load
+    values that straddle two cache lines (at a 4-byte offset one double in eight does) and took
+    ~15 % longer (59–69 against 50–60 ms a block); a copy costs one pass over the array
+    (docs/architecture.md, "Aligned arrays on workers")."""
     if (not isinstance(a, np.ndarray) or a.nbytes < ALIGN_MIN_BYTES or not a.flags.c_contiguous
             or a.ctypes.data % ALIGN == 0):
         return a
