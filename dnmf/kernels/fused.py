@@ -79,7 +79,6 @@ __all__ = ["csc_block_pass", "dense_block_solve", "csc_sq_norm"]
 _U1, _U2, _U3, _U4 = (np.uintp(i) for i in range(1, 5))
 
 
-
 def _csc_block_pass(data, indices, indptr, w, G, L, l1, ht, warm_scale, terms, solver, nonneg, cd_maxit, cd_tol,
                     warm, P, Q, hsum, ub, B, x, Gc, Lc):
     """Fused H update and partial statistics for one sparse block (see module docstring).
