@@ -367,7 +367,12 @@ def test_readme_commands_are_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -e . && dnmf run configs/quickstart.yaml" in readme
     assert 'pip install -e ".[test]" && python -m pytest -q -n 2' in readme
-    assert "configs/quickstart.yaml" in ci and "\npython -m pytest -q -n 2\n" in ci and ".venv-bare" in ci
+    # the two lines in order in one fresh venv: the quickstart runs on the base install, before
+    # the test extras are installed, so that they cannot hide a missing base dependency
+    steps = ["python3 -m venv --clear .venv-ci", "pip install -q -e .\n", "dnmf\" run \"$ROOT/configs/quickstart.yaml\"",
+             'pip install -q -e ".[test]"', "\npython -m pytest -q -n 2\n"]
+    at = [ci.find(step) for step in steps]
+    assert -1 not in at and at == sorted(at), dict(zip(steps, at))
     assert "set -euo pipefail" in ci
 
 
