@@ -250,6 +250,32 @@ def test_garbage_bytes_of_the_same_length_fail_the_checksum(work, caplog):
     assert_reference(res.store, ref)
 
 
+def test_checkpoint_with_compressed_arrays_resumes_exactly(work, caplog):
+    # Checkpoints store their arrays uncompressed; those of earlier dnmf versions are Zstandard
+    # compressed (Zarr's default). Each array of the valid slot rewritten so, with the same values
+    # and so the same digests, resumes to the uninterrupted factors: the codec is read from the
+    # arrays' metadata.
+    import zarr
+
+    store, cfg, ref = work
+    slot = zarr.open_group(str(ckpt(store) / "slot1"), mode="r")
+    names = ["w", "d", "h_scale", *(f"h/{j}" for j in range(len(slot["h"])))]
+    assert len(names) > 4 and all(slot[name].compressors == () for name in names)
+    for name in names:
+        data = slot[name][...]
+        zarr.create_array(str(ckpt(store) / "slot1" / name), data=data, chunks=slot[name].chunks, fill_value=np.nan,
+                          compressors=zarr.codecs.ZstdCodec(), overwrite=True, config={"write_empty_chunks": True})
+    again = zarr.open_group(str(ckpt(store) / "slot1"), mode="r")
+    assert all(len(again[name].compressors) == 1 for name in names)
+    with caplog.at_level(logging.INFO, logger="dnmf"):
+        res = run_job(cfg, resume=True, client=False, echo=quiet)
+    # from slot1's iteration 4, without a warning (a fresh start would give the same factors)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("resuming from iteration 4 (") for m in messages), messages
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert_reference(res.store, ref)
+
+
 def test_broken_checkpoint_zarr_json_resumes_from_the_best_valid_slot(work, caplog):
     store, cfg, ref = work
     (ckpt(store) / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gro')
