@@ -117,18 +117,11 @@ def cholesky_spd(M: np.ndarray, what: str = "X'X + lambda*I", func: str = "nmfre
 
 
 def ridge_solve(L: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """``M⁻¹ rhs`` from the lower Cholesky factor ``L`` of M (float64).
+    """``M⁻¹ rhs`` from the lower Cholesky factor ``L`` of M (LAPACK potrs, called directly: the
+    ECM loop solves in every iteration)."""
+    from ..solvers._lapack import cho_solve_lower  # here, not at import: `import dnmf.covariates` stays light
 
-    LAPACK's potrs called directly, as ``scipy.linalg.cho_solve`` calls it, without that
-    function's wrappers: with Q ≈ 2 they cost more than the solve, and the ECM loop calls this
-    every iteration.
-    """
-    from scipy.linalg import lapack  # here, not at import: `import dnmf.covariates` stays light
-
-    x, info = lapack.dpotrs(L, np.asarray(rhs, dtype=np.float64), lower=1)
-    if info != 0:  # pragma: no cover - only on a malformed argument
-        raise ValueError(f"LAPACK dpotrs failed (info={info})")
-    return x
+    return cho_solve_lower(L, np.asarray(rhs, dtype=np.float64))
 
 
 def icc(X: np.ndarray, sigma2: float, tau2: float) -> float:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import lapack
 
 from ..kernels.nnls import SOLVER_CHOLESKY, nnls_batch
+from ._lapack import cho_solve_lower
 
 __all__ = ["cholesky_or_empty", "cho_solve_lower", "cholesky_clip_columns", "update_factor", "scale_rows"]
 
@@ -26,18 +26,6 @@ def cholesky_or_empty(G: np.ndarray, solver: int) -> np.ndarray:
         k = G.shape[0]
         ridge = 1e-12 * max(float(np.trace(G)) / k, 1e-300)
         return np.linalg.cholesky(G + ridge * np.eye(k))
-
-
-def cho_solve_lower(L: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """``(L Lᵀ)⁻¹ B`` for a lower Cholesky factor L and a k × n right-hand side (LAPACK potrs).
-
-    Called directly rather than through ``scipy.linalg.cho_solve``: its input checks cost more
-    than the solve itself at k ≈ 10 (the whole in-process iteration is ~0.5 ms).
-    """
-    X, info = lapack.dpotrs(L, B, lower=1)
-    if info != 0:  # pragma: no cover - only on a malformed argument
-        raise ValueError(f"LAPACK dpotrs failed (info={info})")
-    return X
 
 
 def cholesky_clip_columns(L: np.ndarray, B: np.ndarray, l1: float, nonneg: bool) -> np.ndarray:
