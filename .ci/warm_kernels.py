@@ -1,9 +1,9 @@
 """CI only: compile the kernels the test suite uses most into numba's on-disk cache.
 
-``.ci/run`` runs this in the base install while the test install is made. Both installs are
-editable installs of the same checkout, so numba keeps the compiled kernels beside the same
-source files (``dnmf/**/__pycache__``) and the test processes load them instead of compiling them
-again (docs/architecture.md, "Kernel compilation"). Nothing is checked here: a kernel this did not
+``.ci/run`` runs this in the background from the base install, beside the quickstart, the test
+extras' install and the first tests. numba keeps the compiled kernels beside the checkout's
+source files (``dnmf/**/__pycache__``), and the test processes load them instead of compiling
+them again (docs/architecture.md, "Kernel compilation"). Nothing is checked here: a kernel this did not
 compile is compiled by the test that needs it, as on any fresh machine.
 """
 
