@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 import dnmf
 from dnmf.engine.als import ALSOptions, fit_als
-from dnmf.engine.executor import DaskExecutor, LocalExecutor, get_executor
+from dnmf.engine.executor import DaskExecutor, LocalExecutor, get_executor, scheduler_workers
 from dnmf.exceptions import WorkerLostError
 
 distributed = pytest.importorskip("distributed")
@@ -296,6 +296,27 @@ def test_recoveries_exhausted_raise_worker_lost(a, client, workers):
     assert "gave up after 0 recoveries (max_recoveries=0) with 2 iterations done" in msg
     assert "`dnmf run CONFIG --resume` continues from the last checkpoint" in msg
     assert isinstance(info.value, dnmf.DnmfError)
+
+
+def test_scatter_to_a_worker_that_left_the_cluster_is_a_loss_not_a_hang(client, workers):
+    # The race of a kill just before a recovery's re-placement (seen in CI): the executor lists
+    # the workers, one of them dies and the scheduler removes it, then a scatter is sent to it.
+    # distributed's direct scatter waits, up to its timeout (600 s), for a target to run; a worker
+    # that left never does. Each scatter path must fail fast as a lost worker instead.
+    ex = DaskExecutor(client)
+    x = np.arange(40_000, dtype=float)  # 320 kB: scattered, not inline
+    handles = ex.put_blocks([x, x + 1])  # probes both workers: direct transfers from here on
+    dead = kill(workers)
+    deadline = time.monotonic() + 60
+    while dead in scheduler_workers(client):
+        assert time.monotonic() < deadline, "the scheduler did not remove the killed worker"
+        time.sleep(0.05)
+    ex.release(handles)
+    for scatter in (lambda: ex._scatter([x], workers=[dead]), lambda: ex._scatter_direct([x], [dead])):
+        t0 = time.perf_counter()
+        with pytest.raises(WorkerLostError, match="left the cluster before the scatter reached it"):
+            within(scatter, timeout=30)
+        assert time.perf_counter() - t0 < 10  # one poll of the scheduler (0.25 s), not 600 s
 
 
 def test_task_errors_are_not_worker_losses(client, workers):

@@ -72,6 +72,9 @@ DEFAULT_MAX_RECOVERIES = 3
 # Seconds to wait for a worker's reply over a direct connection before this client sends its data
 # through the scheduler instead (DaskExecutor._direct).
 DIRECT_PROBE_TIMEOUT = 5.0
+#: Seconds between the checks, while a scatter to given workers is pending, that its targets are
+#: still workers of the cluster (DaskExecutor._bounded).
+SCATTER_TARGET_POLL = 0.25
 
 
 class Executor(abc.ABC):
@@ -236,12 +239,22 @@ class DaskExecutor(Executor):
     # -- talking to the cluster, with bounded waits and typed worker losses --------------------
 
     def _bounded(self, call: Callable, timeout: float | None, what: str, futures: Sequence = (), *,
-                 scatter: bool = False):
+                 scatter: bool = False, targets: Sequence[str] = ()):
         """``call()`` — a client method called with ``asynchronous=True`` — run on the client's
-        event loop for at most ``timeout`` seconds; worker losses raise WorkerLostError."""
+        event loop for at most ``timeout`` seconds; worker losses raise WorkerLostError.
+
+        ``targets``: the workers a scatter sends to. ``distributed``'s direct scatter waits, up to
+        its timeout, while none of its target workers is running: right for a worker paused for
+        memory, but one that has left the cluster never runs again. A worker that died after
+        :meth:`_live_workers` listed it, before the scatter reached it, hung the fit's recovery
+        for the whole ``timeout`` (600 s). While such a scatter is pending, the scheduler is asked
+        every :data:`SCATTER_TARGET_POLL` seconds whether its targets are still workers of the
+        cluster; one that is not is a lost worker."""
 
         async def run():
-            return await call()
+            if not targets:
+                return await call()
+            return await self._unless_targets_leave(call(), targets)
 
         try:
             return self.client.sync(run, callback_timeout=timeout)
@@ -250,6 +263,24 @@ class DaskExecutor(Executor):
                 raise
             self._drain(futures)
             raise self._lost(what, exc) from exc
+
+    async def _unless_targets_leave(self, awaitable, targets: Sequence[str]):
+        """``await awaitable``; CommClosedError as soon as one of ``targets`` has left the cluster."""
+        from distributed.comm import CommClosedError
+
+        task = asyncio.ensure_future(awaitable)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=SCATTER_TARGET_POLL)
+                if done:
+                    return task.result()
+                known = await self.client.scheduler.ncores(workers=list(targets))
+                gone = sorted(set(targets) - set(known))
+                if gone:
+                    raise CommClosedError(f"worker {', '.join(gone)} left the cluster before the scatter reached it")
+        finally:
+            if not task.done():
+                task.cancel()
 
     def _drain(self, futures: Sequence) -> None:
         """Wait (at most ``timeout``) until none of ``futures`` is still running, so that a retry
@@ -298,7 +329,7 @@ class DaskExecutor(Executor):
             return self.client.scatter(values, workers=workers, hash=False, asynchronous=True, direct=direct,
                                        timeout=self.timeout)
 
-        return self._bounded(call, self.timeout, "a scatter", scatter=True)
+        return self._bounded(call, self.timeout, "a scatter", scatter=True, targets=workers or ())
 
     def _results(self, futures: list, timeout: float | None, what: str) -> list:
         # Straight from the workers that hold them when this client reaches those workers, not
@@ -457,7 +488,7 @@ class DaskExecutor(Executor):
                                                               asynchronous=True, timeout=self.timeout)
                                           for addr in targets))
 
-        return self._bounded(call, self.timeout, "a scatter of shared arguments", scatter=True)
+        return self._bounded(call, self.timeout, "a scatter of shared arguments", scatter=True, targets=targets)
 
     def _home_of(self, handle):
         """Worker the handle's data lives on (None for a plain value or an unplaced result)."""
