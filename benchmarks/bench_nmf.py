@@ -21,7 +21,8 @@ Run: ``python benchmarks/bench_nmf.py [--large] [--small] [--w-side] [--m 20000 
   random start on the ``--large`` matrix, side by side in one run: scikit-learn ``NMF(solver="cd")``,
   dnmf in-process (threads, and with ``dtype="float32"``), dnmf on ``LocalCluster(processes=False,
   1 worker × all cores)`` and on ``LocalCluster(2 workers × 1 thread)`` (also with ``dtype="float32"``),
-  with times, SSEs and the ratios of the issue (cluster /
+  each cluster with Dask's defaults and again with the settings ``dnmf run`` starts its clusters
+  with (``dnmf.jobs.cluster.CLUSTER_SETTINGS``), with times, SSEs and the ratios of the issue (cluster /
   in-process, dnmf / scikit-learn); then dnmf's seconds per iteration against k (10, 30, 50)
   and, with ``--scale``, against nnz (5 M, 20 M, 80 M at 2 %; long), in-process and on the
   2-worker cluster. Run it pinned, e.g. ``taskset -c 0,1 python benchmarks/bench_nmf.py --compare``.
@@ -259,8 +260,20 @@ def _clusters(n_cores):
             ("LocalCluster(2 workers x 1 thread)", dict(processes=True, n_workers=2, threads_per_worker=1)))
 
 
+def _start_cluster(kw, dnmf_settings=False):
+    """A LocalCluster of ``kw``, plain (Dask's defaults) or with the settings of the clusters
+    ``dnmf run`` starts (``dnmf.jobs.cluster.CLUSTER_SETTINGS``)."""
+    import dask
+    from distributed import LocalCluster
+
+    from dnmf.jobs.cluster import cluster_settings
+
+    with dask.config.set(cluster_settings() if dnmf_settings else {}):
+        return LocalCluster(dashboard_address=None, **kw)
+
+
 def run_compare(m, n, density, k, iters, scale, sweep=True, reps=2, r_libs=None):
-    from distributed import Client, LocalCluster
+    from distributed import Client
     from sklearn.decomposition import NMF as SkNMF
 
     n_cores = _cores()
@@ -285,10 +298,12 @@ def run_compare(m, n, density, k, iters, scale, sweep=True, reps=2, r_libs=None)
     # machine's speed drifts over minutes (other tenants): separate blocks of runs gave ratios that
     # moved by ±25 % between blocks. Each cluster is started for its own run and closed after it,
     # so no idle cluster takes CPU from the other sides.
-    clusters = [(lb, kw, None) for lb, kw in _clusters(n_cores)]
-    clusters.append((clusters[-1][0] + ', dtype="float32"', clusters[-1][1], "float32"))
+    clusters = [(lb, kw, None, False) for lb, kw in _clusters(n_cores)]
+    clusters.append((clusters[-1][0] + ', dtype="float32"', clusters[-1][1], "float32", False))
+    # the same two clusters as `dnmf run` starts them (fewer event-loop wakes: jobs/cluster.py)
+    clusters += [(lb + ", dnmf run's settings", kw, None, True) for lb, kw in _clusters(n_cores)]
     labels = (["scikit-learn NMF(solver='cd')", "dnmf in-process, threads", 'dnmf in-process, dtype="float32"']
-              + ["dnmf " + lb for lb, _, _ in clusters])
+              + ["dnmf " + lb for lb, *_ in clusters])
     from bench_cv import find_rcppml
 
     r_env = find_rcppml(r_libs)
@@ -304,8 +319,8 @@ def run_compare(m, n, density, k, iters, scale, sweep=True, reps=2, r_libs=None)
             runs[labels[0]].append(sklearn_fit())
             runs[labels[1]].append(_dnmf_fixed(A, k, iters, w0, False, 1))
             runs[labels[2]].append(_dnmf_fixed(A, k, iters, w0, False, 1, dtype="float32"))
-            for label, (_, kw, dtype) in zip(labels[3:], clusters):
-                with LocalCluster(dashboard_address=None, **kw) as cluster, Client(cluster) as client:
+            for label, (_, kw, dtype, settings) in zip(labels[3:], clusters):
+                with _start_cluster(kw, settings) as cluster, Client(cluster) as client:
                     # workers load the kernels
                     dnmf.nmf(A, k, init=w0, maxit=2, tol=0.0, client=client, dtype=dtype)
                     runs[label].append(_dnmf_fixed(A, k, iters, w0, client, 1, dtype=dtype))

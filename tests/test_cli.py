@@ -148,6 +148,23 @@ def test_slurm_example_produces_a_valid_sbatch_script(workdir):
         assert arg in worker, arg
     res = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr  # shell syntax of the script
+    # dnmf's cluster settings reach the workers as Dask environment variables, after the user's
+    # prologue and only where the job's environment has none
+    exports = [ln for ln in lines if ln.startswith("export DASK_")]
+    assert exports == ['export DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL="${DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL:-100ms}"',
+                       'export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL="${DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL:-200ms}"']
+    assert lines.index(exports[0]) == first_cmd + 2 and lines.index(exports[1]) < lines.index(worker)
+    shown = subprocess.run(["bash", "-c", "\n".join(exports) + "\necho $DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL "
+                            "$DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL"], capture_output=True, text=True,
+                           env={"PATH": os.environ["PATH"], "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "50ms"})
+    assert shown.stdout.split() == ["100ms", "50ms"]
+    # ... and Dask's config reads them as the keys they stand for
+    import dask
+
+    with dask.config.set({}):
+        for ln, key in zip(exports, ("distributed.worker.profile.interval", "distributed.admin.tick.interval")):
+            var = ln.split()[1].split("=")[0]
+            assert dask.config.get(key, config=dask.config.collect(paths=[], env={var: "7ms"})) == "7ms"
 
 
 def test_pbs_job_script(workdir):
@@ -274,6 +291,31 @@ def test_null_dashboard_address_starts_no_dashboard_and_takes_no_fixed_port():
             with local_cluster(cfg) as cluster, distributed.Client(cluster) as client:
                 assert dashboard_link(client, cfg) is None
     assert not [w for w in caught if "8787" in str(w.message)]
+
+
+def test_cluster_settings_reach_the_scheduler_nannies_and_worker_processes_unless_the_user_set_them():
+    """The clusters dnmf starts wake their event loops less often (jobs/cluster.py::CLUSTER_SETTINGS:
+    docs/architecture.md, "Cluster overhead"); a key of the user's Dask config is left as it is."""
+    import dask
+    import distributed
+
+    from dnmf.config import LocalClusterConfig
+    from dnmf.jobs.cluster import cluster_settings, local_cluster
+
+    assert cluster_settings() == {"distributed.worker.profile.interval": "100ms",
+                                  "distributed.admin.tick.interval": "200ms"}
+    cfg = LocalClusterConfig(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with dask.config.set({"distributed.worker.profile.interval": "30 ms"}):  # the user's own setting
+        assert cluster_settings() == {"distributed.admin.tick.interval": "200ms"}
+        with local_cluster(cfg) as cluster, distributed.Client(cluster) as client:
+            # PeriodicCallback.callback_time is in milliseconds
+            periods = client.run(lambda dask_worker: (dask_worker.periodic_callbacks["profile"].callback_time,
+                                                      dask_worker.periodic_callbacks["tick"].callback_time))
+            assert sorted(periods.values()) == [(30, 200), (30, 200)]
+            assert [n.periodic_callbacks["tick"].callback_time for n in cluster.workers.values()] == [200, 200]
+            assert cluster.scheduler.periodic_callbacks["tick"].callback_time == 200
+    # the settings were set for the cluster's making only
+    assert dask.config.get("distributed.admin.tick.interval") == "20ms"
 
 
 def test_validate_imports_only_the_pipeline_it_needs():
