@@ -238,3 +238,18 @@ def test_nmfre_pipeline_import_stays_light():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_in_process_fit_does_not_import_distributed():
+    """Without ``distributed`` imported there can be no default client, so an in-process fit
+    does not import it (~0.3 s of a first fit, issue 12); a fit with a default client still
+    uses it (tests/test_engine_cluster.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, warnings, scipy.sparse as sp, dnmf; warnings.simplefilter('ignore'); "
+            "m = dnmf.nmf(sp.random(60, 80, density=0.2, random_state=0, format='csc'), 3, maxit=3, seed=1); "
+            "print(type(m).__name__, 'distributed' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "NMFModel False"
