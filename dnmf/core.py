@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 import numpy as np
-from dask.sizeof import sizeof
 from threadpoolctl import threadpool_limits
 
 from ._validation import param_error
@@ -113,10 +112,10 @@ class ScaledSource(_WrappedSource):
             return CSCBlock(self._times(block.data), block.indices, block.indptr, block.n_rows)
         return self._times(np.asarray(block))
 
+    def __sizeof__(self) -> int:  # dask's sizeof (see io/blocks.py::CSCBlock.__sizeof__)
+        from dask.sizeof import sizeof
 
-@sizeof.register(ScaledSource)
-def _sizeof_scaled(src: ScaledSource) -> int:
-    return sizeof(src.source) + 64
+        return sizeof(self.source) + 64
 
 
 def _scaled(blocked, scale: float, dtype=None):

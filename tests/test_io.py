@@ -282,6 +282,25 @@ def test_dask_sizeof_of_blocks_and_sources(birds, tmp_path):
     assert isinstance(dense_src, ZarrDenseSource) and sizeof(dense_src) < 1_000
 
 
+def test_dask_sizeof_of_the_engines_other_task_values():
+    """Each type a task returns or takes reports what it holds: dask's default ``sizeof``
+    (``sys.getsizeof``) calls their ``__sizeof__``, so dnmf needs no dask import to register them."""
+    from dnmf.core import ScaledSource
+    from dnmf.engine.kl import KLStats
+    from dnmf.engine.masked import CSRBlock
+    from dnmf.io.validate import DataCheck
+    from dnmf.mixed.blocked_data import REBlock
+
+    big = np.ones((3000, 10))  # 240 kB
+    csr = CSRBlock(np.ones(30_000), np.zeros(30_000, np.int64), np.zeros(3001, np.int64), 10)
+    for value, nbytes in ((csr, 30_000 * 16 + 3001 * 8),
+                          (KLStats(big, np.ones(10), big, np.ones(3)), 2 * big.nbytes + 104),
+                          (ScaledSource(InMemorySource(big), 0.5), big.nbytes),
+                          (REBlock(big, np.ones((4, 10))), big.nbytes + 320)):
+        assert nbytes <= sizeof(value) <= nbytes + 1_000, type(value).__name__
+    assert sizeof(DataCheck(sq_norms=(1.0,) * 10)) < 1_000  # a few numbers per block
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------

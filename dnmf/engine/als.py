@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
-from dask.sizeof import sizeof
 
 from ..exceptions import WorkerLostError
 from ..io.blocks import BlockedMatrix, CSCBlock
@@ -109,11 +108,10 @@ class BlockStats:
     Q: np.ndarray  # (k, k) = H_j H_jᵀ
     hsum: np.ndarray  # (k,) = Σ_c |H_j[:, c]|
 
-
-@sizeof.register(BlockStats)
-def _sizeof_block_stats(stats: BlockStats) -> int:
-    # Without this dask would count the m × k partial as a ~50-byte object.
-    return int(stats.P.nbytes + stats.Q.nbytes + stats.hsum.nbytes + 64)
+    def __sizeof__(self) -> int:
+        # dask's sizeof (see io/blocks.py::CSCBlock.__sizeof__); without it dask would count the
+        # m × k partial as a ~50-byte object.
+        return int(self.P.nbytes + self.Q.nbytes + self.hsum.nbytes + 64)
 
 
 def combine_stats(a: BlockStats, b: BlockStats) -> BlockStats:

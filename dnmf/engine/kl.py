@@ -42,7 +42,6 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
-from dask.sizeof import sizeof
 
 from ..exceptions import WorkerLostError
 from ..io.blocks import BlockedMatrix
@@ -75,11 +74,7 @@ class KLStats(NamedTuple):
     hsum: np.ndarray  # (k,) Σ_c h_c
     R: np.ndarray  # (m, k) Σ_c h_c over the missing rows of c (zeros missing: the observed); (0, k): none
     out: np.ndarray  # (KL_OUT,) the incoming objective's parts (kernels/kl.py::csc_kl_pass)
-
-
-@sizeof.register(KLStats)
-def _sizeof_kl_stats(stats: KLStats) -> int:
-    return int(stats.P.nbytes + stats.hsum.nbytes + stats.R.nbytes + stats.out.nbytes + 96)
+    # dask's sizeof of a tuple of at most 10 items sums its items' (the arrays' nbytes)
 
 
 def combine_kl(a: KLStats, b: KLStats) -> KLStats:

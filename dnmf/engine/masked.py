@@ -48,7 +48,6 @@ from typing import Any, Callable
 
 import numpy as np
 import scipy.sparse as sp
-from dask.sizeof import sizeof
 
 from ..exceptions import WorkerLostError
 from ..io.blocks import BlockedMatrix, CSCBlock
@@ -111,10 +110,8 @@ class CSRBlock:
     def shape(self) -> tuple[int, int]:
         return (len(self.indptr) - 1, self.n_cols)
 
-
-@sizeof.register(CSRBlock)
-def _sizeof_csr(block: CSRBlock) -> int:
-    return int(block.data.nbytes + block.indices.nbytes + block.indptr.nbytes + 64)
+    def __sizeof__(self) -> int:  # dask's sizeof (see io/blocks.py::CSCBlock.__sizeof__)
+        return int(self.data.nbytes + self.indices.nbytes + self.indptr.nbytes + 64)
 
 
 @dataclass

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Protocol, Union, runtime_checkable
 
 import numpy as np
-from dask.sizeof import sizeof
 
 __all__ = [
     "ALIGN",
@@ -118,13 +117,14 @@ class CSCBlock:
         # Blocks are placed on workers once and read in every iteration: realigned on arrival.
         return _unpickled_block, (self.data, self.indices, self.indptr, self.n_rows)
 
+    def __sizeof__(self) -> int:
+        # What dask counts for a block (its default ``sizeof`` is ``sys.getsizeof``, which calls
+        # this): defined here rather than registered with dask, so that importing dnmf does not
+        # import dask (an in-process fit never needs it; issue 12, first fit).
+        return int(self.data.nbytes + self.indices.nbytes + self.indptr.nbytes + 64)
+
 
 Block = Union[CSCBlock, np.ndarray]
-
-
-@sizeof.register(CSCBlock)
-def _sizeof_cscblock(block: CSCBlock) -> int:
-    return int(block.data.nbytes + block.indices.nbytes + block.indptr.nbytes + 64)
 
 
 def block_shape(block: Block) -> tuple[int, int]:
@@ -193,10 +193,10 @@ class InMemorySource:
     def load(self) -> Block:
         return self.block
 
+    def __sizeof__(self) -> int:  # dask's sizeof (see CSCBlock.__sizeof__)
+        from dask.sizeof import sizeof
 
-@sizeof.register(InMemorySource)
-def _sizeof_inmemory(src: InMemorySource) -> int:
-    return sizeof(src.block) + 64
+        return sizeof(self.block) + 64
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from dask.sizeof import sizeof
 
 from .._validation import param_error
 from ..exceptions import InputError
@@ -196,8 +195,8 @@ def _sizeof_source(src) -> int:
     return 200 + len(src.path) + (0 if row_map is None else int(row_map.nbytes))
 
 
-sizeof.register(H5SparseSource)(_sizeof_source)
-sizeof.register(H5DenseSource)(_sizeof_source)
+# dask's sizeof (its default calls sys.getsizeof, which calls __sizeof__; io/blocks.py::CSCBlock)
+H5SparseSource.__sizeof__ = H5DenseSource.__sizeof__ = _sizeof_source
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,7 +106,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from dask.sizeof import sizeof
 
 from .._validation import check_int, param_error
 from ..exceptions import InputError
@@ -281,8 +280,8 @@ def _sizeof_source(src) -> int:
     return 200 + len(src.path)
 
 
-sizeof.register(ZarrBlockSource)(_sizeof_source)
-sizeof.register(ZarrDenseSource)(_sizeof_source)
+# dask's sizeof (its default calls sys.getsizeof, which calls __sizeof__; io/blocks.py::CSCBlock)
+ZarrBlockSource.__sizeof__ = ZarrDenseSource.__sizeof__ = _sizeof_source
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-from dask.sizeof import sizeof
 
 from .._validation import param_error
 from ..exceptions import DnmfError
@@ -48,10 +47,10 @@ class REBlock:
             b = b.toarray()
         return np.asarray(b, dtype=np.float64)
 
+    def __sizeof__(self) -> int:  # dask's sizeof (see io/blocks.py::CSCBlock.__sizeof__)
+        from dask.sizeof import sizeof
 
-@sizeof.register(REBlock)
-def _sizeof_reblock(blk: REBlock) -> int:
-    return int(sizeof(blk.y) + blk.a.nbytes + 64)
+        return int(sizeof(self.y) + self.a.nbytes + 64)
 
 
 def _add(a, b):
