@@ -226,18 +226,22 @@ def test_every_public_name_imports_and_is_documented():
     assert (err.path, err.problems) == ("/x.zarr", {"slot0": "chunk missing"})
 
 
-def test_nmfre_pipeline_import_stays_light():
-    """`dnmf validate` of an nmfre config imports pipelines.nmfre: no SciPy, numba or Dask
-    (they took it from 0.3 s to 2.4 s); they are imported where a fit or inference needs them."""
+def _fresh_stdout(code: str) -> str:
+    """What ``code`` prints in a fresh interpreter (which has imported nothing yet)."""
     import subprocess
     import sys
 
-    code = ("import sys, pipelines.nmfre; "
-            "print(sorted(m for m in ('scipy.stats', 'scipy.optimize', 'numba', 'dask', 'distributed') "
-            "if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]"
+    return res.stdout.strip()
+
+
+def test_nmfre_pipeline_import_stays_light():
+    """`dnmf validate` of an nmfre config imports pipelines.nmfre: no SciPy, numba or Dask
+    (they took it from 0.3 s to 2.4 s); they are imported where a fit or inference needs them."""
+    assert _fresh_stdout("import sys, pipelines.nmfre; "
+                         "print(sorted(m for m in ('scipy.stats', 'scipy.optimize', 'numba', 'dask', 'distributed') "
+                         "if m in sys.modules))") == "[]"
 
 
 def test_in_process_fit_imports_neither_dask_nor_distributed():
@@ -245,12 +249,7 @@ def test_in_process_fit_imports_neither_dask_nor_distributed():
     does not import it (~0.3 s of a first fit, issue 12), nor dask (~0.15 s: dnmf's types tell
     dask their size by ``__sizeof__``, tests/test_io.py); a fit with a default client still uses
     it (tests/test_engine_cluster.py)."""
-    import subprocess
-    import sys
-
-    code = ("import sys, warnings, scipy.sparse as sp, dnmf; warnings.simplefilter('ignore'); "
-            "m = dnmf.nmf(sp.random(60, 80, density=0.2, random_state=0, format='csc'), 3, maxit=3, seed=1); "
-            "print(type(m).__name__, sorted(k for k in ('dask', 'distributed') if k in sys.modules))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "NMFModel []"
+    assert _fresh_stdout(
+        "import sys, warnings, scipy.sparse as sp, dnmf; warnings.simplefilter('ignore'); "
+        "m = dnmf.nmf(sp.random(60, 80, density=0.2, random_state=0, format='csc'), 3, maxit=3, seed=1); "
+        "print(type(m).__name__, sorted(k for k in ('dask', 'distributed') if k in sys.modules))") == "NMFModel []"
