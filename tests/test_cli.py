@@ -161,10 +161,9 @@ def test_slurm_example_produces_a_valid_sbatch_script(workdir):
     # ... and Dask's config reads them as the keys they stand for
     import dask
 
-    with dask.config.set({}):
-        for ln, key in zip(exports, ("distributed.worker.profile.interval", "distributed.admin.tick.interval")):
-            var = ln.split()[1].split("=")[0]
-            assert dask.config.get(key, config=dask.config.collect(paths=[], env={var: "7ms"})) == "7ms"
+    for ln, key in zip(exports, ("distributed.worker.profile.interval", "distributed.admin.tick.interval")):
+        var = ln.split()[1].split("=")[0]
+        assert dask.config.get(key, config=dask.config.collect(paths=[], env={var: "7ms"})) == "7ms"
 
 
 def test_pbs_job_script(workdir):

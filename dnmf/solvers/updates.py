@@ -7,7 +7,7 @@ import numpy as np
 from ..kernels.nnls import SOLVER_CHOLESKY, nnls_batch
 from ._lapack import cho_solve_lower
 
-__all__ = ["cholesky_or_empty", "cho_solve_lower", "cholesky_clip_columns", "update_factor", "scale_rows"]
+__all__ = ["cholesky_or_empty", "cholesky_clip_columns", "update_factor", "scale_rows"]
 
 _EMPTY = np.zeros((0, 0))
 
