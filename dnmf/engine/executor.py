@@ -236,6 +236,7 @@ class DaskExecutor(Executor):
         self.n_workers = len(self._workers)
         self._home: dict = {}  # future key -> address of the worker its block task is pinned to
         self._reachable: dict = {}  # worker address -> whether this client reaches it directly
+        self._later: list = []  # handles released with the next round's submission (:meth:`_release_later`)
 
     # -- talking to the cluster, with bounded waits and typed worker losses --------------------
 
@@ -420,6 +421,7 @@ class DaskExecutor(Executor):
                     out[j] = self._result_handles(fut, home, (pos,), n_out, len(js))
             if out[js[0]] is not fut:
                 fut.release()  # the handles hold their own references
+        self.release(())  # what waited for this round's submission (_release_later)
         return out
 
     def _chunks(self, homes: list) -> list[list[int]]:
@@ -554,7 +556,7 @@ class DaskExecutor(Executor):
         futs = [f for f in fetch if hasattr(f, "key")]
         got = iter(self._results(futs, self.timeout, "a reduction of block results") if futs else ())
         fetched = [next(got) if hasattr(f, "key") else f for f in fetch]
-        self.release(made)
+        self._release_later(made)
         return _eval_tree(combine, top, [fetched[f] if q is None else fetched[f][q] for f, q in where])
 
     def gather(self, handles):
@@ -588,7 +590,7 @@ class DaskExecutor(Executor):
         try:
             got = self._results(fetch, self.timeout, "a gather of block results")
         finally:
-            self.release(made)
+            self._release_later(made)
         return [_index_path(got[f], path) for f, path in where]
 
     def map(self, fn, items, *, args=()):
@@ -609,7 +611,21 @@ class DaskExecutor(Executor):
             out.append(h)
         return out
 
+    def _release_later(self, handles: list) -> None:
+        """Release ``handles`` (results already fetched) together with the next message this
+        client sends the scheduler anyway: the next round's tasks (:meth:`map_blocks`), a
+        :meth:`release`, :meth:`close`.
+
+        The client's messages to the scheduler go out in batches at least 10 ms apart
+        (``distributed``'s batched stream). A release sent as a reduction's sums arrive went out
+        at once, and the next round's tasks, submitted a few milliseconds later after the
+        client's W update, then waited for the rest of those 10 ms while both workers idled
+        (docs/architecture.md, "Cluster overhead")."""
+        self._later.extend(handles)
+
     def release(self, handles):
+        if self._later:
+            handles, self._later = [*handles, *self._later], []
         for h in handles:
             if isinstance(h, tuple):
                 self.release(h)
@@ -638,6 +654,7 @@ class DaskExecutor(Executor):
         return super().available_memory()
 
     def close(self):
+        self.release(())
         self._home.clear()
 
 
