@@ -173,32 +173,27 @@ def test_verbs_on_part_handles_match_local(client22, cluster22):
 
 
 def test_reduction_tasks_are_released_with_the_next_round(a, client22, cluster22):
-    # A reduction's subtree tasks are released together with the next round's submission, not
-    # as their sums arrive: the client sends the scheduler its messages in batches at least
-    # 10 ms apart, and a release sent then held up the next round's tasks, submitted right after
-    # the client's W update, while the workers idled (docs/architecture.md, "Cluster overhead").
+    # The tasks the executor makes to fetch results (a reduction's subtree tasks, gather's
+    # picking tasks) are released together with the next round's submission, not as their
+    # results arrive: the client sends the scheduler its messages in batches at least 10 ms
+    # apart, and a release sent then held up the next round's tasks, submitted right after the
+    # client's W update, while the workers idled (docs/architecture.md, "Cluster overhead").
     ex = DaskExecutor(client22)
     handles = ex.put_blocks(_blocks())
     outs = ex.map_blocks(_twice_and_sums, handles, args=(2.0,), n_out=2)
+    distributed.wait([p.future for o in outs for p in o])
     with distributed.get_task_stream(client22) as stream:
         ex.tree_reduce(_joined, [o[1] for o in outs])
-    subtree_keys = set(_keys(stream, "_call_picking"))  # one subtree task per worker (its parts picked)
-    assert len(subtree_keys) == 2
-    # A release, had it been sent, would have been handled well within this (the batched
-    # stream waits at most 10 ms; forgetting in _gone's checks takes ~50 ms on a loaded CI runner).
+        ex.gather([o[1] for o in outs])  # items of the chunks' results: one picking task per chunk
+    subtree_keys, picking = set(_keys(stream, "_call_picking")), set(_keys(stream, "_pick_paths"))
+    assert len(subtree_keys) == 2 and len(picking) == 2  # one of each per worker
+    # A release sent would have been handled within this: the client's batched stream waits at
+    # most 10 ms, and the scheduler forgets a released key at once.
     time.sleep(1.0)
-    assert all(k in cluster22.scheduler.tasks for k in subtree_keys)
+    assert all(k in cluster22.scheduler.tasks for k in subtree_keys | picking)
     again = ex.map_blocks(_twice_and_sums, [o[0] for o in outs], args=(0.5,))
-    assert _gone(cluster22, subtree_keys)
+    assert _gone(cluster22, subtree_keys | picking)
     ex.release([*again, *(p for o in outs for p in o), *handles])
-    # gather's picking tasks likewise wait for the next message, here the executor's close.
-    with distributed.get_task_stream(client22) as stream:
-        parts = ex.map_blocks(_twice_and_sums, ex.put_blocks(_blocks()), args=(1.0,), n_out=2)
-        ex.gather([o[1] for o in parts])
-    picking = set(_keys(stream, "_pick_paths"))
-    assert len(picking) == 2
-    ex.release([p for o in parts for p in o])
-    assert _gone(cluster22, picking)
 
     # A whole fit leaves nothing on the cluster.
     with distributed.get_task_stream(client22) as stream:
