@@ -341,13 +341,8 @@ class DataCheck:
     n_nan: int = 0
     inf_at: tuple | None = None
 
-
-def _sizeof_data_check(record: DataCheck) -> int:
-    return 200 + 8 * len(record.sq_norms)
-
-
-# dask's sizeof (its default calls sys.getsizeof, which calls __sizeof__; io/blocks.py::CSCBlock)
-DataCheck.__sizeof__ = _sizeof_data_check
+    def __sizeof__(self) -> int:  # dask's sizeof (see io/blocks.py::CSCBlock.__sizeof__)
+        return 200 + 8 * len(self.sq_norms)
 
 
 def _first(mask: np.ndarray, block, col0: int) -> tuple[int, tuple | None]:
